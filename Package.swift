@@ -1,0 +1,72 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+// Layering (docs/architecture.md, DESIGN §8):
+//   CLinuxShim  - C: liburing and every macro / inline Swift cannot import. Nothing else.
+//   BridgeCore  - pure Swift: address kinds, memory regions, AddressSpace (the BAR model).
+//   LinuxIO     - the only target that makes syscalls; executes BridgeCore's plans.
+//   executables - thin: argument parsing and printing.
+let swiftSettings: [SwiftSetting] = [
+    .swiftLanguageMode(.v6),
+]
+
+let package = Package(
+    name: "vhost-pci-bridge",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "BridgeCore", targets: ["BridgeCore"]),
+        .library(name: "LinuxIO", targets: ["LinuxIO"]),
+        .executable(name: "vhost-pci-bench", targets: ["vhost-pci-bench"]),
+        .executable(name: "vhost-pci-demo", targets: ["vhost-pci-demo"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .target(
+            name: "CLinuxShim",
+            linkerSettings: [.linkedLibrary("uring")]
+        ),
+        .target(
+            name: "BridgeCore",
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "LinuxIO",
+            dependencies: [
+                "CLinuxShim",
+                "BridgeCore",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "vhost-pci-bench",
+            dependencies: [
+                "BridgeCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "vhost-pci-demo",
+            dependencies: [
+                "BridgeCore",
+                "LinuxIO",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "BridgeCoreTests",
+            dependencies: ["BridgeCore"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "LinuxIOTests",
+            dependencies: ["LinuxIO", "BridgeCore", "CLinuxShim"],
+            swiftSettings: swiftSettings
+        ),
+    ]
+)

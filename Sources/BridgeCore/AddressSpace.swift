@@ -1,0 +1,547 @@
+/// One live range of the BAR: `[bus, bus + length)` shows
+/// `[fdOffset, fdOffset + length)` of `region`'s fd with `permission`.
+public struct Mapping: Equatable, Sendable, CustomStringConvertible {
+    public let bus: BusAddress
+    public let length: UInt64
+    public let permission: Permission
+    public let region: RegionID
+    /// Offset inside the region's fd (not inside the region).
+    public let fdOffset: UInt64
+
+    public init(bus: BusAddress, length: UInt64, permission: Permission, region: RegionID, fdOffset: UInt64) {
+        self.bus = bus
+        self.length = length
+        self.permission = permission
+        self.region = region
+        self.fdOffset = fdOffset
+    }
+
+    /// Exclusive end. Never overflows: every stored mapping ends inside the BAR.
+    public var end: UInt64 { bus.rawValue + length }
+
+    /// The part of this mapping inside `[start, end)`; nil when disjoint.
+    public func clipped(to start: UInt64, _ end: UInt64) -> Mapping? {
+        let s = max(start, bus.rawValue), e = min(end, self.end)
+        guard s < e else { return nil }
+        return Mapping(bus: BusAddress(s), length: e - s, permission: permission, region: region,
+                       fdOffset: fdOffset + (s - bus.rawValue))
+    }
+
+    /// Whether `next` continues this mapping: adjacent in the BAR, same
+    /// permission, same fd, contiguous in the fd. Such neighbours are kept as
+    /// one mapping (one kernel VMA), which keeps the process far below
+    /// `vm.max_map_count`.
+    public func isContinued(by next: Mapping) -> Bool {
+        guard end == next.bus.rawValue, permission == next.permission, region == next.region else { return false }
+        let (fdEnd, overflow) = fdOffset.addingReportingOverflow(length)
+        return !overflow && fdEnd == next.fdOffset
+    }
+
+    public var description: String {
+        "\(bus)+\(Hex(length)) \(permission) \(region)@\(Hex(fdOffset))"
+    }
+}
+
+/// One step for `BARWindow` to carry out.
+public enum WindowOperation: Equatable, Sendable, CustomStringConvertible {
+    /// mmap `[fdOffset, fdOffset+length)` of the region's fd at BAR offset
+    /// `bus` with MAP_FIXED | MAP_SHARED (atomically replacing whatever was there).
+    case map(bus: BusAddress, length: UInt64, permission: Permission, region: RegionID, fdOffset: UInt64)
+    /// Change only the protection; the backing stays.
+    case protect(bus: BusAddress, length: UInt64, permission: Permission)
+    /// Put PROT_NONE anonymous memory back: a hole never exposes anything.
+    case unmap(bus: BusAddress, length: UInt64)
+
+    public var bus: BusAddress {
+        switch self {
+        case .map(let bus, _, _, _, _), .protect(let bus, _, _), .unmap(let bus, _): bus
+        }
+    }
+
+    public var length: UInt64 {
+        switch self {
+        case .map(_, let length, _, _, _), .protect(_, let length, _), .unmap(_, let length): length
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .map(let bus, let length, let perm, let region, let off):
+            "map \(bus)+\(Hex(length)) \(perm) from \(region)@\(Hex(off))"
+        case .protect(let bus, let length, let perm):
+            "protect \(bus)+\(Hex(length)) \(perm)"
+        case .unmap(let bus, let length):
+            "unmap \(bus)+\(Hex(length))"
+        }
+    }
+}
+
+/// What a change to the model requires of the window, in order.
+public struct WindowPlan: Equatable, Sendable {
+    public var operations: [WindowOperation]
+    public init(_ operations: [WindowOperation] = []) { self.operations = operations }
+    public var isEmpty: Bool { operations.isEmpty }
+    public static let empty = WindowPlan()
+}
+
+/// What a checked access is for; named in errors.
+public enum AccessPurpose: String, Sendable, Equatable, CustomStringConvertible {
+    case descriptorTable = "descriptor table"
+    case availRing = "avail ring"
+    case usedRing = "used ring"
+    case access = "access"
+    case translation = "translation"
+    public var description: String { rawValue }
+}
+
+/// Where the bytes of a new mapping come from.
+public enum MappingSource: Equatable, Sendable {
+    /// IOTLB update: `uaddr` in the front end's address space.
+    case user(FrontendUserAddress)
+    /// Operator / static map: a guest-physical address.
+    case guestPhysical(GuestPhysicalAddress)
+}
+
+/// Why the address space refused a change or an access. Every case names the
+/// rule, the address and the limit; `rule` is a stable label for metrics.
+public enum AddressSpaceError: Error, Equatable, Sendable, CustomStringConvertible {
+    case zeroLength(BusAddress)
+    case rangeWraps(start: UInt64, length: UInt64)
+    case outsideBAR(BusAddress, length: UInt64, barSize: UInt64)
+    case misaligned(field: String, value: UInt64, pageSize: UInt64)
+    case notBacked(MappingSource, length: UInt64)
+    case permissionExceedsRegion(requested: Permission, allowed: Permission, region: RegionID)
+    case emptyPermission(BusAddress)
+    case outsideStaticWindows(BusAddress, length: UInt64)
+    case frozen(operation: String)
+    case outsideDMAWindow(BusAddress, length: UInt64, window: BusWindow)
+    case wrongMode(operation: String, mode: BridgeMode)
+    case tooManyMappings(limit: Int, wouldBe: Int)
+    case overlapsExisting(BusAddress, length: UInt64, existing: Mapping)
+    case invalidQueueSize(UInt32)
+    case ringMisaligned(AccessPurpose, BusAddress, alignment: UInt64)
+    case notMapped(AccessPurpose, BusAddress, length: UInt64, firstMissing: BusAddress)
+    case accessDenied(AccessPurpose, BusAddress, needed: Permission, granted: Permission)
+
+    public var rule: String {
+        switch self {
+        case .zeroLength: "zero-length"
+        case .rangeWraps: "wrap-around"
+        case .outsideBAR: "bar-bounds"
+        case .misaligned: "page-alignment"
+        case .notBacked: "region-backing"
+        case .permissionExceedsRegion: "region-permission"
+        case .emptyPermission: "empty-permission"
+        case .outsideStaticWindows: "static-window"
+        case .frozen: "frozen"
+        case .outsideDMAWindow: "dma-window"
+        case .wrongMode: "mode"
+        case .tooManyMappings: "mapping-limit"
+        case .overlapsExisting: "overlap"
+        case .invalidQueueSize: "queue-size"
+        case .ringMisaligned: "ring-alignment"
+        case .notMapped: "not-mapped"
+        case .accessDenied: "permission"
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .zeroLength(let bus):
+            "[\(rule)] range at \(bus) has length 0"
+        case .rangeWraps(let start, let length):
+            "[\(rule)] \(Hex(start)) + \(Hex(length)) wraps past 2^64"
+        case .outsideBAR(let bus, let length, let bar):
+            "[\(rule)] \(bus)+\(Hex(length)) ends past the BAR (size \(Hex(bar)))"
+        case .misaligned(let field, let value, let page):
+            "[\(rule)] \(field) \(Hex(value)) is not a multiple of the page size \(Hex(page))"
+        case .notBacked(let source, let length):
+            switch source {
+            case .user(let u): "[\(rule)] \(u)+\(Hex(length)) is not inside one memory region VM1 shared"
+            case .guestPhysical(let g): "[\(rule)] \(g)+\(Hex(length)) is not inside one memory region VM1 shared"
+            }
+        case .permissionExceedsRegion(let requested, let allowed, let region):
+            "[\(rule)] permission \(requested) exceeds \(allowed) allowed by \(region)"
+        case .emptyPermission(let bus):
+            "[\(rule)] mapping at \(bus) asks for no access (perm 0)"
+        case .outsideStaticWindows(let bus, let length):
+            "[\(rule)] \(bus)+\(Hex(length)) is not inside a configured static window"
+        case .frozen(let op):
+            "[\(rule)] \(op) refused: the address space is frozen"
+        case .outsideDMAWindow(let bus, let length, let window):
+            "[\(rule)] \(bus)+\(Hex(length)) is outside the DMA window \(window)"
+        case .wrongMode(let op, let mode):
+            "[\(rule)] \(op) is not allowed in \(mode) mode"
+        case .tooManyMappings(let limit, let wouldBe):
+            "[\(rule)] the change would need \(wouldBe) mappings; the limit is \(limit)"
+        case .overlapsExisting(let bus, let length, let existing):
+            "[\(rule)] \(bus)+\(Hex(length)) overlaps the existing mapping \(existing)"
+        case .invalidQueueSize(let n):
+            "[\(rule)] queue size \(n) is not a power of two in 1...32768"
+        case .ringMisaligned(let purpose, let bus, let alignment):
+            "[\(rule)] \(purpose) at \(bus) is not \(alignment)-byte aligned"
+        case .notMapped(let purpose, let bus, let length, let missing):
+            "[\(rule)] \(purpose) \(bus)+\(Hex(length)) is not mapped at \(missing)"
+        case .accessDenied(let purpose, let bus, let needed, let granted):
+            "[\(rule)] \(purpose) at \(bus) needs \(needed) but the mapping grants \(granted)"
+        }
+    }
+}
+
+/// The model of one vhost-pci BAR (DESIGN §3). Pure: no syscalls. Every
+/// mutating method validates everything first; when it throws, nothing
+/// changed. On success it returns the `WindowPlan` that makes a `BARWindow`
+/// match the model.
+///
+/// Invariants (checked by `checkInvariants()` in tests): mappings are sorted
+/// by bus address, non-overlapping, non-empty, inside the BAR, page aligned,
+/// and no two neighbours could be coalesced.
+public struct AddressSpace: Sendable {
+    public let configuration: AddressSpaceConfiguration
+    public private(set) var mappings: [Mapping] = []
+    public private(set) var isFrozen = false
+    public private(set) var mappedBytes: UInt64 = 0
+
+    public init(_ configuration: AddressSpaceConfiguration) throws(ConfigurationError) {
+        try configuration.validate()
+        self.configuration = configuration
+    }
+
+    public var mode: BridgeMode { configuration.mode }
+    public var barSize: UInt64 { configuration.barSize }
+    public var pageSize: UInt64 { configuration.pageSize }
+
+    // MARK: lookup (O(log n))
+
+    /// Index of the first mapping whose end is above `address`.
+    private func firstIndex(endingAbove address: UInt64) -> Int {
+        var lo = 0, hi = mappings.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if mappings[mid].end <= address { lo = mid + 1 } else { hi = mid }
+        }
+        return lo
+    }
+
+    /// Index of the first mapping starting at or above `address`.
+    private func firstIndex(startingAtOrAbove address: UInt64) -> Int {
+        var lo = 0, hi = mappings.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if mappings[mid].bus.rawValue < address { lo = mid + 1 } else { hi = mid }
+        }
+        return lo
+    }
+
+    /// The mapping that contains `address`, if any.
+    public func lookup(_ address: BusAddress) -> Mapping? {
+        let i = firstIndex(endingAbove: address.rawValue)
+        guard i < mappings.count, mappings[i].bus <= address else { return nil }
+        return mappings[i]
+    }
+
+    /// The mappings (clipped) that intersect `[bus, bus+length)`.
+    public func mappings(intersecting bus: BusAddress, length: UInt64) -> [Mapping] {
+        guard let end = bus.adding(length) else { return [] }
+        var result: [Mapping] = []
+        var i = firstIndex(endingAbove: bus.rawValue)
+        while i < mappings.count, mappings[i].bus.rawValue < end.rawValue {
+            if let piece = mappings[i].clipped(to: bus.rawValue, end.rawValue) { result.append(piece) }
+            i += 1
+        }
+        return result
+    }
+
+    // MARK: checks shared by every change
+
+    /// Overflow, zero length, BAR bounds and page alignment. Returns the end.
+    private func checkRange(_ bus: BusAddress, length: UInt64) throws(AddressSpaceError) -> UInt64 {
+        guard length > 0 else { throw .zeroLength(bus) }
+        guard let end = bus.adding(length) else { throw .rangeWraps(start: bus.rawValue, length: length) }
+        guard end.rawValue <= barSize else { throw .outsideBAR(bus, length: length, barSize: barSize) }
+        guard bus.isAligned(to: pageSize) else {
+            throw .misaligned(field: "bus address", value: bus.rawValue, pageSize: pageSize)
+        }
+        guard length % pageSize == 0 else { throw .misaligned(field: "length", value: length, pageSize: pageSize) }
+        return end.rawValue
+    }
+
+    private func checkPolicy(_ bus: BusAddress, length: UInt64, end: UInt64, operation: String) throws(AddressSpaceError) {
+        if mode == .static {
+            guard !isFrozen else { throw .frozen(operation: operation) }
+            guard configuration.staticWindows.contains(where: { $0.contains(start: bus.rawValue, end: end) }) else {
+                throw .outsideStaticWindows(bus, length: length)
+            }
+        }
+        if let window = configuration.dmaWindow, !window.contains(start: bus.rawValue, end: end) {
+            throw .outsideDMAWindow(bus, length: length, window: window)
+        }
+    }
+
+    // MARK: splice (the one place the mapping list changes)
+
+    /// Replaces whatever lies in `[start, end)` by `insert` (which must lie
+    /// inside it), coalescing with neighbours. Returns the new list and the
+    /// old pieces that were inside the range.
+    private func splice(_ start: UInt64, _ end: UInt64, insert: Mapping?) -> (list: [Mapping], removed: [Mapping]) {
+        let i0 = firstIndex(endingAbove: start)
+        var i1 = i0
+        while i1 < mappings.count, mappings[i1].bus.rawValue < end { i1 += 1 }
+        var removed: [Mapping] = []
+        var middle: [Mapping] = []
+        if i0 < i1 {
+            let first = mappings[i0], last = mappings[i1 - 1]
+            if first.bus.rawValue < start, let left = first.clipped(to: first.bus.rawValue, start) {
+                middle.append(left)
+            }
+            for m in mappings[i0..<i1] {
+                if let piece = m.clipped(to: start, end) { removed.append(piece) }
+            }
+            if let insert { middle.append(insert) }
+            if last.end > end, let right = last.clipped(to: end, last.end) { middle.append(right) }
+        } else if let insert {
+            middle.append(insert)
+        }
+        // Coalesce the new middle with itself and with the untouched neighbours.
+        var lo = i0, hi = i1
+        if lo > 0 { middle.insert(mappings[lo - 1], at: 0); lo -= 1 }
+        if hi < mappings.count { middle.append(mappings[hi]); hi += 1 }
+        var merged: [Mapping] = []
+        merged.reserveCapacity(middle.count)
+        for m in middle {
+            if let prev = merged.last, prev.isContinued(by: m) {
+                merged[merged.count - 1] = Mapping(bus: prev.bus, length: prev.length + m.length,
+                                                   permission: prev.permission, region: prev.region,
+                                                   fdOffset: prev.fdOffset)
+            } else {
+                merged.append(m)
+            }
+        }
+        var list = mappings
+        list.replaceSubrange(lo..<hi, with: merged)
+        return (list, removed)
+    }
+
+    private mutating func commit(_ list: [Mapping], allowGrowthPastLimit: Bool = false) throws(AddressSpaceError) {
+        if !allowGrowthPastLimit, list.count > configuration.maxMappings, list.count > mappings.count {
+            throw .tooManyMappings(limit: configuration.maxMappings, wouldBe: list.count)
+        }
+        mappings = list
+        mappedBytes = list.reduce(0) { $0 + $1.length }
+    }
+
+    /// Merges adjacent removed pieces into as few unmap operations as possible.
+    private static func unmapPlan(for removed: [Mapping]) -> WindowPlan {
+        var ops: [WindowOperation] = []
+        var start: UInt64 = 0, end: UInt64 = 0
+        for piece in removed {
+            if !ops.isEmpty, piece.bus.rawValue == end {
+                end = piece.end
+                ops[ops.count - 1] = .unmap(bus: BusAddress(start), length: end - start)
+            } else {
+                start = piece.bus.rawValue
+                end = piece.end
+                ops.append(.unmap(bus: piece.bus, length: piece.length))
+            }
+        }
+        return WindowPlan(ops)
+    }
+
+    // MARK: identity mode
+
+    /// Identity mode: a memory-table region appears at BAR offset = its GPA.
+    public mutating func mapRegion(_ region: MemoryRegion) throws(AddressSpaceError) -> WindowPlan {
+        guard mode == .identity else { throw .wrongMode(operation: "mapping a memory region at its GPA", mode: mode) }
+        let bus = BusAddress(region.guestPhysical.rawValue)
+        let end = try checkRange(bus, length: region.size)
+        guard region.mmapOffset % pageSize == 0 else {
+            throw .misaligned(field: "mmap_offset", value: region.mmapOffset, pageSize: pageSize)
+        }
+        guard !region.permission.isEmpty else { throw .emptyPermission(bus) }
+        if let existing = mappings(intersecting: bus, length: region.size).first {
+            throw .overlapsExisting(bus, length: region.size, existing: existing)
+        }
+        let mapping = Mapping(bus: bus, length: region.size, permission: region.permission,
+                              region: region.id, fdOffset: region.mmapOffset)
+        let (list, _) = splice(bus.rawValue, end, insert: mapping)
+        try commit(list)
+        return WindowPlan([.map(bus: bus, length: region.size, permission: region.permission,
+                                region: region.id, fdOffset: region.mmapOffset)])
+    }
+
+    /// Revokes every mapping backed by `region` (REM_MEM_REG, a replaced
+    /// memory table, a closed session). Allowed in every mode and after
+    /// `freeze`: memory VM1 no longer shares must never stay visible.
+    public mutating func unmapRegion(_ region: RegionID) -> WindowPlan {
+        let removed = mappings.filter { $0.region == region }
+        guard !removed.isEmpty else { return .empty }
+        let list = mappings.filter { $0.region != region }
+        mappings = list
+        mappedBytes = list.reduce(0) { $0 + $1.length }
+        return Self.unmapPlan(for: removed)
+    }
+
+    /// Revokes everything (session end, device reset, daemon stop).
+    public mutating func unmapAll() -> WindowPlan {
+        let plan = Self.unmapPlan(for: mappings)
+        mappings = []
+        mappedBytes = 0
+        return plan
+    }
+
+    // MARK: iommu / static mode
+
+    /// IOTLB update (or an operator's static map): `[bus, bus+length)` now
+    /// shows the memory at `source` with `permission`, replacing whatever
+    /// overlapped (IOTLB semantics).
+    public mutating func update(bus: BusAddress, length: UInt64, source: MappingSource, permission: Permission,
+                                regions: MemoryRegionTable) throws(AddressSpaceError) -> WindowPlan {
+        guard mode != .identity else { throw .wrongMode(operation: "IOTLB update", mode: mode) }
+        let end = try checkRange(bus, length: length)
+        try checkPolicy(bus, length: length, end: end, operation: "IOTLB update")
+        guard !permission.isEmpty else { throw .emptyPermission(bus) }
+        let found: (region: MemoryRegion, offset: UInt64)?
+        switch source {
+        case .user(let u): found = regions.translate(user: u, length: length)
+        case .guestPhysical(let g): found = regions.translate(guestPhysical: g, length: length)
+        }
+        guard let (region, offset) = found else { throw .notBacked(source, length: length) }
+        guard region.permission.isSuperset(of: permission) else {
+            throw .permissionExceedsRegion(requested: permission, allowed: region.permission, region: region.id)
+        }
+        // Cannot overflow: MemoryRegionTable checked mmap_offset + size.
+        let fdOffset = region.mmapOffset + offset
+        guard fdOffset % pageSize == 0 else {
+            throw .misaligned(field: "source offset", value: fdOffset, pageSize: pageSize)
+        }
+        let mapping = Mapping(bus: bus, length: length, permission: permission, region: region.id, fdOffset: fdOffset)
+        let (list, removed) = splice(bus.rawValue, end, insert: mapping)
+        try commit(list)
+
+        // Fewest syscalls: nothing if the same bytes are already there with the
+        // same permission, an mprotect if only the permission changes.
+        let coveredBytes = removed.reduce(0) { $0 + $1.length }
+        let sameSource = coveredBytes == length && removed.allSatisfy { piece in
+            piece.region == region.id && piece.fdOffset == fdOffset + (piece.bus.rawValue - bus.rawValue)
+        }
+        if sameSource {
+            if removed.allSatisfy({ $0.permission == permission }) { return .empty }
+            return WindowPlan([.protect(bus: bus, length: length, permission: permission)])
+        }
+        return WindowPlan([.map(bus: bus, length: length, permission: permission, region: region.id, fdOffset: fdOffset)])
+    }
+
+    /// IOTLB invalidate: whatever lies in the range is revoked, splitting
+    /// mappings that straddle its ends. The range is widened outward to whole
+    /// pages (a partly revoked page must not stay visible). Invalidating a
+    /// range with nothing mapped succeeds with an empty plan. Never refused for
+    /// the mapping limit: revocation always goes through.
+    public mutating func invalidate(bus: BusAddress, length: UInt64) throws(AddressSpaceError) -> WindowPlan {
+        guard mode != .identity else { throw .wrongMode(operation: "IOTLB invalidate", mode: mode) }
+        if mode == .static, isFrozen { throw .frozen(operation: "IOTLB invalidate") }
+        guard length > 0 else { throw .zeroLength(bus) }
+        guard let end = bus.adding(length) else { throw .rangeWraps(start: bus.rawValue, length: length) }
+        guard end.rawValue <= barSize else { throw .outsideBAR(bus, length: length, barSize: barSize) }
+        let start = bus.rawValue - bus.rawValue % pageSize
+        // barSize is a multiple of pageSize, so rounding up stays <= barSize.
+        let rem = end.rawValue % pageSize
+        let alignedEnd = rem == 0 ? end.rawValue : end.rawValue + (pageSize - rem)
+        let (list, removed) = splice(start, alignedEnd, insert: nil)
+        try commit(list, allowGrowthPastLimit: true)
+        return Self.unmapPlan(for: removed)
+    }
+
+    /// Static mode: no change of any kind after this (until the address space
+    /// is recreated). Region removal still revokes (see `unmapRegion`).
+    public mutating func freeze() throws(AddressSpaceError) {
+        guard mode == .static else { throw .wrongMode(operation: "freeze", mode: mode) }
+        isFrozen = true
+    }
+
+    // MARK: checked access
+
+    /// Checks that all of `[bus, bus+length)` is mapped with at least `needed`
+    /// and returns the clipped mappings that cover it, in order.
+    @discardableResult
+    public func checkAccess(_ bus: BusAddress, length: UInt64, needed: Permission,
+                            purpose: AccessPurpose = .access) throws(AddressSpaceError) -> [Mapping] {
+        guard length > 0 else { throw .zeroLength(bus) }
+        guard let end = bus.adding(length) else { throw .rangeWraps(start: bus.rawValue, length: length) }
+        guard end.rawValue <= barSize else { throw .outsideBAR(bus, length: length, barSize: barSize) }
+        var pieces: [Mapping] = []
+        var cursor = bus.rawValue
+        var i = firstIndex(endingAbove: cursor)
+        while cursor < end.rawValue {
+            guard i < mappings.count, mappings[i].bus.rawValue <= cursor else {
+                throw .notMapped(purpose, bus, length: length, firstMissing: BusAddress(cursor))
+            }
+            let m = mappings[i]
+            guard m.permission.isSuperset(of: needed) else {
+                throw .accessDenied(purpose, BusAddress(cursor), needed: needed, granted: m.permission)
+            }
+            if let piece = m.clipped(to: cursor, end.rawValue) { pieces.append(piece) }
+            cursor = min(m.end, end.rawValue)
+            i += 1
+        }
+        return pieces
+    }
+
+    /// Checks a split virtqueue before its ring is started: queue size, the
+    /// virtio 1.x alignments, and that each part is mapped with the access the
+    /// device needs (descriptor table and avail ring read, used ring read+write).
+    public func validate(_ vring: VringLayout) throws(AddressSpaceError) {
+        let n = vring.queueSize
+        guard n >= 1, n <= VringLayout.maximumQueueSize, n.nonzeroBitCount == 1 else { throw .invalidQueueSize(n) }
+        let parts: [(AccessPurpose, BusAddress, UInt64, UInt64, Permission)] = [
+            (.descriptorTable, vring.descriptorTable, VringLayout.descriptorTableSize(n), 16, .read),
+            (.availRing, vring.availRing, VringLayout.availRingSize(n), 2, .read),
+            (.usedRing, vring.usedRing, VringLayout.usedRingSize(n), 4, .readWrite),
+        ]
+        for (purpose, address, size, alignment, needed) in parts {
+            guard address.isAligned(to: alignment) else { throw .ringMisaligned(purpose, address, alignment: alignment) }
+            try checkAccess(address, length: size, needed: needed, purpose: purpose)
+        }
+    }
+
+    // MARK: invariants
+
+    /// Nil when every invariant holds, else a description of the first broken one.
+    public func invariantViolation() -> String? {
+        var bytes: UInt64 = 0
+        for (i, m) in mappings.enumerated() {
+            if m.length == 0 { return "mapping \(i) is empty" }
+            if m.end > barSize { return "mapping \(i) ends past the BAR" }
+            if m.bus.rawValue % pageSize != 0 || m.length % pageSize != 0 { return "mapping \(i) unaligned" }
+            if m.permission.isEmpty { return "mapping \(i) has no permission" }
+            if i > 0 {
+                let prev = mappings[i - 1]
+                if prev.end > m.bus.rawValue { return "mappings \(i - 1) and \(i) overlap or are unsorted" }
+                if prev.isContinued(by: m) { return "mappings \(i - 1) and \(i) should be coalesced" }
+            }
+            bytes += m.length
+        }
+        return bytes == mappedBytes ? nil : "mappedBytes \(mappedBytes) != \(bytes)"
+    }
+}
+
+/// Where a split virtqueue lives in the BAR.
+public struct VringLayout: Equatable, Sendable {
+    public static let maximumQueueSize: UInt32 = 32768
+    public var queueSize: UInt32
+    public var descriptorTable: BusAddress
+    public var availRing: BusAddress
+    public var usedRing: BusAddress
+
+    public init(queueSize: UInt32, descriptorTable: BusAddress, availRing: BusAddress, usedRing: BusAddress) {
+        self.queueSize = queueSize
+        self.descriptorTable = descriptorTable
+        self.availRing = availRing
+        self.usedRing = usedRing
+    }
+
+    // Sizes from the virtio 1.x spec §2.7 (split virtqueues), including the
+    // trailing used_event / avail_event fields.
+    public static func descriptorTableSize(_ n: UInt32) -> UInt64 { 16 * UInt64(n) }
+    public static func availRingSize(_ n: UInt32) -> UInt64 { 6 + 2 * UInt64(n) }
+    public static func usedRingSize(_ n: UInt32) -> UInt64 { 6 + 8 * UInt64(n) }
+}

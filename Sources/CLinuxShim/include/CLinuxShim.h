@@ -1,0 +1,119 @@
+// CLinuxShim: the only C in the project. It exists because Swift cannot import
+// function-like macros, variadic syscall(), or some glibc/liburing inlines.
+// Every function here is a thin, allocation-free wrapper; policy lives in Swift.
+#ifndef CLINUXSHIM_H
+#define CLINUXSHIM_H
+
+// liburing.h is deliberately NOT included here: its private copy of
+// <linux/io_uring.h> clashes with the kernel header that swift-system's CSystem
+// module imports. Swift sees only the opaque `shim_uring` below; liburing is
+// included by shim.c alone.
+#include <sys/types.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/mman.h>
+#include <sys/eventfd.h>
+#include <sys/wait.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// ---- memfd / eventfd / fcntl (variadic or macro-only in glibc) ----
+int shim_memfd_create(const char *name, unsigned int flags);
+int shim_memfd_flag_cloexec(void);
+int shim_memfd_flag_allow_sealing(void);
+int shim_add_seals(int fd, unsigned int seals);
+int shim_get_seals(int fd);
+unsigned int shim_seal_shrink(void);
+unsigned int shim_seal_grow(void);
+unsigned int shim_seal_write(void);
+unsigned int shim_seal_seal(void);
+
+int shim_eventfd(unsigned int initval, int flags);
+int shim_efd_cloexec(void);
+int shim_efd_nonblock(void);
+int shim_efd_semaphore(void);
+
+int shim_get_fl(int fd);
+int shim_set_fl(int fd, int flags);
+int shim_o_nonblock(void);
+int shim_get_cloexec(int fd);
+
+// ---- sockets: SCM_RIGHTS and SO_PEERCRED ----
+/// sendmsg with `nfds` fds attached as one SCM_RIGHTS control message.
+/// Returns bytes sent or -1 (errno set). MSG_NOSIGNAL is always set.
+ssize_t shim_send_with_fds(int sock, const void *buf, size_t len,
+                           const int *fds, size_t nfds);
+/// recvmsg that collects up to `max_fds` fds (received fds are CLOEXEC).
+/// `*nfds_out` receives the number of fds written to `fds_out`. Fds beyond
+/// `max_fds` that the kernel delivered are closed here, and `*truncated_out`
+/// is set to 1 when control data (fds) or payload was cut.
+ssize_t shim_recv_with_fds(int sock, void *buf, size_t len, int flags,
+                           int *fds_out, size_t max_fds, size_t *nfds_out,
+                           int *truncated_out);
+int shim_peercred(int sock, pid_t *pid, uid_t *uid, gid_t *gid);
+int shim_socket_unix(int type);            // CLOEXEC always
+int shim_socketpair_unix(int type, int sv[2]);
+int shim_bind_unix(int sock, const char *path);
+int shim_connect_unix(int sock, const char *path);
+int shim_accept(int sock);                  // accept4 CLOEXEC
+size_t shim_sun_path_max(void);
+int shim_msg_peek(void);
+int shim_msg_dontwait(void);
+int shim_sock_stream(void);
+int shim_sock_seqpacket(void);
+int shim_sock_dgram(void);
+
+// ---- mmap ----
+/// Reserves `len` bytes PROT_NONE | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE.
+void *shim_reserve(size_t len);
+/// Maps fd at offset over [addr, addr+len) with MAP_FIXED | MAP_SHARED.
+void *shim_map_fixed_shared(void *addr, size_t len, int prot, int fd, off_t offset);
+/// Replaces [addr, addr+len) with a fresh PROT_NONE anonymous NORESERVE mapping.
+void *shim_revoke(void *addr, size_t len);
+int shim_prot_none(void);
+int shim_prot_read(void);
+int shim_prot_write(void);
+void *shim_map_failed(void);
+long shim_page_size(void);
+
+/// Forks; the child touches one byte at `addr` (read, or write when `write`
+/// is non-zero) and `_exit(0)`s. Returns the raw wait status of the child,
+/// or -1. Done in C so the child never runs Swift runtime code after fork.
+int shim_fork_touch(volatile void *addr, int write);
+int shim_wifsignaled(int status);
+int shim_wtermsig(int status);
+int shim_wifexited(int status);
+int shim_wexitstatus(int status);
+
+// ---- io_uring: an opaque ring; liburing's types never reach Swift ----
+typedef struct shim_uring shim_uring;
+/// Creates a ring. On failure returns NULL and stores -errno in *err.
+shim_uring *shim_uring_create(unsigned int entries, int sqpoll, unsigned int sq_idle_ms, int *err);
+void shim_uring_destroy(shim_uring *ring);
+int shim_uring_fd(shim_uring *ring);
+unsigned int shim_uring_sq_space_left(shim_uring *ring);
+/// The prep functions return 0, or -EBUSY when the submission queue is full.
+/// `link` non-zero sets IOSQE_IO_LINK (the next SQE runs only after this one).
+int shim_uring_prep_read(shim_uring *ring, int fd, void *buf, unsigned int len, uint64_t user_data, int link);
+int shim_uring_prep_write(shim_uring *ring, int fd, const void *buf, unsigned int len, uint64_t user_data, int link);
+int shim_uring_prep_poll_in(shim_uring *ring, int fd, uint64_t user_data);
+int shim_uring_prep_cancel(shim_uring *ring, uint64_t target, uint64_t user_data);
+int shim_uring_prep_nop(shim_uring *ring, uint64_t user_data);
+/// Returns SQEs submitted or -errno.
+int shim_uring_submit(shim_uring *ring);
+int shim_uring_submit_and_wait(shim_uring *ring, unsigned int wait_nr);
+/// Copies up to `max` ready CQEs (user_data, res, flags) and advances the CQ
+/// (io_uring_for_each_cqe is a macro Swift cannot import).
+unsigned int shim_uring_reap(shim_uring *ring, uint64_t *user_data,
+                             int32_t *res, uint32_t *flags, unsigned int max);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

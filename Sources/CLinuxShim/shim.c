@@ -1,0 +1,246 @@
+#define _GNU_SOURCE
+#include "CLinuxShim.h"
+#include <liburing.h>
+#include <stdlib.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+#include <linux/memfd.h>
+#include <poll.h>
+
+int shim_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
+int shim_memfd_flag_cloexec(void) { return MFD_CLOEXEC; }
+int shim_memfd_flag_allow_sealing(void) { return MFD_ALLOW_SEALING; }
+int shim_add_seals(int fd, unsigned int seals) { return fcntl(fd, F_ADD_SEALS, seals); }
+int shim_get_seals(int fd) { return fcntl(fd, F_GET_SEALS); }
+unsigned int shim_seal_shrink(void) { return F_SEAL_SHRINK; }
+unsigned int shim_seal_grow(void) { return F_SEAL_GROW; }
+unsigned int shim_seal_write(void) { return F_SEAL_WRITE; }
+unsigned int shim_seal_seal(void) { return F_SEAL_SEAL; }
+
+int shim_eventfd(unsigned int initval, int flags) { return eventfd(initval, flags); }
+int shim_efd_cloexec(void) { return EFD_CLOEXEC; }
+int shim_efd_nonblock(void) { return EFD_NONBLOCK; }
+int shim_efd_semaphore(void) { return EFD_SEMAPHORE; }
+
+int shim_get_fl(int fd) { return fcntl(fd, F_GETFL); }
+int shim_set_fl(int fd, int flags) { return fcntl(fd, F_SETFL, flags); }
+int shim_o_nonblock(void) { return O_NONBLOCK; }
+int shim_get_cloexec(int fd) {
+    int r = fcntl(fd, F_GETFD);
+    return r < 0 ? r : ((r & FD_CLOEXEC) != 0);
+}
+
+#define SHIM_MAX_FDS 253 /* SCM_MAX_FD */
+
+ssize_t shim_send_with_fds(int sock, const void *buf, size_t len,
+                           const int *fds, size_t nfds) {
+    if (nfds > SHIM_MAX_FDS) { errno = EINVAL; return -1; }
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    union { char buf[CMSG_SPACE(sizeof(int) * SHIM_MAX_FDS)]; struct cmsghdr align; } ctl;
+    if (nfds > 0) {
+        memset(ctl.buf, 0, sizeof ctl.buf);
+        msg.msg_control = ctl.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+    }
+    ssize_t r;
+    do { r = sendmsg(sock, &msg, MSG_NOSIGNAL); } while (r < 0 && errno == EINTR);
+    return r;
+}
+
+ssize_t shim_recv_with_fds(int sock, void *buf, size_t len, int flags,
+                           int *fds_out, size_t max_fds, size_t *nfds_out,
+                           int *truncated_out) {
+    struct iovec iov = { .iov_base = buf, .iov_len = len };
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    union { char buf[CMSG_SPACE(sizeof(int) * SHIM_MAX_FDS)]; struct cmsghdr align; } ctl;
+    msg.msg_control = ctl.buf;
+    msg.msg_controllen = sizeof ctl.buf;
+    *nfds_out = 0;
+    *truncated_out = 0;
+    ssize_t r;
+    do { r = recvmsg(sock, &msg, flags | MSG_CMSG_CLOEXEC); } while (r < 0 && errno == EINTR);
+    if (r < 0) return r;
+    if (msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC)) *truncated_out = 1;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int tmp[SHIM_MAX_FDS];
+        if (n > SHIM_MAX_FDS) n = SHIM_MAX_FDS;
+        memcpy(tmp, CMSG_DATA(c), n * sizeof(int));
+        for (size_t i = 0; i < n; i++) {
+            if (*nfds_out < max_fds) {
+                fds_out[(*nfds_out)++] = tmp[i];
+            } else {
+                close(tmp[i]);          /* surplus: never leak */
+                *truncated_out = 1;
+            }
+        }
+    }
+    return r;
+}
+
+int shim_peercred(int sock, pid_t *pid, uid_t *uid, gid_t *gid) {
+    struct ucred cred;
+    socklen_t l = sizeof cred;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &l) < 0) return -1;
+    *pid = cred.pid; *uid = cred.uid; *gid = cred.gid;
+    return 0;
+}
+
+int shim_socket_unix(int type) { return socket(AF_UNIX, type | SOCK_CLOEXEC, 0); }
+int shim_socketpair_unix(int type, int sv[2]) { return socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, sv); }
+
+static int fill_sun(struct sockaddr_un *a, const char *path) {
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof a->sun_path) { errno = ENAMETOOLONG; return -1; }
+    memset(a, 0, sizeof *a);
+    a->sun_family = AF_UNIX;
+    memcpy(a->sun_path, path, n + 1);
+    return 0;
+}
+int shim_bind_unix(int sock, const char *path) {
+    struct sockaddr_un a;
+    if (fill_sun(&a, path) < 0) return -1;
+    return bind(sock, (struct sockaddr *)&a, sizeof a);
+}
+int shim_connect_unix(int sock, const char *path) {
+    struct sockaddr_un a;
+    if (fill_sun(&a, path) < 0) return -1;
+    int r;
+    do { r = connect(sock, (struct sockaddr *)&a, sizeof a); } while (r < 0 && errno == EINTR);
+    return r;
+}
+int shim_accept(int sock) {
+    int r;
+    do { r = accept4(sock, NULL, NULL, SOCK_CLOEXEC); } while (r < 0 && errno == EINTR);
+    return r;
+}
+size_t shim_sun_path_max(void) { struct sockaddr_un a; return sizeof a.sun_path - 1; }
+int shim_msg_peek(void) { return MSG_PEEK; }
+int shim_msg_dontwait(void) { return MSG_DONTWAIT; }
+int shim_sock_stream(void) { return SOCK_STREAM; }
+int shim_sock_seqpacket(void) { return SOCK_SEQPACKET; }
+int shim_sock_dgram(void) { return SOCK_DGRAM; }
+
+void *shim_reserve(size_t len) {
+    return mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+}
+void *shim_map_fixed_shared(void *addr, size_t len, int prot, int fd, off_t offset) {
+    return mmap(addr, len, prot, MAP_FIXED | MAP_SHARED, fd, offset);
+}
+void *shim_revoke(void *addr, size_t len) {
+    return mmap(addr, len, PROT_NONE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+}
+int shim_prot_none(void) { return PROT_NONE; }
+int shim_prot_read(void) { return PROT_READ; }
+int shim_prot_write(void) { return PROT_WRITE; }
+void *shim_map_failed(void) { return MAP_FAILED; }
+long shim_page_size(void) { return sysconf(_SC_PAGESIZE); }
+
+int shim_fork_touch(volatile void *addr, int write) {
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        /* No core dumps from the deliberate fault. */
+        signal(SIGSEGV, SIG_DFL);
+        signal(SIGBUS, SIG_DFL);
+        volatile unsigned char *p = (volatile unsigned char *)addr;
+        if (write) *p = 0x5a; else (void)*p;
+        _exit(0);
+    }
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0) {
+        if (errno != EINTR) return -1;
+    }
+    return status;
+}
+int shim_wifsignaled(int status) { return WIFSIGNALED(status); }
+int shim_wtermsig(int status) { return WTERMSIG(status); }
+int shim_wifexited(int status) { return WIFEXITED(status); }
+int shim_wexitstatus(int status) { return WEXITSTATUS(status); }
+
+struct shim_uring { struct io_uring ring; };
+
+shim_uring *shim_uring_create(unsigned int entries, int sqpoll, unsigned int sq_idle_ms, int *err) {
+    shim_uring *r = calloc(1, sizeof *r);
+    if (!r) { *err = -ENOMEM; return NULL; }
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    if (sqpoll) { p.flags |= IORING_SETUP_SQPOLL; p.sq_thread_idle = sq_idle_ms; }
+    int e = io_uring_queue_init_params(entries, &r->ring, &p);
+    if (e < 0) { free(r); *err = e; return NULL; }
+    *err = 0;
+    return r;
+}
+void shim_uring_destroy(shim_uring *r) { if (r) { io_uring_queue_exit(&r->ring); free(r); } }
+int shim_uring_fd(shim_uring *r) { return r->ring.ring_fd; }
+unsigned int shim_uring_sq_space_left(shim_uring *r) { return io_uring_sq_space_left(&r->ring); }
+
+int shim_uring_prep_read(shim_uring *r, int fd, void *buf, unsigned int len, uint64_t ud, int link) {
+    struct io_uring_sqe *s = io_uring_get_sqe(&r->ring);
+    if (!s) return -EBUSY;
+    io_uring_prep_read(s, fd, buf, len, 0);
+    io_uring_sqe_set_data64(s, ud);
+    if (link) io_uring_sqe_set_flags(s, IOSQE_IO_LINK);
+    return 0;
+}
+int shim_uring_prep_write(shim_uring *r, int fd, const void *buf, unsigned int len, uint64_t ud, int link) {
+    struct io_uring_sqe *s = io_uring_get_sqe(&r->ring);
+    if (!s) return -EBUSY;
+    io_uring_prep_write(s, fd, buf, len, 0);
+    io_uring_sqe_set_data64(s, ud);
+    if (link) io_uring_sqe_set_flags(s, IOSQE_IO_LINK);
+    return 0;
+}
+int shim_uring_prep_poll_in(shim_uring *r, int fd, uint64_t ud) {
+    struct io_uring_sqe *s = io_uring_get_sqe(&r->ring);
+    if (!s) return -EBUSY;
+    io_uring_prep_poll_add(s, fd, POLLIN);
+    io_uring_sqe_set_data64(s, ud);
+    return 0;
+}
+int shim_uring_prep_cancel(shim_uring *r, uint64_t target, uint64_t ud) {
+    struct io_uring_sqe *s = io_uring_get_sqe(&r->ring);
+    if (!s) return -EBUSY;
+    io_uring_prep_cancel64(s, target, 0);
+    io_uring_sqe_set_data64(s, ud);
+    return 0;
+}
+int shim_uring_prep_nop(shim_uring *r, uint64_t ud) {
+    struct io_uring_sqe *s = io_uring_get_sqe(&r->ring);
+    if (!s) return -EBUSY;
+    io_uring_prep_nop(s);
+    io_uring_sqe_set_data64(s, ud);
+    return 0;
+}
+int shim_uring_submit(shim_uring *r) { return io_uring_submit(&r->ring); }
+int shim_uring_submit_and_wait(shim_uring *r, unsigned int n) { return io_uring_submit_and_wait(&r->ring, n); }
+
+unsigned int shim_uring_reap(shim_uring *r, uint64_t *user_data,
+                             int32_t *res, uint32_t *flags, unsigned int max) {
+    unsigned int head, n = 0;
+    struct io_uring_cqe *cqe;
+    io_uring_for_each_cqe(&r->ring, head, cqe) {
+        if (n == max) break;
+        user_data[n] = cqe->user_data;
+        res[n] = cqe->res;
+        flags[n] = cqe->flags;
+        n++;
+    }
+    io_uring_cq_advance(&r->ring, n);
+    return n;
+}

@@ -1,0 +1,161 @@
+import BridgeCore
+import CLinuxShim
+import Synchronization
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Why the window could not carry out an operation.
+public enum BARWindowError: Error, Equatable, Sendable, CustomStringConvertible {
+    case invalidSize(UInt64)
+    case outsideWindow(BusAddress, length: UInt64, windowSize: UInt64)
+    case misaligned(BusAddress, length: UInt64, hostPageSize: UInt64)
+    case noFileForRegion(RegionID)
+    case system(SystemCallError)
+
+    public var description: String {
+        switch self {
+        case .invalidSize(let s): "BAR window size \(Hex(s)) is zero, unaligned or too large"
+        case .outsideWindow(let bus, let length, let size):
+            "\(bus)+\(Hex(length)) is outside the BAR window (size \(Hex(size)))"
+        case .misaligned(let bus, let length, let page):
+            "\(bus)+\(Hex(length)) is not aligned to the host page size \(page)"
+        case .noFileForRegion(let id): "no file descriptor is known for \(id)"
+        case .system(let e): e.description
+        }
+    }
+}
+
+/// The BAR in this process's memory. The whole BAR is reserved once
+/// (PROT_NONE, MAP_NORESERVE: address space only, no memory committed); ranges
+/// are mapped over it with MAP_FIXED | MAP_SHARED from a region's fd, and an
+/// unmapped range gets fresh PROT_NONE anonymous memory back, so a hole never
+/// shows anything and touching it faults.
+///
+/// Permissions: read-only mappings are PROT_READ. The MMU cannot express
+/// write-only, so a write-only IOTLB entry is mapped PROT_READ|PROT_WRITE;
+/// checked accessors (`AddressSpace.checkAccess`) still enforce write-only.
+///
+/// Sendable without `@unchecked`: the state is the immutable base address
+/// (kept as an integer) and size, plus a `Mutex` that serialises changes so
+/// a plan is applied as a unit with respect to other plans.
+public final class BARWindow: Sendable {
+    public let size: UInt64
+    private let base: UInt
+    private let changes = Mutex<UInt64>(0)
+    public static let hostPageSize = UInt64(shim_page_size())
+
+    public init(size: UInt64) throws(BARWindowError) {
+        guard size > 0, size % Self.hostPageSize == 0, size <= UInt64(Int.max) else { throw .invalidSize(size) }
+        guard let pointer = shim_reserve(Int(size)), pointer != shim_map_failed() else {
+            throw .system(.current("mmap(reserve \(ByteCount(size)))"))
+        }
+        self.size = size
+        self.base = UInt(bitPattern: pointer)
+    }
+
+    deinit {
+        if let pointer = UnsafeMutableRawPointer(bitPattern: base) { munmap(pointer, Int(size)) }
+    }
+
+    /// Address of BAR offset 0 in this process. Access through it is the
+    /// caller's responsibility; prefer `withBytes`.
+    public var baseAddress: UnsafeMutableRawPointer {
+        // Non-nil: `base` came from a successful mmap.
+        UnsafeMutableRawPointer(bitPattern: base).unsafelyUnwrapped
+    }
+
+    /// Number of window syscalls carried out so far (map, protect, revoke).
+    public var operationCount: UInt64 { changes.withLock { $0 } }
+
+    private func check(_ bus: BusAddress, _ length: UInt64) throws(BARWindowError) -> UnsafeMutableRawPointer {
+        guard length > 0, let end = bus.adding(length), end.rawValue <= size else {
+            throw .outsideWindow(bus, length: length, windowSize: size)
+        }
+        guard bus.rawValue % Self.hostPageSize == 0, length % Self.hostPageSize == 0 else {
+            throw .misaligned(bus, length: length, hostPageSize: Self.hostPageSize)
+        }
+        return baseAddress + Int(bus.rawValue)
+    }
+
+    private static func prot(_ permission: Permission) -> Int32 {
+        var prot = shim_prot_none()
+        if permission.contains(.read) { prot |= shim_prot_read() }
+        if permission.contains(.write) { prot |= shim_prot_read() | shim_prot_write() }
+        return prot
+    }
+
+    private func lockedMap(_ bus: BusAddress, _ length: UInt64, _ permission: Permission, fd: Int32, fdOffset: UInt64) throws(BARWindowError) {
+        let address = try check(bus, length)
+        guard fdOffset <= UInt64(Int64.max) else { throw .system(SystemCallError("mmap", errno: .invalidArgument)) }
+        let result = shim_map_fixed_shared(address, Int(length), Self.prot(permission), fd, off_t(fdOffset))
+        guard result == address else {
+            throw .system(.current("mmap(\(bus)+\(Hex(length)) fd \(fd)@\(Hex(fdOffset)))"))
+        }
+    }
+
+    private func lockedProtect(_ bus: BusAddress, _ length: UInt64, _ permission: Permission) throws(BARWindowError) {
+        let address = try check(bus, length)
+        guard mprotect(address, Int(length), Self.prot(permission)) == 0 else {
+            throw .system(.current("mprotect(\(bus)+\(Hex(length)))"))
+        }
+    }
+
+    private func lockedRevoke(_ bus: BusAddress, _ length: UInt64) throws(BARWindowError) {
+        let address = try check(bus, length)
+        guard shim_revoke(address, Int(length)) == address else {
+            throw .system(.current("mmap(revoke \(bus)+\(Hex(length)))"))
+        }
+    }
+
+    /// Shows `[fdOffset, fdOffset+length)` of `fd` at BAR offset `bus`.
+    public func map(bus: BusAddress, length: UInt64, permission: Permission, fd: Int32, fdOffset: UInt64) throws(BARWindowError) {
+        try changes.withLock { (count: inout UInt64) throws(BARWindowError) in
+            try lockedMap(bus, length, permission, fd: fd, fdOffset: fdOffset)
+            count += 1
+        }
+    }
+
+    /// Puts PROT_NONE back over `[bus, bus+length)`.
+    public func revoke(bus: BusAddress, length: UInt64) throws(BARWindowError) {
+        try changes.withLock { (count: inout UInt64) throws(BARWindowError) in
+            try lockedRevoke(bus, length)
+            count += 1
+        }
+    }
+
+    /// Carries out a plan from `AddressSpace`. `fileFor` gives the fd backing
+    /// a region. If any step fails, every range the plan touches is revoked
+    /// (fail closed: less access, never more) and the error is thrown; the
+    /// caller should then drop those ranges from its model too.
+    public func apply(_ plan: WindowPlan, fileFor: (RegionID) -> Int32?) throws(BARWindowError) {
+        try changes.withLock { (count: inout UInt64) throws(BARWindowError) in
+            do throws(BARWindowError) {
+                for op in plan.operations {
+                    switch op {
+                    case .map(let bus, let length, let permission, let region, let fdOffset):
+                        guard let fd = fileFor(region) else { throw .noFileForRegion(region) }
+                        try lockedMap(bus, length, permission, fd: fd, fdOffset: fdOffset)
+                    case .protect(let bus, let length, let permission):
+                        try lockedProtect(bus, length, permission)
+                    case .unmap(let bus, let length):
+                        try lockedRevoke(bus, length)
+                    }
+                    count += 1
+                }
+            } catch {
+                for op in plan.operations { try? lockedRevoke(op.bus, op.length) }
+                throw error
+            }
+        }
+    }
+
+    /// Bounds-checked access to `[bus, bus+length)` of the window (against the
+    /// window size only: touching an unmapped range still faults, by design).
+    public func withBytes<R, E: Error>(at bus: BusAddress, length: Int,
+                                       _ body: (UnsafeMutableRawBufferPointer) throws(E) -> R) throws(E) -> R? {
+        guard length >= 0, let end = bus.adding(UInt64(length)), end.rawValue <= size else { return nil }
+        return try body(UnsafeMutableRawBufferPointer(start: baseAddress + Int(bus.rawValue), count: length))
+    }
+}

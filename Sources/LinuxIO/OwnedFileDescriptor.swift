@@ -1,0 +1,98 @@
+import CLinuxShim
+import Synchronization
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Sole owner of one file descriptor: it is closed exactly once, by `close()`
+/// or, failing that, when the last reference goes away. After `close()` or
+/// `release()` the object holds -1 and every operation on it fails with EBADF
+/// instead of touching a number the kernel may have reused.
+///
+/// Sendable without `@unchecked`: the only state is an `Atomic<Int32>`.
+public final class OwnedFileDescriptor: Sendable, CustomStringConvertible {
+    private let storage: Atomic<Int32>
+
+    /// Takes ownership of `raw` (which must be open and owned by nobody else).
+    public init(adopting raw: Int32) {
+        storage = Atomic(raw)
+    }
+
+    deinit {
+        let raw = storage.exchange(-1, ordering: .acquiringAndReleasing)
+        if raw >= 0 { _ = Glibc.close(raw) }
+    }
+
+    /// The descriptor number, or -1 once closed or released.
+    public var rawValue: Int32 { storage.load(ordering: .acquiring) }
+    public var isOpen: Bool { rawValue >= 0 }
+
+    /// swift-system's view of the same fd (borrowed, not owned).
+    public var systemDescriptor: FileDescriptor { FileDescriptor(rawValue: rawValue) }
+
+    /// Closes now. A second call does nothing: the fd is closed exactly once.
+    /// Per POSIX the fd is gone even when close reports an error (no retry on EINTR).
+    public func close() throws(SystemCallError) {
+        let raw = storage.exchange(-1, ordering: .acquiringAndReleasing)
+        guard raw >= 0 else { return }
+        if Glibc.close(raw) < 0 {
+            let error = SystemCallError.current("close(\(raw))")
+            if error.errno != .interrupted { throw error }
+        }
+    }
+
+    /// Gives up ownership and returns the number; the caller now owns it.
+    public func release() -> Int32 {
+        storage.exchange(-1, ordering: .acquiringAndReleasing)
+    }
+
+    /// A new owned descriptor for the same open file (F_DUPFD_CLOEXEC).
+    public func duplicate() throws(SystemCallError) -> OwnedFileDescriptor {
+        let raw = rawValue
+        let new = try retryingInterrupts("dup(\(raw))") { Glibc.fcntl(raw, F_DUPFD_CLOEXEC, 0) }
+        return OwnedFileDescriptor(adopting: new)
+    }
+
+    /// Size of the file (fstat st_size).
+    public func fileSize() throws(SystemCallError) -> UInt64 {
+        var st = stat()
+        let raw = rawValue
+        _ = try retryingInterrupts("fstat(\(raw))") { fstat(raw, &st) }
+        return UInt64(st.st_size)
+    }
+
+    /// O_NONBLOCK lives on the open file description, so it is shared with
+    /// every process holding a duplicate of this fd (e.g. the VMM that sent it).
+    public var isNonBlocking: Bool {
+        get throws(SystemCallError) {
+            let raw = rawValue
+            let flags = try retryingInterrupts("fcntl(\(raw), F_GETFL)") { shim_get_fl(raw) }
+            return flags & shim_o_nonblock() != 0
+        }
+    }
+
+    public func setNonBlocking(_ on: Bool) throws(SystemCallError) {
+        let raw = rawValue
+        let flags = try retryingInterrupts("fcntl(\(raw), F_GETFL)") { shim_get_fl(raw) }
+        let new = on ? flags | shim_o_nonblock() : flags & ~shim_o_nonblock()
+        if new != flags { _ = try retryingInterrupts("fcntl(\(raw), F_SETFL)") { shim_set_fl(raw, new) } }
+    }
+
+    public var description: String { "fd \(rawValue)" }
+}
+
+/// Counts this process's open descriptors (entries of /proc/self/fd, minus
+/// the one the listing itself uses). Tests use it to prove nothing leaked.
+public func openFileDescriptorCount() -> Int {
+    guard let dir = opendir("/proc/self/fd") else { return -1 }
+    defer { closedir(dir) }
+    var count = 0
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        if name != "." && name != ".." { count += 1 }
+    }
+    return count - 1 // the directory stream's own fd
+}

@@ -1,0 +1,33 @@
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A failed system call: which operation, and the errno it returned.
+public struct SystemCallError: Error, Equatable, Sendable, CustomStringConvertible {
+    public let operation: String
+    public let errno: Errno
+
+    public init(_ operation: String, errno: Errno) {
+        self.operation = operation
+        self.errno = errno
+    }
+
+    /// Captures the calling thread's current errno.
+    static func current(_ operation: String) -> SystemCallError {
+        SystemCallError(operation, errno: Errno(rawValue: Glibc.errno))
+    }
+
+    public var description: String { "\(operation) failed: \(errno) (errno \(errno.rawValue))" }
+}
+
+/// Runs `body` until it does not fail with EINTR; -1 becomes a typed error.
+@inline(__always)
+func retryingInterrupts<T: BinaryInteger>(_ operation: String, _ body: () -> T) throws(SystemCallError) -> T {
+    while true {
+        let result = body()
+        if result >= 0 { return result }
+        let error = SystemCallError.current(operation)
+        if error.errno != .interrupted { throw error }
+    }
+}

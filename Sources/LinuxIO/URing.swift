@@ -1,0 +1,135 @@
+import CLinuxShim
+import SystemPackage
+
+/// One completion: the `userData` given at submission, and the result
+/// (bytes, or a negative errno).
+public struct URingCompletion: Equatable, Sendable {
+    public let userData: UInt64
+    public let result: Int32
+    public let flags: UInt32
+
+    public var errno: Errno? { result < 0 ? Errno(rawValue: -result) : nil }
+}
+
+public enum URingError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The submission queue is full; submit and reap first.
+    case submissionQueueFull
+    case system(SystemCallError)
+
+    public var description: String {
+        switch self {
+        case .submissionQueueFull: "io_uring submission queue is full"
+        case .system(let e): e.description
+        }
+    }
+}
+
+/// A minimal owner of one io_uring (liburing, behind CLinuxShim's opaque
+/// `shim_uring`): prepare reads, writes and polls on fds, submit, wait, and
+/// reap completions in batches.
+///
+/// Not Sendable: an io_uring belongs to the one thread that drives it (the
+/// notification relay's thread). Buffers handed to `prepareRead` /
+/// `prepareWrite` must stay valid until their completion is reaped.
+public final class URing {
+    private let ring: OpaquePointer
+    public let entries: UInt32
+    public let sqpoll: Bool
+    private var reapUserData: [UInt64]
+    private var reapResult: [Int32]
+    private var reapFlags: [UInt32]
+
+    public init(entries: UInt32 = 256, sqpoll: Bool = false, sqpollIdleMilliseconds: UInt32 = 50) throws(URingError) {
+        var err: Int32 = 0
+        guard let ring = shim_uring_create(entries, sqpoll ? 1 : 0, sqpollIdleMilliseconds, &err) else {
+            throw .system(SystemCallError("io_uring_queue_init(\(entries)\(sqpoll ? ", SQPOLL" : ""))", errno: Errno(rawValue: -err)))
+        }
+        self.ring = ring
+        self.entries = entries
+        self.sqpoll = sqpoll
+        let batch = Int(entries) * 2
+        reapUserData = .init(repeating: 0, count: batch)
+        reapResult = .init(repeating: 0, count: batch)
+        reapFlags = .init(repeating: 0, count: batch)
+    }
+
+    deinit {
+        shim_uring_destroy(ring)
+    }
+
+    /// The ring's own fd.
+    public var ringFD: Int32 { shim_uring_fd(ring) }
+
+    public var submissionSpaceLeft: UInt32 { shim_uring_sq_space_left(ring) }
+
+    private static func check(_ r: Int32) throws(URingError) {
+        if r == -16 /* EBUSY */ { throw .submissionQueueFull }
+    }
+
+    /// Reads up to `length` bytes from `fd` into `buffer`. `linkNext` makes the
+    /// next prepared SQE wait for this one (IOSQE_IO_LINK).
+    public func prepareRead(fd: Int32, buffer: UnsafeMutableRawPointer, length: UInt32, userData: UInt64, linkNext: Bool = false) throws(URingError) {
+        try Self.check(shim_uring_prep_read(ring, fd, buffer, length, userData, linkNext ? 1 : 0))
+    }
+
+    /// Writes `length` bytes from `buffer` to `fd`.
+    public func prepareWrite(fd: Int32, buffer: UnsafeRawPointer, length: UInt32, userData: UInt64, linkNext: Bool = false) throws(URingError) {
+        try Self.check(shim_uring_prep_write(ring, fd, buffer, length, userData, linkNext ? 1 : 0))
+    }
+
+    /// One-shot poll for readability.
+    public func preparePollIn(fd: Int32, userData: UInt64) throws(URingError) {
+        try Self.check(shim_uring_prep_poll_in(ring, fd, userData))
+    }
+
+    /// Cancels the pending request submitted with user data `target`.
+    public func prepareCancel(target: UInt64, userData: UInt64) throws(URingError) {
+        try Self.check(shim_uring_prep_cancel(ring, target, userData))
+    }
+
+    public func prepareNop(userData: UInt64) throws(URingError) {
+        try Self.check(shim_uring_prep_nop(ring, userData))
+    }
+
+    /// Submits what was prepared; returns how many SQEs were consumed.
+    @discardableResult
+    public func submit() throws(URingError) -> Int {
+        while true {
+            let r = shim_uring_submit(ring)
+            if r >= 0 { return Int(r) }
+            if r == -Errno.interrupted.rawValue { continue }
+            throw .system(SystemCallError("io_uring_submit", errno: Errno(rawValue: -r)))
+        }
+    }
+
+    /// Submits and blocks until at least `waitFor` completions are ready.
+    @discardableResult
+    public func submitAndWait(_ waitFor: UInt32 = 1) throws(URingError) -> Int {
+        while true {
+            let r = shim_uring_submit_and_wait(ring, waitFor)
+            if r >= 0 { return Int(r) }
+            if r == -Errno.interrupted.rawValue { continue }
+            throw .system(SystemCallError("io_uring_submit_and_wait", errno: Errno(rawValue: -r)))
+        }
+    }
+
+    /// Takes every ready completion (up to a batch of 2 × entries) and marks
+    /// them seen, without blocking.
+    public func reap() -> [URingCompletion] {
+        let capacity = UInt32(reapUserData.count)
+        let n = reapUserData.withUnsafeMutableBufferPointer { u in
+            reapResult.withUnsafeMutableBufferPointer { r in
+                reapFlags.withUnsafeMutableBufferPointer { f in
+                    shim_uring_reap(ring, u.baseAddress, r.baseAddress, f.baseAddress, capacity)
+                }
+            }
+        }
+        return (0..<Int(n)).map { URingCompletion(userData: reapUserData[$0], result: reapResult[$0], flags: reapFlags[$0]) }
+    }
+
+    /// Blocks until at least one completion is ready, then reaps the batch.
+    public func waitAndReap() throws(URingError) -> [URingCompletion] {
+        try submitAndWait(1)
+        return reap()
+    }
+}

@@ -1,0 +1,176 @@
+import CLinuxShim
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Credentials of the process at the other end (SO_PEERCRED).
+public struct PeerCredentials: Equatable, Sendable {
+    public let pid: Int32
+    public let uid: UInt32
+    public let gid: UInt32
+}
+
+/// One message read with `UnixSocket.receive`: the bytes, and every fd that
+/// came with them, each now owned by the caller.
+public struct ReceivedMessage: Sendable {
+    public let bytes: [UInt8]
+    public let fds: [OwnedFileDescriptor]
+    /// The kernel or the fd limit cut something off (payload or fds); the
+    /// surplus fds were already closed.
+    public let truncated: Bool
+
+    /// Closes every fd that came with the message (e.g. on a request that
+    /// takes none). Idempotent.
+    public func closeAllFDs() {
+        for fd in fds { try? fd.close() }
+    }
+}
+
+/// An AF_UNIX socket (stream, seqpacket or datagram) that owns its fd.
+public struct UnixSocket: Sendable {
+    public enum Kind: Sendable {
+        case stream, seqpacket, datagram
+        var raw: Int32 {
+            switch self {
+            case .stream: shim_sock_stream()
+            case .seqpacket: shim_sock_seqpacket()
+            case .datagram: shim_sock_dgram()
+            }
+        }
+    }
+
+    /// Most fds one `receive` accepts; more than this are closed and the
+    /// message is marked truncated. vhost-user uses at most 8 per message.
+    public static let defaultMaximumFDs = 8
+
+    public let fd: OwnedFileDescriptor
+    public let kind: Kind
+
+    public init(adopting fd: OwnedFileDescriptor, kind: Kind) {
+        self.fd = fd
+        self.kind = kind
+    }
+
+    public static func pair(_ kind: Kind = .stream) throws(SystemCallError) -> (UnixSocket, UnixSocket) {
+        var sv: [Int32] = [-1, -1]
+        _ = try retryingInterrupts("socketpair") { shim_socketpair_unix(kind.raw, &sv) }
+        return (UnixSocket(adopting: OwnedFileDescriptor(adopting: sv[0]), kind: kind),
+                UnixSocket(adopting: OwnedFileDescriptor(adopting: sv[1]), kind: kind))
+    }
+
+    private static func make(_ kind: Kind) throws(SystemCallError) -> UnixSocket {
+        let raw = try retryingInterrupts("socket(AF_UNIX)") { shim_socket_unix(kind.raw) }
+        return UnixSocket(adopting: OwnedFileDescriptor(adopting: raw), kind: kind)
+    }
+
+    /// Binds and listens on `path`. A stale socket file at `path` (nobody
+    /// accepting on it) is removed first; a live one is left alone (EADDRINUSE).
+    public static func listen(path: String, kind: Kind = .stream, backlog: Int32 = 16) throws(SystemCallError) -> UnixSocket {
+        guard path.utf8.count <= shim_sun_path_max() else {
+            throw SystemCallError("bind(\(path))", errno: .fileNameTooLong)
+        }
+        let socket = try make(kind)
+        let raw = socket.fd.rawValue
+        if shim_bind_unix(raw, path) < 0 {
+            let error = SystemCallError.current("bind(\(path))")
+            guard error.errno == .addressInUse, isStale(path: path, kind: kind) else { throw error }
+            unlink(path)
+            _ = try retryingInterrupts("bind(\(path))") { shim_bind_unix(raw, path) }
+        }
+        if kind != .datagram {
+            _ = try retryingInterrupts("listen(\(path))") { Glibc.listen(raw, backlog) }
+        }
+        return socket
+    }
+
+    private static func isStale(path: String, kind: Kind) -> Bool {
+        guard let probe = try? make(kind) else { return false }
+        return shim_connect_unix(probe.fd.rawValue, path) < 0 && Glibc.errno == ECONNREFUSED
+    }
+
+    public static func connect(path: String, kind: Kind = .stream) throws(SystemCallError) -> UnixSocket {
+        let socket = try make(kind)
+        let raw = socket.fd.rawValue
+        _ = try retryingInterrupts("connect(\(path))") { shim_connect_unix(raw, path) }
+        return socket
+    }
+
+    /// Blocks until a peer connects.
+    public func accept() throws(SystemCallError) -> UnixSocket {
+        let raw = fd.rawValue
+        let new = try retryingInterrupts("accept") { shim_accept(raw) }
+        return UnixSocket(adopting: OwnedFileDescriptor(adopting: new), kind: kind)
+    }
+
+    /// Sends `bytes` with `fds` attached (SCM_RIGHTS). The fds stay owned by
+    /// the caller (the kernel duplicates them into the message). For stream
+    /// sockets a short send of the payload is completed without fds.
+    public func send(_ bytes: [UInt8], fds: [Int32] = []) throws(SystemCallError) {
+        let raw = fd.rawValue
+        var sent = try retryingInterrupts("sendmsg") {
+            bytes.withUnsafeBytes { buffer in
+                fds.withUnsafeBufferPointer { fdBuffer in
+                    shim_send_with_fds(raw, buffer.baseAddress, buffer.count, fdBuffer.baseAddress, fdBuffer.count)
+                }
+            }
+        }
+        while sent < bytes.count {
+            let offset = sent
+            sent += try retryingInterrupts("sendmsg") {
+                bytes.withUnsafeBytes { buffer in
+                    shim_send_with_fds(raw, buffer.baseAddress.map { $0 + offset }, buffer.count - offset, nil, 0)
+                }
+            }
+        }
+    }
+
+    /// Receives one message of at most `maxBytes` (for a stream, up to
+    /// `maxBytes` of whatever is queued) with up to `maxFDs` fds. An empty
+    /// `bytes` with no fds means the peer closed the connection.
+    public func receive(maxBytes: Int, maxFDs: Int = UnixSocket.defaultMaximumFDs,
+                        peek: Bool = false, nonBlocking: Bool = false) throws(SystemCallError) -> ReceivedMessage {
+        var buffer = [UInt8](repeating: 0, count: max(0, maxBytes))
+        var fds = [Int32](repeating: -1, count: max(0, maxFDs))
+        var nfds = 0
+        var truncated: Int32 = 0
+        var flags: Int32 = 0
+        if peek { flags |= shim_msg_peek() }
+        if nonBlocking { flags |= shim_msg_dontwait() }
+        let raw = fd.rawValue
+        let n = try retryingInterrupts("recvmsg") {
+            buffer.withUnsafeMutableBytes { b in
+                fds.withUnsafeMutableBufferPointer { f in
+                    shim_recv_with_fds(raw, b.baseAddress, b.count, flags, f.baseAddress, f.count, &nfds, &truncated)
+                }
+            }
+        }
+        let owned = fds.prefix(nfds).map { OwnedFileDescriptor(adopting: $0) }
+        return ReceivedMessage(bytes: Array(buffer.prefix(n)), fds: owned, truncated: truncated != 0)
+    }
+
+    /// Reads exactly `count` bytes from a stream (no fds expected: any that
+    /// arrive are closed). Returns fewer only when the peer closed.
+    public func receiveExactly(_ count: Int) throws(SystemCallError) -> [UInt8] {
+        var result: [UInt8] = []
+        result.reserveCapacity(count)
+        while result.count < count {
+            let message = try receive(maxBytes: count - result.count, maxFDs: 0)
+            if message.bytes.isEmpty { break }
+            result += message.bytes
+        }
+        return result
+    }
+
+    public func peerCredentials() throws(SystemCallError) -> PeerCredentials {
+        var pid: pid_t = 0, uid: uid_t = 0, gid: gid_t = 0
+        let raw = fd.rawValue
+        _ = try retryingInterrupts("getsockopt(SO_PEERCRED)") { shim_peercred(raw, &pid, &uid, &gid) }
+        return PeerCredentials(pid: pid, uid: uid, gid: gid)
+    }
+
+    /// shutdown(SHUT_RDWR): wakes a thread blocked in receive/accept.
+    public func shutdown() {
+        _ = Glibc.shutdown(fd.rawValue, Int32(SHUT_RDWR))
+    }
+}

@@ -76,46 +76,21 @@ public struct ByteCount: CustomStringConvertible, Sendable, Equatable {
     }
 }
 
-/// Parses sizes such as `64G`, `1T`, `4096`, `2M`, `0x1000` (binary units).
+/// Parses sizes such as `64G`, `1T`, `2MiB`, `4096`, `0x1000` (binary units).
 public func parseByteSize(_ text: String) -> UInt64? {
-    var body = Substring(text.trimmingCharacters(in: " \t"))
-    guard !body.isEmpty else { return nil }
-    if body.hasPrefix("0x") || body.hasPrefix("0X") {
-        return UInt64(body.dropFirst(2), radix: 16)
-    }
+    var body = Substring(text.uppercased()).drop { $0 == " " }
+    while body.last == " " { body = body.dropLast() }
+    if body.hasPrefix("0X") { return UInt64(body.dropFirst(2), radix: 16) }
+    if body.count > 1, body.hasSuffix("B") { body = body.dropLast() }
+    if body.hasSuffix("I") { body = body.dropLast() }
     var shift: UInt64 = 0
-    if let last = body.last, last.isLetter {
-        var suffix = String(last).uppercased()
+    if let last = body.last, let index = "KMGTP".firstIndex(of: last) {
+        shift = 10 * UInt64("KMGTP".distance(from: "KMGTP".startIndex, to: index) + 1)
         body = body.dropLast()
-        if suffix == "B", let prev = body.last, prev.isLetter {
-            suffix = String(prev).uppercased()
-            body = body.dropLast()
-        } else if suffix == "B" {
-            suffix = ""
-        }
-        if body.hasSuffix("i") { body = body.dropLast() }
-        switch suffix {
-        case "": shift = 0
-        case "K": shift = 10
-        case "M": shift = 20
-        case "G": shift = 30
-        case "T": shift = 40
-        case "P": shift = 50
-        default: return nil
-        }
     }
     guard let number = UInt64(body) else { return nil }
     let (value, overflow) = number.multipliedReportingOverflow(by: 1 << shift)
     return overflow ? nil : value
-}
-
-extension String {
-    fileprivate func trimmingCharacters(in set: String) -> String {
-        var s = Substring(self)
-        while let f = s.first, set.contains(f) { s = s.dropFirst() }
-        while let l = s.last, set.contains(l) { s = s.dropLast() }
-        return String(s)
-    }
 }
 
 /// Access rights of a mapping: what VM2 may do with the bytes.

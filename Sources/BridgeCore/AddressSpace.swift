@@ -280,10 +280,21 @@ public struct AddressSpace: Sendable {
 
     // MARK: splice (the one place the mapping list changes)
 
-    /// Replaces whatever lies in `[start, end)` by `insert` (which must lie
-    /// inside it), coalescing with neighbours. Returns the new list and the
-    /// old pieces that were inside the range.
-    private func splice(_ start: UInt64, _ end: UInt64, insert: Mapping?) -> (list: [Mapping], removed: [Mapping]) {
+    /// A computed change to the mapping list, not yet applied: replace
+    /// `mappings[lower..<upper]` by `replacement`.
+    private struct Splice {
+        var lower: Int
+        var upper: Int
+        var replacement: [Mapping]
+        /// The old pieces that were inside the changed range (clipped).
+        var removed: [Mapping]
+        var countAfter: Int
+    }
+
+    /// Plans replacing whatever lies in `[start, end)` by `insert` (which must
+    /// lie inside it), coalescing with neighbours. Touches only the mappings
+    /// around the range: O(log n + k), no copy of the whole list.
+    private func splice(_ start: UInt64, _ end: UInt64, insert: Mapping?) -> Splice {
         let i0 = firstIndex(endingAbove: start)
         var i1 = i0
         while i1 < mappings.count, mappings[i1].bus.rawValue < end { i1 += 1 }
@@ -317,17 +328,17 @@ public struct AddressSpace: Sendable {
                 merged.append(m)
             }
         }
-        var list = mappings
-        list.replaceSubrange(lo..<hi, with: merged)
-        return (list, removed)
+        return Splice(lower: lo, upper: hi, replacement: merged, removed: removed,
+                      countAfter: mappings.count - (hi - lo) + merged.count)
     }
 
-    private mutating func commit(_ list: [Mapping], allowGrowthPastLimit: Bool = false) throws(AddressSpaceError) {
-        if !allowGrowthPastLimit, list.count > configuration.maxMappings, list.count > mappings.count {
-            throw .tooManyMappings(limit: configuration.maxMappings, wouldBe: list.count)
+    /// Applies a splice in place, after the mapping limit check.
+    private mutating func commit(_ change: Splice, inserted: UInt64, allowGrowthPastLimit: Bool = false) throws(AddressSpaceError) {
+        if !allowGrowthPastLimit, change.countAfter > configuration.maxMappings, change.countAfter > mappings.count {
+            throw .tooManyMappings(limit: configuration.maxMappings, wouldBe: change.countAfter)
         }
-        mappings = list
-        mappedBytes = list.reduce(0) { $0 + $1.length }
+        mappings.replaceSubrange(change.lower..<change.upper, with: change.replacement)
+        mappedBytes = mappedBytes - change.removed.reduce(0) { $0 + $1.length } + inserted
     }
 
     /// Merges adjacent removed pieces into as few unmap operations as possible.
@@ -363,8 +374,7 @@ public struct AddressSpace: Sendable {
         }
         let mapping = Mapping(bus: bus, length: region.size, permission: region.permission,
                               region: region.id, fdOffset: region.mmapOffset)
-        let (list, _) = splice(bus.rawValue, end, insert: mapping)
-        try commit(list)
+        try commit(splice(bus.rawValue, end, insert: mapping), inserted: region.size)
         return WindowPlan([.map(bus: bus, length: region.size, permission: region.permission,
                                 region: region.id, fdOffset: region.mmapOffset)])
     }
@@ -415,8 +425,9 @@ public struct AddressSpace: Sendable {
             throw .misaligned(field: "source offset", value: fdOffset, pageSize: pageSize)
         }
         let mapping = Mapping(bus: bus, length: length, permission: permission, region: region.id, fdOffset: fdOffset)
-        let (list, removed) = splice(bus.rawValue, end, insert: mapping)
-        try commit(list)
+        let change = splice(bus.rawValue, end, insert: mapping)
+        try commit(change, inserted: length)
+        let removed = change.removed
 
         // Fewest syscalls: nothing if the same bytes are already there with the
         // same permission, an mprotect if only the permission changes.
@@ -446,9 +457,9 @@ public struct AddressSpace: Sendable {
         // barSize is a multiple of pageSize, so rounding up stays <= barSize.
         let rem = end.rawValue % pageSize
         let alignedEnd = rem == 0 ? end.rawValue : end.rawValue + (pageSize - rem)
-        let (list, removed) = splice(start, alignedEnd, insert: nil)
-        try commit(list, allowGrowthPastLimit: true)
-        return Self.unmapPlan(for: removed)
+        let change = splice(start, alignedEnd, insert: nil)
+        try commit(change, inserted: 0, allowGrowthPastLimit: true)
+        return Self.unmapPlan(for: change.removed)
     }
 
     /// Static mode: no change of any kind after this (until the address space

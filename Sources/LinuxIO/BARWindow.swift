@@ -158,4 +158,25 @@ public final class BARWindow: Sendable {
         guard length >= 0, let end = bus.adding(UInt64(length)), end.rawValue <= size else { return nil }
         return try body(UnsafeMutableRawBufferPointer(start: baseAddress + Int(bus.rawValue), count: length))
     }
+
+    /// How a probe of one byte ended.
+    public enum ProbeResult: Equatable, Sendable {
+        case accessible
+        case faulted
+        /// The child ended some other way, or fork failed (raw wait status / -1).
+        case failed(Int32)
+    }
+
+    /// Touches one byte at `bus` in a forked child (which only touches memory
+    /// and `_exit`s, so it is safe in a threaded process) and reports whether it
+    /// faulted. nil when `bus` is outside the window. This is how tests and the
+    /// demo prove that a revoked range really faults.
+    public func probeInChild(_ bus: BusAddress, write: Bool = false) -> ProbeResult? {
+        guard bus.rawValue < size else { return nil }
+        let status = shim_fork_touch(baseAddress + Int(bus.rawValue), write ? 1 : 0)
+        if status < 0 { return .failed(status) }
+        if shim_wifexited(status) != 0 && shim_wexitstatus(status) == 0 { return .accessible }
+        if shim_wifsignaled(status) != 0 && shim_wtermsig(status) == SIGSEGV { return .faulted }
+        return .failed(status)
+    }
 }

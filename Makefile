@@ -1,0 +1,52 @@
+# vhost-pci-bridge — build, test, demo, install.
+# `make demo` and `make test` are the two commands of the README's quick start.
+
+SWIFT   ?= swift
+PREFIX  ?= /usr/local
+DESTDIR ?=
+BINDIR  := $(DESTDIR)$(PREFIX)/bin
+APT_PACKAGES := liburing-dev
+
+.PHONY: all deps build release test demo bench install uninstall clean
+
+all: build
+
+# Installs the system packages the build needs, only when missing.
+deps:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "error: missing packages:$$missing. Run 'sudo make deps' (or: sudo apt-get install$$missing)." >&2; exit 1; \
+	  fi; \
+	  echo "installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+build: deps
+	$(SWIFT) build
+
+release: deps
+	$(SWIFT) build -c release
+
+test: deps
+	$(SWIFT) test
+
+demo: deps
+	$(SWIFT) build --product vhost-pci-demo
+	$(SWIFT) run --skip-build vhost-pci-demo
+
+bench: deps
+	$(SWIFT) build -c release --product vhost-pci-bench
+	.build/release/vhost-pci-bench lookup
+
+install: release
+	install -d $(BINDIR)
+	install -m 0755 .build/release/vhost-pci-demo $(BINDIR)/vhost-pci-demo
+	install -m 0755 .build/release/vhost-pci-bench $(BINDIR)/vhost-pci-bench
+
+uninstall:
+	rm -f $(BINDIR)/vhost-pci-demo $(BINDIR)/vhost-pci-bench
+
+clean:
+	rm -rf .build

@@ -15,6 +15,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "BridgeCore", targets: ["BridgeCore"]),
+        .library(name: "VhostUser", targets: ["VhostUser"]),
         .library(name: "LinuxIO", targets: ["LinuxIO"]),
         .executable(name: "vhost-pci-bench", targets: ["vhost-pci-bench"]),
         .executable(name: "vhost-pci-demo", targets: ["vhost-pci-demo"]),
@@ -30,6 +31,11 @@ let package = Package(
         ),
         .target(
             name: "BridgeCore",
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "VhostUser",
+            dependencies: ["BridgeCore"],
             swiftSettings: swiftSettings
         ),
         .target(
@@ -61,6 +67,11 @@ let package = Package(
         .testTarget(
             name: "BridgeCoreTests",
             dependencies: ["BridgeCore"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "VhostUserTests",
+            dependencies: ["VhostUser", "BridgeCore"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -1,0 +1,442 @@
+import BridgeCore
+import Testing
+@testable import VhostUser
+
+let GiB: UInt64 = 1 << 30
+let MiB: UInt64 = 1 << 20
+let ramUser: UInt64 = 0x7f00_0000_0000
+let ram = RegionDescriptor(guestPhysical: GuestPhysicalAddress(0), size: 256 * MiB,
+                           userAddress: FrontendUserAddress(ramUser), mmapOffset: 0)
+
+func makeSession(_ mode: BridgeMode, bar: UInt64 = 64 * GiB) -> BackendSession {
+    try! BackendSession(BackendConfiguration(bridgeName: "test", addressSpace: AddressSpaceConfiguration(barSize: bar, mode: mode)))
+}
+
+extension BackendSession {
+    /// Handles a request and requires success; returns the effects.
+    @discardableResult
+    mutating func ok(_ request: FrontendRequest, needReply: Bool = false, files: [ReceivedFile] = [],
+                     sourceLocation: SourceLocation = #_sourceLocation) -> [SessionEffect] {
+        let outcome = handle(request, needReply: needReply, files: files)
+        #expect(outcome.error == nil, "\(request.code): \(String(describing: outcome.error))", sourceLocation: sourceLocation)
+        return outcome.effects
+    }
+
+    /// Handles a request that must be refused with `expected`, and checks
+    /// that the session's state did not change.
+    mutating func refused(_ request: FrontendRequest, _ expected: SessionError, needReply: Bool = false,
+                          files: [ReceivedFile] = [], sourceLocation: SourceLocation = #_sourceLocation) {
+        let before = snapshot
+        let outcome = handle(request, needReply: needReply, files: files)
+        #expect(outcome.error == expected, sourceLocation: sourceLocation)
+        #expect(snapshot == before, "state changed by a refused \(request.code)", sourceLocation: sourceLocation)
+    }
+
+    /// What QEMU does before it starts the device: negotiate, own, set features, send the memory table.
+    mutating func negotiateLikeQEMU(iommu: Bool = false, region: RegionDescriptor = ram) {
+        ok(.getFeatures)
+        ok(.getProtocolFeatures)
+        ok(.setProtocolFeatures(configuration.protocolFeatures.rawValue))
+        ok(.getQueueNum)
+        ok(.getMaxMemSlots)
+        ok(.setOwner)
+        ok(.setFeatures(FeatureBit.version1 | FeatureBit.protocolFeatures | (iommu ? FeatureBit.iommuPlatform : 0)))
+        ok(.setMemTable([region]), needReply: true, files: [ReceivedFile(index: 0, size: region.mmapOffset + region.size)])
+    }
+
+    /// Ring `i` laid out in VM1 memory at `base` (user address or IOVA): desc, avail, used in consecutive pages.
+    mutating func configureRing(_ i: UInt32, base: UInt64, size: UInt32 = 256) {
+        ok(.setVringNum(VringState(index: i, num: size)))
+        ok(.setVringBase(VringState(index: i, num: 0)))
+        ok(.setVringAddr(VringAddress(index: i, descriptor: base, used: base + 0x2000, available: base + 0x1000)))
+    }
+}
+
+func replyU64(_ effects: [SessionEffect]) -> UInt64? {
+    for case .reply(let bytes) in effects {
+        return try? VhostUserCodec.decodeU64Reply(Array(bytes.dropFirst(12)), to: .getFeatures)
+    }
+    return nil
+}
+
+@Suite struct NegotiationTests {
+    @Test func getFeaturesOffersIOMMUPlatformOnlyOutsideIdentity() {
+        var identity = makeSession(.identity)
+        let f = replyU64(identity.ok(.getFeatures)) ?? 0
+        #expect(f & FeatureBit.version1 != 0 && f & FeatureBit.protocolFeatures != 0 && f & FeatureBit.iommuPlatform == 0)
+        var iommu = makeSession(.iommu)
+        #expect((replyU64(iommu.ok(.getFeatures)) ?? 0) & FeatureBit.iommuPlatform != 0)
+    }
+
+    @Test func replyAckAcksSuccessWithZero() {
+        var s = makeSession(.identity)
+        s.ok(.setProtocolFeatures(ProtocolFeatures.replyAck.rawValue))
+        let effects = s.ok(.setOwner, needReply: true)
+        #expect(effects == [.reply(VhostUserCodec.encodeReply(to: .setOwner, .u64(0)))])
+        // Without NEED_REPLY: no ack.
+        #expect(s.ok(.setOwner).isEmpty)
+    }
+
+    @Test func withoutReplyAckNoAckIsSentEvenWhenAsked() {
+        var s = makeSession(.identity)
+        #expect(s.ok(.setOwner, needReply: true).isEmpty)
+    }
+
+    @Test func refusalWithAckIsANackAndKeepsTheConnection() {
+        var s = makeSession(.identity)
+        s.negotiateLikeQEMU()
+        let outcome = s.handle(.setVringNum(VringState(index: 0, num: 3)), needReply: true)
+        #expect(outcome.error == .queueSize(3))
+        #expect(!outcome.closeConnection)
+        #expect(outcome.effects == [.reply(VhostUserCodec.encodeReply(to: .setVringNum, .u64(1)))])
+    }
+
+    @Test func refusalWithoutAckClosesTheConnection() {
+        var s = makeSession(.identity)
+        s.negotiateLikeQEMU()
+        let outcome = s.handle(.setVringNum(VringState(index: 0, num: 3)))
+        #expect(outcome.closeConnection)
+        #expect(outcome.effects.isEmpty)
+        #expect(s.statistics.refusals["queue-size"] == 1)
+    }
+
+    @Test func ringsStartDisabledWithProtocolFeaturesAndEnabledWithout() {
+        var with = makeSession(.identity)
+        with.negotiateLikeQEMU()
+        #expect(with.vrings.allSatisfy { !$0.enabled })
+        var without = makeSession(.identity)
+        without.ok(.setOwner)
+        without.ok(.setFeatures(FeatureBit.version1))
+        #expect(without.vrings.allSatisfy { $0.enabled })
+    }
+
+    @Test func statusRoundTrips() {
+        var s = makeSession(.identity)
+        s.negotiateLikeQEMU()
+        s.ok(.setStatus(0xf))
+        #expect(replyU64(s.ok(.getStatus)) == 0xf)
+    }
+}
+
+@Suite struct IdentityModeSessionTests {
+    @Test func memTableMapsTheRegionAtItsGPA() {
+        var s = makeSession(.identity)
+        s.ok(.setOwner)
+        let effects = s.ok(.setMemTable([ram]), files: [ReceivedFile(index: 0, size: 256 * MiB)])
+        guard case .adoptRegionFile(let id, 0) = effects.first else { Issue.record("no adopt: \(effects)"); return }
+        #expect(effects.dropFirst().first == .window(WindowPlan([.map(bus: BusAddress(0), length: 256 * MiB, permission: .readWrite,
+                                                                    region: id, fdOffset: 0)])))
+        // A second table replaces the first: unmap + release old, adopt + map new.
+        let moved = RegionDescriptor(guestPhysical: GuestPhysicalAddress(GiB), size: 256 * MiB,
+                                     userAddress: FrontendUserAddress(ramUser), mmapOffset: 0)
+        let replaced = s.ok(.setMemTable([moved]), files: [ReceivedFile(index: 0, size: 256 * MiB)])
+        #expect(replaced.first == .window(WindowPlan([.unmap(bus: BusAddress(0), length: 256 * MiB)])))
+        #expect(replaced.dropFirst().first == .releaseRegionFile(id))
+        #expect(s.addressSpace.lookup(BusAddress(GiB)) != nil)
+        #expect(s.addressSpace.lookup(BusAddress(0)) == nil)
+    }
+
+    @Test func ringStartsOnKickWithGPABusAddresses() {
+        var s = makeSession(.identity)
+        s.negotiateLikeQEMU()
+        s.configureRing(0, base: ramUser + 0x10000)
+        let effects = s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil)])
+        #expect(effects == [.setVringFile(.kick, index: 0, fdIndex: 0),
+                            .ringStarted(index: 0, VringLayout(queueSize: 256, descriptorTable: BusAddress(0x10000),
+                                                               availRing: BusAddress(0x11000), usedRing: BusAddress(0x12000)))])
+        #expect(s.vrings[0].started)
+    }
+
+    @Test func getVringBaseStopsTheRingAndReturnsTheBase() throws {
+        var s = makeSession(.identity)
+        s.negotiateLikeQEMU()
+        s.configureRing(1, base: ramUser + 0x20000)
+        s.ok(.setVringBase(VringState(index: 1, num: 42)))
+        s.ok(.setVringKick(VringFileRef(index: 1, noFD: false)), files: [ReceivedFile(index: 0, size: nil)])
+        let effects = s.ok(.getVringBase(VringState(index: 1, num: 0)))
+        #expect(effects.first == .ringStopped(index: 1))
+        #expect(effects.contains(.setVringFile(.kick, index: 1, fdIndex: nil)))
+        guard case .reply(let bytes)? = effects.last else { Issue.record("no reply"); return }
+        #expect(try VhostUserCodec.decodeVringStateReply(Array(bytes.dropFirst(12)), to: .getVringBase) == VringState(index: 1, num: 42))
+        #expect(!s.vrings[1].started)
+    }
+
+    @Test func resetOwnerDisablesRingsAndKeepsState() {
+        var s = makeSession(.identity)
+        s.negotiateLikeQEMU()
+        s.ok(.setVringEnable(VringState(index: 0, num: 1)))
+        let before = s.addressSpace.mappings
+        #expect(s.ok(.resetOwner) == [.ringEnabled(index: 0, false)])
+        #expect(s.addressSpace.mappings == before)
+        #expect(s.regions.count == 1)
+    }
+
+    @Test func addAndRemoveMemoryRegions() {
+        var s = makeSession(.identity)
+        s.negotiateLikeQEMU()
+        let extra = RegionDescriptor(guestPhysical: GuestPhysicalAddress(4 * GiB), size: 64 * MiB,
+                                     userAddress: FrontendUserAddress(0x7f80_0000_0000), mmapOffset: 0)
+        let added = s.ok(.addMemReg(extra), files: [ReceivedFile(index: 0, size: 64 * MiB)])
+        #expect(added.count == 2)
+        #expect(s.addressSpace.lookup(BusAddress(4 * GiB))?.length == 64 * MiB)
+        let removed = s.ok(.remMemReg(extra))
+        #expect(removed.first == .window(WindowPlan([.unmap(bus: BusAddress(4 * GiB), length: 64 * MiB)])))
+        #expect(s.addressSpace.lookup(BusAddress(4 * GiB)) == nil)
+    }
+
+    @Test func teardownReleasesEverything() {
+        var s = makeSession(.identity)
+        s.negotiateLikeQEMU()
+        s.configureRing(0, base: ramUser)
+        s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil)])
+        let effects = s.teardown()
+        #expect(effects.first == .ringStopped(index: 0))
+        #expect(effects.contains(.window(WindowPlan([.unmap(bus: BusAddress(0), length: 256 * MiB)]))))
+        #expect(effects.contains { if case .releaseRegionFile = $0 { true } else { false } })
+        #expect(s.addressSpace.mappings.isEmpty && s.regions.count == 0)
+    }
+}
+
+@Suite struct IOMMUModeSessionTests {
+    @Test func kickOnUnmappedRingRaisesAMissAndAnUpdateStartsIt() throws {
+        var s = makeSession(.iommu)
+        s.negotiateLikeQEMU(iommu: true)
+        s.ok(.setBackendReqFD, files: [ReceivedFile(index: 0, size: nil)])
+        s.configureRing(0, base: 0x1_0000_0000)
+        let kick = s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil)])
+        guard case .sendBackend(let bytes)? = kick.last else { Issue.record("no miss: \(kick)"); return }
+        let (header, payload) = split(bytes)
+        let miss = try VhostUserCodec.decodeBackendIOTLB(header, payload: payload)
+        #expect(miss == IOTLBMessage(iova: 0x1_0000_0000, size: 0, userAddress: 0, permission: .read, type: .miss))
+        #expect(s.vrings[0].awaitingTranslation && !s.vrings[0].started)
+        // The front end answers with an update covering all three parts.
+        let update = s.ok(.iotlb(IOTLBMessage(iova: 0x1_0000_0000, size: 0x4000, userAddress: ramUser + 0x8000,
+                                              permission: .readWrite, type: .update)), needReply: true)
+        #expect(update.contains(.ringStarted(index: 0, VringLayout(queueSize: 256, descriptorTable: BusAddress(0x1_0000_0000),
+                                                                    availRing: BusAddress(0x1_0000_1000), usedRing: BusAddress(0x1_0000_2000)))))
+        #expect(s.statistics.iotlbMissesSent == 1 && s.statistics.iotlbUpdates == 1)
+        #expect(replyU64(update) == 0)
+    }
+
+    @Test func invalidateRevokesAndInvalidatingNothingIsAcked() {
+        var s = makeSession(.iommu)
+        s.negotiateLikeQEMU(iommu: true)
+        s.ok(.iotlb(IOTLBMessage(iova: 0x10_0000, size: 0x2000, userAddress: ramUser, permission: .read, type: .update)))
+        let effects = s.ok(.iotlb(IOTLBMessage(iova: 0x10_0000, size: 0x1000, userAddress: 0, permission: .none, type: .invalidate)), needReply: true)
+        #expect(effects.first == .window(WindowPlan([.unmap(bus: BusAddress(0x10_0000), length: 0x1000)])))
+        #expect(replyU64(effects) == 0)
+        let before = s.snapshot
+        #expect(s.ok(.iotlb(IOTLBMessage(iova: 0x50_0000, size: 0x1000, userAddress: 0, permission: .none, type: .invalidate)))
+                .isEmpty)
+        #expect(s.snapshot == before)
+    }
+
+    @Test func memTableAloneMapsNothingInIOMMUMode() {
+        var s = makeSession(.iommu)
+        s.negotiateLikeQEMU(iommu: true)
+        #expect(s.addressSpace.mappings.isEmpty)
+        #expect(s.regions.count == 1)
+    }
+}
+
+/// Hostile input: each case asserts the exact error and that nothing changed.
+@Suite struct HostileSessionTests {
+    private func ready(_ mode: BridgeMode = .identity) -> BackendSession {
+        var s = makeSession(mode)
+        s.negotiateLikeQEMU(iommu: mode != .identity)
+        return s
+    }
+
+    private let fileOK = [ReceivedFile(index: 0, size: 256 * MiB)]
+
+    @Test func regionOfSizeZero() {
+        var s = ready()
+        var d = ram; d.size = 0
+        s.refused(.setMemTable([d]), .memory(.zeroSize(GuestPhysicalAddress(0))), files: fileOK)
+    }
+
+    @Test func regionGPAPlusSizeOverflows() {
+        var s = ready()
+        var d = ram; d.guestPhysical = GuestPhysicalAddress(UInt64.max - 0xfff)
+        s.refused(.setMemTable([d]), .memory(.overflow(field: "guest_phys_addr", value: UInt64.max - 0xfff, size: 256 * MiB)), files: fileOK)
+    }
+
+    @Test func overlappingRegions() {
+        var s = ready()
+        var b = ram; b.guestPhysical = GuestPhysicalAddress(128 * MiB); b.userAddress = FrontendUserAddress(0x7f80_0000_0000)
+        let existing = s.regions.regions[0].id
+        s.refused(.setMemTable([ram, b]), .memory(.overlapsGuestPhysical(GuestPhysicalAddress(128 * MiB), size: 256 * MiB, existing: RegionID(existing.rawValue + 1))),
+                  files: fileOK + fileOK)
+        s.refused(.addMemReg(b), .memory(.overlapsGuestPhysical(GuestPhysicalAddress(128 * MiB), size: 256 * MiB, existing: existing)), files: fileOK)
+    }
+
+    @Test func mmapOffsetPastTheEndOfTheFile() {
+        var s = ready()
+        var d = ram; d.mmapOffset = 4096
+        s.refused(.setMemTable([d]), .memory(.beyondFile(mmapOffset: 4096, size: 256 * MiB, fileSize: 256 * MiB)), files: fileOK)
+    }
+
+    @Test func identityRegionPastTheBAR() {
+        var s = makeSession(.identity, bar: 128 * MiB)
+        s.ok(.setOwner)
+        s.refused(.setMemTable([ram]), .addressSpace(.outsideBAR(BusAddress(0), length: 256 * MiB, barSize: 128 * MiB)), files: fileOK)
+        s.ok(.setProtocolFeatures(ProtocolFeatures.configureMemSlots.rawValue))
+        s.refused(.addMemReg(ram), .addressSpace(.outsideBAR(BusAddress(0), length: 256 * MiB, barSize: 128 * MiB)), files: fileOK)
+    }
+
+    @Test func iotlbUpdateOutsideEveryRegion() {
+        var s = ready(.iommu)
+        s.refused(.iotlb(IOTLBMessage(iova: 0x1000, size: 0x1000, userAddress: 0x1000, permission: .read, type: .update)),
+                  .addressSpace(.notBacked(.user(FrontendUserAddress(0x1000)), length: 0x1000)))
+    }
+
+    @Test func iotlbUpdateOutsideTheBAR() {
+        var s = ready(.iommu)
+        s.refused(.iotlb(IOTLBMessage(iova: 64 * GiB, size: 0x1000, userAddress: ramUser, permission: .read, type: .update)),
+                  .addressSpace(.outsideBAR(BusAddress(64 * GiB), length: 0x1000, barSize: 64 * GiB)))
+    }
+
+    @Test func iotlbIOVAPlusSizeWraps() {
+        var s = ready(.iommu)
+        s.refused(.iotlb(IOTLBMessage(iova: UInt64.max - 0xfff, size: 0x2000, userAddress: ramUser, permission: .read, type: .update)),
+                  .addressSpace(.rangeWraps(start: UInt64.max - 0xfff, length: 0x2000)))
+        s.refused(.iotlb(IOTLBMessage(iova: UInt64.max - 0xfff, size: 0x2000, userAddress: 0, permission: .none, type: .invalidate)),
+                  .addressSpace(.rangeWraps(start: UInt64.max - 0xfff, length: 0x2000)))
+    }
+
+    @Test func iotlbPermissionZero() {
+        var s = ready(.iommu)
+        s.refused(.iotlb(IOTLBMessage(iova: 0x1000, size: 0x1000, userAddress: ramUser, permission: .none, type: .update)),
+                  .addressSpace(.emptyPermission(BusAddress(0x1000))))
+    }
+
+    @Test func iotlbMissOrAccessFailFromTheFrontEnd() {
+        var s = ready(.iommu)
+        s.refused(.iotlb(IOTLBMessage(iova: 0, size: 0x1000, userAddress: 0, permission: .read, type: .miss)), .iotlbTypeFromFrontend(.miss))
+        s.refused(.iotlb(IOTLBMessage(iova: 0, size: 0x1000, userAddress: 0, permission: .read, type: .accessFail)), .iotlbTypeFromFrontend(.accessFail))
+    }
+
+    @Test func iotlbWithoutIOMMUPlatform() {
+        var s = ready(.identity)
+        s.refused(.iotlb(IOTLBMessage(iova: 0, size: 0x1000, userAddress: ramUser, permission: .read, type: .update)),
+                  .featureNotNegotiated(.iotlbMsg, feature: "VIRTIO_F_IOMMU_PLATFORM"))
+    }
+
+    @Test func iommuModeWithoutIOMMUPlatform() {
+        var s = makeSession(.iommu)
+        s.ok(.setOwner)
+        s.refused(.setFeatures(FeatureBit.version1), .modeNeedsIOMMUPlatform(.iommu))
+    }
+
+    @Test func featuresThatWereNotOffered() {
+        var s = makeSession(.identity)
+        s.ok(.setOwner)
+        s.refused(.setFeatures(FeatureBit.version1 | FeatureBit.iommuPlatform), .unsupportedFeatures(FeatureBit.iommuPlatform))
+        s.refused(.setFeatures(FeatureBit.vhostLogAll), .unsupportedFeatures(FeatureBit.vhostLogAll))
+        s.refused(.setProtocolFeatures(ProtocolFeatures([.replyAck, .inbandNotifications]).rawValue),
+                  .unsupportedProtocolFeatures(.inbandNotifications))
+    }
+
+    @Test func vringIndexOutOfRange() {
+        var s = ready()
+        s.refused(.setVringNum(VringState(index: 2, num: 256)), .vringIndex(.setVringNum, index: 2, count: 2))
+        s.refused(.setVringAddr(VringAddress(index: 0xffff_ffff, descriptor: 0, used: 0, available: 0)),
+                  .vringIndex(.setVringAddr, index: 0xffff_ffff, count: 2))
+        s.refused(.setVringKick(VringFileRef(index: 200, noFD: true)), .vringIndex(.setVringKick, index: 200, count: 2))
+        s.refused(.getVringBase(VringState(index: 9, num: 0)), .vringIndex(.getVringBase, index: 9, count: 2))
+    }
+
+    @Test(arguments: [0, 3, 255, 65536, 32769] as [UInt32])
+    func queueSizeNotAPowerOfTwoOrTooLarge(size: UInt32) {
+        var s = ready()
+        s.refused(.setVringNum(VringState(index: 0, num: size)), .queueSize(size))
+    }
+
+    @Test func ringAddressesOutsideVM1Memory() {
+        var s = ready()
+        s.configureRing(0, base: 0x1000)
+        s.refused(.setVringKick(VringFileRef(index: 0, noFD: false)), .ringAddressNotTranslatable(index: 0, part: "descriptor", address: 0x1000),
+                  files: [ReceivedFile(index: 0, size: nil)])
+    }
+
+    @Test func ringStraddlingTheEndOfVM1Memory() {
+        var s = ready()
+        s.configureRing(0, base: ramUser + 256 * MiB - 0x2000)
+        s.refused(.setVringKick(VringFileRef(index: 0, noFD: false)),
+                  .ringAddressNotTranslatable(index: 0, part: "used", address: ramUser + 256 * MiB), files: [ReceivedFile(index: 0, size: nil)])
+    }
+
+    @Test func usedRingInReadOnlyMemory() {
+        var s = ready(.iommu)
+        s.ok(.iotlb(IOTLBMessage(iova: 0x10_0000, size: 0x2000, userAddress: ramUser, permission: .readWrite, type: .update)))
+        s.ok(.iotlb(IOTLBMessage(iova: 0x10_2000, size: 0x1000, userAddress: ramUser + 0x2000, permission: .read, type: .update)))
+        s.configureRing(0, base: 0x10_0000)
+        s.refused(.setVringKick(VringFileRef(index: 0, noFD: false)),
+                  .addressSpace(.accessDenied(.usedRing, BusAddress(0x10_2000), needed: .readWrite, granted: .read)),
+                  files: [ReceivedFile(index: 0, size: nil)])
+    }
+
+    @Test func kickBeforeTheRingIsConfigured() {
+        var s = ready()
+        s.refused(.setVringKick(VringFileRef(index: 0, noFD: false)), .vringNotConfigured(index: 0, missing: "SET_VRING_NUM"),
+                  files: [ReceivedFile(index: 0, size: nil)])
+    }
+
+    @Test func requestsBeforeSetOwner() {
+        var s = makeSession(.identity)
+        s.refused(.setFeatures(FeatureBit.version1), .ownerNotSet(.setFeatures))
+        s.refused(.setMemTable([ram]), .ownerNotSet(.setMemTable), files: fileOK)
+        s.refused(.setVringNum(VringState(index: 0, num: 256)), .ownerNotSet(.setVringNum))
+        s.refused(.setVringKick(VringFileRef(index: 0, noFD: true)), .ownerNotSet(.setVringKick))
+    }
+
+    @Test func requestsThatNeedAProtocolFeature() {
+        var s = makeSession(.identity)
+        s.ok(.setOwner)
+        s.refused(.addMemReg(ram), .protocolFeatureNotNegotiated(.addMemReg, .configureMemSlots), files: fileOK)
+        s.refused(.getMaxMemSlots, .protocolFeatureNotNegotiated(.getMaxMemSlots, .configureMemSlots))
+        s.refused(.setBackendReqFD, .protocolFeatureNotNegotiated(.setBackendReqFD, .backendReq), files: [ReceivedFile(index: 0, size: nil)])
+        s.refused(.setStatus(1), .protocolFeatureNotNegotiated(.setStatus, .status))
+        s.refused(.resetDevice, .protocolFeatureNotNegotiated(.resetDevice, .resetDevice))
+        s.refused(.vringKick(VringState(index: 0, num: 0)), .protocolFeatureNotNegotiated(.vringKick, .inbandNotifications))
+        s.refused(.sendRARP(0), .protocolFeatureNotNegotiated(.sendRARP, .rarp))
+        s.refused(.netSetMTU(1500), .protocolFeatureNotNegotiated(.netSetMTU, .mtu))
+        s.refused(.setVringEnable(VringState(index: 0, num: 1)), .featureNotNegotiated(.setVringEnable, feature: "VHOST_USER_F_PROTOCOL_FEATURES"))
+    }
+
+    @Test func loggingIsNotOffered() {
+        var s = ready()
+        s.refused(.setLogBase(LogArea(size: 4096, offset: 0)), .unsupportedRequest(.setLogBase, reason: "dirty-page logging (live migration) is not offered"),
+                  files: [ReceivedFile(index: 0, size: 4096)])
+        s.refused(.setVringAddr(VringAddress(index: 0, flags: 1, descriptor: ramUser, used: ramUser, available: ramUser)),
+                  .unsupportedRequest(.setVringAddr, reason: "dirty logging (VHOST_VRING_F_LOG) is not offered"))
+    }
+
+    @Test func badEnableValueAndBase() {
+        var s = ready()
+        s.refused(.setVringEnable(VringState(index: 0, num: 2)), .unsupportedRequest(.setVringEnable, reason: "enable value 2 is not 0 or 1"))
+        s.refused(.setVringBase(VringState(index: 0, num: 0x1_0000)), .vringBaseOutOfRange(0x1_0000))
+    }
+
+    @Test func removingARegionThatDoesNotExist() {
+        var s = ready()
+        var d = ram; d.size = 4096
+        s.refused(.remMemReg(d), .memory(.noMatchingRegion(d)))
+    }
+
+    @Test func aBadMemTableLeavesTheOldOneInPlace() {
+        var s = ready()
+        let mapped = s.addressSpace.mappings
+        var bad = ram; bad.userAddress = FrontendUserAddress(0x7f90_0000_0000); bad.size = 0
+        s.refused(.setMemTable([ram, bad]), .memory(.zeroSize(GuestPhysicalAddress(0))), files: fileOK + fileOK)
+        #expect(s.addressSpace.mappings == mapped)
+    }
+
+    @Test func configIsNotRelayedAndGetConfigFailsWithAnEmptyReply() {
+        var s = ready()
+        let outcome = s.handle(.getConfig(ConfigSpace(offset: 0, flags: 0, bytes: [0, 0])))
+        #expect(outcome.error == .protocolFeatureNotNegotiated(.getConfig, .config))
+        #expect(outcome.effects == [.reply(VhostUserCodec.encodeReply(to: .getConfig, .empty))])
+        #expect(!outcome.closeConnection)
+    }
+}

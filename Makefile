@@ -30,7 +30,7 @@ release: deps
 	$(SWIFT) build -c release
 
 test: deps
-	$(SWIFT) test
+	$(SWIFT) test --no-parallel
 
 demo: deps
 	$(SWIFT) build --product vhost-pci-demo

@@ -17,12 +17,14 @@ let package = Package(
         .library(name: "BridgeCore", targets: ["BridgeCore"]),
         .library(name: "VhostUser", targets: ["VhostUser"]),
         .library(name: "LinuxIO", targets: ["LinuxIO"]),
+        .executable(name: "vhost-pci-bridged", targets: ["vhost-pci-bridged"]),
         .executable(name: "vhost-pci-bench", targets: ["vhost-pci-bench"]),
         .executable(name: "vhost-pci-demo", targets: ["vhost-pci-demo"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
     ],
     targets: [
         .target(
@@ -44,6 +46,28 @@ let package = Package(
                 "CLinuxShim",
                 "BridgeCore",
                 .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "BridgeDaemon",
+            dependencies: [
+                "BridgeCore", "VhostUser", "LinuxIO",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "EmulatedGuests",
+            dependencies: ["BridgeCore", "VhostUser", "LinuxIO"],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "vhost-pci-bridged",
+            dependencies: [
+                "BridgeDaemon", "BridgeCore", "VhostUser", "LinuxIO",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -72,6 +96,12 @@ let package = Package(
         .testTarget(
             name: "VhostUserTests",
             dependencies: ["VhostUser", "BridgeCore"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: ["BridgeDaemon", "EmulatedGuests", "VhostUser", "LinuxIO", "BridgeCore",
+                           .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -137,3 +137,15 @@ public struct AddressSpaceConfiguration: Equatable, Sendable {
         }
     }
 }
+
+extension BusWindow {
+    /// Parses `BASE:LIMIT` (limit exclusive), each a size such as `4G` or
+    /// `0x100000000`. nil when either side is not a size or limit <= base.
+    public init?(parsing text: String) {
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 2, let base = parseByteSize(String(parts[0])), let limit = parseByteSize(String(parts[1])) else {
+            return nil
+        }
+        self.init(base: BusAddress(base), limit: limit)
+    }
+}

@@ -35,7 +35,7 @@ int shim_get_cloexec(int fd) {
 #define SHIM_MAX_FDS 253 /* SCM_MAX_FD */
 
 ssize_t shim_send_with_fds(int sock, const void *buf, size_t len,
-                           const int *fds, size_t nfds) {
+                           const int *fds, size_t nfds, int flags) {
     if (nfds > SHIM_MAX_FDS) { errno = EINVAL; return -1; }
     struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
     struct msghdr msg;
@@ -54,7 +54,7 @@ ssize_t shim_send_with_fds(int sock, const void *buf, size_t len,
         memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
     }
     ssize_t r;
-    do { r = sendmsg(sock, &msg, MSG_NOSIGNAL); } while (r < 0 && errno == EINTR);
+    do { r = sendmsg(sock, &msg, MSG_NOSIGNAL | flags); } while (r < 0 && errno == EINTR);
     return r;
 }
 
@@ -135,6 +135,12 @@ int shim_msg_dontwait(void) { return MSG_DONTWAIT; }
 int shim_sock_stream(void) { return SOCK_STREAM; }
 int shim_sock_seqpacket(void) { return SOCK_SEQPACKET; }
 int shim_sock_dgram(void) { return SOCK_DGRAM; }
+
+void shim_store_release_u16(void *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE); }
+uint16_t shim_load_acquire_u16(const void *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE); }
+void shim_full_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+int shim_set_thread_name(pthread_t thread, const char *name) { return pthread_setname_np(thread, name); }
 
 void *shim_reserve(size_t len) {
     return mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);

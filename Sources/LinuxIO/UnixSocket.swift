@@ -106,12 +106,14 @@ public struct UnixSocket: Sendable {
     /// Sends `bytes` with `fds` attached (SCM_RIGHTS). The fds stay owned by
     /// the caller (the kernel duplicates them into the message). For stream
     /// sockets a short send of the payload is completed without fds.
-    public func send(_ bytes: [UInt8], fds: [Int32] = []) throws(SystemCallError) {
+    /// With `nonBlocking`, a full socket buffer is EAGAIN instead of a wait.
+    public func send(_ bytes: [UInt8], fds: [Int32] = [], nonBlocking: Bool = false) throws(SystemCallError) {
         let raw = fd.rawValue
+        let flags = nonBlocking ? shim_msg_dontwait() : 0
         var sent = try retryingInterrupts("sendmsg") {
             bytes.withUnsafeBytes { buffer in
                 fds.withUnsafeBufferPointer { fdBuffer in
-                    shim_send_with_fds(raw, buffer.baseAddress, buffer.count, fdBuffer.baseAddress, fdBuffer.count)
+                    shim_send_with_fds(raw, buffer.baseAddress, buffer.count, fdBuffer.baseAddress, fdBuffer.count, flags)
                 }
             }
         }
@@ -119,7 +121,7 @@ public struct UnixSocket: Sendable {
             let offset = sent
             sent += try retryingInterrupts("sendmsg") {
                 bytes.withUnsafeBytes { buffer in
-                    shim_send_with_fds(raw, buffer.baseAddress.map { $0 + offset }, buffer.count - offset, nil, 0)
+                    shim_send_with_fds(raw, buffer.baseAddress.map { $0 + offset }, buffer.count - offset, nil, 0, flags)
                 }
             }
         }

@@ -152,6 +152,7 @@ public struct SessionStatistics: Equatable, Sendable {
     public var iotlbInvalidates = 0
     public var iotlbMissesSent = 0
     public var refusals: [String: Int] = [:]
+    public init() {}
 }
 
 /// The vhost-user back end of one bridge for one front-end connection: a pure

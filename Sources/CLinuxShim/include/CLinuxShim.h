@@ -16,6 +16,7 @@
 #include <sys/eventfd.h>
 #include <sys/wait.h>
 #include <signal.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stddef.h>
 
@@ -48,7 +49,7 @@ int shim_get_cloexec(int fd);
 /// sendmsg with `nfds` fds attached as one SCM_RIGHTS control message.
 /// Returns bytes sent or -1 (errno set). MSG_NOSIGNAL is always set.
 ssize_t shim_send_with_fds(int sock, const void *buf, size_t len,
-                           const int *fds, size_t nfds);
+                           const int *fds, size_t nfds, int flags);
 /// recvmsg that collects up to `max_fds` fds (received fds are CLOEXEC).
 /// `*nfds_out` receives the number of fds written to `fds_out`. Fds beyond
 /// `max_fds` that the kernel delivered are closed here, and `*truncated_out`
@@ -68,6 +69,14 @@ int shim_msg_dontwait(void);
 int shim_sock_stream(void);
 int shim_sock_seqpacket(void);
 int shim_sock_dgram(void);
+
+// ---- ordered loads/stores on shared guest memory (ring indices) ----
+void shim_store_release_u16(void *p, uint16_t v);
+uint16_t shim_load_acquire_u16(const void *p);
+void shim_full_fence(void);
+
+// ---- threads (glibc declares this only under _GNU_SOURCE) ----
+int shim_set_thread_name(pthread_t thread, const char *name);
 
 // ---- mmap ----
 /// Reserves `len` bytes PROT_NONE | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE.

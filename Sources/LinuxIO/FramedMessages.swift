@@ -1,0 +1,49 @@
+/// One message of a `{12-byte header, payload}` protocol (vhost-user and the
+/// peer protocol share this framing), with the fds that came with it.
+public struct FramedMessage: Sendable {
+    public let header: [UInt8]
+    public let payload: [UInt8]
+    public let fds: [OwnedFileDescriptor]
+    /// More fds arrived than allowed; the surplus was closed.
+    public let fdsTruncated: Bool
+}
+
+public enum FramingError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The peer closed the connection in the middle of a message.
+    case truncated(expected: Int, got: Int)
+    public var description: String {
+        switch self {
+        case .truncated(let expected, let got): "connection closed mid-message: \(got) of \(expected) bytes"
+        }
+    }
+}
+
+extension UnixSocket {
+    public static let framedHeaderSize = 12
+
+    /// Reads one framed message from a stream socket: the 12-byte header
+    /// (collecting the fds sent with the message), then asks `payloadSize`
+    /// how many payload bytes the header announces — it validates the header
+    /// and may throw *before* any payload is read — then reads exactly that
+    /// many. Returns nil on an orderly close before the first byte.
+    public func receiveFramed(maxFDs: Int = UnixSocket.defaultMaximumFDs,
+                              payloadSize: ([UInt8]) throws -> Int) throws -> FramedMessage? {
+        var header: [UInt8] = []
+        var fds: [OwnedFileDescriptor] = []
+        var truncated = false
+        while header.count < Self.framedHeaderSize {
+            let part = try receive(maxBytes: Self.framedHeaderSize - header.count, maxFDs: fds.isEmpty ? maxFDs : 0)
+            if part.bytes.isEmpty && part.fds.isEmpty {
+                if header.isEmpty { return nil }
+                throw FramingError.truncated(expected: Self.framedHeaderSize, got: header.count)
+            }
+            header += part.bytes
+            fds += part.fds
+            truncated = truncated || part.truncated
+        }
+        let size = try payloadSize(header)
+        let payload = try receiveExactly(size)
+        guard payload.count == size else { throw FramingError.truncated(expected: size, got: payload.count) }
+        return FramedMessage(header: header, payload: payload, fds: fds, fdsTruncated: truncated)
+    }
+}

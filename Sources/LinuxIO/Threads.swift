@@ -1,0 +1,60 @@
+import CLinuxShim
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A named OS thread that can be joined: for loops that block in syscalls
+/// (accept, recvmsg, io_uring waits), which must not run on Swift's
+/// cooperative pool.
+public final class JoinableThread: Sendable {
+    private let thread: pthread_t
+
+    private final class Box {
+        let body: @Sendable () -> Void
+        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    }
+
+    public init(name: String, _ body: @escaping @Sendable () -> Void) throws(SystemCallError) {
+        let box = Unmanaged.passRetained(Box(body)).toOpaque()
+        var handle = pthread_t()
+        let r = pthread_create(&handle, nil, { context in
+            guard let context else { return nil }
+            let box = Unmanaged<Box>.fromOpaque(context).takeRetainedValue()
+            box.body()
+            return nil
+        }, box)
+        guard r == 0 else {
+            Unmanaged<Box>.fromOpaque(box).release()
+            throw SystemCallError("pthread_create(\(name))", errno: Errno(rawValue: r))
+        }
+        thread = handle
+        _ = shim_set_thread_name(handle, String(name.prefix(15)))
+    }
+
+    /// Waits for the thread to finish. Call at most once.
+    public func join() {
+        pthread_join(thread, nil)
+    }
+}
+
+/// Process-wide signal handling the thread-safe way: block the signals in
+/// every thread (call before starting any), then wait for them on one thread.
+public enum Signals {
+    public static func block(_ signals: [Int32]) {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in signals { sigaddset(&set, s) }
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+    }
+
+    /// Blocks until one of `signals` (already blocked) arrives; returns it.
+    public static func wait(for signals: [Int32]) -> Int32 {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in signals { sigaddset(&set, s) }
+        var received: Int32 = 0
+        while sigwait(&set, &received) != 0 {}
+        return received
+    }
+}

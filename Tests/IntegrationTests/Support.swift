@@ -1,0 +1,62 @@
+import BridgeCore
+import BridgeDaemon
+import Foundation
+import LinuxIO
+import Logging
+import Testing
+import VhostUser
+
+let GiB: UInt64 = 1 << 30
+let MiB: UInt64 = 1 << 20
+
+/// Every integration test counts fds or runs a daemon, so they run one at a
+/// time (and `make test` runs the suites without parallelism).
+@Suite(.serialized) struct Integration {}
+
+func temporarySocketPath(_ name: String) -> String {
+    "/tmp/vpb-it-\(getpid())-\(name).sock"
+}
+
+func quietLogger() -> Logger {
+    var logger = Logger(label: "test")
+    logger.logLevel = .critical
+    return logger
+}
+
+/// A bridge serving on its own thread for the duration of a test.
+final class RunningBridge {
+    let bridge: Bridge
+    let thread: JoinableThread
+    let path: String
+
+    init(_ name: String, mode: BridgeMode, barSize: UInt64 = 64 * GiB, dmaWindow: BusWindow? = nil,
+         staticWindows: [BusWindow] = []) throws {
+        path = temporarySocketPath(name)
+        let space = AddressSpaceConfiguration(barSize: barSize, mode: mode, dmaWindow: dmaWindow, staticWindows: staticWindows)
+        let bridge = try Bridge(BridgeSettings(name: name, socketPath: path,
+                                               backend: BackendConfiguration(bridgeName: name, addressSpace: space)),
+                                logger: quietLogger())
+        self.bridge = bridge
+        thread = try JoinableThread(name: "bridge-\(name)") { bridge.serve() }
+    }
+
+    /// Waits (bounded, never asserting on time) until `n` sessions have ended.
+    func waitForSessions(_ n: Int, sourceLocation: SourceLocation = #_sourceLocation) {
+        let ok = waitUntil { self.bridge.statistics.sessionsServed >= n }
+        #expect(ok, "bridge did not finish \(n) session(s)", sourceLocation: sourceLocation)
+    }
+
+    func stop() {
+        bridge.stop()
+        thread.join()
+    }
+}
+
+/// Polls `condition` every millisecond for up to 20 s (a hang guard, not a timing assertion).
+func waitUntil(_ condition: () -> Bool) -> Bool {
+    for _ in 0..<20_000 {
+        if condition() { return true }
+        usleep(1000)
+    }
+    return condition()
+}

@@ -41,6 +41,11 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "PeerProtocol",
+            dependencies: ["BridgeCore"],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "LinuxIO",
             dependencies: [
                 "CLinuxShim",
@@ -52,14 +57,14 @@ let package = Package(
         .target(
             name: "BridgeDaemon",
             dependencies: [
-                "BridgeCore", "VhostUser", "LinuxIO",
+                "BridgeCore", "VhostUser", "PeerProtocol", "LinuxIO",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
         ),
         .target(
             name: "EmulatedGuests",
-            dependencies: ["BridgeCore", "VhostUser", "LinuxIO"],
+            dependencies: ["BridgeCore", "VhostUser", "PeerProtocol", "LinuxIO"],
             swiftSettings: swiftSettings
         ),
         .executableTarget(
@@ -94,13 +99,18 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "PeerProtocolTests",
+            dependencies: ["PeerProtocol", "BridgeCore"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "VhostUserTests",
             dependencies: ["VhostUser", "BridgeCore"],
             swiftSettings: swiftSettings
         ),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["BridgeDaemon", "EmulatedGuests", "VhostUser", "LinuxIO", "BridgeCore",
+            dependencies: ["BridgeDaemon", "EmulatedGuests", "VhostUser", "PeerProtocol", "LinuxIO", "BridgeCore",
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),

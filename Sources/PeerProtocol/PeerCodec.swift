@@ -1,0 +1,194 @@
+import BridgeCore
+
+/// Pure encode/decode of the peer protocol. Same framing as vhost-user.
+public enum PeerCodec {
+    public static let version: UInt32 = 1
+    public static let headerSize = 12
+    public static let flagReply: UInt32 = 1 << 2
+    public static let maximumPayload = 264
+
+    public struct Header: Equatable, Sendable {
+        public var type: UInt32
+        public var flags: UInt32
+        public var size: UInt32
+        public var isReply: Bool { flags & PeerCodec.flagReply != 0 }
+    }
+
+    /// Header checks; returns the type and the payload size to read.
+    public static func validate(header bytes: [UInt8]) throws(PeerProtocolError) -> (Header, PeerMessageType) {
+        guard bytes.count == headerSize else { throw .truncated(needed: headerSize, got: bytes.count) }
+        var r = Reader(bytes)
+        let h = Header(type: try r.u32(), flags: try r.u32(), size: try r.u32())
+        guard h.flags & 3 == version else { throw .badVersion(flags: h.flags) }
+        guard h.flags & ~(3 | flagReply) == 0 else { throw .unknownFlags(flags: h.flags) }
+        guard let type = PeerMessageType(rawValue: h.type) else { throw .unknownType(h.type) }
+        guard Int(h.size) <= maximumPayload else {
+            throw .payloadSize(type, size: Int(h.size), expected: "at most \(maximumPayload)")
+        }
+        return (h, type)
+    }
+
+    static func exact(_ type: PeerMessageType, _ payload: [UInt8], _ size: Int) throws(PeerProtocolError) {
+        guard payload.count == size else { throw .payloadSize(type, size: payload.count, expected: "\(size)") }
+    }
+
+    static func permission(_ type: PeerMessageType, _ field: String, _ raw: UInt32) throws(PeerProtocolError) -> Permission {
+        guard raw <= 3, raw != 0 else { throw .badValue(type, field: field, value: UInt64(raw)) }
+        return Permission(rawValue: UInt8(raw))
+    }
+
+    static func text(_ type: PeerMessageType, _ r: inout Reader, maximum: Int) throws(PeerProtocolError) -> String {
+        let n = try r.u32()
+        guard Int(n) <= maximum else { throw .textTooLong(type, length: n, maximum: maximum) }
+        guard r.remaining == Int(n) else { throw .payloadSize(type, size: r.offset + r.remaining, expected: "\(r.offset + Int(n))") }
+        return String(decoding: try r.take(Int(n)), as: UTF8.self)
+    }
+
+    /// Decodes a payload whose header passed `validate`, and checks the fd count.
+    public static func decode(_ header: Header, _ type: PeerMessageType, payload: [UInt8], fdCount: Int) throws(PeerProtocolError) -> PeerMessage {
+        var r = Reader(payload)
+        let message: PeerMessage
+        switch type {
+        case .hello where header.isReply:
+            try exact(type, payload, 40)
+            let version = try r.u32()
+            let modeRaw = try r.u32()
+            let mode: BridgeMode
+            switch modeRaw {
+            case 0: mode = .identity
+            case 1: mode = .iommu
+            case 2: mode = .static
+            default: throw .badValue(type, field: "mode", value: UInt64(modeRaw))
+            }
+            let features = PeerFeatures(rawValue: try r.u64())
+            let barSize = try r.u64()
+            let pageSize = try r.u32()
+            let count = try r.u32()
+            guard barSize.nonzeroBitCount == 1 else { throw .badValue(type, field: "barSize", value: barSize) }
+            guard pageSize >= 4096, pageSize.nonzeroBitCount == 1 else { throw .badValue(type, field: "pageSize", value: UInt64(pageSize)) }
+            message = .helloReply(PeerBARInfo(version: version, mode: mode, features: features, barSize: barSize,
+                                              pageSize: pageSize, vringCount: count))
+        case .hello:
+            try exact(type, payload, 16)
+            let version = try r.u32()
+            _ = try r.u32()
+            message = .hello(PeerHello(version: version, features: PeerFeatures(rawValue: try r.u64())))
+        case .map:
+            try exact(type, payload, 40)
+            let seq = try r.u64(), off = try r.u64(), len = try r.u64(), fdOff = try r.u64()
+            let perm = try permission(type, "prot", try r.u32())
+            message = .map(PeerMap(sequence: seq, barOffset: off, length: len, fdOffset: fdOff, permission: perm))
+        case .unmap:
+            try exact(type, payload, 24)
+            message = .unmap(PeerUnmap(sequence: try r.u64(), barOffset: try r.u64(), length: try r.u64()))
+        case .ack:
+            try exact(type, payload, 8)
+            message = .ack(try r.u64())
+        case .vring:
+            try exact(type, payload, 40)
+            let index = try r.u32(), num = try r.u32()
+            let desc = try r.u64(), avail = try r.u64(), used = try r.u64()
+            let lastAvail = try r.u16(), flags = try r.u16()
+            guard flags & ~7 == 0 else { throw .badValue(type, field: "flags", value: UInt64(flags)) }
+            message = .vring(PeerVring(index: index, num: num, desc: desc, avail: avail, used: used, lastAvail: lastAvail, flags: flags))
+        case .vringStop:
+            try exact(type, payload, 8)
+            message = .vringStop(try r.u32())
+        case .device:
+            try exact(type, payload, 16)
+            let raw = try r.u32()
+            guard let event = PeerDeviceEvent(rawValue: raw) else { throw .badValue(type, field: "event", value: UInt64(raw)) }
+            _ = try r.u32()
+            message = .device(PeerDevice(event: event, features: try r.u64()))
+        case .translate:
+            try exact(type, payload, 32)
+            let id = try r.u64(), off = try r.u64(), len = try r.u64()
+            let access = try permission(type, "access", try r.u32())
+            message = .translate(PeerTranslate(requestID: id, barOffset: off, length: len, access: access))
+        case .translateReply:
+            let id = try r.u64()
+            let raw = try r.u32()
+            guard let status = TranslateStatus(rawValue: raw) else { throw .badValue(type, field: "status", value: UInt64(raw)) }
+            message = .translateReply(PeerTranslateReply(requestID: id, status: status,
+                                                         reason: try text(type, &r, maximum: PeerTranslateReply.maximumReason)))
+        case .error:
+            let raw = try r.u32()
+            let code = PeerErrorCode(rawValue: raw) ?? .protocolError
+            message = .error(PeerError(code: code, text: try text(type, &r, maximum: PeerError.maximumText)))
+        }
+        guard fdCount == message.fdCount else { throw .fdCount(type, got: fdCount, expected: message.fdCount) }
+        return message
+    }
+
+    /// Header + payload.
+    public static func encode(_ message: PeerMessage) -> [UInt8] {
+        var w = Writer()
+        var flags = version
+        switch message {
+        case .hello(let h):
+            w.u32(h.version); w.u32(0); w.u64(h.features.rawValue)
+        case .helloReply(let b):
+            flags |= flagReply
+            w.u32(b.version)
+            w.u32(b.mode == .identity ? 0 : b.mode == .iommu ? 1 : 2)
+            w.u64(b.features.rawValue); w.u64(b.barSize); w.u32(b.pageSize); w.u32(b.vringCount); w.u64(0)
+        case .map(let m):
+            w.u64(m.sequence); w.u64(m.barOffset); w.u64(m.length); w.u64(m.fdOffset)
+            w.u32(UInt32(m.permission.rawValue)); w.u32(0)
+        case .unmap(let u):
+            w.u64(u.sequence); w.u64(u.barOffset); w.u64(u.length)
+        case .ack(let seq):
+            w.u64(seq)
+        case .vring(let v):
+            w.u32(v.index); w.u32(v.num); w.u64(v.desc); w.u64(v.avail); w.u64(v.used)
+            w.u16(v.lastAvail); w.u16(v.flags); w.u32(0)
+        case .vringStop(let index):
+            w.u32(index); w.u32(0)
+        case .device(let d):
+            w.u32(d.event.rawValue); w.u32(0); w.u64(d.features)
+        case .translate(let t):
+            w.u64(t.requestID); w.u64(t.barOffset); w.u64(t.length); w.u32(UInt32(t.access.rawValue)); w.u32(0)
+        case .translateReply(let t):
+            let reason = Array(t.reason.utf8.prefix(PeerTranslateReply.maximumReason))
+            w.u64(t.requestID); w.u32(t.status.rawValue); w.u32(UInt32(reason.count)); w.bytes += reason
+        case .error(let e):
+            let text = Array(e.text.utf8.prefix(PeerError.maximumText))
+            w.u32(e.code.rawValue); w.u32(UInt32(text.count)); w.bytes += text
+        }
+        var h = Writer()
+        h.u32(message.type.rawValue); h.u32(flags); h.u32(UInt32(w.bytes.count))
+        return h.bytes + w.bytes
+    }
+}
+
+/// Bounds-checked little-endian reader.
+struct Reader {
+    let bytes: [UInt8]
+    var offset = 0
+    init(_ bytes: [UInt8]) { self.bytes = bytes }
+    var remaining: Int { bytes.count - offset }
+    mutating func take(_ n: Int) throws(PeerProtocolError) -> [UInt8] {
+        guard n >= 0, remaining >= n else { throw .truncated(needed: offset + n, got: bytes.count) }
+        defer { offset += n }
+        return Array(bytes[offset..<offset + n])
+    }
+    mutating func int<T: FixedWidthInteger>(_: T.Type) throws(PeerProtocolError) -> T {
+        let b = try take(MemoryLayout<T>.size)
+        var v: T = 0
+        for (i, byte) in b.enumerated() { v |= T(byte) << (8 * i) }
+        return v
+    }
+    mutating func u16() throws(PeerProtocolError) -> UInt16 { try int(UInt16.self) }
+    mutating func u32() throws(PeerProtocolError) -> UInt32 { try int(UInt32.self) }
+    mutating func u64() throws(PeerProtocolError) -> UInt64 { try int(UInt64.self) }
+}
+
+struct Writer {
+    var bytes: [UInt8] = []
+    mutating func int<T: FixedWidthInteger>(_ v: T) {
+        for i in 0..<MemoryLayout<T>.size { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) }
+    }
+    mutating func u16(_ v: UInt16) { int(v) }
+    mutating func u32(_ v: UInt32) { int(v) }
+    mutating func u64(_ v: UInt64) { int(v) }
+}

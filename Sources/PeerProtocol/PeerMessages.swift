@@ -1,0 +1,193 @@
+import BridgeCore
+
+/// Peer protocol message types (docs/peer-protocol.md).
+public enum PeerMessageType: UInt32, Sendable, CaseIterable, CustomStringConvertible {
+    case hello = 1, map = 2, unmap = 3, ack = 4, vring = 5, vringStop = 6, device = 7
+    case translate = 8, translateReply = 9, error = 10
+
+    public var description: String {
+        switch self {
+        case .hello: "HELLO"
+        case .map: "MAP"
+        case .unmap: "UNMAP"
+        case .ack: "ACK"
+        case .vring: "VRING"
+        case .vringStop: "VRING_STOP"
+        case .device: "DEVICE"
+        case .translate: "TRANSLATE"
+        case .translateReply: "TRANSLATE_REPLY"
+        case .error: "ERROR"
+        }
+    }
+}
+
+public struct PeerFeatures: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+    public static let translate = PeerFeatures(rawValue: 1)
+    public static let all: PeerFeatures = [.translate]
+}
+
+public struct PeerHello: Equatable, Sendable {
+    public var version: UInt32
+    public var features: PeerFeatures
+    public init(version: UInt32 = PeerCodec.version, features: PeerFeatures) { self.version = version; self.features = features }
+}
+
+/// HELLO reply: the BAR info.
+public struct PeerBARInfo: Equatable, Sendable {
+    public var version: UInt32
+    public var mode: BridgeMode
+    public var features: PeerFeatures
+    public var barSize: UInt64
+    public var pageSize: UInt32
+    public var vringCount: UInt32
+    public init(version: UInt32 = PeerCodec.version, mode: BridgeMode, features: PeerFeatures, barSize: UInt64, pageSize: UInt32, vringCount: UInt32) {
+        self.version = version; self.mode = mode; self.features = features
+        self.barSize = barSize; self.pageSize = pageSize; self.vringCount = vringCount
+    }
+}
+
+public struct PeerMap: Equatable, Sendable {
+    public var sequence: UInt64
+    public var barOffset: UInt64
+    public var length: UInt64
+    public var fdOffset: UInt64
+    public var permission: Permission
+    public init(sequence: UInt64, barOffset: UInt64, length: UInt64, fdOffset: UInt64, permission: Permission) {
+        self.sequence = sequence; self.barOffset = barOffset; self.length = length
+        self.fdOffset = fdOffset; self.permission = permission
+    }
+}
+
+public struct PeerUnmap: Equatable, Sendable {
+    public var sequence: UInt64
+    public var barOffset: UInt64
+    public var length: UInt64
+    public init(sequence: UInt64, barOffset: UInt64, length: UInt64) {
+        self.sequence = sequence; self.barOffset = barOffset; self.length = length
+    }
+}
+
+public struct PeerVring: Equatable, Sendable {
+    public static let flagEnabled: UInt16 = 1
+    public static let flagKickFD: UInt16 = 2
+    public static let flagCallFD: UInt16 = 4
+    public var index: UInt32
+    public var num: UInt32
+    public var desc: UInt64
+    public var avail: UInt64
+    public var used: UInt64
+    public var lastAvail: UInt16
+    public var flags: UInt16
+    public init(index: UInt32, num: UInt32, desc: UInt64, avail: UInt64, used: UInt64, lastAvail: UInt16, flags: UInt16) {
+        self.index = index; self.num = num; self.desc = desc; self.avail = avail; self.used = used
+        self.lastAvail = lastAvail; self.flags = flags
+    }
+    public var enabled: Bool { flags & Self.flagEnabled != 0 }
+    public var hasKick: Bool { flags & Self.flagKickFD != 0 }
+    public var hasCall: Bool { flags & Self.flagCallFD != 0 }
+    public var fdCount: Int { (hasKick ? 1 : 0) + (hasCall ? 1 : 0) }
+}
+
+public enum PeerDeviceEvent: UInt32, Sendable { case start = 1, stop = 2, reset = 3 }
+
+public struct PeerDevice: Equatable, Sendable {
+    public var event: PeerDeviceEvent
+    public var features: UInt64
+    public init(event: PeerDeviceEvent, features: UInt64) { self.event = event; self.features = features }
+}
+
+public struct PeerTranslate: Equatable, Sendable {
+    public var requestID: UInt64
+    public var barOffset: UInt64
+    public var length: UInt64
+    public var access: Permission
+    public init(requestID: UInt64, barOffset: UInt64, length: UInt64, access: Permission) {
+        self.requestID = requestID; self.barOffset = barOffset; self.length = length; self.access = access
+    }
+}
+
+public enum TranslateStatus: UInt32, Sendable { case granted = 0, refused = 1, timedOut = 2 }
+
+public struct PeerTranslateReply: Equatable, Sendable {
+    public static let maximumReason = 200
+    public var requestID: UInt64
+    public var status: TranslateStatus
+    public var reason: String
+    public init(requestID: UInt64, status: TranslateStatus, reason: String = "") {
+        self.requestID = requestID; self.status = status; self.reason = reason
+    }
+}
+
+public enum PeerErrorCode: UInt32, Sendable { case protocolError = 1, busy = 2, version = 3, shuttingDown = 4 }
+
+public struct PeerError: Equatable, Sendable {
+    public static let maximumText = 256
+    public var code: PeerErrorCode
+    public var text: String
+    public init(code: PeerErrorCode, text: String) { self.code = code; self.text = text }
+}
+
+/// One decoded peer message.
+public enum PeerMessage: Equatable, Sendable {
+    case hello(PeerHello)
+    case helloReply(PeerBARInfo)
+    case map(PeerMap)
+    case unmap(PeerUnmap)
+    case ack(UInt64)
+    case vring(PeerVring)
+    case vringStop(UInt32)
+    case device(PeerDevice)
+    case translate(PeerTranslate)
+    case translateReply(PeerTranslateReply)
+    case error(PeerError)
+
+    public var type: PeerMessageType {
+        switch self {
+        case .hello, .helloReply: .hello
+        case .map: .map
+        case .unmap: .unmap
+        case .ack: .ack
+        case .vring: .vring
+        case .vringStop: .vringStop
+        case .device: .device
+        case .translate: .translate
+        case .translateReply: .translateReply
+        case .error: .error
+        }
+    }
+
+    /// How many fds travel with this message.
+    public var fdCount: Int {
+        switch self {
+        case .map: 1
+        case .vring(let v): v.fdCount
+        default: 0
+        }
+    }
+}
+
+public enum PeerProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
+    case truncated(needed: Int, got: Int)
+    case badVersion(flags: UInt32)
+    case unknownFlags(flags: UInt32)
+    case unknownType(UInt32)
+    case payloadSize(PeerMessageType, size: Int, expected: String)
+    case fdCount(PeerMessageType, got: Int, expected: Int)
+    case badValue(PeerMessageType, field: String, value: UInt64)
+    case textTooLong(PeerMessageType, length: UInt32, maximum: Int)
+
+    public var description: String {
+        switch self {
+        case .truncated(let n, let g): "message truncated: needed \(n) bytes, got \(g)"
+        case .badVersion(let f): "header version \(f & 3) is not 1"
+        case .unknownFlags(let f): "header flags \(Hex(UInt64(f))) set undefined bits"
+        case .unknownType(let t): "unknown message type \(t)"
+        case .payloadSize(let t, let s, let e): "\(t) payload of \(s) bytes, expected \(e)"
+        case .fdCount(let t, let g, let e): "\(t) came with \(g) fd(s), expected \(e)"
+        case .badValue(let t, let field, let v): "\(t) field \(field) has invalid value \(v)"
+        case .textTooLong(let t, let l, let m): "\(t) text of \(l) bytes exceeds \(m)"
+        }
+    }
+}

@@ -1,0 +1,107 @@
+import BridgeCore
+import Foundation
+import Testing
+@testable import PeerProtocol
+
+let samples: [PeerMessage] = [
+    .hello(PeerHello(features: .translate)),
+    .helloReply(PeerBARInfo(mode: .iommu, features: .translate, barSize: 1 << 36, pageSize: 4096, vringCount: 2)),
+    .helloReply(PeerBARInfo(mode: .static, features: [], barSize: 1 << 40, pageSize: 4096, vringCount: 4)),
+    .map(PeerMap(sequence: 9, barOffset: 0x1_0000_0000, length: 0x10000, fdOffset: 0x20_0000, permission: .read)),
+    .unmap(PeerUnmap(sequence: 10, barOffset: 0x1_0000_0000, length: 0x1000)),
+    .ack(10),
+    .vring(PeerVring(index: 1, num: 256, desc: 0x1000, avail: 0x2000, used: 0x3000, lastAvail: 5, flags: 7)),
+    .vring(PeerVring(index: 0, num: 256, desc: 0x1000, avail: 0x2000, used: 0x3000, lastAvail: 0, flags: 1)),
+    .vringStop(1),
+    .device(PeerDevice(event: .start, features: 1 << 32)),
+    .translate(PeerTranslate(requestID: 77, barOffset: 0x5000, length: 100, access: .write)),
+    .translateReply(PeerTranslateReply(requestID: 77, status: .refused, reason: "[bar-bounds] nope")),
+    .translateReply(PeerTranslateReply(requestID: 78, status: .granted)),
+    .error(PeerError(code: .busy, text: "another VM2 is connected")),
+]
+
+func roundTrip(_ bytes: [UInt8], fds: Int) throws -> PeerMessage {
+    let (header, type) = try PeerCodec.validate(header: Array(bytes.prefix(12)))
+    #expect(Int(header.size) == bytes.count - 12)
+    return try PeerCodec.decode(header, type, payload: Array(bytes.dropFirst(12)), fdCount: fds)
+}
+
+func peerError(_ body: () throws -> Any) -> PeerProtocolError? {
+    do { _ = try body(); return nil } catch let e as PeerProtocolError { return e } catch { Issue.record("\(error)"); return nil }
+}
+
+/// The hex blocks of docs/peer-protocol.md tagged `example-NAME`.
+func docExample(_ name: String) throws -> [UInt8] {
+    let doc = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("docs/peer-protocol.md")
+    let text = try String(contentsOf: doc, encoding: .utf8)
+    guard let start = text.range(of: "```hex example-\(name)\n"),
+          let end = text.range(of: "```", range: start.upperBound..<text.endIndex) else {
+        throw PeerProtocolError.truncated(needed: 1, got: 0)
+    }
+    return text[start.upperBound..<end.lowerBound].split(whereSeparator: { $0 == " " || $0 == "\n" }).compactMap { UInt8($0, radix: 16) }
+}
+
+@Suite struct PeerCodecTests {
+    @Test(arguments: samples.indices)
+    func roundTrips(index: Int) throws {
+        let m = samples[index]
+        #expect(try roundTrip(PeerCodec.encode(m), fds: m.fdCount) == m)
+    }
+
+    @Test func everyTypeHasASample() {
+        #expect(Set(samples.map(\.type)) == Set(PeerMessageType.allCases))
+    }
+
+    @Test func theDocumentsExamplesDecode() throws {
+        #expect(try roundTrip(docExample("hello"), fds: 0) == .hello(PeerHello(version: 1, features: .translate)))
+        #expect(try roundTrip(docExample("map"), fds: 1)
+                == .map(PeerMap(sequence: 7, barOffset: 1 << 32, length: 64 << 10, fdOffset: 1 << 20, permission: .readWrite)))
+        #expect(PeerCodec.encode(.hello(PeerHello(features: .translate))) == (try docExample("hello")))
+    }
+
+    @Test func headerChecks() {
+        #expect(peerError { try PeerCodec.validate(header: [1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]) } == .badVersion(flags: 2))
+        #expect(peerError { try PeerCodec.validate(header: [1, 0, 0, 0, 0x11, 0, 0, 0, 0, 0, 0, 0]) } == .unknownFlags(flags: 0x11))
+        #expect(peerError { try PeerCodec.validate(header: [99, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]) } == .unknownType(99))
+        #expect(peerError { try PeerCodec.validate(header: [2, 0, 0, 0, 1, 0, 0, 0, 0x09, 0x01, 0, 0]) }
+                == .payloadSize(.map, size: 265, expected: "at most 264"))
+        #expect(peerError { try PeerCodec.validate(header: [2, 0, 0, 0, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]) }
+                == .payloadSize(.map, size: Int(UInt32.max), expected: "at most 264"))
+        #expect(peerError { try PeerCodec.validate(header: [1, 0, 0]) } == .truncated(needed: 12, got: 3))
+    }
+
+    @Test func payloadAndFdChecks() {
+        var map = PeerCodec.encode(samples[3])
+        #expect(peerError { try roundTrip(map, fds: 0) } == .fdCount(.map, got: 0, expected: 1))
+        #expect(peerError { try roundTrip(map, fds: 2) } == .fdCount(.map, got: 2, expected: 1))
+        map[12 + 32] = 0 // prot 0
+        #expect(peerError { try roundTrip(map, fds: 1) } == .badValue(.map, field: "prot", value: 0))
+        map[12 + 32] = 4
+        #expect(peerError { try roundTrip(map, fds: 1) } == .badValue(.map, field: "prot", value: 4))
+        let (ackHeader, ackType) = try! PeerCodec.validate(header: Array(PeerCodec.encode(.ack(1)).prefix(12)))
+        #expect(peerError { try PeerCodec.decode(ackHeader, ackType, payload: [1, 0, 0, 0, 0, 0, 0], fdCount: 0) }
+                == .payloadSize(.ack, size: 7, expected: "8"))
+        var vring = PeerCodec.encode(samples[6])
+        #expect(peerError { try roundTrip(vring, fds: 1) } == .fdCount(.vring, got: 1, expected: 2))
+        vring[12 + 34] = 8
+        #expect(peerError { try roundTrip(vring, fds: 2) } == .badValue(.vring, field: "flags", value: 8))
+        var reply = PeerCodec.encode(samples[11])
+        reply[12 + 12] = 0xff // reason length 255 > 200
+        #expect(peerError { try roundTrip(reply, fds: 0) } == .textTooLong(.translateReply, length: 255, maximum: 200))
+        var device = PeerCodec.encode(.device(PeerDevice(event: .stop, features: 0)))
+        device[12] = 9
+        #expect(peerError { try roundTrip(device, fds: 0) } == .badValue(.device, field: "event", value: 9))
+        var bar = PeerCodec.encode(samples[1])
+        bar[12 + 16] = 3 // barSize not a power of two
+        #expect(peerError { try roundTrip(bar, fds: 0) } == .badValue(.hello, field: "barSize", value: (1 << 36) | 3))
+    }
+
+    @Test func longTextIsCutWhenEncoding() throws {
+        let long = String(repeating: "x", count: 1000)
+        guard case .error(let e) = try roundTrip(PeerCodec.encode(.error(PeerError(code: .protocolError, text: long))), fds: 0) else {
+            Issue.record("not an error"); return
+        }
+        #expect(e.text.count == PeerError.maximumText)
+    }
+}

@@ -79,9 +79,25 @@ public enum WindowOperation: Equatable, Sendable, CustomStringConvertible {
 /// What a change to the model requires of the window, in order.
 public struct WindowPlan: Equatable, Sendable {
     public var operations: [WindowOperation]
-    public init(_ operations: [WindowOperation] = []) { self.operations = operations }
+    /// The plan takes access away from somebody who may hold it: an unmap, a
+    /// protect, or a map that replaces an existing mapping. Such plans must be
+    /// acknowledged by VM2 before VM1 is (synchronous revocation).
+    public var revokesAccess: Bool
+
+    public init(_ operations: [WindowOperation] = [], replacesExisting: Bool = false) {
+        self.operations = operations
+        self.revokesAccess = replacesExisting || operations.contains {
+            switch $0 {
+            case .unmap, .protect: true
+            case .map: false
+            }
+        }
+    }
     public var isEmpty: Bool { operations.isEmpty }
     public static let empty = WindowPlan()
+
+    /// Plans are equal when they do the same operations.
+    public static func == (a: WindowPlan, b: WindowPlan) -> Bool { a.operations == b.operations }
 }
 
 /// What a checked access is for; named in errors.
@@ -439,7 +455,8 @@ public struct AddressSpace: Sendable {
             if removed.allSatisfy({ $0.permission == permission }) { return .empty }
             return WindowPlan([.protect(bus: bus, length: length, permission: permission)])
         }
-        return WindowPlan([.map(bus: bus, length: length, permission: permission, region: region.id, fdOffset: fdOffset)])
+        return WindowPlan([.map(bus: bus, length: length, permission: permission, region: region.id, fdOffset: fdOffset)],
+                          replacesExisting: !removed.isEmpty)
     }
 
     /// IOTLB invalidate: whatever lies in the range is revoked, splitting
@@ -460,6 +477,21 @@ public struct AddressSpace: Sendable {
         let change = splice(start, alignedEnd, insert: nil)
         try commit(change, inserted: 0, allowGrowthPastLimit: true)
         return Self.unmapPlan(for: change.removed)
+    }
+
+    /// The range checks and policies of a translation request (zero length,
+    /// wrap, BAR bounds, static windows, DMA window), without looking at what
+    /// is mapped: whether asking VM1 for a mapping of this range makes sense.
+    public func checkTranslatable(_ bus: BusAddress, length: UInt64) throws(AddressSpaceError) {
+        guard length > 0 else { throw .zeroLength(bus) }
+        guard let end = bus.adding(length) else { throw .rangeWraps(start: bus.rawValue, length: length) }
+        guard end.rawValue <= barSize else { throw .outsideBAR(bus, length: length, barSize: barSize) }
+        if mode == .static, !configuration.staticWindows.contains(where: { $0.contains(start: bus.rawValue, end: end.rawValue) }) {
+            throw .outsideStaticWindows(bus, length: length)
+        }
+        if let window = configuration.dmaWindow, !window.contains(start: bus.rawValue, end: end.rawValue) {
+            throw .outsideDMAWindow(bus, length: length, window: window)
+        }
     }
 
     /// Static mode: no change of any kind after this (until the address space

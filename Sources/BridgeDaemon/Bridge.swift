@@ -1,36 +1,45 @@
 import BridgeCore
 import LinuxIO
 import Logging
+import PeerProtocol
 import Synchronization
 import VhostUser
+#if canImport(Glibc)
+import Glibc
+#endif
 
-/// Everything that defines one bridge (flags and, later, the config file
-/// mean the same thing).
+/// Everything that defines one bridge (flags and the config file mean the
+/// same thing).
 public struct BridgeSettings: Sendable, Equatable {
     public var name: String
-    /// Where the vhost-user socket listens (or, with `client`, connects).
+    /// Where the vhost-user socket listens.
     public var socketPath: String?
+    /// Where VM2 connects (the peer protocol); nil: no VM2 side.
+    public var peerSocketPath: String?
     public var backend: BackendConfiguration
+    /// How long VM2 has to acknowledge a revocation before it is disconnected.
+    public var revocationDeadlineMilliseconds: Int
 
-    public init(name: String, socketPath: String?, backend: BackendConfiguration) {
+    public init(name: String, socketPath: String?, peerSocketPath: String? = nil, backend: BackendConfiguration,
+                revocationDeadlineMilliseconds: Int = 100) {
         self.name = name
         self.socketPath = socketPath
+        self.peerSocketPath = peerSocketPath
         self.backend = backend
+        self.revocationDeadlineMilliseconds = revocationDeadlineMilliseconds
     }
 }
 
 public enum BridgeError: Error, CustomStringConvertible {
     case configuration(String, ConfigurationError)
     case window(String, BARWindowError)
-    case socket(String, SystemCallError)
-    case noSocketPath(String)
+    case socket(String, String, SystemCallError)
 
     public var description: String {
         switch self {
         case .configuration(let name, let e): "bridge \(name): \(e)"
         case .window(let name, let e): "bridge \(name): BAR window: \(e)"
-        case .socket(let name, let e): "bridge \(name): vhost-user socket: \(e)"
-        case .noSocketPath(let name): "bridge \(name): no --socket-path or --fd given"
+        case .socket(let name, let which, let e): "bridge \(name): \(which) socket: \(e)"
         }
     }
 }
@@ -47,26 +56,45 @@ public struct BridgeStatistics: Sendable, Equatable {
     public var lastEnd: ConnectionSummary.End?
     /// The live session, nil between sessions.
     public var session: SessionView?
+    // VM2 side
+    public var peerConnections = 0
+    public var peerConnected = false
+    public var peerReady = false
+    public var peerMapsSent = 0
+    public var peerUnmapsSent = 0
+    public var peerAcks = 0
+    public var revocationTimeouts = 0
+    public var translationsGranted = 0
+    public var translationsRefused = 0
+    public var peerRefusals: [String: Int] = [:]
+    public var slowestRevocationMicroseconds: UInt64 = 0
 }
 
 /// One bridge: a BAR window reserved once for the bridge's lifetime, a
-/// vhost-user socket, and one front-end session at a time. When a session
-/// ends, everything it mapped and every fd it held are released and the next
-/// front end may connect (reconnect).
+/// vhost-user socket with one front-end session at a time, and a peer socket
+/// with one VM2 at a time.
+///
+/// Threads: the *bridge thread* (`serve`) owns the session and does all the
+/// work, waking on the vhost-user socket, on VM2 events, and on stop; the
+/// *peer thread* only reads VM2's socket and posts events. When a session
+/// ends, everything it mapped (in the window and in VM2) and every fd it held
+/// are released, and the next front end may connect.
 public final class Bridge: Sendable {
     public let settings: BridgeSettings
     public let window: BARWindow
     private let logger: Logger
     private let listener: UnixSocket?
+    private let peerListener: UnixSocket?
+    private let peer: PeerLink
+    private let stopSignal: EventFD
     private struct State {
         var stopping = false
-        var active: UnixSocket?
         var statistics = BridgeStatistics()
     }
     private let state = Mutex(State())
 
-    /// Validates the settings, reserves the BAR, and (with a socket path)
-    /// starts listening.
+    /// Validates the settings, reserves the BAR, and starts listening on the
+    /// vhost-user and peer sockets.
     public init(_ settings: BridgeSettings, logger: Logger) throws(BridgeError) {
         do { try settings.backend.addressSpace.validate() } catch { throw .configuration(settings.name, error) }
         self.settings = settings
@@ -74,81 +102,222 @@ public final class Bridge: Sendable {
         logger[metadataKey: "bridge"] = "\(settings.name)"
         self.logger = logger
         do { window = try BARWindow(size: settings.backend.addressSpace.barSize) } catch { throw .window(settings.name, error) }
+        do {
+            peer = try PeerLink(logger: logger, revocationDeadlineMilliseconds: settings.revocationDeadlineMilliseconds)
+            stopSignal = try EventFD()
+        } catch { throw .socket(settings.name, "eventfd", error) }
         if let path = settings.socketPath {
-            do { listener = try UnixSocket.listen(path: path) } catch { throw .socket(settings.name, error) }
+            do { listener = try UnixSocket.listen(path: path) } catch { throw .socket(settings.name, "vhost-user", error) }
         } else {
             listener = nil
         }
+        if let path = settings.peerSocketPath {
+            do { peerListener = try UnixSocket.listen(path: path) } catch { throw .socket(settings.name, "peer", error) }
+        } else {
+            peerListener = nil
+        }
     }
 
-    public var statistics: BridgeStatistics { state.withLock { $0.statistics } }
+    public var statistics: BridgeStatistics {
+        var s = state.withLock { $0.statistics }
+        let p = peer.statistics
+        s.peerConnections = p.connections
+        s.peerConnected = p.connected
+        s.peerReady = p.ready
+        s.peerMapsSent = p.mapsSent
+        s.peerUnmapsSent = p.unmapsSent
+        s.peerAcks = p.acks
+        s.revocationTimeouts = p.revocationTimeouts
+        s.translationsGranted = p.translationsGranted
+        s.translationsRefused = p.translationsRefused
+        s.peerRefusals = p.refusals
+        s.slowestRevocationMicroseconds = p.slowestRevocationMicroseconds
+        return s
+    }
 
-    /// Accepts front ends one after another until `stop()`.
-    public func serve() {
-        guard let listener else { return }
-        logger.info("listening on \(settings.socketPath ?? "?") (\(settings.backend.addressSpace.mode) mode, BAR \(ByteCount(settings.backend.addressSpace.barSize)))")
-        while !state.withLock({ $0.stopping }) {
-            let connection: UnixSocket
-            do {
-                connection = try listener.accept()
-            } catch {
-                if state.withLock({ $0.stopping }) { break }
-                logger.error("accept failed: \(error)")
-                continue
+    private var stopping: Bool { state.withLock { $0.stopping } }
+
+    /// Runs the bridge until `stop()`: accepts front ends one after another
+    /// (or serves `connection` only, for `--fd`), and VM2s on a second thread.
+    public func serve(connection: UnixSocket? = nil) {
+        logger.info("serving \(settings.socketPath ?? "an inherited socket") (\(settings.backend.addressSpace.mode) mode, BAR \(ByteCount(settings.backend.addressSpace.barSize)))\(settings.peerSocketPath.map { ", VM2 on \($0)" } ?? "")")
+        let peerThread = peerListener.flatMap { listener in
+            try? JoinableThread(name: "peer-\(settings.name)") { [self] in self.servePeers(listener) }
+        }
+        var session: VhostUserConnection?
+        var pendingConnection = connection
+        var servedInherited = false
+        while !stopping {
+            if session == nil, let c = pendingConnection {
+                pendingConnection = nil
+                servedInherited = true
+                session = open(c)
             }
-            serve(connection: connection)
+            if session == nil, connection != nil, servedInherited { break } // --fd: one session only
+            var fds = [stopSignal.fd.rawValue, peer.eventSignal.fd.rawValue]
+            if let session { fds.append(session.socket.fd.rawValue) } else if let listener { fds.append(listener.fd.rawValue) }
+            let now = ContinuousClock.now
+            let next = session?.expireTranslations(now: now)
+            let timeout: Int32 = next.map { d in
+                let ms = now.duration(to: d).components
+                return Int32(max(1, min(Int64(Int32.max), ms.seconds * 1000 + ms.attoseconds / 1_000_000_000_000_000 + 1)))
+            } ?? -1
+            guard let ready = try? Poll.readable(fds, timeoutMilliseconds: timeout) else { continue }
+            if ready[0] { break }
+            if ready[1] { handlePeerEvents(session) }
+            if ready.count > 2, ready[2] {
+                if let current = session {
+                    if let end = current.step() {
+                        close(current, end: end)
+                        session = nil
+                    } else {
+                        publish(current)
+                    }
+                } else if let listener, let c = try? listener.accept() {
+                    session = open(c)
+                }
+            }
         }
-        if let path = settings.socketPath { _ = path.withCString { unlink($0) } }
+        if let session { close(session, end: .stopped) }
+        peerListener?.shutdown()
+        peer.shutdownActive()
+        peerThread?.join()
+        if let path = settings.socketPath { unlink(path) }
+        if let path = settings.peerSocketPath { unlink(path) }
     }
 
-    /// Serves one already connected front end (`--fd`, or an accepted one).
-    public func serve(connection: UnixSocket) {
-        let accepted = state.withLock { s -> Bool in
-            guard !s.stopping else { return false }
-            s.active = connection
-            s.statistics.activeSession = true
-            return true
-        }
-        guard accepted else { try? connection.fd.close(); return }
-        let peer = (try? connection.peerCredentials()).map { "pid \($0.pid) uid \($0.uid)" } ?? "unknown peer"
-        logger.info("front end connected (\(peer))")
-        let summary: ConnectionSummary
+    private func open(_ connection: UnixSocket) -> VhostUserConnection? {
+        let who = (try? connection.peerCredentials()).map { "pid \($0.pid) uid \($0.uid)" } ?? "unknown peer"
+        logger.info("front end connected (\(who))")
         do {
             let session = try VhostUserConnection(socket: connection, configuration: settings.backend, window: window,
-                                                  logger: logger, isStopping: { [self] in self.state.withLock { $0.stopping } },
-                                                  publish: { [self] view in self.state.withLock { $0.statistics.session = view } })
-            summary = session.run()
+                                                  peer: peer, logger: logger)
+            state.withLock { $0.statistics.activeSession = true }
+            publish(session)
+            return session
         } catch {
             logger.error("cannot start a session: \(error)")
             try? connection.fd.close()
-            summary = ConnectionSummary(end: .closedByBridge("\(error)"), statistics: SessionStatistics())
+            return nil
         }
+    }
+
+    private func publish(_ session: VhostUserConnection) {
+        let view = session.view
+        state.withLock { $0.statistics.session = view }
+    }
+
+    private func close(_ session: VhostUserConnection, end: ConnectionSummary.End) {
+        session.tearDown()
+        let summary = session.session.statistics
         state.withLock { s in
-            s.active = nil
+            s.statistics.session = nil
             s.statistics.activeSession = false
             s.statistics.sessionsServed += 1
-            s.statistics.requests += summary.statistics.requests
-            s.statistics.iotlbUpdates += summary.statistics.iotlbUpdates
-            s.statistics.iotlbInvalidates += summary.statistics.iotlbInvalidates
-            s.statistics.iotlbMissesSent += summary.statistics.iotlbMissesSent
-            for (rule, n) in summary.statistics.refusals { s.statistics.refusals[rule, default: 0] += n }
-            s.statistics.lastEnd = summary.end
+            s.statistics.requests += summary.requests
+            s.statistics.iotlbUpdates += summary.iotlbUpdates
+            s.statistics.iotlbInvalidates += summary.iotlbInvalidates
+            s.statistics.iotlbMissesSent += summary.iotlbMissesSent
+            for (rule, n) in summary.refusals { s.statistics.refusals[rule, default: 0] += n }
+            s.statistics.lastEnd = end
         }
-        logger.info("front end session ended: \(summary.end); \(summary.statistics.requests) requests, \(summary.statistics.refusals.values.reduce(0, +)) refused")
+        logger.info("front end session ended: \(end); \(summary.requests) requests, \(summary.refusals.values.reduce(0, +)) refused")
     }
 
-    /// Stops accepting and ends the active session (its teardown revokes
-    /// every mapping). Safe from any thread; `serve` returns soon after.
-    public func stop() {
-        let (listener, active) = state.withLock { s -> (UnixSocket?, UnixSocket?) in
-            s.stopping = true
-            return (self.listener, s.active)
+    private func handlePeerEvents(_ session: VhostUserConnection?) {
+        for event in peer.drainEvents() {
+            switch event {
+            case .hello(let hello, let generation):
+                guard peer.currentGeneration == generation else { continue }
+                let space = settings.backend.addressSpace
+                let info = PeerBARInfo(mode: space.mode, features: hello.features.intersection(.all), barSize: space.barSize,
+                                       pageSize: UInt32(space.pageSize), vringCount: UInt32(settings.backend.vringCount))
+                guard peer.send(.helloReply(info), onlyIfReady: false) else { continue }
+                session?.replayState()
+                peer.markReady(generation: generation)
+                logger.info("VM2 ready (generation \(generation))")
+            case .translate(let request, let generation):
+                guard peer.currentGeneration == generation, peer.isReady else { continue }
+                if let session {
+                    session.translate(request, generation: generation)
+                } else {
+                    peer.count { $0.translationsRefused += 1; $0.refusals["no-session", default: 0] += 1 }
+                    peer.send(.translateReply(PeerTranslateReply(requestID: request.requestID, status: .refused,
+                                                                 reason: "no VM1 session is connected")))
+                }
+            case .gone(let generation, let reason):
+                logger.info("VM2 disconnected (generation \(generation)): \(reason)")
+            }
         }
+    }
+
+    // MARK: peer thread
+
+    private func servePeers(_ listener: UnixSocket) {
+        while !stopping {
+            guard let socket = try? listener.accept() else { continue }
+            if stopping { try? socket.fd.close(); break }
+            try? socket.setSendTimeout(milliseconds: max(1000, settings.revocationDeadlineMilliseconds * 10))
+            guard let generation = peer.attach(socket) else {
+                try? socket.send(PeerCodec.encode(.error(PeerError(code: .busy, text: "bridge \(settings.name) already has a VM2"))),
+                                 nonBlocking: true)
+                try? socket.fd.close()
+                logger.warning("refused a second VM2 connection")
+                continue
+            }
+            let reason = readPeer(socket, generation: generation)
+            peer.detach(generation: generation, reason: reason)
+        }
+    }
+
+    /// Reads VM2's messages until it goes away; returns why.
+    private func readPeer(_ socket: UnixSocket, generation: Int) -> String {
+        var greeted = false
+        while true {
+            let message: PeerMessage
+            do {
+                var parsed: (PeerCodec.Header, PeerMessageType)?
+                guard let framed = try socket.receiveFramed(payloadSize: { bytes in
+                    let v = try PeerCodec.validate(header: bytes)
+                    parsed = v
+                    return Int(v.0.size)
+                }), let (header, type) = parsed else { return "closed" }
+                message = try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count)
+            } catch {
+                if stopping { return "bridge stopping" }
+                logger.warning("VM2 protocol error: \(error)")
+                try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: "\(error)"))), nonBlocking: true)
+                return "protocol error: \(error)"
+            }
+            switch message {
+            case .hello(let hello) where !greeted:
+                guard hello.version == PeerCodec.version else {
+                    try? socket.send(PeerCodec.encode(.error(PeerError(code: .version, text: "peer protocol version \(hello.version) is not 1"))), nonBlocking: true)
+                    return "version \(hello.version)"
+                }
+                greeted = true
+                peer.post(.hello(hello, generation: generation))
+            case .ack(let seq) where greeted:
+                peer.acknowledge(seq, generation: generation)
+            case .translate(let t) where greeted:
+                peer.post(.translate(t, generation: generation))
+            case .error(let e):
+                return "VM2 reported error \(e.code): \(e.text)"
+            default:
+                let text = "\(message.type) is not allowed \(greeted ? "from VM2" : "before HELLO")"
+                logger.warning("VM2 protocol error: \(text)")
+                try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: text))), nonBlocking: true)
+                return text
+            }
+        }
+    }
+
+    /// Stops accepting, ends the active session (revoking everything from the
+    /// window and VM2) and VM2's connection. Safe from any thread.
+    public func stop() {
+        state.withLock { $0.stopping = true }
+        _ = try? stopSignal.signal()
         listener?.shutdown()
-        active?.shutdown()
+        peerListener?.shutdown()
     }
 }
-
-#if canImport(Glibc)
-import Glibc
-#endif

@@ -1,6 +1,7 @@
 import BridgeCore
 import LinuxIO
 import Logging
+import PeerProtocol
 import VhostUser
 
 /// How a front-end connection ended, and what it did.
@@ -45,66 +46,62 @@ public struct SessionView: Sendable, Equatable {
 
 /// Serves one vhost-user front end on one connected socket: reads framed
 /// messages, feeds them to the pure `BackendSession`, and carries out its
-/// effects (replies, window plans, fd ownership). Owns every fd the front end
-/// sent until the session releases it; on return every one is closed and the
-/// BAR window holds no mapping of this session.
+/// effects (replies, window plans, fd ownership, pushes to VM2). Owns every fd
+/// the front end sent until the session releases it; after `tearDown` every one
+/// is closed and neither the BAR window nor VM2 holds a mapping of this session.
 ///
-/// Used by one thread only (the bridge's connection thread).
+/// Used by the bridge thread only.
 final class VhostUserConnection {
-    private let socket: UnixSocket
-    private var session: BackendSession
+    let socket: UnixSocket
+    private(set) var session: BackendSession
     private let window: BARWindow
+    private let peer: PeerLink
     private let logger: Logger
     private var regionFiles: [RegionID: OwnedFileDescriptor] = [:]
+    private var regionSealed: [RegionID: Bool] = [:]
     private var vringFiles: [Int: [VringFileKind: OwnedFileDescriptor]] = [:]
     private var backendChannel: UnixSocket?
-    private let isStopping: @Sendable () -> Bool
-    private let publish: @Sendable (SessionView?) -> Void
+    private var deviceRunning = false
 
-    init(socket: UnixSocket, configuration: BackendConfiguration, window: BARWindow, logger: Logger,
-         isStopping: @escaping @Sendable () -> Bool,
-         publish: @escaping @Sendable (SessionView?) -> Void = { _ in }) throws(ConfigurationError) {
-        self.publish = publish
+    struct PendingTranslation {
+        var request: PeerTranslate
+        var generation: Int
+        var deadline: ContinuousClock.Instant
+    }
+    private(set) var pendingTranslations: [PendingTranslation] = []
+    static let translationDeadline: Duration = .seconds(2)
+
+    init(socket: UnixSocket, configuration: BackendConfiguration, window: BARWindow, peer: PeerLink,
+         logger: Logger) throws(ConfigurationError) {
         self.socket = socket
         self.session = try BackendSession(configuration)
         self.window = window
+        self.peer = peer
         self.logger = logger
-        self.isStopping = isStopping
     }
 
-    /// Runs until the connection ends; always tears the session down.
-    func run() -> ConnectionSummary {
-        let end = serve()
-        tearDown()
-        return ConnectionSummary(end: end, statistics: session.statistics)
-    }
+    var view: SessionView { SessionView(session) }
 
-    private func serve() -> ConnectionSummary.End {
-        while true {
-            let message: FramedMessage
-            do {
-                guard let m = try socket.receiveFramed(payloadSize: { bytes in
-                    let header = try MessageHeader.decode(bytes)
-                    _ = try VhostUserCodec.validate(header)
-                    return Int(header.size)
-                }) else {
-                    return isStopping() ? .stopped : .frontEndClosed
-                }
-                message = m
-            } catch {
-                if isStopping() { return .stopped }
-                logger.warning("closing the vhost-user connection: \(error)")
-                return .closedByBridge("\(error)")
-            }
-            let reason = handle(message)
-            publish(SessionView(session))
-            if let reason { return .closedByBridge(reason) }
+    /// Reads and handles one message (the socket is readable). Returns how the
+    /// connection ended, or nil while it goes on.
+    func step() -> ConnectionSummary.End? {
+        let message: FramedMessage
+        do {
+            guard let m = try socket.receiveFramed(payloadSize: { bytes in
+                let header = try MessageHeader.decode(bytes)
+                _ = try VhostUserCodec.validate(header)
+                return Int(header.size)
+            }) else { return .frontEndClosed }
+            message = m
+        } catch {
+            logger.warning("closing the vhost-user connection: \(error)")
+            return .closedByBridge("\(error)")
         }
+        return handle(message).map { .closedByBridge($0) }
     }
 
     /// Handles one message; returns a reason when the connection must close.
     private func handle(_ message: FramedMessage) -> String? {
-        // Both already validated by receiveFramed's callback.
         guard let header = try? MessageHeader.decode(message.header),
               let code = try? VhostUserCodec.validate(header) else { return "header re-validation failed" }
         defer { for fd in message.fds { try? fd.close() } } // whatever no effect claimed
@@ -121,6 +118,7 @@ final class VhostUserConnection {
             }
             return "\(code): \(error)"
         }
+        if case .getVringBase(let state) = request { noteDeviceProgress(Int(state.index)) }
 
         let files = message.fds.enumerated().map { i, fd in ReceivedFile(index: i, size: try? fd.fileSize()) }
         let outcome = session.handle(request, needReply: header.needsReply, files: files)
@@ -130,7 +128,21 @@ final class VhostUserConnection {
             logger.trace("handled \(code)")
         }
         if let reason = execute(outcome.effects, fds: message.fds) { return reason }
+        if case .iotlb = request { retryPendingTranslations() }
         return outcome.closeConnection ? "\(code): \(outcome.error.map { "\($0)" } ?? "refused")" : nil
+    }
+
+    /// GET_VRING_BASE must return how far the device got: read the used
+    /// ring's index through the window — only when the access is checked and
+    /// the memory cannot shrink under us (a SIGBUS would kill the daemon).
+    private func noteDeviceProgress(_ index: Int) {
+        guard session.vrings.indices.contains(index), let layout = session.vrings[index].layout else { return }
+        let at = BusAddress(layout.usedRing.rawValue + 2)
+        guard let pieces = try? session.addressSpace.checkAccess(at, length: 2, needed: .read),
+              pieces.allSatisfy({ regionSealed[$0.region] == true }) else { return }
+        if let value = window.withBytes(at: at, length: 2, { UInt16(littleEndian: $0.loadUnaligned(as: UInt16.self)) }) {
+            session.noteDeviceProgress(ring: index, lastAvail: value)
+        }
     }
 
     private func send(_ bytes: [UInt8]) -> String? {
@@ -142,7 +154,6 @@ final class VhostUserConnection {
     private func execute(_ effects: [SessionEffect], fds: [OwnedFileDescriptor]) -> String? {
         func take(_ index: Int) -> OwnedFileDescriptor? {
             guard index >= 0, index < fds.count, fds[index].isOpen else { return nil }
-            // Move ownership: a new owner object, the message's one emptied.
             return OwnedFileDescriptor(adopting: fds[index].release())
         }
         for effect in effects {
@@ -150,41 +161,226 @@ final class VhostUserConnection {
             case .reply(let bytes):
                 if let failure = send(bytes) { return failure }
             case .adoptRegionFile(let id, let index):
-                if let fd = take(index) { regionFiles[id] = fd }
+                if let fd = take(index) {
+                    regionFiles[id] = fd
+                    regionSealed[id] = (try? Memfd(adopting: fd).seals.contains(.shrink)) ?? false
+                }
             case .window(let plan):
                 do {
                     try window.apply(plan) { [regionFiles] id in regionFiles[id]?.rawValue }
                 } catch {
                     logger.error("BAR window operation failed, closing the session: \(error)")
+                    revokeFromPeer(plan)
                     return "window: \(error)"
                 }
+                pushToPeer(plan)
             case .releaseRegionFile(let id):
                 try? regionFiles.removeValue(forKey: id)?.close()
+                regionSealed[id] = nil
             case .setVringFile(let kind, let index, let fdIndex):
                 try? vringFiles[index]?.removeValue(forKey: kind)?.close()
                 if let fdIndex, let fd = take(fdIndex) { vringFiles[index, default: [:]][kind] = fd }
+                if kind != .err, session.vrings.indices.contains(index), session.vrings[index].started {
+                    sendVring(index) // a new kick/call fd (QEMU swaps call fds when masking)
+                }
             case .adoptBackendChannel(let index):
                 try? backendChannel?.fd.close()
                 backendChannel = take(index).map { UnixSocket(adopting: $0, kind: .stream) }
             case .sendBackend(let bytes):
-                do {
-                    try backendChannel?.send(bytes, nonBlocking: true)
-                } catch {
-                    logger.warning("back-end channel send failed: \(error)")
-                }
+                sendBackend(bytes)
             case .ringStarted(let index, let layout):
                 logger.info("vring \(index) started: \(layout.queueSize) entries, desc \(layout.descriptorTable), avail \(layout.availRing), used \(layout.usedRing)")
+                if !deviceRunning {
+                    deviceRunning = true
+                    peer.send(.device(PeerDevice(event: .start, features: session.ackedFeatures ?? 0)))
+                }
+                sendVring(index)
             case .ringStopped(let index):
                 logger.info("vring \(index) stopped")
+                peer.send(.vringStop(UInt32(index)))
+                if deviceRunning, !session.vrings.contains(where: \.started) {
+                    deviceRunning = false
+                    peer.send(.device(PeerDevice(event: .stop, features: session.ackedFeatures ?? 0)))
+                }
             case .ringEnabled(let index, let enabled):
                 logger.debug("vring \(index) \(enabled ? "enabled" : "disabled")")
+                if session.vrings.indices.contains(index), session.vrings[index].started { sendVring(index) }
             }
         }
         return nil
     }
 
-    private func tearDown() {
+    private func sendBackend(_ bytes: [UInt8]) {
+        do {
+            try backendChannel?.send(bytes, nonBlocking: true)
+        } catch {
+            logger.warning("back-end channel send failed: \(error)")
+        }
+    }
+
+    // MARK: VM2
+
+    /// Mirrors a window plan to VM2 and, when it takes access away, waits for
+    /// VM2's ack (or disconnects VM2 at the deadline) — before VM1 is acked.
+    private func pushToPeer(_ plan: WindowPlan) {
+        guard peer.isReady, !plan.isEmpty else { return }
+        var last: UInt64 = 0
+        for op in plan.operations {
+            switch op {
+            case .map(let bus, let length, let permission, let region, let fdOffset):
+                last = sendMap(bus: bus, length: length, permission: permission, region: region, fdOffset: fdOffset) ?? last
+            case .protect(let bus, let length, _):
+                for piece in session.addressSpace.mappings(intersecting: bus, length: length) {
+                    last = sendMap(bus: piece.bus, length: piece.length, permission: piece.permission,
+                                   region: piece.region, fdOffset: piece.fdOffset) ?? last
+                }
+            case .unmap(let bus, let length):
+                let seq = peer.takeSequence()
+                if peer.send(.unmap(PeerUnmap(sequence: seq, barOffset: bus.rawValue, length: length))) {
+                    peer.count { $0.unmapsSent += 1 }
+                    last = seq
+                }
+            }
+        }
+        if plan.revokesAccess, last > 0 { peer.waitForAck(last) }
+    }
+
+    /// After a failed plan: make sure VM2 has none of its ranges either.
+    private func revokeFromPeer(_ plan: WindowPlan) {
+        guard peer.isReady else { return }
+        var last: UInt64 = 0
+        for op in plan.operations {
+            let seq = peer.takeSequence()
+            if peer.send(.unmap(PeerUnmap(sequence: seq, barOffset: op.bus.rawValue, length: op.length))) { last = seq }
+        }
+        if last > 0 { peer.waitForAck(last) }
+    }
+
+    private func sendMap(bus: BusAddress, length: UInt64, permission: Permission, region: RegionID, fdOffset: UInt64,
+                         onlyIfReady: Bool = true) -> UInt64? {
+        guard let fd = regionFiles[region] else { return nil }
+        let seq = peer.takeSequence()
+        guard peer.send(.map(PeerMap(sequence: seq, barOffset: bus.rawValue, length: length, fdOffset: fdOffset,
+                                     permission: permission)), fds: [fd.rawValue], onlyIfReady: onlyIfReady) else { return nil }
+        peer.count { $0.mapsSent += 1 }
+        return seq
+    }
+
+    private func sendVring(_ index: Int, onlyIfReady: Bool = true) {
+        guard let layout = session.vrings[index].layout else { return }
+        var flags: UInt16 = session.vrings[index].enabled ? PeerVring.flagEnabled : 0
+        var fds: [Int32] = []
+        if let kick = vringFiles[index]?[.kick] { flags |= PeerVring.flagKickFD; fds.append(kick.rawValue) }
+        if let call = vringFiles[index]?[.call] { flags |= PeerVring.flagCallFD; fds.append(call.rawValue) }
+        peer.send(.vring(PeerVring(index: UInt32(index), num: layout.queueSize, desc: layout.descriptorTable.rawValue,
+                                   avail: layout.availRing.rawValue, used: layout.usedRing.rawValue,
+                                   lastAvail: UInt16(truncatingIfNeeded: session.vrings[index].base), flags: flags)),
+                  fds: fds, onlyIfReady: onlyIfReady)
+    }
+
+    /// A (re)connected VM2 gets the full current state.
+    func replayState() {
+        for m in session.addressSpace.mappings {
+            _ = sendMap(bus: m.bus, length: m.length, permission: m.permission, region: m.region, fdOffset: m.fdOffset,
+                        onlyIfReady: false)
+        }
+        if session.vrings.contains(where: \.started) {
+            peer.send(.device(PeerDevice(event: .start, features: session.ackedFeatures ?? 0)), onlyIfReady: false)
+            for i in session.vrings.indices where session.vrings[i].started { sendVring(i, onlyIfReady: false) }
+        }
+    }
+
+    /// VM2 asks for a translation (like ATS).
+    func translate(_ request: PeerTranslate, generation: Int) {
+        let bus = BusAddress(request.barOffset)
+        do {
+            let pieces = try session.addressSpace.checkAccess(bus, length: request.length, needed: request.access, purpose: .translation)
+            for p in pieces { _ = sendMap(bus: p.bus, length: p.length, permission: p.permission, region: p.region, fdOffset: p.fdOffset) }
+            reply(request, .granted)
+        } catch {
+            // Unmapped but a range VM1 could map: raise an IOTLB miss and wait.
+            if case .notMapped(_, _, _, let missing) = error, session.addressSpace.mode != .identity {
+                do {
+                    try session.addressSpace.checkTranslatable(bus, length: request.length)
+                } catch {
+                    reply(request, .refused, reason: "\(error)", rule: error.rule)
+                    return
+                }
+                if let miss = session.missMessage(bus: missing, permission: request.access), case .sendBackend(let bytes) = miss {
+                    sendBackend(bytes)
+                    pendingTranslations.append(PendingTranslation(request: request, generation: generation,
+                                                                  deadline: ContinuousClock.now.advanced(by: Self.translationDeadline)))
+                    return
+                }
+                reply(request, .refused, reason: "\(error); VM1 has no back-end channel to raise an IOTLB miss on", rule: error.rule)
+                return
+            }
+            // A policy refusal (BAR, DMA window, static window) names that rule.
+            var reason = error
+            do { try session.addressSpace.checkTranslatable(bus, length: request.length) } catch { reason = error }
+            reply(request, .refused, reason: "\(reason)", rule: reason.rule)
+        }
+    }
+
+    private func reply(_ request: PeerTranslate, _ status: TranslateStatus, reason: String = "", rule: String? = nil) {
+        if status == .granted {
+            peer.count { $0.translationsGranted += 1 }
+        } else {
+            let label = rule ?? (status == .timedOut ? "translation-timeout" : "not-mapped")
+            peer.count { $0.translationsRefused += 1; $0.refusals[label, default: 0] += 1 }
+            logger.info("VM2 translation \(Hex(request.barOffset))+\(Hex(request.length)) \(request.access) refused: \(reason)")
+        }
+        peer.send(.translateReply(PeerTranslateReply(requestID: request.requestID, status: status, reason: reason)))
+    }
+
+    /// After an IOTLB update: answer the translations it satisfied, raise
+    /// the next miss for those still partly unmapped.
+    private func retryPendingTranslations() {
+        guard !pendingTranslations.isEmpty else { return }
+        var still: [PendingTranslation] = []
+        for p in pendingTranslations {
+            guard peer.currentGeneration == p.generation else { continue }
+            let bus = BusAddress(p.request.barOffset)
+            do {
+                _ = try session.addressSpace.checkAccess(bus, length: p.request.length, needed: p.request.access, purpose: .translation)
+                reply(p.request, .granted) // its MAPs went out with the update's plan
+            } catch {
+                if case .notMapped(_, _, _, let missing) = error,
+                   let miss = session.missMessage(bus: missing, permission: p.request.access), case .sendBackend(let bytes) = miss {
+                    sendBackend(bytes)
+                    still.append(p)
+                } else {
+                    reply(p.request, .refused, reason: "\(error)", rule: error.rule)
+                }
+            }
+        }
+        pendingTranslations = still
+    }
+
+    /// Refuses translations whose deadline passed; returns the next deadline.
+    func expireTranslations(now: ContinuousClock.Instant) -> ContinuousClock.Instant? {
+        var still: [PendingTranslation] = []
+        for p in pendingTranslations {
+            if p.deadline <= now {
+                reply(p.request, .timedOut, reason: "VM1 did not answer the IOTLB miss in time")
+            } else {
+                still.append(p)
+            }
+        }
+        pendingTranslations = still
+        return still.map(\.deadline).min()
+    }
+
+    /// Ends the session: rings stopped, every mapping revoked from the window
+    /// and from VM2 (acked), every fd closed.
+    func tearDown() {
         _ = execute(session.teardown(), fds: [])
+        if deviceRunning || peer.isReady {
+            peer.send(.device(PeerDevice(event: .reset, features: 0)))
+            deviceRunning = false
+        }
+        for p in pendingTranslations { reply(p.request, .refused, reason: "the VM1 session ended") }
+        pendingTranslations = []
         for fd in regionFiles.values { try? fd.close() }
         regionFiles = [:]
         for files in vringFiles.values { for fd in files.values { try? fd.close() } }
@@ -192,6 +388,5 @@ final class VhostUserConnection {
         try? backendChannel?.fd.close()
         backendChannel = nil
         try? socket.fd.close()
-        publish(nil)
     }
 }

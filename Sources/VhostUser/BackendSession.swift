@@ -533,6 +533,13 @@ public struct BackendSession: Sendable {
         }
     }
 
+    /// The device (VM2) reports how far it consumed ring `index`; GET_VRING_BASE
+    /// returns this. Ignored for an unknown ring.
+    public mutating func noteDeviceProgress(ring index: Int, lastAvail: UInt16) {
+        guard vrings.indices.contains(index) else { return }
+        vrings[index].base = UInt32(lastAvail)
+    }
+
     /// A back-end IOTLB miss for `bus` (what the front end must map).
     public mutating func missMessage(bus: BusAddress, permission: Permission) -> SessionEffect? {
         guard hasBackendChannel, iommuPlatform else { return nil }

@@ -29,8 +29,11 @@ struct Daemon: ParsableCommand {
     @Flag(help: "Print the back-end capabilities as JSON and exit.")
     var printCapabilities = false
 
-    @Option(help: "The VM2-side peer socket (the peer protocol; not served yet in this version).")
+    @Option(help: "Listen for VM2 (the vhost-pci device side, docs/peer-protocol.md) on this Unix socket path.")
     var peerSocket: String?
+
+    @Option(help: "Milliseconds VM2 has to acknowledge a revocation before it is disconnected.")
+    var revocationDeadline: Int = 100
 
     @Option(help: "Bridge name used in logs and errors.")
     var name: String = "bridge0"
@@ -62,6 +65,7 @@ struct Daemon: ParsableCommand {
         if socketPath == nil && fd == nil { throw ValidationError("give --socket-path PATH or --fd FDNUM") }
         if BridgeMode(rawValue: mode) == nil { throw ValidationError("--mode: '\(mode)' is not identity, iommu or static") }
         if parseByteSize(barSize) == nil { throw ValidationError("--bar-size: '\(barSize)' is not a size") }
+        if revocationDeadline < 1 || revocationDeadline > 60_000 { throw ValidationError("--revocation-deadline: \(revocationDeadline) ms is not in 1...60000") }
         if Logger.Level(rawValue: logLevel) == nil { throw ValidationError("--log-level: '\(logLevel)' is not a level") }
         for w in staticWindows where BusWindow(parsing: w) == nil {
             throw ValidationError("--static-window: '\(w)' is not BASE:LIMIT with LIMIT > BASE")
@@ -87,11 +91,9 @@ struct Daemon: ParsableCommand {
             barSize: parseByteSize(barSize) ?? 0, mode: BridgeMode(rawValue: mode) ?? .identity,
             dmaWindow: dmaWindow.flatMap { BusWindow(parsing: $0) },
             staticWindows: staticWindows.compactMap { BusWindow(parsing: $0) }, maxMappings: maxMappings)
-        let settings = BridgeSettings(name: name, socketPath: socketPath,
-                                      backend: BackendConfiguration(bridgeName: name, addressSpace: space, queuePairs: queuePairs))
-        if let peerSocket {
-            logger.warning("--peer-socket \(peerSocket): the VM2 peer protocol is not served by this version; ignoring")
-        }
+        let settings = BridgeSettings(name: name, socketPath: socketPath, peerSocketPath: peerSocket,
+                                      backend: BackendConfiguration(bridgeName: name, addressSpace: space, queuePairs: queuePairs),
+                                      revocationDeadlineMilliseconds: revocationDeadline)
 
         // Signals are blocked in every thread and waited for on this one.
         Signals.block([SIGTERM, SIGINT, SIGHUP])
@@ -103,9 +105,9 @@ struct Daemon: ParsableCommand {
         let server: JoinableThread
         if let fd {
             let socket = UnixSocket(adopting: OwnedFileDescriptor(adopting: fd), kind: .stream)
-            server = try JoinableThread(name: "vhost-user") { bridge.serve(connection: socket); kill(getpid(), SIGTERM) }
+            server = try JoinableThread(name: "bridge") { bridge.serve(connection: socket); kill(getpid(), SIGTERM) }
         } else {
-            server = try JoinableThread(name: "vhost-user") { bridge.serve() }
+            server = try JoinableThread(name: "bridge") { bridge.serve() }
         }
         while true {
             let signal = Signals.wait(for: [SIGTERM, SIGINT, SIGHUP])

@@ -1,0 +1,32 @@
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// poll(2) for readability over a few fds.
+public enum Poll {
+    /// Waits until any fd is readable (or hung up / in error), or until the
+    /// timeout (milliseconds; -1 waits forever). Returns one flag per fd.
+    public static func readable(_ fds: [Int32], timeoutMilliseconds: Int32) throws(SystemCallError) -> [Bool] {
+        var entries = fds.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+        while true {
+            let n = entries.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), timeoutMilliseconds) }
+            if n >= 0 { break }
+            let error = SystemCallError.current("poll")
+            if error.errno != .interrupted { throw error }
+        }
+        let mask = Int16(POLLIN | POLLHUP | POLLERR | POLLNVAL)
+        return entries.map { $0.revents & mask != 0 }
+    }
+}
+
+extension UnixSocket {
+    /// SO_SNDTIMEO: a blocking send gives up with EAGAIN after this long.
+    public func setSendTimeout(milliseconds: Int) throws(SystemCallError) {
+        var tv = timeval(tv_sec: milliseconds / 1000, tv_usec: (milliseconds % 1000) * 1000)
+        let raw = fd.rawValue
+        _ = try retryingInterrupts("setsockopt(SO_SNDTIMEO)") {
+            setsockopt(raw, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        }
+    }
+}

@@ -254,62 +254,74 @@ public final class Bridge: Sendable {
     // MARK: peer thread
 
     private func servePeers(_ listener: UnixSocket) {
+        var active: (socket: UnixSocket, generation: Int, greeted: Bool)?
         while !stopping {
-            guard let socket = try? listener.accept() else { continue }
-            if stopping { try? socket.fd.close(); break }
-            try? socket.setSendTimeout(milliseconds: max(1000, settings.revocationDeadlineMilliseconds * 10))
-            guard let generation = peer.attach(socket) else {
-                try? socket.send(PeerCodec.encode(.error(PeerError(code: .busy, text: "bridge \(settings.name) already has a VM2"))),
-                                 nonBlocking: true)
-                try? socket.fd.close()
-                logger.warning("refused a second VM2 connection")
-                continue
+            var fds = [listener.fd.rawValue]
+            if let active { fds.append(active.socket.fd.rawValue) }
+            guard let ready = try? Poll.readable(fds, timeoutMilliseconds: -1) else { continue }
+            if stopping { break }
+            if ready[0], let socket = try? listener.accept() {
+                try? socket.setSendTimeout(milliseconds: max(1000, settings.revocationDeadlineMilliseconds * 10))
+                if let generation = peer.attach(socket) {
+                    active = (socket, generation, false)
+                } else {
+                    try? socket.send(PeerCodec.encode(.error(PeerError(code: .busy, text: "bridge \(settings.name) already has a VM2"))),
+                                     nonBlocking: true)
+                    try? socket.fd.close()
+                    logger.warning("refused a second VM2 connection")
+                }
             }
-            let reason = readPeer(socket, generation: generation)
-            peer.detach(generation: generation, reason: reason)
+            if ready.count > 1, ready[1], let current = active {
+                var greeted = current.greeted
+                if let reason = readPeerMessage(current.socket, generation: current.generation, greeted: &greeted) {
+                    peer.detach(generation: current.generation, reason: reason)
+                    active = nil
+                } else {
+                    active?.greeted = greeted
+                }
+            }
         }
+        if let active { peer.detach(generation: active.generation, reason: "bridge stopping") }
     }
 
-    /// Reads VM2's messages until it goes away; returns why.
-    private func readPeer(_ socket: UnixSocket, generation: Int) -> String {
-        var greeted = false
-        while true {
-            let message: PeerMessage
-            do {
-                var parsed: (PeerCodec.Header, PeerMessageType)?
-                guard let framed = try socket.receiveFramed(payloadSize: { bytes in
-                    let v = try PeerCodec.validate(header: bytes)
-                    parsed = v
-                    return Int(v.0.size)
-                }), let (header, type) = parsed else { return "closed" }
-                message = try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count)
-            } catch {
-                if stopping { return "bridge stopping" }
-                logger.warning("VM2 protocol error: \(error)")
-                try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: "\(error)"))), nonBlocking: true)
-                return "protocol error: \(error)"
-            }
-            switch message {
-            case .hello(let hello) where !greeted:
-                guard hello.version == PeerCodec.version else {
-                    try? socket.send(PeerCodec.encode(.error(PeerError(code: .version, text: "peer protocol version \(hello.version) is not 1"))), nonBlocking: true)
-                    return "version \(hello.version)"
-                }
-                greeted = true
-                peer.post(.hello(hello, generation: generation))
-            case .ack(let seq) where greeted:
-                peer.acknowledge(seq, generation: generation)
-            case .translate(let t) where greeted:
-                peer.post(.translate(t, generation: generation))
-            case .error(let e):
-                return "VM2 reported error \(e.code): \(e.text)"
-            default:
-                let text = "\(message.type) is not allowed \(greeted ? "from VM2" : "before HELLO")"
-                logger.warning("VM2 protocol error: \(text)")
-                try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: text))), nonBlocking: true)
-                return text
-            }
+    /// Reads one message from VM2; returns a reason when the connection is over.
+    private func readPeerMessage(_ socket: UnixSocket, generation: Int, greeted: inout Bool) -> String? {
+        let message: PeerMessage
+        do {
+            var parsed: (PeerCodec.Header, PeerMessageType)?
+            guard let framed = try socket.receiveFramed(payloadSize: { bytes in
+                let v = try PeerCodec.validate(header: bytes)
+                parsed = v
+                return Int(v.0.size)
+            }), let (header, type) = parsed else { return "closed" }
+            message = try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count)
+        } catch {
+            if stopping { return "bridge stopping" }
+            logger.warning("VM2 protocol error: \(error)")
+            try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: "\(error)"))), nonBlocking: true)
+            return "protocol error: \(error)"
         }
+        switch message {
+        case .hello(let hello) where !greeted:
+            guard hello.version == PeerCodec.version else {
+                try? socket.send(PeerCodec.encode(.error(PeerError(code: .version, text: "peer protocol version \(hello.version) is not 1"))), nonBlocking: true)
+                return "version \(hello.version)"
+            }
+            greeted = true
+            peer.post(.hello(hello, generation: generation))
+        case .ack(let seq) where greeted:
+            peer.acknowledge(seq, generation: generation)
+        case .translate(let t) where greeted:
+            peer.post(.translate(t, generation: generation))
+        case .error(let e):
+            return "VM2 reported error \(e.code): \(e.text)"
+        default:
+            let text = "\(message.type) is not allowed \(greeted ? "from VM2" : "before HELLO")"
+            logger.warning("VM2 protocol error: \(text)")
+            try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: text))), nonBlocking: true)
+            return text
+        }
+        return nil
     }
 
     /// Stops accepting, ends the active session (revoking everything from the

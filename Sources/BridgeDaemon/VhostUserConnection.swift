@@ -268,6 +268,8 @@ final class VhostUserConnection {
 
     private func sendVring(_ index: Int, onlyIfReady: Bool = true) {
         guard let layout = session.vrings[index].layout else { return }
+        // A (re)connected VM2 resumes where the device got to (used index).
+        noteDeviceProgress(index)
         var flags: UInt16 = session.vrings[index].enabled ? PeerVring.flagEnabled : 0
         var fds: [Int32] = []
         if let kick = vringFiles[index]?[.kick] { flags |= PeerVring.flagKickFD; fds.append(kick.rawValue) }

@@ -207,6 +207,9 @@ public final class EmulatedVM1 {
         return out
     }
 
+    /// Buffers posted on `queue` and not yet used by the device.
+    public func inFlightCount(queue: Int) -> Int { inFlight[queue]?.count ?? 0 }
+
     /// Stops the device like QEMU (GET_VRING_BASE per queue) and returns the bases.
     public func stopDevice() throws -> [UInt32] {
         var bases: [UInt32] = []
@@ -220,5 +223,87 @@ public final class EmulatedVM1 {
     /// Drops the connection (as a killed VMM would).
     public func disconnect() {
         frontend.close()
+    }
+}
+
+/// The outcome of a traffic run.
+public struct TrafficResult: Sendable, Equatable, Codable {
+    public var sent = 0
+    public var bytesSent: UInt64 = 0
+    public var received = 0
+    public var bytesReceived: UInt64 = 0
+    public var verified = 0
+    public var corrupt = 0
+    public var seconds: Double = 0
+    public var completed = false
+}
+
+extension EmulatedVM1 {
+    /// Sends `count` test packets with sizes cycling through `sizes`, keeps RX
+    /// buffers posted, and collects VM2's echoes until all `count` came back
+    /// verified, nothing moved for `idleLimit` polls of 100 ms, or `stop`
+    /// says so. `progress` is called about every 1000 packets.
+    public func runTraffic(count: Int, sizes: [Int], expectEcho: Bool = true, idleLimit: Int = 50,
+                           stop: () -> Bool = { false },
+                           progress: (TrafficResult) -> Void = { _ in }) throws -> TrafficResult {
+        let clock = ContinuousClock()
+        let start = clock.now
+        var result = TrafficResult()
+        let window = max(1, Int(configuration.queueSize) / 2)
+        var idle = 0
+        var lastReport = 0
+        let sizes = sizes.isEmpty ? [64] : sizes
+        var inFlight: Int { inFlightCount(queue: 1) }
+        while (expectEcho ? result.received < count : (result.sent < count || inFlight > 0)), idle < idleLimit, !stop() {
+            var moved = false
+            // Keep the RX ring stocked.
+            let posted = inFlightCount(queue: 0)
+            if expectEcho, posted < window {
+                try postReceiveBuffers(window - posted)
+            }
+            // Fill the TX window.
+            while result.sent < count, inFlight < window {
+                let size = max(TestPacket.minimumSize, sizes[result.sent % sizes.count])
+                try send(TestPacket.make(sequence: UInt32(truncatingIfNeeded: result.sent), size: size))
+                result.sent += 1
+                result.bytesSent += UInt64(size)
+                moved = true
+            }
+            try settleMisses()
+            if !(try reclaim(queue: 1)).isEmpty { moved = true }
+            for (gpa, length) in try reclaim(queue: 0) {
+                moved = true
+                result.received += 1
+                let n = Int(length) - Self.netHeaderSize
+                guard n >= 0, let bytes = ram.read(n, at: GuestPhysicalAddress(gpa.rawValue + UInt64(Self.netHeaderSize))) else {
+                    result.corrupt += 1
+                    continue
+                }
+                result.bytesReceived += UInt64(n)
+                if case .valid = TestPacket.verify(bytes) { result.verified += 1 } else { result.corrupt += 1 }
+            }
+            if result.sent - lastReport >= 1000 { lastReport = result.sent; progress(result) }
+            if moved {
+                idle = 0
+            } else {
+                idle += 1
+                var fds = [queues[0].call.fd.rawValue, queues[1].call.fd.rawValue]
+                if let channel = frontend.backendChannel { fds.append(channel.fd.rawValue) }
+                if let ready = try? Poll.readable(fds, timeoutMilliseconds: 100) {
+                    if ready[0] { _ = try queues[0].call.read() }
+                    if ready[1] { _ = try queues[1].call.read() }
+                }
+            }
+        }
+        result.completed = expectEcho ? result.verified == count : result.sent == count && inFlight == 0
+        let elapsed = start.duration(to: clock.now).components
+        result.seconds = Double(elapsed.seconds) + Double(elapsed.attoseconds) / 1e18
+        progress(result)
+        return result
+    }
+
+    /// Answers IOTLB misses that are waiting on the back-end channel.
+    public func settleMisses() throws {
+        try frontend.serviceBackendChannel()
     }
 }

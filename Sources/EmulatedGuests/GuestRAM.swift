@@ -11,6 +11,9 @@ public struct GuestRAM: Sendable {
 
     public init(size: UInt64, name: String = "vm1-ram") throws(SystemCallError) {
         memfd = try Memfd(name: name, size: size)
+        // Like QEMU's memory-backend-memfd (seal=on): the size is fixed, so no
+        // peer mapping it can be hit by SIGBUS from a truncate.
+        try memfd.addSeals([.shrink, .grow])
         mapping = try MemoryMapping(fd: memfd.fd, size: size)
         self.size = size
     }

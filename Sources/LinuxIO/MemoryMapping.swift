@@ -76,3 +76,16 @@ public final class MemoryMapping: Sendable {
         } ?? nil
     }
 }
+
+/// Ordered 16-bit accesses to memory shared with another VM (ring indices).
+public enum SharedMemory {
+    /// Acquire-load of a little-endian u16 at `p` (2-byte aligned).
+    public static func loadAcquire(_ p: UnsafeMutableRawPointer) -> UInt16 {
+        UInt16(littleEndian: shim_load_acquire_u16(p))
+    }
+
+    /// Release-store of a little-endian u16 at `p` (2-byte aligned).
+    public static func storeRelease(_ p: UnsafeMutableRawPointer, _ value: UInt16) {
+        shim_store_release_u16(p, value.littleEndian)
+    }
+}

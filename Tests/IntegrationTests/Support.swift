@@ -29,12 +29,16 @@ final class RunningBridge {
     let thread: JoinableThread
     let path: String
 
+    let peerPath: String
+
     init(_ name: String, mode: BridgeMode, barSize: UInt64 = 64 * GiB, dmaWindow: BusWindow? = nil,
-         staticWindows: [BusWindow] = []) throws {
+         staticWindows: [BusWindow] = [], revocationDeadline: Int = 100) throws {
         path = temporarySocketPath(name)
+        peerPath = temporarySocketPath(name + "-peer")
         let space = AddressSpaceConfiguration(barSize: barSize, mode: mode, dmaWindow: dmaWindow, staticWindows: staticWindows)
-        let bridge = try Bridge(BridgeSettings(name: name, socketPath: path,
-                                               backend: BackendConfiguration(bridgeName: name, addressSpace: space)),
+        let bridge = try Bridge(BridgeSettings(name: name, socketPath: path, peerSocketPath: peerPath,
+                                               backend: BackendConfiguration(bridgeName: name, addressSpace: space),
+                                               revocationDeadlineMilliseconds: revocationDeadline),
                                 logger: quietLogger())
         self.bridge = bridge
         thread = try JoinableThread(name: "bridge-\(name)") { bridge.serve() }

@@ -1,0 +1,468 @@
+import BridgeCore
+import LinuxIO
+import PeerProtocol
+import Synchronization
+
+/// How the emulated VM2 behaves.
+public struct VM2Configuration: Sendable {
+    /// Acknowledge MAP/UNMAP (a VM2 that never acks is disconnected at the deadline).
+    public var acknowledges = true
+    /// Ask the daemon for translations of unmapped buffers (ATS-like).
+    public var translates = true
+    /// Send every valid TX packet back into VM1's RX buffers.
+    public var echo = true
+    public init() {}
+}
+
+/// What the emulated VM2 saw and did.
+public struct VM2Statistics: Sendable, Equatable, Codable {
+    public var connected = false
+    public var ready = false
+    public var barSize: UInt64 = 0
+    public var mode = ""
+    public var mapsApplied = 0
+    public var unmapsApplied = 0
+    public var bytesMapped: UInt64 = 0
+    public var packetsReceived = 0
+    public var bytesReceived: UInt64 = 0
+    public var packetsVerified = 0
+    public var packetsCorrupt = 0
+    /// Frames from a real front end (not test packets) that look like Ethernet.
+    public var framesValid = 0
+    public var framesInvalid = 0
+    public var packetsSent = 0
+    public var bytesSent: UInt64 = 0
+    /// Descriptors the device refused: outside the BAR, unmapped, wrong permission, malformed chains.
+    public var descriptorsRefused = 0
+    public var translationsRequested = 0
+    public var translationsGranted = 0
+    public var translationsRefused = 0
+    public var notificationsSent = 0
+    public var kicksReceived = 0
+    public var echoesDropped = 0
+    public var lastError: String?
+    public var disconnectReason: String?
+}
+
+/// An emulated VM2: the vhost-pci device model and the virtio-net *device*
+/// for VM1, on its own thread. It connects to the bridge's peer socket, maps
+/// every MAP into its own BAR window at `barOffset`, unmaps on request, and
+/// serves VM1's rings straight from the BAR: TX packets are verified in place,
+/// and (optionally) written back into VM1's RX buffers.
+///
+/// Sendable without `@unchecked`: the device state lives on the device thread;
+/// what others read is behind a `Mutex`.
+public final class EmulatedVM2: Sendable {
+    private struct Shared {
+        var statistics = VM2Statistics()
+        var window: BARWindow?
+        var commands: [Command] = []
+        var translationResults: [UInt64: PeerTranslateReply] = [:]
+        var finished = false
+    }
+    enum Command: Sendable { case translate(PeerTranslate) }
+
+    private let shared = Mutex(Shared())
+    private let stopSignal: EventFD
+    private let commandSignal: EventFD
+    private let thread: Mutex<JoinableThread?> = Mutex(nil)
+
+    /// Connects and starts the device thread.
+    public init(peerSocketPath: String, configuration: VM2Configuration = VM2Configuration()) throws {
+        stopSignal = try EventFD()
+        commandSignal = try EventFD()
+        let socket = try UnixSocket.connect(path: peerSocketPath)
+        try socket.send(PeerCodec.encode(.hello(PeerHello(features: configuration.translates ? .translate : []))))
+        let t = try JoinableThread(name: "vm2") { [self] in
+            let engine = VM2Engine(socket: socket, configuration: configuration, owner: self)
+            engine.run()
+        }
+        thread.withLock { $0 = t }
+    }
+
+    public var statistics: VM2Statistics { shared.withLock { $0.statistics } }
+    /// VM2's BAR as its guest would see it (nil until the daemon's HELLO reply).
+    public var window: BARWindow? { shared.withLock { $0.window } }
+    public var isFinished: Bool { shared.withLock { $0.finished } }
+
+    /// Stops the device thread and closes the connection (as if VM2 were killed).
+    public func stop() {
+        _ = try? stopSignal.signal()
+        let t = thread.withLock { t -> JoinableThread? in defer { t = nil }; return t }
+        t?.join()
+    }
+
+    /// Asks the daemon for a translation from the device thread; returns the
+    /// reply (nil if none came within ~20 s or the connection ended).
+    public func translate(barOffset: UInt64, length: UInt64, access: Permission) -> PeerTranslateReply? {
+        let id = UInt64.random(in: 1...UInt64.max)
+        shared.withLock { $0.commands.append(.translate(PeerTranslate(requestID: id, barOffset: barOffset, length: length, access: access))) }
+        _ = try? commandSignal.signal()
+        for _ in 0..<20_000 {
+            if let r = shared.withLock({ $0.translationResults.removeValue(forKey: id) }) { return r }
+            if isFinished { return nil }
+            usleepMillis(1)
+        }
+        return nil
+    }
+
+    // Engine → owner plumbing.
+    fileprivate func update(_ body: (inout VM2Statistics) -> Void) { shared.withLock { body(&$0.statistics) } }
+    fileprivate func setWindow(_ w: BARWindow?) { shared.withLock { $0.window = w } }
+    fileprivate func takeCommands() -> [Command] {
+        _ = try? commandSignal.read()
+        return shared.withLock { s in defer { s.commands = [] }; return s.commands }
+    }
+    fileprivate func deliver(_ reply: PeerTranslateReply) { shared.withLock { $0.translationResults[reply.requestID] = reply } }
+    fileprivate func finish(_ reason: String) {
+        shared.withLock { s in
+            s.finished = true
+            s.statistics.connected = false
+            s.statistics.ready = false
+            s.statistics.disconnectReason = reason
+        }
+    }
+    fileprivate var stopFD: Int32 { stopSignal.fd.rawValue }
+    fileprivate var commandFD: Int32 { commandSignal.fd.rawValue }
+}
+
+func usleepMillis(_ ms: UInt32) {
+    var ts = timespec(tv_sec: 0, tv_nsec: Int(ms) * 1_000_000)
+    nanosleep(&ts, nil)
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The device thread's state. Never leaves that thread.
+private final class VM2Engine {
+    struct Ring {
+        var index: Int
+        var size: UInt32
+        var desc: UInt64
+        var avail: UInt64
+        var used: UInt64
+        var lastAvail: UInt16
+        var usedIndex: UInt16
+        var enabled: Bool
+        var kick: EventFD?
+        var call: EventFD?
+    }
+
+    let socket: UnixSocket
+    let configuration: VM2Configuration
+    unowned let owner: EmulatedVM2
+    var window: BARWindow?
+    var barSize: UInt64 = 0
+    var table = PeerMappingTable()
+    var rings: [Int: Ring] = [:]
+    var pendingEcho: [[UInt8]] = []
+    var nextRequest: UInt64 = 1
+    var awaiting: [UInt64: PeerTranslateReply?] = [:]
+    var stopReason: String?
+
+    init(socket: UnixSocket, configuration: VM2Configuration, owner: EmulatedVM2) {
+        self.socket = socket
+        self.configuration = configuration
+        self.owner = owner
+    }
+
+    func run() {
+        owner.update { $0.connected = true }
+        while stopReason == nil {
+            var fds = [owner.stopFD, owner.commandFD, socket.fd.rawValue]
+            let kickRings = rings.values.filter { $0.kick != nil }.sorted { $0.index < $1.index }
+            fds += kickRings.compactMap { $0.kick?.fd.rawValue }
+            guard let ready = try? Poll.readable(fds, timeoutMilliseconds: 200) else { continue }
+            if ready[0] { stopReason = "stopped"; break }
+            if ready[1] { runCommands() }
+            if ready[2] { readControl() }
+            for (i, ring) in kickRings.enumerated() where ready[3 + i] {
+                _ = try? ring.kick?.read()
+                owner.update { $0.kicksReceived += 1 }
+                process(ring: ring.index)
+            }
+        }
+        try? socket.fd.close()
+        for r in rings.values { try? r.kick?.fd.close(); try? r.call?.fd.close() }
+        rings = [:]
+        owner.setWindow(nil)
+        window = nil
+        owner.finish(stopReason ?? "stopped")
+    }
+
+    // MARK: control messages
+
+    func readControl() {
+        let message: PeerMessage
+        let fds: [OwnedFileDescriptor]
+        do {
+            var parsed: (PeerCodec.Header, PeerMessageType)?
+            guard let framed = try socket.receiveFramed(payloadSize: { bytes in
+                let v = try PeerCodec.validate(header: bytes); parsed = v; return Int(v.0.size)
+            }), let (header, type) = parsed else { stopReason = "daemon closed the connection"; return }
+            fds = framed.fds
+            message = try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count)
+        } catch {
+            stopReason = "protocol error: \(error)"
+            owner.update { $0.lastError = "\(error)" }
+            return
+        }
+        handle(message, fds: fds)
+    }
+
+    func ack(_ seq: UInt64) {
+        guard configuration.acknowledges else { return }
+        try? socket.send(PeerCodec.encode(.ack(seq)))
+    }
+
+    func handle(_ message: PeerMessage, fds: [OwnedFileDescriptor]) {
+        switch message {
+        case .helloReply(let info):
+            barSize = info.barSize
+            do {
+                let w = try BARWindow(size: info.barSize)
+                window = w
+                owner.setWindow(w)
+                owner.update { $0.ready = true; $0.barSize = info.barSize; $0.mode = info.mode.rawValue }
+            } catch {
+                stopReason = "cannot reserve a BAR of \(info.barSize) bytes: \(error)"
+            }
+        case .map(let m):
+            guard let window, let fd = fds.first else { stopReason = "MAP before HELLO reply"; return }
+            do {
+                try window.map(bus: BusAddress(m.barOffset), length: m.length, permission: m.permission, fd: fd.rawValue, fdOffset: m.fdOffset)
+                table.add(m.barOffset, m.barOffset + m.length, m.permission)
+                owner.update { $0.mapsApplied += 1; $0.bytesMapped = self.table.ranges.reduce(0) { $0 + $1.end - $1.start } }
+            } catch {
+                owner.update { $0.lastError = "MAP: \(error)" }
+            }
+            try? fd.close()
+            ack(m.sequence)
+        case .unmap(let u):
+            guard let window else { return }
+            // Forget it first: from here on the device refuses the range.
+            let (end, overflow) = u.barOffset.addingReportingOverflow(u.length)
+            if !overflow { table.remove(u.barOffset, end) }
+            try? window.revoke(bus: BusAddress(u.barOffset), length: u.length)
+            owner.update { $0.unmapsApplied += 1; $0.bytesMapped = self.table.ranges.reduce(0) { $0 + $1.end - $1.start } }
+            ack(u.sequence)
+        case .vring(let v):
+            let index = Int(v.index)
+            if let old = rings[index] {
+                if v.hasKick { try? old.kick?.fd.close() }
+                if v.hasCall { try? old.call?.fd.close() }
+            }
+            var kick: EventFD? = v.hasKick ? nil : rings[index]?.kick
+            var call: EventFD? = v.hasCall ? nil : rings[index]?.call
+            var next = 0
+            if v.hasKick, next < fds.count { kick = EventFD(adopting: OwnedFileDescriptor(adopting: fds[next].release())); next += 1 }
+            if v.hasCall, next < fds.count { call = EventFD(adopting: OwnedFileDescriptor(adopting: fds[next].release())) }
+            // An in-order device: the used index equals the last avail index.
+            let resume = rings[index]?.lastAvail ?? v.lastAvail
+            rings[index] = Ring(index: index, size: v.num, desc: v.desc, avail: v.avail, used: v.used,
+                                lastAvail: resume, usedIndex: rings[index]?.usedIndex ?? resume,
+                                enabled: v.enabled, kick: kick, call: call)
+            process(ring: index) // catch up on anything kicked while nobody listened
+        case .vringStop(let index):
+            if let r = rings.removeValue(forKey: Int(index)) { try? r.kick?.fd.close(); try? r.call?.fd.close() }
+        case .device(let d):
+            if d.event != .start {
+                for r in rings.values { try? r.kick?.fd.close(); try? r.call?.fd.close() }
+                rings = [:]
+            }
+        case .translateReply(let r):
+            if awaiting.keys.contains(r.requestID) {
+                awaiting[r.requestID] = .some(r)
+            } else {
+                owner.deliver(r)
+            }
+            owner.update { r.status == .granted ? ($0.translationsGranted += 1) : ($0.translationsRefused += 1) }
+        case .error(let e):
+            stopReason = "daemon error \(e.code): \(e.text)"
+        case .hello, .ack, .translate:
+            stopReason = "unexpected \(message.type) from the daemon"
+        }
+        for fd in fds { try? fd.close() }
+    }
+
+    func runCommands() {
+        for command in owner.takeCommands() {
+            switch command {
+            case .translate(let t):
+                owner.update { $0.translationsRequested += 1 }
+                try? socket.send(PeerCodec.encode(.translate(t)))
+            }
+        }
+    }
+
+    /// Asks for a translation and handles control traffic until the reply
+    /// comes (MAPs arrive before it). Returns whether it was granted.
+    func translateAndWait(_ address: UInt64, length: UInt64, access: Permission) -> Bool {
+        guard configuration.translates else { return false }
+        let id = nextRequest
+        nextRequest += 1
+        awaiting[id] = .some(nil)
+        owner.update { $0.translationsRequested += 1 }
+        guard (try? socket.send(PeerCodec.encode(.translate(PeerTranslate(requestID: id, barOffset: address, length: length, access: access))))) != nil else {
+            return false
+        }
+        while stopReason == nil {
+            if case .some(.some(let reply)) = awaiting[id] {
+                awaiting[id] = nil
+                return reply.status == .granted
+            }
+            guard let ready = try? Poll.readable([owner.stopFD, socket.fd.rawValue], timeoutMilliseconds: 5000) else { return false }
+            if ready[0] { stopReason = "stopped"; return false }
+            if ready[1] { readControl() } else { awaiting[id] = nil; return false }
+        }
+        return false
+    }
+
+    // MARK: the device
+
+    /// A checked view of guest memory through the BAR; nil (and counted) when
+    /// the range is not mapped with `needed`, after one translation attempt.
+    func access(_ address: UInt64, _ length: UInt64, _ needed: Permission) -> UnsafeMutableRawBufferPointer? {
+        guard let window, length <= UInt64(Int.max) else { return nil }
+        if let failure = table.check(address, length: length, needed: needed, barSize: barSize) {
+            switch failure {
+            case .notMapped, .denied:
+                guard translateAndWait(address, length: length, access: needed),
+                      table.check(address, length: length, needed: needed, barSize: barSize) == nil else { return nil }
+            case .wraps, .outsideBAR:
+                return nil
+            }
+        }
+        return window.withBytes(at: BusAddress(address), length: Int(length)) { $0 }
+    }
+
+    func load16(_ address: UInt64) -> UInt16? {
+        guard let b = access(address, 2, .read), let p = b.baseAddress else { return nil }
+        return UInt16(littleEndian: shimLoadAcquire(p))
+    }
+
+    func process(ring index: Int) {
+        guard var ring = rings[index], ring.enabled, ring.size > 0 else { return }
+        var progressed = false
+        while stopReason == nil {
+            guard let availIdx = load16(ring.avail + 2) else { owner.update { $0.descriptorsRefused += 1 }; break }
+            if availIdx == ring.lastAvail { break }
+            let slot = UInt64(ring.lastAvail % UInt16(truncatingIfNeeded: ring.size))
+            guard let headBytes = access(ring.avail + 4 + 2 * slot, 2, .read) else { owner.update { $0.descriptorsRefused += 1 }; break }
+            let head = UInt16(littleEndian: headBytes.loadUnaligned(as: UInt16.self))
+            let written: UInt32
+            if index % 2 == 1 {
+                written = transmit(ring: ring, head: head)
+            } else {
+                // RX: fill with a pending echo, or leave it posted for later.
+                guard let packet = pendingEcho.first else { break }
+                guard let n = receive(ring: ring, head: head, packet: packet) else { break }
+                pendingEcho.removeFirst()
+                written = n
+            }
+            // Used ring entry, then the index (release).
+            let usedSlot = UInt64(ring.usedIndex % UInt16(truncatingIfNeeded: ring.size))
+            if let entry = access(ring.used + 4 + 8 * usedSlot, 8, .write) {
+                entry.storeBytes(of: UInt32(head).littleEndian, as: UInt32.self)
+                entry.storeBytes(of: written.littleEndian, toByteOffset: 4, as: UInt32.self)
+            }
+            ring.lastAvail &+= 1
+            ring.usedIndex &+= 1
+            if let idx = access(ring.used + 2, 2, .write), let p = idx.baseAddress { shimStoreRelease(p, ring.usedIndex) }
+            rings[index] = ring
+            progressed = true
+        }
+        if progressed {
+            _ = try? ring.call?.signal()
+            owner.update { $0.notificationsSent += 1 }
+        }
+        // TX produced echoes: give them to RX.
+        if index % 2 == 1, !pendingEcho.isEmpty, rings[index - 1] != nil { process(ring: index - 1) }
+    }
+
+    /// One descriptor chain: (address, length, writable) entries, checked.
+    func chain(_ ring: Ring, head: UInt16) -> [(UInt64, UInt32, Bool)]? {
+        var out: [(UInt64, UInt32, Bool)] = []
+        var i = head
+        for _ in 0..<ring.size {
+            guard UInt32(i) < ring.size, let d = access(ring.desc + 16 * UInt64(i), 16, .read) else { return nil }
+            let addr = UInt64(littleEndian: d.loadUnaligned(as: UInt64.self))
+            let len = UInt32(littleEndian: d.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
+            let flags = UInt16(littleEndian: d.loadUnaligned(fromByteOffset: 12, as: UInt16.self))
+            let next = UInt16(littleEndian: d.loadUnaligned(fromByteOffset: 14, as: UInt16.self))
+            out.append((addr, len, flags & 2 != 0))
+            if flags & 1 == 0 { return out }
+            i = next
+        }
+        return nil // a loop
+    }
+
+    func transmit(ring: Ring, head: UInt16) -> UInt32 {
+        guard let parts = chain(ring, head: head), parts.allSatisfy({ !$0.2 }) else {
+            owner.update { $0.descriptorsRefused += 1 }
+            return 0
+        }
+        // Verify in place (single-buffer packets: the emulated VM1 and DPDK
+        // send one descriptor; chains are gathered).
+        var bytes: [UInt8] = []
+        var views: [UnsafeMutableRawBufferPointer] = []
+        for (addr, len, _) in parts {
+            guard let view = access(addr, UInt64(len), .read) else { owner.update { $0.descriptorsRefused += 1 }; return 0 }
+            views.append(view)
+        }
+        let total = views.reduce(0) { $0 + $1.count }
+        guard total >= 12 else { owner.update { $0.descriptorsRefused += 1 }; return 0 }
+        let verdict: TestPacket.Verdict
+        let plausible: Bool
+        if views.count == 1 {
+            let payload = UnsafeRawBufferPointer(rebasing: views[0][12...])
+            verdict = TestPacket.verify(payload)
+            plausible = EthernetCheck.isPlausible(payload)
+            if configuration.echo, case .valid = verdict { bytes = Array(views[0]) }
+        } else {
+            for v in views { bytes += Array(v) }
+            let payload = Array(bytes.dropFirst(12))
+            verdict = TestPacket.verify(payload)
+            plausible = payload.withUnsafeBytes { EthernetCheck.isPlausible($0) }
+        }
+        owner.update { s in
+            s.packetsReceived += 1
+            s.bytesReceived += UInt64(total - 12)
+            switch verdict {
+            case .valid: s.packetsVerified += 1
+            case .corrupt: s.packetsCorrupt += 1
+            case .notATestPacket: if plausible { s.framesValid += 1 } else { s.framesInvalid += 1 }
+            }
+        }
+        if configuration.echo, case .valid = verdict {
+            if pendingEcho.count < 4096 { pendingEcho.append(bytes) } else { owner.update { $0.echoesDropped += 1 } }
+        }
+        return 0
+    }
+
+    /// Writes `packet` into an RX chain; nil when the chain is not usable.
+    func receive(ring: Ring, head: UInt16, packet: [UInt8]) -> UInt32? {
+        guard let parts = chain(ring, head: head), parts.allSatisfy({ $0.2 }) else {
+            owner.update { $0.descriptorsRefused += 1 }
+            return 0
+        }
+        var offset = 0
+        for (addr, len, _) in parts where offset < packet.count {
+            let n = min(Int(len), packet.count - offset)
+            guard let view = access(addr, UInt64(n), .write) else {
+                owner.update { $0.descriptorsRefused += 1 }
+                return 0
+            }
+            packet.withUnsafeBytes { src in view.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[offset..<(offset + n)])) }
+            offset += n
+        }
+        guard offset == packet.count else { owner.update { $0.echoesDropped += 1 }; return UInt32(offset) }
+        owner.update { $0.packetsSent += 1; $0.bytesSent += UInt64(packet.count - 12) }
+        return UInt32(offset)
+    }
+}
+
+@inline(__always) func shimLoadAcquire(_ p: UnsafeMutableRawPointer) -> UInt16 { SharedMemory.loadAcquire(p) }
+@inline(__always) func shimStoreRelease(_ p: UnsafeMutableRawPointer, _ v: UInt16) { SharedMemory.storeRelease(p, v) }

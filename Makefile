@@ -32,9 +32,10 @@ release: deps
 test: deps
 	$(SWIFT) test --no-parallel
 
+# The demo runs release builds: the numbers it prints mean something.
 demo: deps
-	$(SWIFT) build --product vhost-pci-demo
-	$(SWIFT) run --skip-build vhost-pci-demo
+	$(SWIFT) build -c release
+	.build/release/vhost-pci-demo
 
 bench: deps
 	$(SWIFT) build -c release --product vhost-pci-bench
@@ -42,11 +43,11 @@ bench: deps
 
 install: release
 	install -d $(BINDIR)
-	install -m 0755 .build/release/vhost-pci-demo $(BINDIR)/vhost-pci-demo
-	install -m 0755 .build/release/vhost-pci-bench $(BINDIR)/vhost-pci-bench
+	for b in vhost-pci-bridged vhost-pci-guest vhost-pci-demo vhost-pci-bench; do \
+	  install -m 0755 .build/release/$$b $(BINDIR)/$$b; done
 
 uninstall:
-	rm -f $(BINDIR)/vhost-pci-demo $(BINDIR)/vhost-pci-bench
+	rm -f $(BINDIR)/vhost-pci-bridged $(BINDIR)/vhost-pci-guest $(BINDIR)/vhost-pci-demo $(BINDIR)/vhost-pci-bench
 
 clean:
 	rm -rf .build

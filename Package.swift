@@ -18,6 +18,7 @@ let package = Package(
         .library(name: "VhostUser", targets: ["VhostUser"]),
         .library(name: "LinuxIO", targets: ["LinuxIO"]),
         .executable(name: "vhost-pci-bridged", targets: ["vhost-pci-bridged"]),
+        .executable(name: "vhost-pci-guest", targets: ["vhost-pci-guest"]),
         .executable(name: "vhost-pci-bench", targets: ["vhost-pci-bench"]),
         .executable(name: "vhost-pci-demo", targets: ["vhost-pci-demo"]),
     ],
@@ -73,6 +74,14 @@ let package = Package(
                 "BridgeDaemon", "BridgeCore", "VhostUser", "LinuxIO",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "vhost-pci-guest",
+            dependencies: [
+                "EmulatedGuests", "BridgeCore", "LinuxIO",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings
         ),

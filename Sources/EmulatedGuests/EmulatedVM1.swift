@@ -282,7 +282,12 @@ extension EmulatedVM1 {
                 result.bytesReceived += UInt64(n)
                 if case .valid = TestPacket.verify(bytes) { result.verified += 1 } else { result.corrupt += 1 }
             }
-            if result.sent - lastReport >= 1000 { lastReport = result.sent; progress(result) }
+            if result.sent - lastReport >= 1000 {
+                lastReport = result.sent
+                let elapsed = start.duration(to: clock.now).components
+                result.seconds = Double(elapsed.seconds) + Double(elapsed.attoseconds) / 1e18
+                progress(result)
+            }
             if moved {
                 idle = 0
             } else {

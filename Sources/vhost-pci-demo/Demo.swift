@@ -1,107 +1,125 @@
 import ArgumentParser
-import BridgeCore
-import LinuxIO
+import Foundation
 
-/// `make demo` until the bridge daemon exists: a walkthrough of the BAR
-/// model (AddressSpace) carried into real memory (BARWindow), with VM1's RAM
-/// as a memfd. Every step prints what the model decided and proves it in memory.
 @main
 struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vhost-pci-demo",
-        abstract: "Walk through the vhost-pci BAR model: map VM1 memory by IOVA, read it in place, revoke it, refuse bad input."
+        abstract: "The vhost-pci bridge in action: the daemon, an emulated VM1 and an emulated VM2 as three processes.",
+        subcommands: [Run.self, Walkthrough.self],
+        defaultSubcommand: Run.self
+    )
+}
+
+/// Where the sibling executables are (the directory of this one).
+func siblingExecutable(_ name: String) -> String {
+    let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    return URL(fileURLWithPath: me).deletingLastPathComponent().appendingPathComponent(name).path
+}
+
+struct DemoError: Error, CustomStringConvertible {
+    var description: String
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Start vhost-pci-bridged, vhost-pci-guest vm2 and vhost-pci-guest vm1; move packets VM1 → VM2 → VM1 in place; print a summary."
     )
 
-    @Option(help: "VM1 RAM size (e.g. 256M, 4G).")
-    var ram: String = "256M"
+    @Option(help: "Packets in the 1500-byte phases.")
+    var packets: Int = 20_000
 
-    @Option(help: "BAR size, a power of two (e.g. 64G, 1T).")
+    @Option(help: "Packets in the 64 KiB phase.")
+    var largePackets: Int = 4_000
+
+    @Option(help: "BAR size of the demo bridge.")
     var barSize: String = "64G"
 
+    struct VM1Summary: Decodable {
+        struct Traffic: Decodable { var sent: Int; var received: Int; var verified: Int; var corrupt: Int; var seconds: Double; var completed: Bool }
+        var traffic: Traffic
+        var packetsPerSecond: Double
+        var gigabitsPerSecond: Double
+        var iotlbUpdatesSent: Int
+        var iotlbInvalidatesSent: Int
+    }
+
+    struct VM2Summary: Decodable {
+        var packetsReceived: Int
+        var packetsVerified: Int
+        var packetsCorrupt: Int
+        var packetsSent: Int
+        var descriptorsRefused: Int
+        var mapsApplied: Int
+        var unmapsApplied: Int
+    }
+
+    struct Phase {
+        var title: String
+        var mode: String
+        var count: Int
+        var size: Int
+    }
+
+    func start(_ name: String, _ arguments: [String], stdout: Pipe? = nil) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: siblingExecutable(name))
+        p.arguments = arguments
+        if let stdout { p.standardOutput = stdout }
+        try p.run()
+        return p
+    }
+
     func run() throws {
-        guard let ramSize = parseByteSize(ram), ramSize >= 1 << 20 else { throw ValidationError("--ram: '\(ram)' is not a size of at least 1M") }
-        guard let bar = parseByteSize(barSize) else { throw ValidationError("--bar-size: '\(barSize)' is not a size") }
-        let userBase: UInt64 = 0x7f00_0000_0000
-
-        print("== VM1: \(ByteCount(ramSize)) of guest RAM in a memfd, shared as one region (like QEMU's memory-backend-memfd)")
-        let guestRAM = try Memfd(name: "vm1-ram", size: ramSize)
-        var regions = MemoryRegionTable()
-        let region = try regions.add(RegionDescriptor(guestPhysical: GuestPhysicalAddress(0), size: ramSize,
-                                                      userAddress: FrontendUserAddress(userBase), mmapOffset: 0),
-                                     fileSize: try guestRAM.size)
-        print("   \(region.id): gpa 0x0 size \(ByteCount(ramSize)) at \(region.userAddress) in VM1's VMM")
-
-        let dma = BusWindow(base: BusAddress(1 << 32), limit: 1 << 34)
-        var space = try AddressSpace(AddressSpaceConfiguration(barSize: bar, mode: .iommu, dmaWindow: dma))
-        let window = try BARWindow(size: bar)
-        print("== Bridge: iommu mode, BAR \(ByteCount(bar)) reserved PROT_NONE (no memory committed), DMA window \(dma.map(\.description) ?? "none")")
-
-        func apply(_ what: String, _ change: () throws(AddressSpaceError) -> WindowPlan) throws {
-            do {
-                let plan = try change()
-                try window.apply(plan) { $0 == region.id ? guestRAM.fd.rawValue : nil }
-                print("   \(what): " + (plan.isEmpty ? "no window change needed" : plan.operations.map(\.description).joined(separator: "; ")))
-            } catch {
-                print("   \(what): REFUSED \(error)")
+        let dir = "/tmp/vhost-pci-demo-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let phases = [
+            Phase(title: "identity, 1500 B", mode: "identity", count: packets, size: 1500),
+            Phase(title: "identity, 64 KiB", mode: "identity", count: largePackets, size: 65536),
+            Phase(title: "iommu, 1500 B", mode: "iommu", count: packets / 4, size: 1500),
+        ]
+        print("vhost-pci-bridge demo: daemon + emulated VM1 + emulated VM2, three processes, packets moved in place through the BAR\n")
+        fflush(stdout)
+        var rows: [(Phase, VM1Summary, VM2Summary)] = []
+        for mode in ["identity", "iommu"] {
+            let vhost = "\(dir)/\(mode)-vm1.sock", peer = "\(dir)/\(mode)-vm2.sock"
+            let daemon = try start("vhost-pci-bridged", ["--name", "demo-\(mode)", "--socket-path", vhost, "--peer-socket", peer,
+                                                          "--mode", mode, "--bar-size", barSize, "--log-level", "warning"])
+            defer {
+                if daemon.isRunning { daemon.terminate() }
+                daemon.waitUntilExit()
             }
+            defer { fflush(stdout) }
+            print("[\(mode)] vhost-pci-bridged --socket-path \(vhost) --peer-socket \(peer) --mode \(mode) --bar-size \(barSize)")
+            for phase in phases where phase.mode == mode {
+                let vm2Out = Pipe(), vm1Out = Pipe()
+                let vm2 = try start("vhost-pci-guest", ["vm2", "--peer-socket", peer, "--duration", "120",
+                                                        "--until-packets", "\(phase.count)", "--json"], stdout: vm2Out)
+                let vm1 = try start("vhost-pci-guest", ["vm1", "--socket-path", vhost, "--mode", mode, "--count", "\(phase.count)",
+                                                        "--sizes", "\(phase.size)", "--progress", "--json"], stdout: vm1Out)
+                let vm1Data = vm1Out.fileHandleForReading.readDataToEndOfFile()
+                vm1.waitUntilExit()
+                let vm2Data = vm2Out.fileHandleForReading.readDataToEndOfFile()
+                vm2.waitUntilExit()
+                guard let a = try? JSONDecoder().decode(VM1Summary.self, from: vm1Data),
+                      let b = try? JSONDecoder().decode(VM2Summary.self, from: vm2Data) else {
+                    throw DemoError(description: "phase '\(phase.title)': a guest failed (vm1 exit \(vm1.terminationStatus), vm2 exit \(vm2.terminationStatus))")
+                }
+                rows.append((phase, a, b))
+            }
+            daemon.terminate()
         }
-
-        print("== VM1's IOMMU driver maps a TX buffer: IOVA 0x1_0000_0000 → gpa 0x20000, read-only for the device")
-        try guestRAM.write(Array("hello from VM1".utf8), at: 0x20000)
-        try apply("IOTLB update") { () throws(AddressSpaceError) in
-            try space.update(bus: BusAddress(0x1_0000_0000), length: 0x4000, source: .user(FrontendUserAddress(userBase + 0x20000)),
-                             permission: .read, regions: regions)
+        print("\n| phase | packets | VM2 verified in place | echoed into VM1 RX | VM1 verified | corrupt | refused | packets/s | Gb/s |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        var ok = true
+        for (p, a, b) in rows {
+            ok = ok && a.traffic.completed && a.traffic.corrupt == 0 && b.packetsCorrupt == 0
+            print(String(format: "| %@ | %d | %d | %d | %d | %d | %d | %.0f | %.2f |", p.title, p.count, b.packetsVerified, b.packetsSent,
+                         a.traffic.verified, a.traffic.corrupt + b.packetsCorrupt, b.descriptorsRefused, a.packetsPerSecond, a.gigabitsPerSecond))
         }
-        let seen = window.withBytes(at: BusAddress(0x1_0000_0000), length: 14) { String(decoding: $0, as: UTF8.self) } ?? ""
-        print("   VM2 reads BAR offset 0x1_0000_0000 in place: \"\(seen)\"")
-        try guestRAM.write(Array("HELLO".utf8), at: 0x20000)
-        let again = window.withBytes(at: BusAddress(0x1_0000_0000), length: 14) { String(decoding: $0, as: UTF8.self) } ?? ""
-        print("   VM1 writes after posting; VM2 sees it with no copy: \"\(again)\"")
-        print("   VM2 writes to that read-only range: \(window.probeInChild(BusAddress(0x1_0000_0000), write: true) == .faulted ? "SIGSEGV (as it must)" : "NOT REFUSED")")
-
-        print("== An RX buffer, read/write, next to it (coalesces with nothing: different permission)")
-        try apply("IOTLB update") { () throws(AddressSpaceError) in
-            try space.update(bus: BusAddress(0x1_0000_4000), length: 0x4000, source: .user(FrontendUserAddress(userBase + 0x40000)),
-                             permission: .readWrite, regions: regions)
-        }
-        _ = window.withBytes(at: BusAddress(0x1_0000_4000), length: 5) { $0.copyBytes(from: Array("reply".utf8)) }
-        print("   VM2 writes \"reply\" into the RX buffer; VM1 reads gpa 0x40000: \"\(String(decoding: try guestRAM.read(count: 5, at: 0x40000), as: UTF8.self))\"")
-        print("   live mappings: \(space.mappings.count), bytes mapped: \(ByteCount(space.mappedBytes))")
-
-        print("== Hostile or mistaken updates are refused, naming the rule; nothing changes")
-        try apply("past the BAR end") { () throws(AddressSpaceError) in
-            try space.update(bus: BusAddress(bar - 0x1000), length: 0x2000, source: .user(FrontendUserAddress(userBase)), permission: .read, regions: regions)
-        }
-        try apply("wrapping 2^64") { () throws(AddressSpaceError) in
-            try space.update(bus: BusAddress(UInt64.max - 0xfff), length: 0x2000, source: .user(FrontendUserAddress(userBase)), permission: .read, regions: regions)
-        }
-        try apply("outside VM1's memory") { () throws(AddressSpaceError) in
-            try space.update(bus: BusAddress(0x1_0001_0000), length: 0x1000, source: .user(FrontendUserAddress(0x1000)), permission: .read, regions: regions)
-        }
-        try apply("outside the DMA window") { () throws(AddressSpaceError) in
-            try space.update(bus: BusAddress(0x1000), length: 0x1000, source: .user(FrontendUserAddress(userBase)), permission: .read, regions: regions)
-        }
-        try apply("unaligned IOVA") { () throws(AddressSpaceError) in
-            try space.update(bus: BusAddress(0x1_0000_0001), length: 0x1000, source: .user(FrontendUserAddress(userBase)), permission: .read, regions: regions)
-        }
-        print("   live mappings still: \(space.mappings.count)")
-
-        print("== VM1 unmaps the TX buffer: the window is revoked before anyone is told")
-        try apply("IOTLB invalidate") { () throws(AddressSpaceError) in
-            try space.invalidate(bus: BusAddress(0x1_0000_0000), length: 0x4000)
-        }
-        print("   VM2 touches the revoked range: \(window.probeInChild(BusAddress(0x1_0000_0000)) == .faulted ? "SIGSEGV (revoked)" : "STILL READABLE")")
-        print("   VM2 touches the RX buffer: \(window.probeInChild(BusAddress(0x1_0000_4000)) == .accessible ? "still mapped" : "FAULTED")")
-        print("   the bytes are still in VM1's RAM: \"\(String(decoding: try guestRAM.read(count: 5, at: 0x20000), as: UTF8.self))\"")
-
-        let ringLayout = VringLayout(queueSize: 256, descriptorTable: BusAddress(0x1_0000_4000),
-                                     availRing: BusAddress(0x1_0000_5000), usedRing: BusAddress(0x1_0000_6000))
-        do {
-            try space.validate(ringLayout)
-            print("== A 256-entry vring inside the RX mapping passes validation")
-        } catch {
-            print("== vring validation: \(error)")
-        }
-        print("== Summary: \(space.mappings.count) mapping(s), \(ByteCount(space.mappedBytes)) visible to VM2, \(window.operationCount) window syscalls")
+        print("\n\(ok ? "All packets verified in place by VM2 and echoed back intact." : "Some packets were lost or corrupted.")")
+        if !ok { throw ExitCode(1) }
     }
 }

@@ -17,6 +17,11 @@ func siblingExecutable(_ name: String) -> String {
     return URL(fileURLWithPath: me).deletingLastPathComponent().appendingPathComponent(name).path
 }
 
+/// Unbuffered stdout, so the lines interleave correctly with the guests' progress.
+func say(_ text: String) {
+    FileHandle.standardOutput.write(Data((text + "\n").utf8))
+}
+
 struct DemoError: Error, CustomStringConvertible {
     var description: String
 }
@@ -80,8 +85,7 @@ struct Run: ParsableCommand {
             Phase(title: "identity, 64 KiB", mode: "identity", count: largePackets, size: 65536),
             Phase(title: "iommu, 1500 B", mode: "iommu", count: packets / 4, size: 1500),
         ]
-        print("vhost-pci-bridge demo: daemon + emulated VM1 + emulated VM2, three processes, packets moved in place through the BAR\n")
-        fflush(stdout)
+        say("vhost-pci-bridge demo: daemon + emulated VM1 + emulated VM2, three processes, packets moved in place through the BAR\n")
         var rows: [(Phase, VM1Summary, VM2Summary)] = []
         for mode in ["identity", "iommu"] {
             let vhost = "\(dir)/\(mode)-vm1.sock", peer = "\(dir)/\(mode)-vm2.sock"
@@ -91,8 +95,7 @@ struct Run: ParsableCommand {
                 if daemon.isRunning { daemon.terminate() }
                 daemon.waitUntilExit()
             }
-            defer { fflush(stdout) }
-            print("[\(mode)] vhost-pci-bridged --socket-path \(vhost) --peer-socket \(peer) --mode \(mode) --bar-size \(barSize)")
+            say("[\(mode)] vhost-pci-bridged --socket-path \(vhost) --peer-socket \(peer) --mode \(mode) --bar-size \(barSize)")
             for phase in phases where phase.mode == mode {
                 let vm2Out = Pipe(), vm1Out = Pipe()
                 let vm2 = try start("vhost-pci-guest", ["vm2", "--peer-socket", peer, "--duration", "120",
@@ -111,15 +114,15 @@ struct Run: ParsableCommand {
             }
             daemon.terminate()
         }
-        print("\n| phase | packets | VM2 verified in place | echoed into VM1 RX | VM1 verified | corrupt | refused | packets/s | Gb/s |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        say("\n| phase | packets | VM2 verified in place | echoed into VM1 RX | VM1 verified | corrupt | refused | packets/s | Gb/s |")
+        say("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         var ok = true
         for (p, a, b) in rows {
             ok = ok && a.traffic.completed && a.traffic.corrupt == 0 && b.packetsCorrupt == 0
-            print(String(format: "| %@ | %d | %d | %d | %d | %d | %d | %.0f | %.2f |", p.title, p.count, b.packetsVerified, b.packetsSent,
+            say(String(format: "| %@ | %d | %d | %d | %d | %d | %d | %.0f | %.2f |", p.title, p.count, b.packetsVerified, b.packetsSent,
                          a.traffic.verified, a.traffic.corrupt + b.packetsCorrupt, b.descriptorsRefused, a.packetsPerSecond, a.gigabitsPerSecond))
         }
-        print("\n\(ok ? "All packets verified in place by VM2 and echoed back intact." : "Some packets were lost or corrupted.")")
+        say("\n\(ok ? "All packets verified in place by VM2 and echoed back intact." : "Some packets were lost or corrupted.")")
         if !ok { throw ExitCode(1) }
     }
 }

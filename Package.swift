@@ -118,6 +118,11 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "BridgeDaemonTests",
+            dependencies: ["BridgeDaemon", "LinuxIO", "BridgeCore"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "IntegrationTests",
             dependencies: ["BridgeDaemon", "EmulatedGuests", "VhostUser", "PeerProtocol", "LinuxIO", "BridgeCore",
                            .product(name: "Logging", package: "swift-log")],

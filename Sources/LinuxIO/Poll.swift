@@ -20,6 +20,19 @@ public enum Poll {
     }
 }
 
+extension Poll {
+    /// Whether `fd` is writable right now (POLLOUT, zero timeout).
+    public static func writable(_ fd: Int32) throws(SystemCallError) -> Bool {
+        var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+        while true {
+            let n = poll(&entry, 1, 0)
+            if n >= 0 { return entry.revents & Int16(POLLOUT) != 0 }
+            let error = SystemCallError.current("poll")
+            if error.errno != .interrupted { throw error }
+        }
+    }
+}
+
 extension UnixSocket {
     /// SO_SNDTIMEO: a blocking send gives up with EAGAIN after this long.
     public func setSendTimeout(milliseconds: Int) throws(SystemCallError) {

@@ -1,0 +1,500 @@
+import LinuxIO
+import Logging
+import Synchronization
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a bridge moves vring notifications between VM1 and VM2.
+public enum NotificationMode: String, Sendable, CaseIterable, Codable {
+    /// io_uring relay thread (default): the daemon interposes and counts.
+    case relay
+    /// The same with IORING_SETUP_SQPOLL: a kernel thread polls the SQ.
+    case relaySQPoll = "relay-sqpoll"
+    /// VM1's eventfds are handed to VM2: zero daemon cost, no counters, and
+    /// VM2 can signal VM1 directly (no interposition).
+    case passthrough
+}
+
+/// Per-link counters.
+public struct RelayLinkStatistics: Sendable, Equatable {
+    /// Sum of the eventfd values read from the source (every kick counts).
+    public var notifications: UInt64 = 0
+    /// Reads that returned something (wakeups of the relay for this link).
+    public var wakeups: UInt64 = 0
+    /// Writes delivered to the target.
+    public var relayed: UInt64 = 0
+    /// Notifications folded into an earlier wakeup (eventfd counter semantics).
+    public var coalesced: UInt64 = 0
+    /// Notifications that found no target (the other side is gone) or whose
+    /// write failed.
+    public var dropped: UInt64 = 0
+    /// CQE errors seen (other than cancellation).
+    public var errors: UInt64 = 0
+}
+
+public enum RelayError: Error, CustomStringConvertible {
+    case ring(URingError)
+    case system(SystemCallError)
+    case stopped
+    case setup(String)
+    public var description: String {
+        switch self {
+        case .setup(let s): "notification relay could not start: \(s)"
+        case .ring(let e): "notification relay: \(e)"
+        case .system(let e): "notification relay: \(e)"
+        case .stopped: "notification relay is stopped"
+        }
+    }
+}
+
+/// Relays eventfd notifications on its own thread with io_uring: for each
+/// link, an armed read on the source eventfd, linked (IOSQE_IO_LINK) to a
+/// write of the same 8 bytes to the target when the target is non-blocking
+/// (a write to a blocking eventfd would be punted to io-wq workers: ~7×
+/// slower); otherwise the read completes and a plain write(2) delivers, after
+/// a zero-timeout POLLOUT check so a full counter can never block the thread.
+/// The value read is the value written: kicks in = kicks out. A non-blocking
+/// target whose counter is full keeps its write armed until the reader drains
+/// it (eventfd semantics: the wakeup is already pending); other links go on.
+/// Completions are reaped in batches and all re-arms go out in one submit.
+///
+/// Links are added, retargeted and removed while it runs (commands through a
+/// control eventfd the ring also reads). A removed link's fds are closed
+/// exactly once, after its in-flight operations completed.
+///
+/// Sendable without `@unchecked`: shared state is behind a `Mutex`; the ring
+/// and the buffers belong to the relay thread.
+public final class NotificationRelay: Sendable {
+    public struct LinkID: Hashable, Sendable, Comparable, CustomStringConvertible {
+        public let rawValue: UInt32
+        public static func < (a: LinkID, b: LinkID) -> Bool { a.rawValue < b.rawValue }
+        public var description: String { "link#\(rawValue)" }
+    }
+
+    enum Command: Sendable {
+        case add(LinkID, source: OwnedFileDescriptor, target: OwnedFileDescriptor?)
+        case retarget(LinkID, target: OwnedFileDescriptor?)
+        case remove(LinkID)
+        case stop
+    }
+
+    private struct Shared {
+        var commands: [Command] = []
+        var statistics: [LinkID: RelayLinkStatistics] = [:]
+        var live: Set<LinkID> = []
+        var retargeting: Set<LinkID> = []
+        var nextID: UInt32 = 1
+        var stopped = false
+        var started = false
+        var failure: String?
+    }
+
+    public let mode: NotificationMode
+    public let busyPollMicroseconds: Int
+    private let shared = Mutex(Shared())
+    private let control: EventFD
+    private let changed: EventFD
+    private let thread = Mutex<JoinableThread?>(nil)
+    private let logger: Logger
+
+    /// Starts the relay thread. `busyPollMicroseconds` > 0 spins that long
+    /// reaping completions before it blocks (lower latency, more CPU).
+    public init(mode: NotificationMode = .relay, busyPollMicroseconds: Int = 0, entries: UInt32 = 1024,
+                logger: Logger = Logger(label: "relay")) throws(RelayError) {
+        precondition(mode != .passthrough, "passthrough needs no relay")
+        self.mode = mode
+        self.busyPollMicroseconds = max(0, min(busyPollMicroseconds, 10_000))
+        self.logger = logger
+        do {
+            control = try EventFD()
+            changed = try EventFD()
+        } catch { throw .system(error) }
+        // The ring is created on the relay thread (it belongs to that thread);
+        // wait for it to be up or to fail.
+        let sqpoll = mode == .relaySQPoll
+        let t: JoinableThread
+        do {
+            t = try JoinableThread(name: "relay") { [self] in
+                let ring: URing
+                do { ring = try URing(entries: entries, sqpoll: sqpoll) } catch {
+                    self.fail("\(error)")
+                    return
+                }
+                self.markStarted()
+                RelayEngine(ring: ring, relay: self).run()
+            }
+        } catch { throw .system(error) }
+        thread.withLock { $0 = t }
+        while true {
+            let (started, failure) = shared.withLock { ($0.started, $0.failure) }
+            if let failure {
+                t.join()
+                thread.withLock { $0 = nil }
+                throw .setup(failure)
+            }
+            if started { break }
+            _ = try? Poll.readable([changed.fd.rawValue], timeoutMilliseconds: 10)
+            _ = try? changed.read()
+        }
+    }
+
+    fileprivate func markStarted() {
+        shared.withLock { $0.started = true }
+        _ = try? changed.signal()
+    }
+
+    deinit {
+        stop()
+    }
+
+    /// Adds a link: every notification on `source` is relayed to `target`
+    /// (nil: counted and dropped until `retarget`). Takes ownership of both.
+    @discardableResult
+    public func add(source: OwnedFileDescriptor, target: OwnedFileDescriptor?) throws(RelayError) -> LinkID {
+        let id = try shared.withLock { s throws(RelayError) -> LinkID in
+            guard !s.stopped else { throw RelayError.stopped }
+            let id = LinkID(rawValue: s.nextID)
+            s.nextID &+= 1
+            s.live.insert(id)
+            s.statistics[id] = RelayLinkStatistics()
+            s.commands.append(.add(id, source: source, target: target))
+            return id
+        }
+        _ = try? control.signal()
+        return id
+    }
+
+    /// Replaces a link's target (the old one is closed); nil drops from now
+    /// on. Returns once the link uses the new target.
+    public func retarget(_ id: LinkID, target: OwnedFileDescriptor?) {
+        let queued = shared.withLock { s -> Bool in
+            guard !s.stopped, s.live.contains(id) else { return false }
+            s.retargeting.insert(id)
+            s.commands.append(.retarget(id, target: target))
+            return true
+        }
+        guard queued else { try? target?.close(); return }
+        _ = try? control.signal()
+        for _ in 0..<10_000 {
+            if !shared.withLock({ $0.retargeting.contains(id) }) { return }
+            _ = try? Poll.readable([changed.fd.rawValue], timeoutMilliseconds: 2)
+            _ = try? changed.read()
+        }
+        logger.warning("\(id) retarget did not complete")
+    }
+
+    /// Removes a link and waits (bounded) until its fds are closed.
+    public func remove(_ id: LinkID) {
+        let queued = shared.withLock { s -> Bool in
+            guard !s.stopped, s.live.contains(id) else { return false }
+            s.commands.append(.remove(id))
+            return true
+        }
+        guard queued else { return }
+        _ = try? control.signal()
+        for _ in 0..<10_000 {
+            if !shared.withLock({ $0.live.contains(id) }) { return }
+            _ = try? Poll.readable([changed.fd.rawValue], timeoutMilliseconds: 2)
+            _ = try? changed.read()
+        }
+        logger.warning("\(id) removal did not complete")
+    }
+
+    public func statistics(_ id: LinkID) -> RelayLinkStatistics? { shared.withLock { $0.statistics[id] } }
+    public var liveLinks: Int { shared.withLock { $0.live.count } }
+    public var failure: String? { shared.withLock { $0.failure } }
+
+    /// Stops the thread; every link's fds are closed.
+    public func stop() {
+        let first = shared.withLock { s -> Bool in
+            guard !s.stopped else { return false }
+            s.stopped = true
+            s.commands.append(.stop)
+            return true
+        }
+        if first { _ = try? control.signal() }
+        let t = thread.withLock { t -> JoinableThread? in defer { t = nil }; return t }
+        t?.join()
+    }
+
+    // Engine plumbing.
+    fileprivate var controlFD: Int32 { control.fd.rawValue }
+    fileprivate func drainControl() -> [Command] {
+        _ = try? control.read()
+        return shared.withLock { s in defer { s.commands = [] }; return s.commands }
+    }
+    fileprivate func updateMany(_ changes: [LinkID: RelayLinkStatistics]) {
+        shared.withLock { s in
+            for (id, delta) in changes {
+                guard var st = s.statistics[id] else { continue }
+                st.notifications += delta.notifications
+                st.wakeups += delta.wakeups
+                st.relayed += delta.relayed
+                st.coalesced += delta.coalesced
+                st.dropped += delta.dropped
+                st.errors += delta.errors
+                s.statistics[id] = st
+            }
+        }
+    }
+    fileprivate func finished(_ id: LinkID) {
+        shared.withLock { _ = $0.live.remove(id); _ = $0.retargeting.remove(id) }
+        _ = try? changed.signal()
+    }
+    fileprivate func retargeted(_ id: LinkID) {
+        shared.withLock { _ = $0.retargeting.remove(id) }
+        _ = try? changed.signal()
+    }
+    fileprivate func fail(_ text: String) {
+        logger.error("notification relay failed: \(text)")
+        shared.withLock { $0.failure = text; $0.stopped = true; $0.live = [] }
+        _ = try? changed.signal()
+    }
+}
+
+/// The relay thread's private state.
+private final class RelayEngine {
+    static let controlData: UInt64 = 0
+    enum Op: UInt64 { case read = 1, write = 2, cancel = 3 }
+
+    final class Link {
+        let id: NotificationRelay.LinkID
+        var source: OwnedFileDescriptor
+        var target: OwnedFileDescriptor?
+        var targetNonBlocking = false
+        let buffer: UnsafeMutablePointer<UInt64>
+        var pending = 0
+        var removing = false
+        var pendingTarget: OwnedFileDescriptor??
+        init(id: NotificationRelay.LinkID, source: OwnedFileDescriptor, target: OwnedFileDescriptor?) {
+            self.id = id
+            self.source = source
+            self.target = target
+            buffer = .allocate(capacity: 1)
+            buffer.initialize(to: 0)
+            targetNonBlocking = (try? target?.isNonBlocking) ?? false
+        }
+        deinit { buffer.deallocate() }
+    }
+
+    let ring: URing
+    unowned let relay: NotificationRelay
+    var links: [UInt32: Link] = [:]
+    var controlBuffer = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
+    var running = true
+    var delta: [NotificationRelay.LinkID: RelayLinkStatistics] = [:]
+
+    init(ring: URing, relay: NotificationRelay) {
+        self.ring = ring
+        self.relay = relay
+    }
+
+    deinit { controlBuffer.deallocate() }
+
+    static func userData(_ id: UInt32, _ op: Op) -> UInt64 { UInt64(id) << 8 | op.rawValue }
+
+    /// Prepares an SQE, submitting first when the SQ is full.
+    func prepare(_ body: () throws(URingError) -> Void) {
+        do {
+            try body()
+        } catch .submissionQueueFull {
+            _ = try? ring.submit()
+            try? body()
+        } catch {
+            relay.fail("\(error)")
+            running = false
+        }
+    }
+
+    func armControl() {
+        prepare { () throws(URingError) in
+            try ring.prepareRead(fd: relay.controlFD, buffer: UnsafeMutableRawPointer(controlBuffer), length: 8, userData: Self.controlData)
+        }
+    }
+
+    func arm(_ link: Link) {
+        let id = link.id.rawValue
+        if let target = link.target, link.targetNonBlocking {
+            prepare { () throws(URingError) in
+                try ring.prepareRead(fd: link.source.rawValue, buffer: UnsafeMutableRawPointer(link.buffer), length: 8,
+                                     userData: Self.userData(id, .read), linkNext: true)
+                try ring.prepareWrite(fd: target.rawValue, buffer: UnsafeRawPointer(link.buffer), length: 8,
+                                      userData: Self.userData(id, .write))
+            }
+            link.pending += 2
+        } else {
+            prepare { () throws(URingError) in
+                try ring.prepareRead(fd: link.source.rawValue, buffer: UnsafeMutableRawPointer(link.buffer), length: 8,
+                                     userData: Self.userData(id, .read))
+            }
+            link.pending += 1
+        }
+    }
+
+    func run() {
+        armControl()
+        while running {
+            do {
+                if relay.busyPollMicroseconds > 0 {
+                    try ring.submit()
+                    var batch = ring.reap()
+                    if batch.isEmpty {
+                        let clock = ContinuousClock()
+                        let until = clock.now.advanced(by: .microseconds(relay.busyPollMicroseconds))
+                        while batch.isEmpty, clock.now < until { batch = ring.reap() }
+                        if batch.isEmpty { batch = try ring.waitAndReap() }
+                    }
+                    handle(batch)
+                } else {
+                    handle(try ring.waitAndReap())
+                }
+            } catch {
+                relay.fail("\(error)")
+                break
+            }
+            if !delta.isEmpty {
+                relay.updateMany(delta)
+                delta = [:]
+            }
+        }
+        // Cancel everything and wait for the completions so no buffer is freed
+        // under an in-flight operation, then close every fd exactly once.
+        for link in links.values where link.pending > 0 {
+            prepare { () throws(URingError) in try ring.prepareCancel(target: Self.userData(link.id.rawValue, .read), userData: Self.userData(link.id.rawValue, .cancel)) }
+        }
+        var guardRounds = 0
+        while links.values.contains(where: { $0.pending > 0 }), guardRounds < 1000 {
+            guardRounds += 1
+            guard let batch = try? ring.waitAndReap() else { break }
+            for c in batch where c.userData != Self.controlData {
+                if let link = links[UInt32(c.userData >> 8)], c.userData & 0xff != Op.cancel.rawValue { link.pending -= 1 }
+            }
+        }
+        for link in links.values { close(link) }
+        links = [:]
+    }
+
+    func close(_ link: Link) {
+        try? link.source.close()
+        try? link.target?.close()
+        if case .some(let t) = link.pendingTarget { try? t?.close() }
+        relay.finished(link.id)
+    }
+
+    func handle(_ batch: [URingCompletion]) {
+        for c in batch {
+            if c.userData == Self.controlData {
+                for command in relay.drainControl() { apply(command) }
+                if running { armControl() }
+                continue
+            }
+            let id = UInt32(c.userData >> 8)
+            guard let link = links[id], let op = Op(rawValue: c.userData & 0xff) else { continue }
+            if op == .cancel { continue }
+            link.pending -= 1
+            switch op {
+            case .read:
+                if c.result == 8 {
+                    let value = link.buffer.pointee
+                    delta[link.id, default: .init()].notifications += value
+                    delta[link.id, default: .init()].wakeups += 1
+                    delta[link.id, default: .init()].coalesced += value > 0 ? value - 1 : 0
+                    if !link.removing, link.pendingTarget == nil, !(link.target != nil && link.targetNonBlocking) {
+                        deliverBySyscall(link, value)
+                    }
+                } else if let e = c.errno, e != .canceled, e != .resourceTemporarilyUnavailable {
+                    delta[link.id, default: .init()].errors += 1
+                }
+            case .write:
+                if c.result == 8 {
+                    delta[link.id, default: .init()].relayed += 1
+                } else if let e = c.errno {
+                    if e == .canceled {
+                        // The read failed or was cancelled; nothing was read.
+                    } else if e == .resourceTemporarilyUnavailable {
+                        delta[link.id, default: .init()].coalesced += link.buffer.pointee // counter full: the reader has a wakeup pending
+                    } else {
+                        delta[link.id, default: .init()].dropped += link.buffer.pointee
+                        delta[link.id, default: .init()].errors += 1
+                    }
+                }
+            case .cancel:
+                break
+            }
+            if link.pending == 0 { settle(link, lastError: c.errno) }
+        }
+    }
+
+    /// A link with nothing in flight: remove it, apply a retarget, or re-arm.
+    func settle(_ link: Link, lastError: Errno?) {
+        if link.removing {
+            links[link.id.rawValue] = nil
+            close(link)
+            return
+        }
+        if case .some(let newTarget) = link.pendingTarget {
+            try? link.target?.close()
+            link.target = newTarget
+            link.targetNonBlocking = (try? newTarget?.isNonBlocking) ?? false
+            link.pendingTarget = nil
+            relay.retargeted(link.id)
+        }
+        // A source that broke (EBADF, EINVAL) is not re-armed in a busy loop:
+        // the link waits for a retarget or removal; its counters show errors.
+        if let e = lastError, e == .badFileDescriptor || e == .invalidArgument { return }
+        if running { arm(link) }
+    }
+
+    func deliverBySyscall(_ link: Link, _ value: UInt64) {
+        guard let target = link.target else {
+            delta[link.id, default: .init()].dropped += value
+            return
+        }
+        // A blocking target must never block the relay: write only when the
+        // counter has room (POLLOUT); a full counter already has a wakeup pending.
+        guard (try? Poll.writable(target.rawValue)) == true else {
+            delta[link.id, default: .init()].coalesced += value
+            return
+        }
+        var v = value
+        let n = Glibc.write(target.rawValue, &v, 8)
+        if n == 8 {
+            delta[link.id, default: .init()].relayed += 1
+        } else if errno == EAGAIN {
+            delta[link.id, default: .init()].coalesced += value
+        } else {
+            delta[link.id, default: .init()].dropped += value
+            delta[link.id, default: .init()].errors += 1
+        }
+    }
+
+    func apply(_ command: NotificationRelay.Command) {
+        switch command {
+        case .add(let id, let source, let target):
+            let link = Link(id: id, source: source, target: target)
+            links[id.rawValue] = link
+            arm(link)
+        case .retarget(let id, let target):
+            guard let link = links[id.rawValue] else { try? target?.close(); relay.retargeted(id); return }
+            if case .some(let old) = link.pendingTarget { try? old?.close() }
+            link.pendingTarget = .some(target)
+            if link.pending > 0 {
+                prepare { () throws(URingError) in try ring.prepareCancel(target: Self.userData(id.rawValue, .read), userData: Self.userData(id.rawValue, .cancel)) }
+            } else {
+                settle(link, lastError: nil)
+            }
+        case .remove(let id):
+            guard let link = links[id.rawValue] else { return }
+            link.removing = true
+            if link.pending > 0 {
+                prepare { () throws(URingError) in try ring.prepareCancel(target: Self.userData(id.rawValue, .read), userData: Self.userData(id.rawValue, .cancel)) }
+            } else {
+                settle(link, lastError: nil)
+            }
+        case .stop:
+            running = false
+        }
+    }
+}

@@ -19,14 +19,21 @@ public struct BridgeSettings: Sendable, Equatable {
     public var backend: BackendConfiguration
     /// How long VM2 has to acknowledge a revocation before it is disconnected.
     public var revocationDeadlineMilliseconds: Int
+    /// How vring notifications travel between VM1 and VM2.
+    public var notifications: NotificationMode
+    /// Relay modes: spin this long reaping completions before blocking.
+    public var busyPollMicroseconds: Int
 
     public init(name: String, socketPath: String?, peerSocketPath: String? = nil, backend: BackendConfiguration,
-                revocationDeadlineMilliseconds: Int = 100) {
+                revocationDeadlineMilliseconds: Int = 100, notifications: NotificationMode = .relay,
+                busyPollMicroseconds: Int = 0) {
         self.name = name
         self.socketPath = socketPath
         self.peerSocketPath = peerSocketPath
         self.backend = backend
         self.revocationDeadlineMilliseconds = revocationDeadlineMilliseconds
+        self.notifications = notifications
+        self.busyPollMicroseconds = busyPollMicroseconds
     }
 }
 
@@ -34,12 +41,14 @@ public enum BridgeError: Error, CustomStringConvertible {
     case configuration(String, ConfigurationError)
     case window(String, BARWindowError)
     case socket(String, String, SystemCallError)
+    case relay(String, RelayError)
 
     public var description: String {
         switch self {
         case .configuration(let name, let e): "bridge \(name): \(e)"
         case .window(let name, let e): "bridge \(name): BAR window: \(e)"
         case .socket(let name, let which, let e): "bridge \(name): \(which) socket: \(e)"
+        case .relay(let name, let e): "bridge \(name): \(e)"
         }
     }
 }
@@ -68,6 +77,12 @@ public struct BridgeStatistics: Sendable, Equatable {
     public var translationsRefused = 0
     public var peerRefusals: [String: Int] = [:]
     public var slowestRevocationMicroseconds: UInt64 = 0
+    // Notifications (relay modes), summed over every vring since start.
+    public var notificationMode: NotificationMode = .relay
+    public var kicksRelayed: UInt64 = 0
+    public var callsRelayed: UInt64 = 0
+    public var notificationsDropped: UInt64 = 0
+    public var notificationsCoalesced: UInt64 = 0
 }
 
 /// One bridge: a BAR window reserved once for the bridge's lifetime, a
@@ -86,6 +101,7 @@ public final class Bridge: Sendable {
     private let listener: UnixSocket?
     private let peerListener: UnixSocket?
     private let peer: PeerLink
+    private let relay: NotificationRelay?
     private let stopSignal: EventFD
     private struct State {
         var stopping = false
@@ -106,6 +122,14 @@ public final class Bridge: Sendable {
             peer = try PeerLink(logger: logger, revocationDeadlineMilliseconds: settings.revocationDeadlineMilliseconds)
             stopSignal = try EventFD()
         } catch { throw .socket(settings.name, "eventfd", error) }
+        if settings.notifications == .passthrough {
+            relay = nil
+        } else {
+            do {
+                relay = try NotificationRelay(mode: settings.notifications, busyPollMicroseconds: settings.busyPollMicroseconds,
+                                              logger: logger)
+            } catch { throw .relay(settings.name, error) }
+        }
         if let path = settings.socketPath {
             do { listener = try UnixSocket.listen(path: path) } catch { throw .socket(settings.name, "vhost-user", error) }
         } else {
@@ -132,6 +156,13 @@ public final class Bridge: Sendable {
         s.translationsRefused = p.translationsRefused
         s.peerRefusals = p.refusals
         s.slowestRevocationMicroseconds = p.slowestRevocationMicroseconds
+        s.notificationMode = settings.notifications
+        if let view = s.session {
+            s.kicksRelayed += view.relay.values.reduce(0) { $0 + $1.kick.notifications }
+            s.callsRelayed += view.relay.values.reduce(0) { $0 + $1.call.notifications }
+            s.notificationsDropped += view.relay.values.reduce(0) { $0 + $1.kick.dropped + $1.call.dropped }
+            s.notificationsCoalesced += view.relay.values.reduce(0) { $0 + $1.kick.coalesced + $1.call.coalesced }
+        }
         return s
     }
 
@@ -182,6 +213,7 @@ public final class Bridge: Sendable {
         peerListener?.shutdown()
         peer.shutdownActive()
         peerThread?.join()
+        relay?.stop()
         if let path = settings.socketPath { unlink(path) }
         if let path = settings.peerSocketPath { unlink(path) }
     }
@@ -191,7 +223,7 @@ public final class Bridge: Sendable {
         logger.info("front end connected (\(who))")
         do {
             let session = try VhostUserConnection(socket: connection, configuration: settings.backend, window: window,
-                                                  peer: peer, logger: logger)
+                                                  peer: peer, relay: relay, logger: logger)
             state.withLock { $0.statistics.activeSession = true }
             publish(session)
             return session
@@ -208,9 +240,14 @@ public final class Bridge: Sendable {
     }
 
     private func close(_ session: VhostUserConnection, end: ConnectionSummary.End) {
+        let relayed = session.view.relay
         session.tearDown()
         let summary = session.session.statistics
         state.withLock { s in
+            s.statistics.kicksRelayed += relayed.values.reduce(0) { $0 + $1.kick.notifications }
+            s.statistics.callsRelayed += relayed.values.reduce(0) { $0 + $1.call.notifications }
+            s.statistics.notificationsDropped += relayed.values.reduce(0) { $0 + $1.kick.dropped + $1.call.dropped }
+            s.statistics.notificationsCoalesced += relayed.values.reduce(0) { $0 + $1.kick.coalesced + $1.call.coalesced }
             s.statistics.session = nil
             s.statistics.activeSession = false
             s.statistics.sessionsServed += 1

@@ -29,6 +29,14 @@ public struct SessionView: Sendable, Equatable {
     public var startedRings: [Int]
     public var enabledRings: [Int]
     public var ringLayouts: [Int: VringLayout]
+    /// Relay counters per started vring (relay modes).
+    public var relay: [Int: (kick: RelayLinkStatistics, call: RelayLinkStatistics)] = [:]
+
+    public static func == (a: SessionView, b: SessionView) -> Bool {
+        a.ackedFeatures == b.ackedFeatures && a.protocolFeatures == b.protocolFeatures && a.regions == b.regions
+            && a.mappings == b.mappings && a.mappedBytes == b.mappedBytes && a.startedRings == b.startedRings
+            && a.enabledRings == b.enabledRings && a.ringLayouts == b.ringLayouts
+    }
 
     init(_ s: BackendSession) {
         ackedFeatures = s.ackedFeatures
@@ -56,7 +64,16 @@ final class VhostUserConnection {
     private(set) var session: BackendSession
     private let window: BARWindow
     private let peer: PeerLink
+    private let relay: NotificationRelay?
     private let logger: Logger
+    /// Relay modes: per vring, the eventfds VM2 gets and the two relay links.
+    private struct RelayedRing {
+        var vm2Kick: EventFD        // the daemon writes (VM1 kicked), VM2 reads
+        var vm2Call: EventFD        // VM2 writes (doorbell), the daemon reads
+        var kickLink: NotificationRelay.LinkID
+        var callLink: NotificationRelay.LinkID
+    }
+    private var relayed: [Int: RelayedRing] = [:]
     private var regionFiles: [RegionID: OwnedFileDescriptor] = [:]
     private var regionSealed: [RegionID: Bool] = [:]
     private var vringFiles: [Int: [VringFileKind: OwnedFileDescriptor]] = [:]
@@ -72,15 +89,63 @@ final class VhostUserConnection {
     static let translationDeadline: Duration = .seconds(2)
 
     init(socket: UnixSocket, configuration: BackendConfiguration, window: BARWindow, peer: PeerLink,
-         logger: Logger) throws(ConfigurationError) {
+         relay: NotificationRelay?, logger: Logger) throws(ConfigurationError) {
         self.socket = socket
         self.session = try BackendSession(configuration)
         self.window = window
         self.peer = peer
+        self.relay = relay
         self.logger = logger
     }
 
-    var view: SessionView { SessionView(session) }
+    var view: SessionView {
+        var v = SessionView(session)
+        if let relay {
+            for (i, r) in relayed {
+                v.relay[i] = (relay.statistics(r.kickLink) ?? RelayLinkStatistics(), relay.statistics(r.callLink) ?? RelayLinkStatistics())
+            }
+        }
+        return v
+    }
+
+    // MARK: notifications
+
+    /// Relay modes: VM2 gets the daemon's eventfds and the relay moves
+    /// VM1 kick → VM2 and VM2 doorbell → VM1 call.
+    private func startRelay(_ index: Int) {
+        guard let relay, relayed[index] == nil, let kick = vringFiles[index]?[.kick] else { return }
+        do {
+            let vm2Kick = try EventFD(), vm2Call = try EventFD()
+            let kickLink = try relay.add(source: try kick.duplicate(), target: try vm2Kick.fd.duplicate())
+            let callTarget = try vringFiles[index]?[.call]?.duplicate()
+            let callLink = try relay.add(source: try vm2Call.fd.duplicate(), target: callTarget)
+            relayed[index] = RelayedRing(vm2Kick: vm2Kick, vm2Call: vm2Call, kickLink: kickLink, callLink: callLink)
+        } catch {
+            logger.error("vring \(index): cannot relay notifications: \(error)")
+        }
+    }
+
+    private func stopRelay(_ index: Int) {
+        guard let relay, let r = relayed.removeValue(forKey: index) else { return }
+        relay.remove(r.kickLink)
+        relay.remove(r.callLink)
+        try? r.vm2Kick.fd.close()
+        try? r.vm2Call.fd.close()
+    }
+
+    /// VM1 replaced a kick or call fd of a relayed ring.
+    private func updateRelay(_ index: Int, _ kind: VringFileKind) {
+        guard let relay, let r = relayed[index] else { return }
+        switch kind {
+        case .call:
+            relay.retarget(r.callLink, target: try? vringFiles[index]?[.call]?.duplicate())
+        case .kick:
+            stopRelay(index)
+            startRelay(index)
+        case .err:
+            break
+        }
+    }
 
     /// Reads and handles one message (the socket is readable). Returns how the
     /// connection ended, or nil while it goes on.
@@ -181,7 +246,11 @@ final class VhostUserConnection {
                 try? vringFiles[index]?.removeValue(forKey: kind)?.close()
                 if let fdIndex, let fd = take(fdIndex) { vringFiles[index, default: [:]][kind] = fd }
                 if kind != .err, session.vrings.indices.contains(index), session.vrings[index].started {
-                    sendVring(index) // a new kick/call fd (QEMU swaps call fds when masking)
+                    if relay != nil {
+                        updateRelay(index, kind) // VM2 keeps its eventfds
+                    } else {
+                        sendVring(index) // passthrough: VM2 needs the new fd (QEMU swaps call fds when masking)
+                    }
                 }
             case .adoptBackendChannel(let index):
                 try? backendChannel?.fd.close()
@@ -194,10 +263,12 @@ final class VhostUserConnection {
                     deviceRunning = true
                     peer.send(.device(PeerDevice(event: .start, features: session.ackedFeatures ?? 0)))
                 }
+                startRelay(index)
                 sendVring(index)
             case .ringStopped(let index):
                 logger.info("vring \(index) stopped")
                 peer.send(.vringStop(UInt32(index)))
+                stopRelay(index)
                 if deviceRunning, !session.vrings.contains(where: \.started) {
                     deviceRunning = false
                     peer.send(.device(PeerDevice(event: .stop, features: session.ackedFeatures ?? 0)))
@@ -272,8 +343,14 @@ final class VhostUserConnection {
         noteDeviceProgress(index)
         var flags: UInt16 = session.vrings[index].enabled ? PeerVring.flagEnabled : 0
         var fds: [Int32] = []
-        if let kick = vringFiles[index]?[.kick] { flags |= PeerVring.flagKickFD; fds.append(kick.rawValue) }
-        if let call = vringFiles[index]?[.call] { flags |= PeerVring.flagCallFD; fds.append(call.rawValue) }
+        if let r = relayed[index] {
+            flags |= PeerVring.flagKickFD | PeerVring.flagCallFD
+            fds = [r.vm2Kick.fd.rawValue, r.vm2Call.fd.rawValue]
+        } else {
+            // Passthrough: VM1's own eventfds.
+            if let kick = vringFiles[index]?[.kick] { flags |= PeerVring.flagKickFD; fds.append(kick.rawValue) }
+            if let call = vringFiles[index]?[.call] { flags |= PeerVring.flagCallFD; fds.append(call.rawValue) }
+        }
         peer.send(.vring(PeerVring(index: UInt32(index), num: layout.queueSize, desc: layout.descriptorTable.rawValue,
                                    avail: layout.availRing.rawValue, used: layout.usedRing.rawValue,
                                    lastAvail: UInt16(truncatingIfNeeded: session.vrings[index].base), flags: flags)),
@@ -381,6 +458,7 @@ final class VhostUserConnection {
             peer.send(.device(PeerDevice(event: .reset, features: 0)))
             deviceRunning = false
         }
+        for index in Array(relayed.keys) { stopRelay(index) }
         for p in pendingTranslations { reply(p.request, .refused, reason: "the VM1 session ended") }
         pendingTranslations = []
         for fd in regionFiles.values { try? fd.close() }

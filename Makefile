@@ -37,9 +37,16 @@ demo: deps
 	$(SWIFT) build -c release
 	.build/release/vhost-pci-demo
 
+# Benchmarks report ratios against baselines measured in the same run, and
+# write docs/benchmarks.md.
 bench: deps
 	$(SWIFT) build -c release --product vhost-pci-bench
-	.build/release/vhost-pci-bench lookup
+	{ echo "# Benchmarks"; echo; \
+	  echo "Written by \`make bench\` ($$(nproc) cores, $$(uname -r), $$(date -u +%Y-%m-%d)). Numbers move with the machine's load; the ratios are what to compare."; echo; \
+	  echo "### Address lookup (\`vhost-pci-bench lookup\`)"; echo; \
+	  .build/release/vhost-pci-bench lookup; echo; \
+	  .build/release/vhost-pci-bench notify; } > docs/benchmarks.md
+	cat docs/benchmarks.md
 
 install: release
 	install -d $(BINDIR)

@@ -157,12 +157,7 @@ public final class Bridge: Sendable {
         s.peerRefusals = p.refusals
         s.slowestRevocationMicroseconds = p.slowestRevocationMicroseconds
         s.notificationMode = settings.notifications
-        if let view = s.session {
-            s.kicksRelayed += view.relay.values.reduce(0) { $0 + $1.kick.notifications }
-            s.callsRelayed += view.relay.values.reduce(0) { $0 + $1.call.notifications }
-            s.notificationsDropped += view.relay.values.reduce(0) { $0 + $1.kick.dropped + $1.call.dropped }
-            s.notificationsCoalesced += view.relay.values.reduce(0) { $0 + $1.kick.coalesced + $1.call.coalesced }
-        }
+        if let view = s.session { add(relayStatistics(view), to: &s) }
         return s
     }
 
@@ -239,15 +234,29 @@ public final class Bridge: Sendable {
         state.withLock { $0.statistics.session = view }
     }
 
+    /// Live relay counters of a session's links: (kick, call) per vring.
+    public func relayStatistics(_ view: SessionView) -> [Int: (kick: RelayLinkStatistics, call: RelayLinkStatistics)] {
+        guard let relay else { return [:] }
+        var out: [Int: (kick: RelayLinkStatistics, call: RelayLinkStatistics)] = [:]
+        for (i, links) in view.relayLinks {
+            out[i] = (relay.statistics(links.kick) ?? RelayLinkStatistics(), relay.statistics(links.call) ?? RelayLinkStatistics())
+        }
+        return out
+    }
+
+    private func add(_ relayed: [Int: (kick: RelayLinkStatistics, call: RelayLinkStatistics)], to s: inout BridgeStatistics) {
+        s.kicksRelayed += relayed.values.reduce(0) { $0 + $1.kick.notifications }
+        s.callsRelayed += relayed.values.reduce(0) { $0 + $1.call.notifications }
+        s.notificationsDropped += relayed.values.reduce(0) { $0 + $1.kick.dropped + $1.call.dropped }
+        s.notificationsCoalesced += relayed.values.reduce(0) { $0 + $1.kick.coalesced + $1.call.coalesced }
+    }
+
     private func close(_ session: VhostUserConnection, end: ConnectionSummary.End) {
-        let relayed = session.view.relay
+        let relayed = relayStatistics(session.view) // before teardown removes the links
         session.tearDown()
         let summary = session.session.statistics
         state.withLock { s in
-            s.statistics.kicksRelayed += relayed.values.reduce(0) { $0 + $1.kick.notifications }
-            s.statistics.callsRelayed += relayed.values.reduce(0) { $0 + $1.call.notifications }
-            s.statistics.notificationsDropped += relayed.values.reduce(0) { $0 + $1.kick.dropped + $1.call.dropped }
-            s.statistics.notificationsCoalesced += relayed.values.reduce(0) { $0 + $1.kick.coalesced + $1.call.coalesced }
+            self.add(relayed, to: &s.statistics)
             s.statistics.session = nil
             s.statistics.activeSession = false
             s.statistics.sessionsServed += 1

@@ -93,6 +93,9 @@ public final class NotificationRelay: Sendable {
 
     public let mode: NotificationMode
     public let busyPollMicroseconds: Int
+    /// Benchmark only: link writes to *blocking* targets too, to show the
+    /// io-wq slow path the relay normally avoids.
+    public let forceLinkedWrites: Bool
     private let shared = Mutex(Shared())
     private let control: EventFD
     private let changed: EventFD
@@ -102,9 +105,10 @@ public final class NotificationRelay: Sendable {
     /// Starts the relay thread. `busyPollMicroseconds` > 0 spins that long
     /// reaping completions before it blocks (lower latency, more CPU).
     public init(mode: NotificationMode = .relay, busyPollMicroseconds: Int = 0, entries: UInt32 = 1024,
-                logger: Logger = Logger(label: "relay")) throws(RelayError) {
+                logger: Logger = Logger(label: "relay"), forceLinkedWrites: Bool = false) throws(RelayError) {
         precondition(mode != .passthrough, "passthrough needs no relay")
         self.mode = mode
+        self.forceLinkedWrites = forceLinkedWrites
         self.busyPollMicroseconds = max(0, min(busyPollMicroseconds, 10_000))
         self.logger = logger
         do {
@@ -277,6 +281,7 @@ private final class RelayEngine {
             targetNonBlocking = (try? target?.isNonBlocking) ?? false
         }
         deinit { buffer.deallocate() }
+        var linked: Bool { target != nil && targetNonBlocking }
     }
 
     let ring: URing
@@ -474,6 +479,7 @@ private final class RelayEngine {
         switch command {
         case .add(let id, let source, let target):
             let link = Link(id: id, source: source, target: target)
+            if relay.forceLinkedWrites, target != nil { link.targetNonBlocking = true }
             links[id.rawValue] = link
             arm(link)
         case .retarget(let id, let target):

@@ -29,8 +29,8 @@ public struct SessionView: Sendable, Equatable {
     public var startedRings: [Int]
     public var enabledRings: [Int]
     public var ringLayouts: [Int: VringLayout]
-    /// Relay counters per started vring (relay modes).
-    public var relay: [Int: (kick: RelayLinkStatistics, call: RelayLinkStatistics)] = [:]
+    /// Relay links per started vring (relay modes): kick (VM1 → VM2) and call (VM2 → VM1).
+    public var relayLinks: [Int: (kick: NotificationRelay.LinkID, call: NotificationRelay.LinkID)] = [:]
 
     public static func == (a: SessionView, b: SessionView) -> Bool {
         a.ackedFeatures == b.ackedFeatures && a.protocolFeatures == b.protocolFeatures && a.regions == b.regions
@@ -100,11 +100,7 @@ final class VhostUserConnection {
 
     var view: SessionView {
         var v = SessionView(session)
-        if let relay {
-            for (i, r) in relayed {
-                v.relay[i] = (relay.statistics(r.kickLink) ?? RelayLinkStatistics(), relay.statistics(r.callLink) ?? RelayLinkStatistics())
-            }
-        }
+        for (i, r) in relayed { v.relayLinks[i] = (r.kickLink, r.callLink) }
         return v
     }
 

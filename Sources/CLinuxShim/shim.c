@@ -8,6 +8,7 @@
 #include <unistd.h>
 #include <linux/memfd.h>
 #include <poll.h>
+#include <sys/epoll.h>
 
 int shim_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
 int shim_memfd_flag_cloexec(void) { return MFD_CLOEXEC; }
@@ -139,6 +140,22 @@ int shim_sock_dgram(void) { return SOCK_DGRAM; }
 void shim_store_release_u16(void *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE); }
 uint16_t shim_load_acquire_u16(const void *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE); }
 void shim_full_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+int shim_epoll_create(void) { return epoll_create1(EPOLL_CLOEXEC); }
+int shim_epoll_add(int ep, int fd, uint64_t data) {
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN;
+    ev.data.u64 = data;
+    return epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+}
+int shim_epoll_wait(int ep, uint64_t *data_out, int max, int timeout_ms) {
+    struct epoll_event evs[64];
+    if (max > 64) max = 64;
+    int n = epoll_wait(ep, evs, max, timeout_ms);
+    for (int i = 0; i < n; i++) data_out[i] = evs[i].data.u64;
+    return n;
+}
 
 int shim_set_thread_name(pthread_t thread, const char *name) { return pthread_setname_np(thread, name); }
 

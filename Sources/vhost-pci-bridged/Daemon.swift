@@ -35,6 +35,12 @@ struct Daemon: ParsableCommand {
     @Option(help: "Milliseconds VM2 has to acknowledge a revocation before it is disconnected.")
     var revocationDeadline: Int = 100
 
+    @Option(help: "Vring notifications: relay (io_uring, default), relay-sqpoll, or passthrough (VM1's eventfds handed to VM2).")
+    var notifications: String = "relay"
+
+    @Option(name: .customLong("busy-poll-us"), help: "Relay modes: microseconds to spin reaping completions before sleeping (0-10000).")
+    var busyPollMicroseconds: Int = 0
+
     @Option(help: "Bridge name used in logs and errors.")
     var name: String = "bridge0"
 
@@ -65,6 +71,8 @@ struct Daemon: ParsableCommand {
         if socketPath == nil && fd == nil { throw ValidationError("give --socket-path PATH or --fd FDNUM") }
         if BridgeMode(rawValue: mode) == nil { throw ValidationError("--mode: '\(mode)' is not identity, iommu or static") }
         if parseByteSize(barSize) == nil { throw ValidationError("--bar-size: '\(barSize)' is not a size") }
+        if NotificationMode(rawValue: notifications) == nil { throw ValidationError("--notifications: '\(notifications)' is not relay, relay-sqpoll or passthrough") }
+        if busyPollMicroseconds < 0 || busyPollMicroseconds > 10_000 { throw ValidationError("--busy-poll-us: \(busyPollMicroseconds) is not in 0...10000") }
         if revocationDeadline < 1 || revocationDeadline > 60_000 { throw ValidationError("--revocation-deadline: \(revocationDeadline) ms is not in 1...60000") }
         if Logger.Level(rawValue: logLevel) == nil { throw ValidationError("--log-level: '\(logLevel)' is not a level") }
         for w in staticWindows where BusWindow(parsing: w) == nil {
@@ -93,7 +101,9 @@ struct Daemon: ParsableCommand {
             staticWindows: staticWindows.compactMap { BusWindow(parsing: $0) }, maxMappings: maxMappings)
         let settings = BridgeSettings(name: name, socketPath: socketPath, peerSocketPath: peerSocket,
                                       backend: BackendConfiguration(bridgeName: name, addressSpace: space, queuePairs: queuePairs),
-                                      revocationDeadlineMilliseconds: revocationDeadline)
+                                      revocationDeadlineMilliseconds: revocationDeadline,
+                                      notifications: NotificationMode(rawValue: notifications) ?? .relay,
+                                      busyPollMicroseconds: busyPollMicroseconds)
 
         // Signals are blocked in every thread and waited for on this one.
         Signals.block([SIGTERM, SIGINT, SIGHUP])

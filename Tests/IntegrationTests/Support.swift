@@ -32,13 +32,13 @@ final class RunningBridge {
     let peerPath: String
 
     init(_ name: String, mode: BridgeMode, barSize: UInt64 = 64 * GiB, dmaWindow: BusWindow? = nil,
-         staticWindows: [BusWindow] = [], revocationDeadline: Int = 100) throws {
+         staticWindows: [BusWindow] = [], revocationDeadline: Int = 100, notifications: NotificationMode = .relay) throws {
         path = temporarySocketPath(name)
         peerPath = temporarySocketPath(name + "-peer")
         let space = AddressSpaceConfiguration(barSize: barSize, mode: mode, dmaWindow: dmaWindow, staticWindows: staticWindows)
         let bridge = try Bridge(BridgeSettings(name: name, socketPath: path, peerSocketPath: peerPath,
                                                backend: BackendConfiguration(bridgeName: name, addressSpace: space),
-                                               revocationDeadlineMilliseconds: revocationDeadline),
+                                               revocationDeadlineMilliseconds: revocationDeadline, notifications: notifications),
                                 logger: quietLogger())
         self.bridge = bridge
         thread = try JoinableThread(name: "bridge-\(name)") { bridge.serve() }

@@ -28,8 +28,9 @@ func vm1Config(iommu: Bool, eager: Bool = true) -> VM1Configuration {
 
 extension Integration {
     @Suite struct TwoGuests {
-        private func zeroCopyRun(mode: BridgeMode, eager: Bool = true, count: Int = 160) throws {
-            let running = try RunningBridge("zc-\(mode)-\(eager)", mode: mode)
+        private func zeroCopyRun(mode: BridgeMode, eager: Bool = true, count: Int = 160,
+                                 notifications: NotificationMode = .relay) throws {
+            let running = try RunningBridge("zc-\(mode)-\(eager)-\(notifications)", mode: mode, notifications: notifications)
             defer { running.stop() }
             let vm2 = try connectVM2(running)
             defer { vm2.stop() }
@@ -45,6 +46,14 @@ extension Integration {
             #expect(s.packetsVerified == count && s.packetsCorrupt == 0 && s.packetsSent == count)
             #expect(s.descriptorsRefused == 0)
             #expect(s.bytesReceived == result.bytesSent)
+            let bridge = running.bridge.statistics
+            if notifications == .passthrough {
+                #expect(bridge.kicksRelayed == 0 && bridge.callsRelayed == 0, "passthrough: the daemon sees no notification")
+            } else {
+                // Every kick VM1 sent and every doorbell VM2 rang went through the relay.
+                #expect(bridge.kicksRelayed > 0 && bridge.callsRelayed > 0)
+                #expect(bridge.notificationsDropped == 0)
+            }
 
             // Zero copy: VM2 reads VM1's pages through its own mapping of the same
             // memfd. Identity: at BAR offset = GPA. A byte VM1 writes now shows up
@@ -60,6 +69,8 @@ extension Integration {
 
         @Test func zeroCopyBothDirectionsIdentity() throws { try zeroCopyRun(mode: .identity) }
         @Test func zeroCopyBothDirectionsIOMMU() throws { try zeroCopyRun(mode: .iommu) }
+        @Test func passthroughNotificationsMoveTheSameTraffic() throws { try zeroCopyRun(mode: .identity, notifications: .passthrough) }
+        @Test func sqpollRelayMovesTheSameTraffic() throws { try zeroCopyRun(mode: .identity, notifications: .relaySQPoll) }
 
         @Test func lazyIOTLBThroughTranslationRequests() throws {
             // QEMU-like VM1: no eager updates; VM2 asks, the daemon raises misses, VM1 answers.

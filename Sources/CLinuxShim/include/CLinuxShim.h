@@ -75,6 +75,11 @@ void shim_store_release_u16(void *p, uint16_t v);
 uint16_t shim_load_acquire_u16(const void *p);
 void shim_full_fence(void);
 
+// ---- epoll (struct epoll_event is packed on x86-64: kept on the C side) ----
+int shim_epoll_create(void);                                 // CLOEXEC
+int shim_epoll_add(int ep, int fd, uint64_t data);           // EPOLLIN
+int shim_epoll_wait(int ep, uint64_t *data_out, int max, int timeout_ms);
+
 // ---- threads (glibc declares this only under _GNU_SOURCE) ----
 int shim_set_thread_name(pthread_t thread, const char *name);
 

@@ -1,0 +1,50 @@
+import LinuxIO
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The usual way to relay eventfds, kept as the benchmark baseline: one thread,
+/// epoll_wait, then read(2) the source and write(2) the target per ready fd.
+public final class EpollRelay: Sendable {
+    private let epoll: Epoll
+    private let stopSignal: EventFD
+    private let pairs: [(source: OwnedFileDescriptor, target: OwnedFileDescriptor)]
+    private let thread = Mutex<JoinableThread?>(nil)
+    private let relayed = Atomic<UInt64>(0)
+
+    /// Relays `source[i] → target[i]`; takes ownership of the fds.
+    public init(_ pairs: [(source: OwnedFileDescriptor, target: OwnedFileDescriptor)]) throws(SystemCallError) {
+        epoll = try Epoll()
+        stopSignal = try EventFD()
+        self.pairs = pairs
+        try epoll.add(stopSignal.fd.rawValue, data: UInt64.max)
+        for (i, p) in pairs.enumerated() { try epoll.add(p.source.rawValue, data: UInt64(i)) }
+        let t = try JoinableThread(name: "epoll-relay") { [self] in self.run() }
+        thread.withLock { $0 = t }
+    }
+
+    public var wakeups: UInt64 { relayed.load(ordering: .relaxed) }
+
+    private func run() {
+        while true {
+            guard let ready = try? epoll.wait() else { return }
+            for data in ready {
+                if data == UInt64.max { return }
+                let p = pairs[Int(data)]
+                var value: UInt64 = 0
+                guard Glibc.read(p.source.rawValue, &value, 8) == 8 else { continue }
+                _ = Glibc.write(p.target.rawValue, &value, 8)
+                relayed.add(1, ordering: .relaxed)
+            }
+        }
+    }
+
+    public func stop() {
+        _ = try? stopSignal.signal()
+        let t = thread.withLock { t -> JoinableThread? in defer { t = nil }; return t }
+        t?.join()
+    }
+
+    deinit { stop() }
+}

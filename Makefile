@@ -6,8 +6,10 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 BINDIR  := $(DESTDIR)$(PREFIX)/bin
 APT_PACKAGES := liburing-dev
+# Real vhost-user front ends for `make interop` (DPDK testpmd, QEMU with iPXE).
+INTEROP_PACKAGES := dpdk-dev qemu-system-x86
 
-.PHONY: all deps build release test demo bench install uninstall clean
+.PHONY: all deps interop-deps build release test interop demo bench install uninstall clean
 
 all: build
 
@@ -23,14 +25,31 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
+interop-deps:
+	@missing=""; \
+	for p in $(INTEROP_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "error: missing packages:$$missing. Run 'sudo make interop-deps' (or: sudo apt-get install --no-install-recommends$$missing)." >&2; exit 1; \
+	  fi; \
+	  echo "installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
 build: deps
 	$(SWIFT) build
 
 release: deps
 	$(SWIFT) build -c release
 
+# The whole suite except the real-front-end scenarios (those are `make interop`).
 test: deps
-	$(SWIFT) test --no-parallel
+	$(SWIFT) test --no-parallel --skip InteropTests
+
+# DPDK testpmd and QEMU against the daemon and an emulated VM2. A peer that is
+# not installed makes its tests skip, saying what to install.
+interop: deps
+	$(SWIFT) test --no-parallel --filter InteropTests
 
 # The demo runs release builds: the numbers it prints mean something.
 demo: deps

@@ -131,6 +131,12 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "InteropTests",
+            dependencies: ["BridgeDaemon", "EmulatedGuests", "VhostUser", "LinuxIO", "BridgeCore",
+                           .product(name: "Logging", package: "swift-log")],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "LinuxIOTests",
             dependencies: ["LinuxIO", "BridgeCore", "CLinuxShim"],
             swiftSettings: swiftSettings

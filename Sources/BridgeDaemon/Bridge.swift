@@ -23,6 +23,10 @@ public struct BridgeSettings: Sendable, Equatable {
     public var notifications: NotificationMode
     /// Relay modes: spin this long reaping completions before blocking.
     public var busyPollMicroseconds: Int
+    /// Connect to `socketPath` (created by the front end, e.g. QEMU
+    /// `server=on`) instead of listening, and reconnect whenever it drops —
+    /// so the daemon can restart under a running VM.
+    public var client: Bool = false
 
     public init(name: String, socketPath: String?, peerSocketPath: String? = nil, backend: BackendConfiguration,
                 revocationDeadlineMilliseconds: Int = 100, notifications: NotificationMode = .relay,
@@ -63,6 +67,8 @@ public struct BridgeStatistics: Sendable, Equatable {
     public var iotlbMissesSent = 0
     public var refusals: [String: Int] = [:]
     public var lastEnd: ConnectionSummary.End?
+    /// The requests of the last finished session, in order (at most 200).
+    public var lastRequestLog: [RequestCode] = []
     /// The live session, nil between sessions.
     public var session: SessionView?
     // VM2 side
@@ -130,7 +136,7 @@ public final class Bridge: Sendable {
                                               logger: logger)
             } catch { throw .relay(settings.name, error) }
         }
-        if let path = settings.socketPath {
+        if let path = settings.socketPath, !settings.client {
             do { listener = try UnixSocket.listen(path: path) } catch { throw .socket(settings.name, "vhost-user", error) }
         } else {
             listener = nil
@@ -180,14 +186,23 @@ public final class Bridge: Sendable {
                 session = open(c)
             }
             if session == nil, connection != nil, servedInherited { break } // --fd: one session only
+            var retryMilliseconds: Int32?
+            if session == nil, connection == nil, settings.client, let path = settings.socketPath {
+                if let c = try? UnixSocket.connect(path: path) {
+                    session = open(c)
+                } else {
+                    retryMilliseconds = 200 // the front end is not there (yet): try again
+                }
+            }
             var fds = [stopSignal.fd.rawValue, peer.eventSignal.fd.rawValue]
             if let session { fds.append(session.socket.fd.rawValue) } else if let listener { fds.append(listener.fd.rawValue) }
             let now = ContinuousClock.now
             let next = session?.expireTranslations(now: now)
-            let timeout: Int32 = next.map { d in
+            var timeout: Int32 = next.map { d in
                 let ms = now.duration(to: d).components
                 return Int32(max(1, min(Int64(Int32.max), ms.seconds * 1000 + ms.attoseconds / 1_000_000_000_000_000 + 1)))
             } ?? -1
+            if let retry = retryMilliseconds { timeout = timeout < 0 ? retry : min(timeout, retry) }
             guard let ready = try? Poll.readable(fds, timeoutMilliseconds: timeout) else { continue }
             if ready[0] { break }
             if ready[1] { handlePeerEvents(session) }
@@ -209,7 +224,7 @@ public final class Bridge: Sendable {
         peer.shutdownActive()
         peerThread?.join()
         relay?.stop()
-        if let path = settings.socketPath { unlink(path) }
+        if let path = settings.socketPath, !settings.client { unlink(path) }
         if let path = settings.peerSocketPath { unlink(path) }
     }
 
@@ -266,6 +281,7 @@ public final class Bridge: Sendable {
             s.statistics.iotlbMissesSent += summary.iotlbMissesSent
             for (rule, n) in summary.refusals { s.statistics.refusals[rule, default: 0] += n }
             s.statistics.lastEnd = end
+            s.statistics.lastRequestLog = summary.requestLog
         }
         logger.info("front end session ended: \(end); \(summary.requests) requests, \(summary.refusals.values.reduce(0, +)) refused")
     }

@@ -11,6 +11,10 @@ public struct VM2Configuration: Sendable {
     public var translates = true
     /// Send every valid TX packet back into VM1's RX buffers.
     public var echo = true
+    /// Transmit this many Ethernet frames of `frameSize` bytes into VM1's RX
+    /// buffers (to a real front end in rxonly mode), as RX buffers appear.
+    public var generateFrames = 0
+    public var frameSize = 64
     public init() {}
 }
 
@@ -34,6 +38,8 @@ public struct VM2Statistics: Sendable, Equatable, Codable {
     public var bytesSent: UInt64 = 0
     /// Descriptors the device refused: outside the BAR, unmapped, wrong permission, malformed chains.
     public var descriptorsRefused = 0
+    /// Why descriptors were refused (reason → count).
+    public var refusalReasons: [String: Int] = [:]
     public var translationsRequested = 0
     public var translationsGranted = 0
     public var translationsRefused = 0
@@ -72,7 +78,9 @@ public final class EmulatedVM2: Sendable {
         stopSignal = try EventFD()
         commandSignal = try EventFD()
         let socket = try UnixSocket.connect(path: peerSocketPath)
-        try socket.send(PeerCodec.encode(.hello(PeerHello(features: configuration.translates ? .translate : []))))
+        // A daemon that refuses us (busy) may close before HELLO is written;
+        // its ERROR is still readable, so the device thread reports it.
+        try? socket.send(PeerCodec.encode(.hello(PeerHello(features: configuration.translates ? .translate : []))))
         let t = try JoinableThread(name: "vm2") { [self] in
             let engine = VM2Engine(socket: socket, configuration: configuration, owner: self)
             engine.run()
@@ -158,6 +166,22 @@ private final class VM2Engine {
     var table = PeerMappingTable()
     var rings: [Int: Ring] = [:]
     var pendingEcho: [[UInt8]] = []
+    var generated = 0
+
+    /// A virtio-net header (num_buffers = 1, as VERSION_1 requires without
+    /// MRG_RXBUF) and a broadcast IPv4/UDP Ethernet frame of `size` bytes.
+    static func frame(number: Int, size: Int) -> [UInt8] {
+        var header = [UInt8](repeating: 0, count: 12)
+        header[10] = 1
+        var f = [UInt8](repeating: 0xff, count: 6) + [0x52, 0x54, 0x00, 0x12, 0x34, 0x56] + [0x08, 0x00]
+        let payload = max(46, size - 14)
+        var ip: [UInt8] = [0x45, 0, UInt8((payload >> 8) & 0xff), UInt8(payload & 0xff), 0, 0, 0, 0, 64, 17, 0, 0,
+                           10, 0, 0, 2, 255, 255, 255, 255]
+        ip += [0x13, 0x88, 0x13, 0x88, UInt8(((payload - 20) >> 8) & 0xff), UInt8((payload - 20) & 0xff), 0, 0]
+        ip += [UInt8](repeating: UInt8(truncatingIfNeeded: number), count: payload - ip.count)
+        f += ip
+        return header + f
+    }
     var nextRequest: UInt64 = 1
     var awaiting: [UInt64: PeerTranslateReply?] = [:]
     var stopReason: String?
@@ -170,19 +194,24 @@ private final class VM2Engine {
 
     func run() {
         owner.update { $0.connected = true }
+        var busy: Set<Int> = []
         while stopReason == nil {
             var fds = [owner.stopFD, owner.commandFD, socket.fd.rawValue]
             let kickRings = rings.values.filter { $0.kick != nil }.sorted { $0.index < $1.index }
             fds += kickRings.compactMap { $0.kick?.fd.rawValue }
-            guard let ready = try? Poll.readable(fds, timeoutMilliseconds: 200) else { continue }
+            // Rings with work left are polled again at once, after control traffic.
+            guard let ready = try? Poll.readable(fds, timeoutMilliseconds: busy.isEmpty ? 200 : 0) else { continue }
             if ready[0] { stopReason = "stopped"; break }
             if ready[1] { runCommands() }
             if ready[2] { readControl() }
+            var work = busy
             for (i, ring) in kickRings.enumerated() where ready[3 + i] {
                 _ = try? ring.kick?.read()
                 owner.update { $0.kicksReceived += 1 }
-                process(ring: ring.index)
+                work.insert(ring.index)
             }
+            busy = []
+            for index in work.sorted() where process(ring: index) { busy.insert(index) }
         }
         try? socket.fd.close()
         for r in rings.values { try? r.kick?.fd.close(); try? r.call?.fd.close() }
@@ -343,20 +372,31 @@ private final class VM2Engine {
         return UInt16(littleEndian: shimLoadAcquire(p))
     }
 
-    func process(ring index: Int) {
-        guard var ring = rings[index], ring.enabled, ring.size > 0 else { return }
+    /// Processes up to one ring's worth of entries; returns whether more are
+    /// waiting (so control messages — revocations — are never starved).
+    @discardableResult
+    func process(ring index: Int) -> Bool {
+        guard var ring = rings[index], ring.enabled, ring.size > 0 else { return false }
         var progressed = false
+        var budget = Int(ring.size)
+        var more = false
         while stopReason == nil {
-            guard let availIdx = load16(ring.avail + 2) else { owner.update { $0.descriptorsRefused += 1 }; break }
+            if budget == 0 { more = true; break }
+            budget -= 1
+            guard let availIdx = load16(ring.avail + 2) else { refuse("avail ring not mapped"); break }
             if availIdx == ring.lastAvail { break }
             let slot = UInt64(ring.lastAvail % UInt16(truncatingIfNeeded: ring.size))
-            guard let headBytes = access(ring.avail + 4 + 2 * slot, 2, .read) else { owner.update { $0.descriptorsRefused += 1 }; break }
+            guard let headBytes = access(ring.avail + 4 + 2 * slot, 2, .read) else { refuse("avail ring not mapped"); break }
             let head = UInt16(littleEndian: headBytes.loadUnaligned(as: UInt16.self))
             let written: UInt32
             if index % 2 == 1 {
                 written = transmit(ring: ring, head: head)
             } else {
-                // RX: fill with a pending echo, or leave it posted for later.
+                // RX: fill with a pending echo (or a generated frame), or leave it posted for later.
+                if pendingEcho.isEmpty, generated < configuration.generateFrames {
+                    pendingEcho.append(Self.frame(number: generated, size: configuration.frameSize))
+                    generated += 1
+                }
                 guard let packet = pendingEcho.first else { break }
                 guard let n = receive(ring: ring, head: head, packet: packet) else { break }
                 pendingEcho.removeFirst()
@@ -380,6 +420,11 @@ private final class VM2Engine {
         }
         // TX produced echoes: give them to RX.
         if index % 2 == 1, !pendingEcho.isEmpty, rings[index - 1] != nil { process(ring: index - 1) }
+        return more
+    }
+
+    func refuse(_ reason: String) {
+        owner.update { $0.descriptorsRefused += 1; $0.refusalReasons[reason, default: 0] += 1 }
     }
 
     /// One descriptor chain: (address, length, writable) entries, checked.
@@ -400,20 +445,18 @@ private final class VM2Engine {
     }
 
     func transmit(ring: Ring, head: UInt16) -> UInt32 {
-        guard let parts = chain(ring, head: head), parts.allSatisfy({ !$0.2 }) else {
-            owner.update { $0.descriptorsRefused += 1 }
-            return 0
-        }
+        guard let parts = chain(ring, head: head) else { refuse("tx: unreadable or looping chain"); return 0 }
+        guard parts.allSatisfy({ !$0.2 }) else { refuse("tx: device-writable buffer in a TX chain"); return 0 }
         // Verify in place (single-buffer packets: the emulated VM1 and DPDK
         // send one descriptor; chains are gathered).
         var bytes: [UInt8] = []
         var views: [UnsafeMutableRawBufferPointer] = []
         for (addr, len, _) in parts {
-            guard let view = access(addr, UInt64(len), .read) else { owner.update { $0.descriptorsRefused += 1 }; return 0 }
+            guard let view = access(addr, UInt64(len), .read) else { refuse("tx: buffer not mapped readable"); return 0 }
             views.append(view)
         }
         let total = views.reduce(0) { $0 + $1.count }
-        guard total >= 12 else { owner.update { $0.descriptorsRefused += 1 }; return 0 }
+        guard total >= 12 else { refuse("tx: shorter than the virtio-net header"); return 0 }
         let verdict: TestPacket.Verdict
         let plausible: Bool
         if views.count == 1 {
@@ -444,17 +487,12 @@ private final class VM2Engine {
 
     /// Writes `packet` into an RX chain; nil when the chain is not usable.
     func receive(ring: Ring, head: UInt16, packet: [UInt8]) -> UInt32? {
-        guard let parts = chain(ring, head: head), parts.allSatisfy({ $0.2 }) else {
-            owner.update { $0.descriptorsRefused += 1 }
-            return 0
-        }
+        guard let parts = chain(ring, head: head) else { refuse("rx: unreadable or looping chain"); return 0 }
+        guard parts.allSatisfy({ $0.2 }) else { refuse("rx: read-only buffer in an RX chain"); return 0 }
         var offset = 0
         for (addr, len, _) in parts where offset < packet.count {
             let n = min(Int(len), packet.count - offset)
-            guard let view = access(addr, UInt64(n), .write) else {
-                owner.update { $0.descriptorsRefused += 1 }
-                return 0
-            }
+            guard let view = access(addr, UInt64(n), .write) else { refuse("rx: buffer not mapped writable"); return 0 }
             packet.withUnsafeBytes { src in view.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[offset..<(offset + n)])) }
             offset += n
         }

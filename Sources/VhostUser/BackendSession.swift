@@ -139,6 +139,9 @@ public struct VringSetup: Equatable, Sendable {
     public var call: FileState = .unset
     public var err: FileState = .unset
     public var enabled: Bool
+    /// SET_VRING_ENABLE was received for this ring (QEMU may send it before
+    /// SET_FEATURES; negotiation must not undo it).
+    public var enableExplicit = false
     public var started = false
     /// Waiting for IOTLB updates for its ring addresses (iommu mode).
     public var awaitingTranslation = false
@@ -152,6 +155,9 @@ public struct SessionStatistics: Equatable, Sendable {
     public var iotlbInvalidates = 0
     public var iotlbMissesSent = 0
     public var refusals: [String: Int] = [:]
+    /// The first requests of the session, in order (at most 200): what a
+    /// front end actually sends.
+    public var requestLog: [RequestCode] = []
     public init() {}
 }
 
@@ -221,6 +227,7 @@ public struct BackendSession: Sendable {
     /// Handles one request. `needReply` is the header's NEED_REPLY flag.
     public mutating func handle(_ request: FrontendRequest, needReply: Bool = false, files: [ReceivedFile] = []) -> Outcome {
         statistics.requests += 1
+        if statistics.requestLog.count < 200 { statistics.requestLog.append(request.code) }
         let wantsAck = needReply && replyAck
         do {
             var effects = try apply(request, files: files)
@@ -282,8 +289,9 @@ public struct BackendSession: Sendable {
             let firstTime = ackedFeatures == nil
             ackedFeatures = features
             if firstTime && protocolFeaturesNegotiated {
-                // Rings start disabled once PROTOCOL_FEATURES is in force.
-                for i in vrings.indices where !vrings[i].started { vrings[i].enabled = false }
+                // Rings start disabled once PROTOCOL_FEATURES is in force —
+                // unless the front end already said otherwise.
+                for i in vrings.indices where !vrings[i].started && !vrings[i].enableExplicit { vrings[i].enabled = false }
             }
             return []
 
@@ -297,7 +305,7 @@ public struct BackendSession: Sendable {
             ackedProtocolFeatures = requested
             if !protocolFeaturesSet {
                 protocolFeaturesSet = true
-                for i in vrings.indices where !vrings[i].started { vrings[i].enabled = false }
+                for i in vrings.indices where !vrings[i].started && !vrings[i].enableExplicit { vrings[i].enabled = false }
             }
             return []
 
@@ -426,6 +434,7 @@ public struct BackendSession: Sendable {
             let i = try vringIndex(code, state.index)
             guard state.num <= 1 else { throw .unsupportedRequest(code, reason: "enable value \(state.num) is not 0 or 1") }
             vrings[i].enabled = state.num == 1
+            vrings[i].enableExplicit = true
             return [.ringEnabled(index: i, state.num == 1)]
 
         case .iotlb(let message):

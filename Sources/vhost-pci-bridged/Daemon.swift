@@ -26,6 +26,9 @@ struct Daemon: ParsableCommand {
     @Option(help: "Serve the already connected vhost-user socket inherited as this fd (incompatible with --socket-path).")
     var fd: Int32?
 
+    @Flag(help: "Connect to --socket-path (created by the front end, e.g. QEMU server=on) instead of listening; reconnect when it drops.")
+    var client = false
+
     @Flag(help: "Print the back-end capabilities as JSON and exit.")
     var printCapabilities = false
 
@@ -69,6 +72,7 @@ struct Daemon: ParsableCommand {
         if printCapabilities { return }
         if socketPath != nil && fd != nil { throw ValidationError("--socket-path and --fd are incompatible") }
         if socketPath == nil && fd == nil { throw ValidationError("give --socket-path PATH or --fd FDNUM") }
+        if client && socketPath == nil { throw ValidationError("--client needs --socket-path") }
         if BridgeMode(rawValue: mode) == nil { throw ValidationError("--mode: '\(mode)' is not identity, iommu or static") }
         if parseByteSize(barSize) == nil { throw ValidationError("--bar-size: '\(barSize)' is not a size") }
         if NotificationMode(rawValue: notifications) == nil { throw ValidationError("--notifications: '\(notifications)' is not relay, relay-sqpoll or passthrough") }
@@ -99,11 +103,12 @@ struct Daemon: ParsableCommand {
             barSize: parseByteSize(barSize) ?? 0, mode: BridgeMode(rawValue: mode) ?? .identity,
             dmaWindow: dmaWindow.flatMap { BusWindow(parsing: $0) },
             staticWindows: staticWindows.compactMap { BusWindow(parsing: $0) }, maxMappings: maxMappings)
-        let settings = BridgeSettings(name: name, socketPath: socketPath, peerSocketPath: peerSocket,
+        var settings = BridgeSettings(name: name, socketPath: socketPath, peerSocketPath: peerSocket,
                                       backend: BackendConfiguration(bridgeName: name, addressSpace: space, queuePairs: queuePairs),
                                       revocationDeadlineMilliseconds: revocationDeadline,
                                       notifications: NotificationMode(rawValue: notifications) ?? .relay,
                                       busyPollMicroseconds: busyPollMicroseconds)
+        settings.client = client
 
         // Signals are blocked in every thread and waited for on this one.
         Signals.block([SIGTERM, SIGINT, SIGHUP])

@@ -440,3 +440,18 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         #expect(!outcome.closeConnection)
     }
 }
+
+@Suite struct QEMUOrderingTests {
+    /// QEMU enables the rings of a vhost-user net device before it sends
+    /// SET_FEATURES; negotiation must not disable them again (found with QEMU 7.2).
+    @Test func enableBeforeSetFeaturesSticks() {
+        var s = makeSession(.identity)
+        s.ok(.getFeatures)
+        s.ok(.setProtocolFeatures(s.configuration.protocolFeatures.rawValue))
+        s.ok(.setOwner)
+        s.ok(.setVringEnable(VringState(index: 0, num: 1)))
+        s.ok(.setVringEnable(VringState(index: 1, num: 1)))
+        s.ok(.setFeatures(FeatureBit.version1 | FeatureBit.protocolFeatures))
+        #expect(s.vrings.allSatisfy { $0.enabled })
+    }
+}

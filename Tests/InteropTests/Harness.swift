@@ -1,0 +1,129 @@
+import BridgeCore
+import BridgeDaemon
+import EmulatedGuests
+import Foundation
+import LinuxIO
+import Logging
+import Testing
+import VhostUser
+
+/// The real front ends and how to get them.
+enum Peers {
+    static let testpmd = "/usr/bin/dpdk-testpmd"
+    static let qemu = "/usr/bin/qemu-system-x86_64"
+    static var hasTestpmd: Bool { FileManager.default.isExecutableFile(atPath: testpmd) }
+    static var hasQEMU: Bool { FileManager.default.isExecutableFile(atPath: qemu) }
+    static let testpmdMissing = "dpdk-testpmd is not installed: apt-get install dpdk-dev"
+    static let qemuMissing = "qemu-system-x86_64 is not installed: apt-get install --no-install-recommends qemu-system-x86"
+}
+
+let GiB: UInt64 = 1 << 30
+
+/// Interop scenarios run one at a time: each uses both cores.
+@Suite(.serialized) struct Interop {}
+
+/// A real front end running as a child process; stdin stays open (testpmd
+/// exits on EOF), output goes to a file.
+final class External {
+    let process = Process()
+    let stdin = Pipe()
+    let logPath: String
+
+    init(_ executable: String, _ arguments: [String], name: String) throws {
+        logPath = "/tmp/vpb-interop-\(getpid())-\(name).log"
+        FileManager.default.createFile(atPath: logPath, contents: nil)
+        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        process.standardInput = stdin
+        process.standardOutput = log
+        process.standardError = log
+        try process.run()
+    }
+
+    var output: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
+    /// Graceful stop: EOF on stdin (testpmd prints its statistics and exits), then SIGTERM.
+    func stop() {
+        try? stdin.fileHandleForWriting.close()
+        for _ in 0..<100 where process.isRunning { usleep(50_000) }
+        if process.isRunning { process.terminate() }
+        process.waitUntilExit()
+    }
+
+    func kill() {
+        if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+    }
+
+    deinit {
+        if process.isRunning { kill() }
+        try? FileManager.default.removeItem(atPath: logPath)
+    }
+}
+
+func testpmd(_ socket: String, mode: String, name: String, server: Bool = false) throws -> External {
+    try External(Peers.testpmd, [
+        "-l", "0,1", "--no-huge", "-m", "256", "--no-pci", "--file-prefix=\(name)",
+        server ? "--vdev=net_vhost0,iface=\(socket),queues=1" : "--vdev=net_virtio_user0,path=\(socket),queues=1",
+        "--", "--total-num-mbufs=16384", "--forward-mode=\(mode)", "--auto-start",
+    ], name: name)
+}
+
+func qemu(_ socket: String, iommu: Bool, name: String, chardevOptions: String = "") throws -> External {
+    var args = ["-machine", "q35,accel=tcg", "-m", "256",
+                "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
+                "-chardev", "socket,id=c0,path=\(socket)\(chardevOptions)", "-netdev", "vhost-user,id=n0,chardev=c0"]
+    if iommu { args += ["-device", "intel-iommu"] }
+    args += ["-device", iommu ? "virtio-net-pci,netdev=n0,iommu_platform=on,disable-legacy=on" : "virtio-net-pci,netdev=n0",
+             "-display", "none", "-nodefaults", "-monitor", "none"]
+    return try External(Peers.qemu, args, name: name)
+}
+
+/// "RX-packets: N" (or TX) from testpmd's final statistics.
+func testpmdCount(_ output: String, _ field: String) -> Int? {
+    guard let range = output.range(of: "Accumulated forward statistics") ?? output.range(of: "Forward statistics") else { return nil }
+    let tail = output[range.upperBound...]
+    guard let f = tail.range(of: "\(field): ") else { return nil }
+    return Int(tail[f.upperBound...].prefix { $0.isNumber })
+}
+
+/// A bridge on its own thread with a VM2 attached.
+final class InteropBridge {
+    let bridge: Bridge
+    let thread: JoinableThread
+    let path: String
+    let peerPath: String
+
+    init(_ name: String, mode: BridgeMode, client: Bool = false, path: String? = nil) throws {
+        self.path = path ?? "/tmp/vpb-interop-\(getpid())-\(name).sock"
+        peerPath = "/tmp/vpb-interop-\(getpid())-\(name)-peer.sock"
+        var logger = Logger(label: "interop")
+        logger.logLevel = .critical
+        var settings = BridgeSettings(name: name, socketPath: self.path, peerSocketPath: peerPath,
+                                      backend: BackendConfiguration(bridgeName: name,
+                                                                    addressSpace: AddressSpaceConfiguration(barSize: 64 * GiB, mode: mode)))
+        settings.client = client
+        let bridge = try Bridge(settings, logger: logger)
+        self.bridge = bridge
+        thread = try JoinableThread(name: "interop-bridge") { bridge.serve() }
+    }
+
+    func stop() {
+        bridge.stop()
+        thread.join()
+    }
+}
+
+/// Polls every 10 ms for up to `seconds` (a hang guard, not a timing assertion).
+func within(_ seconds: Int, _ condition: () -> Bool) -> Bool {
+    for _ in 0..<(seconds * 100) {
+        if condition() { return true }
+        usleep(10_000)
+    }
+    return condition()
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif

@@ -1,0 +1,139 @@
+import BridgeCore
+import BridgeDaemon
+import EmulatedGuests
+import Foundation
+import LinuxIO
+import Testing
+import VhostUser
+
+extension Interop {
+    @Suite struct DPDK {
+        @Test(.enabled(if: Peers.hasTestpmd, Comment(rawValue: Peers.testpmdMissing)))
+        func testpmdTxonlyFramesReachVM2InPlace() throws {
+            let b = try InteropBridge("tpmd-tx", mode: .identity)
+            defer { b.stop() }
+            var config = VM2Configuration()
+            config.echo = false
+            let vm2 = try EmulatedVM2(peerSocketPath: b.peerPath, configuration: config)
+            defer { vm2.stop() }
+            let pmd = try testpmd(b.path, mode: "txonly", name: "tx")
+            let flowed = within(60) { vm2.statistics.framesValid >= 10_000 }
+            let s = vm2.statistics // before the front end goes away (then VM2 refuses what it unmapped)
+            pmd.stop()
+            #expect(flowed, "VM2 saw \(s.framesValid) frames; testpmd said:\n\(pmd.output.suffix(1500))")
+            #expect(s.framesInvalid == 0 && s.packetsCorrupt == 0 && s.descriptorsRefused == 0)
+            #expect(within(10) { b.bridge.statistics.sessionsServed == 1 })
+            let log = b.bridge.statistics.lastRequestLog
+            print("testpmd message sequence: \(log.map(\.description).joined(separator: " "))")
+            #expect(log.first == .getFeatures || log.first == .setOwner)
+            #expect(log.contains(.setMemTable) && log.contains(.setVringKick))
+            #expect(b.bridge.statistics.refusals.isEmpty, "refused: \(b.bridge.statistics.refusals)")
+        }
+
+        @Test(.enabled(if: Peers.hasTestpmd, Comment(rawValue: Peers.testpmdMissing)))
+        func vm2FillsTestpmdsReceiveBuffers() throws {
+            let b = try InteropBridge("tpmd-rx", mode: .identity)
+            defer { b.stop() }
+            var config = VM2Configuration()
+            config.echo = false
+            config.generateFrames = 20_000
+            let vm2 = try EmulatedVM2(peerSocketPath: b.peerPath, configuration: config)
+            defer { vm2.stop() }
+            let pmd = try testpmd(b.path, mode: "rxonly", name: "rx")
+            let sent = within(60) { vm2.statistics.packetsSent >= 20_000 }
+            usleep(200_000)
+            pmd.stop()
+            let received = testpmdCount(pmd.output, "RX-packets") ?? -1
+            #expect(sent, "VM2 wrote \(vm2.statistics.packetsSent) frames")
+            // testpmd zeroes its counters when forwarding starts; frames VM2 wrote into
+            // the first posted ring (at most one ring, 256) before that are not counted.
+            #expect(received >= 20_000 - 256, "testpmd counted \(received); output:\n\(pmd.output.suffix(1500))")
+        }
+
+        @Test(.enabled(if: Peers.hasTestpmd, Comment(rawValue: Peers.testpmdMissing)))
+        func testpmdKilledAndRestarted() throws {
+            let b = try InteropBridge("tpmd-restart", mode: .identity)
+            defer { b.stop() }
+            var config = VM2Configuration()
+            config.echo = false
+            let vm2 = try EmulatedVM2(peerSocketPath: b.peerPath, configuration: config)
+            defer { vm2.stop() }
+            let first = try testpmd(b.path, mode: "txonly", name: "r1")
+            #expect(within(60) { vm2.statistics.framesValid >= 1000 })
+            first.kill() // no goodbye
+            #expect(within(10) { b.bridge.statistics.sessionsServed == 1 && b.bridge.statistics.session == nil })
+            let before = vm2.statistics.framesValid
+            let second = try testpmd(b.path, mode: "txonly", name: "r2")
+            #expect(within(60) { vm2.statistics.framesValid >= before + 1000 }, "\(second.output.suffix(1000))")
+            #expect(vm2.statistics.descriptorsRefused == 0, "\(vm2.statistics.refusalReasons)")
+            second.stop()
+        }
+    }
+
+    @Suite struct QEMU {
+        private func dhcpReachesVM2(iommu: Bool) throws {
+            let b = try InteropBridge(iommu ? "qemu-iommu" : "qemu", mode: iommu ? .iommu : .identity)
+            defer { b.stop() }
+            var config = VM2Configuration()
+            config.echo = false
+            let vm2 = try EmulatedVM2(peerSocketPath: b.peerPath, configuration: config)
+            defer { vm2.stop() }
+            let vm = try qemu(b.path, iommu: iommu, name: iommu ? "q-iommu" : "q-ident")
+            defer { vm.kill() }
+            // iPXE in SeaBIOS brings the NIC up and sends DHCP DISCOVERs after a few seconds of TCG.
+            let ok = within(120) { vm2.statistics.framesValid >= 1 }
+            let s = vm2.statistics
+            #expect(ok, "no frame from iPXE reached VM2: \(s); QEMU said: \(vm.output.suffix(800))")
+            #expect(s.framesInvalid == 0 && s.descriptorsRefused == 0)
+            let stats = b.bridge.statistics
+            #expect(stats.refusals.isEmpty, "refused: \(stats.refusals)")
+            vm.kill()
+            _ = within(10) { b.bridge.statistics.sessionsServed >= 1 }
+            let after = b.bridge.statistics
+            print("QEMU\(iommu ? " + intel-iommu" : "") message sequence: \(after.lastRequestLog.map(\.description).joined(separator: " "))")
+            print("QEMU\(iommu ? " + intel-iommu" : "") misses sent \(after.iotlbMissesSent), IOTLB updates \(after.iotlbUpdates), invalidates \(after.iotlbInvalidates), VM2 translations granted \(after.translationsGranted), refused \(after.translationsRefused), VM2 frames \(vm2.statistics.framesValid)")
+            if iommu {
+                // Only IOTLB-mapped ranges are visible; VM2's translations raised misses QEMU answered.
+                #expect(stats.iotlbUpdates >= 1 || stats.session.map { $0.mappings > 0 } == true)
+                #expect(stats.session?.ackedFeatures.map { $0 & FeatureBit.iommuPlatform != 0 } == true)
+            }
+        }
+
+        @Test(.enabled(if: Peers.hasQEMU, Comment(rawValue: Peers.qemuMissing)))
+        func iPXEFramesReachVM2WithoutAVIOMMU() throws { try dhcpReachesVM2(iommu: false) }
+
+        @Test(.enabled(if: Peers.hasQEMU, Comment(rawValue: Peers.qemuMissing)))
+        func iPXEFramesReachVM2ThroughIntelIOMMU() throws { try dhcpReachesVM2(iommu: true) }
+
+        @Test(.enabled(if: Peers.hasQEMU, Comment(rawValue: Peers.qemuMissing)))
+        func daemonRestartsWhileQEMUWaitsWithReconnect() throws {
+            let path = "/tmp/vpb-interop-\(getpid())-reconnect.sock"
+            var b = try InteropBridge("reconnect", mode: .identity, path: path)
+            let vm = try qemu(path, iommu: false, name: "q-reconnect", chardevOptions: ",reconnect=1")
+            defer { vm.kill() }
+            #expect(within(120) { b.bridge.statistics.session?.startedRings.isEmpty == false },
+                    "QEMU never started the rings: \(vm.output.suffix(800))")
+            b.stop() // the daemon goes away under a running VM
+            b = try InteropBridge("reconnect", mode: .identity, path: path)
+            defer { b.stop() }
+            #expect(within(60) { b.bridge.statistics.session?.startedRings.isEmpty == false },
+                    "QEMU did not reconnect and restart the device: \(vm.output.suffix(800))")
+        }
+
+        @Test(.enabled(if: Peers.hasQEMU, Comment(rawValue: Peers.qemuMissing)))
+        func clientModeAgainstAQEMUServerSocket() throws {
+            let path = "/tmp/vpb-interop-\(getpid())-server.sock"
+            let vm = try qemu(path, iommu: false, name: "q-server", chardevOptions: ",server=on")
+            defer { vm.kill() }
+            #expect(within(30) { FileManager.default.fileExists(atPath: path) })
+            var b = try InteropBridge("client", mode: .identity, client: true, path: path)
+            #expect(within(120) { b.bridge.statistics.session?.startedRings.isEmpty == false },
+                    "no device start over the client connection: \(vm.output.suffix(800))")
+            b.stop() // restart the back end; QEMU keeps its socket
+            b = try InteropBridge("client", mode: .identity, client: true, path: path)
+            defer { b.stop() }
+            #expect(within(60) { b.bridge.statistics.session?.startedRings.isEmpty == false },
+                    "QEMU did not restart the device for the reconnected back end: \(vm.output.suffix(800))")
+        }
+    }
+}

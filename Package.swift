@@ -89,8 +89,9 @@ let package = Package(
         .executableTarget(
             name: "vhost-pci-bench",
             dependencies: [
-                "BridgeCore", "BridgeDaemon", "LinuxIO",
+                "BridgeCore", "BridgeDaemon", "LinuxIO", "EmulatedGuests", "VhostUser",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings

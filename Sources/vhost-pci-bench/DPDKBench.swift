@@ -1,0 +1,136 @@
+import ArgumentParser
+import BridgeCore
+import BridgeDaemon
+import EmulatedGuests
+import Foundation
+import LinuxIO
+import Logging
+import VhostUser
+
+struct DPDKBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dpdk",
+        abstract: "testpmd txonly → vhost-pci-bridged → emulated VM2, versus the testpmd ↔ testpmd pair, in one run (needs dpdk-testpmd)."
+    )
+
+    @Option(help: "Seconds per measurement.")
+    var seconds: Double = 5
+
+    @Option(help: "Comma-separated frame sizes.")
+    var sizes: String = "64,1500"
+
+    @Flag(help: "Print one JSON object instead of Markdown.")
+    var json = false
+
+    static let testpmd = "/usr/bin/dpdk-testpmd"
+
+    func launch(_ args: [String], log: String) throws -> (Process, Pipe) {
+        let p = Process()
+        let stdin = Pipe()
+        p.executableURL = URL(fileURLWithPath: Self.testpmd)
+        p.arguments = args
+        p.standardInput = stdin
+        FileManager.default.createFile(atPath: log, contents: nil)
+        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        p.standardOutput = h
+        p.standardError = h
+        try p.run()
+        return (p, stdin)
+    }
+
+    func finish(_ p: Process, _ stdin: Pipe) {
+        try? stdin.fileHandleForWriting.close()
+        for _ in 0..<100 where p.isRunning { usleep(50_000) }
+        if p.isRunning { p.terminate() }
+        p.waitUntilExit()
+    }
+
+    func counter(_ log: String, _ field: String) -> Int? {
+        guard let text = try? String(contentsOfFile: log, encoding: .utf8),
+              let r = text.range(of: "Accumulated forward statistics"),
+              let f = text[r.upperBound...].range(of: "\(field): ") else { return nil }
+        return Int(text[f.upperBound...].prefix { $0.isNumber })
+    }
+
+    /// Each testpmd polls on one core and keeps its main lcore on the other,
+    /// so two of them (the pair) do not time-slice one core.
+    func frontEnd(_ socket: String, size: Int, name: String, server: Bool, mode: String) -> [String] {
+        ["-l", "0,1", "--main-lcore", server ? "1" : "0", "--no-huge", "-m", "256", "--no-pci", "--file-prefix=\(name)",
+         server ? "--vdev=net_vhost0,iface=\(socket),queues=1" : "--vdev=net_virtio_user0,path=\(socket),queues=1",
+         "--", "--total-num-mbufs=16384", "--forward-mode=\(mode)", "--txpkts=\(size)", "--auto-start"]
+    }
+
+    /// testpmd txonly → bridge (identity) → VM2 counting frames; Mpps seen by VM2.
+    func throughBridge(size: Int) throws -> Double {
+        let dir = "/tmp/vpb-bench-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var logger = Logger(label: "bench")
+        logger.logLevel = .critical
+        let bridge = try Bridge(BridgeSettings(name: "bench", socketPath: "\(dir)/vm1.sock", peerSocketPath: "\(dir)/vm2.sock",
+                                               backend: BackendConfiguration(bridgeName: "bench",
+                                                                             addressSpace: AddressSpaceConfiguration(barSize: 1 << 36, mode: .identity))),
+                                logger: logger)
+        let server = try JoinableThread(name: "bench-bridge") { bridge.serve() }
+        defer { bridge.stop(); server.join() }
+        var config = VM2Configuration()
+        config.echo = false
+        let vm2 = try EmulatedVM2(peerSocketPath: "\(dir)/vm2.sock", configuration: config)
+        defer { vm2.stop() }
+        let (p, stdin) = try launch(frontEnd("\(dir)/vm1.sock", size: size, name: "bench-tx", server: false, mode: "txonly"), log: "\(dir)/tx.log")
+        defer { finish(p, stdin) }
+        for _ in 0..<300 where vm2.statistics.framesValid == 0 { usleep(10_000) }
+        let clock = ContinuousClock()
+        let start = clock.now, first = vm2.statistics.packetsReceived
+        usleep(UInt32(seconds * 1_000_000))
+        let n = vm2.statistics.packetsReceived - first
+        let d = start.duration(to: clock.now).components
+        return Double(n) / (Double(d.seconds) + Double(d.attoseconds) / 1e18) / 1e6
+    }
+
+    /// testpmd txonly (virtio-user) → testpmd rxonly (vhost back end); Mpps counted by the receiver.
+    func pair(size: Int) throws -> Double {
+        let dir = "/tmp/vpb-bench-pair-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let sock = "\(dir)/pair.sock"
+        let (rx, rxIn) = try launch(frontEnd(sock, size: size, name: "bench-prx", server: true, mode: "rxonly"), log: "\(dir)/rx.log")
+        for _ in 0..<300 where !FileManager.default.fileExists(atPath: sock) { usleep(10_000) }
+        let (tx, txIn) = try launch(frontEnd(sock, size: size, name: "bench-ptx", server: false, mode: "txonly"), log: "\(dir)/tx.log")
+        let clock = ContinuousClock()
+        let start = clock.now
+        usleep(UInt32(seconds * 1_000_000))
+        finish(rx, rxIn)
+        let d = start.duration(to: clock.now).components
+        finish(tx, txIn)
+        let n = counter("\(dir)/rx.log", "RX-packets") ?? 0
+        return Double(n) / (Double(d.seconds) + Double(d.attoseconds) / 1e18) / 1e6
+    }
+
+    struct Row: Codable { var size: Int; var bridgeMpps: Double; var pairMpps: Double; var ratio: Double }
+
+    func run() throws {
+        guard FileManager.default.isExecutableFile(atPath: Self.testpmd) else {
+            throw ValidationError("dpdk-testpmd is not installed: apt-get install dpdk-dev (or make interop-deps)")
+        }
+        var rows: [Row] = []
+        for size in sizes.split(separator: ",").compactMap({ Int($0) }) {
+            FileHandle.standardError.write(Data("dpdk: \(size) B through the bridge…\n".utf8))
+            let b = try throughBridge(size: size)
+            FileHandle.standardError.write(Data("dpdk: \(size) B testpmd pair…\n".utf8))
+            let p = try pair(size: size)
+            rows.append(Row(size: size, bridgeMpps: b, pairMpps: p, ratio: p > 0 ? b / p : 0))
+        }
+        if json {
+            let e = JSONEncoder()
+            e.outputFormatting = [.sortedKeys]
+            print(String(decoding: try e.encode(["dpdk": rows]), as: UTF8.self))
+            return
+        }
+        print("### DPDK (`vhost-pci-bench dpdk`, \(seconds) s per run)\n")
+        print("testpmd txonly (virtio-user) → vhost-pci-bridged (identity) → emulated VM2 reading every frame in place, versus testpmd txonly → testpmd rxonly (DPDK's own vhost back end) on the same machine.\n")
+        print("| frame | through the bridge, Mpps | testpmd pair, Mpps | bridge / pair |")
+        print("|---:|---:|---:|---:|")
+        for r in rows { print(String(format: "| %d B | %.3f | %.3f | %.2f× |", r.size, r.bridgeMpps, r.pairMpps, r.ratio)) }
+    }
+}

@@ -1,0 +1,202 @@
+import BridgeCore
+import Logging
+import VhostUser
+import Yams
+
+/// A refused configuration: the key (e.g. `bridges[1].bar-size`) and why.
+public struct ConfigError: Error, Equatable, Sendable, CustomStringConvertible {
+    public var key: String
+    public var reason: String
+    public init(_ key: String, _ reason: String) { self.key = key; self.reason = reason }
+    public var description: String { "\(key): \(reason)" }
+}
+
+/// One bridge as the config file (or `create`) describes it.
+public struct BridgeConfig: Equatable, Sendable {
+    public var name: String
+    public var vhostUserSocket: String
+    public var peerSocket: String?
+    public var vm2: String
+    public var addressSpace: AddressSpaceConfiguration
+    public var notifications: NotificationMode = .relay
+    public var busyPollMicroseconds = 0
+    public var revocationDeadlineMilliseconds = 100
+    public var queuePairs = 1
+    public var client = false
+
+    public var settings: BridgeSettings {
+        var s = BridgeSettings(name: name, socketPath: vhostUserSocket, peerSocketPath: peerSocket,
+                               backend: BackendConfiguration(bridgeName: name, addressSpace: addressSpace, queuePairs: queuePairs),
+                               revocationDeadlineMilliseconds: revocationDeadlineMilliseconds,
+                               notifications: notifications, busyPollMicroseconds: busyPollMicroseconds)
+        s.client = client
+        return s
+    }
+}
+
+/// The daemon's configuration (`config/vhost-pci-bridged.yaml`).
+public struct DaemonConfig: Equatable, Sendable {
+    public var runtimeDirectory = "/run/vhost-pci-bridged"
+    public var controlSocket = "/run/vhost-pci-bridged/control.sock"
+    /// Members of this group (by name or number) may use the control socket; root always may.
+    public var controlGroup: String?
+    public var controlMode: UInt32 = 0o660
+    public var logLevel: Logger.Level = .info
+    public var vm2Budgets: [String: UInt64] = [:]
+    public var bridges: [BridgeConfig] = []
+
+    public init() {}
+
+    static let topKeys: Set<String> = ["runtime-directory", "control-socket", "control-group", "control-mode", "log-level", "vm2-budgets", "bridges"]
+    static let bridgeKeys: Set<String> = ["name", "vhost-user-socket", "peer-socket", "vm2", "bar-size", "mode", "static-windows",
+                                          "dma-window", "notifications", "busy-poll-us", "revocation-deadline-ms", "max-mappings",
+                                          "queue-pairs", "client", "page-size"]
+
+    /// Parses and validates YAML text. Every error names its key.
+    public static func parse(_ text: String) throws(ConfigError) -> DaemonConfig {
+        let root: Any?
+        do { root = try Yams.load(yaml: text) } catch { throw ConfigError("(file)", "not valid YAML: \(error)") }
+        guard let top = root as? [String: Any] else { throw ConfigError("(file)", "the top level must be a mapping of keys") }
+        var config = DaemonConfig()
+        for key in top.keys.sorted() where !topKeys.contains(key) { throw ConfigError(key, "unknown key") }
+        if let v = top["runtime-directory"] { config.runtimeDirectory = try path(v, "runtime-directory") }
+        if let v = top["control-socket"] { config.controlSocket = try path(v, "control-socket") }
+        if let v = top["control-group"] {
+            guard let g = scalar(v), !g.isEmpty else { throw ConfigError("control-group", "must be a group name or number") }
+            config.controlGroup = g
+        }
+        if let v = top["control-mode"] {
+            guard let text = scalar(v), let mode = UInt32(text.hasPrefix("0o") ? String(text.dropFirst(2)) : text, radix: 8), mode <= 0o777 else {
+                throw ConfigError("control-mode", "'\(scalar(v) ?? "?")' is not an octal mode such as 0660")
+            }
+            config.controlMode = mode
+        }
+        if let v = top["log-level"] {
+            guard let text = scalar(v), let level = Logger.Level(rawValue: text) else {
+                throw ConfigError("log-level", "'\(scalar(v) ?? "?")' is not one of trace, debug, info, notice, warning, error, critical")
+            }
+            config.logLevel = level
+        }
+        if let v = top["vm2-budgets"] {
+            guard let map = v as? [String: Any] else { throw ConfigError("vm2-budgets", "must map VM2 names to sizes") }
+            for (name, raw) in map {
+                guard let size = scalar(raw).flatMap(parseByteSize), size > 0 else {
+                    throw ConfigError("vm2-budgets.\(name)", "'\(scalar(raw) ?? "?")' is not a size such as 2T")
+                }
+                config.vm2Budgets[name] = size
+            }
+        }
+        if let v = top["bridges"] {
+            guard let list = v as? [Any] else { throw ConfigError("bridges", "must be a list of bridges") }
+            for (i, item) in list.enumerated() {
+                config.bridges.append(try bridge(item, key: "bridges[\(i)]", runtimeDirectory: config.runtimeDirectory))
+            }
+        }
+        try config.validate()
+        return config
+    }
+
+    /// Checks across bridges: unique names and sockets, VM2 budgets.
+    public func validate() throws(ConfigError) {
+        var names: Set<String> = [], sockets: [String: String] = [:]
+        for (i, b) in bridges.enumerated() {
+            guard names.insert(b.name).inserted else { throw ConfigError("bridges[\(i)].name", "'\(b.name)' is used by another bridge") }
+            for (key, path) in [("vhost-user-socket", b.vhostUserSocket), ("peer-socket", b.peerSocket ?? "")] where !path.isEmpty {
+                if let other = sockets[path] { throw ConfigError("bridges[\(i)].\(key)", "'\(path)' is already used by \(other)") }
+                sockets[path] = "bridge \(b.name)"
+            }
+            if path(controlSocket) == path(b.vhostUserSocket) {
+                throw ConfigError("bridges[\(i)].vhost-user-socket", "'\(b.vhostUserSocket)' is the control socket")
+            }
+        }
+        do {
+            try BARBudget.check(bridges.map { .init(bridge: $0.name, vm2: $0.vm2, barSize: $0.addressSpace.barSize) }, budgets: vm2Budgets)
+        } catch { throw ConfigError("vm2-budgets", "\(error)") }
+    }
+
+    private func path(_ p: String) -> String { p }
+
+    static func scalar(_ v: Any) -> String? {
+        switch v {
+        case let s as String: s
+        case let i as Int: String(i)
+        case let b as Bool: b ? "true" : "false"
+        case let d as Double: String(d)
+        default: nil
+        }
+    }
+
+    static func path(_ v: Any, _ key: String) throws(ConfigError) -> String {
+        guard let s = scalar(v), s.hasPrefix("/"), s.utf8.count <= 107 else {
+            throw ConfigError(key, "must be an absolute path of at most 107 bytes (a Unix socket limit)")
+        }
+        return s
+    }
+
+    static func int(_ v: Any, _ key: String, _ range: ClosedRange<Int>) throws(ConfigError) -> Int {
+        guard let s = scalar(v), let n = Int(s), range.contains(n) else {
+            throw ConfigError(key, "'\(scalar(v) ?? "?")' is not a whole number in \(range.lowerBound)...\(range.upperBound)")
+        }
+        return n
+    }
+
+    static func window(_ v: Any, _ key: String) throws(ConfigError) -> BusWindow {
+        guard let s = scalar(v), let w = BusWindow(parsing: s) else {
+            throw ConfigError(key, "'\(scalar(v) ?? "?")' is not BASE:LIMIT with LIMIT above BASE (e.g. 4G:16G)")
+        }
+        return w
+    }
+
+    static func bridge(_ item: Any, key: String, runtimeDirectory: String) throws(ConfigError) -> BridgeConfig {
+        guard let b = item as? [String: Any] else { throw ConfigError(key, "each bridge must be a mapping") }
+        for k in b.keys.sorted() where !bridgeKeys.contains(k) { throw ConfigError("\(key).\(k)", "unknown key") }
+        guard let rawName = b["name"], let name = scalar(rawName), !name.isEmpty else { throw ConfigError("\(key).name", "is required") }
+        guard name.count <= 32, name.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" }) else {
+            throw ConfigError("\(key).name", "'\(name)' must be 1-32 letters, digits, '-' or '_'")
+        }
+        let vhost = try b["vhost-user-socket"].map { v throws(ConfigError) in try path(v, "\(key).vhost-user-socket") }
+            ?? "\(runtimeDirectory)/\(name)-vm1.sock"
+        let peer = try b["peer-socket"].map { v throws(ConfigError) in try path(v, "\(key).peer-socket") }
+            ?? "\(runtimeDirectory)/\(name)-vm2.sock"
+        guard let barText = b["bar-size"].flatMap(scalar) else { throw ConfigError("\(key).bar-size", "is required (e.g. 64G)") }
+        guard let bar = parseByteSize(barText) else { throw ConfigError("\(key).bar-size", "'\(barText)' is not a size such as 64G") }
+        let modeText = b["mode"].flatMap(scalar) ?? "identity"
+        guard let mode = BridgeMode(rawValue: modeText) else {
+            throw ConfigError("\(key).mode", "'\(modeText)' is not identity, iommu or static")
+        }
+        var windows: [BusWindow] = []
+        if let raw = b["static-windows"] {
+            guard let list = raw as? [Any] else { throw ConfigError("\(key).static-windows", "must be a list of BASE:LIMIT") }
+            for (j, w) in list.enumerated() { windows.append(try window(w, "\(key).static-windows[\(j)]")) }
+        }
+        let dma = try b["dma-window"].map { v throws(ConfigError) in try window(v, "\(key).dma-window") }
+        let maxMappings = try b["max-mappings"].map { v throws(ConfigError) in try int(v, "\(key).max-mappings", 1...1_000_000) }
+            ?? AddressSpaceConfiguration.defaultMaxMappings
+        let pageSize = try b["page-size"].map { v throws(ConfigError) in UInt64(try int(v, "\(key).page-size", 4096...(1 << 30))) } ?? 4096
+        let space = AddressSpaceConfiguration(barSize: bar, pageSize: pageSize, mode: mode, dmaWindow: dma,
+                                              staticWindows: windows, maxMappings: maxMappings)
+        do { try space.validate() } catch { throw ConfigError("\(key).\(error.key)", "\(error)".replacingPrefix("\(error.key): ")) }
+        var config = BridgeConfig(name: name, vhostUserSocket: vhost, peerSocket: peer, vm2: b["vm2"].flatMap(scalar) ?? name,
+                                  addressSpace: space)
+        if let raw = b["notifications"] {
+            guard let text = scalar(raw), let n = NotificationMode(rawValue: text) else {
+                throw ConfigError("\(key).notifications", "'\(scalar(raw) ?? "?")' is not relay, relay-sqpoll or passthrough")
+            }
+            config.notifications = n
+        }
+        if let raw = b["busy-poll-us"] { config.busyPollMicroseconds = try int(raw, "\(key).busy-poll-us", 0...10_000) }
+        if let raw = b["revocation-deadline-ms"] { config.revocationDeadlineMilliseconds = try int(raw, "\(key).revocation-deadline-ms", 1...60_000) }
+        if let raw = b["queue-pairs"] { config.queuePairs = try int(raw, "\(key).queue-pairs", 1...128) }
+        if let raw = b["client"] {
+            guard let v = raw as? Bool else { throw ConfigError("\(key).client", "must be true or false") }
+            config.client = v
+        }
+        return config
+    }
+}
+
+extension String {
+    fileprivate func replacingPrefix(_ prefix: String) -> String {
+        hasPrefix(prefix) ? String(dropFirst(prefix.count)) : self
+    }
+}

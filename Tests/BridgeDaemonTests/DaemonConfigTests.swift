@@ -1,0 +1,102 @@
+import BridgeCore
+import BridgeDaemon
+import Foundation
+import Testing
+
+let goodConfig = """
+runtime-directory: /run/vpb
+control-socket: /run/vpb/control.sock
+control-group: kvm
+control-mode: "0660"
+log-level: notice
+vm2-budgets:
+  vm2-a: 2T
+bridges:
+  - name: net0
+    vhost-user-socket: /run/vpb/net0.sock
+    peer-socket: /run/vpb/net0-peer.sock
+    vm2: vm2-a
+    bar-size: 1T
+    mode: iommu
+    dma-window: 4G:16G
+    notifications: relay-sqpoll
+    busy-poll-us: 20
+    revocation-deadline-ms: 50
+    max-mappings: 4096
+    queue-pairs: 2
+  - name: net1
+    vm2: vm2-a
+    bar-size: 64G
+    mode: static
+    static-windows: ["0:1G", "2G:3G"]
+"""
+
+func configError(_ text: String) -> ConfigError? {
+    do { _ = try DaemonConfig.parse(text); return nil } catch { return error }
+}
+
+@Suite struct DaemonConfigTests {
+    @Test func theShippedConfigParses() throws {
+        let url = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("config/vhost-pci-bridged.yaml")
+        let config = try DaemonConfig.parse(try String(contentsOf: url, encoding: .utf8))
+        #expect(!config.bridges.isEmpty)
+    }
+
+    @Test func aFullConfigParses() throws {
+        let c = try DaemonConfig.parse(goodConfig)
+        #expect(c.controlMode == 0o660 && c.controlGroup == "kvm" && c.logLevel == .notice)
+        #expect(c.vm2Budgets["vm2-a"] == 2 << 40)
+        #expect(c.bridges.count == 2)
+        let a = c.bridges[0]
+        #expect(a.addressSpace.barSize == 1 << 40 && a.addressSpace.mode == .iommu)
+        #expect(a.addressSpace.dmaWindow == BusWindow(base: BusAddress(4 << 30), limit: 16 << 30))
+        #expect(a.notifications == .relaySQPoll && a.busyPollMicroseconds == 20 && a.revocationDeadlineMilliseconds == 50)
+        #expect(a.addressSpace.maxMappings == 4096 && a.queuePairs == 2)
+        // Defaults: sockets in the runtime directory, identity of VM2 = bridge name.
+        let b = c.bridges[1]
+        #expect(b.vhostUserSocket == "/run/vpb/net1-vm1.sock" && b.peerSocket == "/run/vpb/net1-vm2.sock")
+        #expect(b.addressSpace.staticWindows.count == 2)
+    }
+
+    /// Each bad config and the text its error must carry (the key, then the reason).
+    static let bad: [(String, String)] = [
+        ("bridges: [", "(file): not valid YAML"),
+        ("- a\n- b", "(file): the top level must be a mapping"),
+        ("colour: blue", "colour: unknown key"),
+        ("log-level: loud", "log-level: 'loud' is not one of"),
+        ("control-mode: rw", "control-mode: 'rw' is not an octal mode"),
+        ("control-socket: relative.sock", "control-socket: must be an absolute path"),
+        ("bridges: {name: x}", "bridges: must be a list"),
+        ("bridges:\n  - bar-size: 1G", "bridges[0].name: is required"),
+        ("bridges:\n  - name: a b\n    bar-size: 1G", "bridges[0].name: 'a b' must be"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n  - name: a\n    bar-size: 1G", "bridges[1].name: 'a' is used by another bridge"),
+        ("bridges:\n  - name: a", "bridges[0].bar-size: is required"),
+        ("bridges:\n  - name: a\n    bar-size: lots", "bridges[0].bar-size: 'lots' is not a size"),
+        ("bridges:\n  - name: a\n    bar-size: 3G", "bridges[0].bar-size: 0xc0000000 is not a power of two"),
+        ("bridges:\n  - name: a\n    bar-size: 512T", "bridges[0].bar-size: 512 TiB is outside"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    mode: magic", "bridges[0].mode: 'magic' is not identity, iommu or static"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    static-windows: [\"0:1M\"]", "bridges[0].static-windows: only allowed in static mode"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    mode: static", "bridges[0].static-windows: static mode needs at least one window"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    mode: static\n    static-windows: [\"5:1\"]", "bridges[0].static-windows[0]: '5:1' is not BASE:LIMIT"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    mode: iommu\n    dma-window: 0:2G", "bridges[0].dma-window: window [0x0, 0x80000000) does not fit in a BAR of 1 GiB"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    notifications: carrier-pigeon", "bridges[0].notifications: 'carrier-pigeon' is not relay"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    revocation-deadline-ms: 0", "bridges[0].revocation-deadline-ms: '0' is not a whole number in 1...60000"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    busy-poll-us: 99999", "bridges[0].busy-poll-us: '99999' is not a whole number"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    queue-pairs: many", "bridges[0].queue-pairs: 'many' is not a whole number"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    speed: fast", "bridges[0].speed: unknown key"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    client: maybe", "bridges[0].client: must be true or false"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    vhost-user-socket: /s\n  - name: b\n    bar-size: 1G\n    vhost-user-socket: /s",
+         "bridges[1].vhost-user-socket: '/s' is already used by bridge a"),
+        ("vm2-budgets: {v: 1G}\nbridges:\n  - name: a\n    vm2: v\n    bar-size: 1G\n  - name: b\n    vm2: v\n    bar-size: 1G",
+         "vm2-budgets: VM2 'v' would need 2 GiB of BAR space for bridges a, b; its budget is 1 GiB"),
+        ("vm2-budgets: {v: none}", "vm2-budgets.v: 'none' is not a size"),
+    ]
+
+    @Test(arguments: bad.indices)
+    func badConfigsNameTheKeyAndTheReason(index: Int) {
+        let (text, expected) = Self.bad[index]
+        guard let error = configError(text) else { Issue.record("accepted: \(text)"); return }
+        #expect(error.description.hasPrefix(expected), "got: \(error)")
+    }
+}

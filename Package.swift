@@ -19,6 +19,7 @@ let package = Package(
         .library(name: "LinuxIO", targets: ["LinuxIO"]),
         .executable(name: "vhost-pci-bridged", targets: ["vhost-pci-bridged"]),
         .executable(name: "vhost-pci-guest", targets: ["vhost-pci-guest"]),
+        .executable(name: "vhost-pci-bridgectl", targets: ["vhost-pci-bridgectl"]),
         .executable(name: "vhost-pci-bench", targets: ["vhost-pci-bench"]),
         .executable(name: "vhost-pci-demo", targets: ["vhost-pci-demo"]),
     ],
@@ -80,6 +81,19 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        .target(
+            name: "ControlClient",
+            dependencies: ["LinuxIO"],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "vhost-pci-bridgectl",
+            dependencies: [
+                "ControlClient",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         .executableTarget(
             name: "vhost-pci-guest",
             dependencies: [
@@ -124,7 +138,8 @@ let package = Package(
         ),
         .testTarget(
             name: "BridgeDaemonTests",
-            dependencies: ["BridgeDaemon", "LinuxIO", "BridgeCore"],
+            dependencies: ["BridgeDaemon", "LinuxIO", "BridgeCore", "ControlClient", "EmulatedGuests", "VhostUser",
+                           .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -57,6 +57,36 @@ public enum BridgeError: Error, CustomStringConvertible {
     }
 }
 
+/// What an operator can ask a bridge to do (control socket).
+public enum BridgeCommand: Sendable, Equatable, CustomStringConvertible {
+    case map(bus: BusAddress, gpa: GuestPhysicalAddress, length: UInt64, permission: Permission)
+    case unmap(bus: BusAddress, length: UInt64)
+    case freeze
+
+    public var description: String {
+        switch self {
+        case .map(let bus, let gpa, let length, let perm): "map \(bus)+\(Hex(length)) from \(gpa) \(perm)"
+        case .unmap(let bus, let length): "unmap \(bus)+\(Hex(length))"
+        case .freeze: "freeze"
+        }
+    }
+}
+
+public enum BridgeCommandError: Error, Equatable, Sendable, CustomStringConvertible {
+    case noSession
+    case refused(String, rule: String)
+    case failed(String)
+    case timedOut
+    public var description: String {
+        switch self {
+        case .noSession: "no VM1 session is connected to this bridge"
+        case .refused(let reason, _): reason
+        case .failed(let reason): reason
+        case .timedOut: "the bridge did not answer in time"
+        }
+    }
+}
+
 /// Per-bridge counters, readable from any thread.
 public struct BridgeStatistics: Sendable, Equatable {
     public var sessionsServed = 0
@@ -112,7 +142,13 @@ public final class Bridge: Sendable {
     private struct State {
         var stopping = false
         var statistics = BridgeStatistics()
+        var commands: [(UInt64, BridgeCommand)] = []
+        var results: [UInt64: Result<String, BridgeCommandError>] = [:]
+        var nextCommand: UInt64 = 1
+        var frozen = false
     }
+    private let commandSignal: EventFD
+    private let resultSignal: EventFD
     private let state = Mutex(State())
 
     /// Validates the settings, reserves the BAR, and starts listening on the
@@ -127,6 +163,8 @@ public final class Bridge: Sendable {
         do {
             peer = try PeerLink(logger: logger, revocationDeadlineMilliseconds: settings.revocationDeadlineMilliseconds)
             stopSignal = try EventFD()
+            commandSignal = try EventFD()
+            resultSignal = try EventFD()
         } catch { throw .socket(settings.name, "eventfd", error) }
         if settings.notifications == .passthrough {
             relay = nil
@@ -194,7 +232,7 @@ public final class Bridge: Sendable {
                     retryMilliseconds = 200 // the front end is not there (yet): try again
                 }
             }
-            var fds = [stopSignal.fd.rawValue, peer.eventSignal.fd.rawValue]
+            var fds = [stopSignal.fd.rawValue, peer.eventSignal.fd.rawValue, commandSignal.fd.rawValue]
             if let session { fds.append(session.socket.fd.rawValue) } else if let listener { fds.append(listener.fd.rawValue) }
             let now = ContinuousClock.now
             let next = session?.expireTranslations(now: now)
@@ -206,7 +244,8 @@ public final class Bridge: Sendable {
             guard let ready = try? Poll.readable(fds, timeoutMilliseconds: timeout) else { continue }
             if ready[0] { break }
             if ready[1] { handlePeerEvents(session) }
-            if ready.count > 2, ready[2] {
+            if ready[2] { runCommands(session) }
+            if ready.count > 3, ready[3] {
                 if let current = session {
                     if let end = current.step() {
                         close(current, end: end)
@@ -226,6 +265,33 @@ public final class Bridge: Sendable {
         relay?.stop()
         if let path = settings.socketPath, !settings.client { unlink(path) }
         if let path = settings.peerSocketPath { unlink(path) }
+    }
+
+    /// Runs an operator command on the bridge thread and waits for its result.
+    public func perform(_ command: BridgeCommand) -> Result<String, BridgeCommandError> {
+        let id = state.withLock { s -> UInt64 in
+            defer { s.nextCommand += 1 }
+            s.commands.append((s.nextCommand, command))
+            return s.nextCommand
+        }
+        _ = try? commandSignal.signal()
+        for _ in 0..<5000 {
+            if let r = state.withLock({ $0.results.removeValue(forKey: id) }) { return r }
+            _ = try? Poll.readable([resultSignal.fd.rawValue], timeoutMilliseconds: 2)
+            _ = try? resultSignal.read()
+        }
+        return .failure(.timedOut)
+    }
+
+    private func runCommands(_ session: VhostUserConnection?) {
+        _ = try? commandSignal.read()
+        let commands = state.withLock { s in defer { s.commands = [] }; return s.commands }
+        for (id, command) in commands {
+            let result = session.map { $0.perform(command) } ?? .failure(.noSession)
+            if let session { publish(session) }
+            state.withLock { $0.results[id] = result }
+        }
+        if !commands.isEmpty { _ = try? resultSignal.signal() }
     }
 
     private func open(_ connection: UnixSocket) -> VhostUserConnection? {

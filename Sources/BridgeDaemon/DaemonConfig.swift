@@ -24,6 +24,14 @@ public struct BridgeConfig: Equatable, Sendable {
     public var queuePairs = 1
     public var client = false
 
+    public init(name: String, vhostUserSocket: String, peerSocket: String?, vm2: String, addressSpace: AddressSpaceConfiguration) {
+        self.name = name
+        self.vhostUserSocket = vhostUserSocket
+        self.peerSocket = peerSocket
+        self.vm2 = vm2
+        self.addressSpace = addressSpace
+    }
+
     public var settings: BridgeSettings {
         var s = BridgeSettings(name: name, socketPath: vhostUserSocket, peerSocketPath: peerSocket,
                                backend: BackendConfiguration(bridgeName: name, addressSpace: addressSpace, queuePairs: queuePairs),
@@ -147,7 +155,8 @@ public struct DaemonConfig: Equatable, Sendable {
         return w
     }
 
-    static func bridge(_ item: Any, key: String, runtimeDirectory: String) throws(ConfigError) -> BridgeConfig {
+    /// One bridge from a mapping (the config file's `bridges[i]`, or `create`).
+    public static func bridge(_ item: Any, key: String, runtimeDirectory: String) throws(ConfigError) -> BridgeConfig {
         guard let b = item as? [String: Any] else { throw ConfigError(key, "each bridge must be a mapping") }
         for k in b.keys.sorted() where !bridgeKeys.contains(k) { throw ConfigError("\(key).\(k)", "unknown key") }
         guard let rawName = b["name"], let name = scalar(rawName), !name.isEmpty else { throw ConfigError("\(key).name", "is required") }

@@ -29,6 +29,7 @@ public struct SessionView: Sendable, Equatable {
     public var startedRings: [Int]
     public var enabledRings: [Int]
     public var ringLayouts: [Int: VringLayout]
+    public var frozen: Bool
     /// Relay links per started vring (relay modes): kick (VM1 → VM2) and call (VM2 → VM1).
     public var relayLinks: [Int: (kick: NotificationRelay.LinkID, call: NotificationRelay.LinkID)] = [:]
 
@@ -49,6 +50,7 @@ public struct SessionView: Sendable, Equatable {
         var layouts: [Int: VringLayout] = [:]
         for (i, v) in s.vrings.enumerated() { if let l = v.layout { layouts[i] = l } }
         ringLayouts = layouts
+        frozen = s.isFrozen
     }
 }
 
@@ -444,6 +446,27 @@ final class VhostUserConnection {
         }
         pendingTranslations = still
         return still.map(\.deadline).min()
+    }
+
+    /// Carries out an operator command on this session (bridge thread).
+    func perform(_ command: BridgeCommand) -> Result<String, BridgeCommandError> {
+        let outcome: BackendSession.Outcome
+        switch command {
+        case .map(let bus, let gpa, let length, let permission):
+            outcome = session.operatorMap(bus: bus, guestPhysical: gpa, length: length, permission: permission)
+        case .unmap(let bus, let length):
+            outcome = session.operatorUnmap(bus: bus, length: length)
+        case .freeze:
+            if let error = session.freeze() { return .failure(.refused(error.description, rule: error.rule)) }
+            logger.notice("address space frozen by the operator")
+            return .success("frozen")
+        }
+        if let error = outcome.error {
+            logger.warning("operator \(command) refused: \(error)")
+            return .failure(.refused(error.description, rule: error.rule))
+        }
+        if let failure = execute(outcome.effects, fds: []) { return .failure(.failed(failure)) }
+        return .success(outcome.effects.isEmpty ? "no change" : "done")
     }
 
     /// Ends the session: rings stopped, every mapping revoked from the window

@@ -9,6 +9,8 @@
 #include <linux/memfd.h>
 #include <poll.h>
 #include <sys/epoll.h>
+#include <sys/stat.h>
+#include <grp.h>
 
 int shim_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
 int shim_memfd_flag_cloexec(void) { return MFD_CLOEXEC; }
@@ -130,6 +132,26 @@ int shim_accept(int sock) {
     do { r = accept4(sock, NULL, NULL, SOCK_CLOEXEC); } while (r < 0 && errno == EINTR);
     return r;
 }
+ssize_t shim_sendto_unix(int sock, const char *path, const void *buf, size_t len) {
+    struct sockaddr_un a;
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof a.sun_path) { errno = ENAMETOOLONG; return -1; }
+    memset(&a, 0, sizeof a);
+    a.sun_family = AF_UNIX;
+    memcpy(a.sun_path, path, n);
+    socklen_t alen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n);
+    if (path[0] == '@') a.sun_path[0] = 0; else alen += 1;
+    ssize_t r;
+    do { r = sendto(sock, buf, len, MSG_NOSIGNAL, (struct sockaddr *)&a, alen); } while (r < 0 && errno == EINTR);
+    return r;
+}
+int shim_chown_group(const char *path, gid_t gid) { return chown(path, (uid_t)-1, gid); }
+int shim_chmod(const char *path, unsigned int mode) { return chmod(path, (mode_t)mode); }
+long shim_group_id(const char *name) {
+    struct group *g = getgrnam(name);
+    return g ? (long)g->gr_gid : -1;
+}
+
 size_t shim_sun_path_max(void) { struct sockaddr_un a; return sizeof a.sun_path - 1; }
 int shim_msg_peek(void) { return MSG_PEEK; }
 int shim_msg_dontwait(void) { return MSG_DONTWAIT; }

@@ -542,6 +542,47 @@ public struct BackendSession: Sendable {
         }
     }
 
+    // MARK: operator commands (control socket)
+
+    /// An operator's map of guest-physical memory at a bus address (static
+    /// windows, or an iommu bridge whose VM1 cannot be asked). Same checks as
+    /// an IOTLB update; refusals are counted by rule.
+    public mutating func operatorMap(bus: BusAddress, guestPhysical: GuestPhysicalAddress, length: UInt64,
+                                     permission: Permission) -> Outcome {
+        do {
+            let plan = try addressSpace.update(bus: bus, length: length, source: .guestPhysical(guestPhysical),
+                                               permission: permission, regions: regions)
+            return Outcome(effects: plan.isEmpty ? [] : [.window(plan)], error: nil, closeConnection: false)
+        } catch {
+            let e = SessionError.addressSpace(error)
+            statistics.refusals[e.rule, default: 0] += 1
+            return Outcome(effects: [], error: e, closeConnection: false)
+        }
+    }
+
+    /// An operator's unmap (revocation: synchronous through VM2 like an invalidate).
+    public mutating func operatorUnmap(bus: BusAddress, length: UInt64) -> Outcome {
+        do {
+            let plan = try addressSpace.invalidate(bus: bus, length: length)
+            return Outcome(effects: plan.isEmpty ? [] : [.window(plan)], error: nil, closeConnection: false)
+        } catch {
+            let e = SessionError.addressSpace(error)
+            statistics.refusals[e.rule, default: 0] += 1
+            return Outcome(effects: [], error: e, closeConnection: false)
+        }
+    }
+
+    /// Static mode: freeze the address space; later changes are refused and counted.
+    public mutating func freeze() -> SessionError? {
+        do { try addressSpace.freeze(); return nil } catch {
+            let e = SessionError.addressSpace(error)
+            statistics.refusals[e.rule, default: 0] += 1
+            return e
+        }
+    }
+
+    public var isFrozen: Bool { addressSpace.isFrozen }
+
     /// The device (VM2) reports how far it consumed ring `index`; GET_VRING_BASE
     /// returns this. Ignored for an unknown ring.
     public mutating func noteDeviceProgress(ring index: Int, lastAvail: UInt16) {

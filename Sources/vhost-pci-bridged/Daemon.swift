@@ -4,6 +4,7 @@ import BridgeDaemon
 import Foundation
 import LinuxIO
 import Logging
+import Synchronization
 import VhostUser
 
 @main
@@ -12,15 +13,23 @@ struct Daemon: ParsableCommand {
         commandName: "vhost-pci-bridged",
         abstract: "The vhost-pci bridge daemon: a vhost-user back end for VM1 that exposes VM1's memory to VM2 at BAR offset = bus address.",
         discussion: """
-        One bridge from flags, following the vhost-user back-end program conventions:
-          vhost-pci-bridged --socket-path /run/vm1-net.sock --bar-size 64G --mode identity
-        The daemon listens on --socket-path (or serves the already connected socket --fd), one
-        front-end session at a time; when the front end disconnects, every mapping and fd of the
-        session is released and the next one may connect. SIGTERM or SIGINT stops it cleanly.
+        Run the bridges of a config file: vhost-pci-bridged --config /etc/vhost-pci-bridged.yaml (SIGHUP or \
+        'vhost-pci-bridgectl reload' re-reads it; the control socket serves vhost-pci-bridgectl). Or run one bridge from flags, \
+        like other vhost-user back ends: vhost-pci-bridged --socket-path VM1.sock --peer-socket VM2.sock --bar-size 64G --mode identity. \
+        Flags override the file. SIGTERM or SIGINT stops cleanly (every mapping is revoked from VM2 first).
         """
     )
 
-    @Option(help: "Listen for the vhost-user front end (VM1's VMM) on this Unix socket path.")
+    @Option(help: "YAML config file (see config/vhost-pci-bridged.yaml).")
+    var config: String?
+
+    @Option(help: "Runtime directory (default sockets); overrides the config file.")
+    var runtimeDirectory: String?
+
+    @Option(help: "Control socket path; overrides the config file. Without --config there is none unless this is given.")
+    var controlSocket: String?
+
+    @Option(help: "Listen for the vhost-user front end (VM1's VMM) on this Unix socket path (one bridge from flags).")
     var socketPath: String?
 
     @Option(help: "Serve the already connected vhost-user socket inherited as this fd (incompatible with --socket-path).")
@@ -35,16 +44,7 @@ struct Daemon: ParsableCommand {
     @Option(help: "Listen for VM2 (the vhost-pci device side, docs/peer-protocol.md) on this Unix socket path.")
     var peerSocket: String?
 
-    @Option(help: "Milliseconds VM2 has to acknowledge a revocation before it is disconnected.")
-    var revocationDeadline: Int = 100
-
-    @Option(help: "Vring notifications: relay (io_uring, default), relay-sqpoll, or passthrough (VM1's eventfds handed to VM2).")
-    var notifications: String = "relay"
-
-    @Option(name: .customLong("busy-poll-us"), help: "Relay modes: microseconds to spin reaping completions before sleeping (0-10000).")
-    var busyPollMicroseconds: Int = 0
-
-    @Option(help: "Bridge name used in logs and errors.")
+    @Option(help: "Bridge name used in logs, errors and the control socket.")
     var name: String = "bridge0"
 
     @Option(help: "BAR size, a power of two from 4K to 256T (e.g. 64G, 1T).")
@@ -65,20 +65,29 @@ struct Daemon: ParsableCommand {
     @Option(help: "Queue pairs offered (GET_QUEUE_NUM).")
     var queuePairs: Int = 1
 
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
-    var logLevel: String = "info"
+    @Option(help: "Milliseconds VM2 has to acknowledge a revocation before it is disconnected.")
+    var revocationDeadline: Int = 100
+
+    @Option(help: "Vring notifications: relay (io_uring, default), relay-sqpoll, or passthrough (VM1's eventfds handed to VM2).")
+    var notifications: String = "relay"
+
+    @Option(name: .customLong("busy-poll-us"), help: "Relay modes: microseconds to spin reaping completions before sleeping (0-10000).")
+    var busyPollMicroseconds: Int = 0
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical (overrides the config file).")
+    var logLevel: String?
 
     func validate() throws {
         if printCapabilities { return }
         if socketPath != nil && fd != nil { throw ValidationError("--socket-path and --fd are incompatible") }
-        if socketPath == nil && fd == nil { throw ValidationError("give --socket-path PATH or --fd FDNUM") }
+        if socketPath == nil && fd == nil && config == nil { throw ValidationError("give --config FILE, --socket-path PATH or --fd FDNUM") }
         if client && socketPath == nil { throw ValidationError("--client needs --socket-path") }
         if BridgeMode(rawValue: mode) == nil { throw ValidationError("--mode: '\(mode)' is not identity, iommu or static") }
         if parseByteSize(barSize) == nil { throw ValidationError("--bar-size: '\(barSize)' is not a size") }
+        if let l = logLevel, Logger.Level(rawValue: l) == nil { throw ValidationError("--log-level: '\(l)' is not a level") }
         if NotificationMode(rawValue: notifications) == nil { throw ValidationError("--notifications: '\(notifications)' is not relay, relay-sqpoll or passthrough") }
         if busyPollMicroseconds < 0 || busyPollMicroseconds > 10_000 { throw ValidationError("--busy-poll-us: \(busyPollMicroseconds) is not in 0...10000") }
         if revocationDeadline < 1 || revocationDeadline > 60_000 { throw ValidationError("--revocation-deadline: \(revocationDeadline) ms is not in 1...60000") }
-        if Logger.Level(rawValue: logLevel) == nil { throw ValidationError("--log-level: '\(logLevel)' is not a level") }
         for w in staticWindows where BusWindow(parsing: w) == nil {
             throw ValidationError("--static-window: '\(w)' is not BASE:LIMIT with LIMIT > BASE")
         }
@@ -87,55 +96,158 @@ struct Daemon: ParsableCommand {
         }
     }
 
+    func fail(_ text: String) -> ExitCode {
+        FileHandle.standardError.write(Data("vhost-pci-bridged: \(text)\n".utf8))
+        return ExitCode(1)
+    }
+
+    func loadConfig() throws -> DaemonConfig {
+        guard let config else { return DaemonConfig() }
+        let text: String
+        do { text = try String(contentsOfFile: config, encoding: .utf8) } catch { throw fail("cannot read \(config): \(error.localizedDescription)") }
+        var parsed: DaemonConfig
+        do { parsed = try DaemonConfig.parse(text) } catch { throw fail("\(config): \(error)") }
+        if let d = runtimeDirectory {
+            // Bridges whose sockets were defaulted follow the new runtime directory.
+            for i in parsed.bridges.indices {
+                let n = parsed.bridges[i].name
+                if parsed.bridges[i].vhostUserSocket == "\(parsed.runtimeDirectory)/\(n)-vm1.sock" { parsed.bridges[i].vhostUserSocket = "\(d)/\(n)-vm1.sock" }
+                if parsed.bridges[i].peerSocket == "\(parsed.runtimeDirectory)/\(n)-vm2.sock" { parsed.bridges[i].peerSocket = "\(d)/\(n)-vm2.sock" }
+            }
+            if parsed.controlSocket == "\(parsed.runtimeDirectory)/control.sock" { parsed.controlSocket = "\(d)/control.sock" }
+            parsed.runtimeDirectory = d
+        }
+        if let c = controlSocket { parsed.controlSocket = c }
+        if let l = logLevel.flatMap(Logger.Level.init(rawValue:)) { parsed.logLevel = l }
+        return parsed
+    }
+
+    func flagBridge() -> BridgeConfig? {
+        guard let socketPath else { return nil }
+        let space = AddressSpaceConfiguration(
+            barSize: parseByteSize(barSize) ?? 0, mode: BridgeMode(rawValue: mode) ?? .identity,
+            dmaWindow: dmaWindow.flatMap { BusWindow(parsing: $0) },
+            staticWindows: staticWindows.compactMap { BusWindow(parsing: $0) }, maxMappings: maxMappings)
+        var b = BridgeConfig(name: name, vhostUserSocket: socketPath, peerSocket: peerSocket, vm2: name, addressSpace: space)
+        b.notifications = NotificationMode(rawValue: notifications) ?? .relay
+        b.busyPollMicroseconds = busyPollMicroseconds
+        b.revocationDeadlineMilliseconds = revocationDeadline
+        b.queuePairs = queuePairs
+        b.client = client
+        return b
+    }
+
     func run() throws {
         if printCapabilities {
             print(#"{"type": "net", "features": []}"#)
             return
         }
-        let level = Logger.Level(rawValue: logLevel) ?? .info
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
+        var daemonConfig = try loadConfig()
+        if let b = flagBridge() {
+            do { try b.addressSpace.validate() } catch { throw fail("--bar-size/--mode/windows: \(error)") }
+            daemonConfig.bridges.append(b)
+            do { try daemonConfig.validate() } catch { throw fail("\(error)") }
         }
+        JournalLogHandler.level.withLock { $0 = daemonConfig.logLevel }
+        LoggingSystem.bootstrap { label in JournalLogHandler(label: label) }
         let logger = Logger(label: "vhost-pci-bridged")
-        let space = AddressSpaceConfiguration(
-            barSize: parseByteSize(barSize) ?? 0, mode: BridgeMode(rawValue: mode) ?? .identity,
-            dmaWindow: dmaWindow.flatMap { BusWindow(parsing: $0) },
-            staticWindows: staticWindows.compactMap { BusWindow(parsing: $0) }, maxMappings: maxMappings)
-        var settings = BridgeSettings(name: name, socketPath: socketPath, peerSocketPath: peerSocket,
-                                      backend: BackendConfiguration(bridgeName: name, addressSpace: space, queuePairs: queuePairs),
-                                      revocationDeadlineMilliseconds: revocationDeadline,
-                                      notifications: NotificationMode(rawValue: notifications) ?? .relay,
-                                      busyPollMicroseconds: busyPollMicroseconds)
-        settings.client = client
-
-        // Signals are blocked in every thread and waited for on this one.
+        let notifier = SystemdNotifier()
         Signals.block([SIGTERM, SIGINT, SIGHUP])
-        let bridge: Bridge
-        do { bridge = try Bridge(settings, logger: logger) } catch {
-            FileHandle.standardError.write(Data("vhost-pci-bridged: \(error)\n".utf8))
-            throw ExitCode(1)
+        if config != nil || controlSocket != nil {
+            try? FileManager.default.createDirectory(atPath: daemonConfig.runtimeDirectory, withIntermediateDirectories: true)
         }
-        let server: JoinableThread
+
+        // --fd: one session on an inherited socket, then exit (back-end convention).
         if let fd {
+            guard let b = flagBridge() ?? Optional(BridgeConfig(name: name, vhostUserSocket: "/dev/null", peerSocket: peerSocket, vm2: name,
+                                                                 addressSpace: AddressSpaceConfiguration(barSize: parseByteSize(barSize) ?? 0, mode: BridgeMode(rawValue: mode) ?? .identity))) else { return }
+            var settings = b.settings
+            settings.socketPath = nil
+            let bridge: Bridge
+            do { bridge = try Bridge(settings, logger: logger) } catch { throw fail("\(error)") }
             let socket = UnixSocket(adopting: OwnedFileDescriptor(adopting: fd), kind: .stream)
-            server = try JoinableThread(name: "bridge") { bridge.serve(connection: socket); kill(getpid(), SIGTERM) }
-        } else {
-            server = try JoinableThread(name: "bridge") { bridge.serve() }
+            let server = try JoinableThread(name: "bridge") { bridge.serve(connection: socket); kill(getpid(), SIGTERM) }
+            notifier.notify("READY=1", "STATUS=serving fd \(fd)")
+            _ = Signals.wait(for: [SIGTERM, SIGINT])
+            notifier.notify("STOPPING=1")
+            bridge.stop()
+            server.join()
+            return
         }
+
+        let controller = DaemonController(config: daemonConfig, logger: logger)
+        let failures = controller.startConfiguredBridges()
+        for (bridge, reason) in failures.sorted(by: { $0.key < $1.key }) { logger.error("bridge \(bridge) did not start: \(reason)") }
+        if !daemonConfig.bridges.isEmpty && failures.count == daemonConfig.bridges.count {
+            controller.stopAll()
+            throw fail("no bridge could start")
+        }
+        let configPath = config
+        let reload: @Sendable () -> Result<DaemonConfig, ControlError> = {
+            guard let configPath else { return .failure(ControlError("no-config", "the daemon was not started with --config")) }
+            do {
+                return .success(try DaemonConfig.parse(try String(contentsOfFile: configPath, encoding: .utf8)))
+            } catch let e as ConfigError {
+                return .failure(ControlError("invalid-config", "\(configPath): \(e)"))
+            } catch {
+                return .failure(ControlError("invalid-config", "\(configPath): \(error.localizedDescription)"))
+            }
+        }
+        var control: ControlServer?
+        if config != nil || controlSocket != nil {
+            let group = daemonConfig.controlGroup.flatMap { SocketPermissions.groupID(named: $0) }
+            if daemonConfig.controlGroup != nil && group == nil { logger.warning("control-group \(daemonConfig.controlGroup ?? ""): no such group; root only") }
+            do {
+                control = try ControlServer(path: daemonConfig.controlSocket, mode: daemonConfig.controlMode, group: group,
+                                            controller: controller, logger: logger, reloadConfig: reload)
+            } catch {
+                controller.stopAll()
+                throw fail("control socket \(daemonConfig.controlSocket): \(error)")
+            }
+        }
+        let status = { "STATUS=\(controller.bridgeNames.count) bridge(s): \(controller.bridgeNames.joined(separator: ", "))" }
+        notifier.notify("READY=1", status())
+        logger.notice("ready: \(controller.bridgeNames.count) bridge(s)\(control.map { ", control socket \($0.path)" } ?? "")")
+
+        // Watchdog keep-alive at half the interval systemd asked for.
+        let running = Atomic<Bool>(true)
+        var watchdog: JoinableThread?
+        if let usec = SystemdNotifier.watchdogMicroseconds() {
+            watchdog = try JoinableThread(name: "watchdog") {
+                while running.load(ordering: .relaxed) {
+                    notifier.notify("WATCHDOG=1")
+                    var remaining = usec / 2
+                    while remaining > 0, running.load(ordering: .relaxed) {
+                        let step = min(remaining, 100_000)
+                        usleep(UInt32(step))
+                        remaining -= step
+                    }
+                }
+            }
+        }
+
         while true {
             let signal = Signals.wait(for: [SIGTERM, SIGINT, SIGHUP])
             if signal == SIGHUP {
-                logger.notice("SIGHUP: nothing to reload without a config file")
+                notifier.notify("RELOADING=1", "STATUS=reloading")
+                switch reload() {
+                case .success(let new):
+                    let report = controller.reload(new)
+                    if !report.needsRestart.isEmpty { logger.warning("changed bridges keep their old settings until a restart: \(report.needsRestart)") }
+                case .failure(let e):
+                    logger.error("reload refused, keeping the running config: \(e.message)")
+                }
+                notifier.notify("READY=1", status())
                 continue
             }
             logger.notice("signal \(signal): stopping")
             break
         }
-        bridge.stop()
-        server.join()
-        let stats = bridge.statistics
-        logger.notice("stopped after \(stats.sessionsServed) session(s), \(stats.requests) requests, \(stats.refusals.values.reduce(0, +)) refused")
+        notifier.notify("STOPPING=1", "STATUS=stopping: revoking every mapping")
+        running.store(false, ordering: .relaxed)
+        watchdog?.join()
+        control?.stop()
+        controller.stopAll()
+        logger.notice("stopped")
     }
 }

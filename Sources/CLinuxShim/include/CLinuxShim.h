@@ -64,6 +64,13 @@ int shim_bind_unix(int sock, const char *path);
 int shim_connect_unix(int sock, const char *path);
 int shim_accept(int sock);                  // accept4 CLOEXEC
 size_t shim_sun_path_max(void);
+/// sendto a Unix datagram socket by path; a leading '@' names an abstract socket.
+ssize_t shim_sendto_unix(int sock, const char *path, const void *buf, size_t len);
+/// chown/chmod of a socket path (control socket group and mode).
+int shim_chown_group(const char *path, gid_t gid);
+int shim_chmod(const char *path, unsigned int mode);
+/// Group id of a name, or -1.
+long shim_group_id(const char *name);
 int shim_msg_peek(void);
 int shim_msg_dontwait(void);
 int shim_sock_stream(void);

@@ -1,0 +1,108 @@
+import Foundation
+import LinuxIO
+import Logging
+import Synchronization
+
+/// The control socket: a Unix stream socket, one JSON request per line, one
+/// JSON response per line. Peers are checked with SO_PEERCRED: root, or a
+/// member of the configured group (by primary gid); anyone else gets a
+/// `denied` error, is logged and disconnected.
+public final class ControlServer: Sendable {
+    public typealias Authorizer = @Sendable (PeerCredentials) -> Bool
+
+    private let listener: UnixSocket
+    private let controller: DaemonController
+    private let logger: Logger
+    private let authorize: Authorizer
+    private let reloadConfig: @Sendable () -> Result<DaemonConfig, ControlError>
+    private let state = Mutex<(stopping: Bool, connections: [UnixSocket], threads: [JoinableThread])>((false, [], []))
+    private let acceptThread = Mutex<JoinableThread?>(nil)
+    public let path: String
+
+    /// The default policy: uid 0, or the given group.
+    public static func policy(group: UInt32?) -> Authorizer {
+        { creds in creds.uid == 0 || (group != nil && creds.gid == group) }
+    }
+
+    public init(path: String, mode: UInt32, group: UInt32?, controller: DaemonController, logger: Logger,
+                authorize: Authorizer? = nil,
+                reloadConfig: @escaping @Sendable () -> Result<DaemonConfig, ControlError> = { .failure(ControlError("no-config", "the daemon was not started with --config")) }) throws(SystemCallError) {
+        self.path = path
+        listener = try UnixSocket.listen(path: path)
+        try SocketPermissions.apply(path: path, mode: mode, group: group)
+        self.controller = controller
+        self.logger = logger
+        self.authorize = authorize ?? ControlServer.policy(group: group)
+        self.reloadConfig = reloadConfig
+        let t = try JoinableThread(name: "control") { [self] in self.acceptLoop() }
+        acceptThread.withLock { $0 = t }
+    }
+
+    private func acceptLoop() {
+        while !state.withLock({ $0.stopping }) {
+            guard let connection = try? listener.accept() else { continue }
+            let accepted = state.withLock { s -> Bool in
+                guard !s.stopping else { return false }
+                s.connections.append(connection)
+                return true
+            }
+            guard accepted else { try? connection.fd.close(); break }
+            if let t = try? JoinableThread(name: "control-conn", { [self] in self.serve(connection) }) {
+                state.withLock { $0.threads.append(t) }
+            }
+        }
+    }
+
+    private func serve(_ connection: UnixSocket) {
+        defer {
+            state.withLock { s in s.connections.removeAll { $0.fd === connection.fd } }
+            try? connection.fd.close()
+        }
+        guard let creds = try? connection.peerCredentials() else { return }
+        guard authorize(creds) else {
+            logger.warning("control socket: refused pid \(creds.pid) uid \(creds.uid) gid \(creds.gid) (not root or the control group)")
+            try? connection.send(Array((ControlProtocol.response(error: ControlError("denied", "uid \(creds.uid) gid \(creds.gid) may not use this control socket")) + "\n").utf8))
+            return
+        }
+        var buffer: [UInt8] = []
+        var discarding = false
+        while true {
+            guard let chunk = try? connection.receive(maxBytes: 16384, maxFDs: 0), !chunk.bytes.isEmpty else { return }
+            buffer += chunk.bytes
+            while let newline = buffer.firstIndex(of: 10) {
+                let line = Array(buffer[..<newline])
+                buffer.removeSubrange(...newline)
+                if discarding { discarding = false; continue }
+                let text = String(decoding: line, as: UTF8.self)
+                guard !text.trimmingCharacters(in: .whitespaces).isEmpty else { continue }
+                let reply = controller.handle(line: text, reloadConfig: reloadConfig)
+                guard (try? connection.send(Array((reply + "\n").utf8))) != nil else { return }
+            }
+            if buffer.count > ControlProtocol.maximumLine {
+                // Too long: answer once, drop the rest of that line, keep the connection.
+                let reply = ControlProtocol.response(error: ControlError("too-long", "request line exceeds \(ControlProtocol.maximumLine) bytes"))
+                guard (try? connection.send(Array((reply + "\n").utf8))) != nil else { return }
+                buffer = []
+                discarding = true
+            }
+        }
+    }
+
+    public func stop() {
+        let (connections, _) = state.withLock { s -> ([UnixSocket], Bool) in
+            s.stopping = true
+            return (s.connections, true)
+        }
+        listener.shutdown()
+        for c in connections { c.shutdown() }
+        let t = acceptThread.withLock { t -> JoinableThread? in defer { t = nil }; return t }
+        t?.join()
+        let threads = state.withLock { s in defer { s.threads = [] }; return s.threads }
+        for t in threads { t.join() }
+        unlink(path)
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif

@@ -1,0 +1,68 @@
+import CLinuxShim
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET. Does
+/// nothing when the daemon does not run under systemd (no NOTIFY_SOCKET).
+public final class SystemdNotifier: Sendable {
+    public let socketPath: String?
+    private let socket: UnixSocket?
+
+    /// `environment` is a seam for tests (defaults to the process environment).
+    public init(environment: [String: String]? = nil) {
+        let env = environment ?? SystemdNotifier.processEnvironment()
+        socketPath = env["NOTIFY_SOCKET"].flatMap { $0.isEmpty ? nil : $0 }
+        if socketPath != nil, let raw = Optional(shim_socket_unix(shim_sock_dgram())), raw >= 0 {
+            socket = UnixSocket(adopting: OwnedFileDescriptor(adopting: raw), kind: .datagram)
+        } else {
+            socket = nil
+        }
+    }
+
+    public var isActive: Bool { socket != nil }
+
+    /// Sends state lines such as "READY=1", "STATUS=…", "STOPPING=1".
+    @discardableResult
+    public func notify(_ lines: String...) -> Bool {
+        guard let socket, let path = socketPath else { return false }
+        let bytes = Array(lines.joined(separator: "\n").utf8)
+        let n = bytes.withUnsafeBytes { shim_sendto_unix(socket.fd.rawValue, path, $0.baseAddress, $0.count) }
+        return n == bytes.count
+    }
+
+    /// The watchdog interval from $WATCHDOG_USEC (when $WATCHDOG_PID is unset
+    /// or names this process), in microseconds.
+    public static func watchdogMicroseconds(environment: [String: String]? = nil) -> UInt64? {
+        let env = environment ?? processEnvironment()
+        guard let text = env["WATCHDOG_USEC"], let usec = UInt64(text), usec > 0 else { return nil }
+        if let pid = env["WATCHDOG_PID"], let p = Int32(pid), p != getpid() { return nil }
+        return usec
+    }
+
+    public static func processEnvironment() -> [String: String] {
+        var out: [String: String] = [:]
+        var p = environ
+        while let entry = p.pointee {
+            let s = String(cString: entry)
+            if let eq = s.firstIndex(of: "=") { out[String(s[..<eq])] = String(s[s.index(after: eq)...]) }
+            p += 1
+        }
+        return out
+    }
+}
+
+/// File-system helpers for the control socket.
+public enum SocketPermissions {
+    public static func groupID(named name: String) -> UInt32? {
+        if let n = UInt32(name) { return n }
+        let id = shim_group_id(name)
+        return id >= 0 ? UInt32(id) : nil
+    }
+
+    public static func apply(path: String, mode: UInt32, group: UInt32?) throws(SystemCallError) {
+        if let group { _ = try retryingInterrupts("chown(\(path))") { shim_chown_group(path, group) } }
+        _ = try retryingInterrupts("chmod(\(path))") { shim_chmod(path, mode) }
+    }
+}

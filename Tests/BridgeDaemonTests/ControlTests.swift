@@ -1,0 +1,206 @@
+import BridgeCore
+import BridgeDaemon
+import ControlClient
+import EmulatedGuests
+import Foundation
+import LinuxIO
+import Logging
+import Testing
+import VhostUser
+
+func quiet() -> Logger {
+    var l = Logger(label: "test")
+    l.logLevel = .critical
+    return l
+}
+
+/// A daemon controller with a control server, in process.
+final class LiveDaemon {
+    let dir: String
+    let controller: DaemonController
+    let server: ControlServer
+
+    init(_ yaml: String, authorize: ControlServer.Authorizer? = nil) throws {
+        dir = "/tmp/vpb-ctl-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let text = "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\n" + yaml
+        let config = try DaemonConfig.parse(text)
+        controller = DaemonController(config: config, logger: quiet())
+        #expect(controller.startConfiguredBridges().isEmpty)
+        let replacement = dir
+        server = try ControlServer(path: config.controlSocket, mode: 0o600, group: nil, controller: controller, logger: quiet(),
+                                   authorize: authorize, reloadConfig: {
+            .success((try? DaemonConfig.parse("runtime-directory: \(replacement)\ncontrol-socket: \(replacement)/control.sock\nlog-level: debug\nbridges:\n  - name: fresh\n    bar-size: 1G\n")) ?? DaemonConfig())
+        })
+    }
+
+    func client() throws -> ControlClient { try ControlClient(path: "\(dir)/control.sock") }
+
+    func stop() {
+        server.stop()
+        controller.stopAll()
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+}
+
+func ok(_ r: [String: Any], sourceLocation: SourceLocation = #_sourceLocation) -> Any? {
+    #expect(r["ok"] as? Bool == true, "\(r)", sourceLocation: sourceLocation)
+    return r["result"]
+}
+
+func errorCode(_ r: [String: Any]) -> String? { (r["error"] as? [String: Any])?["code"] as? String }
+func errorMessage(_ r: [String: Any]) -> String { (r["error"] as? [String: Any])?["message"] as? String ?? "" }
+
+@Suite(.serialized) struct ControlTests {
+    @Test func statusListShowAndStats() throws {
+        let d = try LiveDaemon("bridges:\n  - name: a\n    bar-size: 64G\n  - name: b\n    bar-size: 1T\n    mode: iommu\n")
+        defer { d.stop() }
+        let c = try d.client()
+        let status = try #require(ok(try c.call(["command": "status"])) as? [String: Any])
+        #expect((status["bridges"] as? Int) == 2 && (status["version"] as? Int) == 1)
+        let list = try #require(ok(try c.call(["command": "list"])) as? [[String: Any]])
+        #expect(list.map { $0["name"] as? String } == ["a", "b"])
+        let show = try #require(ok(try c.call(["command": "show", "name": "b"])) as? [String: Any])
+        #expect(((show["config"] as? [String: Any])?["mode"] as? String) == "iommu")
+        let stats = try #require(ok(try c.call(["command": "stats"])) as? [[String: Any]])
+        #expect(stats.count == 2)
+        let metrics = try #require(ok(try c.call(["command": "metrics"])) as? [String: Any])
+        let text = metrics["text"] as? String ?? ""
+        #expect(text.contains("# TYPE vhost_pci_bridge_mappings gauge"))
+        #expect(text.contains("vhost_pci_bridge_bytes_mapped{bridge=\"a\"} 0"))
+        #expect(text.contains("vhost_pci_bridge_notifications_relayed_total{bridge=\"b\",direction=\"kick\"} 0"))
+    }
+
+    @Test func badRequestsGetAnErrorAndTheConnectionStays() throws {
+        let d = try LiveDaemon("bridges: []\n")
+        defer { d.stop() }
+        let c = try d.client()
+        #expect(errorCode(try c.call(["command": "dance"])) == "unknown-command")
+        let raw = try c.callRaw("{not json")
+        #expect(raw.contains("\"bad-json\""))
+        #expect(try c.callRaw("[1,2]").contains("\"bad-json\""))
+        #expect(errorCode(try c.call(["nothing": 1])) == "bad-request")
+        #expect(errorCode(try c.call(["command": "status", "version": 9])) == "version")
+        #expect(errorCode(try c.call(["command": "show", "name": "ghost"])) == "unknown-bridge")
+        #expect(errorCode(try c.call(["command": "log-level", "level": "loud"])) == "bad-request")
+        // Oversized line: one error, then the same connection still works.
+        let long = try c.callRaw(String(repeating: "x", count: ControlProtocol.maximumLine + 10))
+        #expect(long.contains("\"too-long\""))
+        #expect(ok(try c.call(["command": "status"])) != nil)
+    }
+
+    @Test func anUnauthorisedPeerIsRefused() throws {
+        // The seam: the real policy is uid 0 or the control group; here nobody passes.
+        let d = try LiveDaemon("bridges: []\n", authorize: { _ in false })
+        defer { d.stop() }
+        let c = try d.client()
+        let r = try c.call(["command": "status"])
+        #expect(errorCode(r) == "denied")
+        #expect(throws: ControlClient.Failure.self) { _ = try c.call(["command": "status"]) }
+        // And the default policy itself.
+        let policy = ControlServer.policy(group: 1234)
+        #expect(policy(PeerCredentials(pid: 1, uid: 0, gid: 0)))
+        #expect(policy(PeerCredentials(pid: 1, uid: 1000, gid: 1234)))
+        #expect(!policy(PeerCredentials(pid: 1, uid: 1000, gid: 1000)))
+        #expect(!ControlServer.policy(group: nil)(PeerCredentials(pid: 1, uid: 1000, gid: 1000)))
+    }
+
+    @Test func createDestroyAndTheVM2Budget() throws {
+        let d = try LiveDaemon("vm2-budgets:\n  shared: 128G\nbridges:\n  - name: one\n    vm2: shared\n    bar-size: 64G\n")
+        defer { d.stop() }
+        let c = try d.client()
+        #expect(ok(try c.call(["command": "create", "bridge": ["name": "two", "vm2": "shared", "bar-size": "64G"]])) != nil)
+        let over = try c.call(["command": "create", "bridge": ["name": "three", "vm2": "shared", "bar-size": "4K"]])
+        #expect(errorCode(over) == "invalid")
+        #expect(errorMessage(over).contains("VM2 'shared' would need 128 GiB + 4096") || errorMessage(over).contains("budget is 128 GiB"))
+        #expect(errorCode(try c.call(["command": "create", "bridge": ["name": "two", "bar-size": "1G"]])) == "exists")
+        #expect(errorCode(try c.call(["command": "create", "bridge": ["name": "bad", "bar-size": "3G"]])) == "invalid")
+        #expect(ok(try c.call(["command": "destroy", "name": "two"])) != nil)
+        #expect(errorCode(try c.call(["command": "destroy", "name": "two"])) == "unknown-bridge")
+        #expect(d.controller.bridgeNames == ["one"])
+    }
+
+    @Test func staticMapFreezeAndCountedRefusals() throws {
+        let d = try LiveDaemon("bridges:\n  - name: s\n    bar-size: 4G\n    mode: static\n    static-windows: [\"0:16M\", \"1G:1040M\"]\n")
+        defer { d.stop() }
+        let c = try d.client()
+        // No VM1 yet: nothing to map from.
+        #expect(errorCode(try c.call(["command": "map", "name": "s", "bus": "0", "gpa": "0", "length": "4K"])) == "no-session")
+        // A VM1 with a vIOMMU limited to the second window (a static bridge needs IOMMU_PLATFORM).
+        var config = VM1Configuration()
+        config.iommu = .iommu
+        config.dmaWindow = BusWindow(base: BusAddress(1 << 30), limit: 1040 << 20)!
+        let vm1 = try EmulatedVM1(socketPath: "\(d.dir)/s-vm1.sock", configuration: config)
+        defer { vm1.disconnect() }
+        try vm1.start()
+        #expect(ok(try c.call(["command": "map", "name": "s", "bus": "0x100000", "gpa": "0x100000", "length": "1M", "perm": "rw"])) != nil)
+        let b = try d.controller.bridge("s")
+        #expect(b.window.probeInChild(BusAddress(0x100000)) == .accessible)
+        let outside = try c.call(["command": "map", "name": "s", "bus": "0x2000000", "gpa": "0", "length": "4K"])
+        #expect(errorCode(outside) == "refused" && errorMessage(outside).hasPrefix("[static-window]"))
+        #expect(ok(try c.call(["command": "freeze", "name": "s"])) != nil)
+        for _ in 0..<3 {
+            let frozen = try c.call(["command": "map", "name": "s", "bus": "0x200000", "gpa": "0", "length": "4K"])
+            #expect(errorCode(frozen) == "refused" && errorMessage(frozen).hasPrefix("[frozen]"))
+        }
+        #expect(errorMessage(try c.call(["command": "unmap", "name": "s", "bus": "0x100000", "length": "4K"])).hasPrefix("[frozen]"))
+        #expect(b.window.probeInChild(BusAddress(0x100000)) == .accessible, "frozen: nothing changed")
+        let show = try #require(ok(try c.call(["command": "show", "name": "s"])) as? [String: Any])
+        #expect(((show["session"] as? [String: Any])?["frozen"] as? Bool) == true)
+        let refusals = try #require(((ok(try c.call(["command": "stats", "name": "s"])) as? [String: Any])?["refusals"]) as? [String: Any])
+        _ = refusals // counted in the live session; checked after it ends:
+        vm1.disconnect()
+        #expect(eventually { b.statistics.sessionsServed == 1 })
+        #expect(b.statistics.refusals["frozen"] == 4 && b.statistics.refusals["static-window"] == 1)
+    }
+
+    @Test func reloadAddsRemovesAndReportsRestarts() throws {
+        let d = try LiveDaemon("bridges:\n  - name: old\n    bar-size: 1G\n")
+        defer { d.stop() }
+        let c = try d.client()
+        let r = try #require(ok(try c.call(["command": "reload"])) as? [String: Any])
+        #expect((r["added"] as? [String]) == ["fresh"] && (r["removed"] as? [String]) == ["old"])
+        #expect(d.controller.bridgeNames == ["fresh"])
+        #expect(JournalLogHandler.level.withLock { $0 } == .debug)
+        JournalLogHandler.level.withLock { $0 = .info }
+        // Changed settings of a live bridge are reported, not applied.
+        var changed = d.controller.config
+        changed.bridges[0].revocationDeadlineMilliseconds = 7
+        #expect(d.controller.reload(changed).needsRestart == ["fresh"])
+    }
+}
+
+@Suite struct CLIRenderTests {
+    @Test func listTable() {
+        let rows: [[String: Any]] = [
+            ["name": "net0", "mode": "identity", "barSize": NSNumber(value: UInt64(1) << 36), "vm1Connected": true, "vm2Connected": false,
+             "mappings": 1, "bytesMapped": NSNumber(value: UInt64(256) << 20), "vhostUserSocket": "/run/vhost-pci-bridged/net0-vm1.sock"],
+            ["name": "storage-backend", "mode": "iommu", "barSize": NSNumber(value: UInt64(1) << 40), "vm1Connected": false, "vm2Connected": false,
+             "mappings": 0, "bytesMapped": 0, "vhostUserSocket": "/run/x.sock"],
+        ]
+        #expect(Render.list(rows) == """
+        NAME             MODE      BAR  VM1   VM2   MAPPINGS  MAPPED  VHOST-USER SOCKET
+        net0             identity  64G  up    down  1         256M    /run/vhost-pci-bridged/net0-vm1.sock
+        storage-backend  iommu     1T   down  down  0         0       /run/x.sock
+
+        """)
+    }
+
+    @Test func keyValuesAndStats() {
+        #expect(Render.keyValues(["uptimeSeconds": 12.5, "bridges": 2, "logLevel": "info", "vm1Sessions": 1]) == """
+        bridges        2
+        logLevel       info
+        uptimeSeconds  12.5
+        vm1Sessions    1
+
+        """)
+        let s: [[String: Any]] = [["name": "a", "sessionsServed": 3, "requests": 120, "iotlbUpdates": 7, "iotlbInvalidates": 2,
+                                   "iotlbMisses": 4, "refusals": ["frozen": 2, "bar-bounds": 1], "kicksRelayed": 900,
+                                   "callsRelayed": 880, "revocationTimeouts": 0]]
+        #expect(Render.stats(s) == """
+        NAME  SESSIONS  REQUESTS  IOTLB UPD  IOTLB INV  MISSES  REFUSED  KICKS  CALLS  REVOKE TIMEOUTS
+        a     3         120       7          2          4       3        900    880    0
+
+        """)
+    }
+}

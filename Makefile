@@ -44,6 +44,9 @@ release: deps
 
 # The whole suite except the real-front-end scenarios (those are `make interop`).
 test: deps
+	$(SWIFT) build
+	@if command -v systemd-analyze >/dev/null 2>&1; then sh systemd/check.sh .build/debug/vhost-pci-bridged; \
+	else echo "systemd-analyze is not installed: unit checks SKIPPED (apt-get install systemd)"; fi
 	$(SWIFT) test --no-parallel --skip InteropTests
 
 # DPDK testpmd and QEMU against the daemon and an emulated VM2. A peer that is
@@ -69,13 +72,24 @@ bench: deps
 	  else echo; echo "(DPDK table skipped: dpdk-testpmd is not installed; make interop-deps)"; fi; } > docs/benchmarks.md
 	cat docs/benchmarks.md
 
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+DOCDIR ?= $(PREFIX)/share/doc/vhost-pci-bridge
+
+# Binaries, the systemd unit (ExecStart pointing at $(PREFIX)/bin), the config
+# (kept if one is already there), and the docs. DESTDIR is honoured.
 install: release
-	install -d $(BINDIR)
-	for b in vhost-pci-bridged vhost-pci-guest vhost-pci-demo vhost-pci-bench; do \
+	install -d $(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(DOCDIR)
+	for b in vhost-pci-bridged vhost-pci-bridgectl vhost-pci-guest vhost-pci-demo vhost-pci-bench; do \
 	  install -m 0755 .build/release/$$b $(BINDIR)/$$b; done
+	sed -e 's|/usr/local/bin/|$(PREFIX)/bin/|g' -e 's|/etc/vhost-pci-bridged.yaml|$(SYSCONFDIR)/vhost-pci-bridged.yaml|' \
+	  -e 's|/usr/local/share/doc/vhost-pci-bridge|$(DOCDIR)|' systemd/vhost-pci-bridged.service > $(DESTDIR)$(UNITDIR)/vhost-pci-bridged.service
+	[ -e $(DESTDIR)$(SYSCONFDIR)/vhost-pci-bridged.yaml ] || install -m 0644 config/vhost-pci-bridged.yaml $(DESTDIR)$(SYSCONFDIR)/vhost-pci-bridged.yaml
+	install -m 0644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
 
 uninstall:
-	rm -f $(BINDIR)/vhost-pci-bridged $(BINDIR)/vhost-pci-guest $(BINDIR)/vhost-pci-demo $(BINDIR)/vhost-pci-bench
+	rm -f $(BINDIR)/vhost-pci-bridged $(BINDIR)/vhost-pci-bridgectl $(BINDIR)/vhost-pci-guest $(BINDIR)/vhost-pci-demo $(BINDIR)/vhost-pci-bench
+	rm -f $(DESTDIR)$(UNITDIR)/vhost-pci-bridged.service
 
 clean:
 	rm -rf .build

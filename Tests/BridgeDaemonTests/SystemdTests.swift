@@ -1,0 +1,80 @@
+import BridgeDaemon
+import Foundation
+import LinuxIO
+import Testing
+
+/// A fake systemd: a datagram socket that records what is sent to NOTIFY_SOCKET.
+final class FakeNotifySocket {
+    let path: String
+    let socket: UnixSocket
+    init() throws {
+        path = "/tmp/vpb-notify-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        socket = try UnixSocket.listen(path: path, kind: .datagram)
+    }
+    /// Every datagram received within ~`seconds` until `until` matches.
+    func collect(seconds: Int = 20, until: ([String]) -> Bool) -> [String] {
+        var got: [String] = []
+        for _ in 0..<(seconds * 100) {
+            if let ready = try? Poll.readable([socket.fd.rawValue], timeoutMilliseconds: 10), ready[0],
+               let m = try? socket.receive(maxBytes: 4096, maxFDs: 0) {
+                got.append(String(decoding: m.bytes, as: UTF8.self))
+                if until(got) { break }
+            }
+        }
+        return got
+    }
+    deinit { unlink(path) }
+}
+
+@Suite(.serialized) struct SystemdTests {
+    @Test func notifierSendsStateLinesAndIsSilentWithoutSystemd() throws {
+        let fake = try FakeNotifySocket()
+        let n = SystemdNotifier(environment: ["NOTIFY_SOCKET": fake.path])
+        #expect(n.isActive)
+        #expect(n.notify("READY=1", "STATUS=up"))
+        #expect(n.notify("WATCHDOG=1"))
+        #expect(n.notify("STOPPING=1"))
+        #expect(fake.collect { $0.count == 3 } == ["READY=1\nSTATUS=up", "WATCHDOG=1", "STOPPING=1"])
+        let none = SystemdNotifier(environment: [:])
+        #expect(!none.isActive && !none.notify("READY=1"))
+        #expect(SystemdNotifier.watchdogMicroseconds(environment: ["WATCHDOG_USEC": "2000000"]) == 2_000_000)
+        #expect(SystemdNotifier.watchdogMicroseconds(environment: ["WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"]) == nil)
+        #expect(SystemdNotifier.watchdogMicroseconds(environment: ["WATCHDOG_USEC": "0"]) == nil)
+    }
+
+    /// The daemon process under a fake systemd: READY after its sockets
+    /// listen, WATCHDOG pings, RELOADING then READY on SIGHUP, STOPPING on SIGTERM.
+    @Test func theDaemonSpeaksTypeNotify() throws {
+        let binary = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent(".build/debug/vhost-pci-bridged").path
+        try #require(FileManager.default.isExecutableFile(atPath: binary), "build the daemon first (make test does)")
+        let fake = try FakeNotifySocket()
+        let dir = "/tmp/vpb-sd-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = "\(dir)/config.yaml"
+        try "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\nbridges:\n  - name: sd\n    bar-size: 1G\n"
+            .write(toFile: config, atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: binary)
+        p.arguments = ["--config", config, "--log-level", "warning"]
+        p.environment = ["NOTIFY_SOCKET": fake.path, "WATCHDOG_USEC": "200000"]
+        try p.run()
+        defer { if p.isRunning { p.terminate() }; p.waitUntilExit() }
+        let ready = fake.collect { $0.contains { $0.hasPrefix("READY=1") } }
+        #expect(ready.last?.hasPrefix("READY=1") == true, "\(ready)")
+        #expect(ready.last?.contains("STATUS=1 bridge(s): sd") == true)
+        // The sockets were listening before READY.
+        #expect(FileManager.default.fileExists(atPath: "\(dir)/sd-vm1.sock") && FileManager.default.fileExists(atPath: "\(dir)/control.sock"))
+        #expect(fake.collect { $0.contains("WATCHDOG=1") }.contains("WATCHDOG=1"))
+        kill(p.processIdentifier, SIGHUP)
+        let reload = fake.collect { $0.contains { $0.hasPrefix("READY=1") } }.filter { !$0.hasPrefix("WATCHDOG") }
+        #expect(reload.first?.hasPrefix("RELOADING=1") == true && reload.last?.hasPrefix("READY=1") == true, "\(reload)")
+        kill(p.processIdentifier, SIGTERM)
+        let stop = fake.collect { $0.contains { $0.hasPrefix("STOPPING=1") } }.filter { !$0.hasPrefix("WATCHDOG") }
+        #expect(stop.last?.hasPrefix("STOPPING=1") == true, "\(stop)")
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+        #expect(!FileManager.default.fileExists(atPath: "\(dir)/control.sock"), "sockets removed on exit")
+    }
+}

@@ -316,9 +316,10 @@ public final class Bridge: Sendable {
     }
 
     /// Live relay counters of a session's links: (kick, call) per vring.
+    /// (Live links, plus the ones the session already retired under key -1.)
     public func relayStatistics(_ view: SessionView) -> [Int: (kick: RelayLinkStatistics, call: RelayLinkStatistics)] {
         guard let relay else { return [:] }
-        var out: [Int: (kick: RelayLinkStatistics, call: RelayLinkStatistics)] = [:]
+        var out: [Int: (kick: RelayLinkStatistics, call: RelayLinkStatistics)] = [-1: view.relayRetired]
         for (i, links) in view.relayLinks {
             out[i] = (relay.statistics(links.kick) ?? RelayLinkStatistics(), relay.statistics(links.call) ?? RelayLinkStatistics())
         }
@@ -333,8 +334,8 @@ public final class Bridge: Sendable {
     }
 
     private func close(_ session: VhostUserConnection, end: ConnectionSummary.End) {
-        let relayed = relayStatistics(session.view) // before teardown removes the links
-        session.tearDown()
+        session.tearDown() // retires every relay link into the session's totals
+        let relayed = relayStatistics(session.view)
         let summary = session.session.statistics
         state.withLock { s in
             self.add(relayed, to: &s.statistics)

@@ -32,6 +32,13 @@ public struct RelayLinkStatistics: Sendable, Equatable {
     public var dropped: UInt64 = 0
     /// CQE errors seen (other than cancellation).
     public var errors: UInt64 = 0
+
+    public init() {}
+
+    public mutating func add(_ o: RelayLinkStatistics) {
+        notifications += o.notifications; wakeups += o.wakeups; relayed += o.relayed
+        coalesced += o.coalesced; dropped += o.dropped; errors += o.errors
+    }
 }
 
 public enum RelayError: Error, CustomStringConvertible {
@@ -189,21 +196,26 @@ public final class NotificationRelay: Sendable {
         logger.warning("\(id) retarget did not complete")
     }
 
-    /// Removes a link and waits (bounded) until its fds are closed.
-    public func remove(_ id: LinkID) {
+    /// Removes a link, waits (bounded) until its fds are closed, and returns
+    /// its final counters (which the relay then forgets).
+    @discardableResult
+    public func remove(_ id: LinkID) -> RelayLinkStatistics? {
         let queued = shared.withLock { s -> Bool in
             guard !s.stopped, s.live.contains(id) else { return false }
             s.commands.append(.remove(id))
             return true
         }
-        guard queued else { return }
-        _ = try? control.signal()
-        for _ in 0..<10_000 {
-            if !shared.withLock({ $0.live.contains(id) }) { return }
-            _ = try? Poll.readable([changed.fd.rawValue], timeoutMilliseconds: 2)
-            _ = try? changed.read()
+        if queued {
+            _ = try? control.signal()
+            var done = false
+            for _ in 0..<10_000 {
+                if !shared.withLock({ $0.live.contains(id) }) { done = true; break }
+                _ = try? Poll.readable([changed.fd.rawValue], timeoutMilliseconds: 2)
+                _ = try? changed.read()
+            }
+            if !done { logger.warning("\(id) removal did not complete") }
         }
-        logger.warning("\(id) removal did not complete")
+        return shared.withLock { $0.statistics.removeValue(forKey: id) }
     }
 
     public func statistics(_ id: LinkID) -> RelayLinkStatistics? { shared.withLock { $0.statistics[id] } }

@@ -32,6 +32,8 @@ public struct SessionView: Sendable, Equatable {
     public var frozen: Bool
     /// Relay links per started vring (relay modes): kick (VM1 → VM2) and call (VM2 → VM1).
     public var relayLinks: [Int: (kick: NotificationRelay.LinkID, call: NotificationRelay.LinkID)] = [:]
+    /// Final counters of links this session already removed (stopped rings).
+    public var relayRetired = (kick: RelayLinkStatistics(), call: RelayLinkStatistics())
 
     public static func == (a: SessionView, b: SessionView) -> Bool {
         a.ackedFeatures == b.ackedFeatures && a.protocolFeatures == b.protocolFeatures && a.regions == b.regions
@@ -76,6 +78,7 @@ final class VhostUserConnection {
         var callLink: NotificationRelay.LinkID
     }
     private var relayed: [Int: RelayedRing] = [:]
+    private var retired = (kick: RelayLinkStatistics(), call: RelayLinkStatistics())
     private var regionFiles: [RegionID: OwnedFileDescriptor] = [:]
     private var regionSealed: [RegionID: Bool] = [:]
     private var vringFiles: [Int: [VringFileKind: OwnedFileDescriptor]] = [:]
@@ -103,6 +106,7 @@ final class VhostUserConnection {
     var view: SessionView {
         var v = SessionView(session)
         for (i, r) in relayed { v.relayLinks[i] = (r.kickLink, r.callLink) }
+        v.relayRetired = retired
         return v
     }
 
@@ -125,8 +129,8 @@ final class VhostUserConnection {
 
     private func stopRelay(_ index: Int) {
         guard let relay, let r = relayed.removeValue(forKey: index) else { return }
-        relay.remove(r.kickLink)
-        relay.remove(r.callLink)
+        if let k = relay.remove(r.kickLink) { retired.kick.add(k) }
+        if let c = relay.remove(r.callLink) { retired.call.add(c) }
         try? r.vm2Kick.fd.close()
         try? r.vm2Call.fd.close()
     }

@@ -76,44 +76,53 @@ struct Run: ParsableCommand {
         return p
     }
 
+    @Option(help: "The daemon's config file (the demo runs its two bridges, demo-identity and demo-iommu).")
+    var config: String = "config/vhost-pci-bridged.yaml"
+
     func run() throws {
         let dir = "/tmp/vhost-pci-demo-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
+        guard FileManager.default.fileExists(atPath: config) else { throw DemoError(description: "no config at \(config) (run from the repository, or pass --config)") }
         let phases = [
             Phase(title: "identity, 1500 B", mode: "identity", count: packets, size: 1500),
             Phase(title: "identity, 64 KiB", mode: "identity", count: largePackets, size: 65536),
             Phase(title: "iommu, 1500 B", mode: "iommu", count: packets / 4, size: 1500),
         ]
         say("vhost-pci-bridge demo: daemon + emulated VM1 + emulated VM2, three processes, packets moved in place through the BAR\n")
-        var rows: [(Phase, VM1Summary, VM2Summary)] = []
-        for mode in ["identity", "iommu"] {
-            let vhost = "\(dir)/\(mode)-vm1.sock", peer = "\(dir)/\(mode)-vm2.sock"
-            let daemon = try start("vhost-pci-bridged", ["--name", "demo-\(mode)", "--socket-path", vhost, "--peer-socket", peer,
-                                                          "--mode", mode, "--bar-size", barSize, "--log-level", "warning"])
-            defer {
-                if daemon.isRunning { daemon.terminate() }
-                daemon.waitUntilExit()
-            }
-            say("[\(mode)] vhost-pci-bridged --socket-path \(vhost) --peer-socket \(peer) --mode \(mode) --bar-size \(barSize)")
-            for phase in phases where phase.mode == mode {
-                let vm2Out = Pipe(), vm1Out = Pipe()
-                let vm2 = try start("vhost-pci-guest", ["vm2", "--peer-socket", peer, "--duration", "120",
-                                                        "--until-packets", "\(phase.count)", "--json"], stdout: vm2Out)
-                let vm1 = try start("vhost-pci-guest", ["vm1", "--socket-path", vhost, "--mode", mode, "--count", "\(phase.count)",
-                                                        "--sizes", "\(phase.size)", "--progress", "--json"], stdout: vm1Out)
-                let vm1Data = vm1Out.fileHandleForReading.readDataToEndOfFile()
-                vm1.waitUntilExit()
-                let vm2Data = vm2Out.fileHandleForReading.readDataToEndOfFile()
-                vm2.waitUntilExit()
-                guard let a = try? JSONDecoder().decode(VM1Summary.self, from: vm1Data),
-                      let b = try? JSONDecoder().decode(VM2Summary.self, from: vm2Data) else {
-                    throw DemoError(description: "phase '\(phase.title)': a guest failed (vm1 exit \(vm1.terminationStatus), vm2 exit \(vm2.terminationStatus))")
-                }
-                rows.append((phase, a, b))
-            }
-            daemon.terminate()
+        // One daemon runs both bridges of the config; its sockets go to a scratch runtime directory.
+        let daemon = try start("vhost-pci-bridged", ["--config", config, "--runtime-directory", dir, "--log-level", "warning"])
+        defer {
+            if daemon.isRunning { daemon.terminate() }
+            daemon.waitUntilExit()
         }
+        say("vhost-pci-bridged --config \(config) --runtime-directory \(dir)")
+        var rows: [(Phase, VM1Summary, VM2Summary)] = []
+        for phase in phases {
+            let vhost = "\(dir)/demo-\(phase.mode)-vm1.sock", peer = "\(dir)/demo-\(phase.mode)-vm2.sock"
+            say("[\(phase.title)] vhost-pci-guest vm2 --peer-socket \(peer) & vhost-pci-guest vm1 --socket-path \(vhost) --mode \(phase.mode)")
+            let vm2Out = Pipe(), vm1Out = Pipe()
+            let vm2 = try start("vhost-pci-guest", ["vm2", "--peer-socket", peer, "--duration", "120",
+                                                    "--until-packets", "\(phase.count)", "--json"], stdout: vm2Out)
+            let vm1 = try start("vhost-pci-guest", ["vm1", "--socket-path", vhost, "--mode", phase.mode, "--count", "\(phase.count)",
+                                                    "--sizes", "\(phase.size)", "--dma-window", "4G:64G", "--progress", "--json"], stdout: vm1Out)
+            let vm1Data = vm1Out.fileHandleForReading.readDataToEndOfFile()
+            vm1.waitUntilExit()
+            let vm2Data = vm2Out.fileHandleForReading.readDataToEndOfFile()
+            vm2.waitUntilExit()
+            guard let a = try? JSONDecoder().decode(VM1Summary.self, from: vm1Data),
+                  let b = try? JSONDecoder().decode(VM2Summary.self, from: vm2Data) else {
+                throw DemoError(description: "phase '\(phase.title)': a guest failed (vm1 exit \(vm1.terminationStatus), vm2 exit \(vm2.terminationStatus))")
+            }
+            rows.append((phase, a, b))
+        }
+        // The operator's view of the same daemon.
+        let ctl = Process()
+        ctl.executableURL = URL(fileURLWithPath: siblingExecutable("vhost-pci-bridgectl"))
+        ctl.arguments = ["stats", "--socket", "\(dir)/control.sock"]
+        say("\nvhost-pci-bridgectl stats:")
+        if (try? ctl.run()) != nil { ctl.waitUntilExit() }
+        daemon.terminate()
         say("\n| phase | packets | VM2 verified in place | echoed into VM1 RX | VM1 verified | corrupt | refused | packets/s | Gb/s |")
         say("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         var ok = true

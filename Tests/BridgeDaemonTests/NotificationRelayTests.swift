@@ -115,7 +115,9 @@ func drain(_ e: EventFD) -> UInt64 {
             try p.source.signal()
             var got: UInt64 = 0
             #expect(eventually { got += drain(p.target); return got == 1 })
-            relay.remove(id)
+            let final = relay.remove(id)
+            #expect(final?.notifications == 1)
+            #expect(relay.statistics(id) == nil, "a removed link's counters are handed back, not kept forever")
         }
         #expect(openFileDescriptorCount() == before, "removed links closed their fds")
         running.store(false, ordering: .relaxed)

@@ -129,7 +129,7 @@ public final class NotificationRelay: Sendable {
         do {
             t = try JoinableThread(name: "relay") { [self] in
                 let ring: URing
-                do { ring = try URing(entries: entries, sqpoll: sqpoll) } catch {
+                do { ring = try URing(entries: entries, sqpoll: sqpoll, singleIssuer: !sqpoll) } catch {
                     self.fail("\(error)")
                     return
                 }

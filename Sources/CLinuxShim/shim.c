@@ -225,8 +225,17 @@ shim_uring *shim_uring_create(unsigned int entries, int sqpoll, unsigned int sq_
     if (!r) { *err = -ENOMEM; return NULL; }
     struct io_uring_params p;
     memset(&p, 0, sizeof p);
-    if (sqpoll) { p.flags |= IORING_SETUP_SQPOLL; p.sq_thread_idle = sq_idle_ms; }
+    if (sqpoll == 1) { p.flags |= IORING_SETUP_SQPOLL; p.sq_thread_idle = sq_idle_ms; }
+    if (sqpoll == 2) {
+        /* One submitter thread; task work runs when it waits (kernel >= 6.1):
+           COOP_TASKRUN (1<<8) | SINGLE_ISSUER (1<<12) | DEFER_TASKRUN (1<<13). */
+        p.flags |= (1U << 8) | (1U << 12) | (1U << 13);
+    }
     int e = io_uring_queue_init_params(entries, &r->ring, &p);
+    if (e == -EINVAL && sqpoll == 2) {
+        memset(&p, 0, sizeof p);
+        e = io_uring_queue_init_params(entries, &r->ring, &p);   /* older kernel: plain ring */
+    }
     if (e < 0) { free(r); *err = e; return NULL; }
     *err = 0;
     return r;

@@ -39,9 +39,13 @@ public final class URing {
     private var reapResult: [Int32]
     private var reapFlags: [UInt32]
 
-    public init(entries: UInt32 = 256, sqpoll: Bool = false, sqpollIdleMilliseconds: UInt32 = 50) throws(URingError) {
+    /// `singleIssuer`: only the creating thread submits and waits; the kernel
+    /// then defers completion work to its waits (DEFER_TASKRUN), which is
+    /// cheaper. Ignored with `sqpoll`; falls back where unsupported.
+    public init(entries: UInt32 = 256, sqpoll: Bool = false, sqpollIdleMilliseconds: UInt32 = 50,
+                singleIssuer: Bool = false) throws(URingError) {
         var err: Int32 = 0
-        guard let ring = shim_uring_create(entries, sqpoll ? 1 : 0, sqpollIdleMilliseconds, &err) else {
+        guard let ring = shim_uring_create(entries, sqpoll ? 1 : (singleIssuer ? 2 : 0), sqpollIdleMilliseconds, &err) else {
             throw .system(SystemCallError("io_uring_queue_init(\(entries)\(sqpoll ? ", SQPOLL" : ""))", errno: Errno(rawValue: -err)))
         }
         self.ring = ring

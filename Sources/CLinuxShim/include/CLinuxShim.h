@@ -114,7 +114,9 @@ int shim_wexitstatus(int status);
 
 // ---- io_uring: an opaque ring; liburing's types never reach Swift ----
 typedef struct shim_uring shim_uring;
-/// Creates a ring. On failure returns NULL and stores -errno in *err.
+/// Creates a ring. `sqpoll`: 0 plain, 1 SQPOLL, 2 single-issuer with deferred
+/// task work (falls back to plain where the kernel lacks it). On failure
+/// returns NULL and stores -errno in *err.
 shim_uring *shim_uring_create(unsigned int entries, int sqpoll, unsigned int sq_idle_ms, int *err);
 void shim_uring_destroy(shim_uring *ring);
 int shim_uring_fd(shim_uring *ring);

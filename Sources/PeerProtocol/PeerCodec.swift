@@ -150,10 +150,10 @@ public enum PeerCodec {
             w.u64(t.requestID); w.u64(t.barOffset); w.u64(t.length); w.u32(UInt32(t.access.rawValue)); w.u32(0)
         case .translateReply(let t):
             let reason = Array(t.reason.utf8.prefix(PeerTranslateReply.maximumReason))
-            w.u64(t.requestID); w.u32(t.status.rawValue); w.u32(UInt32(reason.count)); w.bytes += reason
+            w.u64(t.requestID); w.u32(t.status.rawValue); w.u32(UInt32(reason.count)); w.append(reason)
         case .error(let e):
             let text = Array(e.text.utf8.prefix(PeerError.maximumText))
-            w.u32(e.code.rawValue); w.u32(UInt32(text.count)); w.bytes += text
+            w.u32(e.code.rawValue); w.u32(UInt32(text.count)); w.append(text)
         }
         var h = Writer()
         h.u32(message.type.rawValue); h.u32(flags); h.u32(UInt32(w.bytes.count))
@@ -161,21 +161,18 @@ public enum PeerCodec {
     }
 }
 
-/// Bounds-checked little-endian reader.
+/// `LittleEndianReader` with the peer protocol's typed error.
 struct Reader {
-    let bytes: [UInt8]
-    var offset = 0
-    init(_ bytes: [UInt8]) { self.bytes = bytes }
-    var remaining: Int { bytes.count - offset }
+    var inner: LittleEndianReader
+    init(_ bytes: [UInt8]) { inner = LittleEndianReader(bytes) }
+    var remaining: Int { inner.remaining }
+    var offset: Int { inner.offset }
     mutating func take(_ n: Int) throws(PeerProtocolError) -> [UInt8] {
-        guard n >= 0, remaining >= n else { throw .truncated(needed: offset + n, got: bytes.count) }
-        defer { offset += n }
-        return Array(bytes[offset..<offset + n])
+        guard let b = inner.take(n) else { throw .truncated(needed: inner.offset + max(0, n), got: inner.bytes.count) }
+        return b
     }
     mutating func int<T: FixedWidthInteger>(_: T.Type) throws(PeerProtocolError) -> T {
-        let b = try take(MemoryLayout<T>.size)
-        var v: T = 0
-        for (i, byte) in b.enumerated() { v |= T(byte) << (8 * i) }
+        guard let v = inner.read(T.self) else { throw .truncated(needed: inner.offset + MemoryLayout<T>.size, got: inner.bytes.count) }
         return v
     }
     mutating func u16() throws(PeerProtocolError) -> UInt16 { try int(UInt16.self) }
@@ -184,11 +181,10 @@ struct Reader {
 }
 
 struct Writer {
-    var bytes: [UInt8] = []
-    mutating func int<T: FixedWidthInteger>(_ v: T) {
-        for i in 0..<MemoryLayout<T>.size { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) }
-    }
-    mutating func u16(_ v: UInt16) { int(v) }
-    mutating func u32(_ v: UInt32) { int(v) }
-    mutating func u64(_ v: UInt64) { int(v) }
+    var inner = LittleEndianWriter()
+    var bytes: [UInt8] { inner.bytes }
+    mutating func u16(_ v: UInt16) { inner.write(v) }
+    mutating func u32(_ v: UInt32) { inner.write(v) }
+    mutating func u64(_ v: UInt64) { inner.write(v) }
+    mutating func append(_ v: [UInt8]) { inner.append(v) }
 }

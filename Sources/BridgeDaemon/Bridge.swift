@@ -297,6 +297,10 @@ public final class Bridge: Sendable {
     private func open(_ connection: UnixSocket) -> VhostUserConnection? {
         let who = (try? connection.peerCredentials()).map { "pid \($0.pid) uid \($0.uid)" } ?? "unknown peer"
         logger.info("front end connected (\(who))")
+        // Messages are read once the socket is readable; a front end that then
+        // stalls in the middle of one is dropped instead of holding the bridge.
+        try? connection.setReceiveTimeout(milliseconds: 2000)
+        try? connection.setSendTimeout(milliseconds: 2000)
         do {
             let session = try VhostUserConnection(socket: connection, configuration: settings.backend, window: window,
                                                   peer: peer, relay: relay, logger: logger)

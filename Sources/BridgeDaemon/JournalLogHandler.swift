@@ -41,15 +41,16 @@ public struct JournalLogHandler: LogHandler {
     }
 
     public func log(event: LogEvent) {
-        let all = metadata.merging(event.metadata ?? [:]) { $1 }
+        FileHandle.standardError.write(Data(line(level: event.level, message: "\(event.message)", metadata: event.metadata).utf8))
+    }
+
+    /// The text of one log line (the journald form carries `<priority>`).
+    public func line(level: Logger.Level, message: String, metadata extra: Logger.Metadata?, date: Date = Date()) -> String {
+        let all = metadata.merging(extra ?? [:]) { $1 }
         let meta = all.isEmpty ? "" : all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ") + " "
-        let line: String
         if journald {
-            line = "<\(Self.priority(event.level))>\(meta)\(event.message)\n"
-        } else {
-            let time = ISO8601DateFormatter().string(from: Date())
-            line = "\(time) \(event.level) \(label): \(meta)\(event.message)\n"
+            return "<\(Self.priority(level))>\(meta)\(message)\n"
         }
-        FileHandle.standardError.write(Data(line.utf8))
+        return "\(ISO8601DateFormatter().string(from: date)) \(level) \(label): \(meta)\(message)\n"
     }
 }

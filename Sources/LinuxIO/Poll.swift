@@ -34,6 +34,15 @@ extension Poll {
 }
 
 extension UnixSocket {
+    /// SO_RCVTIMEO: a blocking receive gives up with EAGAIN after this long.
+    public func setReceiveTimeout(milliseconds: Int) throws(SystemCallError) {
+        var tv = timeval(tv_sec: milliseconds / 1000, tv_usec: (milliseconds % 1000) * 1000)
+        let raw = fd.rawValue
+        _ = try retryingInterrupts("setsockopt(SO_RCVTIMEO)") {
+            setsockopt(raw, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        }
+    }
+
     /// SO_SNDTIMEO: a blocking send gives up with EAGAIN after this long.
     public func setSendTimeout(milliseconds: Int) throws(SystemCallError) {
         var tv = timeval(tv_sec: milliseconds / 1000, tv_usec: (milliseconds % 1000) * 1000)

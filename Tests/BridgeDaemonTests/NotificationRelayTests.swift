@@ -95,6 +95,25 @@ func drain(_ e: EventFD) -> UInt64 {
         #expect((s0?.coalesced ?? 0) + (s0?.wakeups ?? 0) == expected[0])
     }
 
+    /// 64 links on an 8-entry ring: every re-arm batch overflows the
+    /// submission queue, which must be flushed and retried, not lose a link.
+    @Test func aFullSubmissionQueueLosesNothing() throws {
+        let relay = try NotificationRelay(entries: 8)
+        defer { relay.stop() }
+        let pairs = try (0..<64).map { _ in try Pair() }
+        for p in pairs { _ = try p.add(to: relay) }
+        for round in 0..<50 {
+            for p in pairs { try p.source.signal(UInt64(round % 3 + 1)) }
+        }
+        let expected = UInt64((0..<50).reduce(0) { $0 + $1 % 3 + 1 })
+        var totals = [UInt64](repeating: 0, count: 64)
+        #expect(eventually {
+            for (i, p) in pairs.enumerated() { totals[i] += drain(p.target) }
+            return totals.allSatisfy { $0 == expected }
+        }, "\(totals.filter { $0 != expected }.count) links short")
+        #expect(relay.failure == nil)
+    }
+
     @Test func linksComeAndGoWhileTrafficFlows() throws {
         let relay = try NotificationRelay()
         defer { relay.stop() }

@@ -78,3 +78,18 @@ final class FakeNotifySocket {
         #expect(!FileManager.default.fileExists(atPath: "\(dir)/control.sock"), "sockets removed on exit")
     }
 }
+
+@Suite struct JournalFormatTests {
+    @Test func underSystemdLinesCarryTheSyslogPriority() {
+        var h = JournalLogHandler(label: "vhost-pci-bridged", journald: true)
+        h[metadataKey: "bridge"] = "net0"
+        #expect(h.line(level: .warning, message: "refused SET_VRING_NUM", metadata: ["rule": "queue-size"])
+                == "<4>bridge=net0 rule=queue-size refused SET_VRING_NUM\n")
+        #expect(h.line(level: .error, message: "x", metadata: nil).hasPrefix("<3>"))
+        #expect(h.line(level: .debug, message: "x", metadata: nil).hasPrefix("<7>"))
+        #expect(h.line(level: .notice, message: "x", metadata: nil).hasPrefix("<5>"))
+        let plain = JournalLogHandler(label: "vhost-pci-bridged", journald: false)
+        let text = plain.line(level: .info, message: "ready", metadata: nil, date: Date(timeIntervalSince1970: 0))
+        #expect(text == "1970-01-01T00:00:00Z info vhost-pci-bridged: ready\n")
+    }
+}

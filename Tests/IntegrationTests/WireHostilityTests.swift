@@ -94,3 +94,23 @@ extension Integration {
         }
     }
 }
+
+extension Integration.WireHostility {
+    /// Half a message and then silence: the bridge drops that front end
+    /// after its receive timeout instead of hanging, and serves the next one.
+    @Test func aFrontEndStallingMidMessageIsDropped() throws {
+        let running = try RunningBridge("stall", mode: .identity)
+        defer { running.stop() }
+        let socket = try UnixSocket.connect(path: running.path)
+        try socket.send(MessageHeader(request: 2, flags: 1, size: 8).encoded + [1, 2]) // 2 of 8 payload bytes, then nothing
+        running.waitForSessions(1)
+        if case .closedByBridge(let reason)? = running.bridge.statistics.lastEnd {
+            #expect(reason.contains("Resource temporarily unavailable") || reason.contains("truncated") || reason.contains("errno 11"), "\(reason)")
+        } else {
+            Issue.record("expected the bridge to close the stalled connection, got \(String(describing: running.bridge.statistics.lastEnd))")
+        }
+        let vm1 = try EmulatedVM1(socketPath: running.path)
+        try vm1.start()
+        vm1.disconnect()
+    }
+}

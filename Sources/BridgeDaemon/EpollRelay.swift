@@ -25,6 +25,9 @@ public final class EpollRelay: Sendable {
     }
 
     public var wakeups: UInt64 { relayed.load(ordering: .relaxed) }
+    /// CPU time the relay thread has used so far (ns), for the benchmark.
+    public var threadCPUNanoseconds: UInt64 { cpu.load(ordering: .relaxed) }
+    private let cpu = Atomic<UInt64>(0)
 
     private func run() {
         while true {
@@ -37,6 +40,7 @@ public final class EpollRelay: Sendable {
                 _ = Glibc.write(p.target.rawValue, &value, 8)
                 relayed.add(1, ordering: .relaxed)
             }
+            cpu.store(ThreadCPUClock.nanoseconds(), ordering: .relaxed)
         }
     }
 

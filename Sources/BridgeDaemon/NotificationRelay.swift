@@ -220,6 +220,9 @@ public final class NotificationRelay: Sendable {
 
     public func statistics(_ id: LinkID) -> RelayLinkStatistics? { shared.withLock { $0.statistics[id] } }
     public var liveLinks: Int { shared.withLock { $0.live.count } }
+    /// CPU time the relay thread has used so far (ns), for the benchmark.
+    public var threadCPUNanoseconds: UInt64 { cpu.load(ordering: .relaxed) }
+    fileprivate let cpu = Atomic<UInt64>(0)
     public var failure: String? { shared.withLock { $0.failure } }
 
     /// Stops the thread; every link's fds are closed.
@@ -284,6 +287,9 @@ private final class RelayEngine {
         var pending = 0
         var removing = false
         var pendingTarget: OwnedFileDescriptor??
+        /// Counters since the last flush to the shared statistics.
+        var delta = RelayLinkStatistics()
+        var dirty = false
         init(id: NotificationRelay.LinkID, source: OwnedFileDescriptor, target: OwnedFileDescriptor?) {
             self.id = id
             self.source = source
@@ -301,7 +307,25 @@ private final class RelayEngine {
     var links: [UInt32: Link] = [:]
     var controlBuffer = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
     var running = true
-    var delta: [NotificationRelay.LinkID: RelayLinkStatistics] = [:]
+    /// Links whose `delta` changed in the current batch.
+    var dirtyLinks: [Link] = []
+
+    @inline(__always) func touch(_ link: Link) {
+        if !link.dirty { link.dirty = true; dirtyLinks.append(link) }
+    }
+
+    func flushStatistics() {
+        guard !dirtyLinks.isEmpty else { return }
+        var changes: [NotificationRelay.LinkID: RelayLinkStatistics] = [:]
+        changes.reserveCapacity(dirtyLinks.count)
+        for link in dirtyLinks {
+            changes[link.id] = link.delta
+            link.delta = RelayLinkStatistics()
+            link.dirty = false
+        }
+        dirtyLinks.removeAll(keepingCapacity: true)
+        relay.updateMany(changes)
+    }
 
     init(ring: URing, relay: NotificationRelay) {
         self.ring = ring
@@ -312,13 +336,13 @@ private final class RelayEngine {
 
     static func userData(_ id: UInt32, _ op: Op) -> UInt64 { UInt64(id) << 8 | op.rawValue }
 
-    /// Prepares an SQE, submitting first when the SQ is full.
-    func prepare(_ body: () throws(URingError) -> Void) {
+    /// Prepares `count` SQEs as one unit: submits what is queued first when
+    /// the SQ has less room, so a linked read→write pair is never split
+    /// across submissions (a lone linked read would lose the value it reads).
+    func prepare(_ count: UInt32 = 1, _ body: () throws(URingError) -> Void) {
+        if ring.submissionSpaceLeft < count { _ = try? ring.submit() }
         do {
             try body()
-        } catch .submissionQueueFull {
-            _ = try? ring.submit()
-            try? body()
         } catch {
             relay.fail("\(error)")
             running = false
@@ -334,7 +358,7 @@ private final class RelayEngine {
     func arm(_ link: Link) {
         let id = link.id.rawValue
         if let target = link.target, link.targetNonBlocking {
-            prepare { () throws(URingError) in
+            prepare(2) { () throws(URingError) in
                 try ring.prepareRead(fd: link.source.rawValue, buffer: UnsafeMutableRawPointer(link.buffer), length: 8,
                                      userData: Self.userData(id, .read), linkNext: true)
                 try ring.prepareWrite(fd: target.rawValue, buffer: UnsafeRawPointer(link.buffer), length: 8,
@@ -356,25 +380,26 @@ private final class RelayEngine {
             do {
                 if relay.busyPollMicroseconds > 0 {
                     try ring.submit()
-                    var batch = ring.reap()
-                    if batch.isEmpty {
+                    if ring.reap({ handle($0) }) == 0 {
                         let clock = ContinuousClock()
                         let until = clock.now.advanced(by: .microseconds(relay.busyPollMicroseconds))
-                        while batch.isEmpty, clock.now < until { batch = ring.reap() }
-                        if batch.isEmpty { batch = try ring.waitAndReap() }
+                        var n = 0
+                        while n == 0, clock.now < until { n = ring.reap { handle($0) } }
+                        if n == 0 {
+                            try ring.submitAndWait(1)
+                            ring.reap { handle($0) }
+                        }
                     }
-                    handle(batch)
                 } else {
-                    handle(try ring.waitAndReap())
+                    try ring.submitAndWait(1)
+                    ring.reap { handle($0) }
                 }
             } catch {
                 relay.fail("\(error)")
                 break
             }
-            if !delta.isEmpty {
-                relay.updateMany(delta)
-                delta = [:]
-            }
+            flushStatistics()
+            relay.cpu.store(ThreadCPUClock.nanoseconds(), ordering: .relaxed)
         }
         // Cancel everything and wait for the completions so no buffer is freed
         // under an in-flight operation, then close every fd exactly once.
@@ -394,6 +419,7 @@ private final class RelayEngine {
     }
 
     func close(_ link: Link) {
+        flushStatistics()
         try? link.source.close()
         try? link.target?.close()
         if case .some(let t) = link.pendingTarget { try? t?.close() }
@@ -401,40 +427,45 @@ private final class RelayEngine {
     }
 
     func handle(_ batch: [URingCompletion]) {
-        for c in batch {
+        for c in batch { handle(c) }
+    }
+
+    func handle(_ c: URingCompletion) {
+        do {
             if c.userData == Self.controlData {
                 for command in relay.drainControl() { apply(command) }
                 if running { armControl() }
-                continue
+                return
             }
             let id = UInt32(c.userData >> 8)
-            guard let link = links[id], let op = Op(rawValue: c.userData & 0xff) else { continue }
-            if op == .cancel { continue }
+            guard let link = links[id], let op = Op(rawValue: c.userData & 0xff) else { return }
+            if op == .cancel { return }
             link.pending -= 1
+            touch(link)
             switch op {
             case .read:
                 if c.result == 8 {
                     let value = link.buffer.pointee
-                    delta[link.id, default: .init()].notifications += value
-                    delta[link.id, default: .init()].wakeups += 1
-                    delta[link.id, default: .init()].coalesced += value > 0 ? value - 1 : 0
+                    link.delta.notifications += value
+                    link.delta.wakeups += 1
+                    link.delta.coalesced += value > 0 ? value - 1 : 0
                     if !link.removing, link.pendingTarget == nil, !(link.target != nil && link.targetNonBlocking) {
                         deliverBySyscall(link, value)
                     }
                 } else if let e = c.errno, e != .canceled, e != .resourceTemporarilyUnavailable {
-                    delta[link.id, default: .init()].errors += 1
+                    link.delta.errors += 1
                 }
             case .write:
                 if c.result == 8 {
-                    delta[link.id, default: .init()].relayed += 1
+                    link.delta.relayed += 1
                 } else if let e = c.errno {
                     if e == .canceled {
                         // The read failed or was cancelled; nothing was read.
                     } else if e == .resourceTemporarilyUnavailable {
-                        delta[link.id, default: .init()].coalesced += link.buffer.pointee // counter full: the reader has a wakeup pending
+                        link.delta.coalesced += link.buffer.pointee // counter full: the reader has a wakeup pending
                     } else {
-                        delta[link.id, default: .init()].dropped += link.buffer.pointee
-                        delta[link.id, default: .init()].errors += 1
+                        link.delta.dropped += link.buffer.pointee
+                        link.delta.errors += 1
                     }
                 }
             case .cancel:
@@ -465,25 +496,26 @@ private final class RelayEngine {
     }
 
     func deliverBySyscall(_ link: Link, _ value: UInt64) {
+        touch(link)
         guard let target = link.target else {
-            delta[link.id, default: .init()].dropped += value
+            link.delta.dropped += value
             return
         }
         // A blocking target must never block the relay: write only when the
         // counter has room (POLLOUT); a full counter already has a wakeup pending.
         guard (try? Poll.writable(target.rawValue)) == true else {
-            delta[link.id, default: .init()].coalesced += value
+            link.delta.coalesced += value
             return
         }
         var v = value
         let n = Glibc.write(target.rawValue, &v, 8)
         if n == 8 {
-            delta[link.id, default: .init()].relayed += 1
+            link.delta.relayed += 1
         } else if errno == EAGAIN {
-            delta[link.id, default: .init()].coalesced += value
+            link.delta.coalesced += value
         } else {
-            delta[link.id, default: .init()].dropped += value
-            delta[link.id, default: .init()].errors += 1
+            link.delta.dropped += value
+            link.delta.errors += 1
         }
     }
 

@@ -58,3 +58,12 @@ public enum Signals {
         return received
     }
 }
+
+/// CPU time consumed by the calling thread (CLOCK_THREAD_CPUTIME_ID), in ns.
+public enum ThreadCPUClock {
+    public static func nanoseconds() -> UInt64 {
+        var ts = timespec()
+        guard clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0 else { return 0 }
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+}

@@ -131,6 +131,22 @@ public final class URing {
         return (0..<Int(n)).map { URingCompletion(userData: reapUserData[$0], result: reapResult[$0], flags: reapFlags[$0]) }
     }
 
+    /// Calls `body` for every ready completion (up to a batch of 2 × entries)
+    /// and marks them seen; returns how many. No allocation per batch.
+    @discardableResult
+    public func reap(_ body: (URingCompletion) -> Void) -> Int {
+        let capacity = UInt32(reapUserData.count)
+        let n = reapUserData.withUnsafeMutableBufferPointer { u in
+            reapResult.withUnsafeMutableBufferPointer { r in
+                reapFlags.withUnsafeMutableBufferPointer { f in
+                    shim_uring_reap(ring, u.baseAddress, r.baseAddress, f.baseAddress, capacity)
+                }
+            }
+        }
+        for i in 0..<Int(n) { body(URingCompletion(userData: reapUserData[i], result: reapResult[i], flags: reapFlags[i])) }
+        return Int(n)
+    }
+
     /// Blocks until at least one completion is ready, then reaps the batch.
     public func waitAndReap() throws(URingError) -> [URingCompletion] {
         try submitAndWait(1)

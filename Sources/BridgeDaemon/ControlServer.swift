@@ -15,7 +15,9 @@ public final class ControlServer: Sendable {
     private let logger: Logger
     private let authorize: Authorizer
     private let reloadConfig: @Sendable () -> Result<DaemonConfig, ControlError>
-    private let state = Mutex<(stopping: Bool, connections: [UnixSocket], threads: [JoinableThread])>((false, [], []))
+    /// Connection threads are detached (one per CLI call adds up); `stop`
+    /// waits for `connections` to drain instead of joining them.
+    private let state = Mutex<(stopping: Bool, connections: [UnixSocket])>((false, []))
     private let acceptThread = Mutex<JoinableThread?>(nil)
     public let path: String
 
@@ -48,7 +50,10 @@ public final class ControlServer: Sendable {
             }
             guard accepted else { try? connection.fd.close(); break }
             if let t = try? JoinableThread(name: "control-conn", { [self] in self.serve(connection) }) {
-                state.withLock { $0.threads.append(t) }
+                t.detach()
+            } else {
+                state.withLock { s in s.connections.removeAll { $0.fd === connection.fd } }
+                try? connection.fd.close()
             }
         }
     }
@@ -97,8 +102,7 @@ public final class ControlServer: Sendable {
         for c in connections { c.shutdown() }
         let t = acceptThread.withLock { t -> JoinableThread? in defer { t = nil }; return t }
         t?.join()
-        let threads = state.withLock { s in defer { s.threads = [] }; return s.threads }
-        for t in threads { t.join() }
+        for _ in 0..<2000 where !state.withLock({ $0.connections.isEmpty }) { usleep(1000) }
         unlink(path)
     }
 }

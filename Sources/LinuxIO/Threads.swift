@@ -32,9 +32,14 @@ public final class JoinableThread: Sendable {
         _ = shim_set_thread_name(handle, String(name.prefix(15)))
     }
 
-    /// Waits for the thread to finish. Call at most once.
+    /// Waits for the thread to finish. Call at most once (and not after `detach`).
     public func join() {
         pthread_join(thread, nil)
+    }
+
+    /// Lets the thread clean up after itself when it ends (never join it then).
+    public func detach() {
+        pthread_detach(thread)
     }
 }
 

@@ -71,6 +71,21 @@ func errorMessage(_ r: [String: Any]) -> String { (r["error"] as? [String: Any])
         #expect(text.contains("vhost_pci_bridge_notifications_relayed_total{bridge=\"b\",direction=\"kick\"} 0"))
     }
 
+    /// Every CLI call is a connection: finished ones leave no thread or fd behind.
+    @Test func manyShortConnectionsLeaveNothingBehind() throws {
+        let d = try LiveDaemon("bridges: []\n")
+        defer { d.stop() }
+        func threads() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").count) ?? -1 }
+        _ = ok(try d.client().call(["command": "status"])) // warm-up
+        _ = eventually { threads() >= 0 }
+        let fdsBefore = openFileDescriptorCount(), threadsBefore = threads()
+        for _ in 0..<100 {
+            let c = try d.client()
+            _ = ok(try c.call(["command": "status"]))
+        }
+        #expect(eventually { openFileDescriptorCount() == fdsBefore && threads() <= threadsBefore })
+    }
+
     @Test func badRequestsGetAnErrorAndTheConnectionStays() throws {
         let d = try LiveDaemon("bridges: []\n")
         defer { d.stop() }

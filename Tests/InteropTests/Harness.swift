@@ -102,7 +102,8 @@ final class InteropBridge {
         logger.logLevel = .critical
         var settings = BridgeSettings(name: name, socketPath: self.path, peerSocketPath: peerPath,
                                       backend: BackendConfiguration(bridgeName: name,
-                                                                    addressSpace: AddressSpaceConfiguration(barSize: 64 * GiB, mode: mode)))
+                                                                    addressSpace: AddressSpaceConfiguration(barSize: 64 * GiB, mode: mode)),
+                                      revocationDeadlineMilliseconds: 2000)
         settings.client = client
         let bridge = try Bridge(settings, logger: logger)
         self.bridge = bridge

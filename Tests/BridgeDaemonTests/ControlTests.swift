@@ -220,3 +220,13 @@ func errorMessage(_ r: [String: Any]) -> String { (r["error"] as? [String: Any])
         """)
     }
 }
+
+@Suite struct ControlJSONSnapshotTests {
+    /// What `--json` shows and scripts parse: stable keys, sorted.
+    @Test func responsesAreStableJSON() {
+        #expect(ControlProtocol.response(ok: ["created": "net1"]) == #"{"ok":true,"result":{"created":"net1"},"version":1}"#)
+        #expect(ControlProtocol.response(error: ControlError("unknown-bridge", "no bridge named x"))
+                == #"{"error":{"code":"unknown-bridge","message":"no bridge named x"},"ok":false,"version":1}"#)
+        #expect(ControlProtocol.response(ok: [["name": "a", "mappings": 2]]) == #"{"ok":true,"result":[{"mappings":2,"name":"a"}],"version":1}"#)
+    }
+}

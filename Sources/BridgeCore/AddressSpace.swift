@@ -462,18 +462,23 @@ public struct AddressSpace: Sendable {
     /// IOTLB invalidate: whatever lies in the range is revoked, splitting
     /// mappings that straddle its ends. The range is widened outward to whole
     /// pages (a partly revoked page must not stay visible). Invalidating a
-    /// range with nothing mapped succeeds with an empty plan. Never refused for
-    /// the mapping limit: revocation always goes through.
+    /// range with nothing mapped succeeds with an empty plan.
+    ///
+    /// Revocation is never refused for its size: a range reaching past the
+    /// BAR, or past 2^64, is clipped (a vIOMMU invalidates whole domains —
+    /// QEMU's intel-iommu sends [0, 2^39) on a global flush — and refusing
+    /// would leave those mappings visible while VM1 believes them gone). Nor
+    /// for the mapping limit. Only a zero length (nothing to do) is an error.
     public mutating func invalidate(bus: BusAddress, length: UInt64) throws(AddressSpaceError) -> WindowPlan {
         guard mode != .identity else { throw .wrongMode(operation: "IOTLB invalidate", mode: mode) }
         if mode == .static, isFrozen { throw .frozen(operation: "IOTLB invalidate") }
         guard length > 0 else { throw .zeroLength(bus) }
-        guard let end = bus.adding(length) else { throw .rangeWraps(start: bus.rawValue, length: length) }
-        guard end.rawValue <= barSize else { throw .outsideBAR(bus, length: length, barSize: barSize) }
+        guard bus.rawValue < barSize else { return .empty } // nothing can be mapped there
+        let end = min(bus.adding(length)?.rawValue ?? UInt64.max, barSize)
         let start = bus.rawValue - bus.rawValue % pageSize
         // barSize is a multiple of pageSize, so rounding up stays <= barSize.
-        let rem = end.rawValue % pageSize
-        let alignedEnd = rem == 0 ? end.rawValue : end.rawValue + (pageSize - rem)
+        let rem = end % pageSize
+        let alignedEnd = rem == 0 ? end : end + (pageSize - rem)
         let change = splice(start, alignedEnd, insert: nil)
         try commit(change, inserted: 0, allowGrowthPastLimit: true)
         return Self.unmapPlan(for: change.removed)

@@ -202,8 +202,22 @@ import Testing
         var s = iommuSpace()
         #expect(try s.invalidate(bus: BusAddress(0), length: page).isEmpty)
         #expect(spaceError { try s.invalidate(bus: BusAddress(0), length: 0) } == .zeroLength(BusAddress(0)))
-        #expect(spaceError { try s.invalidate(bus: BusAddress(UInt64.max), length: 2) } == .rangeWraps(start: UInt64.max, length: 2))
-        #expect(spaceError { try s.invalidate(bus: BusAddress(64 * GiB), length: 1) } == .outsideBAR(BusAddress(64 * GiB), length: 1, barSize: 64 * GiB))
+        #expect(try s.invalidate(bus: BusAddress(UInt64.max), length: 2).isEmpty)
+        #expect(try s.invalidate(bus: BusAddress(64 * GiB), length: 1).isEmpty)
+    }
+
+    /// A domain-wide invalidate larger than the BAR (QEMU intel-iommu flushes
+    /// [0, 2^39)) or wrapping past 2^64 must revoke, not be refused.
+    @Test func invalidatesPastTheBARAreClippedNotRefused() throws {
+        var s = iommuSpace()
+        _ = try s.update(bus: BusAddress(0), length: 2 * page, source: user(Fixture.ramUser), permission: .readWrite, regions: f.table)
+        _ = try s.update(bus: BusAddress(64 * GiB - page), length: page, source: user(Fixture.highUser), permission: .read, regions: f.table)
+        let whole = try s.invalidate(bus: BusAddress(0), length: 1 << 39)
+        #expect(whole == WindowPlan([.unmap(bus: BusAddress(0), length: 2 * page), .unmap(bus: BusAddress(64 * GiB - page), length: page)]))
+        #expect(s.mappings.isEmpty)
+        _ = try s.update(bus: BusAddress(64 * GiB - page), length: page, source: user(Fixture.highUser), permission: .read, regions: f.table)
+        #expect(try s.invalidate(bus: BusAddress(64 * GiB - page), length: UInt64.max) == WindowPlan([.unmap(bus: BusAddress(64 * GiB - page), length: page)]))
+        #expect(s.mappings.isEmpty)
     }
 
     @Test func adjacentContiguousUpdatesCoalesce() throws {

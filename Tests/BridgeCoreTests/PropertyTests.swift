@@ -97,8 +97,9 @@ struct FakeWindow {
                 guard !frozen, config.staticWindows.contains(where: { bus >= $0.base.rawValue && bus + length <= $0.limit }) else { return false }
             }
             return true
-        case .invalidate(let bus, let length):
-            guard length > 0, bus <= UInt64.max - length, bus + length <= bar else { return false }
+        case .invalidate(_, let length):
+            // Invalidates are clipped to the BAR, never refused for their size.
+            guard length > 0 else { return false }
             return !(config.mode == .static && frozen)
         }
     }
@@ -152,7 +153,9 @@ struct FakeWindow {
                                                       fdOffset: region.mmapOffset + offset + i * page)
                 }
             case .invalidate(let bus, let length):
-                let first = bus / page, last = (bus + length - 1) / page
+                guard bus < barPages * page else { break }
+                let end = min(bus.addingReportingOverflow(length).overflow ? UInt64.max : bus + length, barPages * page)
+                let first = bus / page, last = (end - 1) / page
                 for p in first...last { reference[p] = nil }
             }
             window.apply(plan)

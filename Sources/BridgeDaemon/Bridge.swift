@@ -201,7 +201,15 @@ public final class Bridge: Sendable {
         s.peerRefusals = p.refusals
         s.slowestRevocationMicroseconds = p.slowestRevocationMicroseconds
         s.notificationMode = settings.notifications
-        if let view = s.session { add(relayStatistics(view), to: &s) }
+        if let view = s.session {
+            add(relayStatistics(view), to: &s)
+            // The live session's counters, on top of the finished sessions'.
+            s.requests += view.statistics.requests
+            s.iotlbUpdates += view.statistics.iotlbUpdates
+            s.iotlbInvalidates += view.statistics.iotlbInvalidates
+            s.iotlbMissesSent += view.statistics.iotlbMissesSent
+            for (rule, n) in view.statistics.refusals { s.refusals[rule, default: 0] += n }
+        }
         return s
     }
 

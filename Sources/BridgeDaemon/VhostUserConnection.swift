@@ -30,6 +30,8 @@ public struct SessionView: Sendable, Equatable {
     public var enabledRings: [Int]
     public var ringLayouts: [Int: VringLayout]
     public var frozen: Bool
+    /// The live session's counters (without its request log).
+    public var statistics: SessionStatistics
     /// Relay links per started vring (relay modes): kick (VM1 → VM2) and call (VM2 → VM1).
     public var relayLinks: [Int: (kick: NotificationRelay.LinkID, call: NotificationRelay.LinkID)] = [:]
     /// Final counters of links this session already removed (stopped rings).
@@ -53,6 +55,9 @@ public struct SessionView: Sendable, Equatable {
         for (i, v) in s.vrings.enumerated() { if let l = v.layout { layouts[i] = l } }
         ringLayouts = layouts
         frozen = s.isFrozen
+        var stats = s.statistics
+        stats.requestLog = []
+        statistics = stats
     }
 }
 

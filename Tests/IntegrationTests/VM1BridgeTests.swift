@@ -71,6 +71,9 @@ extension Integration {
             try vm1.iommu?.unmap(iova)
             #expect(window.probeInChild(BusAddress(iova.rawValue + 12)) == .faulted)
             #expect(running.bridge.statistics.session?.mappings == 2, "only the two ring areas remain")
+            // Live counters, while the session is still up (what `stats` and `metrics` show).
+            let live = running.bridge.statistics
+            #expect(live.iotlbUpdates >= 3 && live.iotlbInvalidates == 1 && live.iotlbMissesSent >= 2)
             vm1.disconnect()
             running.waitForSessions(1)
             let stats = running.bridge.statistics

@@ -70,13 +70,34 @@ func testpmd(_ socket: String, mode: String, name: String, server: Bool = false)
     ], name: name)
 }
 
-func qemu(_ socket: String, iommu: Bool, name: String, chardevOptions: String = "") throws -> External {
+/// Sends QMP commands to QEMU (`-qmp unix:PATH,server=on,wait=off`).
+func qmp(_ path: String, _ commands: [String]) throws {
+    let s = try UnixSocket.connect(path: path)
+    func line() throws -> String {
+        var out: [UInt8] = []
+        while out.last != 10 {
+            let m = try s.receive(maxBytes: 1, maxFDs: 0)
+            if m.bytes.isEmpty { break }
+            out += m.bytes
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+    _ = try line() // greeting
+    for c in ["qmp_capabilities"] + commands {
+        try s.send(Array("{\"execute\": \"\(c)\"}\n".utf8))
+        var reply = try line()
+        while reply.contains("\"event\"") { reply = try line() } // skip events
+    }
+}
+
+func qemu(_ socket: String, iommu: Bool, name: String, chardevOptions: String = "", qmpPath: String? = nil) throws -> External {
     var args = ["-machine", "q35,accel=tcg", "-m", "256",
                 "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
                 "-chardev", "socket,id=c0,path=\(socket)\(chardevOptions)", "-netdev", "vhost-user,id=n0,chardev=c0"]
     if iommu { args += ["-device", "intel-iommu"] }
     args += ["-device", iommu ? "virtio-net-pci,netdev=n0,iommu_platform=on,disable-legacy=on" : "virtio-net-pci,netdev=n0",
              "-display", "none", "-nodefaults", "-monitor", "none"]
+    if let qmpPath { args += ["-qmp", "unix:\(qmpPath),server=on,wait=off"] }
     return try External(Peers.qemu, args, name: name)
 }
 

@@ -105,6 +105,30 @@ extension Interop {
         @Test(.enabled(if: Peers.hasQEMU, Comment(rawValue: Peers.qemuMissing)))
         func iPXEFramesReachVM2ThroughIntelIOMMU() throws { try dhcpReachesVM2(iommu: true) }
 
+        /// A guest reset under intel-iommu: QEMU stops the device, flushes its
+        /// IOTLB (invalidates the daemon must revoke, never refuse) and starts
+        /// it again; frames flow again and nothing is refused.
+        @Test(.enabled(if: Peers.hasQEMU, Comment(rawValue: Peers.qemuMissing)))
+        func guestResetUnderIntelIOMMU() throws {
+            let b = try InteropBridge("qemu-reset", mode: .iommu)
+            defer { b.stop() }
+            var config = VM2Configuration()
+            config.echo = false
+            let vm2 = try EmulatedVM2(peerSocketPath: b.peerPath, configuration: config)
+            defer { vm2.stop() }
+            let qmpPath = "/tmp/vpb-interop-\(getpid())-qmp.sock"
+            let vm = try qemu(b.path, iommu: true, name: "q-reset", qmpPath: qmpPath)
+            defer { vm.kill(); unlink(qmpPath) }
+            #expect(within(120) { vm2.statistics.framesValid >= 1 }, "\(vm.output.suffix(800))")
+            let before = vm2.statistics.framesValid
+            try qmp(qmpPath, ["system_reset"])
+            #expect(within(120) { vm2.statistics.framesValid > before }, "no frame after the reset: \(vm2.statistics)")
+            let s = b.bridge.statistics
+            print("QEMU reset under intel-iommu: refusals \(s.refusals), VM2 unmaps \(vm2.statistics.unmapsApplied), updates \(s.iotlbUpdates)")
+            #expect(s.refusals.isEmpty, "refused: \(s.refusals)")
+            #expect(vm2.statistics.descriptorsRefused == 0, "\(vm2.statistics.refusalReasons)")
+        }
+
         @Test(.enabled(if: Peers.hasQEMU, Comment(rawValue: Peers.qemuMissing)))
         func daemonRestartsWhileQEMUWaitsWithReconnect() throws {
             let path = "/tmp/vpb-interop-\(getpid())-reconnect.sock"

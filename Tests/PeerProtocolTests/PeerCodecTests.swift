@@ -105,3 +105,46 @@ func docExample(_ name: String) throws -> [UInt8] {
         #expect(e.text.count == PeerError.maximumText)
     }
 }
+
+/// Random and mutated peer messages: the codec never traps, and whatever it
+/// accepts re-encodes to a message that decodes to the same value.
+@Suite struct PeerFuzzTests {
+    struct Rng: RandomNumberGenerator {
+        var state: UInt64
+        mutating func next() -> UInt64 {
+            state &+= 0x9e37_79b9_7f4a_7c15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+            z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+            return z ^ (z >> 31)
+        }
+    }
+
+    @Test func mutatedMessagesNeverTrap() {
+        var rng = Rng(state: 7)
+        let seeds = samples.map { PeerCodec.encode($0) }
+        var accepted = 0
+        for _ in 0..<20_000 {
+            var b = seeds.randomElement(using: &rng) ?? []
+            for _ in 0..<Int.random(in: 1...3, using: &rng) {
+                switch Int.random(in: 0..<4, using: &rng) {
+                case 0 where !b.isEmpty: b[Int.random(in: 0..<b.count, using: &rng)] = UInt8.random(in: 0...255, using: &rng)
+                case 1 where b.count > 1: b.removeLast(Int.random(in: 1..<b.count, using: &rng))
+                case 2: b += [UInt8.random(in: 0...255, using: &rng)]
+                default: break
+                }
+            }
+            guard b.count >= 12, let (header, type) = try? PeerCodec.validate(header: Array(b.prefix(12))) else { continue }
+            let payload = Array(b.dropFirst(12))
+            guard let m = try? PeerCodec.decode(header, type, payload: payload, fdCount: Int.random(in: 0...2, using: &rng)) else { continue }
+            accepted += 1
+            let again = PeerCodec.encode(m)
+            guard let (h2, t2) = try? PeerCodec.validate(header: Array(again.prefix(12))),
+                  let m2 = try? PeerCodec.decode(h2, t2, payload: Array(again.dropFirst(12)), fdCount: m.fdCount) else {
+                Issue.record("re-encoding \(m) does not decode"); return
+            }
+            #expect(m2 == m)
+        }
+        #expect(accepted > 0)
+    }
+}

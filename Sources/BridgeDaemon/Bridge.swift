@@ -119,6 +119,15 @@ public struct BridgeStatistics: Sendable, Equatable {
     public var callsRelayed: UInt64 = 0
     public var notificationsDropped: UInt64 = 0
     public var notificationsCoalesced: UInt64 = 0
+
+    /// Adds one session's counters.
+    mutating func add(_ session: SessionStatistics) {
+        requests += session.requests
+        iotlbUpdates += session.iotlbUpdates
+        iotlbInvalidates += session.iotlbInvalidates
+        iotlbMissesSent += session.iotlbMissesSent
+        for (rule, n) in session.refusals { refusals[rule, default: 0] += n }
+    }
 }
 
 /// One bridge: a BAR window reserved once for the bridge's lifetime, a
@@ -203,12 +212,7 @@ public final class Bridge: Sendable {
         s.notificationMode = settings.notifications
         if let view = s.session {
             add(relayStatistics(view), to: &s)
-            // The live session's counters, on top of the finished sessions'.
-            s.requests += view.statistics.requests
-            s.iotlbUpdates += view.statistics.iotlbUpdates
-            s.iotlbInvalidates += view.statistics.iotlbInvalidates
-            s.iotlbMissesSent += view.statistics.iotlbMissesSent
-            for (rule, n) in view.statistics.refusals { s.refusals[rule, default: 0] += n }
+            s.add(view.statistics) // the live session's counters, on top of the finished sessions'
         }
         return s
     }
@@ -245,8 +249,7 @@ public final class Bridge: Sendable {
             let now = ContinuousClock.now
             let next = session?.expireTranslations(now: now)
             var timeout: Int32 = next.map { d in
-                let ms = now.duration(to: d).components
-                return Int32(max(1, min(Int64(Int32.max), ms.seconds * 1000 + ms.attoseconds / 1_000_000_000_000_000 + 1)))
+                Int32(max(1, min(Double(Int32.max), (now.duration(to: d) / .milliseconds(1)).rounded(.down) + 1)))
             } ?? -1
             if let retry = retryMilliseconds { timeout = timeout < 0 ? retry : min(timeout, retry) }
             guard let ready = try? Poll.readable(fds, timeoutMilliseconds: timeout) else { continue }
@@ -354,11 +357,7 @@ public final class Bridge: Sendable {
             s.statistics.session = nil
             s.statistics.activeSession = false
             s.statistics.sessionsServed += 1
-            s.statistics.requests += summary.requests
-            s.statistics.iotlbUpdates += summary.iotlbUpdates
-            s.statistics.iotlbInvalidates += summary.iotlbInvalidates
-            s.statistics.iotlbMissesSent += summary.iotlbMissesSent
-            for (rule, n) in summary.refusals { s.statistics.refusals[rule, default: 0] += n }
+            s.statistics.add(summary)
             s.statistics.lastEnd = end
             s.statistics.lastRequestLog = summary.requestLog
         }

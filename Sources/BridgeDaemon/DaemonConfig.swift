@@ -113,7 +113,7 @@ public struct DaemonConfig: Equatable, Sendable {
                 if let other = sockets[path] { throw ConfigError("bridges[\(i)].\(key)", "'\(path)' is already used by \(other)") }
                 sockets[path] = "bridge \(b.name)"
             }
-            if path(controlSocket) == path(b.vhostUserSocket) {
+            if controlSocket == b.vhostUserSocket {
                 throw ConfigError("bridges[\(i)].vhost-user-socket", "'\(b.vhostUserSocket)' is the control socket")
             }
         }
@@ -121,8 +121,6 @@ public struct DaemonConfig: Equatable, Sendable {
             try BARBudget.check(bridges.map { .init(bridge: $0.name, vm2: $0.vm2, barSize: $0.addressSpace.barSize) }, budgets: vm2Budgets)
         } catch { throw ConfigError("vm2-budgets", "\(error)") }
     }
-
-    private func path(_ p: String) -> String { p }
 
     static func scalar(_ v: Any) -> String? {
         switch v {

@@ -139,7 +139,6 @@ public final class DaemonController: Sendable {
     }
 
     public var uptimeSeconds: Double {
-        let d = startTime.duration(to: .now).components
-        return Double(d.seconds) + Double(d.attoseconds) / 1e18
+        startTime.duration(to: .now) / .seconds(1)
     }
 }

@@ -138,17 +138,26 @@ public final class NotificationRelay: Sendable {
             }
         } catch { throw .system(error) }
         thread.withLock { $0 = t }
-        while true {
-            let (started, failure) = shared.withLock { ($0.started, $0.failure) }
-            if let failure {
-                t.join()
-                thread.withLock { $0 = nil }
-                throw .setup(failure)
-            }
-            if started { break }
-            _ = try? Poll.readable([changed.fd.rawValue], timeoutMilliseconds: 10)
+        awaitChange(pollMilliseconds: 10) { $0.started || $0.failure != nil }
+        if let failure = shared.withLock({ $0.failure }) {
+            t.join()
+            thread.withLock { $0 = nil }
+            throw .setup(failure)
+        }
+    }
+
+    /// Waits on the `changed` eventfd until `done` holds for the shared state,
+    /// at most `maxPolls` polls (nil: no bound). Returns whether it held.
+    @discardableResult
+    private func awaitChange(pollMilliseconds: Int32 = 2, maxPolls: Int? = nil, _ done: (Shared) -> Bool) -> Bool {
+        var polls = 0
+        while !shared.withLock({ done($0) }) {
+            if let maxPolls, polls >= maxPolls { return false }
+            polls += 1
+            _ = try? Poll.readable([changed.fd.rawValue], timeoutMilliseconds: pollMilliseconds)
             _ = try? changed.read()
         }
+        return true
     }
 
     fileprivate func markStarted() {
@@ -188,12 +197,9 @@ public final class NotificationRelay: Sendable {
         }
         guard queued else { try? target?.close(); return }
         _ = try? control.signal()
-        for _ in 0..<10_000 {
-            if !shared.withLock({ $0.retargeting.contains(id) }) { return }
-            _ = try? Poll.readable([changed.fd.rawValue], timeoutMilliseconds: 2)
-            _ = try? changed.read()
+        if !awaitChange(maxPolls: 10_000, { !$0.retargeting.contains(id) }) {
+            logger.warning("\(id) retarget did not complete")
         }
-        logger.warning("\(id) retarget did not complete")
     }
 
     /// Removes a link, waits (bounded) until its fds are closed, and returns
@@ -207,13 +213,9 @@ public final class NotificationRelay: Sendable {
         }
         if queued {
             _ = try? control.signal()
-            var done = false
-            for _ in 0..<10_000 {
-                if !shared.withLock({ $0.live.contains(id) }) { done = true; break }
-                _ = try? Poll.readable([changed.fd.rawValue], timeoutMilliseconds: 2)
-                _ = try? changed.read()
+            if !awaitChange(maxPolls: 10_000, { !$0.live.contains(id) }) {
+                logger.warning("\(id) removal did not complete")
             }
-            if !done { logger.warning("\(id) removal did not complete") }
         }
         return shared.withLock { $0.statistics.removeValue(forKey: id) }
     }
@@ -247,14 +249,7 @@ public final class NotificationRelay: Sendable {
     fileprivate func updateMany(_ changes: [LinkID: RelayLinkStatistics]) {
         shared.withLock { s in
             for (id, delta) in changes {
-                guard var st = s.statistics[id] else { continue }
-                st.notifications += delta.notifications
-                st.wakeups += delta.wakeups
-                st.relayed += delta.relayed
-                st.coalesced += delta.coalesced
-                st.dropped += delta.dropped
-                st.errors += delta.errors
-                s.statistics[id] = st
+                s.statistics[id]?.add(delta)
             }
         }
     }

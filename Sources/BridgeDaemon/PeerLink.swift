@@ -171,8 +171,7 @@ final class PeerLink: Sendable {
             let (acked, generation) = state.withLock { ($0.acked, $0.socket == nil ? nil : Optional($0.generation)) }
             guard let generation else { return true } // VM2 gone: nothing to wait for
             if acked >= sequence {
-                let waited = start.duration(to: clock.now)
-                let us = UInt64(max(0, waited.components.seconds * 1_000_000 + waited.components.attoseconds / 1_000_000_000_000))
+                let us = UInt64(max(0, (start.duration(to: clock.now) / .microseconds(1)).rounded(.down)))
                 count { $0.slowestRevocationMicroseconds = max($0.slowestRevocationMicroseconds, us) }
                 return true
             }
@@ -183,8 +182,7 @@ final class PeerLink: Sendable {
                 disconnect(generation: generation, reason: "revocation deadline missed")
                 return false
             }
-            let remaining = now.duration(to: deadline)
-            let ms = Int32(max(1, remaining.components.seconds * 1000 + remaining.components.attoseconds / 1_000_000_000_000_000))
+            let ms = Int32(max(1, (now.duration(to: deadline) / .milliseconds(1)).rounded(.down)))
             _ = try? Poll.readable([ackSignal.fd.rawValue], timeoutMilliseconds: ms)
             _ = try? ackSignal.read()
         }

@@ -157,25 +157,23 @@ final class VhostUserConnection {
     /// Reads and handles one message (the socket is readable). Returns how the
     /// connection ended, or nil while it goes on.
     func step() -> ConnectionSummary.End? {
-        let message: FramedMessage
+        var parsed: (MessageHeader, RequestCode)?
         do {
-            guard let m = try socket.receiveFramed(payloadSize: { bytes in
+            guard let message = try socket.receiveFramed(payloadSize: { bytes in
                 let header = try MessageHeader.decode(bytes)
-                _ = try VhostUserCodec.validate(header)
+                parsed = (header, try VhostUserCodec.validate(header))
                 return Int(header.size)
-            }) else { return .frontEndClosed }
-            message = m
+            }), let (header, code) = parsed else { return .frontEndClosed }
+            return handle(message, header: header, code: code).map { .closedByBridge($0) }
         } catch {
             logger.warning("closing the vhost-user connection: \(error)")
             return .closedByBridge("\(error)")
         }
-        return handle(message).map { .closedByBridge($0) }
     }
 
-    /// Handles one message; returns a reason when the connection must close.
-    private func handle(_ message: FramedMessage) -> String? {
-        guard let header = try? MessageHeader.decode(message.header),
-              let code = try? VhostUserCodec.validate(header) else { return "header re-validation failed" }
+    /// Handles one message whose header was validated while it was read;
+    /// returns a reason when the connection must close.
+    private func handle(_ message: FramedMessage, header: MessageHeader, code: RequestCode) -> String? {
         defer { for fd in message.fds { try? fd.close() } } // whatever no effect claimed
         let replyAck = session.ackedProtocolFeatures.contains(.replyAck)
 

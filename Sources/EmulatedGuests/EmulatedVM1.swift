@@ -284,8 +284,7 @@ extension EmulatedVM1 {
             }
             if result.sent - lastReport >= 1000 {
                 lastReport = result.sent
-                let elapsed = start.duration(to: clock.now).components
-                result.seconds = Double(elapsed.seconds) + Double(elapsed.attoseconds) / 1e18
+                result.seconds = start.duration(to: clock.now) / .seconds(1)
                 progress(result)
             }
             if moved {
@@ -301,8 +300,7 @@ extension EmulatedVM1 {
             }
         }
         result.completed = expectEcho ? result.verified == count : result.sent == count && inFlight == 0
-        let elapsed = start.duration(to: clock.now).components
-        result.seconds = Double(elapsed.seconds) + Double(elapsed.attoseconds) / 1e18
+        result.seconds = start.duration(to: clock.now) / .seconds(1)
         progress(result)
         return result
     }

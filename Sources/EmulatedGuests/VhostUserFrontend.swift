@@ -54,11 +54,7 @@ public final class VhostUserFrontend {
         do { try socket.send(VhostUserCodec.encode(request, needReply: wantsAck), fds: fds) } catch { throw FrontendError.system(error) }
         sent.append(request.code)
         let code = request.code
-        let inherent: Bool
-        switch code {
-        case .getFeatures, .getProtocolFeatures, .getVringBase, .getQueueNum, .getConfig, .getMaxMemSlots, .getStatus: inherent = true
-        default: inherent = false
-        }
+        let inherent = code.hasReply
         guard inherent || wantsAck else { return nil }
         let payload = try readReply(to: code)
         if !inherent {

@@ -231,7 +231,7 @@ public struct BackendSession: Sendable {
         let wantsAck = needReply && replyAck
         do {
             var effects = try apply(request, files: files)
-            if wantsAck && !Self.hasInherentReply(request.code) {
+            if wantsAck && !request.code.hasReply {
                 effects.append(.reply(VhostUserCodec.encodeReply(to: request.code, .u64(0))))
             }
             return Outcome(effects: effects, error: nil, closeConnection: false)
@@ -240,19 +240,13 @@ public struct BackendSession: Sendable {
             if request.code == .getConfig {
                 return Outcome(effects: [.reply(VhostUserCodec.encodeReply(to: .getConfig, .empty))], error: error, closeConnection: false)
             }
-            if wantsAck && !Self.hasInherentReply(request.code) {
+            if wantsAck && !request.code.hasReply {
                 return Outcome(effects: [.reply(VhostUserCodec.encodeReply(to: request.code, .u64(1)))], error: error, closeConnection: false)
             }
             return Outcome(effects: [], error: error, closeConnection: true)
         }
     }
 
-    static func hasInherentReply(_ code: RequestCode) -> Bool {
-        switch code {
-        case .getFeatures, .getProtocolFeatures, .getVringBase, .getQueueNum, .getConfig, .getMaxMemSlots, .getStatus: true
-        default: false
-        }
-    }
 
     // MARK: dispatch
 

@@ -33,6 +33,15 @@ public enum RequestCode: UInt32, Sendable, CaseIterable, CustomStringConvertible
     case setStatus = 39
     case getStatus = 40
 
+    /// Requests the back end always answers with a reply body (spec,
+    /// "Communication"); every other one is acked only with REPLY_ACK.
+    public var hasReply: Bool {
+        switch self {
+        case .getFeatures, .getProtocolFeatures, .getVringBase, .getQueueNum, .getConfig, .getMaxMemSlots, .getStatus: true
+        default: false
+        }
+    }
+
     /// The spec's name, for logs and errors.
     public var description: String {
         switch self {

@@ -84,8 +84,7 @@ struct DPDKBench: ParsableCommand {
         let start = clock.now, first = vm2.statistics.packetsReceived
         usleep(UInt32(seconds * 1_000_000))
         let n = vm2.statistics.packetsReceived - first
-        let d = start.duration(to: clock.now).components
-        return Double(n) / (Double(d.seconds) + Double(d.attoseconds) / 1e18) / 1e6
+        return Double(n) / (start.duration(to: clock.now) / .seconds(1)) / 1e6
     }
 
     /// testpmd txonly (virtio-user) → testpmd rxonly (vhost back end); Mpps counted by the receiver.
@@ -101,10 +100,10 @@ struct DPDKBench: ParsableCommand {
         let start = clock.now
         usleep(UInt32(seconds * 1_000_000))
         finish(rx, rxIn)
-        let d = start.duration(to: clock.now).components
+        let elapsed = start.duration(to: clock.now) / .seconds(1)
         finish(tx, txIn)
         let n = counter("\(dir)/rx.log", "RX-packets") ?? 0
-        return Double(n) / (Double(d.seconds) + Double(d.attoseconds) / 1e18) / 1e6
+        return Double(n) / elapsed / 1e6
     }
 
     struct Row: Codable { var size: Int; var bridgeMpps: Double; var pairMpps: Double; var ratio: Double }

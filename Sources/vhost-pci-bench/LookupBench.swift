@@ -52,9 +52,8 @@ struct LookupBench: ParsableCommand {
             // Both must agree on the probes they share (a benchmark of a wrong answer is worthless).
             let agree = workload.probes.prefix(linearCount).allSatisfy { space.lookup($0) == LookupWorkload.linearLookup(mappings, $0) }
             guard agree else { throw ValidationError("binary and linear lookups disagree at \(n) mappings") }
-            let b = Double(binary.components.attoseconds) / 1e9 + Double(binary.components.seconds) * 1e9
-            let l = Double(linear.components.attoseconds) / 1e9 + Double(linear.components.seconds) * 1e9
-            let bns = b / Double(workload.probes.count), lns = l / Double(linearCount)
+            let bns = binary / .nanoseconds(1) / Double(workload.probes.count)
+            let lns = linear / .nanoseconds(1) / Double(linearCount)
             rows.append(Row(mappings: n, binaryNsPerLookup: bns, linearNsPerLookup: lns, speedup: lns / bns))
             _ = hits + linearHits
         }

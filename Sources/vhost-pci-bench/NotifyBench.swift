@@ -111,8 +111,7 @@ func measureLatency(_ path: Path, rounds: Int) throws -> LatencyResult {
         let t0 = clock.now
         try w.kickWrite[0].signal()
         waitAndRead(w.callWait[0])
-        let d = t0.duration(to: clock.now).components
-        let ns = UInt64(d.seconds) * 1_000_000_000 + UInt64(d.attoseconds / 1_000_000_000)
+        let ns = UInt64((t0.duration(to: clock.now) / .nanoseconds(1)).rounded(.down))
         if i >= total - rounds { _ = histogram.record(ns); sum += Double(ns) }
     }
     device.join()
@@ -154,9 +153,8 @@ func measureThroughput(_ path: Path, vrings: Int, kicks: Int) throws -> Throughp
             if let v = (try? w.kickWait[i].read()) ?? nil { seen += v; consumerWakeups += 1 }
         }
     }
-    let d = start.duration(to: clock.now).components
+    let seconds = start.duration(to: clock.now) / .seconds(1)
     producer.join()
-    let seconds = Double(d.seconds) + Double(d.attoseconds) / 1e18
     let relayWakeups = w.relayWakeups()
     usleep(20_000) // let the relay thread publish its last CPU sample
     let cpu = w.relayCPU() &- cpuBefore

@@ -121,36 +121,42 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        .target(
+            name: "TestSupport",
+            dependencies: [.product(name: "Logging", package: "swift-log")],
+            path: "Tests/TestSupport",
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "BridgeCoreTests",
-            dependencies: ["BridgeCore"],
+            dependencies: ["BridgeCore", "TestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(
             name: "PeerProtocolTests",
-            dependencies: ["PeerProtocol", "BridgeCore"],
+            dependencies: ["PeerProtocol", "BridgeCore", "TestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(
             name: "VhostUserTests",
-            dependencies: ["VhostUser", "BridgeCore"],
+            dependencies: ["VhostUser", "BridgeCore", "TestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(
             name: "BridgeDaemonTests",
-            dependencies: ["BridgeDaemon", "LinuxIO", "BridgeCore", "ControlClient", "EmulatedGuests", "VhostUser",
+            dependencies: ["BridgeDaemon", "LinuxIO", "BridgeCore", "ControlClient", "EmulatedGuests", "VhostUser", "TestSupport",
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["BridgeDaemon", "EmulatedGuests", "VhostUser", "PeerProtocol", "LinuxIO", "BridgeCore",
+            dependencies: ["BridgeDaemon", "EmulatedGuests", "VhostUser", "PeerProtocol", "LinuxIO", "BridgeCore", "TestSupport",
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),
         .testTarget(
             name: "InteropTests",
-            dependencies: ["BridgeDaemon", "EmulatedGuests", "VhostUser", "LinuxIO", "BridgeCore",
+            dependencies: ["BridgeDaemon", "EmulatedGuests", "VhostUser", "LinuxIO", "BridgeCore", "TestSupport",
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),

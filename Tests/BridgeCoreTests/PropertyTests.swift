@@ -1,18 +1,6 @@
 import Testing
+import TestSupport
 @testable import BridgeCore
-
-/// SplitMix64: small, seeded, reproducible (a failing seed is printed).
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9e37_79b9_7f4a_7c15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-        return z ^ (z >> 31)
-    }
-}
 
 /// What one BAR page shows: the naive reference model is a page → Entry dictionary.
 struct Entry: Equatable, CustomStringConvertible {
@@ -61,7 +49,7 @@ struct FakeWindow {
         }
     }
 
-    static func randomOp(_ rng: inout SeededGenerator, fixture f: Fixture, staticMode: Bool) -> Op {
+    static func randomOp(_ rng: inout SplitMix64, fixture f: Fixture, staticMode: Bool) -> Op {
         let roll = UInt64.random(in: 0..<100, using: &rng)
         if staticMode && roll < 2 { return .freeze }
         var bus = UInt64.random(in: 0..<(barPages + 8), using: &rng) * page
@@ -105,7 +93,7 @@ struct FakeWindow {
     }
 
     static func run(seed: UInt64, staticMode: Bool, steps: Int) {
-        var rng = SeededGenerator(seed: seed)
+        var rng = SplitMix64(seed: seed)
         let f = Fixture()
         let windows = staticMode
             ? [BusWindow(base: BusAddress(16 * page), limit: 96 * page)!, BusWindow(base: BusAddress(128 * page), limit: 200 * page)!]

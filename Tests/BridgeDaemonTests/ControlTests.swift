@@ -6,13 +6,8 @@ import Foundation
 import LinuxIO
 import Logging
 import Testing
+import TestSupport
 import VhostUser
-
-func quiet() -> Logger {
-    var l = Logger(label: "test")
-    l.logLevel = .critical
-    return l
-}
 
 /// A daemon controller with a control server, in process.
 final class LiveDaemon {
@@ -25,10 +20,10 @@ final class LiveDaemon {
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let text = "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\n" + yaml
         let config = try DaemonConfig.parse(text)
-        controller = DaemonController(config: config, logger: quiet())
+        controller = DaemonController(config: config, logger: quietLogger())
         #expect(controller.startConfiguredBridges().isEmpty)
         let replacement = dir
-        server = try ControlServer(path: config.controlSocket, mode: 0o600, group: nil, controller: controller, logger: quiet(),
+        server = try ControlServer(path: config.controlSocket, mode: 0o600, group: nil, controller: controller, logger: quietLogger(),
                                    authorize: authorize, reloadConfig: {
             .success((try? DaemonConfig.parse("runtime-directory: \(replacement)\ncontrol-socket: \(replacement)/control.sock\nlog-level: debug\nbridges:\n  - name: fresh\n    bar-size: 1G\n")) ?? DaemonConfig())
         })
@@ -84,7 +79,7 @@ func errorMessage(_ r: [String: Any]) -> String { (r["error"] as? [String: Any])
             _ = ok(try c.call(["command": "status"]))
         }
         // `<=`: the warm-up connection's server side may still have been closing when counted.
-        #expect(eventually { openFileDescriptorCount() <= fdsBefore }, "fds \(openFileDescriptorCount()) vs \(fdsBefore)")
+        #expect(pollUntil { openFileDescriptorCount() <= fdsBefore }, "fds \(openFileDescriptorCount()) vs \(fdsBefore)")
     }
 
     @Test func badRequestsGetAnErrorAndTheConnectionStays() throws {
@@ -166,7 +161,7 @@ func errorMessage(_ r: [String: Any]) -> String { (r["error"] as? [String: Any])
         let refusals = try #require(((ok(try c.call(["command": "stats", "name": "s"])) as? [String: Any])?["refusals"]) as? [String: Any])
         _ = refusals // counted in the live session; checked after it ends:
         vm1.disconnect()
-        #expect(eventually { b.statistics.sessionsServed == 1 })
+        #expect(pollUntil { b.statistics.sessionsServed == 1 })
         #expect(b.statistics.refusals["frozen"] == 4 && b.statistics.refusals["static-window"] == 1)
     }
 

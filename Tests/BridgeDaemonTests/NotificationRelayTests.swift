@@ -3,15 +3,7 @@ import Foundation
 import LinuxIO
 import Synchronization
 import Testing
-
-/// Polls (bounded, a hang guard — never a timing assertion).
-func eventually(_ condition: () -> Bool) -> Bool {
-    for _ in 0..<20_000 {
-        if condition() { return true }
-        usleep(1000)
-    }
-    return condition()
-}
+import TestSupport
 
 /// A source/target pair: the relay gets dups, the test keeps the originals.
 struct Pair {
@@ -41,8 +33,8 @@ func drain(_ e: EventFD) -> UInt64 {
         let id = try pair.add(to: relay)
         try pair.source.signal(5)
         var seen: UInt64 = 0
-        #expect(eventually { seen += drain(pair.target); return seen == 5 })
-        #expect(eventually { relay.statistics(id)?.notifications == 5 })
+        #expect(pollUntil { seen += drain(pair.target); return seen == 5 })
+        #expect(pollUntil { relay.statistics(id)?.notifications == 5 })
         #expect(relay.statistics(id)?.relayed ?? 0 >= 1)
     }
 
@@ -53,8 +45,8 @@ func drain(_ e: EventFD) -> UInt64 {
         let id = try pair.add(to: relay)
         for _ in 0..<3 { try pair.source.signal() }
         var seen: UInt64 = 0
-        #expect(eventually { seen += drain(pair.target); return seen == 3 })
-        #expect(eventually { relay.statistics(id)?.notifications == 3 })
+        #expect(pollUntil { seen += drain(pair.target); return seen == 3 })
+        #expect(pollUntil { relay.statistics(id)?.notifications == 3 })
     }
 
     @Test func busyPollingRelays() throws {
@@ -64,7 +56,7 @@ func drain(_ e: EventFD) -> UInt64 {
         _ = try pair.add(to: relay)
         try pair.source.signal(2)
         var seen: UInt64 = 0
-        #expect(eventually { seen += drain(pair.target); return seen == 2 })
+        #expect(pollUntil { seen += drain(pair.target); return seen == 2 })
     }
 
     @Test func sixtyFourVringsAndBurstsOfAHundredThousandKicksLoseNothing() throws {
@@ -82,14 +74,14 @@ func drain(_ e: EventFD) -> UInt64 {
         }
         var totals = [UInt64](repeating: 0, count: 64)
         let expected = (0..<64).map { UInt64(perRing) + ($0 == 0 ? 100_000 : 0) }
-        let complete = eventually {
+        let complete = pollUntil {
             for (i, p) in pairs.enumerated() { totals[i] += drain(p.target) }
             return totals == expected
         }
         writer.join()
         #expect(complete, "delivered \(totals.reduce(0, +)) of \(expected.reduce(0, +))")
         // Every kick is accounted for; bursts coalesce into fewer wakeups.
-        #expect(eventually { ids.enumerated().allSatisfy { relay.statistics($1)?.notifications == expected[$0] } })
+        #expect(pollUntil { ids.enumerated().allSatisfy { relay.statistics($1)?.notifications == expected[$0] } })
         let s0 = relay.statistics(ids[0])
         #expect((s0?.wakeups ?? 0) <= expected[0])
         #expect((s0?.coalesced ?? 0) + (s0?.wakeups ?? 0) == expected[0])
@@ -107,7 +99,7 @@ func drain(_ e: EventFD) -> UInt64 {
         }
         let expected = UInt64((0..<50).reduce(0) { $0 + $1 % 3 + 1 })
         var totals = [UInt64](repeating: 0, count: 64)
-        #expect(eventually {
+        #expect(pollUntil {
             for (i, p) in pairs.enumerated() { totals[i] += drain(p.target) }
             return totals.allSatisfy { $0 == expected }
         }, "\(totals.filter { $0 != expected }.count) links short")
@@ -133,7 +125,7 @@ func drain(_ e: EventFD) -> UInt64 {
             let id = try p.add(to: relay)
             try p.source.signal()
             var got: UInt64 = 0
-            #expect(eventually { got += drain(p.target); return got == 1 })
+            #expect(pollUntil { got += drain(p.target); return got == 1 })
             let final = relay.remove(id)
             #expect(final?.notifications == 1)
             #expect(relay.statistics(id) == nil, "a removed link's counters are handed back, not kept forever")
@@ -143,7 +135,7 @@ func drain(_ e: EventFD) -> UInt64 {
         writer.join()
         var seen: UInt64 = 0
         let total = kicked.load(ordering: .relaxed)
-        #expect(eventually { seen += drain(steady.target); return seen == total })
+        #expect(pollUntil { seen += drain(steady.target); return seen == total })
         #expect(relay.liveLinks == 1)
     }
 
@@ -153,16 +145,16 @@ func drain(_ e: EventFD) -> UInt64 {
         let source = try EventFD()
         let id = try relay.add(source: try source.fd.duplicate(), target: nil)
         try source.signal(7)
-        #expect(eventually { relay.statistics(id)?.dropped == 7 })
+        #expect(pollUntil { relay.statistics(id)?.dropped == 7 })
         let target = try EventFD()
         relay.retarget(id, target: try target.fd.duplicate())
         try source.signal(2)
         var seen: UInt64 = 0
-        #expect(eventually { seen += drain(target); return seen == 2 })
+        #expect(pollUntil { seen += drain(target); return seen == 2 })
         // Target gone again (VM2 disconnected): never blocks, just counts.
         relay.retarget(id, target: nil)
         try source.signal(3)
-        #expect(eventually { relay.statistics(id)?.dropped == 10 })
+        #expect(pollUntil { relay.statistics(id)?.dropped == 10 })
     }
 
     @Test func aFullTargetCounterNeverBlocksTheRelay() throws {
@@ -177,15 +169,15 @@ func drain(_ e: EventFD) -> UInt64 {
         try stuck.source.signal(4)
         try stuckBlocking.source.signal(4)
         // The blocking target is checked for room: counted as coalesced, no write.
-        #expect(eventually { relay.statistics(blockingID)?.coalesced ?? 0 >= 4 })
+        #expect(pollUntil { relay.statistics(blockingID)?.coalesced ?? 0 >= 4 })
         // Other links still flow: the relay thread is not blocked.
         try other.source.signal(3)
         var seen: UInt64 = 0
-        #expect(eventually { seen += drain(other.target); return seen == 3 })
+        #expect(pollUntil { seen += drain(other.target); return seen == 3 })
         // Once VM2 drains its counter, the pending kick on the non-blocking target arrives.
         #expect(drain(stuck.target) == UInt64.max - 1)
         var late: UInt64 = 0
-        #expect(eventually { late += drain(stuck.target); return late == 4 })
+        #expect(pollUntil { late += drain(stuck.target); return late == 4 })
     }
 
     @Test func stoppingClosesEveryFD() throws {

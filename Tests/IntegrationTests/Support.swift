@@ -4,6 +4,7 @@ import Foundation
 import LinuxIO
 import Logging
 import Testing
+import TestSupport
 import VhostUser
 
 let GiB: UInt64 = 1 << 30
@@ -15,12 +16,6 @@ let MiB: UInt64 = 1 << 20
 
 func temporarySocketPath(_ name: String) -> String {
     "/tmp/vpb-it-\(getpid())-\(name).sock"
-}
-
-func quietLogger() -> Logger {
-    var logger = Logger(label: "test")
-    logger.logLevel = .critical
-    return logger
 }
 
 /// A bridge serving on its own thread for the duration of a test.
@@ -48,7 +43,7 @@ final class RunningBridge {
 
     /// Waits (bounded, never asserting on time) until `n` sessions have ended.
     func waitForSessions(_ n: Int, sourceLocation: SourceLocation = #_sourceLocation) {
-        let ok = waitUntil { self.bridge.statistics.sessionsServed >= n }
+        let ok = pollUntil { self.bridge.statistics.sessionsServed >= n }
         #expect(ok, "bridge did not finish \(n) session(s)", sourceLocation: sourceLocation)
     }
 
@@ -56,13 +51,4 @@ final class RunningBridge {
         bridge.stop()
         thread.join()
     }
-}
-
-/// Polls `condition` every millisecond for up to 20 s (a hang guard, not a timing assertion).
-func waitUntil(_ condition: () -> Bool) -> Bool {
-    for _ in 0..<20_000 {
-        if condition() { return true }
-        usleep(1000)
-    }
-    return condition()
 }

@@ -6,6 +6,7 @@ import LinuxIO
 import PeerProtocol
 import Synchronization
 import Testing
+import TestSupport
 import VhostUser
 
 let packetSizes = [64, 128, 512, 1500, 4096, 9000, 16384, 65536]
@@ -14,7 +15,7 @@ let packetSizes = [64, 128, 512, 1500, 4096, 9000, 16384, 65536]
 func connectVM2(_ running: RunningBridge, _ config: VM2Configuration = VM2Configuration(),
                 sourceLocation: SourceLocation = #_sourceLocation) throws -> EmulatedVM2 {
     let vm2 = try EmulatedVM2(peerSocketPath: running.peerPath, configuration: config)
-    let ok = waitUntil { vm2.statistics.ready && running.bridge.statistics.peerReady }
+    let ok = pollUntil { vm2.statistics.ready && running.bridge.statistics.peerReady }
     #expect(ok, "VM2 handshake did not complete", sourceLocation: sourceLocation)
     return vm2
 }
@@ -37,7 +38,7 @@ extension Integration {
             let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: mode != .identity, eager: eager))
             defer { vm1.disconnect() }
             try vm1.start()
-            #expect(waitUntil { vm2.statistics.mapsApplied > 0 })
+            #expect(pollUntil { vm2.statistics.mapsApplied > 0 })
 
             let result = try vm1.runTraffic(count: count, sizes: packetSizes)
             #expect(result.completed, "\(result)")
@@ -87,7 +88,7 @@ extension Integration {
             try vm1.start()
             let iommu = try #require(vm1.iommu)
             let iova = try iommu.map(GuestPhysicalAddress(0x80_0000), length: 4096, permission: .read, eager: true)
-            #expect(waitUntil { vm2.window?.probeInChild(iova) == .accessible })
+            #expect(pollUntil { vm2.window?.probeInChild(iova) == .accessible })
             #expect(vm1.ram.write([1, 2, 3], at: GuestPhysicalAddress(0x80_0000)))
             #expect(vm2.window?.withBytes(at: iova, length: 3) { Array($0) } == [1, 2, 3])
 
@@ -112,7 +113,7 @@ extension Integration {
             let iova = try iommu.map(GuestPhysicalAddress(0x90_0000), length: 4096, permission: .readWrite, eager: true)
             try iommu.unmap(iova) // returns once the daemon acked: after the deadline at worst
             #expect(running.bridge.statistics.revocationTimeouts == 1)
-            #expect(waitUntil { vm2.isFinished }, "VM2 must be disconnected")
+            #expect(pollUntil { vm2.isFinished }, "VM2 must be disconnected")
             #expect(running.bridge.window.probeInChild(iova) == .faulted)
             // VM1 is unaffected: its session goes on.
             #expect(try vm1.frontend.getU64(.getFeatures) != 0)
@@ -140,7 +141,7 @@ extension Integration {
                 let r = vm2.translate(barOffset: iova.rawValue, length: 8192, access: .read)
                 pending.withLock { $0 = r }
             }
-            #expect(waitUntil {
+            #expect(pollUntil {
                 try? vm1.settleMisses()
                 return pending.withLock { $0 != nil }
             })
@@ -195,7 +196,7 @@ extension Integration {
             // A TX descriptor that claims to be device-writable is malformed for TX.
             tx.add([.init(address: 0x80_0000, length: 64, deviceWritable: true)])
             try tx.kick.signal()
-            #expect(waitUntil { vm2.statistics.descriptorsRefused >= 3 })
+            #expect(pollUntil { vm2.statistics.descriptorsRefused >= 3 })
             #expect(vm2.statistics.packetsVerified == 0)
             #expect(try vm1.frontend.getU64(.getFeatures) != 0)
         }
@@ -210,7 +211,7 @@ extension Integration {
             defer { vm2.stop() }
             #expect(vm2.statistics.bytesMapped == 256 * MiB)
             let second = try EmulatedVM2(peerSocketPath: running.peerPath)
-            #expect(waitUntil { second.isFinished })
+            #expect(pollUntil { second.isFinished })
             #expect(second.statistics.disconnectReason?.contains("busy") == true || second.statistics.disconnectReason?.contains("2") == true)
             second.stop()
             let result = try vm1.runTraffic(count: 30, sizes: [512])
@@ -241,7 +242,7 @@ extension Integration {
                     delivered += r.verified
                     #expect(r.completed, "round \(round): \(r)")
                     vm2.stop() // killed: no goodbye
-                    #expect(waitUntil { !running.bridge.statistics.peerConnected })
+                    #expect(pollUntil { !running.bridge.statistics.peerConnected })
                 }
                 #expect(delivered == 400)
                 #expect(running.bridge.statistics.peerConnections == 51)
@@ -257,7 +258,7 @@ extension Integration {
                 vm2.stop()
                 again.disconnect()
                 running.waitForSessions(3)
-                #expect(waitUntil { !running.bridge.statistics.peerConnected })
+                #expect(pollUntil { !running.bridge.statistics.peerConnected })
             }
             #expect(openFileDescriptorCount() == before)
         }

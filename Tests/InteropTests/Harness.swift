@@ -5,6 +5,7 @@ import Foundation
 import LinuxIO
 import Logging
 import Testing
+import TestSupport
 import VhostUser
 
 /// The real front ends and how to get them.
@@ -119,8 +120,7 @@ final class InteropBridge {
     init(_ name: String, mode: BridgeMode, client: Bool = false, path: String? = nil) throws {
         self.path = path ?? "/tmp/vpb-interop-\(getpid())-\(name).sock"
         peerPath = "/tmp/vpb-interop-\(getpid())-\(name)-peer.sock"
-        var logger = Logger(label: "interop")
-        logger.logLevel = .critical
+        let logger = quietLogger("interop")
         var settings = BridgeSettings(name: name, socketPath: self.path, peerSocketPath: peerPath,
                                       backend: BackendConfiguration(bridgeName: name,
                                                                     addressSpace: AddressSpaceConfiguration(barSize: 64 * GiB, mode: mode)),
@@ -135,15 +135,6 @@ final class InteropBridge {
         bridge.stop()
         thread.join()
     }
-}
-
-/// Polls every 10 ms for up to `seconds` (a hang guard, not a timing assertion).
-func within(_ seconds: Int, _ condition: () -> Bool) -> Bool {
-    for _ in 0..<(seconds * 100) {
-        if condition() { return true }
-        usleep(10_000)
-    }
-    return condition()
 }
 
 #if canImport(Glibc)

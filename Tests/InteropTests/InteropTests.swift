@@ -4,6 +4,7 @@ import EmulatedGuests
 import Foundation
 import LinuxIO
 import Testing
+import TestSupport
 import VhostUser
 
 extension Interop {
@@ -17,12 +18,12 @@ extension Interop {
             let vm2 = try EmulatedVM2(peerSocketPath: b.peerPath, configuration: config)
             defer { vm2.stop() }
             let pmd = try testpmd(b.path, mode: "txonly", name: "tx")
-            let flowed = within(60) { vm2.statistics.framesValid >= 10_000 }
+            let flowed = pollUntil(seconds: 60, everyMilliseconds: 10) { vm2.statistics.framesValid >= 10_000 }
             let s = vm2.statistics // before the front end goes away (then VM2 refuses what it unmapped)
             pmd.stop()
             #expect(flowed, "VM2 saw \(s.framesValid) frames; testpmd said:\n\(pmd.output.suffix(1500))")
             #expect(s.framesInvalid == 0 && s.packetsCorrupt == 0 && s.descriptorsRefused == 0)
-            #expect(within(10) { b.bridge.statistics.sessionsServed == 1 })
+            #expect(pollUntil(seconds: 10, everyMilliseconds: 10) { b.bridge.statistics.sessionsServed == 1 })
             let log = b.bridge.statistics.lastRequestLog
             print("testpmd message sequence: \(log.map(\.description).joined(separator: " "))")
             #expect(log.first == .getFeatures || log.first == .setOwner)
@@ -40,7 +41,7 @@ extension Interop {
             let vm2 = try EmulatedVM2(peerSocketPath: b.peerPath, configuration: config)
             defer { vm2.stop() }
             let pmd = try testpmd(b.path, mode: "rxonly", name: "rx")
-            let sent = within(60) { vm2.statistics.packetsSent >= 20_000 }
+            let sent = pollUntil(seconds: 60, everyMilliseconds: 10) { vm2.statistics.packetsSent >= 20_000 }
             usleep(200_000)
             pmd.stop()
             let received = testpmdCount(pmd.output, "RX-packets") ?? -1
@@ -59,12 +60,12 @@ extension Interop {
             let vm2 = try EmulatedVM2(peerSocketPath: b.peerPath, configuration: config)
             defer { vm2.stop() }
             let first = try testpmd(b.path, mode: "txonly", name: "r1")
-            #expect(within(60) { vm2.statistics.framesValid >= 1000 })
+            #expect(pollUntil(seconds: 60, everyMilliseconds: 10) { vm2.statistics.framesValid >= 1000 })
             first.kill() // no goodbye
-            #expect(within(10) { b.bridge.statistics.sessionsServed == 1 && b.bridge.statistics.session == nil })
+            #expect(pollUntil(seconds: 10, everyMilliseconds: 10) { b.bridge.statistics.sessionsServed == 1 && b.bridge.statistics.session == nil })
             let before = vm2.statistics.framesValid
             let second = try testpmd(b.path, mode: "txonly", name: "r2")
-            #expect(within(60) { vm2.statistics.framesValid >= before + 1000 }, "\(second.output.suffix(1000))")
+            #expect(pollUntil(seconds: 60, everyMilliseconds: 10) { vm2.statistics.framesValid >= before + 1000 }, "\(second.output.suffix(1000))")
             #expect(vm2.statistics.descriptorsRefused == 0, "\(vm2.statistics.refusalReasons)")
             second.stop()
         }
@@ -81,14 +82,14 @@ extension Interop {
             let vm = try qemu(b.path, iommu: iommu, name: iommu ? "q-iommu" : "q-ident")
             defer { vm.kill() }
             // iPXE in SeaBIOS brings the NIC up and sends DHCP DISCOVERs after a few seconds of TCG.
-            let ok = within(120) { vm2.statistics.framesValid >= 1 }
+            let ok = pollUntil(seconds: 120, everyMilliseconds: 10) { vm2.statistics.framesValid >= 1 }
             let s = vm2.statistics
             #expect(ok, "no frame from iPXE reached VM2: \(s); QEMU said: \(vm.output.suffix(800))")
             #expect(s.framesInvalid == 0 && s.descriptorsRefused == 0)
             let stats = b.bridge.statistics
             #expect(stats.refusals.isEmpty, "refused: \(stats.refusals)")
             vm.kill()
-            _ = within(10) { b.bridge.statistics.sessionsServed >= 1 }
+            _ = pollUntil(seconds: 10, everyMilliseconds: 10) { b.bridge.statistics.sessionsServed >= 1 }
             let after = b.bridge.statistics
             print("QEMU\(iommu ? " + intel-iommu" : "") message sequence: \(after.lastRequestLog.map(\.description).joined(separator: " "))")
             print("QEMU\(iommu ? " + intel-iommu" : "") misses sent \(after.iotlbMissesSent), IOTLB updates \(after.iotlbUpdates), invalidates \(after.iotlbInvalidates), VM2 translations granted \(after.translationsGranted), refused \(after.translationsRefused), VM2 frames \(vm2.statistics.framesValid)")
@@ -119,10 +120,10 @@ extension Interop {
             let qmpPath = "/tmp/vpb-interop-\(getpid())-qmp.sock"
             let vm = try qemu(b.path, iommu: true, name: "q-reset", qmpPath: qmpPath)
             defer { vm.kill(); unlink(qmpPath) }
-            #expect(within(120) { vm2.statistics.framesValid >= 1 }, "\(vm.output.suffix(800))")
+            #expect(pollUntil(seconds: 120, everyMilliseconds: 10) { vm2.statistics.framesValid >= 1 }, "\(vm.output.suffix(800))")
             let before = vm2.statistics.framesValid
             try qmp(qmpPath, ["system_reset"])
-            #expect(within(120) { vm2.statistics.framesValid > before }, "no frame after the reset: \(vm2.statistics)")
+            #expect(pollUntil(seconds: 120, everyMilliseconds: 10) { vm2.statistics.framesValid > before }, "no frame after the reset: \(vm2.statistics)")
             let s = b.bridge.statistics
             print("QEMU reset under intel-iommu: refusals \(s.refusals), VM2 unmaps \(vm2.statistics.unmapsApplied), updates \(s.iotlbUpdates)")
             #expect(s.refusals.isEmpty, "refused: \(s.refusals)")
@@ -135,12 +136,12 @@ extension Interop {
             var b = try InteropBridge("reconnect", mode: .identity, path: path)
             let vm = try qemu(path, iommu: false, name: "q-reconnect", chardevOptions: ",reconnect=1")
             defer { vm.kill() }
-            #expect(within(120) { b.bridge.statistics.session?.startedRings.isEmpty == false },
+            #expect(pollUntil(seconds: 120, everyMilliseconds: 10) { b.bridge.statistics.session?.startedRings.isEmpty == false },
                     "QEMU never started the rings: \(vm.output.suffix(800))")
             b.stop() // the daemon goes away under a running VM
             b = try InteropBridge("reconnect", mode: .identity, path: path)
             defer { b.stop() }
-            #expect(within(60) { b.bridge.statistics.session?.startedRings.isEmpty == false },
+            #expect(pollUntil(seconds: 60, everyMilliseconds: 10) { b.bridge.statistics.session?.startedRings.isEmpty == false },
                     "QEMU did not reconnect and restart the device: \(vm.output.suffix(800))")
         }
 
@@ -149,14 +150,14 @@ extension Interop {
             let path = "/tmp/vpb-interop-\(getpid())-server.sock"
             let vm = try qemu(path, iommu: false, name: "q-server", chardevOptions: ",server=on")
             defer { vm.kill() }
-            #expect(within(30) { FileManager.default.fileExists(atPath: path) })
+            #expect(pollUntil(seconds: 30, everyMilliseconds: 10) { FileManager.default.fileExists(atPath: path) })
             var b = try InteropBridge("client", mode: .identity, client: true, path: path)
-            #expect(within(120) { b.bridge.statistics.session?.startedRings.isEmpty == false },
+            #expect(pollUntil(seconds: 120, everyMilliseconds: 10) { b.bridge.statistics.session?.startedRings.isEmpty == false },
                     "no device start over the client connection: \(vm.output.suffix(800))")
             b.stop() // restart the back end; QEMU keeps its socket
             b = try InteropBridge("client", mode: .identity, client: true, path: path)
             defer { b.stop() }
-            #expect(within(60) { b.bridge.statistics.session?.startedRings.isEmpty == false },
+            #expect(pollUntil(seconds: 60, everyMilliseconds: 10) { b.bridge.statistics.session?.startedRings.isEmpty == false },
                     "QEMU did not restart the device for the reconnected back end: \(vm.output.suffix(800))")
         }
     }

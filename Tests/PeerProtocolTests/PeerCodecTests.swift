@@ -1,6 +1,7 @@
 import BridgeCore
 import Foundation
 import Testing
+import TestSupport
 @testable import PeerProtocol
 
 let samples: [PeerMessage] = [
@@ -109,19 +110,8 @@ func docExample(_ name: String) throws -> [UInt8] {
 /// Random and mutated peer messages: the codec never traps, and whatever it
 /// accepts re-encodes to a message that decodes to the same value.
 @Suite struct PeerFuzzTests {
-    struct Rng: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9e37_79b9_7f4a_7c15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-            z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-            return z ^ (z >> 31)
-        }
-    }
-
     @Test func mutatedMessagesNeverTrap() {
-        var rng = Rng(state: 7)
+        var rng = SplitMix64(seed: 7)
         let seeds = samples.map { PeerCodec.encode($0) }
         var accepted = 0
         for _ in 0..<20_000 {

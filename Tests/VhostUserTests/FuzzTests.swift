@@ -1,24 +1,13 @@
 import BridgeCore
 import Testing
+import TestSupport
 @testable import VhostUser
-
-/// SplitMix64, seeded: reproducible hostile input.
-struct Rng: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9e37_79b9_7f4a_7c15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-        return z ^ (z >> 31)
-    }
-}
 
 /// Random and mutated messages through the codec and the session: nothing may
 /// trap, a refused request changes nothing, and the address space keeps its
 /// invariants whatever gets accepted.
 @Suite struct FuzzTests {
-    static func mutate(_ bytes: [UInt8], _ rng: inout Rng) -> [UInt8] {
+    static func mutate(_ bytes: [UInt8], _ rng: inout SplitMix64) -> [UInt8] {
         var b = bytes
         switch UInt8.random(in: 0..<6, using: &rng) {
         case 0 where !b.isEmpty: b[Int.random(in: 0..<b.count, using: &rng)] ^= UInt8.random(in: 1...255, using: &rng)
@@ -37,7 +26,7 @@ struct Rng: RandomNumberGenerator {
 
     @Test(arguments: [1, 2, 3, 4] as [UInt64])
     func hostileMessagesNeverBreakTheSession(seed: UInt64) {
-        var rng = Rng(state: seed)
+        var rng = SplitMix64(seed: seed)
         for mode in [BridgeMode.identity, .iommu] {
             var s = makeSession(mode, bar: 1 << 40)
             s.negotiateLikeQEMU(iommu: mode == .iommu)

@@ -13,28 +13,26 @@ INTEROP_PACKAGES := dpdk-dev qemu-system-x86
 
 all: build
 
-# Installs the system packages the build needs, only when missing.
-deps:
+# $(call install-missing,PACKAGES,MAKE-TARGET,APT-FLAGS): installs with apt the
+# packages that are not installed yet; needs root only when something is missing.
+define install-missing
 	@missing=""; \
-	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then \
-	    echo "error: missing packages:$$missing. Run 'sudo make deps' (or: sudo apt-get install$$missing)." >&2; exit 1; \
+	    echo "error: missing packages:$$missing. Run 'sudo make $(2)' (or: sudo apt-get install$(if $(3), $(3))$$missing)." >&2; exit 1; \
 	  fi; \
 	  echo "installing$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(3) $$missing; \
 	fi
+endef
+
+# The system packages the build needs.
+deps:
+	$(call install-missing,$(APT_PACKAGES),deps,)
 
 interop-deps:
-	@missing=""; \
-	for p in $(INTEROP_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" != 0 ]; then \
-	    echo "error: missing packages:$$missing. Run 'sudo make interop-deps' (or: sudo apt-get install --no-install-recommends$$missing)." >&2; exit 1; \
-	  fi; \
-	  echo "installing$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	$(call install-missing,$(INTEROP_PACKAGES),interop-deps,--no-install-recommends)
 
 build: deps
 	$(SWIFT) build

@@ -421,10 +421,6 @@ private final class RelayEngine {
         relay.finished(link.id)
     }
 
-    func handle(_ batch: [URingCompletion]) {
-        for c in batch { handle(c) }
-    }
-
     func handle(_ c: URingCompletion) {
         do {
             if c.userData == Self.controlData {

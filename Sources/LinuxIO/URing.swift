@@ -120,15 +120,9 @@ public final class URing {
     /// Takes every ready completion (up to a batch of 2 × entries) and marks
     /// them seen, without blocking.
     public func reap() -> [URingCompletion] {
-        let capacity = UInt32(reapUserData.count)
-        let n = reapUserData.withUnsafeMutableBufferPointer { u in
-            reapResult.withUnsafeMutableBufferPointer { r in
-                reapFlags.withUnsafeMutableBufferPointer { f in
-                    shim_uring_reap(ring, u.baseAddress, r.baseAddress, f.baseAddress, capacity)
-                }
-            }
-        }
-        return (0..<Int(n)).map { URingCompletion(userData: reapUserData[$0], result: reapResult[$0], flags: reapFlags[$0]) }
+        var out: [URingCompletion] = []
+        reap { out.append($0) }
+        return out
     }
 
     /// Calls `body` for every ready completion (up to a batch of 2 × entries)

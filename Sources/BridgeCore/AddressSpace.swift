@@ -464,17 +464,16 @@ public struct AddressSpace: Sendable {
     /// pages (a partly revoked page must not stay visible). Invalidating a
     /// range with nothing mapped succeeds with an empty plan.
     ///
-    /// Revocation is never refused for its size: a range reaching past the
-    /// BAR, or past 2^64, is clipped (a vIOMMU invalidates whole domains —
-    /// QEMU's intel-iommu sends [0, 2^39) on a global flush — and refusing
-    /// would leave those mappings visible while VM1 believes them gone). Nor
-    /// for the mapping limit. Only a zero length (nothing to do) is an error.
+    /// Revocation fails closed: it is never refused for its size, its
+    /// alignment, the mapping limit or a frozen window (`freeze` blocks grants
+    /// only). A range reaching past the BAR, or past 2^64, is clipped (a vIOMMU
+    /// invalidates whole domains — QEMU's intel-iommu sends [0, 2^39) on a
+    /// global flush). A zero length means "from `bus` to the end of the
+    /// address space", as Linux's vhost reads it (`iova + size - 1` wraps).
     public mutating func invalidate(bus: BusAddress, length: UInt64) throws(AddressSpaceError) -> WindowPlan {
         guard mode != .identity else { throw .wrongMode(operation: "IOTLB invalidate", mode: mode) }
-        if mode == .static, isFrozen { throw .frozen(operation: "IOTLB invalidate") }
-        guard length > 0 else { throw .zeroLength(bus) }
         guard bus.rawValue < barSize else { return .empty } // nothing can be mapped there
-        let end = min(bus.adding(length)?.rawValue ?? UInt64.max, barSize)
+        let end = length == 0 ? barSize : min(bus.adding(length)?.rawValue ?? UInt64.max, barSize)
         let start = bus.rawValue - bus.rawValue % pageSize
         // barSize is a multiple of pageSize, so rounding up stays <= barSize.
         let rem = end % pageSize
@@ -499,8 +498,9 @@ public struct AddressSpace: Sendable {
         }
     }
 
-    /// Static mode: no change of any kind after this (until the address space
-    /// is recreated). Region removal still revokes (see `unmapRegion`).
+    /// Static mode: no grant of any kind after this (until the address space
+    /// is recreated). Removals still go through: invalidates, operator unmaps
+    /// and region removal revoke as before (revocation fails closed).
     public mutating func freeze() throws(AddressSpaceError) {
         guard mode == .static else { throw .wrongMode(operation: "freeze", mode: mode) }
         isFrozen = true

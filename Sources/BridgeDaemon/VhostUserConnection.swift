@@ -166,6 +166,7 @@ final class VhostUserConnection {
             }), let (header, code) = parsed else { return .frontEndClosed }
             return handle(message, header: header, code: code).map { .closedByBridge($0) }
         } catch {
+            if let error = error as? VhostUserError { session.noteUndecodable(parsed?.1, error) }
             logger.warning("closing the vhost-user connection: \(error)")
             return .closedByBridge("\(error)")
         }
@@ -178,11 +179,12 @@ final class VhostUserConnection {
         let replyAck = session.ackedProtocolFeatures.contains(.replyAck)
 
         let request: FrontendRequest
-        do {
+        do throws(VhostUserError) {
             if message.fdsTruncated { throw VhostUserError.fdCount(code, got: UnixSocket.defaultMaximumFDs + 1, rule: .none) }
             request = try VhostUserCodec.decode(code, payload: message.payload, fdCount: message.fds.count)
         } catch {
-            logger.warning("refused \(code): \(error)")
+            session.noteUndecodable(code, error)
+            logger.warning("refused \(code): \(error)", metadata: ["rule": "\(error.rule)"])
             if header.needsReply && replyAck {
                 return send(VhostUserCodec.encodeReply(to: code, .u64(1)))
             }
@@ -190,7 +192,7 @@ final class VhostUserConnection {
         }
         if case .getVringBase(let state) = request { noteDeviceProgress(Int(state.index)) }
 
-        let files = message.fds.enumerated().map { i, fd in ReceivedFile(index: i, size: try? fd.fileSize()) }
+        let files = message.fds.enumerated().map { i, fd in ReceivedFile(index: i, size: try? fd.fileSize(), kind: fd.kind()) }
         let outcome = session.handle(request, needReply: header.needsReply, files: files)
         if let error = outcome.error {
             logger.warning("refused \(code): \(error)", metadata: ["rule": "\(error.rule)"])

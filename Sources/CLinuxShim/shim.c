@@ -181,14 +181,38 @@ int shim_epoll_wait(int ep, uint64_t *data_out, int max, int timeout_ms) {
 
 int shim_set_thread_name(pthread_t thread, const char *name) { return pthread_setname_np(thread, name); }
 
-void *shim_reserve(size_t len) {
-    return mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+void *shim_reserve(size_t len, size_t align) {
+    // Over-reserve by `align` and trim, so the window starts on an `align`
+    // boundary (1 GiB: a hugetlbfs region can then be mapped at BAR offsets
+    // that are multiples of its page size).
+    if (align == 0 || (align & (align - 1)) != 0 || len > SIZE_MAX - align) return MAP_FAILED;
+    char *raw = mmap(NULL, len + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (raw == MAP_FAILED) return MAP_FAILED;
+    uintptr_t start = ((uintptr_t)raw + align - 1) & ~(uintptr_t)(align - 1);
+    size_t head = start - (uintptr_t)raw, tail = align - head;
+    if (head) munmap(raw, head);
+    if (tail) munmap((char *)start + len, tail);
+    madvise((void *)start, len, MADV_DONTDUMP);
+    return (void *)start;
 }
 void *shim_map_fixed_shared(void *addr, size_t len, int prot, int fd, off_t offset) {
-    return mmap(addr, len, prot, MAP_FIXED | MAP_SHARED, fd, offset);
+    void *p = mmap(addr, len, prot, MAP_FIXED | MAP_SHARED, fd, offset);
+    if (p == MAP_FAILED) return p;
+    // Guest memory never goes into a core dump. A mapping that cannot be
+    // kept out of one is not granted: put PROT_NONE back and fail.
+    if (madvise(p, len, MADV_DONTDUMP) != 0) {
+        int saved = errno;
+        mmap(addr, len, PROT_NONE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        madvise(addr, len, MADV_DONTDUMP);
+        errno = saved;
+        return MAP_FAILED;
+    }
+    return p;
 }
 void *shim_revoke(void *addr, size_t len) {
-    return mmap(addr, len, PROT_NONE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    void *p = mmap(addr, len, PROT_NONE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p != MAP_FAILED) madvise(p, len, MADV_DONTDUMP);
+    return p;
 }
 int shim_prot_none(void) { return PROT_NONE; }
 int shim_prot_read(void) { return PROT_READ; }

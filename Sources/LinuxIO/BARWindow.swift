@@ -31,7 +31,9 @@ public enum BARWindowError: Error, Equatable, Sendable, CustomStringConvertible 
 /// (PROT_NONE, MAP_NORESERVE: address space only, no memory committed); ranges
 /// are mapped over it with MAP_FIXED | MAP_SHARED from a region's fd, and an
 /// unmapped range gets fresh PROT_NONE anonymous memory back, so a hole never
-/// shows anything and touching it faults.
+/// shows anything and touching it faults. Every range is MADV_DONTDUMP: VM1's
+/// memory never lands in the daemon's core dumps. The window starts on a
+/// 1 GiB boundary (hugepage-backed regions).
 ///
 /// Permissions: read-only mappings are PROT_READ. The MMU cannot express
 /// write-only, so a write-only IOTLB entry is mapped PROT_READ|PROT_WRITE;
@@ -45,10 +47,13 @@ public final class BARWindow: Sendable {
     private let base: UInt
     private let changes = Mutex<UInt64>(0)
     public static let hostPageSize = UInt64(shim_page_size())
+    /// Where the window starts in this process: on a 1 GiB boundary, so BAR
+    /// offsets aligned to a huge page size are host addresses aligned to it.
+    public static let alignment: UInt64 = 1 << 30
 
     public init(size: UInt64) throws(BARWindowError) {
         guard size > 0, size % Self.hostPageSize == 0, size <= UInt64(Int.max) else { throw .invalidSize(size) }
-        guard let pointer = shim_reserve(Int(size)), pointer != shim_map_failed() else {
+        guard let pointer = shim_reserve(Int(size), Int(Self.alignment)), pointer != shim_map_failed() else {
             throw .system(.current("mmap(reserve \(ByteCount(size)))"))
         }
         self.size = size

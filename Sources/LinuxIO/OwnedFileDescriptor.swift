@@ -1,3 +1,4 @@
+import BridgeCore
 import CLinuxShim
 import Synchronization
 import SystemPackage
@@ -60,6 +61,27 @@ public final class OwnedFileDescriptor: Sendable, CustomStringConvertible {
         let raw = rawValue
         _ = try retryingInterrupts("fstat(\(raw))") { fstat(raw, &st) }
         return UInt64(st.st_size)
+    }
+
+    /// What the kernel says this fd is (fstat's file type, and for anonymous
+    /// inodes the name in /proc/self/fd: "anon_inode:[eventfd]").
+    public func kind() -> FileKind {
+        var st = stat()
+        let raw = rawValue
+        guard (try? retryingInterrupts("fstat(\(raw))", { fstat(raw, &st) })) != nil else { return .unknown }
+        switch st.st_mode & S_IFMT {
+        case S_IFREG: return .regularFile
+        case S_IFSOCK: return .socket
+        case S_IFIFO: return .pipe
+        case S_IFDIR: return .other("a directory")
+        case S_IFCHR, S_IFBLK: return .other("a device")
+        default: break
+        }
+        var buffer = [CChar](repeating: 0, count: 128)
+        let n = readlink("/proc/self/fd/\(raw)", &buffer, buffer.count - 1)
+        guard n > 0 else { return .unknown }
+        let target = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return target == "anon_inode:[eventfd]" ? .eventfd : .other(target)
     }
 
     /// O_NONBLOCK lives on the open file description, so it is shared with

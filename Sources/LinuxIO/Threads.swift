@@ -53,6 +53,14 @@ public enum Signals {
         pthread_sigmask(SIG_BLOCK, &set, nil)
     }
 
+    /// SIGPIPE ignored process-wide: a write to a pipe or socket whose
+    /// reader is gone then fails with EPIPE instead of killing the daemon
+    /// (and every bridge in it). The daemon calls this before starting any
+    /// thread; it is idempotent.
+    public static func ignoreBrokenPipe() {
+        signal(SIGPIPE, SIG_IGN)
+    }
+
     /// Blocks until one of `signals` (already blocked) arrives; returns it.
     public static func wait(for signals: [Int32]) -> Int32 {
         var set = sigset_t()

@@ -38,12 +38,13 @@ public struct BackendConfiguration: Equatable, Sendable {
 }
 
 /// One fd that came with the message being handled: its position in the
-/// message and, for memory fds, the file's size (fstat) so regions can be
-/// checked against it.
+/// message, what the kernel says it is, and for memory fds the file's size
+/// (fstat) so regions can be checked against it.
 public struct ReceivedFile: Equatable, Sendable {
     public var index: Int
     public var size: UInt64?
-    public init(index: Int, size: UInt64?) { self.index = index; self.size = size }
+    public var kind: FileKind
+    public init(index: Int, size: UInt64?, kind: FileKind) { self.index = index; self.size = size; self.kind = kind }
 }
 
 public enum VringFileKind: String, Sendable, Equatable { case kick, call, err }
@@ -87,6 +88,8 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
     case memory(MemoryRegionError)
     case addressSpace(AddressSpaceError)
     case vringBaseOutOfRange(UInt32)
+    /// A fd that is not what the request needs (checked on the fd itself).
+    case wrongFileKind(RequestCode, vring: Int?, got: FileKind, needed: FileKind)
 
     /// Stable label for metrics ("refusals by rule").
     public var rule: String {
@@ -104,6 +107,7 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
         case .memory(let e): e.rule
         case .addressSpace(let e): e.rule
         case .vringBaseOutOfRange: "vring-base"
+        case .wrongFileKind: "fd-kind"
         }
     }
 
@@ -124,6 +128,8 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
         case .memory(let e): e.description
         case .addressSpace(let e): e.description
         case .vringBaseOutOfRange(let n): "vring base \(n) does not fit a 16-bit ring index"
+        case .wrongFileKind(let code, let vring, let got, let needed):
+            "\(code)\(vring.map { " for vring \($0)" } ?? ""): the fd is \(got), not \(needed)"
         }
     }
 }
@@ -247,6 +253,13 @@ public struct BackendSession: Sendable {
         }
     }
 
+    /// A message refused before it reached `handle` (its header or payload did
+    /// not decode): counted like any other refusal, so `stats` shows it.
+    public mutating func noteUndecodable(_ code: RequestCode?, _ error: VhostUserError) {
+        statistics.requests += 1
+        if let code, statistics.requestLog.count < 200 { statistics.requestLog.append(code) }
+        statistics.refusals[error.rule, default: 0] += 1
+    }
 
     // MARK: dispatch
 
@@ -256,6 +269,14 @@ public struct BackendSession: Sendable {
 
     private func requireProtocol(_ code: RequestCode, _ feature: ProtocolFeatures) throws(SessionError) {
         guard ackedProtocolFeatures.contains(feature) else { throw .protocolFeatureNotNegotiated(code, feature) }
+    }
+
+    /// Guest memory arrives as regular files (memfd, tmpfs, hugetlbfs): a
+    /// pipe, socket or eventfd cannot back a mapping.
+    private func requireMemoryFiles(_ code: RequestCode, _ files: [ReceivedFile]) throws(SessionError) {
+        if let bad = files.first(where: { $0.kind != .regularFile }) {
+            throw .wrongFileKind(code, vring: nil, got: bad.kind, needed: .regularFile)
+        }
     }
 
     private func vringIndex(_ code: RequestCode, _ index: UInt32) throws(SessionError) -> Int {
@@ -327,11 +348,13 @@ public struct BackendSession: Sendable {
 
         case .setMemTable(let descriptors):
             try requireOwner(code)
+            try requireMemoryFiles(code, files)
             return try setMemTable(descriptors, files: files)
 
         case .addMemReg(let d):
             try requireOwner(code)
             try requireProtocol(code, .configureMemSlots)
+            try requireMemoryFiles(code, files)
             return try addRegion(d, file: files.first)
 
         case .remMemReg(let d):
@@ -343,6 +366,9 @@ public struct BackendSession: Sendable {
 
         case .setBackendReqFD:
             try requireProtocol(code, .backendReq)
+            if let file = files.first, file.kind != .socket {
+                throw .wrongFileKind(code, vring: nil, got: file.kind, needed: .socket)
+            }
             hasBackendChannel = true
             return [.adoptBackendChannel(fdIndex: files.first?.index ?? 0)]
 
@@ -404,6 +430,11 @@ public struct BackendSession: Sendable {
             let i = try vringIndex(code, UInt32(ref.index))
             let kind: VringFileKind = code == .setVringKick ? .kick : code == .setVringCall ? .call : .err
             let state: VringSetup.FileState = ref.noFD ? .polling : .fd
+            // A pipe whose reader is gone raises SIGPIPE on write, a regular
+            // file is always readable (a relay would spin): only eventfds.
+            if !ref.noFD, let file = files.first, file.kind != .eventfd {
+                throw .wrongFileKind(code, vring: i, got: file.kind, needed: .eventfd)
+            }
             var effects: [SessionEffect] = [.setVringFile(kind, index: i, fdIndex: ref.noFD ? nil : files.first?.index ?? 0)]
             switch kind {
             case .kick:

@@ -128,8 +128,17 @@ public enum VhostUserCodec {
             try expectSize(code, payload, IOTLBMessage.encodedSize, IOTLBMessage.packedSize)
             let iova = try r.u64(), size = try r.u64(), uaddr = try r.u64()
             let permRaw = try r.u8(), typeRaw = try r.u8()
-            guard let perm = Permission(iotlbEncoding: permRaw) else { throw .iotlbPermission(permRaw) }
             guard let type = IOTLBType(rawValue: typeRaw) else { throw .iotlbType(typeRaw) }
+            // Only an update grants anything: an invalidate's perm byte means
+            // nothing (QEMU 7.2 leaves it uninitialised) and must never make a
+            // revocation fail, so it is read as "none" whatever it holds.
+            let perm: Permission
+            if type == .invalidate {
+                perm = []
+            } else {
+                guard let p = Permission(iotlbEncoding: permRaw) else { throw .iotlbPermission(permRaw) }
+                perm = p
+            }
             request = .iotlb(IOTLBMessage(iova: iova, size: size, userAddress: uaddr, permission: perm, type: type))
         case .getConfig, .setConfig:
             guard payload.count >= ConfigSpace.headerSize else {

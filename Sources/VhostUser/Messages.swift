@@ -222,6 +222,22 @@ public enum VhostUserError: Error, Equatable, Sendable, CustomStringConvertible 
     case configSize(UInt32, maximum: Int)
     case unexpectedReply(expected: UInt32, got: UInt32)
 
+    /// Stable label for metrics ("refusals by rule"), like `SessionError.rule`.
+    public var rule: String {
+        switch self {
+        case .truncatedHeader, .truncatedPayload: "truncated"
+        case .badVersion, .unknownFlags, .unexpectedReplyFlag: "header-flags"
+        case .unknownRequest: "unknown-request"
+        case .payloadTooLarge, .payloadSize, .configSize: "payload-size"
+        case .fdCount: "fd-count"
+        case .tooManyRegions: "memory-slots"
+        case .vringFileFlags: "vring-file-flags"
+        case .iotlbType: "iotlb-type"
+        case .iotlbPermission: "iotlb-permission"
+        case .unexpectedReply: "unexpected-reply"
+        }
+    }
+
     public var description: String {
         switch self {
         case .truncatedHeader(let got): "header truncated: \(got) of 12 bytes"

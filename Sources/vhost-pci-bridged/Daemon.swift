@@ -142,6 +142,11 @@ struct Daemon: ParsableCommand {
             print(#"{"type": "net", "features": []}"#)
             return
         }
+        // Before any thread starts: a peer's dead pipe or socket must fail a
+        // write with EPIPE, never kill every bridge; and each session holds
+        // several fds, so take the hard RLIMIT_NOFILE.
+        Signals.ignoreBrokenPipe()
+        _ = try? ResourceLimits.raiseOpenFiles()
         var daemonConfig = try loadConfig()
         if let b = flagBridge() {
             do { try b.addressSpace.validate() } catch { throw fail("--bar-size/--mode/windows: \(error)") }

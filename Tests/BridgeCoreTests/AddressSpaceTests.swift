@@ -201,7 +201,7 @@ import Testing
     @Test func invalidatingNothingIsAnEmptyPlan() throws {
         var s = iommuSpace()
         #expect(try s.invalidate(bus: BusAddress(0), length: page).isEmpty)
-        #expect(spaceError { try s.invalidate(bus: BusAddress(0), length: 0) } == .zeroLength(BusAddress(0)))
+        #expect(try s.invalidate(bus: BusAddress(0), length: 0).isEmpty)
         #expect(try s.invalidate(bus: BusAddress(UInt64.max), length: 2).isEmpty)
         #expect(try s.invalidate(bus: BusAddress(64 * GiB), length: 1).isEmpty)
     }
@@ -336,10 +336,33 @@ import Testing
                 == .frozen(operation: "IOTLB update"))
         #expect(spaceError { try s.update(bus: BusAddress(0), length: page, source: user(Fixture.ramUser), permission: .read, regions: f.table) }
                 == .frozen(operation: "IOTLB update"))
-        #expect(spaceError { try s.invalidate(bus: BusAddress(0), length: page) } == .frozen(operation: "IOTLB invalidate"))
         #expect(s.mappings == before)
         #expect(!s.unmapRegion(f.ram.id).isEmpty)
         #expect(s.mappings.isEmpty)
+    }
+
+    /// Freeze blocks grants only: an invalidate after freeze still revokes.
+    @Test func invalidatesGoThroughAfterFreeze() throws {
+        var s = try staticSpace()
+        _ = try s.update(bus: BusAddress(0), length: 2 * page, source: user(Fixture.ramUser), permission: .read, regions: f.table)
+        try s.freeze()
+        #expect(try s.invalidate(bus: BusAddress(0), length: page) == WindowPlan([.unmap(bus: BusAddress(0), length: page)]))
+        #expect(s.mappings.map(\.bus) == [BusAddress(page)])
+        #expect(s.isFrozen)
+    }
+
+    /// Size 0 reads as "from iova to the end of the address space" (Linux
+    /// vhost: iova + size - 1 wraps), clipped to the BAR; never refused.
+    @Test func zeroLengthInvalidateRevokesToTheEndOfTheBAR() throws {
+        var s = iommuSpace()
+        _ = try s.update(bus: BusAddress(0), length: page, source: user(Fixture.ramUser), permission: .read, regions: f.table)
+        _ = try s.update(bus: BusAddress(4 * page), length: page, source: user(Fixture.ramUser), permission: .read, regions: f.table)
+        _ = try s.update(bus: BusAddress(64 * GiB - page), length: page, source: user(Fixture.highUser), permission: .read, regions: f.table)
+        let plan = try s.invalidate(bus: BusAddress(4 * page + 1), length: 0)
+        #expect(plan == WindowPlan([.unmap(bus: BusAddress(4 * page), length: page),
+                                    .unmap(bus: BusAddress(64 * GiB - page), length: page)]))
+        #expect(s.mappings.map(\.bus) == [BusAddress(0)])
+        #expect(s.invariantViolation() == nil)
     }
 }
 

@@ -85,10 +85,9 @@ struct FakeWindow {
                 guard !frozen, config.staticWindows.contains(where: { bus >= $0.base.rawValue && bus + length <= $0.limit }) else { return false }
             }
             return true
-        case .invalidate(_, let length):
-            // Invalidates are clipped to the BAR, never refused for their size.
-            guard length > 0 else { return false }
-            return !(config.mode == .static && frozen)
+        case .invalidate:
+            // Revocation fails closed: never refused (size 0 = to the end).
+            return true
         }
     }
 
@@ -142,7 +141,8 @@ struct FakeWindow {
                 }
             case .invalidate(let bus, let length):
                 guard bus < barPages * page else { break }
-                let end = min(bus.addingReportingOverflow(length).overflow ? UInt64.max : bus + length, barPages * page)
+                let end = length == 0 ? barPages * page
+                    : min(bus.addingReportingOverflow(length).overflow ? UInt64.max : bus + length, barPages * page)
                 let first = bus / page, last = (end - 1) / page
                 for p in first...last { reference[p] = nil }
             }

@@ -207,6 +207,23 @@ func wireError(_ body: () throws -> Any) -> VhostUserError? {
         #expect(wireError { try decodeWire(bytes, fds: 0) } == .iotlbType(5))
     }
 
+    /// QEMU 7.2 leaves an invalidate's perm byte uninitialised (seen: 6,
+    /// 178): an invalidate decodes whatever that byte holds, with no
+    /// permission; only updates are checked.
+    @Test(arguments: [UInt8(0), 3, 4, 6, 178, 255])
+    func invalidatePermByteIsIgnored(perm: UInt8) throws {
+        var bytes = VhostUserCodec.encode(.iotlb(IOTLBMessage(iova: 0x2000, size: 0, userAddress: 0, permission: .none, type: .invalidate)))
+        bytes[12 + 24] = perm
+        #expect(try decodeWire(bytes, fds: 0) == .iotlb(IOTLBMessage(iova: 0x2000, size: 0, userAddress: 0, permission: .none, type: .invalidate)))
+    }
+
+    @Test func everyWireErrorHasARule() {
+        let errors: [VhostUserError] = [.truncatedHeader(got: 0), .iotlbPermission(9), .iotlbType(9), .unknownRequest(99),
+                                        .fdCount(.setVringKick, got: 2, rule: .none), .payloadSize(.iotlbMsg, size: 1, expected: "32")]
+        #expect(Set(errors.map(\.rule)).count == errors.count)
+        #expect(errors.allSatisfy { !$0.rule.isEmpty })
+    }
+
     @Test func configSizeIsBounded() {
         var w = ByteWriter(); w.u32(0); w.u32(257); w.u32(0)
         #expect(wireError { try VhostUserCodec.decode(.getConfig, payload: w.bytes, fdCount: 0) } == .configSize(257, maximum: 256))

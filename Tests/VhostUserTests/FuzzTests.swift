@@ -38,7 +38,8 @@ import TestSupport
                 let payload = Array(bytes.dropFirst(12))
                 let fds = Int.random(in: 0...2, using: &rng)
                 guard let request = try? VhostUserCodec.decode(code, payload: payload, fdCount: fds) else { continue }
-                let files = (0..<fds).map { ReceivedFile(index: $0, size: [nil, 0, 4096, 1 << 30, UInt64.max].randomElement(using: &rng) ?? nil) }
+                let files = (0..<fds).map { ReceivedFile(index: $0, size: [nil, 0, 4096, 1 << 30, UInt64.max].randomElement(using: &rng) ?? nil,
+                                                                kind: [FileKind.eventfd, .regularFile, .socket, .pipe].randomElement(using: &rng) ?? .unknown) }
                 let before = s.snapshot
                 let outcome = s.handle(request, needReply: Bool.random(using: &rng), files: files)
                 if outcome.error != nil {

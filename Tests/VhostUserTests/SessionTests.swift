@@ -41,7 +41,7 @@ extension BackendSession {
         ok(.getMaxMemSlots)
         ok(.setOwner)
         ok(.setFeatures(FeatureBit.version1 | FeatureBit.protocolFeatures | (iommu ? FeatureBit.iommuPlatform : 0)))
-        ok(.setMemTable([region]), needReply: true, files: [ReceivedFile(index: 0, size: region.mmapOffset + region.size)])
+        ok(.setMemTable([region]), needReply: true, files: [ReceivedFile(index: 0, size: region.mmapOffset + region.size, kind: .regularFile)])
     }
 
     /// Ring `i` laid out in VM1 memory at `base` (user address or IOVA): desc, avail, used in consecutive pages.
@@ -122,14 +122,14 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
     @Test func memTableMapsTheRegionAtItsGPA() {
         var s = makeSession(.identity)
         s.ok(.setOwner)
-        let effects = s.ok(.setMemTable([ram]), files: [ReceivedFile(index: 0, size: 256 * MiB)])
+        let effects = s.ok(.setMemTable([ram]), files: [ReceivedFile(index: 0, size: 256 * MiB, kind: .regularFile)])
         guard case .adoptRegionFile(let id, 0) = effects.first else { Issue.record("no adopt: \(effects)"); return }
         #expect(effects.dropFirst().first == .window(WindowPlan([.map(bus: BusAddress(0), length: 256 * MiB, permission: .readWrite,
                                                                     region: id, fdOffset: 0)])))
         // A second table replaces the first: unmap + release old, adopt + map new.
         let moved = RegionDescriptor(guestPhysical: GuestPhysicalAddress(GiB), size: 256 * MiB,
                                      userAddress: FrontendUserAddress(ramUser), mmapOffset: 0)
-        let replaced = s.ok(.setMemTable([moved]), files: [ReceivedFile(index: 0, size: 256 * MiB)])
+        let replaced = s.ok(.setMemTable([moved]), files: [ReceivedFile(index: 0, size: 256 * MiB, kind: .regularFile)])
         #expect(replaced.first == .window(WindowPlan([.unmap(bus: BusAddress(0), length: 256 * MiB)])))
         #expect(replaced.dropFirst().first == .releaseRegionFile(id))
         #expect(s.addressSpace.lookup(BusAddress(GiB)) != nil)
@@ -140,7 +140,7 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         var s = makeSession(.identity)
         s.negotiateLikeQEMU()
         s.configureRing(0, base: ramUser + 0x10000)
-        let effects = s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil)])
+        let effects = s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
         #expect(effects == [.setVringFile(.kick, index: 0, fdIndex: 0),
                             .ringStarted(index: 0, VringLayout(queueSize: 256, descriptorTable: BusAddress(0x10000),
                                                                availRing: BusAddress(0x11000), usedRing: BusAddress(0x12000)))])
@@ -152,7 +152,7 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         s.negotiateLikeQEMU()
         s.configureRing(1, base: ramUser + 0x20000)
         s.ok(.setVringBase(VringState(index: 1, num: 42)))
-        s.ok(.setVringKick(VringFileRef(index: 1, noFD: false)), files: [ReceivedFile(index: 0, size: nil)])
+        s.ok(.setVringKick(VringFileRef(index: 1, noFD: false)), files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
         let effects = s.ok(.getVringBase(VringState(index: 1, num: 0)))
         #expect(effects.first == .ringStopped(index: 1))
         #expect(effects.contains(.setVringFile(.kick, index: 1, fdIndex: nil)))
@@ -176,7 +176,7 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         s.negotiateLikeQEMU()
         let extra = RegionDescriptor(guestPhysical: GuestPhysicalAddress(4 * GiB), size: 64 * MiB,
                                      userAddress: FrontendUserAddress(0x7f80_0000_0000), mmapOffset: 0)
-        let added = s.ok(.addMemReg(extra), files: [ReceivedFile(index: 0, size: 64 * MiB)])
+        let added = s.ok(.addMemReg(extra), files: [ReceivedFile(index: 0, size: 64 * MiB, kind: .regularFile)])
         #expect(added.count == 2)
         #expect(s.addressSpace.lookup(BusAddress(4 * GiB))?.length == 64 * MiB)
         let removed = s.ok(.remMemReg(extra))
@@ -188,7 +188,7 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         var s = makeSession(.identity)
         s.negotiateLikeQEMU()
         s.configureRing(0, base: ramUser)
-        s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil)])
+        s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
         let effects = s.teardown()
         #expect(effects.first == .ringStopped(index: 0))
         #expect(effects.contains(.window(WindowPlan([.unmap(bus: BusAddress(0), length: 256 * MiB)]))))
@@ -201,9 +201,9 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
     @Test func kickOnUnmappedRingRaisesAMissAndAnUpdateStartsIt() throws {
         var s = makeSession(.iommu)
         s.negotiateLikeQEMU(iommu: true)
-        s.ok(.setBackendReqFD, files: [ReceivedFile(index: 0, size: nil)])
+        s.ok(.setBackendReqFD, files: [ReceivedFile(index: 0, size: nil, kind: .socket)])
         s.configureRing(0, base: 0x1_0000_0000)
-        let kick = s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil)])
+        let kick = s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
         guard case .sendBackend(let bytes)? = kick.last else { Issue.record("no miss: \(kick)"); return }
         let (header, payload) = split(bytes)
         let miss = try VhostUserCodec.decodeBackendIOTLB(header, payload: payload)
@@ -247,7 +247,7 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         return s
     }
 
-    private let fileOK = [ReceivedFile(index: 0, size: 256 * MiB)]
+    private let fileOK = [ReceivedFile(index: 0, size: 256 * MiB, kind: .regularFile)]
 
     @Test func regionOfSizeZero() {
         var s = ready()
@@ -356,14 +356,14 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         var s = ready()
         s.configureRing(0, base: 0x1000)
         s.refused(.setVringKick(VringFileRef(index: 0, noFD: false)), .ringAddressNotTranslatable(index: 0, part: "descriptor", address: 0x1000),
-                  files: [ReceivedFile(index: 0, size: nil)])
+                  files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
     }
 
     @Test func ringStraddlingTheEndOfVM1Memory() {
         var s = ready()
         s.configureRing(0, base: ramUser + 256 * MiB - 0x2000)
         s.refused(.setVringKick(VringFileRef(index: 0, noFD: false)),
-                  .ringAddressNotTranslatable(index: 0, part: "used", address: ramUser + 256 * MiB), files: [ReceivedFile(index: 0, size: nil)])
+                  .ringAddressNotTranslatable(index: 0, part: "used", address: ramUser + 256 * MiB), files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
     }
 
     @Test func usedRingInReadOnlyMemory() {
@@ -373,13 +373,13 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         s.configureRing(0, base: 0x10_0000)
         s.refused(.setVringKick(VringFileRef(index: 0, noFD: false)),
                   .addressSpace(.accessDenied(.usedRing, BusAddress(0x10_2000), needed: .readWrite, granted: .read)),
-                  files: [ReceivedFile(index: 0, size: nil)])
+                  files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
     }
 
     @Test func kickBeforeTheRingIsConfigured() {
         var s = ready()
         s.refused(.setVringKick(VringFileRef(index: 0, noFD: false)), .vringNotConfigured(index: 0, missing: "SET_VRING_NUM"),
-                  files: [ReceivedFile(index: 0, size: nil)])
+                  files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
     }
 
     @Test func requestsBeforeSetOwner() {
@@ -395,7 +395,7 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         s.ok(.setOwner)
         s.refused(.addMemReg(ram), .protocolFeatureNotNegotiated(.addMemReg, .configureMemSlots), files: fileOK)
         s.refused(.getMaxMemSlots, .protocolFeatureNotNegotiated(.getMaxMemSlots, .configureMemSlots))
-        s.refused(.setBackendReqFD, .protocolFeatureNotNegotiated(.setBackendReqFD, .backendReq), files: [ReceivedFile(index: 0, size: nil)])
+        s.refused(.setBackendReqFD, .protocolFeatureNotNegotiated(.setBackendReqFD, .backendReq), files: [ReceivedFile(index: 0, size: nil, kind: .socket)])
         s.refused(.setStatus(1), .protocolFeatureNotNegotiated(.setStatus, .status))
         s.refused(.resetDevice, .protocolFeatureNotNegotiated(.resetDevice, .resetDevice))
         s.refused(.vringKick(VringState(index: 0, num: 0)), .protocolFeatureNotNegotiated(.vringKick, .inbandNotifications))
@@ -404,10 +404,37 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         s.refused(.setVringEnable(VringState(index: 0, num: 1)), .featureNotNegotiated(.setVringEnable, feature: "VHOST_USER_F_PROTOCOL_FEATURES"))
     }
 
+    /// Kick, call and err fds are checked on the fd itself: a pipe (SIGPIPE
+    /// on write), a regular file (always readable: a relay would spin), a
+    /// socket — each refused, naming the vring and what the fd is.
+    @Test(arguments: [FileKind.pipe, .regularFile, .socket, .unknown, .other("anon_inode:[timerfd]")])
+    func vringFilesMustBeEventfds(kind: FileKind) {
+        var s = ready()
+        s.configureRing(1, base: ramUser)
+        let file = [ReceivedFile(index: 0, size: nil, kind: kind)]
+        s.refused(.setVringCall(VringFileRef(index: 1, noFD: false)), .wrongFileKind(.setVringCall, vring: 1, got: kind, needed: .eventfd), files: file)
+        s.refused(.setVringErr(VringFileRef(index: 1, noFD: false)), .wrongFileKind(.setVringErr, vring: 1, got: kind, needed: .eventfd), files: file)
+        s.refused(.setVringKick(VringFileRef(index: 1, noFD: false)), .wrongFileKind(.setVringKick, vring: 1, got: kind, needed: .eventfd), files: file)
+        #expect(s.vrings[1].started == false)
+        #expect(SessionError.wrongFileKind(.setVringKick, vring: 1, got: kind, needed: .eventfd).description.contains("vring 1"))
+        // Polling (no fd) needs no fd kind.
+        s.ok(.setVringCall(VringFileRef(index: 1, noFD: true)))
+    }
+
+    @Test func memoryAndChannelFdsAreCheckedToo() {
+        var s = ready()
+        s.refused(.setMemTable([ram]), .wrongFileKind(.setMemTable, vring: nil, got: .pipe, needed: .regularFile),
+                  files: [ReceivedFile(index: 0, size: 0, kind: .pipe)])
+        var t = makeSession(.iommu)
+        t.negotiateLikeQEMU(iommu: true)
+        t.refused(.setBackendReqFD, .wrongFileKind(.setBackendReqFD, vring: nil, got: .eventfd, needed: .socket),
+                  files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
+    }
+
     @Test func loggingIsNotOffered() {
         var s = ready()
         s.refused(.setLogBase(LogArea(size: 4096, offset: 0)), .unsupportedRequest(.setLogBase, reason: "dirty-page logging (live migration) is not offered"),
-                  files: [ReceivedFile(index: 0, size: 4096)])
+                  files: [ReceivedFile(index: 0, size: 4096, kind: .regularFile)])
         s.refused(.setVringAddr(VringAddress(index: 0, flags: 1, descriptor: ramUser, used: ramUser, available: ramUser)),
                   .unsupportedRequest(.setVringAddr, reason: "dirty logging (VHOST_VRING_F_LOG) is not offered"))
     }

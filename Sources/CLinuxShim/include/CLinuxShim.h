@@ -91,11 +91,15 @@ int shim_epoll_wait(int ep, uint64_t *data_out, int max, int timeout_ms);
 int shim_set_thread_name(pthread_t thread, const char *name);
 
 // ---- mmap ----
-/// Reserves `len` bytes PROT_NONE | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE.
-void *shim_reserve(size_t len);
-/// Maps fd at offset over [addr, addr+len) with MAP_FIXED | MAP_SHARED.
+/// Reserves `len` bytes PROT_NONE | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+/// starting on an `align` boundary (a power of two), MADV_DONTDUMP.
+void *shim_reserve(size_t len, size_t align);
+/// Maps fd at offset over [addr, addr+len) with MAP_FIXED | MAP_SHARED, then
+/// MADV_DONTDUMP (when that fails the range is PROT_NONE again and MAP_FAILED
+/// is returned).
 void *shim_map_fixed_shared(void *addr, size_t len, int prot, int fd, off_t offset);
-/// Replaces [addr, addr+len) with a fresh PROT_NONE anonymous NORESERVE mapping.
+/// Replaces [addr, addr+len) with a fresh PROT_NONE anonymous NORESERVE
+/// mapping (MADV_DONTDUMP).
 void *shim_revoke(void *addr, size_t len);
 int shim_prot_none(void);
 int shim_prot_read(void);

@@ -27,6 +27,10 @@ public struct BridgeSettings: Sendable, Equatable {
     /// `server=on`) instead of listening, and reconnect whenever it drops —
     /// so the daemon can restart under a running VM.
     public var client: Bool = false
+    /// VM2 translation requests that may wait on VM1 at once; more are
+    /// refused (`translation-limit`).
+    public var maxPendingTranslations: Int = BridgeSettings.defaultMaxPendingTranslations
+    public static let defaultMaxPendingTranslations = 256
 
     public init(name: String, socketPath: String?, peerSocketPath: String? = nil, backend: BackendConfiguration,
                 revocationDeadlineMilliseconds: Int = 100, notifications: NotificationMode = .relay,
@@ -109,6 +113,8 @@ public struct BridgeStatistics: Sendable, Equatable {
     public var peerUnmapsSent = 0
     public var peerAcks = 0
     public var revocationTimeouts = 0
+    /// VM2 connections ended for a protocol error.
+    public var peerProtocolErrors = 0
     public var translationsGranted = 0
     public var translationsRefused = 0
     public var peerRefusals: [String: Int] = [:]
@@ -205,6 +211,7 @@ public final class Bridge: Sendable {
         s.peerUnmapsSent = p.unmapsSent
         s.peerAcks = p.acks
         s.revocationTimeouts = p.revocationTimeouts
+        s.peerProtocolErrors = p.protocolErrors
         s.translationsGranted = p.translationsGranted
         s.translationsRefused = p.translationsRefused
         s.peerRefusals = p.refusals
@@ -314,7 +321,8 @@ public final class Bridge: Sendable {
         try? connection.setSendTimeout(milliseconds: 2000)
         do {
             let session = try VhostUserConnection(socket: connection, configuration: settings.backend, window: window,
-                                                  peer: peer, relay: relay, logger: logger)
+                                                  peer: peer, relay: relay, logger: logger,
+                                                  maxPendingTranslations: settings.maxPendingTranslations)
             state.withLock { $0.statistics.activeSession = true }
             publish(session)
             return session
@@ -387,6 +395,7 @@ public final class Bridge: Sendable {
                 }
             case .gone(let generation, let reason):
                 logger.info("VM2 disconnected (generation \(generation)): \(reason)")
+                session?.dropTranslations(of: generation)
             }
         }
     }
@@ -437,6 +446,7 @@ public final class Bridge: Sendable {
             message = try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count)
         } catch {
             if stopping { return "bridge stopping" }
+            peer.countProtocolError(rule: "peer-protocol")
             logger.warning("VM2 protocol error: \(error)")
             try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: "\(error)"))), nonBlocking: true)
             return "protocol error: \(error)"
@@ -444,19 +454,27 @@ public final class Bridge: Sendable {
         switch message {
         case .hello(let hello) where !greeted:
             guard hello.version == PeerCodec.version else {
+                peer.countProtocolError(rule: "peer-version")
                 try? socket.send(PeerCodec.encode(.error(PeerError(code: .version, text: "peer protocol version \(hello.version) is not 1"))), nonBlocking: true)
                 return "version \(hello.version)"
             }
             greeted = true
             peer.post(.hello(hello, generation: generation))
         case .ack(let seq) where greeted:
-            peer.acknowledge(seq, generation: generation)
+            do {
+                try peer.acknowledge(seq, generation: generation)
+            } catch {
+                logger.warning("VM2 protocol error: \(error)", metadata: ["rule": "ack-sequence"])
+                try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: "\(error)"))), nonBlocking: true)
+                return "protocol error: \(error)"
+            }
         case .translate(let t) where greeted:
             peer.post(.translate(t, generation: generation))
         case .error(let e):
             return "VM2 reported error \(e.code): \(e.text)"
         default:
             let text = "\(message.type) is not allowed \(greeted ? "from VM2" : "before HELLO")"
+            peer.countProtocolError(rule: "peer-state")
             logger.warning("VM2 protocol error: \(text)")
             try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: text))), nonBlocking: true)
             return text

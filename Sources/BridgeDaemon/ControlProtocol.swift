@@ -171,6 +171,7 @@ extension DaemonController {
          "iotlbUpdates": s.iotlbUpdates, "iotlbInvalidates": s.iotlbInvalidates, "iotlbMisses": s.iotlbMissesSent,
          "refusals": s.refusals, "vm2Connected": s.peerConnected, "vm2Connections": s.peerConnections,
          "mapsSent": s.peerMapsSent, "unmapsSent": s.peerUnmapsSent, "revocationTimeouts": s.revocationTimeouts,
+         "vm2ProtocolErrors": s.peerProtocolErrors,
          "slowestRevocationMicroseconds": s.slowestRevocationMicroseconds, "translationsGranted": s.translationsGranted,
          "translationsRefused": s.translationsRefused, "vm2Refusals": s.peerRefusals,
          "notifications": s.notificationMode.rawValue, "kicksRelayed": s.kicksRelayed, "callsRelayed": s.callsRelayed,
@@ -201,6 +202,7 @@ extension DaemonController {
                all.flatMap { (n, s) in ["{bridge=\"\(n)\",direction=\"kick\"} \(s.kicksRelayed)", "{bridge=\"\(n)\",direction=\"call\"} \(s.callsRelayed)"] })
         family("bridge_notifications_dropped_total", "Notifications dropped because the other side was gone.", "counter", per { "\($0.notificationsDropped)" })
         family("bridge_revocation_timeouts_total", "VM2s disconnected for missing the revocation deadline.", "counter", per { "\($0.revocationTimeouts)" })
+        family("bridge_vm2_protocol_errors_total", "VM2 connections ended for a protocol error.", "counter", per { "\($0.peerProtocolErrors)" })
         family("bridge_revocation_latency_max_seconds", "Slowest acknowledged revocation (VM2 ack wait).", "gauge",
                per { String(format: "%.6f", Double($0.slowestRevocationMicroseconds) / 1e6) })
         family("bridge_translations_total", "VM2 translation requests, by result.", "counter",

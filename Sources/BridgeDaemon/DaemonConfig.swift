@@ -23,6 +23,7 @@ public struct BridgeConfig: Equatable, Sendable {
     public var revocationDeadlineMilliseconds = 100
     public var queuePairs = 1
     public var client = false
+    public var maxPendingTranslations = BridgeSettings.defaultMaxPendingTranslations
 
     public init(name: String, vhostUserSocket: String, peerSocket: String?, vm2: String, addressSpace: AddressSpaceConfiguration) {
         self.name = name
@@ -38,6 +39,7 @@ public struct BridgeConfig: Equatable, Sendable {
                                revocationDeadlineMilliseconds: revocationDeadlineMilliseconds,
                                notifications: notifications, busyPollMicroseconds: busyPollMicroseconds)
         s.client = client
+        s.maxPendingTranslations = maxPendingTranslations
         return s
     }
 }
@@ -58,7 +60,7 @@ public struct DaemonConfig: Equatable, Sendable {
     static let topKeys: Set<String> = ["runtime-directory", "control-socket", "control-group", "control-mode", "log-level", "vm2-budgets", "bridges"]
     static let bridgeKeys: Set<String> = ["name", "vhost-user-socket", "peer-socket", "vm2", "bar-size", "mode", "static-windows",
                                           "dma-window", "notifications", "busy-poll-us", "revocation-deadline-ms", "max-mappings",
-                                          "queue-pairs", "client", "page-size"]
+                                          "queue-pairs", "client", "page-size", "max-pending-translations"]
 
     /// Parses and validates YAML text. Every error names its key.
     public static func parse(_ text: String) throws(ConfigError) -> DaemonConfig {
@@ -194,6 +196,9 @@ public struct DaemonConfig: Equatable, Sendable {
         if let raw = b["busy-poll-us"] { config.busyPollMicroseconds = try int(raw, "\(key).busy-poll-us", 0...10_000) }
         if let raw = b["revocation-deadline-ms"] { config.revocationDeadlineMilliseconds = try int(raw, "\(key).revocation-deadline-ms", 1...60_000) }
         if let raw = b["queue-pairs"] { config.queuePairs = try int(raw, "\(key).queue-pairs", 1...128) }
+        if let raw = b["max-pending-translations"] {
+            config.maxPendingTranslations = try int(raw, "\(key).max-pending-translations", 1...65_536)
+        }
         if let raw = b["client"] {
             guard let v = raw as? Bool else { throw ConfigError("\(key).client", "must be true or false") }
             config.client = v

@@ -27,6 +27,9 @@ final class PeerLink: Sendable {
         var unmapsSent = 0
         var acks = 0
         var revocationTimeouts = 0
+        /// Connections ended for a protocol error (bad framing, a message in
+        /// the wrong state, an ACK the daemon never asked for, ...).
+        var protocolErrors = 0
         var translationsGranted = 0
         var translationsRefused = 0
         var refusals: [String: Int] = [:]
@@ -82,9 +85,28 @@ final class PeerLink: Sendable {
         _ = try? eventSignal.signal()
     }
 
-    func acknowledge(_ sequence: UInt64, generation: Int) {
-        let accepted = state.withLock { s -> Bool in
+    enum AckError: Error, Equatable, CustomStringConvertible {
+        /// VM2 acknowledged a sequence the daemon has not sent yet: accepting
+        /// it would satisfy a later revocation before VM2 even saw it.
+        case fromTheFuture(UInt64, lastSent: UInt64)
+        var description: String {
+            switch self {
+            case .fromTheFuture(let seq, let last): "ACK \(seq) is beyond the last MAP/UNMAP sequence sent (\(last))"
+            }
+        }
+    }
+
+    /// VM2 acknowledged every MAP/UNMAP up to `sequence` on connection
+    /// `generation`. An ACK for a sequence not sent yet is a protocol error.
+    func acknowledge(_ sequence: UInt64, generation: Int) throws(AckError) {
+        let accepted = try state.withLock { s throws(AckError) -> Bool in
             guard s.generation == generation else { return false }
+            let lastSent = s.nextSequence - 1
+            guard sequence <= lastSent else {
+                s.statistics.protocolErrors += 1
+                s.statistics.refusals["ack-sequence", default: 0] += 1
+                throw .fromTheFuture(sequence, lastSent: lastSent)
+            }
             s.acked = max(s.acked, sequence)
             s.statistics.acks += 1
             return true
@@ -92,7 +114,15 @@ final class PeerLink: Sendable {
         if accepted { _ = try? ackSignal.signal() }
     }
 
-    /// The connection of `generation` ended (EOF, error, or disconnected by us).
+    func countProtocolError(rule: String) {
+        count { $0.protocolErrors += 1; $0.refusals[rule, default: 0] += 1 }
+    }
+
+    /// The connection of `generation` ended (EOF, error, or disconnected by
+    /// us). The socket is shut down and forgotten here; its fd is closed when
+    /// the last holder lets go — the peer thread that owns it, or a bridge
+    /// thread still inside a send — never under a sender's feet, so a new
+    /// VM2 can never receive the tail of a message meant for the old one.
     func detach(generation: Int, reason: String) {
         let socket = state.withLock { s -> UnixSocket? in
             guard s.generation == generation, let socket = s.socket else { return nil }
@@ -103,7 +133,7 @@ final class PeerLink: Sendable {
             return socket
         }
         guard let socket else { return }
-        try? socket.fd.close()
+        socket.shutdown()
         post(.gone(generation: generation, reason: reason))
     }
 
@@ -134,10 +164,11 @@ final class PeerLink: Sendable {
     /// Sends to the attached VM2 (blocking, bounded by SO_SNDTIMEO). Returns
     /// false — and disconnects VM2 — when that fails. With `onlyIfReady`,
     /// nothing is sent before the handshake and state replay are done.
+    /// With `generation`, only that connection gets it (a reply to a request).
     @discardableResult
-    func send(_ message: PeerMessage, fds: [Int32] = [], onlyIfReady: Bool = true) -> Bool {
+    func send(_ message: PeerMessage, fds: [Int32] = [], onlyIfReady: Bool = true, generation only: Int? = nil) -> Bool {
         guard let (socket, generation) = state.withLock({ s -> (UnixSocket, Int)? in
-            guard let socket = s.socket, !onlyIfReady || s.ready else { return nil }
+            guard let socket = s.socket, !onlyIfReady || s.ready, only == nil || only == s.generation else { return nil }
             return (socket, s.generation)
         }) else { return false }
         do {
@@ -150,26 +181,37 @@ final class PeerLink: Sendable {
         }
     }
 
-    /// The next MAP/UNMAP sequence number.
-    func takeSequence() -> UInt64 {
+    /// A MAP/UNMAP sequence number on one VM2 connection.
+    struct Ticket: Equatable {
+        var sequence: UInt64
+        var generation: Int
+    }
+
+    /// The next MAP/UNMAP sequence number of the attached connection.
+    func takeSequence() -> Ticket {
         state.withLock { s in
             defer { s.nextSequence += 1 }
-            return s.nextSequence
+            return Ticket(sequence: s.nextSequence, generation: s.generation)
         }
     }
 
-    /// Waits until VM2 acknowledged `sequence`, at most the revocation
+    /// Waits until VM2 acknowledged `ticket`, at most the revocation
     /// deadline. On time-out VM2 is disconnected (it then holds no mapping)
     /// and false is returned; either way the revocation is complete when this
-    /// returns.
+    /// returns. A wait belongs to the connection its ticket was taken on: when
+    /// that one is gone, nothing is left to wait for, and a newer connection's
+    /// acks (its sequences start again at 1) never satisfy it.
     @discardableResult
-    func waitForAck(_ sequence: UInt64) -> Bool {
+    func waitForAck(_ ticket: Ticket) -> Bool {
+        let sequence = ticket.sequence
         let clock = ContinuousClock()
         let start = clock.now
         let deadline = start.advanced(by: .milliseconds(revocationDeadlineMilliseconds))
         while true {
-            let (acked, generation) = state.withLock { ($0.acked, $0.socket == nil ? nil : Optional($0.generation)) }
-            guard let generation else { return true } // VM2 gone: nothing to wait for
+            let (acked, generation) = state.withLock { s in
+                (s.acked, s.socket != nil && s.generation == ticket.generation ? Optional(s.generation) : nil)
+            }
+            guard let generation else { return true } // that VM2 is gone: nothing to wait for
             if acked >= sequence {
                 let us = UInt64(max(0, (start.duration(to: clock.now) / .microseconds(1)).rounded(.down)))
                 count { $0.slowestRevocationMicroseconds = max($0.slowestRevocationMicroseconds, us) }

@@ -90,18 +90,20 @@ final class VhostUserConnection {
     private var backendChannel: UnixSocket?
     private var deviceRunning = false
 
-    struct PendingTranslation {
-        var request: PeerTranslate
-        var generation: Int
-        var deadline: ContinuousClock.Instant
-    }
-    private(set) var pendingTranslations: [PendingTranslation] = []
+    /// VM2 translations waiting on VM1, and the misses raised for them.
+    private(set) var pendingTranslations: PendingTranslations
+    private var misses: OutstandingMisses
+    private var refusalLog = LogThrottle(interval: .seconds(10))
     static let translationDeadline: Duration = .seconds(2)
+    /// How long a miss stays unanswered before it is raised again.
+    static let missRetryInterval: Duration = .seconds(1)
 
     init(socket: UnixSocket, configuration: BackendConfiguration, window: BARWindow, peer: PeerLink,
-         relay: NotificationRelay?, logger: Logger) throws(ConfigurationError) {
+         relay: NotificationRelay?, logger: Logger, maxPendingTranslations: Int) throws(ConfigurationError) {
         self.socket = socket
         self.session = try BackendSession(configuration)
+        pendingTranslations = PendingTranslations(capacity: maxPendingTranslations)
+        misses = OutstandingMisses(pageSize: configuration.addressSpace.pageSize, retryInterval: Self.missRetryInterval)
         self.window = window
         self.peer = peer
         self.relay = relay
@@ -200,7 +202,7 @@ final class VhostUserConnection {
             logger.trace("handled \(code)")
         }
         if let reason = execute(outcome.effects, fds: message.fds) { return reason }
-        if case .iotlb = request { retryPendingTranslations() }
+        if case .iotlb(let m) = request, m.type == .update, outcome.error == nil { settleTranslations() }
         return outcome.closeConnection ? "\(code): \(outcome.error.map { "\($0)" } ?? "refused")" : nil
     }
 
@@ -264,6 +266,8 @@ final class VhostUserConnection {
                 backendChannel = take(index).map { UnixSocket(adopting: $0, kind: .stream) }
             case .sendBackend(let bytes):
                 sendBackend(bytes)
+            case .raiseMiss(let bus, let permission):
+                raiseMiss(bus, permission)
             case .ringStarted(let index, let layout):
                 logger.info("vring \(index) started: \(layout.queueSize) entries, desc \(layout.descriptorTable), avail \(layout.availRing), used \(layout.usedRing)")
                 if !deviceRunning {
@@ -302,7 +306,7 @@ final class VhostUserConnection {
     /// VM2's ack (or disconnects VM2 at the deadline) — before VM1 is acked.
     private func pushToPeer(_ plan: WindowPlan) {
         guard peer.isReady, !plan.isEmpty else { return }
-        var last: UInt64 = 0
+        var last: PeerLink.Ticket?
         for op in plan.operations {
             switch op {
             case .map(let bus, let length, let permission, let region, let fdOffset):
@@ -313,35 +317,35 @@ final class VhostUserConnection {
                                    region: piece.region, fdOffset: piece.fdOffset) ?? last
                 }
             case .unmap(let bus, let length):
-                let seq = peer.takeSequence()
-                if peer.send(.unmap(PeerUnmap(sequence: seq, barOffset: bus.rawValue, length: length))) {
+                let ticket = peer.takeSequence()
+                if peer.send(.unmap(PeerUnmap(sequence: ticket.sequence, barOffset: bus.rawValue, length: length))) {
                     peer.count { $0.unmapsSent += 1 }
-                    last = seq
+                    last = ticket
                 }
             }
         }
-        if plan.revokesAccess, last > 0 { peer.waitForAck(last) }
+        if plan.revokesAccess, let last { peer.waitForAck(last) }
     }
 
     /// After a failed plan: make sure VM2 has none of its ranges either.
     private func revokeFromPeer(_ plan: WindowPlan) {
         guard peer.isReady else { return }
-        var last: UInt64 = 0
+        var last: PeerLink.Ticket?
         for op in plan.operations {
-            let seq = peer.takeSequence()
-            if peer.send(.unmap(PeerUnmap(sequence: seq, barOffset: op.bus.rawValue, length: op.length))) { last = seq }
+            let ticket = peer.takeSequence()
+            if peer.send(.unmap(PeerUnmap(sequence: ticket.sequence, barOffset: op.bus.rawValue, length: op.length))) { last = ticket }
         }
-        if last > 0 { peer.waitForAck(last) }
+        if let last { peer.waitForAck(last) }
     }
 
     private func sendMap(bus: BusAddress, length: UInt64, permission: Permission, region: RegionID, fdOffset: UInt64,
-                         onlyIfReady: Bool = true) -> UInt64? {
+                         onlyIfReady: Bool = true) -> PeerLink.Ticket? {
         guard let fd = regionFiles[region] else { return nil }
-        let seq = peer.takeSequence()
-        guard peer.send(.map(PeerMap(sequence: seq, barOffset: bus.rawValue, length: length, fdOffset: fdOffset,
+        let ticket = peer.takeSequence()
+        guard peer.send(.map(PeerMap(sequence: ticket.sequence, barOffset: bus.rawValue, length: length, fdOffset: fdOffset,
                                      permission: permission)), fds: [fd.rawValue], onlyIfReady: onlyIfReady) else { return nil }
         peer.count { $0.mapsSent += 1 }
-        return seq
+        return ticket
     }
 
     private func sendVring(_ index: Int, onlyIfReady: Bool = true) {
@@ -376,85 +380,137 @@ final class VhostUserConnection {
         }
     }
 
-    /// VM2 asks for a translation (like ATS).
-    func translate(_ request: PeerTranslate, generation: Int) {
+    /// VM2 asks for a translation (like ATS). Granted at once when mapped;
+    /// in iommu/static mode an unmapped range VM1 could map waits (bounded,
+    /// merged with identical requests) while one IOTLB miss goes to VM1.
+    func translate(_ request: PeerTranslate, generation: Int, now: ContinuousClock.Instant = .now) {
         let bus = BusAddress(request.barOffset)
+        let asked = TranslationRequest(id: request.requestID, bus: bus, length: request.length, access: request.access)
         do {
             let pieces = try session.addressSpace.checkAccess(bus, length: request.length, needed: request.access, purpose: .translation)
             for p in pieces { _ = sendMap(bus: p.bus, length: p.length, permission: p.permission, region: p.region, fdOffset: p.fdOffset) }
-            reply(request, .granted)
+            answer([asked.id], asked, owner: generation, .granted)
         } catch {
             // Unmapped but a range VM1 could map: raise an IOTLB miss and wait.
             if case .notMapped(_, _, _, let missing) = error, session.addressSpace.mode != .identity {
                 do {
                     try session.addressSpace.checkTranslatable(bus, length: request.length)
                 } catch {
-                    reply(request, .refused, reason: "\(error)", rule: error.rule)
+                    answer([asked.id], asked, owner: generation, .refused, reason: "\(error)", rule: error.rule)
                     return
                 }
-                if let miss = session.missMessage(bus: missing, permission: request.access), case .sendBackend(let bytes) = miss {
-                    sendBackend(bytes)
-                    pendingTranslations.append(PendingTranslation(request: request, generation: generation,
-                                                                  deadline: ContinuousClock.now.advanced(by: Self.translationDeadline)))
+                guard session.hasBackendChannel, session.iommuPlatform else {
+                    answer([asked.id], asked, owner: generation, .refused,
+                           reason: "\(error); VM1 has no back-end channel to raise an IOTLB miss on", rule: error.rule)
                     return
                 }
-                reply(request, .refused, reason: "\(error); VM1 has no back-end channel to raise an IOTLB miss on", rule: error.rule)
+                switch pendingTranslations.admit(asked, owner: generation, deadline: now.advanced(by: Self.translationDeadline)) {
+                case .full(let capacity):
+                    answer([asked.id], asked, owner: generation, .refused,
+                           reason: "[translation-limit] \(capacity) translations already wait for VM1", rule: "translation-limit")
+                case .queued, .merged:
+                    raiseMiss(missing, request.access, now: now) // once per page until the retry interval passes
+                }
                 return
             }
             // A policy refusal (BAR, DMA window, static window) names that rule.
             var reason = error
             do { try session.addressSpace.checkTranslatable(bus, length: request.length) } catch { reason = error }
-            reply(request, .refused, reason: "\(reason)", rule: reason.rule)
+            answer([asked.id], asked, owner: generation, .refused, reason: "\(reason)", rule: reason.rule)
         }
     }
 
-    private func reply(_ request: PeerTranslate, _ status: TranslateStatus, reason: String = "", rule: String? = nil) {
+    /// Answers request `ids` (all for the same range) on VM2 connection
+    /// `owner` only: a reply never reaches a VM2 that did not ask.
+    private func answer(_ ids: [UInt64], _ request: TranslationRequest, owner: Int, _ status: TranslateStatus,
+                        reason: String = "", rule: String? = nil, now: ContinuousClock.Instant = .now) {
         if status == .granted {
-            peer.count { $0.translationsGranted += 1 }
+            peer.count { $0.translationsGranted += ids.count }
         } else {
             let label = rule ?? (status == .timedOut ? "translation-timeout" : "not-mapped")
-            peer.count { $0.translationsRefused += 1; $0.refusals[label, default: 0] += 1 }
-            logger.info("VM2 translation \(Hex(request.barOffset))+\(Hex(request.length)) \(request.access) refused: \(reason)")
+            peer.count { $0.translationsRefused += ids.count; $0.refusals[label, default: 0] += ids.count }
+            if let held = refusalLog.admit(label, now: now) {
+                logger.info("VM2 translation \(request.bus)+\(Hex(request.length)) \(request.access) refused: \(reason)\(held > 0 ? " (\(held) more [\(label)] refusals not logged)" : "")",
+                            metadata: ["rule": "\(label)"])
+            }
         }
-        peer.send(.translateReply(PeerTranslateReply(requestID: request.requestID, status: status, reason: reason)))
+        for id in ids {
+            peer.send(.translateReply(PeerTranslateReply(requestID: id, status: status, reason: reason)), generation: owner)
+        }
     }
 
-    /// After an IOTLB update: answer the translations it satisfied, raise
-    /// the next miss for those still partly unmapped.
-    private func retryPendingTranslations() {
+    /// An IOTLB miss toward VM1, unless one for that page and access is still
+    /// outstanding (a front end answers every miss; a stale one makes the
+    /// guest log DMAR faults).
+    private func raiseMiss(_ bus: BusAddress, _ permission: Permission, now: ContinuousClock.Instant = .now) {
+        guard misses.shouldRaise(bus, permission: permission, now: now),
+              case .sendBackend(let bytes)? = session.missMessage(bus: bus, permission: permission) else { return }
+        sendBackend(bytes)
+    }
+
+    /// After an IOTLB update: forget the misses it answered, answer the
+    /// translations it satisfied (their MAPs went out with the update's plan)
+    /// and refuse those that can no longer be satisfied; the rest wait, with
+    /// a miss for their next unmapped page if that is a new one.
+    private func settleTranslations(now: ContinuousClock.Instant = .now) {
+        misses.forget { bus, permission in
+            (try? session.addressSpace.checkAccess(bus, length: 1, needed: permission)) != nil
+        }
         guard !pendingTranslations.isEmpty else { return }
-        var still: [PendingTranslation] = []
-        for p in pendingTranslations {
-            guard peer.currentGeneration == p.generation else { continue }
-            let bus = BusAddress(p.request.barOffset)
-            do {
-                _ = try session.addressSpace.checkAccess(bus, length: p.request.length, needed: p.request.access, purpose: .translation)
-                reply(p.request, .granted) // its MAPs went out with the update's plan
+        let space = session.addressSpace
+        let settled = pendingTranslations.settle { entry in
+            do throws(AddressSpaceError) {
+                try space.checkAccess(entry.bus, length: entry.length, needed: entry.access, purpose: .translation)
+                return true
             } catch {
-                if case .notMapped(_, _, _, let missing) = error,
-                   let miss = session.missMessage(bus: missing, permission: p.request.access), case .sendBackend(let bytes) = miss {
-                    sendBackend(bytes)
-                    still.append(p)
-                } else {
-                    reply(p.request, .refused, reason: "\(error)", rule: error.rule)
-                }
+                if case .notMapped = error { return false }
+                return true
             }
         }
-        pendingTranslations = still
+        for entry in settled {
+            let request = TranslationRequest(id: 0, bus: entry.bus, length: entry.length, access: entry.access)
+            do throws(AddressSpaceError) {
+                try space.checkAccess(entry.bus, length: entry.length, needed: entry.access, purpose: .translation)
+                answer(entry.ids, request, owner: entry.owner, .granted, now: now)
+            } catch {
+                answer(entry.ids, request, owner: entry.owner, .refused, reason: "\(error)", rule: error.rule, now: now)
+            }
+        }
+        raiseStillNeeded(now: now)
     }
 
-    /// Refuses translations whose deadline passed; returns the next deadline.
-    func expireTranslations(now: ContinuousClock.Instant) -> ContinuousClock.Instant? {
-        var still: [PendingTranslation] = []
-        for p in pendingTranslations {
-            if p.deadline <= now {
-                reply(p.request, .timedOut, reason: "VM1 did not answer the IOTLB miss in time")
-            } else {
-                still.append(p)
+    /// One miss per page still needed by a waiting translation or ring (the
+    /// outstanding ones are skipped until their retry interval passed); misses
+    /// nobody needs any more are forgotten.
+    private func raiseStillNeeded(now: ContinuousClock.Instant) {
+        var needed = session.ringTranslationsNeeded()
+        for entry in pendingTranslations.entries {
+            do {
+                try session.addressSpace.checkAccess(entry.bus, length: entry.length, needed: entry.access, purpose: .translation)
+            } catch {
+                if case .notMapped(_, _, _, let missing) = error { needed.append((missing, entry.access)) }
             }
         }
-        pendingTranslations = still
-        return still.map(\.deadline).min()
+        for (bus, permission) in needed { raiseMiss(bus, permission, now: now) }
+        misses.keepOnly(needed)
+    }
+
+    /// Refuses translations whose deadline passed, raises again the misses
+    /// whose retry interval passed; returns when to call again.
+    func expireTranslations(now: ContinuousClock.Instant) -> ContinuousClock.Instant? {
+        for entry in pendingTranslations.expire(now: now) {
+            answer(entry.ids, TranslationRequest(id: 0, bus: entry.bus, length: entry.length, access: entry.access),
+                   owner: entry.owner, .timedOut, reason: "VM1 did not answer the IOTLB miss in time", now: now)
+        }
+        if let retry = misses.nextRetry, retry <= now { raiseStillNeeded(now: now) }
+        return [pendingTranslations.nextDeadline, misses.nextRetry].compactMap { $0 }.min()
+    }
+
+    /// VM2 connection `generation` is gone: its waiting translations have
+    /// nobody to answer.
+    func dropTranslations(of generation: Int) {
+        _ = pendingTranslations.removeAll(owner: generation)
+        raiseStillNeeded(now: .now)
     }
 
     /// Carries out an operator command on this session (bridge thread).
@@ -487,8 +543,11 @@ final class VhostUserConnection {
             deviceRunning = false
         }
         for index in Array(relayed.keys) { stopRelay(index) }
-        for p in pendingTranslations { reply(p.request, .refused, reason: "the VM1 session ended") }
-        pendingTranslations = []
+        for entry in pendingTranslations.removeAll() {
+            answer(entry.ids, TranslationRequest(id: 0, bus: entry.bus, length: entry.length, access: entry.access),
+                   owner: entry.owner, .refused, reason: "the VM1 session ended", rule: "session-ended")
+        }
+        misses.removeAll()
         for fd in regionFiles.values { try? fd.close() }
         regionFiles = [:]
         for files in vringFiles.values { for fd in files.values { try? fd.close() } }

@@ -66,6 +66,10 @@ public enum SessionEffect: Equatable, Sendable {
     case adoptBackendChannel(fdIndex: Int)
     /// Send on the back-end channel (an IOTLB miss).
     case sendBackend([UInt8])
+    /// A ring needs `bus` mapped with `permission` before it can start: raise
+    /// an IOTLB miss (`missMessage`) unless one for that page is still
+    /// outstanding — the connection keeps track (`OutstandingMisses`).
+    case raiseMiss(bus: BusAddress, permission: Permission)
     case ringStarted(index: Int, VringLayout)
     case ringStopped(index: Int)
     case ringEnabled(index: Int, Bool)
@@ -615,6 +619,30 @@ public struct BackendSession: Sendable {
         vrings[index].base = UInt32(lastAvail)
     }
 
+    /// What the rings waiting for a translation still miss: the first
+    /// unmapped address of each and the access it needs (to raise a miss
+    /// again once the last one went unanswered for long enough).
+    public func ringTranslationsNeeded() -> [(bus: BusAddress, permission: Permission)] {
+        var needed: [(bus: BusAddress, permission: Permission)] = []
+        for ring in vrings where ring.awaitingTranslation {
+            guard let size = ring.size, let a = ring.address else { continue }
+            let parts: [(UInt64, UInt64, Permission)] = [
+                (a.descriptor, VringLayout.descriptorTableSize(size), .read),
+                (a.available, VringLayout.availRingSize(size), .read),
+                (a.used, VringLayout.usedRingSize(size), .readWrite),
+            ]
+            for (address, length, permission) in parts {
+                do {
+                    try addressSpace.checkAccess(BusAddress(address), length: length, needed: permission)
+                } catch {
+                    if case .notMapped(_, _, _, let missing) = error { needed.append((missing, permission)) }
+                    break
+                }
+            }
+        }
+        return needed
+    }
+
     /// A back-end IOTLB miss for `bus` (what the front end must map).
     public mutating func missMessage(bus: BusAddress, permission: Permission) -> SessionEffect? {
         guard hasBackendChannel, iommuPlatform else { return nil }
@@ -656,8 +684,7 @@ public struct BackendSession: Sendable {
             if iommuPlatform, case .notMapped(let purpose, _, _, let missing) = error {
                 vrings[i].awaitingTranslation = true
                 let perm: Permission = purpose == .usedRing ? .readWrite : .read
-                if let miss = missMessage(bus: missing, permission: perm) { return [miss] }
-                return []
+                return hasBackendChannel ? [.raiseMiss(bus: missing, permission: perm)] : []
             }
             throw .addressSpace(error)
         }

@@ -204,17 +204,25 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         s.ok(.setBackendReqFD, files: [ReceivedFile(index: 0, size: nil, kind: .socket)])
         s.configureRing(0, base: 0x1_0000_0000)
         let kick = s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
-        guard case .sendBackend(let bytes)? = kick.last else { Issue.record("no miss: \(kick)"); return }
+        #expect(kick.last == .raiseMiss(bus: BusAddress(0x1_0000_0000), permission: .read))
+        #expect(s.vrings[0].awaitingTranslation && !s.vrings[0].started)
+        #expect(s.ringTranslationsNeeded().map(\.bus) == [BusAddress(0x1_0000_0000)])
+        guard case .sendBackend(let bytes)? = s.missMessage(bus: BusAddress(0x1_0000_0000), permission: .read) else {
+            Issue.record("no miss message"); return
+        }
         let (header, payload) = split(bytes)
         let miss = try VhostUserCodec.decodeBackendIOTLB(header, payload: payload)
         #expect(miss == IOTLBMessage(iova: 0x1_0000_0000, size: 0, userAddress: 0, permission: .read, type: .miss))
-        #expect(s.vrings[0].awaitingTranslation && !s.vrings[0].started)
+        // Part of the ring mapped: what is still needed moves on (avail, then used).
+        s.ok(.iotlb(IOTLBMessage(iova: 0x1_0000_0000, size: 0x1000, userAddress: ramUser + 0x8000, permission: .read, type: .update)))
+        #expect(s.ringTranslationsNeeded().map(\.bus) == [BusAddress(0x1_0000_1000)])
         // The front end answers with an update covering all three parts.
         let update = s.ok(.iotlb(IOTLBMessage(iova: 0x1_0000_0000, size: 0x4000, userAddress: ramUser + 0x8000,
                                               permission: .readWrite, type: .update)), needReply: true)
         #expect(update.contains(.ringStarted(index: 0, VringLayout(queueSize: 256, descriptorTable: BusAddress(0x1_0000_0000),
                                                                     availRing: BusAddress(0x1_0000_1000), usedRing: BusAddress(0x1_0000_2000)))))
-        #expect(s.statistics.iotlbMissesSent == 1 && s.statistics.iotlbUpdates == 1)
+        #expect(s.statistics.iotlbMissesSent == 1 && s.statistics.iotlbUpdates == 2)
+        #expect(s.ringTranslationsNeeded().isEmpty)
         #expect(replyU64(update) == 0)
     }
 

@@ -10,11 +10,16 @@ private func request(_ id: UInt64, _ bus: UInt64, length: UInt64 = 0x1000, acces
 @Suite struct PendingTranslationTests {
     @Test func identicalRequestsOfOneConnectionShareAnEntry() {
         var p = PendingTranslations(capacity: 10)
-        #expect(p.admit(request(1, 0x1000), owner: 1, deadline: t0) == .queued)
-        #expect(p.admit(request(2, 0x1000), owner: 1, deadline: t0) == .merged)
-        #expect(p.admit(request(3, 0x1000, access: .readWrite), owner: 1, deadline: t0) == .queued)
-        #expect(p.admit(request(4, 0x1000), owner: 2, deadline: t0) == .queued, "another connection's request is its own")
-        #expect(p.admit(request(5, 0x1000, length: 0x2000), owner: 1, deadline: t0) == .queued)
+        let r1 = p.admit(request(1, 0x1000), owner: 1, deadline: t0)
+        #expect(r1 == .queued)
+        let r2 = p.admit(request(2, 0x1000), owner: 1, deadline: t0)
+        #expect(r2 == .merged)
+        let r3 = p.admit(request(3, 0x1000, access: .readWrite), owner: 1, deadline: t0)
+        #expect(r3 == .queued)
+        let r4 = p.admit(request(4, 0x1000), owner: 2, deadline: t0)
+        #expect(r4 == .queued, "another connection's request is its own")
+        let r5 = p.admit(request(5, 0x1000, length: 0x2000), owner: 1, deadline: t0)
+        #expect(r5 == .queued)
         #expect(p.entries.count == 4 && p.count == 5)
         #expect(p.entries[0].ids == [1, 2])
     }
@@ -42,11 +47,14 @@ private func request(_ id: UInt64, _ bus: UInt64, length: UInt64 = 0x1000, acces
         #expect(expired.map(\.ids) == [[1, 2]] && p.count == 2)
         let settled = p.settle { $0.bus == BusAddress(0x3000) }
         #expect(settled.map(\.owner) == [2] && p.count == 1)
-        #expect(p.removeAll(owner: 2).isEmpty)
-        #expect(p.removeAll(owner: 1).map(\.ids) == [[3]])
+        let r6 = p.removeAll(owner: 2).isEmpty
+        #expect(r6)
+        let r7 = p.removeAll(owner: 1).map(\.ids)
+        #expect(r7 == [[3]])
         #expect(p.isEmpty && p.count == 0 && p.nextDeadline == nil)
         // Room again after settling.
-        #expect(p.admit(request(9, 0x1000), owner: 3, deadline: t0) == .queued)
+        let r8 = p.admit(request(9, 0x1000), owner: 3, deadline: t0)
+        #expect(r8 == .queued)
     }
 }
 
@@ -55,13 +63,19 @@ private func request(_ id: UInt64, _ bus: UInt64, length: UInt64 = 0x1000, acces
     /// interval passed — not because something else happened meanwhile.
     @Test func oneMissPerPageUntilTheRetryInterval() {
         var m = OutstandingMisses(pageSize: 0x1000, retryInterval: .seconds(1))
-        #expect(m.shouldRaise(BusAddress(0x1000), permission: .read, now: t0))
-        #expect(!m.shouldRaise(BusAddress(0x1fff), permission: .read, now: t0.advanced(by: .milliseconds(10))), "same page")
-        #expect(m.shouldRaise(BusAddress(0x1000), permission: .readWrite, now: t0), "another access is another miss")
-        #expect(m.shouldRaise(BusAddress(0x2000), permission: .read, now: t0))
-        #expect(!m.shouldRaise(BusAddress(0x1000), permission: .read, now: t0.advanced(by: .milliseconds(999))))
+        let r9 = m.shouldRaise(BusAddress(0x1000), permission: .read, now: t0)
+        #expect(r9)
+        let r10 = m.shouldRaise(BusAddress(0x1fff), permission: .read, now: t0.advanced(by: .milliseconds(10)))
+        #expect(!r10, "same page")
+        let r11 = m.shouldRaise(BusAddress(0x1000), permission: .readWrite, now: t0)
+        #expect(r11, "another access is another miss")
+        let r12 = m.shouldRaise(BusAddress(0x2000), permission: .read, now: t0)
+        #expect(r12)
+        let r13 = m.shouldRaise(BusAddress(0x1000), permission: .read, now: t0.advanced(by: .milliseconds(999)))
+        #expect(!r13)
         #expect(m.nextRetry == t0.advanced(by: .seconds(1)))
-        #expect(m.shouldRaise(BusAddress(0x1000), permission: .read, now: t0.advanced(by: .seconds(1))))
+        let r14 = m.shouldRaise(BusAddress(0x1000), permission: .read, now: t0.advanced(by: .seconds(1)))
+        #expect(r14)
         #expect(m.count == 3)
     }
 
@@ -71,11 +85,14 @@ private func request(_ id: UInt64, _ bus: UInt64, length: UInt64 = 0x1000, acces
         _ = m.shouldRaise(BusAddress(0x5000), permission: .read, now: t0)
         m.forget { bus, _ in bus == BusAddress(0x1000) }
         #expect(m.count == 1)
-        #expect(m.shouldRaise(BusAddress(0x1000), permission: .read, now: t0))
+        let r15 = m.shouldRaise(BusAddress(0x1000), permission: .read, now: t0)
+        #expect(r15)
         m.keepOnly([(BusAddress(0x1234), .read)])
         #expect(m.count == 1)
-        #expect(!m.shouldRaise(BusAddress(0x1000), permission: .read, now: t0))
-        #expect(m.shouldRaise(BusAddress(0x5000), permission: .read, now: t0), "dropped by keepOnly")
+        let r16 = m.shouldRaise(BusAddress(0x1000), permission: .read, now: t0)
+        #expect(!r16)
+        let r17 = m.shouldRaise(BusAddress(0x5000), permission: .read, now: t0)
+        #expect(r17, "dropped by keepOnly")
         m.removeAll()
         #expect(m.count == 0 && m.nextRetry == nil)
     }
@@ -84,10 +101,14 @@ private func request(_ id: UInt64, _ bus: UInt64, length: UInt64 = 0x1000, acces
 @Suite struct LogThrottleTests {
     @Test func oneLinePerKeyPerIntervalAndTheNextSaysHowManyWereHeld() {
         var log = LogThrottle(interval: .seconds(10))
-        #expect(log.admit("a", now: t0) == 0)
-        for i in 1...999 { #expect(log.admit("a", now: t0.advanced(by: .milliseconds(i))) == nil) }
-        #expect(log.admit("b", now: t0) == 0, "keys are independent")
-        #expect(log.admit("a", now: t0.advanced(by: .seconds(10))) == 999)
-        #expect(log.admit("a", now: t0.advanced(by: .seconds(20))) == 0)
+        let r18 = log.admit("a", now: t0)
+        #expect(r18 == 0)
+        for i in 1...999 { let held = log.admit("a", now: t0.advanced(by: .milliseconds(i))); #expect(held == nil) }
+        let r19 = log.admit("b", now: t0)
+        #expect(r19 == 0, "keys are independent")
+        let r20 = log.admit("a", now: t0.advanced(by: .seconds(10)))
+        #expect(r20 == 999)
+        let r21 = log.admit("a", now: t0.advanced(by: .seconds(20)))
+        #expect(r21 == 0)
     }
 }

@@ -1,0 +1,188 @@
+import BridgeCore
+import BridgeDaemon
+import EmulatedGuests
+import Foundation
+import LinuxIO
+import PeerProtocol
+import Testing
+import TestSupport
+import VhostUser
+
+/// A VM2 that speaks raw peer-protocol bytes: whatever a hostile or broken
+/// VM2 VMM could send.
+final class RawVM2 {
+    let socket: UnixSocket
+    init(_ path: String) throws {
+        socket = try UnixSocket.connect(path: path)
+        try socket.setReceiveTimeout(milliseconds: 5000)
+    }
+    deinit { try? socket.fd.close() }
+
+    func send(_ message: PeerMessage, fds: [Int32] = []) throws { try socket.send(PeerCodec.encode(message), fds: fds) }
+
+    /// The next message from the daemon, nil at EOF (fds it carries are closed).
+    func receive() throws -> PeerMessage? {
+        var parsed: (PeerCodec.Header, PeerMessageType)?
+        guard let framed = try socket.receiveFramed(payloadSize: { bytes in
+            let v = try PeerCodec.validate(header: bytes)
+            parsed = v
+            return Int(v.0.size)
+        }), let (header, type) = parsed else { return nil }
+        defer { for fd in framed.fds { try? fd.close() } }
+        return try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count)
+    }
+
+    /// Reads until an ERROR (returned) and then EOF; nil when EOF comes first.
+    func expectErrorThenClose(sourceLocation: SourceLocation = #_sourceLocation) throws -> PeerError? {
+        var error: PeerError?
+        while let message = try receive() {
+            if case .error(let e) = message { error = e }
+        }
+        #expect(error != nil, "no ERROR before the daemon closed", sourceLocation: sourceLocation)
+        return error
+    }
+
+    /// HELLO, then everything up to the reply (the daemon's BAR info).
+    func greet() throws -> PeerBARInfo? {
+        try send(.hello(PeerHello(features: .all)))
+        while let message = try receive() {
+            if case .helloReply(let info) = message { return info }
+        }
+        return nil
+    }
+}
+
+extension Integration {
+    @Suite struct HostileVM2 {
+        /// Runs `attack` against a bridge whose VM1 is connected and running;
+        /// afterwards the bridge must still serve VM1 (traffic through a
+        /// well-behaved VM2), and no fd may have leaked.
+        private func attack(_ name: String, mode: BridgeMode = .identity,
+                            _ body: (RunningBridge) throws -> Void) throws {
+            let running = try RunningBridge(name, mode: mode)
+            defer { running.stop() }
+            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: mode != .identity))
+            defer { vm1.disconnect() }
+            try vm1.start()
+            let before = openFileDescriptorCount()
+            try body(running)
+            #expect(pollUntil { !running.bridge.statistics.peerConnected }, "the hostile VM2 must be gone")
+            #expect(pollUntil { openFileDescriptorCount() == before }, "fds: \(before) before, \(openFileDescriptorCount()) after")
+            // VM1 is unaffected, and the next VM2 serves it.
+            let vm2 = try connectVM2(running)
+            defer { vm2.stop() }
+            let result = try vm1.runTraffic(count: 16, sizes: [64, 1500])
+            #expect(result.completed && result.verified == 16, "\(result)")
+            #expect(running.bridge.statistics.session?.startedRings == [0, 1])
+        }
+
+        @Test func anythingBeforeHelloIsAProtocolError() throws {
+            try attack("h-before") { running in
+                let raw = try RawVM2(running.peerPath)
+                try raw.send(.ack(0))
+                let e = try raw.expectErrorThenClose()
+                #expect(e?.code == .protocolError && e?.text == "ACK is not allowed before HELLO")
+                #expect(running.bridge.statistics.peerRefusals["peer-state"] == 1)
+            }
+        }
+
+        @Test func anotherVersionIsRefused() throws {
+            try attack("h-version") { running in
+                let raw = try RawVM2(running.peerPath)
+                try raw.send(.hello(PeerHello(version: 2, features: .all)))
+                let e = try raw.expectErrorThenClose()
+                #expect(e?.code == .version && e?.text == "peer protocol version 2 is not 1")
+            }
+        }
+
+        @Test func aSecondHelloAndDaemonOnlyTypesAreProtocolErrors() throws {
+            try attack("h-second") { running in
+                let raw = try RawVM2(running.peerPath)
+                #expect(try raw.greet() != nil)
+                try raw.send(.hello(PeerHello(features: .all)))
+                let e = try raw.expectErrorThenClose()
+                #expect(e?.code == .protocolError && e?.text == "HELLO is not allowed from VM2")
+                let again = try RawVM2(running.peerPath)
+                #expect(try again.greet() != nil)
+                try again.send(.unmap(PeerUnmap(sequence: 1, barOffset: 0, length: 4096)))
+                let f = try again.expectErrorThenClose()
+                #expect(f?.code == .protocolError && f?.text == "UNMAP is not allowed from VM2")
+                #expect(running.bridge.statistics.peerProtocolErrors == 2)
+            }
+        }
+
+        @Test func anOversizeHeaderIsRefusedBeforeItsPayloadIsRead() throws {
+            try attack("h-oversize") { running in
+                let raw = try RawVM2(running.peerPath)
+                var header = LittleEndianWriter()
+                header.write(PeerMessageType.translate.rawValue); header.write(UInt32(1)); header.write(UInt32(0x10_0000))
+                try raw.socket.send(header.bytes)
+                let e = try raw.expectErrorThenClose()
+                #expect(e?.code == .protocolError)
+                #expect(e?.text == "TRANSLATE payload of 1048576 bytes, expected at most 264", "\(e?.text ?? "")")
+            }
+        }
+
+        @Test func fdsWhereNoneBelongAreClosedAndRefused() throws {
+            try attack("h-fds") { running in
+                let raw = try RawVM2(running.peerPath)
+                #expect(try raw.greet() != nil)
+                let stray = try EventFD()
+                try raw.send(.ack(0), fds: [stray.fd.rawValue])
+                let e = try raw.expectErrorThenClose()
+                #expect(e?.code == .protocolError && e?.text == "ACK came with 1 fd(s), expected 0", "\(e?.text ?? "")")
+            }
+        }
+
+        /// An ACK for a sequence never sent would satisfy a later revocation
+        /// before VM2 even saw it: a protocol error, counted.
+        @Test func anAckFromTheFutureIsAProtocolError() throws {
+            try attack("h-future") { running in
+                let raw = try RawVM2(running.peerPath)
+                #expect(try raw.greet() != nil)
+                try raw.send(.ack(1_000_000))
+                let e = try raw.expectErrorThenClose()
+                #expect(e?.code == .protocolError)
+                #expect(e?.text.hasPrefix("ACK 1000000 is beyond the last MAP/UNMAP sequence sent") == true, "\(e?.text ?? "")")
+                #expect(running.bridge.statistics.peerRefusals["ack-sequence"] == 1)
+                #expect(running.bridge.statistics.peerAcks == 0)
+            }
+        }
+
+        /// 10 000 TRANSLATEs: at most `max-pending-translations` wait, the
+        /// rest are refused with the rule named; identical ones share one miss.
+        @Test func aTranslateFloodIsBounded() throws {
+            let running = try RunningBridge("h-flood", mode: .iommu)
+            defer { running.stop() }
+            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
+            defer { vm1.disconnect() }
+            try vm1.start()
+            let missesBefore = running.bridge.statistics.iotlbMissesSent
+            let raw = try RawVM2(running.peerPath)
+            #expect(try raw.greet() != nil)
+            // Unmapped IOVAs VM1 could map (inside its DMA window), never answered:
+            // 100 distinct pages, each asked 100 times.
+            let base: UInt64 = 1 << 35
+            for id in 0..<10_000 as Range<UInt64> {
+                try raw.send(.translate(PeerTranslate(requestID: id, barOffset: base + (id % 100) * 4096, length: 4096, access: .read)))
+            }
+            var limited = 0, other = 0
+            while limited + other < 10_000 - BridgeSettings.defaultMaxPendingTranslations, let m = try raw.receive() {
+                guard case .translateReply(let r) = m else { continue }
+                if r.status == .refused, r.reason.hasPrefix("[translation-limit]") { limited += 1 } else { other += 1 }
+            }
+            #expect(limited == 10_000 - BridgeSettings.defaultMaxPendingTranslations && other == 0)
+            let s = running.bridge.statistics
+            #expect(s.peerRefusals["translation-limit"] == limited)
+            // The first 256 requests cover 100 pages at most: one miss each.
+            #expect(s.iotlbMissesSent - missesBefore <= 100, "misses: \(s.iotlbMissesSent - missesBefore)")
+            #expect(s.peerConnected, "refusing requests is not a reason to disconnect")
+            // The waiting ones time out (VM1 never answers), answered to this VM2.
+            var timedOut = 0
+            while timedOut < BridgeSettings.defaultMaxPendingTranslations, let m = try raw.receive() {
+                if case .translateReply(let r) = m, r.status == .timedOut { timedOut += 1 }
+            }
+            #expect(timedOut == BridgeSettings.defaultMaxPendingTranslations)
+        }
+    }
+}

@@ -133,6 +133,9 @@ public enum AddressSpaceError: Error, Equatable, Sendable, CustomStringConvertib
     case outsideDMAWindow(BusAddress, length: UInt64, window: BusWindow)
     case wrongMode(operation: String, mode: BridgeMode)
     case tooManyMappings(limit: Int, wouldBe: Int)
+    /// The process-wide budget (derived from vm.max_map_count, shared by every
+    /// bridge) leaves this bridge `available` mappings.
+    case mappingBudget(available: Int, wouldBe: Int)
     case overlapsExisting(BusAddress, length: UInt64, existing: Mapping)
     case invalidQueueSize(UInt32)
     case ringMisaligned(AccessPurpose, BusAddress, alignment: UInt64)
@@ -153,6 +156,7 @@ public enum AddressSpaceError: Error, Equatable, Sendable, CustomStringConvertib
         case .outsideDMAWindow: "dma-window"
         case .wrongMode: "mode"
         case .tooManyMappings: "mapping-limit"
+        case .mappingBudget: "mapping-budget"
         case .overlapsExisting: "overlap"
         case .invalidQueueSize: "queue-size"
         case .ringMisaligned: "ring-alignment"
@@ -190,6 +194,8 @@ public enum AddressSpaceError: Error, Equatable, Sendable, CustomStringConvertib
             "[\(rule)] \(op) is not allowed in \(mode) mode"
         case .tooManyMappings(let limit, let wouldBe):
             "[\(rule)] the change would need \(wouldBe) mappings; the limit is \(limit)"
+        case .mappingBudget(let available, let wouldBe):
+            "[\(rule)] \(wouldBe) mappings would exceed the \(available) this bridge may hold now: the daemon's mapping budget (from vm.max_map_count) is shared by every bridge"
         case .overlapsExisting(let bus, let length, let existing):
             "[\(rule)] \(bus)+\(Hex(length)) overlaps the existing mapping \(existing)"
         case .invalidQueueSize(let n):
@@ -217,6 +223,10 @@ public struct AddressSpace: Sendable {
     public private(set) var mappings: [Mapping] = []
     public private(set) var isFrozen = false
     public private(set) var mappedBytes: UInt64 = 0
+    /// At most this many mappings after a grant (set from the process-wide
+    /// mapping budget before each request); nil: only `maxMappings` applies.
+    /// Removals are never refused for it.
+    public var mappingCeiling: Int?
 
     public init(_ configuration: AddressSpaceConfiguration) throws(ConfigurationError) {
         try configuration.validate()
@@ -350,8 +360,13 @@ public struct AddressSpace: Sendable {
 
     /// Applies a splice in place, after the mapping limit check.
     private mutating func commit(_ change: Splice, inserted: UInt64, allowGrowthPastLimit: Bool = false) throws(AddressSpaceError) {
-        if !allowGrowthPastLimit, change.countAfter > configuration.maxMappings, change.countAfter > mappings.count {
-            throw .tooManyMappings(limit: configuration.maxMappings, wouldBe: change.countAfter)
+        if !allowGrowthPastLimit, change.countAfter > mappings.count {
+            if change.countAfter > configuration.maxMappings {
+                throw .tooManyMappings(limit: configuration.maxMappings, wouldBe: change.countAfter)
+            }
+            if let ceiling = mappingCeiling, change.countAfter > ceiling {
+                throw .mappingBudget(available: ceiling, wouldBe: change.countAfter)
+            }
         }
         mappings.replaceSubrange(change.lower..<change.upper, with: change.replacement)
         mappedBytes = mappedBytes - change.removed.reduce(0) { $0 + $1.length } + inserted

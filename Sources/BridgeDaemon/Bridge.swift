@@ -125,6 +125,9 @@ public struct BridgeStatistics: Sendable, Equatable {
     public var callsRelayed: UInt64 = 0
     public var notificationsDropped: UInt64 = 0
     public var notificationsCoalesced: UInt64 = 0
+    /// accept() on the vhost-user or peer socket failed for lack of fds or
+    /// memory (each pauses accepting for a moment).
+    public var acceptFailures = 0
 
     /// Adds one session's counters.
     mutating func add(_ session: SessionStatistics) {
@@ -154,6 +157,8 @@ public final class Bridge: Sendable {
     private let peer: PeerLink
     private let relay: NotificationRelay?
     private let stopSignal: EventFD
+    private let mappingBudget: MappingBudget
+    private let budgetID: MappingBudget.ID
     private struct State {
         var stopping = false
         var statistics = BridgeStatistics()
@@ -168,9 +173,12 @@ public final class Bridge: Sendable {
 
     /// Validates the settings, reserves the BAR, and starts listening on the
     /// vhost-user and peer sockets.
-    public init(_ settings: BridgeSettings, logger: Logger) throws(BridgeError) {
+    /// `mappingBudget`: shared by every bridge of the process (tests give a
+    /// group of bridges a small one of their own).
+    public init(_ settings: BridgeSettings, logger: Logger, mappingBudget: MappingBudget = .process) throws(BridgeError) {
         do { try settings.backend.addressSpace.validate() } catch { throw .configuration(settings.name, error) }
         self.settings = settings
+        self.mappingBudget = mappingBudget
         var logger = logger
         logger[metadataKey: "bridge"] = "\(settings.name)"
         self.logger = logger
@@ -199,7 +207,10 @@ public final class Bridge: Sendable {
         } else {
             peerListener = nil
         }
+        budgetID = mappingBudget.register() // last: a failed init registers nothing
     }
+
+    deinit { mappingBudget.unregister(budgetID) }
 
     public var statistics: BridgeStatistics {
         var s = state.withLock { $0.statistics }
@@ -234,6 +245,7 @@ public final class Bridge: Sendable {
             try? JoinableThread(name: "peer-\(settings.name)") { [self] in self.servePeers(listener) }
         }
         var session: VhostUserConnection?
+        var acceptPausedUntil: ContinuousClock.Instant?
         var pendingConnection = connection
         var servedInherited = false
         while !stopping {
@@ -252,9 +264,11 @@ public final class Bridge: Sendable {
                 }
             }
             var fds = [stopSignal.fd.rawValue, peer.eventSignal.fd.rawValue, commandSignal.fd.rawValue]
-            if let session { fds.append(session.socket.fd.rawValue) } else if let listener { fds.append(listener.fd.rawValue) }
             let now = ContinuousClock.now
-            let next = session?.expireTranslations(now: now)
+            if let until = acceptPausedUntil, now >= until { acceptPausedUntil = nil }
+            if let session { fds.append(session.socket.fd.rawValue) } else if let listener, acceptPausedUntil == nil { fds.append(listener.fd.rawValue) }
+            var next = session?.expireTranslations(now: now)
+            if let until = acceptPausedUntil { next = min(next ?? until, until) }
             var timeout: Int32 = next.map { d in
                 Int32(max(1, min(Double(Int32.max), (now.duration(to: d) / .milliseconds(1)).rounded(.down) + 1)))
             } ?? -1
@@ -271,8 +285,12 @@ public final class Bridge: Sendable {
                     } else {
                         publish(current)
                     }
-                } else if let listener, let c = try? listener.accept() {
-                    session = open(c)
+                } else if let listener {
+                    do {
+                        session = open(try listener.accept())
+                    } catch {
+                        if error.isResourceExhaustion { acceptPausedUntil = pauseAccepting("vhost-user", error) }
+                    }
                 }
             }
         }
@@ -283,6 +301,14 @@ public final class Bridge: Sendable {
         relay?.stop()
         if let path = settings.socketPath, !settings.client { unlink(path) }
         if let path = settings.peerSocketPath { unlink(path) }
+    }
+
+    /// Out of fds (or kernel memory): the listener stays readable, so stop
+    /// polling it for a moment instead of spinning; counted and logged.
+    private func pauseAccepting(_ which: String, _ error: SystemCallError) -> ContinuousClock.Instant {
+        state.withLock { $0.statistics.acceptFailures += 1 }
+        logger.warning("\(which) socket: accept failed: \(error); retrying in \(SystemCallError.acceptBackoffMilliseconds) ms")
+        return ContinuousClock.now.advanced(by: .milliseconds(Int(SystemCallError.acceptBackoffMilliseconds)))
     }
 
     /// Runs an operator command on the bridge thread and waits for its result.
@@ -322,7 +348,8 @@ public final class Bridge: Sendable {
         do {
             let session = try VhostUserConnection(socket: connection, configuration: settings.backend, window: window,
                                                   peer: peer, relay: relay, logger: logger,
-                                                  maxPendingTranslations: settings.maxPendingTranslations)
+                                                  maxPendingTranslations: settings.maxPendingTranslations,
+                                                  budget: mappingBudget, budgetID: budgetID)
             state.withLock { $0.statistics.activeSession = true }
             publish(session)
             return session
@@ -404,12 +431,25 @@ public final class Bridge: Sendable {
 
     private func servePeers(_ listener: UnixSocket) {
         var active: (socket: UnixSocket, generation: Int, greeted: Bool)?
+        var acceptPausedUntil: ContinuousClock.Instant?
         while !stopping {
-            var fds = [listener.fd.rawValue]
+            var fds: [Int32] = []
+            let now = ContinuousClock.now
+            if let until = acceptPausedUntil, now >= until { acceptPausedUntil = nil }
+            if acceptPausedUntil == nil { fds.append(listener.fd.rawValue) }
             if let active { fds.append(active.socket.fd.rawValue) }
-            guard let ready = try? Poll.readable(fds, timeoutMilliseconds: -1) else { continue }
+            let timeout = acceptPausedUntil.map { Int32(max(1, min(1000, (now.duration(to: $0) / .milliseconds(1)).rounded(.up)))) } ?? -1
+            guard let polled = try? Poll.readable(fds, timeoutMilliseconds: timeout) else { continue }
             if stopping { break }
-            if ready[0], let socket = try? listener.accept() {
+            // Index 0 is the listener (false while paused), index 1 the VM2.
+            let ready = acceptPausedUntil == nil ? polled : [false] + polled
+            var accepted: UnixSocket?
+            if ready[0] {
+                do { accepted = try listener.accept() } catch {
+                    if error.isResourceExhaustion { acceptPausedUntil = pauseAccepting("peer", error) }
+                }
+            }
+            if let socket = accepted {
                 try? socket.setSendTimeout(milliseconds: max(1000, settings.revocationDeadlineMilliseconds * 10))
                 if let generation = peer.attach(socket) {
                     active = (socket, generation, false)

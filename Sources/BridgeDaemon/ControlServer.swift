@@ -42,7 +42,14 @@ public final class ControlServer: Sendable {
 
     private func acceptLoop() {
         while !state.withLock({ $0.stopping }) {
-            guard let connection = try? listener.accept() else { continue }
+            let connection: UnixSocket
+            do { connection = try listener.accept() } catch {
+                if error.isResourceExhaustion {
+                    logger.warning("control socket: accept failed: \(error); retrying in \(SystemCallError.acceptBackoffMilliseconds) ms")
+                    _ = try? Poll.readable([], timeoutMilliseconds: SystemCallError.acceptBackoffMilliseconds)
+                }
+                continue
+            }
             let accepted = state.withLock { s -> Bool in
                 guard !s.stopping else { return false }
                 s.connections.append(connection)

@@ -90,6 +90,8 @@ final class VhostUserConnection {
     private var backendChannel: UnixSocket?
     private var deviceRunning = false
 
+    private let budget: MappingBudget
+    private let budgetID: MappingBudget.ID
     /// VM2 translations waiting on VM1, and the misses raised for them.
     private(set) var pendingTranslations: PendingTranslations
     private var misses: OutstandingMisses
@@ -99,8 +101,11 @@ final class VhostUserConnection {
     static let missRetryInterval: Duration = .seconds(1)
 
     init(socket: UnixSocket, configuration: BackendConfiguration, window: BARWindow, peer: PeerLink,
-         relay: NotificationRelay?, logger: Logger, maxPendingTranslations: Int) throws(ConfigurationError) {
+         relay: NotificationRelay?, logger: Logger, maxPendingTranslations: Int,
+         budget: MappingBudget, budgetID: MappingBudget.ID) throws(ConfigurationError) {
         self.socket = socket
+        self.budget = budget
+        self.budgetID = budgetID
         self.session = try BackendSession(configuration)
         pendingTranslations = PendingTranslations(capacity: maxPendingTranslations)
         misses = OutstandingMisses(pageSize: configuration.addressSpace.pageSize, retryInterval: Self.missRetryInterval)
@@ -195,7 +200,7 @@ final class VhostUserConnection {
         if case .getVringBase(let state) = request { noteDeviceProgress(Int(state.index)) }
 
         let files = message.fds.enumerated().map { i, fd in ReceivedFile(index: i, size: try? fd.fileSize(), kind: fd.kind()) }
-        let outcome = session.handle(request, needReply: header.needsReply, files: files)
+        let outcome = withMappingBudget { $0.handle(request, needReply: header.needsReply, files: files) }
         if let error = outcome.error {
             logger.warning("refused \(code): \(error)", metadata: ["rule": "\(error.rule)"])
         } else {
@@ -204,6 +209,14 @@ final class VhostUserConnection {
         if let reason = execute(outcome.effects, fds: message.fds) { return reason }
         if case .iotlb(let m) = request, m.type == .update, outcome.error == nil { settleTranslations() }
         return outcome.closeConnection ? "\(code): \(outcome.error.map { "\($0)" } ?? "refused")" : nil
+    }
+
+    /// Runs a session change under this bridge's share of the process-wide
+    /// mapping budget.
+    private func withMappingBudget<R>(_ body: (inout BackendSession) -> R) -> R {
+        session.limitMappings(to: budget.reserve(budgetID, current: session.addressSpace.mappings.count))
+        defer { budget.settle(budgetID, count: session.addressSpace.mappings.count) }
+        return body(&session)
     }
 
     /// GET_VRING_BASE must return how far the device got: read the used
@@ -518,9 +531,9 @@ final class VhostUserConnection {
         let outcome: BackendSession.Outcome
         switch command {
         case .map(let bus, let gpa, let length, let permission):
-            outcome = session.operatorMap(bus: bus, guestPhysical: gpa, length: length, permission: permission)
+            outcome = withMappingBudget { $0.operatorMap(bus: bus, guestPhysical: gpa, length: length, permission: permission) }
         case .unmap(let bus, let length):
-            outcome = session.operatorUnmap(bus: bus, length: length)
+            outcome = withMappingBudget { $0.operatorUnmap(bus: bus, length: length) }
         case .freeze:
             if let error = session.freeze() { return .failure(.refused(error.description, rule: error.rule)) }
             logger.notice("address space frozen by the operator")
@@ -538,6 +551,7 @@ final class VhostUserConnection {
     /// and from VM2 (acked), every fd closed.
     func tearDown() {
         _ = execute(session.teardown(), fds: [])
+        budget.settle(budgetID, count: 0)
         if deviceRunning || peer.isReady {
             peer.send(.device(PeerDevice(event: .reset, features: 0)))
             deviceRunning = false

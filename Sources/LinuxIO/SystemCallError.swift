@@ -19,6 +19,16 @@ public struct SystemCallError: Error, Equatable, Sendable, CustomStringConvertib
     }
 
     public var description: String { "\(operation) failed: \(errno) (errno \(errno.rawValue))" }
+
+    /// Out of fds or kernel memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): an
+    /// accept loop must back off instead of retrying at once — the listener
+    /// stays readable, so retrying at once spins a core.
+    public var isResourceExhaustion: Bool {
+        [.tooManyOpenFiles, .tooManyOpenFilesInSystem, .noBufferSpace, .noMemory].contains(errno)
+    }
+
+    /// How long an accept loop waits after a resource-exhaustion failure.
+    public static let acceptBackoffMilliseconds: Int32 = 100
 }
 
 /// Runs `body` until it does not fail with EINTR; -1 becomes a typed error.
@@ -30,4 +40,5 @@ func retryingInterrupts<T: BinaryInteger>(_ operation: String, _ body: () -> T) 
         let error = SystemCallError.current(operation)
         if error.errno != .interrupted { throw error }
     }
+
 }

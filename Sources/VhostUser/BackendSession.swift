@@ -257,6 +257,12 @@ public struct BackendSession: Sendable {
         }
     }
 
+    /// Caps the mappings the next requests may leave (the process-wide
+    /// mapping budget's share for this bridge; nil: no cap but `maxMappings`).
+    public mutating func limitMappings(to ceiling: Int?) {
+        addressSpace.mappingCeiling = ceiling
+    }
+
     /// A message refused before it reached `handle` (its header or payload did
     /// not decode): counted like any other refusal, so `stats` shows it.
     public mutating func noteUndecodable(_ code: RequestCode?, _ error: VhostUserError) {

@@ -132,6 +132,19 @@ import Testing
         #expect(s.mappings.count == 3)
     }
 
+    /// The process-wide budget's ceiling refuses growth like the per-bridge
+    /// limit, under its own rule; revocation still goes through.
+    @Test func mappingCeilingRefusesGrowthOnly() {
+        var s = iommuSpace()
+        s.mappingCeiling = 1
+        #expect(update(&s, 0, page, Fixture.ramUser) == nil)
+        #expect(update(&s, 4 * page, page, Fixture.ramUser + 4 * page, .read) == .mappingBudget(available: 1, wouldBe: 2))
+        #expect(update(&s, page, page, Fixture.ramUser + page) == nil, "coalesces: no growth")
+        #expect(spaceError { try s.invalidate(bus: BusAddress(page), length: 0) } == nil)
+        s.mappingCeiling = nil
+        #expect(update(&s, 4 * page, page, Fixture.ramUser + 4 * page, .read) == nil)
+    }
+
     @Test func errorsCarryDistinctRules() {
         let errors: [AddressSpaceError] = [
             .zeroLength(BusAddress(0)), .rangeWraps(start: 0, length: 0), .outsideBAR(BusAddress(0), length: 0, barSize: 0),
@@ -139,7 +152,7 @@ import Testing
             .permissionExceedsRegion(requested: .read, allowed: .read, region: RegionID(1)), .emptyPermission(BusAddress(0)),
             .outsideStaticWindows(BusAddress(0), length: 0), .frozen(operation: ""),
             .outsideDMAWindow(BusAddress(0), length: 0, window: BusWindow(base: BusAddress(0), limit: 1)!),
-            .wrongMode(operation: "", mode: .iommu), .tooManyMappings(limit: 0, wouldBe: 0),
+            .wrongMode(operation: "", mode: .iommu), .tooManyMappings(limit: 0, wouldBe: 0), .mappingBudget(available: 0, wouldBe: 0),
             .overlapsExisting(BusAddress(0), length: 0, existing: Mapping(bus: BusAddress(0), length: 1, permission: .read, region: RegionID(1), fdOffset: 0)),
             .invalidQueueSize(0), .ringMisaligned(.usedRing, BusAddress(0), alignment: 4),
             .notMapped(.access, BusAddress(0), length: 1, firstMissing: BusAddress(0)),

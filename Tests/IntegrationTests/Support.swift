@@ -27,16 +27,18 @@ final class RunningBridge {
     let peerPath: String
 
     init(_ name: String, mode: BridgeMode, barSize: UInt64 = 64 * GiB, dmaWindow: BusWindow? = nil,
-         staticWindows: [BusWindow] = [], revocationDeadline: Int = 2000, notifications: NotificationMode = .relay) throws {
+         staticWindows: [BusWindow] = [], revocationDeadline: Int = 2000, notifications: NotificationMode = .relay,
+         mappingBudget: MappingBudget = .process, maxPendingTranslations: Int = BridgeSettings.defaultMaxPendingTranslations) throws {
         // 2 s, not the production 100 ms: tests that expect VM2 to keep up must
         // not fail because a shared machine stalled a thread for a moment.
         path = temporarySocketPath(name)
         peerPath = temporarySocketPath(name + "-peer")
         let space = AddressSpaceConfiguration(barSize: barSize, mode: mode, dmaWindow: dmaWindow, staticWindows: staticWindows)
-        let bridge = try Bridge(BridgeSettings(name: name, socketPath: path, peerSocketPath: peerPath,
-                                               backend: BackendConfiguration(bridgeName: name, addressSpace: space),
-                                               revocationDeadlineMilliseconds: revocationDeadline, notifications: notifications),
-                                logger: quietLogger())
+        var settings = BridgeSettings(name: name, socketPath: path, peerSocketPath: peerPath,
+                                      backend: BackendConfiguration(bridgeName: name, addressSpace: space),
+                                      revocationDeadlineMilliseconds: revocationDeadline, notifications: notifications)
+        settings.maxPendingTranslations = maxPendingTranslations
+        let bridge = try Bridge(settings, logger: quietLogger(), mappingBudget: mappingBudget)
         self.bridge = bridge
         thread = try JoinableThread(name: "bridge-\(name)") { bridge.serve() }
     }

@@ -203,8 +203,8 @@ extension DaemonController {
         family("bridge_notifications_dropped_total", "Notifications dropped because the other side was gone.", "counter", per { "\($0.notificationsDropped)" })
         family("bridge_revocation_timeouts_total", "VM2s disconnected for missing the revocation deadline.", "counter", per { "\($0.revocationTimeouts)" })
         family("bridge_accept_failures_total", "accept() failures for lack of fds or memory (each pauses accepting).", "counter", per { "\($0.acceptFailures)" })
-        family("mapping_budget_used", "Mappings held by all bridges of the process.", "gauge", ["\(MappingBudget.process.used)"])
-        family("mapping_budget_total", "Mappings all bridges may hold together (from vm.max_map_count).", "gauge", ["\(MappingBudget.process.total)"])
+        family("mapping_budget_used", "Mappings held by all bridges of the process.", "gauge", [" \(MappingBudget.process.used)"])
+        family("mapping_budget_total", "Mappings all bridges may hold together (from vm.max_map_count).", "gauge", [" \(MappingBudget.process.total)"])
         family("bridge_vm2_protocol_errors_total", "VM2 connections ended for a protocol error.", "counter", per { "\($0.peerProtocolErrors)" })
         family("bridge_revocation_latency_max_seconds", "Slowest acknowledged revocation (VM2 ack wait).", "gauge",
                per { String(format: "%.6f", Double($0.slowestRevocationMicroseconds) / 1e6) })

@@ -53,11 +53,15 @@ public struct DaemonConfig: Equatable, Sendable {
     public var controlMode: UInt32 = 0o660
     public var logLevel: Logger.Level = .info
     public var vm2Budgets: [String: UInt64] = [:]
+    /// Where bridges made with `create` may put their sockets, besides the
+    /// runtime directory (the file's own bridges may use any path: root wrote it).
+    public var socketDirectories: [String] = []
     public var bridges: [BridgeConfig] = []
 
     public init() {}
 
-    static let topKeys: Set<String> = ["runtime-directory", "control-socket", "control-group", "control-mode", "log-level", "vm2-budgets", "bridges"]
+    static let topKeys: Set<String> = ["runtime-directory", "control-socket", "control-group", "control-mode", "log-level", "vm2-budgets",
+                                       "socket-directories", "bridges"]
     static let bridgeKeys: Set<String> = ["name", "vhost-user-socket", "peer-socket", "vm2", "bar-size", "mode", "static-windows",
                                           "dma-window", "notifications", "busy-poll-us", "revocation-deadline-ms", "max-mappings",
                                           "queue-pairs", "client", "page-size", "max-pending-translations"]
@@ -94,6 +98,14 @@ public struct DaemonConfig: Equatable, Sendable {
                     throw ConfigError("vm2-budgets.\(name)", "'\(scalar(raw) ?? "?")' is not a size such as 2T")
                 }
                 config.vm2Budgets[name] = size
+            }
+        }
+        if let v = top["socket-directories"] {
+            guard let list = v as? [Any] else { throw ConfigError("socket-directories", "must be a list of absolute directories") }
+            config.socketDirectories = try list.enumerated().map { i, d throws(ConfigError) in
+                let dir = try path(d, "socket-directories[\(i)]")
+                guard SocketPathPolicy.isPlain(dir) else { throw ConfigError("socket-directories[\(i)]", "'\(dir)' must not contain '.', '..' or '//'") }
+                return dir
             }
         }
         if let v = top["bridges"] {
@@ -210,5 +222,27 @@ public struct DaemonConfig: Equatable, Sendable {
 extension String {
     fileprivate func replacingPrefix(_ prefix: String) -> String {
         hasPrefix(prefix) ? String(dropFirst(prefix.count)) : self
+    }
+}
+
+/// Where a bridge made over the control socket may listen: inside the runtime
+/// directory or one of `socket-directories`, by a plain absolute path (no
+/// `.`, `..` or empty components), so a control client cannot make the
+/// daemon bind — or clean up — anywhere else.
+public enum SocketPathPolicy {
+    public static func isPlain(_ path: String) -> Bool {
+        guard path.hasPrefix("/") else { return false }
+        let parts = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
+        return !parts.contains { $0.isEmpty || $0 == "." || $0 == ".." } || path == "/"
+    }
+
+    /// nil when allowed, else the reason.
+    public static func refusal(_ path: String, allowed directories: [String]) -> String? {
+        guard isPlain(path) else { return "'\(path)' is not a plain absolute path (no '.', '..' or '//')" }
+        for dir in directories {
+            let prefix = dir.hasSuffix("/") ? dir : dir + "/"
+            if path.hasPrefix(prefix), path.count > prefix.count { return nil }
+        }
+        return "'\(path)' is outside the directories bridges may be created in (\(directories.joined(separator: ", ")))"
     }
 }

@@ -80,6 +80,12 @@ public final class DaemonController: Sendable {
     /// `create`: validated against every other bridge (names, sockets, VM2 budget) first.
     public func create(_ b: BridgeConfig) throws(ControlError) {
         guard !bridgeNames.contains(b.name) else { throw ControlError("exists", "bridge \(b.name) already exists") }
+        let allowed = [config.runtimeDirectory] + config.socketDirectories
+        for (key, path) in [("vhost-user-socket", b.vhostUserSocket), ("peer-socket", b.peerSocket)] {
+            if let path, let reason = SocketPathPolicy.refusal(path, allowed: allowed) {
+                throw ControlError("invalid", "bridge.\(key): \(reason)")
+            }
+        }
         var next = config
         next.bridges.removeAll { $0.name == b.name }
         next.bridges.append(b)

@@ -85,7 +85,12 @@ public struct UnixSocket: Sendable {
         return socket
     }
 
+    /// A socket file nobody accepts on. Only a socket is ever called stale:
+    /// anything else at `path` (a regular file, a symlink, a directory) is
+    /// left alone, so a bad path can never make the daemon unlink a file.
     private static func isStale(path: String, kind: Kind) -> Bool {
+        var st = stat()
+        guard lstat(path, &st) == 0, st.st_mode & S_IFMT == S_IFSOCK else { return false }
         guard let probe = try? make(kind) else { return false }
         return shim_connect_unix(probe.fd.rawValue, path) < 0 && Glibc.errno == ECONNREFUSED
     }

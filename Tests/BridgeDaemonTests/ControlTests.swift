@@ -137,6 +137,45 @@ func errorMessage(_ r: [String: Any]) -> String { (r["error"] as? [String: Any])
         #expect(d.controller.bridgeNames == ["one"])
     }
 
+    /// A control client cannot make the daemon bind outside the runtime
+    /// directory (or `socket-directories`), and nothing that is not a socket
+    /// is ever unlinked as "stale".
+    @Test func createIsConfinedAndNeverUnlinksAFile() throws {
+        let extra = "/tmp/vpb-ctl-extra-\(getpid())"
+        try FileManager.default.createDirectory(atPath: extra, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: extra) }
+        let d = try LiveDaemon("socket-directories: [\(extra)]\nbridges: []\n")
+        defer { d.stop() }
+        let c = try d.client()
+        let victim = "\(d.dir)/precious.txt"
+        #expect(FileManager.default.createFile(atPath: victim, contents: Array("keep me".utf8).withUnsafeBytes { Data($0) }))
+        for path in ["/etc/vpb-evil.sock", "\(d.dir)/../escape.sock", "\(d.dir)//x.sock", "\(d.dir)/./x.sock", d.dir] {
+            let r = try c.call(["command": "create", "bridge": ["name": "evil", "bar-size": "1G", "vhost-user-socket": path]])
+            #expect(errorCode(r) == "invalid" && errorMessage(r).hasPrefix("bridge.vhost-user-socket: "), "\(path): \(r)")
+        }
+        let peer = try c.call(["command": "create", "bridge": ["name": "evil", "bar-size": "1G", "peer-socket": "/var/tmp/x.sock"]])
+        #expect(errorCode(peer) == "invalid" && errorMessage(peer).hasPrefix("bridge.peer-socket: "))
+        // Inside the runtime directory, over an existing regular file: refused
+        // by bind (address in use), and the file is still there.
+        let onFile = try c.call(["command": "create", "bridge": ["name": "f", "bar-size": "1G", "vhost-user-socket": victim]])
+        #expect(errorCode(onFile) != nil)
+        #expect(FileManager.default.contents(atPath: victim).map { Array($0) } == Array("keep me".utf8))
+        // An allowed extra directory works.
+        #expect(ok(try c.call(["command": "create", "bridge": ["name": "ok", "bar-size": "1G", "vhost-user-socket": "\(extra)/ok.sock",
+                                                               "peer-socket": "\(extra)/ok-vm2.sock"]])) != nil)
+        #expect(d.controller.bridgeNames == ["ok"])
+    }
+
+    @Test func socketPathPolicy() {
+        #expect(SocketPathPolicy.refusal("/run/v/a.sock", allowed: ["/run/v"]) == nil)
+        #expect(SocketPathPolicy.refusal("/run/v/sub/a.sock", allowed: ["/run/v/"]) == nil)
+        #expect(SocketPathPolicy.refusal("/run/vx/a.sock", allowed: ["/run/v"]) != nil, "a sibling sharing the prefix")
+        #expect(SocketPathPolicy.refusal("/run/v", allowed: ["/run/v"]) != nil)
+        #expect(SocketPathPolicy.refusal("run/v/a.sock", allowed: ["/run/v"]) != nil)
+        #expect(SocketPathPolicy.refusal("/run/v/../a.sock", allowed: ["/run/v"]) != nil)
+        #expect(!SocketPathPolicy.isPlain("/a//b") && SocketPathPolicy.isPlain("/a/b"))
+    }
+
     @Test func staticMapFreezeAndCountedRefusals() throws {
         let d = try LiveDaemon("bridges:\n  - name: s\n    bar-size: 4G\n    mode: static\n    static-windows: [\"0:16M\", \"1G:1040M\"]\n")
         defer { d.stop() }

@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 import SystemPackage
 @testable import LinuxIO
@@ -99,6 +100,24 @@ extension LinuxIOTests {
                 #expect(error.errno == .noSuchFileOrDirectory)
                 #expect(error.description.contains("connect("))
             }
+        }
+    }
+}
+
+extension LinuxIOTests {
+    @Suite struct StaleSockets {
+        /// Only a socket nobody listens on is replaced; a regular file at the
+        /// path is never unlinked (bind fails instead).
+        @Test func onlyASocketIsEverCalledStale() throws {
+            let path = temporaryPath("stale-file")
+            defer { unlink(path) }
+            #expect(FileManager.default.createFile(atPath: path, contents: Data("x".utf8)))
+            #expect(throws: SystemCallError.self) { _ = try UnixSocket.listen(path: path) }
+            #expect(FileManager.default.fileExists(atPath: path))
+            unlink(path)
+            do { let first = try UnixSocket.listen(path: path); try first.fd.close() } // leaves a dead socket file
+            let second = try UnixSocket.listen(path: path)
+            try second.fd.close()
         }
     }
 }

@@ -128,13 +128,16 @@ final class VhostUserConnection {
     /// VM1 kick → VM2 and VM2 doorbell → VM1 call.
     private func startRelay(_ index: Int) {
         guard let relay, relayed[index] == nil, let kick = vringFiles[index]?[.kick] else { return }
+        var kickLink: NotificationRelay.LinkID?
         do {
             let vm2Kick = try EventFD(), vm2Call = try EventFD()
-            let kickLink = try relay.add(source: try kick.duplicate(), target: try vm2Kick.fd.duplicate())
+            kickLink = try relay.add(source: try kick.duplicate(), target: try vm2Kick.fd.duplicate())
             let callTarget = try vringFiles[index]?[.call]?.duplicate()
             let callLink = try relay.add(source: try vm2Call.fd.duplicate(), target: callTarget)
-            relayed[index] = RelayedRing(vm2Kick: vm2Kick, vm2Call: vm2Call, kickLink: kickLink, callLink: callLink)
+            if let kickLink { relayed[index] = RelayedRing(vm2Kick: vm2Kick, vm2Call: vm2Call, kickLink: kickLink, callLink: callLink) }
         } catch {
+            // The half that was made must not outlive the failure.
+            if let kickLink, let stats = relay.remove(kickLink) { retired.kick.add(stats) }
             logger.error("vring \(index): cannot relay notifications: \(error)")
         }
     }
@@ -154,8 +157,22 @@ final class VhostUserConnection {
         case .call:
             relay.retarget(r.callLink, target: try? vringFiles[index]?[.call]?.duplicate())
         case .kick:
-            stopRelay(index)
-            startRelay(index)
+            // VM2 keeps its eventfds: only the link's source changes. A kick
+            // VM1 wrote to the new fd before the link reads it is still
+            // counted in that eventfd; one spurious kick to VM2 covers the
+            // instant of the swap (virtio tolerates spurious notifications).
+            guard let newKick = try? vringFiles[index]?[.kick]?.duplicate(), let target = try? r.vm2Kick.fd.duplicate() else {
+                stopRelay(index)
+                return
+            }
+            if let old = relay.remove(r.kickLink) { retired.kick.add(old) }
+            do {
+                relayed[index]?.kickLink = try relay.add(source: newKick, target: target)
+                _ = try? r.vm2Kick.signal()
+            } catch {
+                logger.error("vring \(index): cannot relay the new kick fd: \(error)")
+                stopRelay(index)
+            }
         case .err:
             break
         }

@@ -155,3 +155,26 @@ extension Integration {
         }
     }
 }
+
+extension Integration.HostileVM1 {
+    /// QEMU replaces a started ring's kick fd (e.g. on vhost_dev_start after
+    /// a migration or a guest driver change): in relay mode VM2 keeps its
+    /// eventfds and must keep getting kicks from the new fd.
+    @Test func aNewKickFdOnAStartedRingKeepsTheKicksComing() throws {
+        let running = try RunningBridge("new-kick", mode: .identity)
+        defer { running.stop() }
+        let vm2 = try connectVM2(running)
+        defer { vm2.stop() }
+        let vm1 = try EmulatedVM1(socketPath: running.path)
+        defer { vm1.disconnect() }
+        try vm1.start()
+        for q in vm1.queues {
+            let replacement = try q.kick.fd.duplicate() // same eventfd, a new fd for the daemon
+            try vm1.frontend.send(.setVringKick(VringFileRef(index: UInt8(q.index), noFD: false)), fds: [replacement.rawValue], ack: true)
+            try replacement.close()
+        }
+        let result = try vm1.runTraffic(count: 40, sizes: [64, 1500])
+        #expect(result.completed && result.verified == 40, "\(result)")
+        #expect(running.bridge.statistics.notificationsDropped == 0)
+    }
+}

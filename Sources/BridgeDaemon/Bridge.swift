@@ -409,7 +409,7 @@ public final class Bridge: Sendable {
                                        pageSize: UInt32(space.pageSize), vringCount: UInt32(settings.backend.vringCount))
                 guard peer.send(.helloReply(info), onlyIfReady: false) else { continue }
                 session?.replayState()
-                peer.markReady(generation: generation)
+                peer.markReady(generation: generation, features: info.features)
                 logger.info("VM2 ready (generation \(generation))")
             case .translate(let request, let generation):
                 guard peer.currentGeneration == generation, peer.isReady else { continue }
@@ -510,6 +510,14 @@ public final class Bridge: Sendable {
             }
         case .translate(let t) where greeted:
             peer.post(.translate(t, generation: generation))
+        case .vringStopped(let index, let lastAvail) where greeted:
+            do {
+                try peer.reportRingStop(index, lastAvail: lastAvail, generation: generation)
+            } catch {
+                logger.warning("VM2 protocol error: \(error)", metadata: ["rule": "ring-stop"])
+                try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: "\(error)"))), nonBlocking: true)
+                return "protocol error: \(error)"
+            }
         case .error(let e):
             return "VM2 reported error \(e.code): \(e.text)"
         default:

@@ -43,6 +43,10 @@ final class PeerLink: Sendable {
         var ready = false
         var nextSequence: UInt64 = 1
         var acked: UInt64 = 0
+        /// Peer features negotiated in HELLO.
+        var features: PeerFeatures = []
+        var stopsRequested: Set<UInt32> = []
+        var stopsReported: [UInt32: UInt16?] = [:]
         var events: [Event] = []
         var statistics = Statistics()
     }
@@ -74,6 +78,9 @@ final class PeerLink: Sendable {
             s.ready = false
             s.nextSequence = 1
             s.acked = 0
+            s.features = []
+            s.stopsRequested = []
+            s.stopsReported = [:]
             s.statistics.connections += 1
             s.statistics.connected = true
             return s.generation
@@ -149,10 +156,11 @@ final class PeerLink: Sendable {
 
     var currentGeneration: Int? { state.withLock { $0.socket == nil ? nil : $0.generation } }
 
-    func markReady(generation: Int) {
+    func markReady(generation: Int, features: PeerFeatures) {
         state.withLock { s in
             guard s.generation == generation, s.socket != nil else { return }
             s.ready = true
+            s.features = features
             s.statistics.ready = true
         }
     }
@@ -195,6 +203,28 @@ final class PeerLink: Sendable {
         }
     }
 
+    private enum WaitOutcome<T> { case done(T), gone, timedOut(generation: Int) }
+
+    /// Waits (at most the revocation deadline) until `satisfied` returns a
+    /// value for the state of connection `generation`. Ends early when that
+    /// connection is gone: a newer one never satisfies an older wait.
+    private func wait<T>(on generation: Int, _ satisfied: (State) -> T?) -> WaitOutcome<T> {
+        let clock = ContinuousClock()
+        let deadline = clock.now.advanced(by: .milliseconds(revocationDeadlineMilliseconds))
+        while true {
+            let result = state.withLock { s -> WaitOutcome<T>? in
+                guard s.socket != nil, s.generation == generation else { return .gone }
+                return satisfied(s).map { .done($0) }
+            }
+            if let result { return result }
+            let now = clock.now
+            if now >= deadline { return .timedOut(generation: generation) }
+            let ms = Int32(max(1, (now.duration(to: deadline) / .milliseconds(1)).rounded(.down)))
+            _ = try? Poll.readable([ackSignal.fd.rawValue], timeoutMilliseconds: ms)
+            _ = try? ackSignal.read()
+        }
+    }
+
     /// Waits until VM2 acknowledged `ticket`, at most the revocation
     /// deadline. On time-out VM2 is disconnected (it then holds no mapping)
     /// and false is returned; either way the revocation is complete when this
@@ -203,30 +233,71 @@ final class PeerLink: Sendable {
     /// acks (its sequences start again at 1) never satisfy it.
     @discardableResult
     func waitForAck(_ ticket: Ticket) -> Bool {
-        let sequence = ticket.sequence
-        let clock = ContinuousClock()
-        let start = clock.now
-        let deadline = start.advanced(by: .milliseconds(revocationDeadlineMilliseconds))
-        while true {
-            let (acked, generation) = state.withLock { s in
-                (s.acked, s.socket != nil && s.generation == ticket.generation ? Optional(s.generation) : nil)
+        let start = ContinuousClock.now
+        switch wait(on: ticket.generation, { $0.acked >= ticket.sequence ? true : nil }) {
+        case .done:
+            let us = UInt64(max(0, (start.duration(to: .now) / .microseconds(1)).rounded(.down)))
+            count { $0.slowestRevocationMicroseconds = max($0.slowestRevocationMicroseconds, us) }
+            return true
+        case .gone:
+            return true // that VM2 is gone: nothing to wait for
+        case .timedOut(let generation):
+            count { $0.revocationTimeouts += 1 }
+            logger.warning("VM2 did not acknowledge revocation \(ticket.sequence) within \(revocationDeadlineMilliseconds) ms; disconnecting VM2")
+            disconnect(generation: generation, reason: "revocation deadline missed")
+            return false
+        }
+    }
+
+    // MARK: ring stops (peer feature vringStopAck)
+
+    /// Asks the ready VM2 that negotiated `vringStopAck` to report where it
+    /// stopped ring `index`; returns its connection, nil when VM2 cannot.
+    func requestRingStop(_ index: UInt32) -> Int? {
+        state.withLock { s in
+            guard s.socket != nil, s.ready, s.features.contains(.vringStopAck) else { return nil }
+            s.stopsRequested.insert(index)
+            s.stopsReported[index] = nil
+            return s.generation
+        }
+    }
+
+    enum RingStopError: Error, Equatable, CustomStringConvertible {
+        case notRequested(UInt32)
+        var description: String {
+            switch self {
+            case .notRequested(let i): "VRING_STOPPED for vring \(i), which the daemon did not ask to stop"
             }
-            guard let generation else { return true } // that VM2 is gone: nothing to wait for
-            if acked >= sequence {
-                let us = UInt64(max(0, (start.duration(to: clock.now) / .microseconds(1)).rounded(.down)))
-                count { $0.slowestRevocationMicroseconds = max($0.slowestRevocationMicroseconds, us) }
-                return true
+        }
+    }
+
+    /// VM2 reports ring `index` stopped (peer thread). Only an answer to a
+    /// VRING_STOP is accepted.
+    func reportRingStop(_ index: UInt32, lastAvail: UInt16?, generation: Int) throws(RingStopError) {
+        let accepted = try state.withLock { s throws(RingStopError) -> Bool in
+            guard s.generation == generation else { return false }
+            guard s.stopsRequested.remove(index) != nil else {
+                s.statistics.protocolErrors += 1
+                s.statistics.refusals["ring-stop", default: 0] += 1
+                throw .notRequested(index)
             }
-            let now = clock.now
-            if now >= deadline {
-                count { $0.revocationTimeouts += 1 }
-                logger.warning("VM2 did not acknowledge revocation \(sequence) within \(revocationDeadlineMilliseconds) ms; disconnecting VM2")
-                disconnect(generation: generation, reason: "revocation deadline missed")
-                return false
-            }
-            let ms = Int32(max(1, (now.duration(to: deadline) / .milliseconds(1)).rounded(.down)))
-            _ = try? Poll.readable([ackSignal.fd.rawValue], timeoutMilliseconds: ms)
-            _ = try? ackSignal.read()
+            s.stopsReported[index] = .some(lastAvail)
+            return true
+        }
+        if accepted { _ = try? ackSignal.signal() }
+    }
+
+    /// The avail index VM2 reached on ring `index` (nil: VM2 did not run it,
+    /// is gone, or missed the deadline — then it is disconnected).
+    func waitForRingStop(_ index: UInt32, generation: Int) -> UInt16? {
+        switch wait(on: generation, { $0.stopsReported[index] }) {
+        case .done(let lastAvail): return lastAvail
+        case .gone: return nil
+        case .timedOut(let generation):
+            count { $0.revocationTimeouts += 1 }
+            logger.warning("VM2 did not report vring \(index) stopped within \(revocationDeadlineMilliseconds) ms; disconnecting VM2")
+            disconnect(generation: generation, reason: "ring stop deadline missed")
+            return nil
         }
     }
 

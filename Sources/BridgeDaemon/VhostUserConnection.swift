@@ -88,6 +88,8 @@ final class VhostUserConnection {
     private var regionSealed: [RegionID: Bool] = [:]
     private var vringFiles: [Int: [VringFileKind: OwnedFileDescriptor]] = [:]
     private var backendChannel: UnixSocket?
+    /// Rings VM2 already stopped (and reported) for a GET_VRING_BASE.
+    private var stoppedAtPeer: Set<Int> = []
     private var deviceRunning = false
 
     private let budget: MappingBudget
@@ -214,7 +216,10 @@ final class VhostUserConnection {
             }
             return "\(code): \(error)"
         }
-        if case .getVringBase(let state) = request { noteDeviceProgress(Int(state.index)) }
+        if case .getVringBase(let state) = request {
+            noteDeviceProgress(Int(state.index))
+            stopRingAtPeer(Int(state.index))
+        }
 
         let files = message.fds.enumerated().map { i, fd in ReceivedFile(index: i, size: try? fd.fileSize(), kind: fd.kind()) }
         let outcome = withMappingBudget { $0.handle(request, needReply: header.needsReply, files: files) }
@@ -246,6 +251,20 @@ final class VhostUserConnection {
               pieces.allSatisfy({ regionSealed[$0.region] == true }) else { return }
         if let value = window.withBytes(at: at, length: 2, { UInt16(littleEndian: $0.loadUnaligned(as: UInt16.self)) }) {
             session.noteDeviceProgress(ring: index, lastAvail: value)
+        }
+    }
+
+    /// GET_VRING_BASE on a started ring: a VM2 with `vringStopAck` stops
+    /// the ring first and says how far it got (within the revocation
+    /// deadline); VM1 is answered from that. Without it, the used index read
+    /// above (or SET_VRING_BASE's value) is the answer.
+    private func stopRingAtPeer(_ index: Int) {
+        guard session.vrings.indices.contains(index), session.vrings[index].started,
+              let generation = peer.requestRingStop(UInt32(index)) else { return }
+        guard peer.send(.vringStop(UInt32(index)), generation: generation) else { return }
+        stoppedAtPeer.insert(index)
+        if let reached = peer.waitForRingStop(UInt32(index), generation: generation) {
+            session.noteDeviceProgress(ring: index, lastAvail: reached)
         }
     }
 
@@ -308,7 +327,7 @@ final class VhostUserConnection {
                 sendVring(index)
             case .ringStopped(let index):
                 logger.info("vring \(index) stopped")
-                peer.send(.vringStop(UInt32(index)))
+                if stoppedAtPeer.remove(index) == nil { peer.send(.vringStop(UInt32(index))) }
                 stopRelay(index)
                 if deviceRunning, !session.vrings.contains(where: \.started) {
                     deviceRunning = false

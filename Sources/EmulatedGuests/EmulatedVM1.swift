@@ -16,6 +16,8 @@ public struct VM1Configuration: Sendable {
     /// Largest packet, which sizes the buffer slots.
     public var maxPacket: UInt32 = 65536
     public var protocolFeatures: ProtocolFeatures = [.mq, .replyAck, .backendReq, .configureMemSlots]
+    /// Seal the RAM memfd's size (QEMU's memory-backend-memfd seal=on).
+    public var sealedRAM = true
     public init() {}
 }
 
@@ -54,7 +56,7 @@ public final class EmulatedVM1 {
 
     public init(socketPath: String, configuration: VM1Configuration = VM1Configuration()) throws {
         self.configuration = configuration
-        ram = try GuestRAM(size: configuration.ramSize)
+        ram = try GuestRAM(size: configuration.ramSize, sealed: configuration.sealedRAM)
         frontend = try VhostUserFrontend(connectingTo: socketPath)
         slotSize = (UInt64(configuration.maxPacket) + UInt64(Self.netHeaderSize) + 4095) / 4096 * 4096
         var slots: [UInt64] = []

@@ -15,6 +15,9 @@ public struct VM2Configuration: Sendable {
     /// buffers (to a real front end in rxonly mode), as RX buffers appear.
     public var generateFrames = 0
     public var frameSize = 64
+    /// Answer VRING_STOP with VRING_STOPPED and the index reached (peer
+    /// feature `vringStopAck`); off, VM2 behaves like a version-1 peer.
+    public var acknowledgesRingStops = true
     public init() {}
 }
 
@@ -80,7 +83,10 @@ public final class EmulatedVM2: Sendable {
         let socket = try UnixSocket.connect(path: peerSocketPath)
         // A daemon that refuses us (busy) may close before HELLO is written;
         // its ERROR is still readable, so the device thread reports it.
-        try? socket.send(PeerCodec.encode(.hello(PeerHello(features: configuration.translates ? .translate : []))))
+        var features: PeerFeatures = []
+        if configuration.translates { features.insert(.translate) }
+        if configuration.acknowledgesRingStops { features.insert(.vringStopAck) }
+        try? socket.send(PeerCodec.encode(.hello(PeerHello(features: features))))
         let t = try JoinableThread(name: "vm2") { [self] in
             let engine = VM2Engine(socket: socket, configuration: configuration, owner: self)
             engine.run()
@@ -163,6 +169,7 @@ private final class VM2Engine {
     unowned let owner: EmulatedVM2
     var window: BARWindow?
     var barSize: UInt64 = 0
+    var features: PeerFeatures = []
     var table = PeerMappingTable()
     var rings: [Int: Ring] = [:]
     var pendingEcho: [[UInt8]] = []
@@ -274,6 +281,7 @@ private final class VM2Engine {
         switch message {
         case .helloReply(let info):
             barSize = info.barSize
+            features = info.features
             do {
                 let w = try BARWindow(size: info.barSize)
                 window = w
@@ -319,7 +327,11 @@ private final class VM2Engine {
                                 enabled: v.enabled, kick: kick, call: call)
             process(ring: index) // catch up on anything kicked while nobody listened
         case .vringStop(let index):
-            if let r = rings.removeValue(forKey: Int(index)) { try? r.kick?.fd.close(); try? r.call?.fd.close() }
+            let stopped = rings.removeValue(forKey: Int(index))
+            if let r = stopped { try? r.kick?.fd.close(); try? r.call?.fd.close() }
+            if features.contains(.vringStopAck) {
+                try? socket.send(PeerCodec.encode(.vringStopped(index: index, lastAvail: stopped?.lastAvail)))
+            }
         case .device(let d):
             if d.event != .start {
                 for r in rings.values { try? r.kick?.fd.close(); try? r.call?.fd.close() }
@@ -334,7 +346,7 @@ private final class VM2Engine {
             owner.update { r.status == .granted ? ($0.translationsGranted += 1) : ($0.translationsRefused += 1) }
         case .error(let e):
             stopReason = "daemon error \(e.code): \(e.text)"
-        case .hello, .ack, .translate:
+        case .hello, .ack, .translate, .vringStopped:
             stopReason = "unexpected \(message.type) from the daemon"
         }
         for fd in fds { try? fd.close() }

@@ -9,11 +9,12 @@ public struct GuestRAM: Sendable {
     public let mapping: MemoryMapping
     public let size: UInt64
 
-    public init(size: UInt64, name: String = "vm1-ram") throws(SystemCallError) {
+    public init(size: UInt64, name: String = "vm1-ram", sealed: Bool = true) throws(SystemCallError) {
         memfd = try Memfd(name: name, size: size)
         // Like QEMU's memory-backend-memfd (seal=on): the size is fixed, so no
-        // peer mapping it can be hit by SIGBUS from a truncate.
-        try memfd.addSeals([.shrink, .grow])
+        // peer mapping it can be hit by SIGBUS from a truncate. (seal=off, or
+        // hugetlbfs, is what front ends send too: `sealed: false`.)
+        if sealed { try memfd.addSeals([.shrink, .grow]) }
         mapping = try MemoryMapping(fd: memfd.fd, size: size)
         self.size = size
     }

@@ -94,6 +94,11 @@ public enum PeerCodec {
         case .vringStop:
             try exact(type, payload, 8)
             message = .vringStop(try r.u32())
+        case .vringStopped:
+            try exact(type, payload, 8)
+            let index = try r.u32(), lastAvail = try r.u16(), flags = try r.u16()
+            guard flags & ~1 == 0 else { throw .badValue(type, field: "flags", value: UInt64(flags)) }
+            message = .vringStopped(index: index, lastAvail: flags & 1 != 0 ? lastAvail : nil)
         case .device:
             try exact(type, payload, 16)
             let raw = try r.u32()
@@ -144,6 +149,8 @@ public enum PeerCodec {
             w.u16(v.lastAvail); w.u16(v.flags); w.u32(0)
         case .vringStop(let index):
             w.u32(index); w.u32(0)
+        case .vringStopped(let index, let lastAvail):
+            w.u32(index); w.u16(lastAvail ?? 0); w.u16(lastAvail == nil ? 0 : 1)
         case .device(let d):
             w.u32(d.event.rawValue); w.u32(0); w.u64(d.features)
         case .translate(let t):

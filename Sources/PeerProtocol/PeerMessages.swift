@@ -3,7 +3,7 @@ import BridgeCore
 /// Peer protocol message types (docs/peer-protocol.md).
 public enum PeerMessageType: UInt32, Sendable, CaseIterable, CustomStringConvertible {
     case hello = 1, map = 2, unmap = 3, ack = 4, vring = 5, vringStop = 6, device = 7
-    case translate = 8, translateReply = 9, error = 10
+    case translate = 8, translateReply = 9, error = 10, vringStopped = 11
 
     public var description: String {
         switch self {
@@ -17,6 +17,7 @@ public enum PeerMessageType: UInt32, Sendable, CaseIterable, CustomStringConvert
         case .translate: "TRANSLATE"
         case .translateReply: "TRANSLATE_REPLY"
         case .error: "ERROR"
+        case .vringStopped: "VRING_STOPPED"
         }
     }
 }
@@ -25,7 +26,10 @@ public struct PeerFeatures: OptionSet, Sendable, Hashable {
     public let rawValue: UInt64
     public init(rawValue: UInt64) { self.rawValue = rawValue }
     public static let translate = PeerFeatures(rawValue: 1)
-    public static let all: PeerFeatures = [.translate]
+    /// VM2 answers VRING_STOP with VRING_STOPPED (the index it reached), and
+    /// the daemon answers VM1's GET_VRING_BASE from it.
+    public static let vringStopAck = PeerFeatures(rawValue: 2)
+    public static let all: PeerFeatures = [.translate, .vringStopAck]
 }
 
 public struct PeerHello: Equatable, Sendable {
@@ -142,6 +146,10 @@ public enum PeerMessage: Equatable, Sendable {
     case translate(PeerTranslate)
     case translateReply(PeerTranslateReply)
     case error(PeerError)
+    /// VM2 stopped ring `index`; the next avail entry it would have consumed
+    /// is `lastAvail` (what GET_VRING_BASE returns to VM1), nil when VM2 was
+    /// not running that ring (the daemon then answers from what it knows).
+    case vringStopped(index: UInt32, lastAvail: UInt16?)
 
     public var type: PeerMessageType {
         switch self {
@@ -155,6 +163,7 @@ public enum PeerMessage: Equatable, Sendable {
         case .translate: .translate
         case .translateReply: .translateReply
         case .error: .error
+        case .vringStopped: .vringStopped
         }
     }
 

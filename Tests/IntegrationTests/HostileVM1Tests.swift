@@ -178,3 +178,38 @@ extension Integration.HostileVM1 {
         #expect(running.bridge.statistics.notificationsDropped == 0)
     }
 }
+
+extension Integration.HostileVM1 {
+    /// GET_VRING_BASE answers where VM2 stopped, not a stale index: with
+    /// unsealed memory the daemon cannot read the used ring safely, and only
+    /// VM2 knows its last avail index. A VM2 with `vringStopAck` reports it.
+    @Test(arguments: [true, false])
+    func getVringBaseAnswersWhereVM2Stopped(vm2Reports: Bool) throws {
+        let running = try RunningBridge("base-\(vm2Reports)", mode: .identity)
+        defer { running.stop() }
+        var c2 = VM2Configuration()
+        c2.acknowledgesRingStops = vm2Reports
+        let vm2 = try connectVM2(running, c2)
+        defer { vm2.stop() }
+        var c1 = VM1Configuration()
+        c1.sealedRAM = false
+        let vm1 = try EmulatedVM1(socketPath: running.path, configuration: c1)
+        defer { vm1.disconnect() }
+        try vm1.start()
+        let result = try vm1.runTraffic(count: 30, sizes: [64, 1500])
+        #expect(result.completed, "\(result)")
+        let s = vm2.statistics
+        let bases = try vm1.stopDevice()
+        if vm2Reports {
+            // Queue 0 is VM1's RX (VM2 consumed one buffer per echo), queue 1 its TX.
+            #expect(bases == [UInt32(s.packetsSent), UInt32(s.packetsReceived)], "bases \(bases), VM2 \(s.packetsSent)/\(s.packetsReceived)")
+            #expect(bases != [0, 0])
+        } else {
+            // A version-1 VM2: unsealed memory is never read, so the daemon can
+            // only answer what SET_VRING_BASE set.
+            #expect(bases == [0, 0])
+        }
+        #expect(running.bridge.statistics.revocationTimeouts == 0)
+        #expect(running.bridge.statistics.peerConnected)
+    }
+}

@@ -19,7 +19,21 @@ let samples: [PeerMessage] = [
     .translateReply(PeerTranslateReply(requestID: 77, status: .refused, reason: "[bar-bounds] nope")),
     .translateReply(PeerTranslateReply(requestID: 78, status: .granted)),
     .error(PeerError(code: .busy, text: "another VM2 is connected")),
+    .vringStopped(index: 1, lastAvail: 0xfffe),
+    .vringStopped(index: 3, lastAvail: nil),
 ]
+
+
+@Suite struct VringStoppedTests {
+    /// Golden bytes: index 1, lastAvail 0x1234, flags bit 0 (known).
+    @Test func goldenVringStopped() throws {
+        #expect(PeerCodec.encode(.vringStopped(index: 1, lastAvail: 0x1234))
+                == [11, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0x34, 0x12, 1, 0])
+        var bytes = PeerCodec.encode(.vringStopped(index: 1, lastAvail: 0x1234))
+        bytes[18] = 2 // an undefined flag
+        #expect(peerError { try roundTrip(bytes, fds: 0) } == .badValue(.vringStopped, field: "flags", value: 2))
+    }
+}
 
 func roundTrip(_ bytes: [UInt8], fds: Int) throws -> PeerMessage {
     let (header, type) = try PeerCodec.validate(header: Array(bytes.prefix(12)))

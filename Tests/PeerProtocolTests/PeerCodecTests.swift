@@ -73,6 +73,8 @@ func docExample(_ name: String) throws -> [UInt8] {
         #expect(try roundTrip(docExample("map"), fds: 1)
                 == .map(PeerMap(sequence: 7, barOffset: 1 << 32, length: 64 << 10, fdOffset: 1 << 20, permission: .readWrite)))
         #expect(PeerCodec.encode(.hello(PeerHello(features: .translate))) == (try docExample("hello")))
+        #expect(try roundTrip(docExample("vring-stopped"), fds: 0) == .vringStopped(index: 1, lastAvail: 0x1234))
+        #expect(PeerCodec.encode(.vringStopped(index: 1, lastAvail: 0x1234)) == (try docExample("vring-stopped")))
     }
 
     @Test func headerChecks() {

@@ -8,6 +8,10 @@ import VhostUser
 import Glibc
 #endif
 
+public enum DeadlineAction: String, Sendable, Equatable {
+    case disconnect, kill
+}
+
 /// Everything that defines one bridge (flags and the config file mean the
 /// same thing).
 public struct BridgeSettings: Sendable, Equatable {
@@ -31,6 +35,14 @@ public struct BridgeSettings: Sendable, Equatable {
     /// refused (`translation-limit`).
     public var maxPendingTranslations: Int = BridgeSettings.defaultMaxPendingTranslations
     public static let defaultMaxPendingTranslations = 256
+    /// Who may connect to the vhost-user socket (VM1's VMM) and to the peer
+    /// socket (VM2's VMM).
+    public var vm1Access = PeerAccess()
+    public var vm2Access = PeerAccess()
+    /// What happens to a VM2 that misses the revocation deadline: it is
+    /// always disconnected; `kill` also sends its VMM SIGKILL (through a
+    /// pidfd taken when it connected).
+    public var vm2DeadlineAction: DeadlineAction = .disconnect
 
     public init(name: String, socketPath: String?, peerSocketPath: String? = nil, backend: BackendConfiguration,
                 revocationDeadlineMilliseconds: Int = 100, notifications: NotificationMode = .relay,
@@ -128,6 +140,10 @@ public struct BridgeStatistics: Sendable, Equatable {
     /// accept() on the vhost-user or peer socket failed for lack of fds or
     /// memory (each pauses accepting for a moment).
     public var acceptFailures = 0
+    /// Connections refused by the sockets' allow-lists.
+    public var accessDenied = 0
+    /// VM2 VMMs killed for missing a deadline (`vm2-deadline-action: kill`).
+    public var peerKilled = 0
 
     /// Adds one session's counters.
     mutating func add(_ session: SessionStatistics) {
@@ -198,12 +214,18 @@ public final class Bridge: Sendable {
             } catch { throw .relay(settings.name, error) }
         }
         if let path = settings.socketPath, !settings.client {
-            do { listener = try UnixSocket.listen(path: path) } catch { throw .socket(settings.name, "vhost-user", error) }
+            do {
+                listener = try UnixSocket.listen(path: path)
+                try Self.applyPermissions(settings.vm1Access, to: path)
+            } catch { throw .socket(settings.name, "vhost-user", error) }
         } else {
             listener = nil
         }
         if let path = settings.peerSocketPath {
-            do { peerListener = try UnixSocket.listen(path: path) } catch { throw .socket(settings.name, "peer", error) }
+            do {
+                peerListener = try UnixSocket.listen(path: path)
+                try Self.applyPermissions(settings.vm2Access, to: path)
+            } catch { throw .socket(settings.name, "peer", error) }
         } else {
             peerListener = nil
         }
@@ -211,6 +233,31 @@ public final class Bridge: Sendable {
     }
 
     deinit { mappingBudget.unregister(budgetID) }
+
+    private static func applyPermissions(_ access: PeerAccess, to path: String) throws(SystemCallError) {
+        guard access.setsPermissions else { return }
+        try SocketPermissions.apply(path: path, mode: access.mode ?? (access.group != nil ? 0o660 : 0o600),
+                                    group: access.group, owner: access.owner)
+    }
+
+    /// SO_PEERCRED against the socket's allow-lists; a refused peer is
+    /// logged, counted and closed by the caller.
+    private func admits(_ connection: UnixSocket, _ access: PeerAccess, _ which: String) -> (Bool, PeerCredentials?) {
+        let creds = try? connection.peerCredentials()
+        guard let creds else {
+            if access.allowedUsers.isEmpty && access.allowedGroups.isEmpty { return (true, nil) }
+            state.withLock { $0.statistics.accessDenied += 1 }
+            logger.warning("refused a \(which) connection: its credentials cannot be read")
+            return (false, nil)
+        }
+        guard access.admits(uid: creds.uid, gid: creds.gid, groups: creds.groups) else {
+            state.withLock { $0.statistics.accessDenied += 1 }
+            logger.warning("refused a \(which) connection from pid \(creds.pid) uid \(creds.uid) gid \(creds.gid): not in the allow-lists",
+                           metadata: ["rule": "peer-credentials"])
+            return (false, creds)
+        }
+        return (true, creds)
+    }
 
     public var statistics: BridgeStatistics {
         var s = state.withLock { $0.statistics }
@@ -223,6 +270,7 @@ public final class Bridge: Sendable {
         s.peerAcks = p.acks
         s.revocationTimeouts = p.revocationTimeouts
         s.peerProtocolErrors = p.protocolErrors
+        s.peerKilled = p.killed
         s.translationsGranted = p.translationsGranted
         s.translationsRefused = p.translationsRefused
         s.peerRefusals = p.refusals
@@ -339,7 +387,9 @@ public final class Bridge: Sendable {
     }
 
     private func open(_ connection: UnixSocket) -> VhostUserConnection? {
-        let who = (try? connection.peerCredentials()).map { "pid \($0.pid) uid \($0.uid)" } ?? "unknown peer"
+        let (admitted, creds) = admits(connection, settings.vm1Access, "vhost-user")
+        guard admitted else { try? connection.fd.close(); return nil }
+        let who = creds.map { "pid \($0.pid) uid \($0.uid)" } ?? "unknown peer"
         logger.info("front end connected (\(who))")
         // Messages are read once the socket is readable; a front end that then
         // stalls in the middle of one is dropped instead of holding the bridge.
@@ -450,8 +500,19 @@ public final class Bridge: Sendable {
                 }
             }
             if let socket = accepted {
+                let (admitted, creds) = admits(socket, settings.vm2Access, "peer")
+                guard admitted else {
+                    try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError,
+                                                                       text: "bridge \(settings.name): this user may not connect as VM2"))), nonBlocking: true)
+                    try? socket.fd.close()
+                    continue
+                }
                 try? socket.setSendTimeout(milliseconds: max(1000, settings.revocationDeadlineMilliseconds * 10))
-                if let generation = peer.attach(socket) {
+                var process: ProcessHandle?
+                if settings.vm2DeadlineAction == .kill, let pid = creds?.pid {
+                    do { process = try ProcessHandle(pid: pid) } catch { logger.warning("no pidfd for VM2 pid \(pid): \(error); it can only be disconnected") }
+                }
+                if let generation = peer.attach(socket, process: process) {
                     active = (socket, generation, false)
                 } else {
                     try? socket.send(PeerCodec.encode(.error(PeerError(code: .busy, text: "bridge \(settings.name) already has a VM2"))),

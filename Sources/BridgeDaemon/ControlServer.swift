@@ -1,3 +1,4 @@
+import BridgeCore
 import Foundation
 import LinuxIO
 import Logging
@@ -5,7 +6,7 @@ import Synchronization
 
 /// The control socket: a Unix stream socket, one JSON request per line, one
 /// JSON response per line. Peers are checked with SO_PEERCRED: root, or a
-/// member of the configured group (by primary gid); anyone else gets a
+/// member of the configured group (primary or supplementary); anyone else gets a
 /// `denied` error, is logged and disconnected.
 public final class ControlServer: Sendable {
     public typealias Authorizer = @Sendable (PeerCredentials) -> Bool
@@ -21,9 +22,13 @@ public final class ControlServer: Sendable {
     private let acceptThread = Mutex<JoinableThread?>(nil)
     public let path: String
 
-    /// The default policy: uid 0, or the given group.
+    /// The default policy: uid 0, or a member of the given group — as its
+    /// primary group or a supplementary one (SO_PEERGROUPS).
     public static func policy(group: UInt32?) -> Authorizer {
-        { creds in creds.uid == 0 || (group != nil && creds.gid == group) }
+        { creds in
+            guard let group else { return creds.uid == 0 }
+            return PeerAccess(allowedGroups: [group]).admits(uid: creds.uid, gid: creds.gid, groups: creds.groups)
+        }
     }
 
     public init(path: String, mode: UInt32, group: UInt32?, controller: DaemonController, logger: Logger,

@@ -1,4 +1,5 @@
 import BridgeCore
+import LinuxIO
 import Logging
 import VhostUser
 import Yams
@@ -24,6 +25,9 @@ public struct BridgeConfig: Equatable, Sendable {
     public var queuePairs = 1
     public var client = false
     public var maxPendingTranslations = BridgeSettings.defaultMaxPendingTranslations
+    public var vm1Access = PeerAccess()
+    public var vm2Access = PeerAccess()
+    public var vm2DeadlineAction: DeadlineAction = .disconnect
 
     public init(name: String, vhostUserSocket: String, peerSocket: String?, vm2: String, addressSpace: AddressSpaceConfiguration) {
         self.name = name
@@ -40,6 +44,9 @@ public struct BridgeConfig: Equatable, Sendable {
                                notifications: notifications, busyPollMicroseconds: busyPollMicroseconds)
         s.client = client
         s.maxPendingTranslations = maxPendingTranslations
+        s.vm1Access = vm1Access
+        s.vm2Access = vm2Access
+        s.vm2DeadlineAction = vm2DeadlineAction
         return s
     }
 }
@@ -64,7 +71,8 @@ public struct DaemonConfig: Equatable, Sendable {
                                        "socket-directories", "bridges"]
     static let bridgeKeys: Set<String> = ["name", "vhost-user-socket", "peer-socket", "vm2", "bar-size", "mode", "static-windows",
                                           "dma-window", "notifications", "busy-poll-us", "revocation-deadline-ms", "max-mappings",
-                                          "queue-pairs", "client", "page-size", "max-pending-translations"]
+                                          "queue-pairs", "client", "page-size", "max-pending-translations",
+                                          "vm1-access", "vm2-access", "vm2-deadline-action"]
 
     /// Parses and validates YAML text. Every error names its key.
     public static func parse(_ text: String) throws(ConfigError) -> DaemonConfig {
@@ -79,12 +87,7 @@ public struct DaemonConfig: Equatable, Sendable {
             guard let g = scalar(v), !g.isEmpty else { throw ConfigError("control-group", "must be a group name or number") }
             config.controlGroup = g
         }
-        if let v = top["control-mode"] {
-            guard let text = scalar(v), let mode = UInt32(text.hasPrefix("0o") ? String(text.dropFirst(2)) : text, radix: 8), mode <= 0o777 else {
-                throw ConfigError("control-mode", "'\(scalar(v) ?? "?")' is not an octal mode such as 0660")
-            }
-            config.controlMode = mode
-        }
+        if let v = top["control-mode"] { config.controlMode = try mode(v, "control-mode") }
         if let v = top["log-level"] {
             guard let text = scalar(v), let level = Logger.Level(rawValue: text) else {
                 throw ConfigError("log-level", "'\(scalar(v) ?? "?")' is not one of trace, debug, info, notice, warning, error, critical")
@@ -153,6 +156,45 @@ public struct DaemonConfig: Equatable, Sendable {
         return s
     }
 
+    static let accessKeys: Set<String> = ["owner", "group", "mode", "allow-users", "allow-groups"]
+
+    /// `{owner, group, mode, allow-users, allow-groups}`: names or numbers.
+    static func access(_ v: Any, _ key: String) throws(ConfigError) -> PeerAccess {
+        guard let map = v as? [String: Any] else { throw ConfigError(key, "must be a mapping of owner, group, mode, allow-users, allow-groups") }
+        for k in map.keys.sorted() where !accessKeys.contains(k) { throw ConfigError("\(key).\(k)", "unknown key") }
+        func user(_ raw: Any, _ at: String) throws(ConfigError) -> UInt32 {
+            guard let name = scalar(raw), let id = SocketPermissions.userID(named: name) else {
+                throw ConfigError(at, "'\(scalar(raw) ?? "?")' is not a user name or number")
+            }
+            return id
+        }
+        func group(_ raw: Any, _ at: String) throws(ConfigError) -> UInt32 {
+            guard let name = scalar(raw), let id = SocketPermissions.groupID(named: name) else {
+                throw ConfigError(at, "'\(scalar(raw) ?? "?")' is not a group name or number")
+            }
+            return id
+        }
+        func list(_ k: String) throws(ConfigError) -> [Any] {
+            guard let raw = map[k] else { return [] }
+            guard let items = raw as? [Any] else { throw ConfigError("\(key).\(k)", "must be a list") }
+            return items
+        }
+        var a = PeerAccess()
+        if let raw = map["owner"] { a.owner = try user(raw, "\(key).owner") }
+        if let raw = map["group"] { a.group = try group(raw, "\(key).group") }
+        if let raw = map["mode"] { a.mode = try mode(raw, "\(key).mode") }
+        a.allowedUsers = try list("allow-users").enumerated().map { i, u throws(ConfigError) in try user(u, "\(key).allow-users[\(i)]") }
+        a.allowedGroups = try list("allow-groups").enumerated().map { i, g throws(ConfigError) in try group(g, "\(key).allow-groups[\(i)]") }
+        return a
+    }
+
+    static func mode(_ v: Any, _ key: String) throws(ConfigError) -> UInt32 {
+        guard let text = scalar(v), let mode = UInt32(text.hasPrefix("0o") ? String(text.dropFirst(2)) : text, radix: 8), mode <= 0o777 else {
+            throw ConfigError(key, "'\(scalar(v) ?? "?")' is not an octal mode such as 0660")
+        }
+        return mode
+    }
+
     static func int(_ v: Any, _ key: String, _ range: ClosedRange<Int>) throws(ConfigError) -> Int {
         guard let s = scalar(v), let n = Int(s), range.contains(n) else {
             throw ConfigError(key, "'\(scalar(v) ?? "?")' is not a whole number in \(range.lowerBound)...\(range.upperBound)")
@@ -208,6 +250,14 @@ public struct DaemonConfig: Equatable, Sendable {
         if let raw = b["busy-poll-us"] { config.busyPollMicroseconds = try int(raw, "\(key).busy-poll-us", 0...10_000) }
         if let raw = b["revocation-deadline-ms"] { config.revocationDeadlineMilliseconds = try int(raw, "\(key).revocation-deadline-ms", 1...60_000) }
         if let raw = b["queue-pairs"] { config.queuePairs = try int(raw, "\(key).queue-pairs", 1...128) }
+        if let raw = b["vm1-access"] { config.vm1Access = try access(raw, "\(key).vm1-access") }
+        if let raw = b["vm2-access"] { config.vm2Access = try access(raw, "\(key).vm2-access") }
+        if let raw = b["vm2-deadline-action"] {
+            guard let text = scalar(raw), let action = DeadlineAction(rawValue: text) else {
+                throw ConfigError("\(key).vm2-deadline-action", "'\(scalar(raw) ?? "?")' is not disconnect or kill")
+            }
+            config.vm2DeadlineAction = action
+        }
         if let raw = b["max-pending-translations"] {
             config.maxPendingTranslations = try int(raw, "\(key).max-pending-translations", 1...65_536)
         }

@@ -3,6 +3,9 @@ import LinuxIO
 import Logging
 import PeerProtocol
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The bridge's connection to VM2, shared between the peer thread (which
 /// reads VM2's socket) and the bridge thread (which owns all bridge state and
@@ -30,6 +33,8 @@ final class PeerLink: Sendable {
         /// Connections ended for a protocol error (bad framing, a message in
         /// the wrong state, an ACK the daemon never asked for, ...).
         var protocolErrors = 0
+        /// VM2 VMMs killed (SIGKILL through their pidfd) for missing a deadline.
+        var killed = 0
         var translationsGranted = 0
         var translationsRefused = 0
         var refusals: [String: Int] = [:]
@@ -39,6 +44,8 @@ final class PeerLink: Sendable {
 
     private struct State {
         var socket: UnixSocket?
+        /// The VMM at the other end, when the deadline action is `kill`.
+        var process: ProcessHandle?
         var generation = 0
         var ready = false
         var nextSequence: UInt64 = 1
@@ -70,10 +77,11 @@ final class PeerLink: Sendable {
     // MARK: peer thread
 
     /// Takes a new VM2 connection; nil when one is already attached.
-    func attach(_ socket: UnixSocket) -> Int? {
+    func attach(_ socket: UnixSocket, process: ProcessHandle? = nil) -> Int? {
         state.withLock { s -> Int? in
             guard s.socket == nil else { return nil }
             s.socket = socket
+            s.process = process
             s.generation += 1
             s.ready = false
             s.nextSequence = 1
@@ -134,6 +142,7 @@ final class PeerLink: Sendable {
         let socket = state.withLock { s -> UnixSocket? in
             guard s.generation == generation, let socket = s.socket else { return nil }
             s.socket = nil
+            s.process = nil // its pidfd closes with the last reference
             s.ready = false
             s.statistics.connected = false
             s.statistics.ready = false
@@ -244,7 +253,7 @@ final class PeerLink: Sendable {
         case .timedOut(let generation):
             count { $0.revocationTimeouts += 1 }
             logger.warning("VM2 did not acknowledge revocation \(ticket.sequence) within \(revocationDeadlineMilliseconds) ms; disconnecting VM2")
-            disconnect(generation: generation, reason: "revocation deadline missed")
+            missedDeadline(generation: generation, reason: "revocation deadline missed")
             return false
         }
     }
@@ -296,8 +305,24 @@ final class PeerLink: Sendable {
         case .timedOut(let generation):
             count { $0.revocationTimeouts += 1 }
             logger.warning("VM2 did not report vring \(index) stopped within \(revocationDeadlineMilliseconds) ms; disconnecting VM2")
-            disconnect(generation: generation, reason: "ring stop deadline missed")
+            missedDeadline(generation: generation, reason: "ring stop deadline missed")
             return nil
+        }
+    }
+
+    /// A VM2 that ignores a deadline is disconnected, and with a pidfd (the
+    /// `kill` deadline action) its VMM is killed: a VMM that ignores the
+    /// protocol would otherwise keep the mappings it was told to drop.
+    private func missedDeadline(generation: Int, reason: String) {
+        let process = state.withLock { s in s.generation == generation ? s.process : nil }
+        disconnect(generation: generation, reason: reason)
+        guard let process else { return }
+        do {
+            try process.send(signal: SIGKILL)
+            count { $0.killed += 1 }
+            logger.warning("killed VM2's VMM (pid \(process.pid)): \(reason)")
+        } catch {
+            logger.error("could not kill VM2's VMM (pid \(process.pid)): \(error)")
         }
     }
 

@@ -86,6 +86,9 @@ final class VhostUserConnection {
     private var retired = (kick: RelayLinkStatistics(), call: RelayLinkStatistics())
     private var regionFiles: [RegionID: OwnedFileDescriptor] = [:]
     private var regionSealed: [RegionID: Bool] = [:]
+    /// Read-only reopenings of region files, made on the first read-only MAP:
+    /// a read grant travels with an fd that cannot be mapped writable.
+    private var regionReadOnlyFiles: [RegionID: OwnedFileDescriptor] = [:]
     private var vringFiles: [Int: [VringFileKind: OwnedFileDescriptor]] = [:]
     private var backendChannel: UnixSocket?
     /// Rings VM2 already stopped (and reported) for a GET_VRING_BASE.
@@ -299,6 +302,7 @@ final class VhostUserConnection {
                 pushToPeer(plan)
             case .releaseRegionFile(let id):
                 try? regionFiles.removeValue(forKey: id)?.close()
+                try? regionReadOnlyFiles.removeValue(forKey: id)?.close()
                 regionSealed[id] = nil
             case .setVringFile(let kind, let index, let fdIndex):
                 try? vringFiles[index]?.removeValue(forKey: kind)?.close()
@@ -389,12 +393,27 @@ final class VhostUserConnection {
 
     private func sendMap(bus: BusAddress, length: UInt64, permission: Permission, region: RegionID, fdOffset: UInt64,
                          onlyIfReady: Bool = true) -> PeerLink.Ticket? {
-        guard let fd = regionFiles[region] else { return nil }
+        guard let fd = permission.contains(.write) ? regionFiles[region] : readOnlyFile(region) else { return nil }
         let ticket = peer.takeSequence()
         guard peer.send(.map(PeerMap(sequence: ticket.sequence, barOffset: bus.rawValue, length: length, fdOffset: fdOffset,
                                      permission: permission)), fds: [fd.rawValue], onlyIfReady: onlyIfReady) else { return nil }
         peer.count { $0.mapsSent += 1 }
         return ticket
+    }
+
+    /// The read-only fd of `region`, reopened once. Where Linux refuses the
+    /// reopen the grant is not sent (nil): VM2 can ask again by TRANSLATE.
+    private func readOnlyFile(_ region: RegionID) -> OwnedFileDescriptor? {
+        if let fd = regionReadOnlyFiles[region] { return fd }
+        guard let file = regionFiles[region] else { return nil }
+        do {
+            let fd = try file.reopenReadOnly()
+            regionReadOnlyFiles[region] = fd
+            return fd
+        } catch {
+            logger.error("\(region): cannot reopen its file read-only, read-only grants of it are not sent to VM2: \(error)")
+            return nil
+        }
     }
 
     private func sendVring(_ index: Int, onlyIfReady: Bool = true) {
@@ -600,6 +619,8 @@ final class VhostUserConnection {
         misses.removeAll()
         for fd in regionFiles.values { try? fd.close() }
         regionFiles = [:]
+        for fd in regionReadOnlyFiles.values { try? fd.close() }
+        regionReadOnlyFiles = [:]
         for files in vringFiles.values { for fd in files.values { try? fd.close() } }
         vringFiles = [:]
         try? backendChannel?.fd.close()

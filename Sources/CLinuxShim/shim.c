@@ -1,6 +1,9 @@
 #define _GNU_SOURCE
 #include "CLinuxShim.h"
 #include <liburing.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <pwd.h>
 #include <stdlib.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -147,6 +150,51 @@ ssize_t shim_sendto_unix(int sock, const char *path, const void *buf, size_t len
 }
 int shim_chown_group(const char *path, gid_t gid) { return chown(path, (uid_t)-1, gid); }
 int shim_chmod(const char *path, unsigned int mode) { return chmod(path, (mode_t)mode); }
+int shim_peergroups(int sock, uint32_t *groups, int max) {
+#ifndef SO_PEERGROUPS
+#define SO_PEERGROUPS 59
+#endif
+    socklen_t l = (socklen_t)(max * sizeof(gid_t));
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERGROUPS, groups, &l) < 0) return -1;
+    return (int)(l / sizeof(gid_t));
+}
+
+long shim_user_id(const char *name) {
+    struct passwd *p = getpwnam(name);
+    return p ? (long)p->pw_uid : -1;
+}
+
+int shim_chown(const char *path, long uid, long gid) {
+    return chown(path, uid < 0 ? (uid_t)-1 : (uid_t)uid, gid < 0 ? (gid_t)-1 : (gid_t)gid);
+}
+
+int shim_pidfd_open(pid_t pid) {
+#ifdef SYS_pidfd_open
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+#else
+    return (int)syscall(434, pid, 0);
+#endif
+}
+
+int shim_pidfd_send_signal(int pidfd, int sig) {
+#ifdef SYS_pidfd_send_signal
+    return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
+#else
+    return (int)syscall(424, pidfd, sig, NULL, 0);
+#endif
+}
+
+int shim_open_readonly_via_proc(int fd) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    return open(path, O_RDONLY | O_CLOEXEC);
+}
+
+int shim_access_mode(int fd) {
+    int fl = fcntl(fd, F_GETFL);
+    return fl < 0 ? -1 : (fl & O_ACCMODE);
+}
+
 long shim_group_id(const char *name) {
     struct group *g = getgrnam(name);
     return g ? (long)g->gr_gid : -1;
@@ -237,6 +285,38 @@ int shim_fork_touch(volatile void *addr, int write) {
     }
     return status;
 }
+pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *groups, int ngroups,
+                     const void *hello, size_t hello_len, unsigned int lifetime_s) {
+    pid_t pid = fork();
+    if (pid != 0) return pid; // parent (or -1)
+    // Child: only async-signal-safe calls from here on.
+    if (gid >= 0) {
+        gid_t g[64];
+        int n = ngroups < 64 ? ngroups : 64;
+        for (int i = 0; i < n; i++) g[i] = (gid_t)groups[i];
+        if (setgroups((size_t)n, g) != 0 || setgid((gid_t)gid) != 0) _exit(3);
+    }
+    if (uid >= 0 && setuid((uid_t)uid) != 0) _exit(3);
+    alarm(lifetime_s);
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un a;
+    if (s < 0 || fill_sun(&a, path) < 0) _exit(2);
+    if (connect(s, (struct sockaddr *)&a, sizeof a) != 0) _exit(2);
+    if (hello_len && write(s, hello, hello_len) != (ssize_t)hello_len) _exit(4);
+    char buf[4096];
+    for (;;) {
+        ssize_t n = read(s, buf, sizeof buf);
+        if (n == 0) _exit(0);   // the daemon closed the connection
+        if (n < 0) _exit(5);
+    }
+}
+
+int shim_wait(pid_t pid) {
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0) { if (errno != EINTR) return -1; }
+    return status;
+}
+
 int shim_wifsignaled(int status) { return WIFSIGNALED(status); }
 int shim_wtermsig(int status) { return WTERMSIG(status); }
 int shim_wifexited(int status) { return WIFEXITED(status); }

@@ -9,7 +9,11 @@ public struct PeerCredentials: Equatable, Sendable {
     public let pid: Int32
     public let uid: UInt32
     public let gid: UInt32
-    public init(pid: Int32, uid: UInt32, gid: UInt32) { self.pid = pid; self.uid = uid; self.gid = gid }
+    /// Supplementary groups (SO_PEERGROUPS), as of when the peer connected.
+    public let groups: [UInt32]
+    public init(pid: Int32, uid: UInt32, gid: UInt32, groups: [UInt32] = []) {
+        self.pid = pid; self.uid = uid; self.gid = gid; self.groups = groups
+    }
 }
 
 /// One message read with `UnixSocket.receive`: the bytes, and every fd that
@@ -174,7 +178,9 @@ public struct UnixSocket: Sendable {
         var pid: pid_t = 0, uid: uid_t = 0, gid: gid_t = 0
         let raw = fd.rawValue
         _ = try retryingInterrupts("getsockopt(SO_PEERCRED)") { shim_peercred(raw, &pid, &uid, &gid) }
-        return PeerCredentials(pid: pid, uid: uid, gid: gid)
+        var groups = [UInt32](repeating: 0, count: 256) // NGROUPS_MAX is 65536; 256 covers real users
+        let n = groups.withUnsafeMutableBufferPointer { shim_peergroups(raw, $0.baseAddress, Int32($0.count)) }
+        return PeerCredentials(pid: pid, uid: uid, gid: gid, groups: n > 0 ? Array(groups.prefix(Int(n))) : [])
     }
 
     /// shutdown(SHUT_RDWR): wakes a thread blocked in receive/accept.

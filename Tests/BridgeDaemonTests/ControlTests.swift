@@ -120,6 +120,9 @@ func errorMessage(_ r: [String: Any]) -> String { (r["error"] as? [String: Any])
         #expect(policy(PeerCredentials(pid: 1, uid: 1000, gid: 1234)))
         #expect(!policy(PeerCredentials(pid: 1, uid: 1000, gid: 1000)))
         #expect(!ControlServer.policy(group: nil)(PeerCredentials(pid: 1, uid: 1000, gid: 1000)))
+        // A supplementary group counts (usermod -aG vhost-pci alice).
+        #expect(policy(PeerCredentials(pid: 1, uid: 1000, gid: 1000, groups: [27, 1234])))
+        #expect(!policy(PeerCredentials(pid: 1, uid: 1000, gid: 1000, groups: [27, 100])))
     }
 
     @Test func createDestroyAndTheVM2Budget() throws {

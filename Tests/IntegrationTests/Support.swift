@@ -28,7 +28,8 @@ final class RunningBridge {
 
     init(_ name: String, mode: BridgeMode, barSize: UInt64 = 64 * GiB, dmaWindow: BusWindow? = nil,
          staticWindows: [BusWindow] = [], revocationDeadline: Int = 2000, notifications: NotificationMode = .relay,
-         mappingBudget: MappingBudget = .process, maxPendingTranslations: Int = BridgeSettings.defaultMaxPendingTranslations) throws {
+         mappingBudget: MappingBudget = .process, maxPendingTranslations: Int = BridgeSettings.defaultMaxPendingTranslations,
+         configure: (inout BridgeSettings) -> Void = { _ in }) throws {
         // 2 s, not the production 100 ms: tests that expect VM2 to keep up must
         // not fail because a shared machine stalled a thread for a moment.
         path = temporarySocketPath(name)
@@ -38,6 +39,7 @@ final class RunningBridge {
                                       backend: BackendConfiguration(bridgeName: name, addressSpace: space),
                                       revocationDeadlineMilliseconds: revocationDeadline, notifications: notifications)
         settings.maxPendingTranslations = maxPendingTranslations
+        configure(&settings)
         let bridge = try Bridge(settings, logger: quietLogger(), mappingBudget: mappingBudget)
         self.bridge = bridge
         thread = try JoinableThread(name: "bridge-\(name)") { bridge.serve() }

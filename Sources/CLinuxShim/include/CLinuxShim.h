@@ -71,6 +71,22 @@ int shim_chown_group(const char *path, gid_t gid);
 int shim_chmod(const char *path, unsigned int mode);
 /// Group id of a name, or -1.
 long shim_group_id(const char *name);
+/// User id of a name, or -1.
+long shim_user_id(const char *name);
+/// chown; -1 leaves that id unchanged.
+int shim_chown(const char *path, long uid, long gid);
+/// SO_PEERGROUPS: the peer's supplementary groups (up to `max`); returns
+/// the count or -1 (ERANGE when `max` is too small).
+int shim_peergroups(int sock, uint32_t *groups, int max);
+/// pidfd_open(pid, 0) and pidfd_send_signal(pidfd, sig, NULL, 0).
+int shim_pidfd_open(pid_t pid);
+int shim_pidfd_send_signal(int pidfd, int sig);
+/// A new read-only open file description of the file behind `fd`
+/// (open("/proc/self/fd/N", O_RDONLY)): a MAP_SHARED PROT_WRITE mapping of
+/// it fails, whoever holds it.
+int shim_open_readonly_via_proc(int fd);
+/// fcntl(F_GETFL) & O_ACCMODE, or -1.
+int shim_access_mode(int fd);
 int shim_msg_peek(void);
 int shim_msg_dontwait(void);
 int shim_sock_stream(void);
@@ -111,6 +127,15 @@ long shim_page_size(void);
 /// is non-zero) and `_exit(0)`s. Returns the raw wait status of the child,
 /// or -1. Done in C so the child never runs Swift runtime code after fork.
 int shim_fork_touch(volatile void *addr, int write);
+/// Forks a child that (when `uid`/`gid` >= 0) drops to those ids and
+/// `groups`, connects to the Unix socket `path`, writes `hello`, and reads
+/// until the other end closes (exit 0); connect failure exits 2, and the
+/// child dies of SIGALRM after `lifetime_s`. A test peer with other
+/// credentials, run without Swift code after fork. Returns the pid or -1.
+pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *groups, int ngroups,
+                     const void *hello, size_t hello_len, unsigned int lifetime_s);
+/// waitpid, retried on EINTR: the raw status, or -1.
+int shim_wait(pid_t pid);
 int shim_wifsignaled(int status);
 int shim_wtermsig(int status);
 int shim_wifexited(int status);

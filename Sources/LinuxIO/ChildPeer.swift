@@ -1,0 +1,41 @@
+import CLinuxShim
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A forked process that connects to a Unix socket as another user (tests:
+/// allow-lists, a VM2 VMM that ignores the protocol). It writes `hello`,
+/// then reads until the other end closes. The child runs only C after fork.
+public struct ChildPeer: Sendable {
+    public enum Termination: Equatable, Sendable {
+        /// 0: the other end closed the connection; 2: connect failed; 3: could not drop privileges.
+        case exited(Int32)
+        case signaled(Int32)
+        case unknown(Int32)
+    }
+
+    public let pid: Int32
+
+    public static func spawn(connectingTo path: String, uid: UInt32? = nil, gid: UInt32? = nil, groups: [UInt32] = [],
+                             hello: [UInt8] = [], lifetimeSeconds: UInt32 = 20) throws(SystemCallError) -> ChildPeer {
+        let pid = groups.withUnsafeBufferPointer { g in
+            hello.withUnsafeBytes { h in
+                shim_fork_peer(path, uid.map { Int($0) } ?? -1, gid.map { Int($0) } ?? -1, g.baseAddress, Int32(g.count),
+                               h.baseAddress, h.count, lifetimeSeconds)
+            }
+        }
+        guard pid > 0 else { throw .current("fork") }
+        return ChildPeer(pid: pid)
+    }
+
+    /// Waits for the child to end.
+    public func wait() -> Termination {
+        let status = shim_wait(pid)
+        if status < 0 { return .unknown(status) }
+        if shim_wifexited(status) != 0 { return .exited(shim_wexitstatus(status)) }
+        if shim_wifsignaled(status) != 0 { return .signaled(shim_wtermsig(status)) }
+        return .unknown(status)
+    }
+
+    public func kill() { _ = Glibc.kill(pid, SIGKILL) }
+}

@@ -1,0 +1,36 @@
+import CLinuxShim
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A pidfd: a handle on one process that stays valid (and keeps naming that
+/// process, never a recycled pid) until closed. Taken when a peer connects,
+/// so a policy can kill exactly that peer later.
+public struct ProcessHandle: Sendable {
+    public let fd: OwnedFileDescriptor
+    public let pid: Int32
+
+    public init(pid: Int32) throws(SystemCallError) {
+        let raw = try retryingInterrupts("pidfd_open(\(pid))") { shim_pidfd_open(pid) }
+        fd = OwnedFileDescriptor(adopting: raw)
+        self.pid = pid
+    }
+
+    /// Sends `signal` to the process (ESRCH once it is gone).
+    public func send(signal: Int32) throws(SystemCallError) {
+        let raw = fd.rawValue
+        _ = try retryingInterrupts("pidfd_send_signal(\(pid), \(signal))") { shim_pidfd_send_signal(raw, signal) }
+    }
+}
+
+extension OwnedFileDescriptor {
+    /// A new read-only open of the same file (through /proc/self/fd): what a
+    /// read-only grant hands out, so it cannot be mapped writable.
+    public func reopenReadOnly() throws(SystemCallError) -> OwnedFileDescriptor {
+        let raw = rawValue
+        return OwnedFileDescriptor(adopting: try retryingInterrupts("open(/proc/self/fd/\(raw), O_RDONLY)") { shim_open_readonly_via_proc(raw) })
+    }
+
+    /// Whether the fd was opened read-only (O_ACCMODE == O_RDONLY).
+    public var isReadOnly: Bool { shim_access_mode(rawValue) == O_RDONLY }
+}

@@ -1,0 +1,109 @@
+import BridgeCore
+import BridgeDaemon
+import EmulatedGuests
+import Foundation
+import LinuxIO
+import PeerProtocol
+import Testing
+import TestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Integration {
+    @Suite struct Access {
+        private let nobody: UInt32 = 65534
+
+        /// Socket files get the configured mode and group; the allow-lists
+        /// are checked on SO_PEERCRED, supplementary groups included.
+        @Test func bothSocketsEnforceModeAndAllowLists() throws {
+            let access = PeerAccess(group: 4242, mode: 0o666, allowedGroups: [4242])
+            let running = try RunningBridge("access", mode: .identity) { s in
+                s.vm1Access = access
+                s.vm2Access = access
+            }
+            defer { running.stop() }
+            for path in [running.path, running.peerPath] {
+                var st = stat()
+                #expect(stat(path, &st) == 0)
+                #expect(st.st_mode & 0o777 == 0o666 && st.st_gid == 4242, "\(path): mode \(String(st.st_mode & 0o777, radix: 8)) gid \(st.st_gid)")
+            }
+            // Not in the group: refused and closed, on either socket.
+            for path in [running.path, running.peerPath] {
+                let outsider = try ChildPeer.spawn(connectingTo: path, uid: nobody, gid: nobody)
+                #expect(outsider.wait() == .exited(0), "the daemon closes the connection")
+            }
+            #expect(running.bridge.statistics.accessDenied == 2)
+            #expect(running.bridge.statistics.sessionsServed == 0 && !running.bridge.statistics.peerConnected)
+            // A supplementary group member gets in (the daemon keeps the connection).
+            let member = try ChildPeer.spawn(connectingTo: running.path, uid: nobody, gid: nobody, groups: [4242])
+            #expect(pollUntil { running.bridge.statistics.activeSession })
+            member.kill()
+            #expect(member.wait() == .signaled(SIGKILL))
+            running.waitForSessions(1)
+            #expect(running.bridge.statistics.accessDenied == 2)
+        }
+
+        /// `vm2-deadline-action: kill`: a VM2 VMM that never acknowledges a
+        /// revocation is disconnected *and* killed through its pidfd.
+        @Test func aVM2ThatIgnoresRevocationIsKilled() throws {
+            let running = try RunningBridge("kill", mode: .iommu, revocationDeadline: 50) { $0.vm2DeadlineAction = .kill }
+            defer { running.stop() }
+            let hello = PeerCodec.encode(.hello(PeerHello(features: [])))
+            let vmm = try ChildPeer.spawn(connectingTo: running.peerPath, hello: hello)
+            #expect(pollUntil { running.bridge.statistics.peerReady })
+            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
+            defer { vm1.disconnect() }
+            try vm1.start()
+            let iommu = try #require(vm1.iommu)
+            let iova = try iommu.map(GuestPhysicalAddress(0x90_0000), length: 4096, permission: .readWrite, eager: true)
+            try iommu.unmap(iova) // acked once VM2 is disconnected (and killed)
+            #expect(vmm.wait() == .signaled(SIGKILL))
+            let s = running.bridge.statistics
+            #expect(s.revocationTimeouts >= 1 && s.peerKilled >= 1)
+            #expect(running.bridge.window.probeInChild(iova) == .faulted)
+        }
+
+        /// A read-only grant travels with a read-only fd: even a VM2 VMM that
+        /// ignores `prot` cannot map it writable.
+        @Test func readOnlyGrantsCarryReadOnlyFds() throws {
+            let running = try RunningBridge("ro-fd", mode: .iommu)
+            defer { running.stop() }
+            let raw = try RawVM2(running.peerPath)
+            #expect(try raw.greet() != nil)
+            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
+            defer { vm1.disconnect() }
+            try vm1.start()
+            let iommu = try #require(vm1.iommu)
+            let ro = try iommu.map(GuestPhysicalAddress(0xa0_0000), length: 4096, permission: .read, eager: true)
+            let rw = try iommu.map(GuestPhysicalAddress(0xb0_0000), length: 4096, permission: .readWrite, eager: true)
+            var seen: [UInt64: Bool] = [:] // barOffset → fd read-only
+            while seen[ro.rawValue] == nil || seen[rw.rawValue] == nil, let (message, fds) = try raw.receiveWithFDs() {
+                if case .map(let m) = message, let fd = fds.first {
+                    seen[m.barOffset] = fd.isReadOnly
+                    if m.barOffset == ro.rawValue {
+                        let p = mmap(nil, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd.rawValue, off_t(m.fdOffset))
+                        #expect(p == MAP_FAILED && errno == EACCES, "a read-only grant mapped writable")
+                        if p != MAP_FAILED { munmap(p, 4096) }
+                    }
+                    try raw.send(.ack(m.sequence))
+                }
+                for fd in fds { try? fd.close() }
+            }
+            #expect(seen[ro.rawValue] == true && seen[rw.rawValue] == false, "\(seen)")
+        }
+    }
+}
+
+extension RawVM2 {
+    /// The next message and the fds it carried (the caller closes them).
+    func receiveWithFDs() throws -> (PeerMessage, [OwnedFileDescriptor])? {
+        var parsed: (PeerCodec.Header, PeerMessageType)?
+        guard let framed = try socket.receiveFramed(payloadSize: { bytes in
+            let v = try PeerCodec.validate(header: bytes)
+            parsed = v
+            return Int(v.0.size)
+        }), let (header, type) = parsed else { return nil }
+        return (try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count), framed.fds)
+    }
+}

@@ -202,6 +202,13 @@ struct Daemon: ParsableCommand {
         if config != nil || controlSocket != nil {
             let group = daemonConfig.controlGroup.flatMap { SocketPermissions.groupID(named: $0) }
             if daemonConfig.controlGroup != nil && group == nil { logger.warning("control-group \(daemonConfig.controlGroup ?? ""): no such group; root only") }
+            // The unit makes the runtime directory root:root 0750: the control
+            // group must be able to traverse it to reach the socket.
+            if let group, (daemonConfig.controlSocket as NSString).deletingLastPathComponent == daemonConfig.runtimeDirectory {
+                do { try SocketPermissions.apply(path: daemonConfig.runtimeDirectory, mode: 0o750, group: group) } catch {
+                    logger.warning("cannot give group \(group) access to \(daemonConfig.runtimeDirectory): \(error)")
+                }
+            }
             do {
                 control = try ControlServer(path: daemonConfig.controlSocket, mode: daemonConfig.controlMode, group: group,
                                             controller: controller, logger: logger, reloadConfig: reload)

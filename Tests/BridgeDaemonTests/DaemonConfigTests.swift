@@ -100,3 +100,46 @@ func configError(_ text: String) -> ConfigError? {
         #expect(error.description.hasPrefix(expected), "got: \(error)")
     }
 }
+
+@Suite struct AccessConfigTests {
+    @Test func accessDeadlineActionTranslationsAndSocketDirectories() throws {
+        let c = try DaemonConfig.parse("""
+        socket-directories: [/run/vpb-extra]
+        bridges:
+          - name: a
+            bar-size: 1G
+            vm1-access: {owner: "0", group: "4242", mode: "0660", allow-users: [root, "1000"], allow-groups: ["4242"]}
+            vm2-access: {mode: "0600"}
+            vm2-deadline-action: kill
+            max-pending-translations: 16
+        """)
+        let b = try #require(c.bridges.first)
+        #expect(c.socketDirectories == ["/run/vpb-extra"])
+        #expect(b.vm1Access == PeerAccess(owner: 0, group: 4242, mode: 0o660, allowedUsers: [0, 1000], allowedGroups: [4242]))
+        #expect(b.vm2Access == PeerAccess(mode: 0o600))
+        #expect(b.settings.vm2DeadlineAction == .kill && b.settings.maxPendingTranslations == 16)
+        #expect(b.settings.vm1Access == b.vm1Access)
+    }
+
+    @Test func badAccessKeysNameTheKey() {
+        let base = "bridges:\n  - name: a\n    bar-size: 1G\n"
+        #expect(configError(base + "    vm1-access: {mode: \"999\"}\n")?.key == "bridges[0].vm1-access.mode")
+        #expect(configError(base + "    vm2-access: {colour: blue}\n")?.key == "bridges[0].vm2-access.colour")
+        #expect(configError(base + "    vm1-access: {allow-users: [no-such-user-here]}\n")?.key == "bridges[0].vm1-access.allow-users[0]")
+        #expect(configError(base + "    vm1-access: {allow-groups: nope}\n")?.key == "bridges[0].vm1-access.allow-groups")
+        #expect(configError(base + "    vm2-deadline-action: explode\n")?.key == "bridges[0].vm2-deadline-action")
+        #expect(configError(base + "    max-pending-translations: 0\n")?.key == "bridges[0].max-pending-translations")
+        #expect(configError("socket-directories: [/a/../b]\n")?.key == "socket-directories[0]")
+    }
+
+    @Test func accessPolicy() {
+        let open = PeerAccess()
+        #expect(open.admits(uid: 1000, gid: 1000, groups: []))
+        let strict = PeerAccess(allowedUsers: [1001], allowedGroups: [42])
+        #expect(strict.admits(uid: 0, gid: 0, groups: []), "root")
+        #expect(strict.admits(uid: 1001, gid: 7, groups: []))
+        #expect(strict.admits(uid: 1002, gid: 42, groups: []))
+        #expect(strict.admits(uid: 1002, gid: 7, groups: [3, 42]))
+        #expect(!strict.admits(uid: 1002, gid: 7, groups: [3]))
+    }
+}

@@ -136,6 +136,8 @@ public enum AddressSpaceError: Error, Equatable, Sendable, CustomStringConvertib
     /// The process-wide budget (derived from vm.max_map_count, shared by every
     /// bridge) leaves this bridge `available` mappings.
     case mappingBudget(available: Int, wouldBe: Int)
+    /// Hugepage-backed memory maps and unmaps in whole huge pages only.
+    case hugePage(BusAddress, length: UInt64, hugePageSize: UInt64)
     case overlapsExisting(BusAddress, length: UInt64, existing: Mapping)
     case invalidQueueSize(UInt32)
     case ringMisaligned(AccessPurpose, BusAddress, alignment: UInt64)
@@ -157,6 +159,7 @@ public enum AddressSpaceError: Error, Equatable, Sendable, CustomStringConvertib
         case .wrongMode: "mode"
         case .tooManyMappings: "mapping-limit"
         case .mappingBudget: "mapping-budget"
+        case .hugePage: "huge-page"
         case .overlapsExisting: "overlap"
         case .invalidQueueSize: "queue-size"
         case .ringMisaligned: "ring-alignment"
@@ -196,6 +199,8 @@ public enum AddressSpaceError: Error, Equatable, Sendable, CustomStringConvertib
             "[\(rule)] the change would need \(wouldBe) mappings; the limit is \(limit)"
         case .mappingBudget(let available, let wouldBe):
             "[\(rule)] \(wouldBe) mappings would exceed the \(available) this bridge may hold now: the daemon's mapping budget (from vm.max_map_count) is shared by every bridge"
+        case .hugePage(let bus, let length, let huge):
+            "[\(rule)] \(bus)+\(Hex(length)) covers part of a \(ByteCount(huge)) huge page: hugepage-backed memory is granted in whole pages (option round-out-huge-pages widens such updates)"
         case .overlapsExisting(let bus, let length, let existing):
             "[\(rule)] \(bus)+\(Hex(length)) overlaps the existing mapping \(existing)"
         case .invalidQueueSize(let n):
@@ -227,6 +232,8 @@ public struct AddressSpace: Sendable {
     /// mapping budget before each request); nil: only `maxMappings` applies.
     /// Removals are never refused for it.
     public var mappingCeiling: Int?
+    /// Huge page size of the regions behind mappings (hugetlbfs memory).
+    private var hugePageSizes: [RegionID: UInt64] = [:]
 
     public init(_ configuration: AddressSpaceConfiguration) throws(ConfigurationError) {
         try configuration.validate()
@@ -400,12 +407,16 @@ public struct AddressSpace: Sendable {
             throw .misaligned(field: "mmap_offset", value: region.mmapOffset, pageSize: pageSize)
         }
         guard !region.permission.isEmpty else { throw .emptyPermission(bus) }
+        if region.hugePageSize > pageSize, bus.rawValue % region.hugePageSize != 0 {
+            throw .hugePage(bus, length: region.size, hugePageSize: region.hugePageSize)
+        }
         if let existing = mappings(intersecting: bus, length: region.size).first {
             throw .overlapsExisting(bus, length: region.size, existing: existing)
         }
         let mapping = Mapping(bus: bus, length: region.size, permission: region.permission,
                               region: region.id, fdOffset: region.mmapOffset)
         try commit(splice(bus.rawValue, end, insert: mapping), inserted: region.size)
+        if region.hugePageSize > pageSize { hugePageSizes[region.id] = region.hugePageSize }
         return WindowPlan([.map(bus: bus, length: region.size, permission: region.permission,
                                 region: region.id, fdOffset: region.mmapOffset)])
     }
@@ -418,6 +429,7 @@ public struct AddressSpace: Sendable {
         guard !removed.isEmpty else { return .empty }
         let list = mappings.filter { $0.region != region }
         mappings = list
+        hugePageSizes[region] = nil
         mappedBytes = list.reduce(0) { $0 + $1.length }
         return Self.unmapPlan(for: removed)
     }
@@ -427,6 +439,7 @@ public struct AddressSpace: Sendable {
         let plan = Self.unmapPlan(for: mappings)
         mappings = []
         mappedBytes = 0
+        hugePageSizes = [:]
         return plan
     }
 
@@ -438,8 +451,9 @@ public struct AddressSpace: Sendable {
     public mutating func update(bus: BusAddress, length: UInt64, source: MappingSource, permission: Permission,
                                 regions: MemoryRegionTable) throws(AddressSpaceError) -> WindowPlan {
         guard mode != .identity else { throw .wrongMode(operation: "IOTLB update", mode: mode) }
-        let end = try checkRange(bus, length: length)
+        var end = try checkRange(bus, length: length)
         try checkPolicy(bus, length: length, end: end, operation: "IOTLB update")
+        var bus = bus, length = length
         guard !permission.isEmpty else { throw .emptyPermission(bus) }
         let found: (region: MemoryRegion, offset: UInt64)?
         switch source {
@@ -451,13 +465,36 @@ public struct AddressSpace: Sendable {
             throw .permissionExceedsRegion(requested: permission, allowed: region.permission, region: region.id)
         }
         // Cannot overflow: MemoryRegionTable checked mmap_offset + size.
-        let fdOffset = region.mmapOffset + offset
+        var fdOffset = region.mmapOffset + offset
         guard fdOffset % pageSize == 0 else {
             throw .misaligned(field: "source offset", value: fdOffset, pageSize: pageSize)
+        }
+        let huge = region.hugePageSize
+        if huge > pageSize, bus.rawValue % huge != 0 || length % huge != 0 || fdOffset % huge != 0 {
+            // Round out to whole huge pages, when allowed and possible (the
+            // bus address and the fd offset sit at the same place in a page).
+            guard configuration.roundOutHugePages, bus.rawValue % huge == fdOffset % huge else {
+                throw .hugePage(bus, length: length, hugePageSize: huge)
+            }
+            let lead = bus.rawValue % huge
+            let (paddedEnd, overflow) = end.addingReportingOverflow((huge - end % huge) % huge)
+            guard !overflow, paddedEnd <= barSize else { throw .outsideBAR(bus, length: length, barSize: barSize) }
+            bus = BusAddress(bus.rawValue - lead)
+            fdOffset -= lead // region offsets are whole huge pages: still inside the region
+            end = paddedEnd
+            length = end - bus.rawValue
+            try checkPolicy(bus, length: length, end: end, operation: "IOTLB update (rounded out to huge pages)")
+        }
+        // Never split a hugepage-backed mapping inside a huge page.
+        for existing in mappings(intersecting: bus, length: length) {
+            if let h = hugePageSizes[existing.region], bus.rawValue % h != 0 || end % h != 0 {
+                throw .hugePage(bus, length: length, hugePageSize: h)
+            }
         }
         let mapping = Mapping(bus: bus, length: length, permission: permission, region: region.id, fdOffset: fdOffset)
         let change = splice(bus.rawValue, end, insert: mapping)
         try commit(change, inserted: length)
+        if huge > pageSize { hugePageSizes[region.id] = huge }
         let removed = change.removed
 
         // Fewest syscalls: nothing if the same bytes are already there with the
@@ -489,10 +526,18 @@ public struct AddressSpace: Sendable {
         guard mode != .identity else { throw .wrongMode(operation: "IOTLB invalidate", mode: mode) }
         guard bus.rawValue < barSize else { return .empty } // nothing can be mapped there
         let end = length == 0 ? barSize : min(bus.adding(length)?.rawValue ?? UInt64.max, barSize)
-        let start = bus.rawValue - bus.rawValue % pageSize
+        var start = bus.rawValue - bus.rawValue % pageSize
         // barSize is a multiple of pageSize, so rounding up stays <= barSize.
         let rem = end % pageSize
-        let alignedEnd = rem == 0 ? end : end + (pageSize - rem)
+        var alignedEnd = rem == 0 ? end : end + (pageSize - rem)
+        // A huge page is revoked whole (it cannot be partly unmapped): widen
+        // to the huge pages of the mappings at either end. Mappings of
+        // hugepage-backed memory start and end on huge pages, so this stays
+        // inside them.
+        if let m = lookup(BusAddress(start)), let h = hugePageSizes[m.region] { start -= start % h }
+        if alignedEnd > 0, let m = lookup(BusAddress(alignedEnd - 1)), let h = hugePageSizes[m.region], alignedEnd % h != 0 {
+            alignedEnd += h - alignedEnd % h
+        }
         let change = splice(start, alignedEnd, insert: nil)
         try commit(change, inserted: 0, allowGrowthPastLimit: true)
         return Self.unmapPlan(for: change.removed)

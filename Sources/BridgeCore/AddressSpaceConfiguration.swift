@@ -96,6 +96,11 @@ public struct AddressSpaceConfiguration: Equatable, Sendable {
     public var dmaWindow: BusWindow?
     public var staticWindows: [BusWindow]
     public var maxMappings: Int
+    /// iommu/static mode: an update that covers part of a huge page is
+    /// widened to whole huge pages instead of refused. This exposes to VM2
+    /// the rest of each huge page the update touches (up to a huge page minus
+    /// one base page on either side) — memory VM1 did not map at that IOVA.
+    public var roundOutHugePages = false
 
     public init(barSize: UInt64, pageSize: UInt64 = 4096, mode: BridgeMode, dmaWindow: BusWindow? = nil,
                 staticWindows: [BusWindow] = [], maxMappings: Int = AddressSpaceConfiguration.defaultMaxMappings) {

@@ -34,6 +34,16 @@ public struct MemoryRegion: Equatable, Sendable {
     /// What VM1 lets the device do with this memory. vhost-user regions are
     /// read/write; the type allows narrower regions (static windows, tests).
     public let permission: Permission
+    /// The page size of the memory behind the fd: the huge page size for
+    /// hugetlbfs (and MFD_HUGETLB memfds), else 0 (ordinary pages). A huge
+    /// page can only be mapped, and unmapped, whole.
+    public let hugePageSize: UInt64
+
+    public init(id: RegionID, guestPhysical: GuestPhysicalAddress, size: UInt64, userAddress: FrontendUserAddress,
+                mmapOffset: UInt64, permission: Permission, hugePageSize: UInt64 = 0) {
+        self.id = id; self.guestPhysical = guestPhysical; self.size = size; self.userAddress = userAddress
+        self.mmapOffset = mmapOffset; self.permission = permission; self.hugePageSize = hugePageSize
+    }
 
     public var descriptor: RegionDescriptor {
         RegionDescriptor(guestPhysical: guestPhysical, size: size, userAddress: userAddress, mmapOffset: mmapOffset)
@@ -67,6 +77,8 @@ public enum MemoryRegionError: Error, Equatable, Sendable, CustomStringConvertib
     case beyondFile(mmapOffset: UInt64, size: UInt64, fileSize: UInt64)
     case tooManyRegions(limit: Int)
     case noMatchingRegion(RegionDescriptor)
+    /// A hugepage-backed region whose offset or size is not a whole number of its pages.
+    case hugePageMisaligned(field: String, value: UInt64, hugePageSize: UInt64)
 
     public var rule: String {
         switch self {
@@ -76,6 +88,7 @@ public enum MemoryRegionError: Error, Equatable, Sendable, CustomStringConvertib
         case .beyondFile: "region-file-bounds"
         case .tooManyRegions: "region-slots"
         case .noMatchingRegion: "region-unknown"
+        case .hugePageMisaligned: "huge-page"
         }
     }
 
@@ -93,6 +106,8 @@ public enum MemoryRegionError: Error, Equatable, Sendable, CustomStringConvertib
             "memory region mmap_offset \(Hex(off)) + size \(Hex(size)) is past the end of its fd (\(Hex(fileSize)) bytes)"
         case .tooManyRegions(let limit):
             "memory table would exceed \(limit) regions"
+        case .hugePageMisaligned(let field, let value, let huge):
+            "memory region \(field) \(Hex(value)) is not a multiple of its huge page size \(ByteCount(huge))"
         case .noMatchingRegion(let d):
             "no memory region matches \(d.guestPhysical) size \(Hex(d.size)) \(d.userAddress)"
         }
@@ -150,9 +165,10 @@ public struct MemoryRegionTable: Equatable, Sendable {
         }
     }
 
-    private mutating func insert(_ d: RegionDescriptor, permission: Permission) -> MemoryRegion {
+    private mutating func insert(_ d: RegionDescriptor, permission: Permission, hugePageSize: UInt64) -> MemoryRegion {
         let region = MemoryRegion(id: RegionID(nextID), guestPhysical: d.guestPhysical, size: d.size,
-                                  userAddress: d.userAddress, mmapOffset: d.mmapOffset, permission: permission)
+                                  userAddress: d.userAddress, mmapOffset: d.mmapOffset, permission: permission,
+                                  hugePageSize: hugePageSize)
         nextID += 1
         let index = regions.firstIndex { $0.userAddress > region.userAddress } ?? regions.endIndex
         regions.insert(region, at: index)
@@ -162,11 +178,18 @@ public struct MemoryRegionTable: Equatable, Sendable {
     /// ADD_MEM_REG. `fileSize` is the size of the fd that came with it (nil
     /// when unknown, e.g. in pure tests).
     @discardableResult
-    public mutating func add(_ d: RegionDescriptor, fileSize: UInt64?, permission: Permission = .readWrite) throws(MemoryRegionError) -> MemoryRegion {
+    public mutating func add(_ d: RegionDescriptor, fileSize: UInt64?, hugePageSize: UInt64 = 0,
+                             permission: Permission = .readWrite) throws(MemoryRegionError) -> MemoryRegion {
         try Self.validate(d, fileSize: fileSize)
+        if hugePageSize > 0 {
+            // Only whole huge pages can be mapped (a power of two: fstatfs's block size).
+            guard hugePageSize.nonzeroBitCount == 1 else { throw .hugePageMisaligned(field: "page size", value: hugePageSize, hugePageSize: hugePageSize) }
+            guard d.mmapOffset % hugePageSize == 0 else { throw .hugePageMisaligned(field: "mmap_offset", value: d.mmapOffset, hugePageSize: hugePageSize) }
+            guard d.size % hugePageSize == 0 else { throw .hugePageMisaligned(field: "size", value: d.size, hugePageSize: hugePageSize) }
+        }
         guard regions.count < maxRegions else { throw .tooManyRegions(limit: maxRegions) }
         try checkOverlap(d, against: regions)
-        return insert(d, permission: permission)
+        return insert(d, permission: permission, hugePageSize: hugePageSize)
     }
 
     /// REM_MEM_REG: the region whose guest address, size and user address all
@@ -181,14 +204,16 @@ public struct MemoryRegionTable: Equatable, Sendable {
     /// SET_MEM_TABLE: validates the whole new table first; on success the old
     /// regions are replaced (their ids are returned so their mappings can be
     /// revoked) and the new ones are returned in descriptor order.
-    public mutating func replaceAll(with descriptors: [RegionDescriptor], fileSizes: [UInt64?]) throws(MemoryRegionError) -> (removed: [MemoryRegion], added: [MemoryRegion]) {
+    public mutating func replaceAll(with descriptors: [RegionDescriptor], fileSizes: [UInt64?],
+                                    hugePageSizes: [UInt64] = []) throws(MemoryRegionError) -> (removed: [MemoryRegion], added: [MemoryRegion]) {
         guard descriptors.count <= maxRegions else { throw .tooManyRegions(limit: maxRegions) }
         var next = MemoryRegionTable(maxRegions: maxRegions)
         next.nextID = nextID
         var added: [MemoryRegion] = []
         for (i, d) in descriptors.enumerated() {
             let size = i < fileSizes.count ? fileSizes[i] : nil
-            added.append(try next.add(d, fileSize: size))
+            let huge = i < hugePageSizes.count ? hugePageSizes[i] : 0
+            added.append(try next.add(d, fileSize: size, hugePageSize: huge))
         }
         let removed = regions
         self = next

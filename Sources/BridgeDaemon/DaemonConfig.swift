@@ -72,7 +72,7 @@ public struct DaemonConfig: Equatable, Sendable {
     static let bridgeKeys: Set<String> = ["name", "vhost-user-socket", "peer-socket", "vm2", "bar-size", "mode", "static-windows",
                                           "dma-window", "notifications", "busy-poll-us", "revocation-deadline-ms", "max-mappings",
                                           "queue-pairs", "client", "page-size", "max-pending-translations",
-                                          "vm1-access", "vm2-access", "vm2-deadline-action"]
+                                          "vm1-access", "vm2-access", "vm2-deadline-action", "round-out-huge-pages"]
 
     /// Parses and validates YAML text. Every error names its key.
     public static func parse(_ text: String) throws(ConfigError) -> DaemonConfig {
@@ -236,8 +236,12 @@ public struct DaemonConfig: Equatable, Sendable {
         let maxMappings = try b["max-mappings"].map { v throws(ConfigError) in try int(v, "\(key).max-mappings", 1...1_000_000) }
             ?? AddressSpaceConfiguration.defaultMaxMappings
         let pageSize = try b["page-size"].map { v throws(ConfigError) in UInt64(try int(v, "\(key).page-size", 4096...(1 << 30))) } ?? 4096
-        let space = AddressSpaceConfiguration(barSize: bar, pageSize: pageSize, mode: mode, dmaWindow: dma,
+        var space = AddressSpaceConfiguration(barSize: bar, pageSize: pageSize, mode: mode, dmaWindow: dma,
                                               staticWindows: windows, maxMappings: maxMappings)
+        if let raw = b["round-out-huge-pages"] {
+            guard let v = raw as? Bool else { throw ConfigError("\(key).round-out-huge-pages", "must be true or false") }
+            space.roundOutHugePages = v
+        }
         do { try space.validate() } catch { throw ConfigError("\(key).\(error.key)", "\(error)".replacingPrefix("\(error.key): ")) }
         var config = BridgeConfig(name: name, vhostUserSocket: vhost, peerSocket: peer, vm2: b["vm2"].flatMap(scalar) ?? name,
                                   addressSpace: space)

@@ -224,7 +224,7 @@ final class VhostUserConnection {
             stopRingAtPeer(Int(state.index))
         }
 
-        let files = message.fds.enumerated().map { i, fd in ReceivedFile(index: i, size: try? fd.fileSize(), kind: fd.kind()) }
+        let files = message.fds.enumerated().map { i, fd in ReceivedFile(index: i, size: try? fd.fileSize(), kind: fd.kind(), hugePageSize: fd.hugePageSize()) }
         let outcome = withMappingBudget { $0.handle(request, needReply: header.needsReply, files: files) }
         if let error = outcome.error {
             logger.warning("refused \(code): \(error)", metadata: ["rule": "\(error.rule)"])

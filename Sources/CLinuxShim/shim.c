@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "CLinuxShim.h"
 #include <liburing.h>
+#include <sys/vfs.h>
 #include <stdio.h>
 #include <sys/syscall.h>
 #include <pwd.h>
@@ -18,6 +19,13 @@
 int shim_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
 int shim_memfd_flag_cloexec(void) { return MFD_CLOEXEC; }
 int shim_memfd_flag_allow_sealing(void) { return MFD_ALLOW_SEALING; }
+int shim_memfd_flag_hugetlb(void) { return MFD_HUGETLB; }
+
+long shim_hugepage_size(int fd) {
+    struct statfs fs;
+    if (fstatfs(fd, &fs) != 0) return -1;
+    return fs.f_type == 0x958458f6 /* HUGETLBFS_MAGIC */ ? (long)fs.f_bsize : 0;
+}
 int shim_add_seals(int fd, unsigned int seals) { return fcntl(fd, F_ADD_SEALS, seals); }
 int shim_get_seals(int fd) { return fcntl(fd, F_GET_SEALS); }
 unsigned int shim_seal_shrink(void) { return F_SEAL_SHRINK; }

@@ -18,6 +18,8 @@ public struct VM1Configuration: Sendable {
     public var protocolFeatures: ProtocolFeatures = [.mq, .replyAck, .backendReq, .configureMemSlots]
     /// Seal the RAM memfd's size (QEMU's memory-backend-memfd seal=on).
     public var sealedRAM = true
+    /// Back the RAM with huge pages (MFD_HUGETLB; `ramSize` a multiple of 2 MiB).
+    public var hugePageRAM = false
     public init() {}
 }
 
@@ -56,7 +58,7 @@ public final class EmulatedVM1 {
 
     public init(socketPath: String, configuration: VM1Configuration = VM1Configuration()) throws {
         self.configuration = configuration
-        ram = try GuestRAM(size: configuration.ramSize, sealed: configuration.sealedRAM)
+        ram = try GuestRAM(size: configuration.ramSize, sealed: configuration.sealedRAM, hugePages: configuration.hugePageRAM)
         frontend = try VhostUserFrontend(connectingTo: socketPath)
         slotSize = (UInt64(configuration.maxPacket) + UInt64(Self.netHeaderSize) + 4095) / 4096 * 4096
         var slots: [UInt64] = []

@@ -9,8 +9,8 @@ public struct GuestRAM: Sendable {
     public let mapping: MemoryMapping
     public let size: UInt64
 
-    public init(size: UInt64, name: String = "vm1-ram", sealed: Bool = true) throws(SystemCallError) {
-        memfd = try Memfd(name: name, size: size)
+    public init(size: UInt64, name: String = "vm1-ram", sealed: Bool = true, hugePages: Bool = false) throws(SystemCallError) {
+        memfd = try Memfd(name: name, size: size, hugePages: hugePages)
         // Like QEMU's memory-backend-memfd (seal=on): the size is fixed, so no
         // peer mapping it can be hit by SIGBUS from a truncate. (seal=off, or
         // hugetlbfs, is what front ends send too: `sealed: false`.)

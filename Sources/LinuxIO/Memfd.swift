@@ -18,9 +18,12 @@ public struct Memfd: Sendable {
         public static let seal = Seals(rawValue: shim_seal_seal())
     }
 
-    /// Creates a memfd of `size` bytes (CLOEXEC, sealing allowed).
-    public init(name: String, size: UInt64) throws(SystemCallError) {
-        let flags = UInt32(shim_memfd_flag_cloexec() | shim_memfd_flag_allow_sealing())
+    /// Creates a memfd of `size` bytes (CLOEXEC, sealing allowed). With
+    /// `hugePages`, MFD_HUGETLB: backed by the default huge page size from the
+    /// reserved pool (`size` must be a multiple of it).
+    public init(name: String, size: UInt64, hugePages: Bool = false) throws(SystemCallError) {
+        var flags = UInt32(shim_memfd_flag_cloexec() | shim_memfd_flag_allow_sealing())
+        if hugePages { flags |= UInt32(shim_memfd_flag_hugetlb()) }
         let raw = try retryingInterrupts("memfd_create(\(name))") { shim_memfd_create(name, flags) }
         fd = OwnedFileDescriptor(adopting: raw)
         try resize(to: size)

@@ -84,6 +84,13 @@ public final class OwnedFileDescriptor: Sendable, CustomStringConvertible {
         return target == "anon_inode:[eventfd]" ? .eventfd : .other(target)
     }
 
+    /// The huge page size of hugetlbfs memory (MFD_HUGETLB memfds too):
+    /// fstatfs's block size when the file system is hugetlbfs, else 0.
+    public func hugePageSize() -> UInt64 {
+        let raw = rawValue
+        return UInt64((try? retryingInterrupts("fstatfs(\(raw))", { shim_hugepage_size(raw) })) ?? 0)
+    }
+
     /// O_NONBLOCK lives on the open file description, so it is shared with
     /// every process holding a duplicate of this fd (e.g. the VMM that sent it).
     public var isNonBlocking: Bool {

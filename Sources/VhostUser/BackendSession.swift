@@ -44,7 +44,11 @@ public struct ReceivedFile: Equatable, Sendable {
     public var index: Int
     public var size: UInt64?
     public var kind: FileKind
-    public init(index: Int, size: UInt64?, kind: FileKind) { self.index = index; self.size = size; self.kind = kind }
+    /// Huge page size of hugetlbfs memory (fstatfs), 0 for ordinary pages.
+    public var hugePageSize: UInt64
+    public init(index: Int, size: UInt64?, kind: FileKind, hugePageSize: UInt64 = 0) {
+        self.index = index; self.size = size; self.kind = kind; self.hugePageSize = hugePageSize
+    }
 }
 
 public enum VringFileKind: String, Sendable, Equatable { case kick, call, err }
@@ -513,7 +517,7 @@ public struct BackendSession: Sendable {
         var nextRegions = regions
         let change: (removed: [MemoryRegion], added: [MemoryRegion])
         do {
-            change = try nextRegions.replaceAll(with: descriptors, fileSizes: files.map(\.size))
+            change = try nextRegions.replaceAll(with: descriptors, fileSizes: files.map(\.size), hugePageSizes: files.map(\.hugePageSize))
         } catch { throw .memory(error) }
         var nextSpace = addressSpace
         var effects: [SessionEffect] = []
@@ -535,7 +539,7 @@ public struct BackendSession: Sendable {
 
     private mutating func addRegion(_ d: RegionDescriptor, file: ReceivedFile?) throws(SessionError) -> [SessionEffect] {
         let region: MemoryRegion
-        do { region = try regions.add(d, fileSize: file?.size) } catch { throw .memory(error) }
+        do { region = try regions.add(d, fileSize: file?.size, hugePageSize: file?.hugePageSize ?? 0) } catch { throw .memory(error) }
         var effects: [SessionEffect] = [.adoptRegionFile(region.id, fdIndex: file?.index ?? 0)]
         if addressSpace.mode == .identity {
             do {

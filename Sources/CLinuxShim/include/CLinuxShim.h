@@ -28,6 +28,10 @@ extern "C" {
 int shim_memfd_create(const char *name, unsigned int flags);
 int shim_memfd_flag_cloexec(void);
 int shim_memfd_flag_allow_sealing(void);
+int shim_memfd_flag_hugetlb(void);
+/// fstatfs: the huge page size when `fd` is on hugetlbfs (MFD_HUGETLB memfds
+/// too), 0 for anything else, -1 on error.
+long shim_hugepage_size(int fd);
 int shim_add_seals(int fd, unsigned int seals);
 int shim_get_seals(int fd);
 unsigned int shim_seal_shrink(void);

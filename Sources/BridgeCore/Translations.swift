@@ -119,10 +119,12 @@ public struct OutstandingMisses: Sendable {
         raised = raised.filter { key, _ in !isAnswered(BusAddress(key.page), Permission(rawValue: key.permission)) }
     }
 
-    /// Forgets every miss but those for the pages in `needed`.
-    public mutating func keepOnly(_ needed: [(bus: BusAddress, permission: Permission)]) {
+    /// Forgets the misses nobody needs any more and whose retry interval
+    /// passed. One raised less than an interval ago stays: VM1 still has it
+    /// outstanding, so a VM2 that reconnects and asks again gets no new miss.
+    public mutating func keepOnly(_ needed: [(bus: BusAddress, permission: Permission)], now: ContinuousClock.Instant) {
         let keep = Set(needed.map { Key(page: $0.bus.rawValue - $0.bus.rawValue % pageSize, permission: $0.permission.rawValue) })
-        raised = raised.filter { keep.contains($0.key) }
+        raised = raised.filter { keep.contains($0.key) || now < $0.value.advanced(by: retryInterval) }
     }
 
     public mutating func removeAll() { raised = [:] }

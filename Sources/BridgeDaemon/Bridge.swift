@@ -457,8 +457,8 @@ public final class Bridge: Sendable {
                 let space = settings.backend.addressSpace
                 let info = PeerBARInfo(mode: space.mode, features: hello.features.intersection(.all), barSize: space.barSize,
                                        pageSize: UInt32(space.pageSize), vringCount: UInt32(settings.backend.vringCount))
-                guard peer.send(.helloReply(info), onlyIfReady: false) else { continue }
-                session?.replayState()
+                guard peer.send(.helloReply(info), onlyIfReady: false, generation: generation) else { continue }
+                session?.replayState(to: generation)
                 peer.markReady(generation: generation, features: info.features)
                 logger.info("VM2 ready (generation \(generation))")
             case .translate(let request, let generation):
@@ -487,12 +487,18 @@ public final class Bridge: Sendable {
             let now = ContinuousClock.now
             if let until = acceptPausedUntil, now >= until { acceptPausedUntil = nil }
             if acceptPausedUntil == nil { fds.append(listener.fd.rawValue) }
-            if let active { fds.append(active.socket.fd.rawValue) }
-            let timeout = acceptPausedUntil.map { Int32(max(1, min(1000, (now.duration(to: $0) / .milliseconds(1)).rounded(.up)))) } ?? -1
+            // A VM2 that sends faster than the bridge thread takes its
+            // requests is not read until the queue drains: its messages wait
+            // in its socket, not in the daemon's memory.
+            let throttled = peer.queuedEvents >= settings.maxPendingTranslations
+            if let active, !throttled { fds.append(active.socket.fd.rawValue) }
+            var timeout = acceptPausedUntil.map { Int32(max(1, min(1000, (now.duration(to: $0) / .milliseconds(1)).rounded(.up)))) } ?? -1
+            if throttled { timeout = timeout < 0 ? 5 : min(timeout, 5) }
             guard let polled = try? Poll.readable(fds, timeoutMilliseconds: timeout) else { continue }
             if stopping { break }
-            // Index 0 is the listener (false while paused), index 1 the VM2.
-            let ready = acceptPausedUntil == nil ? polled : [false] + polled
+            // Index 0 is the listener (false while paused), index 1 the VM2 (false while throttled).
+            var ready = acceptPausedUntil == nil ? polled : [false] + polled
+            if throttled, active != nil { ready.append(false) }
             var accepted: UnixSocket?
             if ready[0] {
                 do { accepted = try listener.accept() } catch {
@@ -507,7 +513,9 @@ public final class Bridge: Sendable {
                     try? socket.fd.close()
                     continue
                 }
-                try? socket.setSendTimeout(milliseconds: max(1000, settings.revocationDeadlineMilliseconds * 10))
+                // A VM2 that stops reading holds the bridge thread (and so
+                // VM1) for at most one revocation deadline per message.
+                try? socket.setSendTimeout(milliseconds: max(20, settings.revocationDeadlineMilliseconds))
                 var process: ProcessHandle?
                 if settings.vm2DeadlineAction == .kill, let pid = creds?.pid {
                     do { process = try ProcessHandle(pid: pid) } catch { logger.warning("no pidfd for VM2 pid \(pid): \(error); it can only be disconnected") }

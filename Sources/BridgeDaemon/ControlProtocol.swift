@@ -106,7 +106,7 @@ extension DaemonController {
             do { b = try DaemonConfig.bridge(spec, key: "bridge", runtimeDirectory: config.runtimeDirectory) } catch {
                 throw ControlError("invalid", error.description)
             }
-            try create(b)
+            try createFromClient(b)
             return ["created": b.name]
         case "destroy":
             let name = try string(r, "name")

@@ -80,17 +80,24 @@ public final class DaemonController: Sendable {
     /// `create`: validated against every other bridge (names, sockets, VM2 budget) first.
     public func create(_ b: BridgeConfig) throws(ControlError) {
         guard !bridgeNames.contains(b.name) else { throw ControlError("exists", "bridge \(b.name) already exists") }
+        var next = config
+        next.bridges.removeAll { $0.name == b.name }
+        next.bridges.append(b)
+        do { try next.validate() } catch { throw ControlError("invalid", error.description) }
+        try start(b)
+    }
+
+    /// `create` from a control client: its sockets must be inside the
+    /// runtime directory or `socket-directories` (the config file, written by
+    /// root, may name any path).
+    public func createFromClient(_ b: BridgeConfig) throws(ControlError) {
         let allowed = [config.runtimeDirectory] + config.socketDirectories
         for (key, path) in [("vhost-user-socket", b.vhostUserSocket), ("peer-socket", b.peerSocket)] {
             if let path, let reason = SocketPathPolicy.refusal(path, allowed: allowed) {
                 throw ControlError("invalid", "bridge.\(key): \(reason)")
             }
         }
-        var next = config
-        next.bridges.removeAll { $0.name == b.name }
-        next.bridges.append(b)
-        do { try next.validate() } catch { throw ControlError("invalid", error.description) }
-        try start(b)
+        try create(b)
     }
 
     /// `destroy`: ends the bridge's sessions (revoking everything from VM2) and frees its BAR.

@@ -5,9 +5,10 @@ import Synchronization
 /// process about two kernel VMAs (the mapping and the split of the PROT_NONE
 /// reservation around it), and `vm.max_map_count` caps VMAs per process: past
 /// it every mmap of every bridge fails. So the total is derived from that
-/// limit, and split so no bridge can starve another: each of the n bridges
-/// is guaranteed total / n, and may borrow beyond it only what no other
-/// bridge's guarantee needs.
+/// limit, and split so no bridge can starve another: with n bridges each is
+/// guaranteed total / (n + 1) — one share is always kept for a bridge created
+/// later — and may borrow beyond it only what no other bridge's guarantee
+/// (and that reserve) needs.
 ///
 /// A bridge asks for its ceiling before handling a request (`reserve`) and
 /// reports its count after (`settle`); between the two, its headroom counts
@@ -55,14 +56,15 @@ public final class MappingBudget: Sendable {
     }
 
     /// What each registered bridge may always reach.
-    public var guaranteedShare: Int { state.withLock { total / max(1, $0.used.count) } }
+    public var guaranteedShare: Int { state.withLock { total / ($0.used.count + 1) } }
 
     /// The most mappings bridge `id` (now holding `current`) may hold after
     /// its next request; its headroom is held until `settle`.
     public func reserve(_ id: ID, current: Int) -> Int {
         state.withLock { s in
-            let share = total / max(1, s.used.count)
-            var others = 0
+            guard s.used[id] != nil else { return 0 } // unregistered: nothing
+            let share = total / (s.used.count + 1)
+            var others = share // the reserve for a bridge yet to be created
             for (other, used) in s.used where other != id { others += max(used + (s.reserved[other] ?? 0), share) }
             let ceiling = max(0, total - others)
             s.used[id] = current

@@ -95,6 +95,9 @@ final class PeerLink: Sendable {
         }
     }
 
+    /// Events the bridge thread has not taken yet.
+    var queuedEvents: Int { state.withLock { $0.events.count } }
+
     func post(_ event: Event) {
         state.withLock { $0.events.append(event) }
         _ = try? eventSignal.signal()
@@ -260,15 +263,20 @@ final class PeerLink: Sendable {
 
     // MARK: ring stops (peer feature vringStopAck)
 
-    /// Asks the ready VM2 that negotiated `vringStopAck` to report where it
-    /// stopped ring `index`; returns its connection, nil when VM2 cannot.
-    func requestRingStop(_ index: UInt32) -> Int? {
-        state.withLock { s in
+    /// Sends VRING_STOP for ring `index` to the ready VM2. Every VRING_STOP
+    /// is answered by a VM2 that negotiated `vringStopAck`, so each one is
+    /// registered before it goes out (the answer may come at once). Returns
+    /// the connection that will answer, nil when none will.
+    @discardableResult
+    func sendVringStop(_ index: UInt32) -> Int? {
+        let answering = state.withLock { s -> Int? in
             guard s.socket != nil, s.ready, s.features.contains(.vringStopAck) else { return nil }
             s.stopsRequested.insert(index)
             s.stopsReported[index] = nil
             return s.generation
         }
+        guard send(.vringStop(index), generation: answering) else { return nil }
+        return answering
     }
 
     enum RingStopError: Error, Equatable, CustomStringConvertible {

@@ -262,10 +262,9 @@ final class VhostUserConnection {
     /// deadline); VM1 is answered from that. Without it, the used index read
     /// above (or SET_VRING_BASE's value) is the answer.
     private func stopRingAtPeer(_ index: Int) {
-        guard session.vrings.indices.contains(index), session.vrings[index].started,
-              let generation = peer.requestRingStop(UInt32(index)) else { return }
-        guard peer.send(.vringStop(UInt32(index)), generation: generation) else { return }
+        guard session.vrings.indices.contains(index), session.vrings[index].started, peer.isReady else { return }
         stoppedAtPeer.insert(index)
+        guard let generation = peer.sendVringStop(UInt32(index)) else { return }
         if let reached = peer.waitForRingStop(UInt32(index), generation: generation) {
             session.noteDeviceProgress(ring: index, lastAvail: reached)
         }
@@ -331,7 +330,7 @@ final class VhostUserConnection {
                 sendVring(index)
             case .ringStopped(let index):
                 logger.info("vring \(index) stopped")
-                if stoppedAtPeer.remove(index) == nil { peer.send(.vringStop(UInt32(index))) }
+                if stoppedAtPeer.remove(index) == nil { peer.sendVringStop(UInt32(index)) }
                 stopRelay(index)
                 if deviceRunning, !session.vrings.contains(where: \.started) {
                     deviceRunning = false
@@ -360,24 +359,37 @@ final class VhostUserConnection {
     private func pushToPeer(_ plan: WindowPlan) {
         guard peer.isReady, !plan.isEmpty else { return }
         var last: PeerLink.Ticket?
+        var revokes = plan.revokesAccess
+        func unmap(_ bus: BusAddress, _ length: UInt64) {
+            let ticket = peer.takeSequence()
+            if peer.send(.unmap(PeerUnmap(sequence: ticket.sequence, barOffset: bus.rawValue, length: length))) {
+                peer.count { $0.unmapsSent += 1 }
+                last = ticket
+            }
+        }
+        /// A MAP that cannot be sent (no read-only fd could be made) must not
+        /// leave VM2 with what was there before: revoke the range instead.
+        func map(_ bus: BusAddress, _ length: UInt64, _ permission: Permission, _ region: RegionID, _ fdOffset: UInt64) {
+            if let ticket = sendMap(bus: bus, length: length, permission: permission, region: region, fdOffset: fdOffset) {
+                last = ticket
+            } else if peer.isReady {
+                unmap(bus, length)
+                revokes = true
+            }
+        }
         for op in plan.operations {
             switch op {
             case .map(let bus, let length, let permission, let region, let fdOffset):
-                last = sendMap(bus: bus, length: length, permission: permission, region: region, fdOffset: fdOffset) ?? last
+                map(bus, length, permission, region, fdOffset)
             case .protect(let bus, let length, _):
                 for piece in session.addressSpace.mappings(intersecting: bus, length: length) {
-                    last = sendMap(bus: piece.bus, length: piece.length, permission: piece.permission,
-                                   region: piece.region, fdOffset: piece.fdOffset) ?? last
+                    map(piece.bus, piece.length, piece.permission, piece.region, piece.fdOffset)
                 }
             case .unmap(let bus, let length):
-                let ticket = peer.takeSequence()
-                if peer.send(.unmap(PeerUnmap(sequence: ticket.sequence, barOffset: bus.rawValue, length: length))) {
-                    peer.count { $0.unmapsSent += 1 }
-                    last = ticket
-                }
+                unmap(bus, length)
             }
         }
-        if plan.revokesAccess, let last { peer.waitForAck(last) }
+        if revokes, let last { peer.waitForAck(last) }
     }
 
     /// After a failed plan: make sure VM2 has none of its ranges either.
@@ -392,11 +404,12 @@ final class VhostUserConnection {
     }
 
     private func sendMap(bus: BusAddress, length: UInt64, permission: Permission, region: RegionID, fdOffset: UInt64,
-                         onlyIfReady: Bool = true) -> PeerLink.Ticket? {
+                         onlyIfReady: Bool = true, generation: Int? = nil) -> PeerLink.Ticket? {
         guard let fd = permission.contains(.write) ? regionFiles[region] : readOnlyFile(region) else { return nil }
         let ticket = peer.takeSequence()
         guard peer.send(.map(PeerMap(sequence: ticket.sequence, barOffset: bus.rawValue, length: length, fdOffset: fdOffset,
-                                     permission: permission)), fds: [fd.rawValue], onlyIfReady: onlyIfReady) else { return nil }
+                                     permission: permission)), fds: [fd.rawValue], onlyIfReady: onlyIfReady,
+                        generation: generation) else { return nil }
         peer.count { $0.mapsSent += 1 }
         return ticket
     }
@@ -416,7 +429,7 @@ final class VhostUserConnection {
         }
     }
 
-    private func sendVring(_ index: Int, onlyIfReady: Bool = true) {
+    private func sendVring(_ index: Int, onlyIfReady: Bool = true, generation: Int? = nil) {
         guard let layout = session.vrings[index].layout else { return }
         // A (re)connected VM2 resumes where the device got to (used index).
         noteDeviceProgress(index)
@@ -433,18 +446,22 @@ final class VhostUserConnection {
         peer.send(.vring(PeerVring(index: UInt32(index), num: layout.queueSize, desc: layout.descriptorTable.rawValue,
                                    avail: layout.availRing.rawValue, used: layout.usedRing.rawValue,
                                    lastAvail: UInt16(truncatingIfNeeded: session.vrings[index].base), flags: flags)),
-                  fds: fds, onlyIfReady: onlyIfReady)
+                  fds: fds, onlyIfReady: onlyIfReady, generation: generation)
     }
 
     /// A (re)connected VM2 gets the full current state.
-    func replayState() {
+    /// Everything goes to connection `generation` only, and the replay stops
+    /// as soon as that connection is gone (a newer VM2 gets its own replay).
+    func replayState(to generation: Int) {
         for m in session.addressSpace.mappings {
+            guard peer.currentGeneration == generation else { return }
             _ = sendMap(bus: m.bus, length: m.length, permission: m.permission, region: m.region, fdOffset: m.fdOffset,
-                        onlyIfReady: false)
+                        onlyIfReady: false, generation: generation)
         }
         if session.vrings.contains(where: \.started) {
-            peer.send(.device(PeerDevice(event: .start, features: session.ackedFeatures ?? 0)), onlyIfReady: false)
-            for i in session.vrings.indices where session.vrings[i].started { sendVring(i, onlyIfReady: false) }
+            guard peer.send(.device(PeerDevice(event: .start, features: session.ackedFeatures ?? 0)), onlyIfReady: false,
+                            generation: generation) else { return }
+            for i in session.vrings.indices where session.vrings[i].started { sendVring(i, onlyIfReady: false, generation: generation) }
         }
     }
 
@@ -560,7 +577,7 @@ final class VhostUserConnection {
             }
         }
         for (bus, permission) in needed { raiseMiss(bus, permission, now: now) }
-        misses.keepOnly(needed)
+        misses.keepOnly(needed, now: now)
     }
 
     /// Refuses translations whose deadline passed, raises again the misses
@@ -599,6 +616,7 @@ final class VhostUserConnection {
             return .failure(.refused(error.description, rule: error.rule))
         }
         if let failure = execute(outcome.effects, fds: []) { return .failure(.failed(failure)) }
+        if case .map = command { settleTranslations() } // an operator grant can answer waiting translations
         return .success(outcome.effects.isEmpty ? "no change" : "done")
     }
 

@@ -438,6 +438,10 @@ private final class VM2Engine {
                 pendingEcho.removeFirst()
                 written = n
             }
+            // A VRING_STOP (or a DEVICE stop) handled while this chain waited
+            // for a translation ended the ring: VM2 already reported where it
+            // stopped, so nothing more may be completed or written back.
+            guard rings[index] != nil else { return false }
             // Used ring entry, then the index (release).
             let usedSlot = UInt64(ring.usedIndex % UInt16(truncatingIfNeeded: ring.size))
             if let entry = access(ring.used + 4 + 8 * usedSlot, 8, .write) {

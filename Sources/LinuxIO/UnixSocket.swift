@@ -101,9 +101,18 @@ public struct UnixSocket: Sendable {
 
     public static func connect(path: String, kind: Kind = .stream) throws(SystemCallError) -> UnixSocket {
         let socket = try make(kind)
-        let raw = socket.fd.rawValue
-        _ = try retryingInterrupts("connect(\(path))") { shim_connect_unix(raw, path) }
+        try socket.connect(to: path)
         return socket
+    }
+
+    /// A socket not connected yet (`connect(to:)` later needs no new fd).
+    public static func unconnected(_ kind: Kind = .stream) throws(SystemCallError) -> UnixSocket {
+        try make(kind)
+    }
+
+    public func connect(to path: String) throws(SystemCallError) {
+        let raw = fd.rawValue
+        _ = try retryingInterrupts("connect(\(path))") { shim_connect_unix(raw, path) }
     }
 
     /// Blocks until a peer connects.

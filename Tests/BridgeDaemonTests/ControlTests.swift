@@ -229,6 +229,39 @@ func errorMessage(_ r: [String: Any]) -> String { (r["error"] as? [String: Any])
         var changed = d.controller.config
         changed.bridges[0].revocationDeadlineMilliseconds = 7
         #expect(d.controller.reload(changed).needsRestart == ["fresh"])
+        // The file may name any socket path (root wrote it): a reload adds
+        // such a bridge, only control clients' `create` is confined.
+        var outside = d.controller.config
+        var b = outside.bridges[0]
+        b.name = "elsewhere"
+        b.vhostUserSocket = "/tmp/vpb-reload-\(getpid())-vm1.sock"
+        b.peerSocket = "/tmp/vpb-reload-\(getpid())-vm2.sock"
+        outside.bridges.append(b)
+        let report = d.controller.reload(outside)
+        #expect(report.added == ["elsewhere"] && report.failed.isEmpty, "\(report)")
+    }
+}
+
+@Suite struct MappingBudgetUnitTests {
+    /// One share is always kept for a bridge created later: a bridge alone
+    /// cannot take everything, and a newcomer is never left with nothing.
+    @Test func aBridgeCreatedLaterIsNotStarved() {
+        let budget = MappingBudget(total: 1000)
+        let a = budget.register()
+        #expect(budget.reserve(a, current: 0) == 500)
+        budget.settle(a, count: 500)
+        let b = budget.register()
+        let ceilingB = budget.reserve(b, current: 0)
+        #expect(ceilingB == 1000 - 333 - 500, "total − newcomer reserve − what A holds")
+        budget.settle(b, count: ceilingB)
+        #expect(budget.used == 500 + ceilingB)
+        // A cannot grow into B's guarantee or the reserve.
+        let ceilingA = budget.reserve(a, current: 500)
+        #expect(ceilingA == 1000 - 333 - 333 && ceilingA < 500, "A borrowed while alone; it keeps what it has but cannot grow")
+        budget.settle(a, count: 500)
+        budget.unregister(b)
+        #expect(budget.reserve(b, current: 0) == 0, "an unregistered bridge gets nothing (and is not re-registered)")
+        #expect(budget.used == 500)
     }
 }
 

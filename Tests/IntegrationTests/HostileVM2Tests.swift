@@ -10,7 +10,7 @@ import VhostUser
 
 /// A VM2 that speaks raw peer-protocol bytes: whatever a hostile or broken
 /// VM2 VMM could send.
-final class RawVM2 {
+final class RawVM2: Sendable {
     let socket: UnixSocket
     init(_ path: String) throws {
         socket = try UnixSocket.connect(path: path)
@@ -163,9 +163,14 @@ extension Integration {
             // Unmapped IOVAs VM1 could map (inside its DMA window), never answered:
             // 100 distinct pages, each asked 100 times.
             let base: UInt64 = 1 << 35
-            for id in 0..<10_000 as Range<UInt64> {
-                try raw.send(.translate(PeerTranslate(requestID: id, barOffset: base + (id % 100) * 4096, length: 4096, access: .read)))
+            // Sent from another thread while this one reads the replies, as a
+            // VM2 must: one that stops reading is disconnected at the deadline.
+            let sender = try JoinableThread(name: "flood") {
+                for id in 0..<10_000 as Range<UInt64> {
+                    try? raw.send(.translate(PeerTranslate(requestID: id, barOffset: base + (id % 100) * 4096, length: 4096, access: .read)))
+                }
             }
+            defer { sender.join() }
             var limited = 0, other = 0
             while limited + other < 10_000 - BridgeSettings.defaultMaxPendingTranslations, let m = try raw.receive() {
                 guard case .translateReply(let r) = m else { continue }

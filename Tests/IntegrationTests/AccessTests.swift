@@ -94,16 +94,3 @@ extension Integration {
         }
     }
 }
-
-extension RawVM2 {
-    /// The next message and the fds it carried (the caller closes them).
-    func receiveWithFDs() throws -> (PeerMessage, [OwnedFileDescriptor])? {
-        var parsed: (PeerCodec.Header, PeerMessageType)?
-        guard let framed = try socket.receiveFramed(payloadSize: { bytes in
-            let v = try PeerCodec.validate(header: bytes)
-            parsed = v
-            return Int(v.0.size)
-        }), let (header, type) = parsed else { return nil }
-        return (try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count), framed.fds)
-    }
-}

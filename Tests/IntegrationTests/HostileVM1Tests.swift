@@ -36,13 +36,7 @@ extension Integration {
         /// and traffic goes on.
         @Test(arguments: BadFile.allCases)
         func nonEventfdVringFilesAreRefused(_ kind: BadFile) throws {
-            let running = try RunningBridge("bad-\(kind)", mode: .identity)
-            defer { running.stop() }
-            let vm2 = try connectVM2(running)
-            defer { vm2.stop() }
-            let vm1 = try EmulatedVM1(socketPath: running.path)
-            defer { vm1.disconnect() }
-            try vm1.start()
+          try withTwoGuests("bad-\(kind)", mode: .identity) { running, vm1, _ in
             let before = openFileDescriptorCount()
             do {
                 let bad = try make(kind)
@@ -57,24 +51,20 @@ extension Integration {
             let result = try vm1.runTraffic(count: 24, sizes: [64, 1500])
             #expect(result.completed && result.verified == 24, "\(result)")
             #expect(running.bridge.statistics.notificationsDropped == 0)
+          }
         }
 
         /// An iommu bridge with VM2 and VM1 running, and one IOVA mapped
         /// read/write and visible in both windows.
         private func mappedIOVA(_ name: String, mode: BridgeMode = .iommu, staticWindows: [BusWindow] = [],
                                 _ body: (RunningBridge, EmulatedVM1, EmulatedVM2, BusAddress) throws -> Void) throws {
-            let running = try RunningBridge(name, mode: mode, staticWindows: staticWindows)
-            defer { running.stop() }
-            let vm2 = try connectVM2(running)
-            defer { vm2.stop() }
-            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
-            defer { vm1.disconnect() }
-            try vm1.start()
-            let iommu = try #require(vm1.iommu)
-            let iova = try iommu.map(GuestPhysicalAddress(0x80_0000), length: 0x4000, permission: .readWrite, eager: true)
-            #expect(pollUntil { vm2.window?.probeInChild(iova) == .accessible })
-            #expect(running.bridge.window.probeInChild(iova) == .accessible)
-            try body(running, vm1, vm2, iova)
+            try withTwoGuests(name, mode: mode, staticWindows: staticWindows) { running, vm1, vm2 in
+                let iommu = try #require(vm1.iommu)
+                let iova = try iommu.map(GuestPhysicalAddress(0x80_0000), length: 0x4000, permission: .readWrite, eager: true)
+                #expect(pollUntil { vm2.window?.probeInChild(iova) == .accessible })
+                #expect(running.bridge.window.probeInChild(iova) == .accessible)
+                try body(running, vm1, vm2, iova)
+            }
         }
 
         /// A raw IOTLB invalidate with NEED_REPLY; returns VM1's ack value.
@@ -161,13 +151,7 @@ extension Integration.HostileVM1 {
     /// a migration or a guest driver change): in relay mode VM2 keeps its
     /// eventfds and must keep getting kicks from the new fd.
     @Test func aNewKickFdOnAStartedRingKeepsTheKicksComing() throws {
-        let running = try RunningBridge("new-kick", mode: .identity)
-        defer { running.stop() }
-        let vm2 = try connectVM2(running)
-        defer { vm2.stop() }
-        let vm1 = try EmulatedVM1(socketPath: running.path)
-        defer { vm1.disconnect() }
-        try vm1.start()
+      try withTwoGuests("new-kick", mode: .identity) { running, vm1, vm2 in
         for q in vm1.queues {
             let replacement = try q.kick.fd.duplicate() // same eventfd, a new fd for the daemon
             try vm1.frontend.send(.setVringKick(VringFileRef(index: UInt8(q.index), noFD: false)), fds: [replacement.rawValue], ack: true)
@@ -176,6 +160,8 @@ extension Integration.HostileVM1 {
         let result = try vm1.runTraffic(count: 40, sizes: [64, 1500])
         #expect(result.completed && result.verified == 40, "\(result)")
         #expect(running.bridge.statistics.notificationsDropped == 0)
+        #expect(vm2.statistics.packetsVerified == 40)
+      }
     }
 }
 
@@ -185,17 +171,11 @@ extension Integration.HostileVM1 {
     /// VM2 knows its last avail index. A VM2 with `vringStopAck` reports it.
     @Test(arguments: [true, false])
     func getVringBaseAnswersWhereVM2Stopped(vm2Reports: Bool) throws {
-        let running = try RunningBridge("base-\(vm2Reports)", mode: .identity)
-        defer { running.stop() }
         var c2 = VM2Configuration()
         c2.acknowledgesRingStops = vm2Reports
-        let vm2 = try connectVM2(running, c2)
-        defer { vm2.stop() }
         var c1 = VM1Configuration()
         c1.sealedRAM = false
-        let vm1 = try EmulatedVM1(socketPath: running.path, configuration: c1)
-        defer { vm1.disconnect() }
-        try vm1.start()
+      try withTwoGuests("base-\(vm2Reports)", mode: .identity, vm1: c1, vm2: c2) { running, vm1, vm2 in
         let result = try vm1.runTraffic(count: 30, sizes: [64, 1500])
         #expect(result.completed, "\(result)")
         let s = vm2.statistics
@@ -211,5 +191,6 @@ extension Integration.HostileVM1 {
         }
         #expect(running.bridge.statistics.revocationTimeouts == 0)
         #expect(running.bridge.statistics.peerConnected)
+      }
     }
 }

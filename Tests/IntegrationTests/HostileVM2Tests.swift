@@ -22,14 +22,20 @@ final class RawVM2: Sendable {
 
     /// The next message from the daemon, nil at EOF (fds it carries are closed).
     func receive() throws -> PeerMessage? {
+        guard let (message, fds) = try receiveWithFDs() else { return nil }
+        for fd in fds { try? fd.close() }
+        return message
+    }
+
+    /// The next message and the fds it carried (the caller closes them).
+    func receiveWithFDs() throws -> (PeerMessage, [OwnedFileDescriptor])? {
         var parsed: (PeerCodec.Header, PeerMessageType)?
         guard let framed = try socket.receiveFramed(payloadSize: { bytes in
             let v = try PeerCodec.validate(header: bytes)
             parsed = v
             return Int(v.0.size)
         }), let (header, type) = parsed else { return nil }
-        defer { for fd in framed.fds { try? fd.close() } }
-        return try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count)
+        return (try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count), framed.fds)
     }
 
     /// Reads until an ERROR (returned) and then EOF; nil when EOF comes first.

@@ -1,5 +1,6 @@
 import BridgeCore
 import BridgeDaemon
+import EmulatedGuests
 import Foundation
 import LinuxIO
 import Logging
@@ -55,4 +56,19 @@ final class RunningBridge {
         bridge.stop()
         thread.join()
     }
+}
+
+/// A bridge with an emulated VM2 (handshake done) and an emulated VM1
+/// (device started), all torn down after `body`.
+func withTwoGuests(_ name: String, mode: BridgeMode, staticWindows: [BusWindow] = [],
+                   vm1: VM1Configuration? = nil, vm2: VM2Configuration = VM2Configuration(),
+                   _ body: (RunningBridge, EmulatedVM1, EmulatedVM2) throws -> Void) throws {
+    let running = try RunningBridge(name, mode: mode, staticWindows: staticWindows)
+    defer { running.stop() }
+    let device = try connectVM2(running, vm2)
+    defer { device.stop() }
+    let driver = try EmulatedVM1(socketPath: running.path, configuration: vm1 ?? vm1Config(iommu: mode != .identity))
+    defer { driver.disconnect() }
+    try driver.start()
+    try body(running, driver, device)
 }

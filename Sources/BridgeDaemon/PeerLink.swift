@@ -322,16 +322,18 @@ final class PeerLink: Sendable {
     /// `kill` deadline action) its VMM is killed: a VMM that ignores the
     /// protocol would otherwise keep the mappings it was told to drop.
     private func missedDeadline(generation: Int, reason: String) {
-        let process = state.withLock { s in s.generation == generation ? s.process : nil }
-        disconnect(generation: generation, reason: reason)
-        guard let process else { return }
-        do {
-            try process.send(signal: SIGKILL)
-            count { $0.killed += 1 }
-            logger.warning("killed VM2's VMM (pid \(process.pid)): \(reason)")
-        } catch {
-            logger.error("could not kill VM2's VMM (pid \(process.pid)): \(error)")
+        // Killed first, disconnected second: the VMM never gets to act on
+        // the disconnection (nor to exit on its own as if nothing happened).
+        if let process = state.withLock({ s in s.generation == generation ? s.process : nil }) {
+            do {
+                try process.send(signal: SIGKILL)
+                count { $0.killed += 1 }
+                logger.warning("killed VM2's VMM (pid \(process.pid)): \(reason)")
+            } catch {
+                logger.error("could not kill VM2's VMM (pid \(process.pid)): \(error)")
+            }
         }
+        disconnect(generation: generation, reason: reason)
     }
 
     /// Drops VM2's connection (the peer thread sees it end and reports `.gone`).

@@ -316,6 +316,7 @@ public final class Bridge: Sendable {
             if let until = acceptPausedUntil, now >= until { acceptPausedUntil = nil }
             if let session { fds.append(session.socket.fd.rawValue) } else if let listener, acceptPausedUntil == nil { fds.append(listener.fd.rawValue) }
             var next = session?.expireTranslations(now: now)
+            if let session, next != nil { publish(session) }
             if let until = acceptPausedUntil { next = min(next ?? until, until) }
             var timeout: Int32 = next.map { d in
                 Int32(max(1, min(Double(Int32.max), (now.duration(to: d) / .milliseconds(1)).rounded(.down) + 1)))
@@ -323,7 +324,10 @@ public final class Bridge: Sendable {
             if let retry = retryMilliseconds { timeout = timeout < 0 ? retry : min(timeout, retry) }
             guard let ready = try? Poll.readable(fds, timeoutMilliseconds: timeout) else { continue }
             if ready[0] { break }
-            if ready[1] { handlePeerEvents(session) }
+            if ready[1] {
+                handlePeerEvents(session)
+                if let session { publish(session) } // translations raise misses and count
+            }
             if ready[2] { runCommands(session) }
             if ready.count > 3, ready[3] {
                 if let current = session {

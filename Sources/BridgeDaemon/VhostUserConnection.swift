@@ -19,6 +19,15 @@ public struct ConnectionSummary: Sendable, Equatable {
     public var statistics: SessionStatistics
 }
 
+/// The timings of VM2 translation requests (docs/peer-protocol.md).
+public enum VhostUserConnectionTuning {
+    /// How long a translation waits for VM1's IOTLB update before it is
+    /// answered "timed out".
+    public static let translationDeadline: Duration = .seconds(2)
+    /// How long a miss stays unanswered before it is raised again.
+    public static let missRetryInterval: Duration = .seconds(1)
+}
+
 /// What a live session looks like from outside (status output, tests).
 public struct SessionView: Sendable, Equatable {
     public var ackedFeatures: UInt64?
@@ -101,9 +110,8 @@ final class VhostUserConnection {
     private(set) var pendingTranslations: PendingTranslations
     private var misses: OutstandingMisses
     private var refusalLog = LogThrottle(interval: .seconds(10))
-    static let translationDeadline: Duration = .seconds(2)
-    /// How long a miss stays unanswered before it is raised again.
-    static let missRetryInterval: Duration = .seconds(1)
+    static let translationDeadline = VhostUserConnectionTuning.translationDeadline
+    static let missRetryInterval = VhostUserConnectionTuning.missRetryInterval
 
     init(socket: UnixSocket, configuration: BackendConfiguration, window: BARWindow, peer: PeerLink,
          relay: NotificationRelay?, logger: Logger, maxPendingTranslations: Int,

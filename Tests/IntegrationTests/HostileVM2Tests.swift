@@ -164,6 +164,7 @@ extension Integration {
             defer { vm1.disconnect() }
             try vm1.start()
             let missesBefore = running.bridge.statistics.iotlbMissesSent
+            let started = ContinuousClock.now
             let raw = try RawVM2(running.peerPath)
             #expect(try raw.greet() != nil)
             // Unmapped IOVAs VM1 could map (inside its DMA window), never answered:
@@ -185,8 +186,13 @@ extension Integration {
             #expect(limited == 10_000 - BridgeSettings.defaultMaxPendingTranslations && other == 0)
             let s = running.bridge.statistics
             #expect(s.peerRefusals["translation-limit"] == limited)
-            // The first 256 requests cover 100 pages at most: one miss each.
-            #expect(s.iotlbMissesSent - missesBefore <= 100, "misses: \(s.iotlbMissesSent - missesBefore)")
+            // The 256 waiting requests cover 100 pages: one miss each, raised
+            // again at most once per retry interval (VM1 never answers). The
+            // bound grows with the time a loaded machine took, so it holds
+            // whatever the load; without the de-duplication it would be 256+.
+            let misses = s.iotlbMissesSent - missesBefore
+            let intervals = Int((started.duration(to: .now) / VhostUserConnectionTuning.missRetryInterval).rounded(.down))
+            #expect(misses >= 100 && misses <= 100 * (1 + intervals), "misses: \(misses) over \(intervals) retry intervals")
             #expect(s.peerConnected, "refusing requests is not a reason to disconnect")
             // The waiting ones time out (VM1 never answers), answered to this VM2.
             var timedOut = 0

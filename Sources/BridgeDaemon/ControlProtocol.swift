@@ -71,7 +71,7 @@ extension DaemonController {
         case "status":
             let all = bridgeNames.compactMap { try? bridge($0).statistics }
             return ["version": ControlProtocol.version, "uptimeSeconds": uptimeSeconds, "bridges": all.count,
-                    "vm1Sessions": all.filter(\.activeSession).count, "vm2Connected": all.filter(\.peerConnected).count,
+                    "vm1Sessions": all.filter(\.activeSession).count, "vm2Connected": all.filter(\.peer.connected).count,
                     "logLevel": config.logLevel.rawValue, "controlSocket": config.controlSocket, "pid": Int(getpid())] as [String: Any]
         case "list":
             return bridgeNames.compactMap { name -> [String: Any]? in
@@ -79,7 +79,7 @@ extension DaemonController {
                 let s = b.statistics
                 return ["name": name, "mode": c.addressSpace.mode.rawValue, "barSize": c.addressSpace.barSize,
                         "vhostUserSocket": c.vhostUserSocket, "peerSocket": c.peerSocket ?? "", "vm2": c.vm2,
-                        "vm1Connected": s.activeSession, "vm2Connected": s.peerConnected,
+                        "vm1Connected": s.activeSession, "vm2Connected": s.peer.connected,
                         "mappings": s.session?.mappings ?? 0, "bytesMapped": s.session?.mappedBytes ?? 0]
             }
         case "show":
@@ -169,11 +169,11 @@ extension DaemonController {
     func statisticsObject(_ name: String, _ s: BridgeStatistics) -> [String: Any] {
         ["name": name, "sessionsServed": s.sessionsServed, "vm1Connected": s.activeSession, "requests": s.requests,
          "iotlbUpdates": s.iotlbUpdates, "iotlbInvalidates": s.iotlbInvalidates, "iotlbMisses": s.iotlbMissesSent,
-         "refusals": s.refusals, "vm2Connected": s.peerConnected, "vm2Connections": s.peerConnections,
-         "mapsSent": s.peerMapsSent, "unmapsSent": s.peerUnmapsSent, "revocationTimeouts": s.revocationTimeouts,
-         "vm2ProtocolErrors": s.peerProtocolErrors, "acceptFailures": s.acceptFailures,
-         "slowestRevocationMicroseconds": s.slowestRevocationMicroseconds, "translationsGranted": s.translationsGranted,
-         "translationsRefused": s.translationsRefused, "vm2Refusals": s.peerRefusals,
+         "refusals": s.refusals, "vm2Connected": s.peer.connected, "vm2Connections": s.peer.connections,
+         "mapsSent": s.peer.mapsSent, "unmapsSent": s.peer.unmapsSent, "revocationTimeouts": s.peer.revocationTimeouts,
+         "vm2ProtocolErrors": s.peer.protocolErrors, "acceptFailures": s.acceptFailures,
+         "slowestRevocationMicroseconds": s.peer.slowestRevocationMicroseconds, "translationsGranted": s.peer.translationsGranted,
+         "translationsRefused": s.peer.translationsRefused, "vm2Refusals": s.peer.refusals,
          "notifications": s.notificationMode.rawValue, "kicksRelayed": s.kicksRelayed, "callsRelayed": s.callsRelayed,
          "notificationsDropped": s.notificationsDropped, "notificationsCoalesced": s.notificationsCoalesced,
          "mappings": s.session?.mappings ?? 0, "bytesMapped": s.session?.mappedBytes ?? 0]
@@ -190,26 +190,26 @@ extension DaemonController {
         family("bridge_mappings", "Live mappings in the bridge's BAR.", "gauge", per { "\($0.session?.mappings ?? 0)" })
         family("bridge_bytes_mapped", "Bytes of VM1 memory visible in the BAR.", "gauge", per { "\($0.session?.mappedBytes ?? 0)" })
         family("bridge_vm1_connected", "1 while a VM1 front end is connected.", "gauge", per { $0.activeSession ? "1" : "0" })
-        family("bridge_vm2_connected", "1 while a VM2 is connected.", "gauge", per { $0.peerConnected ? "1" : "0" })
+        family("bridge_vm2_connected", "1 while a VM2 is connected.", "gauge", per { $0.peer.connected ? "1" : "0" })
         family("bridge_sessions_total", "VM1 sessions that ended.", "counter", per { "\($0.sessionsServed)" })
         family("bridge_iotlb_updates_total", "IOTLB updates applied.", "counter", per { "\($0.iotlbUpdates)" })
         family("bridge_iotlb_invalidates_total", "IOTLB invalidates applied.", "counter", per { "\($0.iotlbInvalidates)" })
         family("bridge_iotlb_misses_total", "IOTLB misses raised toward VM1.", "counter", per { "\($0.iotlbMissesSent)" })
         family("bridge_refusals_total", "Requests refused, by rule.", "counter",
-               all.flatMap { (n, s) in (s.refusals.merging(s.peerRefusals.mapKeys { "vm2-" + $0 }) { $0 + $1 })
+               all.flatMap { (n, s) in (s.refusals.merging(s.peer.refusals.mapKeys { "vm2-" + $0 }) { $0 + $1 })
                    .sorted { $0.key < $1.key }.map { "{bridge=\"\(n)\",rule=\"\($0.key)\"} \($0.value)" } })
         family("bridge_notifications_relayed_total", "Vring notifications relayed, by direction.", "counter",
                all.flatMap { (n, s) in ["{bridge=\"\(n)\",direction=\"kick\"} \(s.kicksRelayed)", "{bridge=\"\(n)\",direction=\"call\"} \(s.callsRelayed)"] })
         family("bridge_notifications_dropped_total", "Notifications dropped because the other side was gone.", "counter", per { "\($0.notificationsDropped)" })
-        family("bridge_revocation_timeouts_total", "VM2s disconnected for missing the revocation deadline.", "counter", per { "\($0.revocationTimeouts)" })
+        family("bridge_revocation_timeouts_total", "VM2s disconnected for missing the revocation deadline.", "counter", per { "\($0.peer.revocationTimeouts)" })
         family("bridge_accept_failures_total", "accept() failures for lack of fds or memory (each pauses accepting).", "counter", per { "\($0.acceptFailures)" })
         family("mapping_budget_used", "Mappings held by all bridges of the process.", "gauge", [" \(MappingBudget.process.used)"])
         family("mapping_budget_total", "Mappings all bridges may hold together (from vm.max_map_count).", "gauge", [" \(MappingBudget.process.total)"])
-        family("bridge_vm2_protocol_errors_total", "VM2 connections ended for a protocol error.", "counter", per { "\($0.peerProtocolErrors)" })
+        family("bridge_vm2_protocol_errors_total", "VM2 connections ended for a protocol error.", "counter", per { "\($0.peer.protocolErrors)" })
         family("bridge_revocation_latency_max_seconds", "Slowest acknowledged revocation (VM2 ack wait).", "gauge",
-               per { String(format: "%.6f", Double($0.slowestRevocationMicroseconds) / 1e6) })
+               per { String(format: "%.6f", Double($0.peer.slowestRevocationMicroseconds) / 1e6) })
         family("bridge_translations_total", "VM2 translation requests, by result.", "counter",
-               all.flatMap { (n, s) in ["{bridge=\"\(n)\",result=\"granted\"} \(s.translationsGranted)", "{bridge=\"\(n)\",result=\"refused\"} \(s.translationsRefused)"] })
+               all.flatMap { (n, s) in ["{bridge=\"\(n)\",result=\"granted\"} \(s.peer.translationsGranted)", "{bridge=\"\(n)\",result=\"refused\"} \(s.peer.translationsRefused)"] })
         var out = ""
         for f in families {
             out += "# HELP \(f.name) \(f.help)\n# TYPE \(f.name) \(f.type)\n"

@@ -7,6 +7,29 @@ import Synchronization
 import Glibc
 #endif
 
+/// What a bridge's VM2 side did (one VM2 connection at a time; summed over
+/// connections since the bridge started).
+public struct PeerStatistics: Sendable, Equatable {
+    public var connections = 0
+    public var connected = false
+    public var ready = false
+    public var mapsSent = 0
+    public var unmapsSent = 0
+    public var acks = 0
+    public var revocationTimeouts = 0
+    /// Connections ended for a protocol error (bad framing, a message in
+    /// the wrong state, an ACK the daemon never asked for, ...).
+    public var protocolErrors = 0
+    /// VM2 VMMs killed (SIGKILL through their pidfd) for missing a deadline.
+    public var killed = 0
+    public var translationsGranted = 0
+    public var translationsRefused = 0
+    public var refusals: [String: Int] = [:]
+    /// Longest wait for a revocation ack, in microseconds.
+    public var slowestRevocationMicroseconds: UInt64 = 0
+    public init() {}
+}
+
 /// The bridge's connection to VM2, shared between the peer thread (which
 /// reads VM2's socket) and the bridge thread (which owns all bridge state and
 /// does all sending). The peer thread never touches bridge state: it posts
@@ -22,25 +45,8 @@ final class PeerLink: Sendable {
         case gone(generation: Int, reason: String)
     }
 
-    struct Statistics: Sendable, Equatable {
-        var connections = 0
-        var connected = false
-        var ready = false
-        var mapsSent = 0
-        var unmapsSent = 0
-        var acks = 0
-        var revocationTimeouts = 0
-        /// Connections ended for a protocol error (bad framing, a message in
-        /// the wrong state, an ACK the daemon never asked for, ...).
-        var protocolErrors = 0
-        /// VM2 VMMs killed (SIGKILL through their pidfd) for missing a deadline.
-        var killed = 0
-        var translationsGranted = 0
-        var translationsRefused = 0
-        var refusals: [String: Int] = [:]
-        /// Longest wait for a revocation ack, in microseconds.
-        var slowestRevocationMicroseconds: UInt64 = 0
-    }
+    typealias Statistics = PeerStatistics
+
 
     private struct State {
         var socket: UnixSocket?

@@ -34,7 +34,7 @@ extension Integration {
                 #expect(outsider.wait() == .exited(0), "the daemon closes the connection")
             }
             #expect(running.bridge.statistics.accessDenied == 2)
-            #expect(running.bridge.statistics.sessionsServed == 0 && !running.bridge.statistics.peerConnected)
+            #expect(running.bridge.statistics.sessionsServed == 0 && !running.bridge.statistics.peer.connected)
             // A supplementary group member gets in (the daemon keeps the connection).
             let member = try ChildPeer.spawn(connectingTo: running.path, uid: nobody, gid: nobody, groups: [4242])
             #expect(pollUntil { running.bridge.statistics.activeSession })
@@ -51,7 +51,7 @@ extension Integration {
             defer { running.stop() }
             let hello = PeerCodec.encode(.hello(PeerHello(features: [])))
             let vmm = try ChildPeer.spawn(connectingTo: running.peerPath, hello: hello)
-            #expect(pollUntil { running.bridge.statistics.peerReady })
+            #expect(pollUntil { running.bridge.statistics.peer.ready })
             let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
             defer { vm1.disconnect() }
             try vm1.start()
@@ -60,7 +60,7 @@ extension Integration {
             try iommu.unmap(iova) // acked once VM2 is disconnected (and killed)
             #expect(vmm.wait() == .signaled(SIGKILL))
             let s = running.bridge.statistics
-            #expect(s.revocationTimeouts >= 1 && s.peerKilled >= 1)
+            #expect(s.peer.revocationTimeouts >= 1 && s.peer.killed >= 1)
             #expect(running.bridge.window.probeInChild(iova) == .faulted)
         }
 

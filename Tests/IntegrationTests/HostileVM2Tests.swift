@@ -72,7 +72,7 @@ extension Integration {
             try vm1.start()
             let before = openFileDescriptorCount()
             try body(running)
-            #expect(pollUntil { !running.bridge.statistics.peerConnected }, "the hostile VM2 must be gone")
+            #expect(pollUntil { !running.bridge.statistics.peer.connected }, "the hostile VM2 must be gone")
             #expect(pollUntil { openFileDescriptorCount() == before }, "fds: \(before) before, \(openFileDescriptorCount()) after")
             // VM1 is unaffected, and the next VM2 serves it.
             let vm2 = try connectVM2(running)
@@ -88,7 +88,7 @@ extension Integration {
                 try raw.send(.ack(0))
                 let e = try raw.expectErrorThenClose()
                 #expect(e?.code == .protocolError && e?.text == "ACK is not allowed before HELLO")
-                #expect(running.bridge.statistics.peerRefusals["peer-state"] == 1)
+                #expect(running.bridge.statistics.peer.refusals["peer-state"] == 1)
             }
         }
 
@@ -113,7 +113,7 @@ extension Integration {
                 try again.send(.unmap(PeerUnmap(sequence: 1, barOffset: 0, length: 4096)))
                 let f = try again.expectErrorThenClose()
                 #expect(f?.code == .protocolError && f?.text == "UNMAP is not allowed from VM2")
-                #expect(running.bridge.statistics.peerProtocolErrors == 2)
+                #expect(running.bridge.statistics.peer.protocolErrors == 2)
             }
         }
 
@@ -150,8 +150,8 @@ extension Integration {
                 let e = try raw.expectErrorThenClose()
                 #expect(e?.code == .protocolError)
                 #expect(e?.text.hasPrefix("ACK 1000000 is beyond the last MAP/UNMAP sequence sent") == true, "\(e?.text ?? "")")
-                #expect(running.bridge.statistics.peerRefusals["ack-sequence"] == 1)
-                #expect(running.bridge.statistics.peerAcks == 0)
+                #expect(running.bridge.statistics.peer.refusals["ack-sequence"] == 1)
+                #expect(running.bridge.statistics.peer.acks == 0)
             }
         }
 
@@ -185,7 +185,7 @@ extension Integration {
             }
             #expect(limited == 10_000 - BridgeSettings.defaultMaxPendingTranslations && other == 0)
             let s = running.bridge.statistics
-            #expect(s.peerRefusals["translation-limit"] == limited)
+            #expect(s.peer.refusals["translation-limit"] == limited)
             // The 256 waiting requests cover 100 pages: one miss each, raised
             // again at most once per retry interval (VM1 never answers). The
             // bound grows with the time a loaded machine took, so it holds
@@ -193,7 +193,7 @@ extension Integration {
             let misses = s.iotlbMissesSent - missesBefore
             let intervals = Int((started.duration(to: .now) / VhostUserConnectionTuning.missRetryInterval).rounded(.down))
             #expect(misses >= 100 && misses <= 100 * (1 + intervals), "misses: \(misses) over \(intervals) retry intervals")
-            #expect(s.peerConnected, "refusing requests is not a reason to disconnect")
+            #expect(s.peer.connected, "refusing requests is not a reason to disconnect")
             // The waiting ones time out (VM1 never answers), answered to this VM2.
             var timedOut = 0
             while timedOut < BridgeSettings.defaultMaxPendingTranslations, let m = try raw.receive() {

@@ -15,7 +15,7 @@ let packetSizes = [64, 128, 512, 1500, 4096, 9000, 16384, 65536]
 func connectVM2(_ running: RunningBridge, _ config: VM2Configuration = VM2Configuration(),
                 sourceLocation: SourceLocation = #_sourceLocation) throws -> EmulatedVM2 {
     let vm2 = try EmulatedVM2(peerSocketPath: running.peerPath, configuration: config)
-    let ok = pollUntil { vm2.statistics.ready && running.bridge.statistics.peerReady }
+    let ok = pollUntil { vm2.statistics.ready && running.bridge.statistics.peer.ready }
     #expect(ok, "VM2 handshake did not complete", sourceLocation: sourceLocation)
     return vm2
 }
@@ -96,7 +96,7 @@ extension Integration {
             try iommu.unmap(iova)
             #expect(vm2.window?.probeInChild(iova) == .faulted)
             #expect(vm2.statistics.unmapsApplied >= 1)
-            #expect(running.bridge.statistics.revocationTimeouts == 0)
+            #expect(running.bridge.statistics.peer.revocationTimeouts == 0)
         }
 
         @Test func aVM2ThatNeverAcksIsDisconnectedAndVM1StillCompletes() throws {
@@ -112,7 +112,7 @@ extension Integration {
             let iommu = try #require(vm1.iommu)
             let iova = try iommu.map(GuestPhysicalAddress(0x90_0000), length: 4096, permission: .readWrite, eager: true)
             try iommu.unmap(iova) // returns once the daemon acked: after the deadline at worst
-            #expect(running.bridge.statistics.revocationTimeouts == 1)
+            #expect(running.bridge.statistics.peer.revocationTimeouts == 1)
             #expect(pollUntil { vm2.isFinished }, "VM2 must be disconnected")
             #expect(running.bridge.window.probeInChild(iova) == .faulted)
             // VM1 is unaffected: its session goes on.
@@ -160,8 +160,8 @@ extension Integration {
             #expect(write?.status == .refused)
             #expect(write?.reason.contains("[permission]") == true)
             let stats = running.bridge.statistics
-            #expect(stats.peerRefusals["bar-bounds"] == 1 && stats.peerRefusals["dma-window"] == 1 && stats.peerRefusals["permission"] == 1)
-            #expect(stats.translationsGranted == 1)
+            #expect(stats.peer.refusals["bar-bounds"] == 1 && stats.peer.refusals["dma-window"] == 1 && stats.peer.refusals["permission"] == 1)
+            #expect(stats.peer.translationsGranted == 1)
             #expect(try vm1.frontend.getU64(.getFeatures) != 0)
         }
 
@@ -176,7 +176,7 @@ extension Integration {
             #expect(vm2.translate(barOffset: 64 * GiB, length: 4096, access: .read)?.status == .refused)
             #expect(vm2.translate(barOffset: 512 * MiB, length: 4096, access: .read)?.reason.contains("[not-mapped]") == true)
             #expect(vm2.translate(barOffset: UInt64.max - 10, length: 4096, access: .read)?.reason.contains("[wrap-around]") == true)
-            #expect(running.bridge.statistics.translationsRefused == 3)
+            #expect(running.bridge.statistics.peer.translationsRefused == 3)
             let result = try vm1.runTraffic(count: 50, sizes: [1500])
             #expect(result.completed)
         }
@@ -242,10 +242,10 @@ extension Integration {
                     delivered += r.verified
                     #expect(r.completed, "round \(round): \(r)")
                     vm2.stop() // killed: no goodbye
-                    #expect(pollUntil { !running.bridge.statistics.peerConnected })
+                    #expect(pollUntil { !running.bridge.statistics.peer.connected })
                 }
                 #expect(delivered == 400)
-                #expect(running.bridge.statistics.peerConnections == 51)
+                #expect(running.bridge.statistics.peer.connections == 51)
                 vm1.disconnect()
                 running.waitForSessions(2)
             }
@@ -258,7 +258,7 @@ extension Integration {
                 vm2.stop()
                 again.disconnect()
                 running.waitForSessions(3)
-                #expect(pollUntil { !running.bridge.statistics.peerConnected })
+                #expect(pollUntil { !running.bridge.statistics.peer.connected })
             }
             #expect(openFileDescriptorCount() == before)
         }

@@ -92,7 +92,7 @@ extension Interop {
             _ = pollUntil(seconds: 10, everyMilliseconds: 10) { b.bridge.statistics.sessionsServed >= 1 }
             let after = b.bridge.statistics
             print("QEMU\(iommu ? " + intel-iommu" : "") message sequence: \(after.lastRequestLog.map(\.description).joined(separator: " "))")
-            print("QEMU\(iommu ? " + intel-iommu" : "") misses sent \(after.iotlbMissesSent), IOTLB updates \(after.iotlbUpdates), invalidates \(after.iotlbInvalidates), VM2 translations granted \(after.translationsGranted), refused \(after.translationsRefused), VM2 frames \(vm2.statistics.framesValid)")
+            print("QEMU\(iommu ? " + intel-iommu" : "") misses sent \(after.iotlbMissesSent), IOTLB updates \(after.iotlbUpdates), invalidates \(after.iotlbInvalidates), VM2 translations granted \(after.peer.translationsGranted), refused \(after.peer.translationsRefused), VM2 frames \(vm2.statistics.framesValid)")
             if iommu {
                 // Only IOTLB-mapped ranges are visible; VM2's translations raised misses QEMU answered.
                 #expect(stats.iotlbUpdates >= 1 || stats.session.map { $0.mappings > 0 } == true)

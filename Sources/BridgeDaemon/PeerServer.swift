@@ -1,0 +1,159 @@
+import BridgeCore
+import LinuxIO
+import Logging
+import PeerProtocol
+import Synchronization
+
+/// The VM2 side of a bridge, on its own thread (the *peer thread*): accepts
+/// VM2 connections on the peer socket, one at a time, checks who they are,
+/// and reads their messages. Requests go to the bridge thread through
+/// `PeerLink` (events, acks, ring stops); this type never touches bridge
+/// state, and it owns the listener and the active VM2's socket.
+///
+/// Sendable without `@unchecked`: immutable references to Sendable types and
+/// an `Atomic` stop flag.
+final class PeerServer: Sendable {
+    private let listener: UnixSocket
+    private let peer: PeerLink
+    private let settings: BridgeSettings
+    private let admission: ConnectionAdmission
+    private let logger: Logger
+    private let stopFlag = Atomic<Bool>(false)
+
+    init(listener: UnixSocket, peer: PeerLink, settings: BridgeSettings, admission: ConnectionAdmission, logger: Logger) {
+        self.listener = listener
+        self.peer = peer
+        self.settings = settings
+        self.admission = admission
+        self.logger = logger
+    }
+
+    private var stopping: Bool { stopFlag.load(ordering: .acquiring) }
+
+    /// Stops accepting and ends `run` (the active VM2 is detached). Safe from any thread.
+    func stop() {
+        stopFlag.store(true, ordering: .releasing)
+        listener.shutdown()
+    }
+
+    /// Runs until `stop()`.
+    func run() {
+        var active: (socket: UnixSocket, generation: Int, greeted: Bool)?
+        var acceptPausedUntil: ContinuousClock.Instant?
+        while !stopping {
+            var fds: [Int32] = []
+            let now = ContinuousClock.now
+            if let until = acceptPausedUntil, now >= until { acceptPausedUntil = nil }
+            if acceptPausedUntil == nil { fds.append(listener.fd.rawValue) }
+            // A VM2 that sends faster than the bridge thread takes its
+            // requests is not read until the queue drains: its messages wait
+            // in its socket, not in the daemon's memory.
+            let throttled = peer.queuedEvents >= settings.maxPendingTranslations
+            if let active, !throttled { fds.append(active.socket.fd.rawValue) }
+            var timeout = acceptPausedUntil.map { Int32(max(1, min(1000, (now.duration(to: $0) / .milliseconds(1)).rounded(.up)))) } ?? -1
+            if throttled { timeout = timeout < 0 ? 5 : min(timeout, 5) }
+            guard let polled = try? Poll.readable(fds, timeoutMilliseconds: timeout) else { continue }
+            if stopping { break }
+            // Index 0 is the listener (false while paused), index 1 the VM2 (false while throttled).
+            var ready = acceptPausedUntil == nil ? polled : [false] + polled
+            if throttled, active != nil { ready.append(false) }
+            var accepted: UnixSocket?
+            if ready[0] {
+                do { accepted = try listener.accept() } catch {
+                    if error.isResourceExhaustion { acceptPausedUntil = admission.pauseAccepting("peer", error) }
+                }
+            }
+            if let socket = accepted {
+                let (admitted, creds) = admission.admits(socket, settings.vm2Access, "peer")
+                guard admitted else {
+                    try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError,
+                                                                       text: "bridge \(settings.name): this user may not connect as VM2"))), nonBlocking: true)
+                    try? socket.fd.close()
+                    continue
+                }
+                // A VM2 that stops reading holds the bridge thread (and so
+                // VM1) for at most one revocation deadline per message.
+                try? socket.setSendTimeout(milliseconds: max(20, settings.revocationDeadlineMilliseconds))
+                var process: ProcessHandle?
+                if settings.vm2DeadlineAction == .kill, let pid = creds?.pid {
+                    do { process = try ProcessHandle(pid: pid) } catch { logger.warning("no pidfd for VM2 pid \(pid): \(error); it can only be disconnected") }
+                }
+                if let generation = peer.attach(socket, process: process) {
+                    active = (socket, generation, false)
+                } else {
+                    try? socket.send(PeerCodec.encode(.error(PeerError(code: .busy, text: "bridge \(settings.name) already has a VM2"))),
+                                     nonBlocking: true)
+                    try? socket.fd.close()
+                    logger.warning("refused a second VM2 connection")
+                }
+            }
+            if ready.count > 1, ready[1], let current = active {
+                var greeted = current.greeted
+                if let reason = read(current.socket, generation: current.generation, greeted: &greeted) {
+                    peer.detach(generation: current.generation, reason: reason)
+                    active = nil
+                } else {
+                    active?.greeted = greeted
+                }
+            }
+        }
+        if let active { peer.detach(generation: active.generation, reason: "bridge stopping") }
+    }
+
+    /// Reads one message from VM2; returns a reason when the connection is over.
+    private func read(_ socket: UnixSocket, generation: Int, greeted: inout Bool) -> String? {
+        let message: PeerMessage
+        do {
+            var parsed: (PeerCodec.Header, PeerMessageType)?
+            guard let framed = try socket.receiveFramed(payloadSize: { bytes in
+                let v = try PeerCodec.validate(header: bytes)
+                parsed = v
+                return Int(v.0.size)
+            }), let (header, type) = parsed else { return "closed" }
+            message = try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count)
+        } catch {
+            if stopping { return "bridge stopping" }
+            peer.countProtocolError(rule: "peer-protocol")
+            logger.warning("VM2 protocol error: \(error)")
+            try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: "\(error)"))), nonBlocking: true)
+            return "protocol error: \(error)"
+        }
+        switch message {
+        case .hello(let hello) where !greeted:
+            guard hello.version == PeerCodec.version else {
+                peer.countProtocolError(rule: "peer-version")
+                try? socket.send(PeerCodec.encode(.error(PeerError(code: .version, text: "peer protocol version \(hello.version) is not 1"))), nonBlocking: true)
+                return "version \(hello.version)"
+            }
+            greeted = true
+            peer.post(.hello(hello, generation: generation))
+        case .ack(let seq) where greeted:
+            do {
+                try peer.acknowledge(seq, generation: generation)
+            } catch {
+                logger.warning("VM2 protocol error: \(error)", metadata: ["rule": "ack-sequence"])
+                try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: "\(error)"))), nonBlocking: true)
+                return "protocol error: \(error)"
+            }
+        case .translate(let t) where greeted:
+            peer.post(.translate(t, generation: generation))
+        case .vringStopped(let index, let lastAvail) where greeted:
+            do {
+                try peer.reportRingStop(index, lastAvail: lastAvail, generation: generation)
+            } catch {
+                logger.warning("VM2 protocol error: \(error)", metadata: ["rule": "ring-stop"])
+                try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: "\(error)"))), nonBlocking: true)
+                return "protocol error: \(error)"
+            }
+        case .error(let e):
+            return "VM2 reported error \(e.code): \(e.text)"
+        default:
+            let text = "\(message.type) is not allowed \(greeted ? "from VM2" : "before HELLO")"
+            peer.countProtocolError(rule: "peer-state")
+            logger.warning("VM2 protocol error: \(text)")
+            try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: text))), nonBlocking: true)
+            return text
+        }
+        return nil
+    }
+}

@@ -32,13 +32,11 @@ public final class Bridge: Sendable {
     private struct State {
         var stopping = false
         var statistics = BridgeStatistics()
-        var commands: [(UInt64, BridgeCommand)] = []
-        var results: [UInt64: Result<String, BridgeCommandError>] = [:]
-        var nextCommand: UInt64 = 1
-        var frozen = false
     }
-    private let commandSignal: EventFD
-    private let resultSignal: EventFD
+    /// Operator commands, carried out on the bridge thread.
+    private let commands: Mailbox<BridgeCommand, Result<String, BridgeCommandError>>
+    /// How long `perform` waits for the bridge thread.
+    public static let commandDeadline: Duration = .seconds(10)
     private let state = Mutex(State())
 
     /// Validates the settings, reserves the BAR, and starts listening on the
@@ -57,8 +55,7 @@ public final class Bridge: Sendable {
         do {
             peer = try PeerLink(logger: logger, revocationDeadlineMilliseconds: settings.revocationDeadlineMilliseconds)
             stopSignal = try EventFD()
-            commandSignal = try EventFD()
-            resultSignal = try EventFD()
+            commands = try Mailbox()
         } catch { throw .socket(settings.name, "eventfd", error) }
         if settings.notifications == .passthrough {
             relay = nil
@@ -129,7 +126,7 @@ public final class Bridge: Sendable {
                     retryMilliseconds = 200 // the front end is not there (yet): try again
                 }
             }
-            var fds = [stopSignal.fd.rawValue, peer.eventSignal.fd.rawValue, commandSignal.fd.rawValue]
+            var fds = [stopSignal.fd.rawValue, peer.eventSignal.fd.rawValue, commands.signal.fd.rawValue]
             let now = ContinuousClock.now
             if let until = acceptPausedUntil, now >= until { acceptPausedUntil = nil }
             if let connection { fds.append(connection.socket.fd.rawValue) } else if let listener, acceptPausedUntil == nil { fds.append(listener.fd.rawValue) }
@@ -169,35 +166,21 @@ public final class Bridge: Sendable {
         peer.shutdownActive()
         peerThread?.join()
         relay?.stop()
-        if let path = settings.socketPath, !settings.client { unlink(path) }
-        if let path = settings.peerSocketPath { unlink(path) }
+        if let path = settings.socketPath, !settings.client { SocketFile.remove(path) }
+        if let path = settings.peerSocketPath { SocketFile.remove(path) }
     }
 
     /// Runs an operator command on the bridge thread and waits for its result.
     public func perform(_ command: BridgeCommand) -> Result<String, BridgeCommandError> {
-        let id = state.withLock { s -> UInt64 in
-            defer { s.nextCommand += 1 }
-            s.commands.append((s.nextCommand, command))
-            return s.nextCommand
-        }
-        _ = try? commandSignal.signal()
-        for _ in 0..<5000 {
-            if let r = state.withLock({ $0.results.removeValue(forKey: id) }) { return r }
-            _ = try? Poll.readable([resultSignal.fd.rawValue], timeoutMilliseconds: 2)
-            _ = try? resultSignal.read()
-        }
-        return .failure(.timedOut)
+        commands.call(command, deadline: .now.advanced(by: Self.commandDeadline)) ?? .failure(.timedOut)
     }
 
     private func runCommands(_ connection: VhostUserConnection?) {
-        _ = try? commandSignal.read()
-        let commands = state.withLock { s in defer { s.commands = [] }; return s.commands }
-        for (id, command) in commands {
+        for (ticket, command) in commands.take() {
             let result = connection.map { $0.perform(command) } ?? .failure(.noSession)
             if let connection { publish(connection) }
-            state.withLock { $0.results[id] = result }
+            commands.answer(ticket, result)
         }
-        if !commands.isEmpty { _ = try? resultSignal.signal() }
     }
 
     private func open(_ socket: UnixSocket) -> VhostUserConnection? {

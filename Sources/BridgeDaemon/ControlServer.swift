@@ -20,6 +20,8 @@ public final class ControlServer: Sendable {
     /// waits for `connections` to drain instead of joining them.
     private let state = Mutex<(stopping: Bool, connections: [UnixSocket])>((false, []))
     private let acceptThread = Mutex<JoinableThread?>(nil)
+    /// Signalled whenever a connection thread ends (`stop` waits for none to be left).
+    private let connectionEnded: EventFD
     public let path: String
 
     /// The default policy: uid 0, or a member of the given group — as its
@@ -35,6 +37,7 @@ public final class ControlServer: Sendable {
                 authorize: Authorizer? = nil,
                 reloadConfig: @escaping @Sendable () -> Result<DaemonConfig, ControlError> = { .failure(ControlError("no-config", "the daemon was not started with --config")) }) throws(SystemCallError) {
         self.path = path
+        connectionEnded = try EventFD()
         listener = try UnixSocket.listen(path: path)
         try SocketPermissions.apply(path: path, mode: mode, group: group)
         self.controller = controller
@@ -74,6 +77,7 @@ public final class ControlServer: Sendable {
         defer {
             state.withLock { s in s.connections.removeAll { $0.fd === connection.fd } }
             try? connection.fd.close()
+            _ = try? connectionEnded.signal()
         }
         guard let creds = try? connection.peerCredentials() else { return }
         guard authorize(creds) else {
@@ -114,8 +118,8 @@ public final class ControlServer: Sendable {
         for c in connections { c.shutdown() }
         let t = acceptThread.withLock { t -> JoinableThread? in defer { t = nil }; return t }
         t?.join()
-        for _ in 0..<2000 where !state.withLock({ $0.connections.isEmpty }) { usleep(1000) }
-        unlink(path)
+        _ = connectionEnded.wait(until: .now.advanced(by: .seconds(2))) { state.withLock { $0.connections.isEmpty } ? true : nil }
+        SocketFile.remove(path)
     }
 }
 

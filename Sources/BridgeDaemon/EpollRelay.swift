@@ -35,9 +35,7 @@ public final class EpollRelay: Sendable {
             for data in ready {
                 if data == UInt64.max { return }
                 let p = pairs[Int(data)]
-                var value: UInt64 = 0
-                guard Glibc.read(p.source.rawValue, &value, 8) == 8 else { continue }
-                _ = Glibc.write(p.target.rawValue, &value, 8)
+                guard EventFD.move(from: p.source.rawValue, to: p.target.rawValue) != nil else { continue }
                 relayed.add(1, ordering: .relaxed)
             }
             cpu.store(ThreadCPUClock.nanoseconds(), ordering: .relaxed)

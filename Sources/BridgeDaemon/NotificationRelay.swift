@@ -138,7 +138,7 @@ public final class NotificationRelay: Sendable {
             }
         } catch { throw .system(error) }
         thread.withLock { $0 = t }
-        awaitChange(pollMilliseconds: 10) { $0.started || $0.failure != nil }
+        awaitChange(until: nil) { $0.started || $0.failure != nil }
         if let failure = shared.withLock({ $0.failure }) {
             t.join()
             thread.withLock { $0 = nil }
@@ -146,18 +146,15 @@ public final class NotificationRelay: Sendable {
         }
     }
 
-    /// Waits on the `changed` eventfd until `done` holds for the shared state,
-    /// at most `maxPolls` polls (nil: no bound). Returns whether it held.
+    /// How long a caller waits for the relay thread to apply a change.
+    static let changeDeadline: Duration = .seconds(20)
+
+    /// Waits on the `changed` eventfd until `done` holds for the shared state
+    /// or `deadline` passes (nil: no deadline). Returns whether it held.
     @discardableResult
-    private func awaitChange(pollMilliseconds: Int32 = 2, maxPolls: Int? = nil, _ done: (Shared) -> Bool) -> Bool {
-        var polls = 0
-        while !shared.withLock({ done($0) }) {
-            if let maxPolls, polls >= maxPolls { return false }
-            polls += 1
-            _ = try? Poll.readable([changed.fd.rawValue], timeoutMilliseconds: pollMilliseconds)
-            _ = try? changed.read()
-        }
-        return true
+    private func awaitChange(until deadline: ContinuousClock.Instant? = .now.advanced(by: changeDeadline),
+                             _ done: (Shared) -> Bool) -> Bool {
+        changed.wait(until: deadline) { shared.withLock { done($0) } ? true : nil } ?? false
     }
 
     fileprivate func markStarted() {
@@ -197,7 +194,7 @@ public final class NotificationRelay: Sendable {
         }
         guard queued else { try? target?.close(); return }
         _ = try? control.signal()
-        if !awaitChange(maxPolls: 10_000, { !$0.retargeting.contains(id) }) {
+        if !awaitChange({ !$0.retargeting.contains(id) }) {
             logger.warning("\(id) retarget did not complete")
         }
     }
@@ -213,7 +210,7 @@ public final class NotificationRelay: Sendable {
         }
         if queued {
             _ = try? control.signal()
-            if !awaitChange(maxPolls: 10_000, { !$0.live.contains(id) }) {
+            if !awaitChange({ !$0.live.contains(id) }) {
                 logger.warning("\(id) removal did not complete")
             }
         }
@@ -498,13 +495,12 @@ private final class RelayEngine {
             link.delta.coalesced += value
             return
         }
-        var v = value
-        let n = Glibc.write(target.rawValue, &v, 8)
-        if n == 8 {
+        switch EventFD.add(value, to: target.rawValue) {
+        case .added:
             link.delta.relayed += 1
-        } else if errno == EAGAIN {
+        case .full:
             link.delta.coalesced += value
-        } else {
+        case .failed:
             link.delta.dropped += value
             link.delta.errors += 1
         }

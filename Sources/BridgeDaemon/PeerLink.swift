@@ -227,20 +227,14 @@ final class PeerLink: Sendable {
     /// value for the state of connection `generation`. Ends early when that
     /// connection is gone: a newer one never satisfies an older wait.
     private func wait<T>(on generation: Int, _ satisfied: (State) -> T?) -> WaitOutcome<T> {
-        let clock = ContinuousClock()
-        let deadline = clock.now.advanced(by: .milliseconds(revocationDeadlineMilliseconds))
-        while true {
-            let result = state.withLock { s -> WaitOutcome<T>? in
+        let deadline = ContinuousClock.now.advanced(by: .milliseconds(revocationDeadlineMilliseconds))
+        let outcome = ackSignal.wait(until: deadline) {
+            state.withLock { s -> WaitOutcome<T>? in
                 guard s.socket != nil, s.generation == generation else { return .gone }
                 return satisfied(s).map { .done($0) }
             }
-            if let result { return result }
-            let now = clock.now
-            if now >= deadline { return .timedOut(generation: generation) }
-            let ms = Int32(max(1, (now.duration(to: deadline) / .milliseconds(1)).rounded(.down)))
-            _ = try? Poll.readable([ackSignal.fd.rawValue], timeoutMilliseconds: ms)
-            _ = try? ackSignal.read()
         }
+        return outcome ?? .timedOut(generation: generation)
     }
 
     /// Waits until VM2 acknowledged `ticket`, at most the revocation

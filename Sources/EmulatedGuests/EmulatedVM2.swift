@@ -65,21 +65,20 @@ public final class EmulatedVM2: Sendable {
     private struct Shared {
         var statistics = VM2Statistics()
         var window: BARWindow?
-        var commands: [Command] = []
-        var translationResults: [UInt64: PeerTranslateReply] = [:]
         var finished = false
     }
-    enum Command: Sendable { case translate(PeerTranslate) }
 
     private let shared = Mutex(Shared())
     private let stopSignal: EventFD
-    private let commandSignal: EventFD
+    /// Translations asked from other threads, sent and answered by the
+    /// device thread (nil: the connection ended first).
+    fileprivate let translations: Mailbox<PeerTranslate, PeerTranslateReply?>
     private let thread: Mutex<JoinableThread?> = Mutex(nil)
 
     /// Connects and starts the device thread.
     public init(peerSocketPath: String, configuration: VM2Configuration = VM2Configuration()) throws {
         stopSignal = try EventFD()
-        commandSignal = try EventFD()
+        translations = try Mailbox()
         let socket = try UnixSocket.connect(path: peerSocketPath)
         // A daemon that refuses us (busy) may close before HELLO is written;
         // its ERROR is still readable, so the device thread reports it.
@@ -109,25 +108,14 @@ public final class EmulatedVM2: Sendable {
     /// Asks the daemon for a translation from the device thread; returns the
     /// reply (nil if none came within ~20 s or the connection ended).
     public func translate(barOffset: UInt64, length: UInt64, access: Permission) -> PeerTranslateReply? {
-        let id = UInt64.random(in: 1...UInt64.max)
-        shared.withLock { $0.commands.append(.translate(PeerTranslate(requestID: id, barOffset: barOffset, length: length, access: access))) }
-        _ = try? commandSignal.signal()
-        for _ in 0..<20_000 {
-            if let r = shared.withLock({ $0.translationResults.removeValue(forKey: id) }) { return r }
-            if isFinished { return nil }
-            usleepMillis(1)
-        }
-        return nil
+        guard !isFinished else { return nil }
+        let request = PeerTranslate(requestID: UInt64.random(in: 1...UInt64.max), barOffset: barOffset, length: length, access: access)
+        return translations.call(request, deadline: .now.advanced(by: .seconds(20))) ?? nil
     }
 
     // Engine → owner plumbing.
     fileprivate func update(_ body: (inout VM2Statistics) -> Void) { shared.withLock { body(&$0.statistics) } }
     fileprivate func setWindow(_ w: BARWindow?) { shared.withLock { $0.window = w } }
-    fileprivate func takeCommands() -> [Command] {
-        _ = try? commandSignal.read()
-        return shared.withLock { s in defer { s.commands = [] }; return s.commands }
-    }
-    fileprivate func deliver(_ reply: PeerTranslateReply) { shared.withLock { $0.translationResults[reply.requestID] = reply } }
     fileprivate func finish(_ reason: String) {
         shared.withLock { s in
             s.finished = true
@@ -137,12 +125,7 @@ public final class EmulatedVM2: Sendable {
         }
     }
     fileprivate var stopFD: Int32 { stopSignal.fd.rawValue }
-    fileprivate var commandFD: Int32 { commandSignal.fd.rawValue }
-}
-
-func usleepMillis(_ ms: UInt32) {
-    var ts = timespec(tv_sec: 0, tv_nsec: Int(ms) * 1_000_000)
-    nanosleep(&ts, nil)
+    fileprivate var commandFD: Int32 { translations.signal.fd.rawValue }
 }
 
 #if canImport(Glibc)
@@ -215,6 +198,7 @@ private final class VM2Engine {
     }
     var nextRequest: UInt64 = 1
     var awaiting: [UInt64: PeerTranslateReply?] = [:]
+    var inFlight: [UInt64: Mailbox<PeerTranslate, PeerTranslateReply?>.Ticket] = [:]
     var stopReason: String?
 
     init(socket: UnixSocket, configuration: VM2Configuration, owner: EmulatedVM2) {
@@ -250,6 +234,9 @@ private final class VM2Engine {
         owner.setWindow(nil)
         window = nil
         owner.finish(stopReason ?? "stopped")
+        // Nobody will answer these now.
+        for ticket in inFlight.values { owner.translations.answer(ticket, nil) }
+        for (ticket, _) in owner.translations.take() { owner.translations.answer(ticket, nil) }
     }
 
     // MARK: control messages
@@ -341,7 +328,7 @@ private final class VM2Engine {
             if awaiting.keys.contains(r.requestID) {
                 awaiting[r.requestID] = .some(r)
             } else {
-                owner.deliver(r)
+                if let ticket = inFlight.removeValue(forKey: r.requestID) { owner.translations.answer(ticket, r) }
             }
             owner.update { r.status == .granted ? ($0.translationsGranted += 1) : ($0.translationsRefused += 1) }
         case .error(let e):
@@ -352,13 +339,13 @@ private final class VM2Engine {
         for fd in fds { try? fd.close() }
     }
 
+    /// Translations other threads asked for: sent now, answered when the
+    /// daemon replies (`inFlight`).
     func runCommands() {
-        for command in owner.takeCommands() {
-            switch command {
-            case .translate(let t):
-                owner.update { $0.translationsRequested += 1 }
-                try? socket.send(PeerCodec.encode(.translate(t)))
-            }
+        for (ticket, t) in owner.translations.take() {
+            owner.update { $0.translationsRequested += 1 }
+            inFlight[t.requestID] = ticket
+            try? socket.send(PeerCodec.encode(.translate(t)))
         }
     }
 

@@ -223,16 +223,14 @@ struct Daemon: ParsableCommand {
 
         // Watchdog keep-alive at half the interval systemd asked for.
         let running = Atomic<Bool>(true)
+        let stopWatchdog = try EventFD()
         var watchdog: JoinableThread?
         if let usec = SystemdNotifier.watchdogMicroseconds() {
             watchdog = try JoinableThread(name: "watchdog") {
-                while running.load(ordering: .relaxed) {
+                while running.load(ordering: .acquiring) {
                     notifier.notify("WATCHDOG=1")
-                    var remaining = usec / 2
-                    while remaining > 0, running.load(ordering: .relaxed) {
-                        let step = min(remaining, 100_000)
-                        usleep(UInt32(step))
-                        remaining -= step
+                    _ = stopWatchdog.wait(until: .now.advanced(by: .microseconds(Int64(usec / 2)))) {
+                        running.load(ordering: .acquiring) ? nil : true
                     }
                 }
             }
@@ -256,7 +254,8 @@ struct Daemon: ParsableCommand {
             break
         }
         notifier.notify("STOPPING=1", "STATUS=stopping: revoking every mapping")
-        running.store(false, ordering: .relaxed)
+        running.store(false, ordering: .releasing)
+        _ = try? stopWatchdog.signal()
         watchdog?.join()
         control?.stop()
         controller.stopAll()

@@ -1,0 +1,139 @@
+import CLinuxShim
+import SystemPackage
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension EventFD {
+    /// The one way a thread here waits for another: until `done` returns a
+    /// value, or `deadline` passes (nil: no deadline), waking whenever this
+    /// eventfd is signalled. Returns `done`'s value, nil at the deadline.
+    /// `done` is checked before the first sleep and after every wakeup; the
+    /// counter is drained on wakeup, so use one eventfd per waiter.
+    public func wait<T>(until deadline: ContinuousClock.Instant?, _ done: () -> T?) -> T? {
+        while true {
+            if let value = done() { return value }
+            var timeout: Int32 = -1
+            if let deadline {
+                let now = ContinuousClock.now
+                if now >= deadline { return nil }
+                timeout = Int32(clamping: Int64((now.duration(to: deadline) / .milliseconds(1)).rounded(.up)))
+                timeout = max(1, timeout)
+            }
+            _ = try? Poll.readable([fd.rawValue], timeoutMilliseconds: timeout)
+            _ = try? read()
+        }
+    }
+
+    /// Reads one 8-byte eventfd counter value from `source` and adds it to
+    /// `target` (raw fds owned elsewhere: a relay's links). Returns the value
+    /// moved, or nil when there was none or `target` refused it.
+    public static func move(from source: Int32, to target: Int32) -> UInt64? {
+        var value: UInt64 = 0
+        guard (try? retryingInterrupts("eventfd read(\(source))", { Glibc.read(source, &value, 8) })) == 8 else { return nil }
+        guard add(value, to: target) == .added else { return nil }
+        return value
+    }
+
+    public enum AddResult: Equatable, Sendable { case added, full, failed(Errno) }
+
+    /// Adds `value` to the eventfd counter behind the raw fd `target`.
+    public static func add(_ value: UInt64, to target: Int32) -> AddResult {
+        var v = value
+        do {
+            _ = try retryingInterrupts("eventfd write(\(target))") { Glibc.write(target, &v, 8) }
+            return .added
+        } catch {
+            return error.errno == .resourceTemporarilyUnavailable ? .full : .failed(error.errno)
+        }
+    }
+}
+
+/// Sleeping without a wakeup source (a watchdog's period): `nanosleep`,
+/// resumed after signals.
+public enum Sleep {
+    public static func `for`(_ duration: Duration) {
+        let (seconds, attoseconds) = duration.components
+        guard seconds >= 0 else { return }
+        var request = timespec(tv_sec: Int(seconds), tv_nsec: Int(attoseconds / 1_000_000_000))
+        var remaining = timespec()
+        while nanosleep(&request, &remaining) != 0 && errno == EINTR { request = remaining }
+    }
+}
+
+/// A file system path the daemon created for a socket.
+public enum SocketFile {
+    /// Removes `path` if — and only if — it is a socket: a daemon that
+    /// cleans up after itself never unlinks a file that replaced its socket.
+    @discardableResult
+    public static func remove(_ path: String) -> Bool {
+        var st = stat()
+        guard lstat(path, &st) == 0, st.st_mode & S_IFMT == S_IFSOCK else { return false }
+        return unlink(path) == 0
+    }
+}
+
+/// Requests from any thread to one server thread, each answered: the
+/// server polls `signal`, `take`s the requests and `answer`s them; a caller
+/// waits for its answer until a deadline. Each request has its own eventfd,
+/// so callers never steal each other's wakeups.
+///
+/// Sendable without `@unchecked`: all state is behind a `Mutex`; requests,
+/// responses and eventfds are Sendable.
+public final class Mailbox<Request: Sendable, Response: Sendable>: Sendable {
+    public struct Ticket: Hashable, Sendable { let id: UInt64 }
+
+    private struct Slot: Sendable {
+        var response: Response?
+        let wakeup: EventFD
+    }
+    private struct State: Sendable {
+        var next: UInt64 = 1
+        var requests: [(Ticket, Request)] = []
+        var slots: [Ticket: Slot] = [:]
+    }
+    private let state = Mutex(State())
+    /// Readable while requests wait to be taken (the server polls it).
+    public let signal: EventFD
+
+    public init() throws(SystemCallError) {
+        signal = try EventFD()
+    }
+
+    /// Posts `request` and waits for its answer until `deadline`; nil when
+    /// none came (a late answer is then dropped).
+    public func call(_ request: Request, deadline: ContinuousClock.Instant) -> Response? {
+        guard let wakeup = try? EventFD() else { return nil }
+        let ticket = state.withLock { s -> Ticket in
+            let t = Ticket(id: s.next)
+            s.next += 1
+            s.requests.append((t, request))
+            s.slots[t] = Slot(response: nil, wakeup: wakeup)
+            return t
+        }
+        _ = try? signal.signal()
+        let response = wakeup.wait(until: deadline) { state.withLock { $0.slots[ticket]?.response } }
+        state.withLock { _ = $0.slots.removeValue(forKey: ticket) }
+        return response
+    }
+
+    /// The server takes every waiting request (and resets `signal`).
+    public func take() -> [(Ticket, Request)] {
+        _ = try? signal.read()
+        return state.withLock { s in
+            defer { s.requests = [] }
+            return s.requests
+        }
+    }
+
+    /// The server answers; a caller that gave up is not waiting any more.
+    public func answer(_ ticket: Ticket, _ response: Response) {
+        let wakeup = state.withLock { s -> EventFD? in
+            guard s.slots[ticket] != nil else { return nil }
+            s.slots[ticket]?.response = response
+            return s.slots[ticket]?.wakeup
+        }
+        _ = try? wakeup?.signal()
+    }
+}

@@ -47,20 +47,21 @@ public enum WindowOperation: Equatable, Sendable, CustomStringConvertible {
     /// mmap `[fdOffset, fdOffset+length)` of the region's fd at BAR offset
     /// `bus` with MAP_FIXED | MAP_SHARED (atomically replacing whatever was there).
     case map(bus: BusAddress, length: UInt64, permission: Permission, region: RegionID, fdOffset: UInt64)
-    /// Change only the protection; the backing stays.
-    case protect(bus: BusAddress, length: UInt64, permission: Permission)
+    /// Change only the protection; the backing stays (`region` at `fdOffset`,
+    /// carried so the change can be mirrored to VM2 without reading the model back).
+    case protect(bus: BusAddress, length: UInt64, permission: Permission, region: RegionID, fdOffset: UInt64)
     /// Put PROT_NONE anonymous memory back: a hole never exposes anything.
     case unmap(bus: BusAddress, length: UInt64)
 
     public var bus: BusAddress {
         switch self {
-        case .map(let bus, _, _, _, _), .protect(let bus, _, _), .unmap(let bus, _): bus
+        case .map(let bus, _, _, _, _), .protect(let bus, _, _, _, _), .unmap(let bus, _): bus
         }
     }
 
     public var length: UInt64 {
         switch self {
-        case .map(_, let length, _, _, _), .protect(_, let length, _), .unmap(_, let length): length
+        case .map(_, let length, _, _, _), .protect(_, let length, _, _, _), .unmap(_, let length): length
         }
     }
 
@@ -68,8 +69,8 @@ public enum WindowOperation: Equatable, Sendable, CustomStringConvertible {
         switch self {
         case .map(let bus, let length, let perm, let region, let off):
             "map \(bus)+\(Hex(length)) \(perm) from \(region)@\(Hex(off))"
-        case .protect(let bus, let length, let perm):
-            "protect \(bus)+\(Hex(length)) \(perm)"
+        case .protect(let bus, let length, let perm, let region, let off):
+            "protect \(bus)+\(Hex(length)) \(perm) (\(region)@\(Hex(off)))"
         case .unmap(let bus, let length):
             "unmap \(bus)+\(Hex(length))"
         }
@@ -505,7 +506,7 @@ public struct AddressSpace: Sendable {
         }
         if sameSource {
             if removed.allSatisfy({ $0.permission == permission }) { return .empty }
-            return WindowPlan([.protect(bus: bus, length: length, permission: permission)])
+            return WindowPlan([.protect(bus: bus, length: length, permission: permission, region: region.id, fdOffset: fdOffset)])
         }
         return WindowPlan([.map(bus: bus, length: length, permission: permission, region: region.id, fdOffset: fdOffset)],
                           replacesExisting: !removed.isEmpty)

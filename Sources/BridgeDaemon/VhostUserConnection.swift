@@ -389,10 +389,8 @@ final class VhostUserConnection {
             switch op {
             case .map(let bus, let length, let permission, let region, let fdOffset):
                 map(bus, length, permission, region, fdOffset)
-            case .protect(let bus, let length, _):
-                for piece in session.addressSpace.mappings(intersecting: bus, length: length) {
-                    map(piece.bus, piece.length, piece.permission, piece.region, piece.fdOffset)
-                }
+            case .protect(let bus, let length, let permission, let region, let fdOffset):
+                map(bus, length, permission, region, fdOffset)
             case .unmap(let bus, let length):
                 unmap(bus, length)
             }

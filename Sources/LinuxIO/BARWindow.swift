@@ -142,7 +142,7 @@ public final class BARWindow: Sendable {
                     case .map(let bus, let length, let permission, let region, let fdOffset):
                         guard let fd = fileFor(region) else { throw .noFileForRegion(region) }
                         try lockedMap(bus, length, permission, fd: fd, fdOffset: fdOffset)
-                    case .protect(let bus, let length, let permission):
+                    case .protect(let bus, let length, let permission, _, _):
                         try lockedProtect(bus, length, permission)
                     case .unmap(let bus, let length):
                         try lockedRevoke(bus, length)

@@ -264,7 +264,7 @@ import Testing
                              permission: .readWrite, regions: f.table).isEmpty)
         let plan = try s.update(bus: BusAddress(page), length: page, source: user(Fixture.ramUser + page),
                                 permission: .read, regions: f.table)
-        #expect(plan == WindowPlan([.protect(bus: BusAddress(page), length: page, permission: .read)]))
+        #expect(plan == WindowPlan([.protect(bus: BusAddress(page), length: page, permission: .read, region: f.ram.id, fdOffset: page)]))
         #expect(s.mappings.count == 3)
         // Partly new source: a map, not a protect.
         let remap = try s.update(bus: BusAddress(3 * page), length: 2 * page, source: user(Fixture.ramUser + 3 * page),

@@ -22,8 +22,10 @@ struct FakeWindow {
                 switch op {
                 case .map(_, _, let perm, let region, let off):
                     pages[first + i] = Entry(permission: perm, region: region, fdOffset: off + i * page)
-                case .protect(_, _, let perm):
+                case .protect(_, _, let perm, let region, let off):
                     if pages[first + i] == nil { protectOfUnmappedPage = true }
+                    // The backing a protect names is the one already there.
+                    if let e = pages[first + i], e.region != region || e.fdOffset != off + i * page { protectOfUnmappedPage = true }
                     pages[first + i]?.permission = perm
                 case .unmap:
                     pages[first + i] = nil

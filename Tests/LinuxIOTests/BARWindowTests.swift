@@ -118,7 +118,7 @@ extension LinuxIOTests {
             try window.map(bus: BusAddress(0), length: MiB, permission: .readWrite, fd: m.fd.rawValue, fdOffset: 0)
             // Second step names a region with no fd: the whole plan's ranges are revoked.
             let plan = WindowPlan([
-                .protect(bus: BusAddress(0), length: MiB, permission: .read),
+                .protect(bus: BusAddress(0), length: MiB, permission: .read, region: RegionID(1), fdOffset: 0),
                 .map(bus: BusAddress(2 * MiB), length: MiB, permission: .read, region: RegionID(99), fdOffset: 0),
             ])
             #expect(throws: BARWindowError.noFileForRegion(RegionID(99))) { try window.apply(plan) { _ in nil } }

@@ -102,7 +102,6 @@ final class VhostUserConnection {
     private var backendChannel: UnixSocket?
     /// Rings VM2 already stopped (and reported) for a GET_VRING_BASE.
     private var stoppedAtPeer: Set<Int> = []
-    private var deviceRunning = false
 
     private let budget: MappingBudget
     private let budgetID: MappingBudget.ID
@@ -328,22 +327,20 @@ final class VhostUserConnection {
                 sendBackend(bytes)
             case .raiseMiss(let bus, let permission):
                 raiseMiss(bus, permission)
+            case .deviceStarted(let features):
+                peer.send(.device(PeerDevice(event: .start, features: features)))
+            case .deviceStopped(let features):
+                peer.send(.device(PeerDevice(event: .stop, features: features)))
+            case .deviceReset:
+                peer.send(.device(PeerDevice(event: .reset, features: 0)))
             case .ringStarted(let index, let layout):
                 logger.info("vring \(index) started: \(layout.queueSize) entries, desc \(layout.descriptorTable), avail \(layout.availRing), used \(layout.usedRing)")
-                if !deviceRunning {
-                    deviceRunning = true
-                    peer.send(.device(PeerDevice(event: .start, features: session.ackedFeatures ?? 0)))
-                }
                 startRelay(index)
                 sendVring(index)
             case .ringStopped(let index):
                 logger.info("vring \(index) stopped")
                 if stoppedAtPeer.remove(index) == nil { peer.sendVringStop(UInt32(index)) }
                 stopRelay(index)
-                if deviceRunning, !session.vrings.contains(where: \.started) {
-                    deviceRunning = false
-                    peer.send(.device(PeerDevice(event: .stop, features: session.ackedFeatures ?? 0)))
-                }
             case .ringEnabled(let index, let enabled):
                 logger.debug("vring \(index) \(enabled ? "enabled" : "disabled")")
                 if session.vrings.indices.contains(index), session.vrings[index].started { sendVring(index) }
@@ -631,10 +628,6 @@ final class VhostUserConnection {
     func tearDown() {
         _ = execute(session.teardown(), fds: [])
         budget.settle(budgetID, count: 0)
-        if deviceRunning || peer.isReady {
-            peer.send(.device(PeerDevice(event: .reset, features: 0)))
-            deviceRunning = false
-        }
         for index in Array(relayed.keys) { stopRelay(index) }
         for entry in pendingTranslations.removeAll() {
             answer(entry.ids, TranslationRequest(id: 0, bus: entry.bus, length: entry.length, access: entry.access),

@@ -76,6 +76,12 @@ public enum SessionEffect: Equatable, Sendable {
     case raiseMiss(bus: BusAddress, permission: Permission)
     case ringStarted(index: Int, VringLayout)
     case ringStopped(index: Int)
+    /// The device starts (just before its first ring) or stops (just after
+    /// its last ring stopped), with VM1's negotiated features.
+    case deviceStarted(features: UInt64)
+    case deviceStopped(features: UInt64)
+    /// The session ended: whatever VM2 held of it is gone.
+    case deviceReset
     case ringEnabled(index: Int, Bool)
 }
 
@@ -192,6 +198,8 @@ public struct BackendSession: Sendable {
     public private(set) var hasBackendChannel = false
     public private(set) var status: UInt64 = 0
     public private(set) var statistics = SessionStatistics()
+    /// Some ring is started (the device runs, as VM2 was told).
+    public private(set) var deviceRunning = false
 
     /// The observable state, for tests ("nothing changed") and for status output.
     public struct Snapshot: Equatable, Sendable {
@@ -244,7 +252,7 @@ public struct BackendSession: Sendable {
         if statistics.requestLog.count < 200 { statistics.requestLog.append(request.code) }
         let wantsAck = needReply && replyAck
         do {
-            var effects = try apply(request, files: files)
+            var effects = deviceTransitions(try apply(request, files: files))
             if wantsAck && !request.code.hasReply {
                 effects.append(.reply(VhostUserCodec.encodeReply(to: request.code, .u64(0))))
             }
@@ -265,6 +273,27 @@ public struct BackendSession: Sendable {
     /// mapping budget's share for this bridge; nil: no cap but `maxMappings`).
     public mutating func limitMappings(to ceiling: Int?) {
         addressSpace.mappingCeiling = ceiling
+    }
+
+    /// Adds device start before the first ring that starts and device stop
+    /// after the last ring that stops (the one place that decides when the
+    /// device runs).
+    private mutating func deviceTransitions(_ effects: [SessionEffect]) -> [SessionEffect] {
+        var out: [SessionEffect] = []
+        out.reserveCapacity(effects.count + 1)
+        for effect in effects {
+            if case .ringStarted = effect, !deviceRunning {
+                deviceRunning = true
+                out.append(.deviceStarted(features: ackedFeatures ?? 0))
+            }
+            out.append(effect)
+        }
+        if deviceRunning, !vrings.contains(where: \.started) {
+            deviceRunning = false
+            let last = out.lastIndex { if case .ringStopped = $0 { true } else { false } }
+            out.insert(.deviceStopped(features: ackedFeatures ?? 0), at: last.map { $0 + 1 } ?? out.endIndex)
+        }
+        return out
     }
 
     /// A message refused before it reached `handle` (its header or payload did
@@ -728,11 +757,14 @@ public struct BackendSession: Sendable {
         for i in vrings.indices where vrings[i].started || vrings[i].awaitingTranslation {
             effects.append(.ringStopped(index: i))
         }
+        if deviceRunning { effects.append(.deviceStopped(features: ackedFeatures ?? 0)) }
+        deviceRunning = false
         let plan = addressSpace.unmapAll()
         if !plan.isEmpty { effects.append(.window(plan)) }
         for region in regions.regions { effects.append(.releaseRegionFile(region.id)) }
         regions = MemoryRegionTable(maxRegions: configuration.maxMemSlots)
         vrings = Array(repeating: VringSetup(enabled: true), count: configuration.vringCount)
+        effects.append(.deviceReset)
         return effects
     }
 }

@@ -52,6 +52,13 @@ extension BackendSession {
     }
 }
 
+func isDevice(_ effect: SessionEffect) -> Bool {
+    switch effect {
+    case .deviceStarted, .deviceStopped, .deviceReset: true
+    default: false
+    }
+}
+
 func replyU64(_ effects: [SessionEffect]) -> UInt64? {
     for case .reply(let bytes) in effects {
         return try? VhostUserCodec.decodeU64Reply(Array(bytes.dropFirst(12)), to: .getFeatures)
@@ -141,10 +148,29 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         s.negotiateLikeQEMU()
         s.configureRing(0, base: ramUser + 0x10000)
         let effects = s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
-        #expect(effects == [.setVringFile(.kick, index: 0, fdIndex: 0),
+        let features = FeatureBit.version1 | FeatureBit.protocolFeatures
+        #expect(effects == [.setVringFile(.kick, index: 0, fdIndex: 0), .deviceStarted(features: features),
                             .ringStarted(index: 0, VringLayout(queueSize: 256, descriptorTable: BusAddress(0x10000),
                                                                availRing: BusAddress(0x11000), usedRing: BusAddress(0x12000)))])
-        #expect(s.vrings[0].started)
+        #expect(s.vrings[0].started && s.deviceRunning)
+    }
+
+    /// The device starts with its first ring and stops with its last, once each.
+    @Test func deviceStartsWithTheFirstRingAndStopsWithTheLast() {
+        var s = makeSession(.identity)
+        s.negotiateLikeQEMU()
+        let features = FeatureBit.version1 | FeatureBit.protocolFeatures
+        s.configureRing(0, base: ramUser + 0x10000)
+        s.configureRing(1, base: ramUser + 0x20000)
+        let kick = [ReceivedFile(index: 0, size: nil, kind: .eventfd)]
+        #expect(s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: kick).filter(isDevice) == [.deviceStarted(features: features)])
+        #expect(s.ok(.setVringKick(VringFileRef(index: 1, noFD: false)), files: kick).filter(isDevice).isEmpty)
+        #expect(s.ok(.getVringBase(VringState(index: 0, num: 0))).filter(isDevice).isEmpty)
+        let last = s.ok(.getVringBase(VringState(index: 1, num: 0)))
+        #expect(last.filter(isDevice) == [.deviceStopped(features: features)])
+        #expect(last.firstIndex(of: .deviceStopped(features: features)) == 1, "right after the ring stopped")
+        #expect(!s.deviceRunning)
+        #expect(s.teardown().filter(isDevice) == [.deviceReset])
     }
 
     @Test func getVringBaseStopsTheRingAndReturnsTheBase() throws {

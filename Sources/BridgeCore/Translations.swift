@@ -132,3 +132,146 @@ public struct OutstandingMisses: Sendable {
     /// When the oldest outstanding miss may be raised again.
     public var nextRetry: ContinuousClock.Instant? { raised.values.min().map { $0.advanced(by: retryInterval) } }
 }
+
+/// Every decision about VM2's translation requests, in one pure type: what to
+/// answer, when to wait for VM1, which IOTLB misses to raise, when to give up.
+/// The connection carries out its actions (sends MAPs, replies and misses)
+/// and passes the time and the address space in; nothing here does I/O.
+public struct TranslationBroker: Sendable {
+    public enum Verdict: Equatable, Sendable {
+        case granted
+        case refused(reason: String, rule: String)
+        case timedOut
+    }
+
+    public enum Action: Equatable, Sendable {
+        /// Send VM2 (connection `owner`) the MAPs of these already mapped pieces.
+        case sendMaps([Mapping], owner: Int)
+        /// Answer requests `ids` (all for `request`'s range) on connection `owner` only.
+        case answer(ids: [UInt64], request: TranslationRequest, owner: Int, Verdict)
+        /// Raise an IOTLB miss toward VM1 (already de-duplicated).
+        case raiseMiss(bus: BusAddress, permission: Permission)
+    }
+
+    public let deadline: Duration
+    private(set) public var pending: PendingTranslations
+    private var misses: OutstandingMisses
+
+    public init(capacity: Int, pageSize: UInt64, deadline: Duration, missRetryInterval: Duration) {
+        self.deadline = deadline
+        pending = PendingTranslations(capacity: capacity)
+        misses = OutstandingMisses(pageSize: pageSize, retryInterval: missRetryInterval)
+    }
+
+    /// VM2 (connection `owner`) asks for `request`. `canRaiseMisses`: VM1 has
+    /// a back-end channel and negotiated IOMMU_PLATFORM.
+    public mutating func request(_ request: TranslationRequest, owner: Int, space: AddressSpace, canRaiseMisses: Bool,
+                                 now: ContinuousClock.Instant) -> [Action] {
+        let refuse = { (e: AddressSpaceError) -> [Action] in
+            [.answer(ids: [request.id], request: request, owner: owner, .refused(reason: "\(e)", rule: e.rule))]
+        }
+        let missing: BusAddress
+        do throws(AddressSpaceError) {
+            let pieces = try space.checkAccess(request.bus, length: request.length, needed: request.access, purpose: .translation)
+            return [.sendMaps(pieces, owner: owner), .answer(ids: [request.id], request: request, owner: owner, .granted)]
+        } catch {
+            // A policy refusal (BAR, DMA window, static window) names that rule.
+            do throws(AddressSpaceError) { try space.checkTranslatable(request.bus, length: request.length) } catch { return refuse(error) }
+            guard case .notMapped(_, _, _, let first) = error, space.mode != .identity else { return refuse(error) }
+            guard canRaiseMisses else {
+                return [.answer(ids: [request.id], request: request, owner: owner,
+                                .refused(reason: "\(error); VM1 has no back-end channel to raise an IOTLB miss on", rule: error.rule))]
+            }
+            missing = first
+        }
+        // Unmapped but a range VM1 could map: wait for its update.
+        switch pending.admit(request, owner: owner, deadline: now.advanced(by: deadline)) {
+        case .full(let capacity):
+            return [.answer(ids: [request.id], request: request, owner: owner,
+                            .refused(reason: "[translation-limit] \(capacity) translations already wait for VM1", rule: "translation-limit"))]
+        case .queued, .merged:
+            return miss(missing, request.access, now: now)
+        }
+    }
+
+    /// A miss for `bus`, unless one for that page and access is outstanding.
+    public mutating func miss(_ bus: BusAddress, _ permission: Permission, now: ContinuousClock.Instant) -> [Action] {
+        misses.shouldRaise(bus, permission: permission, now: now) ? [.raiseMiss(bus: bus, permission: permission)] : []
+    }
+
+    /// After VM1 (or the operator) granted something: forget the misses it
+    /// answered, answer what it satisfied, refuse what can no longer be, and
+    /// raise a miss for each waiting range's next unmapped page if that is new.
+    public mutating func settle(space: AddressSpace, ringNeeds: [(bus: BusAddress, permission: Permission)],
+                                now: ContinuousClock.Instant) -> [Action] {
+        misses.forget { bus, permission in (try? space.checkAccess(bus, length: 1, needed: permission)) != nil }
+        var actions: [Action] = []
+        if !pending.isEmpty {
+            let settled = pending.settle { entry in
+                do throws(AddressSpaceError) {
+                    try space.checkAccess(entry.bus, length: entry.length, needed: entry.access, purpose: .translation)
+                    return true
+                } catch {
+                    if case .notMapped = error { return false }
+                    return true
+                }
+            }
+            for entry in settled {
+                let request = TranslationRequest(id: 0, bus: entry.bus, length: entry.length, access: entry.access)
+                do throws(AddressSpaceError) {
+                    try space.checkAccess(entry.bus, length: entry.length, needed: entry.access, purpose: .translation)
+                    actions.append(.answer(ids: entry.ids, request: request, owner: entry.owner, .granted))
+                } catch {
+                    actions.append(.answer(ids: entry.ids, request: request, owner: entry.owner, .refused(reason: "\(error)", rule: error.rule)))
+                }
+            }
+        }
+        return actions + raiseStillNeeded(space: space, ringNeeds: ringNeeds, now: now)
+    }
+
+    /// One miss per page still needed by a waiting translation or ring; misses
+    /// nobody needs any more (and whose interval passed) are forgotten.
+    private mutating func raiseStillNeeded(space: AddressSpace, ringNeeds: [(bus: BusAddress, permission: Permission)],
+                                           now: ContinuousClock.Instant) -> [Action] {
+        var needed = ringNeeds
+        for entry in pending.entries {
+            do throws(AddressSpaceError) {
+                try space.checkAccess(entry.bus, length: entry.length, needed: entry.access, purpose: .translation)
+            } catch {
+                if case .notMapped(_, _, _, let missing) = error { needed.append((missing, entry.access)) }
+            }
+        }
+        var actions: [Action] = []
+        for (bus, permission) in needed { actions += miss(bus, permission, now: now) }
+        misses.keepOnly(needed, now: now)
+        return actions
+    }
+
+    /// Times out what waited too long and raises again the misses whose
+    /// interval passed. Returns the actions and when to call again.
+    public mutating func expire(space: AddressSpace, ringNeeds: [(bus: BusAddress, permission: Permission)],
+                                now: ContinuousClock.Instant) -> (actions: [Action], next: ContinuousClock.Instant?) {
+        var actions: [Action] = pending.expire(now: now).map { entry in
+            .answer(ids: entry.ids, request: TranslationRequest(id: 0, bus: entry.bus, length: entry.length, access: entry.access),
+                    owner: entry.owner, .timedOut)
+        }
+        if let retry = misses.nextRetry, retry <= now { actions += raiseStillNeeded(space: space, ringNeeds: ringNeeds, now: now) }
+        return (actions, [pending.nextDeadline, misses.nextRetry].compactMap { $0 }.min())
+    }
+
+    /// VM2 connection `owner` is gone: nobody is left to answer its requests.
+    public mutating func drop(owner: Int, space: AddressSpace, ringNeeds: [(bus: BusAddress, permission: Permission)],
+                              now: ContinuousClock.Instant) -> [Action] {
+        _ = pending.removeAll(owner: owner)
+        return raiseStillNeeded(space: space, ringNeeds: ringNeeds, now: now)
+    }
+
+    /// The VM1 session ended: every waiting request is refused.
+    public mutating func endSession() -> [Action] {
+        misses.removeAll()
+        return pending.removeAll().map { entry in
+            .answer(ids: entry.ids, request: TranslationRequest(id: 0, bus: entry.bus, length: entry.length, access: entry.access),
+                    owner: entry.owner, .refused(reason: "the VM1 session ended", rule: "session-ended"))
+        }
+    }
+}

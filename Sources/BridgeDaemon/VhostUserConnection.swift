@@ -106,8 +106,7 @@ final class VhostUserConnection {
     private let budget: MappingBudget
     private let budgetID: MappingBudget.ID
     /// VM2 translations waiting on VM1, and the misses raised for them.
-    private(set) var pendingTranslations: PendingTranslations
-    private var misses: OutstandingMisses
+    private var translations: TranslationBroker
     private var refusalLog = LogThrottle(interval: .seconds(10))
     static let translationDeadline = VhostUserConnectionTuning.translationDeadline
     static let missRetryInterval = VhostUserConnectionTuning.missRetryInterval
@@ -119,8 +118,8 @@ final class VhostUserConnection {
         self.budget = budget
         self.budgetID = budgetID
         self.session = try BackendSession(configuration)
-        pendingTranslations = PendingTranslations(capacity: maxPendingTranslations)
-        misses = OutstandingMisses(pageSize: configuration.addressSpace.pageSize, retryInterval: Self.missRetryInterval)
+        translations = TranslationBroker(capacity: maxPendingTranslations, pageSize: configuration.addressSpace.pageSize,
+                                         deadline: Self.translationDeadline, missRetryInterval: Self.missRetryInterval)
         self.window = window
         self.peer = peer
         self.relay = relay
@@ -326,7 +325,7 @@ final class VhostUserConnection {
             case .sendBackend(let bytes):
                 sendBackend(bytes)
             case .raiseMiss(let bus, let permission):
-                raiseMiss(bus, permission)
+                carryOut(translations.miss(bus, permission, now: .now), now: .now)
             case .deviceStarted(let features):
                 peer.send(.device(PeerDevice(event: .start, features: features)))
             case .deviceStopped(let features):
@@ -468,137 +467,78 @@ final class VhostUserConnection {
         }
     }
 
-    /// VM2 asks for a translation (like ATS). Granted at once when mapped;
-    /// in iommu/static mode an unmapped range VM1 could map waits (bounded,
-    /// merged with identical requests) while one IOTLB miss goes to VM1.
+    /// VM2 asks for a translation (like ATS); `TranslationBroker` decides.
     func translate(_ request: PeerTranslate, generation: Int, now: ContinuousClock.Instant = .now) {
-        let bus = BusAddress(request.barOffset)
-        let asked = TranslationRequest(id: request.requestID, bus: bus, length: request.length, access: request.access)
-        do {
-            let pieces = try session.addressSpace.checkAccess(bus, length: request.length, needed: request.access, purpose: .translation)
-            for p in pieces { _ = sendMap(bus: p.bus, length: p.length, permission: p.permission, region: p.region, fdOffset: p.fdOffset) }
-            answer([asked.id], asked, owner: generation, .granted)
-        } catch {
-            // Unmapped but a range VM1 could map: raise an IOTLB miss and wait.
-            if case .notMapped(_, _, _, let missing) = error, session.addressSpace.mode != .identity {
-                do {
-                    try session.addressSpace.checkTranslatable(bus, length: request.length)
-                } catch {
-                    answer([asked.id], asked, owner: generation, .refused, reason: "\(error)", rule: error.rule)
-                    return
+        let asked = TranslationRequest(id: request.requestID, bus: BusAddress(request.barOffset), length: request.length,
+                                       access: request.access)
+        carryOut(translations.request(asked, owner: generation, space: session.addressSpace,
+                                      canRaiseMisses: session.hasBackendChannel && session.iommuPlatform, now: now), now: now)
+    }
+
+    /// After a grant (IOTLB update, operator map): answer what it satisfied.
+    private func settleTranslations(now: ContinuousClock.Instant = .now) {
+        carryOut(translations.settle(space: session.addressSpace, ringNeeds: session.ringTranslationsNeeded(), now: now), now: now)
+    }
+
+    /// Refuses translations whose deadline passed, raises again the misses
+    /// whose retry interval passed; returns when to call again.
+    func expireTranslations(now: ContinuousClock.Instant) -> ContinuousClock.Instant? {
+        let (actions, next) = translations.expire(space: session.addressSpace, ringNeeds: session.ringTranslationsNeeded(), now: now)
+        carryOut(actions, now: now)
+        return next
+    }
+
+    /// VM2 connection `generation` is gone: its waiting translations have
+    /// nobody to answer.
+    func dropTranslations(of generation: Int) {
+        carryOut(translations.drop(owner: generation, space: session.addressSpace, ringNeeds: session.ringTranslationsNeeded(),
+                                   now: .now), now: .now)
+    }
+
+    private func carryOut(_ actions: [TranslationBroker.Action], now: ContinuousClock.Instant) {
+        for action in actions {
+            switch action {
+            case .sendMaps(let pieces, let owner):
+                for p in pieces {
+                    _ = sendMap(bus: p.bus, length: p.length, permission: p.permission, region: p.region, fdOffset: p.fdOffset,
+                                generation: owner)
                 }
-                guard session.hasBackendChannel, session.iommuPlatform else {
-                    answer([asked.id], asked, owner: generation, .refused,
-                           reason: "\(error); VM1 has no back-end channel to raise an IOTLB miss on", rule: error.rule)
-                    return
-                }
-                switch pendingTranslations.admit(asked, owner: generation, deadline: now.advanced(by: Self.translationDeadline)) {
-                case .full(let capacity):
-                    answer([asked.id], asked, owner: generation, .refused,
-                           reason: "[translation-limit] \(capacity) translations already wait for VM1", rule: "translation-limit")
-                case .queued, .merged:
-                    raiseMiss(missing, request.access, now: now) // once per page until the retry interval passes
-                }
-                return
+            case .answer(let ids, let request, let owner, let verdict):
+                answer(ids, request, owner: owner, verdict, now: now)
+            case .raiseMiss(let bus, let permission):
+                if case .sendBackend(let bytes)? = session.missMessage(bus: bus, permission: permission) { sendBackend(bytes) }
             }
-            // A policy refusal (BAR, DMA window, static window) names that rule.
-            var reason = error
-            do { try session.addressSpace.checkTranslatable(bus, length: request.length) } catch { reason = error }
-            answer([asked.id], asked, owner: generation, .refused, reason: "\(reason)", rule: reason.rule)
         }
     }
 
     /// Answers request `ids` (all for the same range) on VM2 connection
-    /// `owner` only: a reply never reaches a VM2 that did not ask.
-    private func answer(_ ids: [UInt64], _ request: TranslationRequest, owner: Int, _ status: TranslateStatus,
-                        reason: String = "", rule: String? = nil, now: ContinuousClock.Instant = .now) {
-        if status == .granted {
+    /// `owner` only: a reply never reaches a VM2 that did not ask. Refusals
+    /// are counted by rule and logged through the throttle.
+    private func answer(_ ids: [UInt64], _ request: TranslationRequest, owner: Int, _ verdict: TranslationBroker.Verdict,
+                        now: ContinuousClock.Instant) {
+        let status: TranslateStatus, reason: String
+        switch verdict {
+        case .granted:
+            (status, reason) = (.granted, "")
             peer.count { $0.translationsGranted += ids.count }
-        } else {
-            let label = rule ?? (status == .timedOut ? "translation-timeout" : "not-mapped")
-            peer.count { $0.translationsRefused += ids.count; $0.refusals[label, default: 0] += ids.count }
-            if let held = refusalLog.admit(label, now: now) {
-                logger.info("VM2 translation \(request.bus)+\(Hex(request.length)) \(request.access) refused: \(reason)\(held > 0 ? " (\(held) more [\(label)] refusals not logged)" : "")",
-                            metadata: ["rule": "\(label)"])
-            }
+        case .refused(let why, let rule):
+            (status, reason) = (.refused, why)
+            noteRefusal(ids.count, request, rule: rule, reason: why, now: now)
+        case .timedOut:
+            (status, reason) = (.timedOut, "VM1 did not answer the IOTLB miss in time")
+            noteRefusal(ids.count, request, rule: "translation-timeout", reason: reason, now: now)
         }
         for id in ids {
             peer.send(.translateReply(PeerTranslateReply(requestID: id, status: status, reason: reason)), generation: owner)
         }
     }
 
-    /// An IOTLB miss toward VM1, unless one for that page and access is still
-    /// outstanding (a front end answers every miss; a stale one makes the
-    /// guest log DMAR faults).
-    private func raiseMiss(_ bus: BusAddress, _ permission: Permission, now: ContinuousClock.Instant = .now) {
-        guard misses.shouldRaise(bus, permission: permission, now: now),
-              case .sendBackend(let bytes)? = session.missMessage(bus: bus, permission: permission) else { return }
-        sendBackend(bytes)
-    }
-
-    /// After an IOTLB update: forget the misses it answered, answer the
-    /// translations it satisfied (their MAPs went out with the update's plan)
-    /// and refuse those that can no longer be satisfied; the rest wait, with
-    /// a miss for their next unmapped page if that is a new one.
-    private func settleTranslations(now: ContinuousClock.Instant = .now) {
-        misses.forget { bus, permission in
-            (try? session.addressSpace.checkAccess(bus, length: 1, needed: permission)) != nil
+    private func noteRefusal(_ count: Int, _ request: TranslationRequest, rule: String, reason: String, now: ContinuousClock.Instant) {
+        peer.count { $0.translationsRefused += count; $0.refusals[rule, default: 0] += count }
+        if let held = refusalLog.admit(rule, now: now) {
+            logger.info("VM2 translation \(request.bus)+\(Hex(request.length)) \(request.access) refused: \(reason)\(held > 0 ? " (\(held) more [\(rule)] refusals not logged)" : "")",
+                        metadata: ["rule": "\(rule)"])
         }
-        guard !pendingTranslations.isEmpty else { return }
-        let space = session.addressSpace
-        let settled = pendingTranslations.settle { entry in
-            do throws(AddressSpaceError) {
-                try space.checkAccess(entry.bus, length: entry.length, needed: entry.access, purpose: .translation)
-                return true
-            } catch {
-                if case .notMapped = error { return false }
-                return true
-            }
-        }
-        for entry in settled {
-            let request = TranslationRequest(id: 0, bus: entry.bus, length: entry.length, access: entry.access)
-            do throws(AddressSpaceError) {
-                try space.checkAccess(entry.bus, length: entry.length, needed: entry.access, purpose: .translation)
-                answer(entry.ids, request, owner: entry.owner, .granted, now: now)
-            } catch {
-                answer(entry.ids, request, owner: entry.owner, .refused, reason: "\(error)", rule: error.rule, now: now)
-            }
-        }
-        raiseStillNeeded(now: now)
-    }
-
-    /// One miss per page still needed by a waiting translation or ring (the
-    /// outstanding ones are skipped until their retry interval passed); misses
-    /// nobody needs any more are forgotten.
-    private func raiseStillNeeded(now: ContinuousClock.Instant) {
-        var needed = session.ringTranslationsNeeded()
-        for entry in pendingTranslations.entries {
-            do {
-                try session.addressSpace.checkAccess(entry.bus, length: entry.length, needed: entry.access, purpose: .translation)
-            } catch {
-                if case .notMapped(_, _, _, let missing) = error { needed.append((missing, entry.access)) }
-            }
-        }
-        for (bus, permission) in needed { raiseMiss(bus, permission, now: now) }
-        misses.keepOnly(needed, now: now)
-    }
-
-    /// Refuses translations whose deadline passed, raises again the misses
-    /// whose retry interval passed; returns when to call again.
-    func expireTranslations(now: ContinuousClock.Instant) -> ContinuousClock.Instant? {
-        for entry in pendingTranslations.expire(now: now) {
-            answer(entry.ids, TranslationRequest(id: 0, bus: entry.bus, length: entry.length, access: entry.access),
-                   owner: entry.owner, .timedOut, reason: "VM1 did not answer the IOTLB miss in time", now: now)
-        }
-        if let retry = misses.nextRetry, retry <= now { raiseStillNeeded(now: now) }
-        return [pendingTranslations.nextDeadline, misses.nextRetry].compactMap { $0 }.min()
-    }
-
-    /// VM2 connection `generation` is gone: its waiting translations have
-    /// nobody to answer.
-    func dropTranslations(of generation: Int) {
-        _ = pendingTranslations.removeAll(owner: generation)
-        raiseStillNeeded(now: .now)
     }
 
     /// Carries out an operator command on this session (bridge thread).
@@ -629,11 +569,7 @@ final class VhostUserConnection {
         _ = execute(session.teardown(), fds: [])
         budget.settle(budgetID, count: 0)
         for index in Array(relayed.keys) { stopRelay(index) }
-        for entry in pendingTranslations.removeAll() {
-            answer(entry.ids, TranslationRequest(id: 0, bus: entry.bus, length: entry.length, access: entry.access),
-                   owner: entry.owner, .refused, reason: "the VM1 session ended", rule: "session-ended")
-        }
-        misses.removeAll()
+        carryOut(translations.endSession(), now: .now)
         for fd in regionFiles.values { try? fd.close() }
         regionFiles = [:]
         for fd in regionReadOnlyFiles.values { try? fd.close() }

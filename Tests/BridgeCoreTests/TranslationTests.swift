@@ -114,3 +114,92 @@ private func request(_ id: UInt64, _ bus: UInt64, length: UInt64 = 0x1000, acces
         #expect(r21 == 0)
     }
 }
+
+@Suite struct TranslationBrokerTests {
+    let f = Fixture()
+    private func broker(capacity: Int = 8) -> TranslationBroker {
+        TranslationBroker(capacity: capacity, pageSize: page, deadline: .seconds(2), missRetryInterval: .seconds(1))
+    }
+    private func ask(_ id: UInt64, _ bus: UInt64, _ length: UInt64 = page, _ access: Permission = .read) -> TranslationRequest {
+        TranslationRequest(id: id, bus: BusAddress(bus), length: length, access: access)
+    }
+
+    @Test func mappedRangesAreGrantedWithTheirMaps() throws {
+        var space = iommuSpace()
+        _ = try space.update(bus: BusAddress(4 * GiB), length: 2 * page, source: user(Fixture.ramUser), permission: .readWrite, regions: f.table)
+        var b = broker()
+        let actions = b.request(ask(1, 4 * GiB + page), owner: 3, space: space, canRaiseMisses: true, now: t0)
+        #expect(actions == [.sendMaps([Mapping(bus: BusAddress(4 * GiB + page), length: page, permission: .readWrite, region: f.ram.id, fdOffset: page)], owner: 3),
+                            .answer(ids: [1], request: ask(1, 4 * GiB + page), owner: 3, .granted)])
+    }
+
+    @Test func policyRefusalsNameTheirRule() {
+        let space = iommuSpace(bar: 64 * GiB, dma: BusWindow(base: BusAddress(4 * GiB), limit: 8 * GiB))
+        var b = broker()
+        guard case .answer(_, _, _, .refused(_, let rule))? = b.request(ask(1, 64 * GiB), owner: 1, space: space, canRaiseMisses: true, now: t0).first else {
+            Issue.record("not refused"); return
+        }
+        #expect(rule == "bar-bounds")
+        guard case .answer(_, _, _, .refused(_, let rule2))? = b.request(ask(2, GiB), owner: 1, space: space, canRaiseMisses: true, now: t0).first else {
+            Issue.record("not refused"); return
+        }
+        #expect(rule2 == "dma-window")
+        guard case .answer(_, _, _, .refused(let why, _))? = b.request(ask(3, 4 * GiB), owner: 1, space: space, canRaiseMisses: false, now: t0).first else {
+            Issue.record("not refused"); return
+        }
+        #expect(why.hasSuffix("VM1 has no back-end channel to raise an IOTLB miss on"))
+        #expect(b.pending.isEmpty)
+    }
+
+    /// Unmapped: one miss for the first request of a page, none for the
+    /// rest; the update answers all of them, on their own connections.
+    @Test func waitingRequestsShareAMissAndAreAnsweredByTheUpdate() throws {
+        var space = iommuSpace()
+        var b = broker()
+        #expect(b.request(ask(1, 4 * GiB), owner: 1, space: space, canRaiseMisses: true, now: t0) == [.raiseMiss(bus: BusAddress(4 * GiB), permission: .read)])
+        #expect(b.request(ask(2, 4 * GiB), owner: 1, space: space, canRaiseMisses: true, now: t0).isEmpty, "merged: no second miss")
+        #expect(b.request(ask(3, 4 * GiB), owner: 2, space: space, canRaiseMisses: true, now: t0).isEmpty, "another VM2 connection, same page: no new miss")
+        _ = try space.update(bus: BusAddress(4 * GiB), length: page, source: user(Fixture.ramUser), permission: .read, regions: f.table)
+        let answers = b.settle(space: space, ringNeeds: [], now: t0)
+        #expect(answers == [.answer(ids: [1, 2], request: ask(0, 4 * GiB), owner: 1, .granted),
+                            .answer(ids: [3], request: ask(0, 4 * GiB), owner: 2, .granted)])
+        #expect(b.pending.isEmpty)
+    }
+
+    /// A range spanning two pages: the update of the first raises the miss
+    /// for the second; an unrelated settle raises nothing.
+    @Test func progressRaisesTheNextMissOnly() throws {
+        var space = iommuSpace()
+        var b = broker()
+        _ = b.request(ask(1, 4 * GiB, 2 * page), owner: 1, space: space, canRaiseMisses: true, now: t0)
+        #expect(b.settle(space: space, ringNeeds: [], now: t0).isEmpty, "nothing new: no miss again")
+        _ = try space.update(bus: BusAddress(4 * GiB), length: page, source: user(Fixture.ramUser), permission: .read, regions: f.table)
+        #expect(b.settle(space: space, ringNeeds: [], now: t0) == [.raiseMiss(bus: BusAddress(4 * GiB + page), permission: .read)])
+    }
+
+    @Test func deadlinesRetriesDropsAndTheEnd() {
+        let space = iommuSpace()
+        var b = broker()
+        _ = b.request(ask(1, 4 * GiB), owner: 1, space: space, canRaiseMisses: true, now: t0)
+        _ = b.request(ask(2, 5 * GiB), owner: 2, space: space, canRaiseMisses: true, now: t0)
+        let early = b.expire(space: space, ringNeeds: [], now: t0.advanced(by: .milliseconds(500)))
+        #expect(early.actions.isEmpty && early.next == t0.advanced(by: .seconds(1)))
+        let retry = b.expire(space: space, ringNeeds: [], now: t0.advanced(by: .seconds(1)))
+        #expect(Set(retry.actions.map { "\($0)" }).count == 2 && retry.actions.allSatisfy { if case .raiseMiss = $0 { true } else { false } })
+        #expect(b.drop(owner: 2, space: space, ringNeeds: [], now: t0.advanced(by: .seconds(1))).isEmpty)
+        let late = b.expire(space: space, ringNeeds: [], now: t0.advanced(by: .seconds(2)))
+        #expect(late.actions == [.answer(ids: [1], request: ask(0, 4 * GiB), owner: 1, .timedOut)])
+        _ = b.request(ask(9, 6 * GiB), owner: 3, space: space, canRaiseMisses: true, now: t0)
+        #expect(b.endSession() == [.answer(ids: [9], request: ask(0, 6 * GiB), owner: 3, .refused(reason: "the VM1 session ended", rule: "session-ended"))])
+    }
+
+    @Test func theCapacityRefusesWithItsRule() {
+        let space = iommuSpace()
+        var b = broker(capacity: 2)
+        _ = b.request(ask(1, 4 * GiB), owner: 1, space: space, canRaiseMisses: true, now: t0)
+        _ = b.request(ask(2, 4 * GiB + page), owner: 1, space: space, canRaiseMisses: true, now: t0)
+        #expect(b.request(ask(3, 4 * GiB + 2 * page), owner: 1, space: space, canRaiseMisses: true, now: t0)
+                == [.answer(ids: [3], request: ask(3, 4 * GiB + 2 * page), owner: 1,
+                            .refused(reason: "[translation-limit] 2 translations already wait for VM1", rule: "translation-limit"))])
+    }
+}

@@ -93,11 +93,10 @@ final class VhostUserConnection {
     }
     private var relayed: [Int: RelayedRing] = [:]
     private var retired = (kick: RelayLinkStatistics(), call: RelayLinkStatistics())
-    private var regionFiles: [RegionID: OwnedFileDescriptor] = [:]
-    private var regionSealed: [RegionID: Bool] = [:]
-    /// Read-only reopenings of region files, made on the first read-only MAP:
-    /// a read grant travels with an fd that cannot be mapped writable.
-    private var regionReadOnlyFiles: [RegionID: OwnedFileDescriptor] = [:]
+    /// The memory fds VM1 sent, shared with `mirror`.
+    private let files: RegionFiles
+    /// Carries window plans to VM2 and waits for its acks.
+    private let mirror: PeerMirror
     private var vringFiles: [Int: [VringFileKind: OwnedFileDescriptor]] = [:]
     private var backendChannel: UnixSocket?
     /// Rings VM2 already stopped (and reported) for a GET_VRING_BASE.
@@ -115,6 +114,8 @@ final class VhostUserConnection {
          relay: NotificationRelay?, logger: Logger, maxPendingTranslations: Int,
          budget: MappingBudget, budgetID: MappingBudget.ID) throws(ConfigurationError) {
         self.socket = socket
+        files = RegionFiles(logger: logger)
+        mirror = PeerMirror(peer: peer, files: files)
         self.budget = budget
         self.budgetID = budgetID
         self.session = try BackendSession(configuration)
@@ -257,7 +258,7 @@ final class VhostUserConnection {
         guard session.vrings.indices.contains(index), let layout = session.vrings[index].layout else { return }
         let at = BusAddress(layout.usedRing.rawValue + 2)
         guard let pieces = try? session.addressSpace.checkAccess(at, length: 2, needed: .read),
-              pieces.allSatisfy({ regionSealed[$0.region] == true }) else { return }
+              pieces.allSatisfy({ files.isSealed($0.region) }) else { return }
         if let value = window.withBytes(at: at, length: 2, { UInt16(littleEndian: $0.loadUnaligned(as: UInt16.self)) }) {
             session.noteDeviceProgress(ring: index, lastAvail: value)
         }
@@ -293,22 +294,19 @@ final class VhostUserConnection {
                 if let failure = send(bytes) { return failure }
             case .adoptRegionFile(let id, let index):
                 if let fd = take(index) {
-                    regionFiles[id] = fd
-                    regionSealed[id] = (try? Memfd(adopting: fd).seals.contains(.shrink)) ?? false
+                    files.adopt(id, fd)
                 }
             case .window(let plan):
                 do {
-                    try window.apply(plan) { [regionFiles] id in regionFiles[id]?.rawValue }
+                    try window.apply(plan) { [files] id in files.fd(id)?.rawValue }
                 } catch {
                     logger.error("BAR window operation failed, closing the session: \(error)")
-                    revokeFromPeer(plan)
+                    mirror.revoke(plan)
                     return "window: \(error)"
                 }
-                pushToPeer(plan)
+                mirror.push(plan)
             case .releaseRegionFile(let id):
-                try? regionFiles.removeValue(forKey: id)?.close()
-                try? regionReadOnlyFiles.removeValue(forKey: id)?.close()
-                regionSealed[id] = nil
+                files.release(id)
             case .setVringFile(let kind, let index, let fdIndex):
                 try? vringFiles[index]?.removeValue(forKey: kind)?.close()
                 if let fdIndex, let fd = take(fdIndex) { vringFiles[index, default: [:]][kind] = fd }
@@ -358,79 +356,6 @@ final class VhostUserConnection {
 
     // MARK: VM2
 
-    /// Mirrors a window plan to VM2 and, when it takes access away, waits for
-    /// VM2's ack (or disconnects VM2 at the deadline) — before VM1 is acked.
-    private func pushToPeer(_ plan: WindowPlan) {
-        guard peer.isReady, !plan.isEmpty else { return }
-        var last: PeerLink.Ticket?
-        var revokes = plan.revokesAccess
-        func unmap(_ bus: BusAddress, _ length: UInt64) {
-            let ticket = peer.takeSequence()
-            if peer.send(.unmap(PeerUnmap(sequence: ticket.sequence, barOffset: bus.rawValue, length: length))) {
-                peer.count { $0.unmapsSent += 1 }
-                last = ticket
-            }
-        }
-        /// A MAP that cannot be sent (no read-only fd could be made) must not
-        /// leave VM2 with what was there before: revoke the range instead.
-        func map(_ bus: BusAddress, _ length: UInt64, _ permission: Permission, _ region: RegionID, _ fdOffset: UInt64) {
-            if let ticket = sendMap(bus: bus, length: length, permission: permission, region: region, fdOffset: fdOffset) {
-                last = ticket
-            } else if peer.isReady {
-                unmap(bus, length)
-                revokes = true
-            }
-        }
-        for op in plan.operations {
-            switch op {
-            case .map(let bus, let length, let permission, let region, let fdOffset):
-                map(bus, length, permission, region, fdOffset)
-            case .protect(let bus, let length, let permission, let region, let fdOffset):
-                map(bus, length, permission, region, fdOffset)
-            case .unmap(let bus, let length):
-                unmap(bus, length)
-            }
-        }
-        if revokes, let last { peer.waitForAck(last) }
-    }
-
-    /// After a failed plan: make sure VM2 has none of its ranges either.
-    private func revokeFromPeer(_ plan: WindowPlan) {
-        guard peer.isReady else { return }
-        var last: PeerLink.Ticket?
-        for op in plan.operations {
-            let ticket = peer.takeSequence()
-            if peer.send(.unmap(PeerUnmap(sequence: ticket.sequence, barOffset: op.bus.rawValue, length: op.length))) { last = ticket }
-        }
-        if let last { peer.waitForAck(last) }
-    }
-
-    private func sendMap(bus: BusAddress, length: UInt64, permission: Permission, region: RegionID, fdOffset: UInt64,
-                         onlyIfReady: Bool = true, generation: Int? = nil) -> PeerLink.Ticket? {
-        guard let fd = permission.contains(.write) ? regionFiles[region] : readOnlyFile(region) else { return nil }
-        let ticket = peer.takeSequence()
-        guard peer.send(.map(PeerMap(sequence: ticket.sequence, barOffset: bus.rawValue, length: length, fdOffset: fdOffset,
-                                     permission: permission)), fds: [fd.rawValue], onlyIfReady: onlyIfReady,
-                        generation: generation) else { return nil }
-        peer.count { $0.mapsSent += 1 }
-        return ticket
-    }
-
-    /// The read-only fd of `region`, reopened once. Where Linux refuses the
-    /// reopen the grant is not sent (nil): VM2 can ask again by TRANSLATE.
-    private func readOnlyFile(_ region: RegionID) -> OwnedFileDescriptor? {
-        if let fd = regionReadOnlyFiles[region] { return fd }
-        guard let file = regionFiles[region] else { return nil }
-        do {
-            let fd = try file.reopenReadOnly()
-            regionReadOnlyFiles[region] = fd
-            return fd
-        } catch {
-            logger.error("\(region): cannot reopen its file read-only, read-only grants of it are not sent to VM2: \(error)")
-            return nil
-        }
-    }
-
     private func sendVring(_ index: Int, onlyIfReady: Bool = true, generation: Int? = nil) {
         guard let layout = session.vrings[index].layout else { return }
         // A (re)connected VM2 resumes where the device got to (used index).
@@ -457,7 +382,7 @@ final class VhostUserConnection {
     func replayState(to generation: Int) {
         for m in session.addressSpace.mappings {
             guard peer.currentGeneration == generation else { return }
-            _ = sendMap(bus: m.bus, length: m.length, permission: m.permission, region: m.region, fdOffset: m.fdOffset,
+            _ = mirror.sendMap(bus: m.bus, length: m.length, permission: m.permission, region: m.region, fdOffset: m.fdOffset,
                         onlyIfReady: false, generation: generation)
         }
         if session.vrings.contains(where: \.started) {
@@ -500,7 +425,7 @@ final class VhostUserConnection {
             switch action {
             case .sendMaps(let pieces, let owner):
                 for p in pieces {
-                    _ = sendMap(bus: p.bus, length: p.length, permission: p.permission, region: p.region, fdOffset: p.fdOffset,
+                    _ = mirror.sendMap(bus: p.bus, length: p.length, permission: p.permission, region: p.region, fdOffset: p.fdOffset,
                                 generation: owner)
                 }
             case .answer(let ids, let request, let owner, let verdict):
@@ -570,10 +495,7 @@ final class VhostUserConnection {
         budget.settle(budgetID, count: 0)
         for index in Array(relayed.keys) { stopRelay(index) }
         carryOut(translations.endSession(), now: .now)
-        for fd in regionFiles.values { try? fd.close() }
-        regionFiles = [:]
-        for fd in regionReadOnlyFiles.values { try? fd.close() }
-        regionReadOnlyFiles = [:]
+        files.closeAll()
         for files in vringFiles.values { for fd in files.values { try? fd.close() } }
         vringFiles = [:]
         try? backendChannel?.fd.close()

@@ -4,72 +4,6 @@ import Logging
 import PeerProtocol
 import VhostUser
 
-/// How a front-end connection ended, and what it did.
-public struct ConnectionSummary: Sendable, Equatable {
-    public enum End: Sendable, Equatable {
-        /// The front end closed the connection.
-        case frontEndClosed
-        /// The daemon closed it: a refused request without an ack, a broken
-        /// message, a window failure.
-        case closedByBridge(String)
-        /// The bridge is stopping.
-        case stopped
-    }
-    public var end: End
-    public var statistics: SessionStatistics
-}
-
-/// The timings of VM2 translation requests (docs/peer-protocol.md).
-public enum VhostUserConnectionTuning {
-    /// How long a translation waits for VM1's IOTLB update before it is
-    /// answered "timed out".
-    public static let translationDeadline: Duration = .seconds(2)
-    /// How long a miss stays unanswered before it is raised again.
-    public static let missRetryInterval: Duration = .seconds(1)
-}
-
-/// What a live session looks like from outside (status output, tests).
-public struct SessionView: Sendable, Equatable {
-    public var ackedFeatures: UInt64?
-    public var protocolFeatures: ProtocolFeatures
-    public var regions: Int
-    public var mappings: Int
-    public var mappedBytes: UInt64
-    public var startedRings: [Int]
-    public var enabledRings: [Int]
-    public var ringLayouts: [Int: VringLayout]
-    public var frozen: Bool
-    /// The live session's counters (without its request log).
-    public var statistics: SessionStatistics
-    /// Relay links per started vring (relay modes): kick (VM1 → VM2) and call (VM2 → VM1).
-    public var relayLinks: [Int: (kick: NotificationRelay.LinkID, call: NotificationRelay.LinkID)] = [:]
-    /// Final counters of links this session already removed (stopped rings).
-    public var relayRetired = (kick: RelayLinkStatistics(), call: RelayLinkStatistics())
-
-    public static func == (a: SessionView, b: SessionView) -> Bool {
-        a.ackedFeatures == b.ackedFeatures && a.protocolFeatures == b.protocolFeatures && a.regions == b.regions
-            && a.mappings == b.mappings && a.mappedBytes == b.mappedBytes && a.startedRings == b.startedRings
-            && a.enabledRings == b.enabledRings && a.ringLayouts == b.ringLayouts
-    }
-
-    init(_ s: BackendSession) {
-        ackedFeatures = s.ackedFeatures
-        protocolFeatures = s.ackedProtocolFeatures
-        regions = s.regions.count
-        mappings = s.addressSpace.mappings.count
-        mappedBytes = s.addressSpace.mappedBytes
-        startedRings = s.vrings.indices.filter { s.vrings[$0].started }
-        enabledRings = s.vrings.indices.filter { s.vrings[$0].enabled }
-        var layouts: [Int: VringLayout] = [:]
-        for (i, v) in s.vrings.enumerated() { if let l = v.layout { layouts[i] = l } }
-        ringLayouts = layouts
-        frozen = s.isFrozen
-        var stats = s.statistics
-        stats.requestLog = []
-        statistics = stats
-    }
-}
-
 /// Serves one vhost-user front end on one connected socket: reads framed
 /// messages, feeds them to the pure `BackendSession`, and carries out its
 /// effects (replies, window plans, fd ownership, pushes to VM2). Owns every fd
@@ -84,20 +18,12 @@ final class VhostUserConnection {
     private let peer: PeerLink
     private let relay: NotificationRelay?
     private let logger: Logger
-    /// Relay modes: per vring, the eventfds VM2 gets and the two relay links.
-    private struct RelayedRing {
-        var vm2Kick: EventFD        // the daemon writes (VM1 kicked), VM2 reads
-        var vm2Call: EventFD        // VM2 writes (doorbell), the daemon reads
-        var kickLink: NotificationRelay.LinkID
-        var callLink: NotificationRelay.LinkID
-    }
-    private var relayed: [Int: RelayedRing] = [:]
-    private var retired = (kick: RelayLinkStatistics(), call: RelayLinkStatistics())
+    /// VM1's kick/call/err fds and the relay links of each vring.
+    private let rings: RingNotifications
     /// The memory fds VM1 sent, shared with `mirror`.
     private let files: RegionFiles
     /// Carries window plans to VM2 and waits for its acks.
     private let mirror: PeerMirror
-    private var vringFiles: [Int: [VringFileKind: OwnedFileDescriptor]] = [:]
     private var backendChannel: UnixSocket?
     /// Rings VM2 already stopped (and reported) for a GET_VRING_BASE.
     private var stoppedAtPeer: Set<Int> = []
@@ -125,69 +51,14 @@ final class VhostUserConnection {
         self.peer = peer
         self.relay = relay
         self.logger = logger
+        rings = RingNotifications(relay: relay, logger: logger)
     }
 
     var view: SessionView {
         var v = SessionView(session)
-        for (i, r) in relayed { v.relayLinks[i] = (r.kickLink, r.callLink) }
-        v.relayRetired = retired
+        v.relayLinks = rings.links
+        v.relayRetired = rings.retired
         return v
-    }
-
-    // MARK: notifications
-
-    /// Relay modes: VM2 gets the daemon's eventfds and the relay moves
-    /// VM1 kick → VM2 and VM2 doorbell → VM1 call.
-    private func startRelay(_ index: Int) {
-        guard let relay, relayed[index] == nil, let kick = vringFiles[index]?[.kick] else { return }
-        var kickLink: NotificationRelay.LinkID?
-        do {
-            let vm2Kick = try EventFD(), vm2Call = try EventFD()
-            kickLink = try relay.add(source: try kick.duplicate(), target: try vm2Kick.fd.duplicate())
-            let callTarget = try vringFiles[index]?[.call]?.duplicate()
-            let callLink = try relay.add(source: try vm2Call.fd.duplicate(), target: callTarget)
-            if let kickLink { relayed[index] = RelayedRing(vm2Kick: vm2Kick, vm2Call: vm2Call, kickLink: kickLink, callLink: callLink) }
-        } catch {
-            // The half that was made must not outlive the failure.
-            if let kickLink, let stats = relay.remove(kickLink) { retired.kick.add(stats) }
-            logger.error("vring \(index): cannot relay notifications: \(error)")
-        }
-    }
-
-    private func stopRelay(_ index: Int) {
-        guard let relay, let r = relayed.removeValue(forKey: index) else { return }
-        if let k = relay.remove(r.kickLink) { retired.kick.add(k) }
-        if let c = relay.remove(r.callLink) { retired.call.add(c) }
-        try? r.vm2Kick.fd.close()
-        try? r.vm2Call.fd.close()
-    }
-
-    /// VM1 replaced a kick or call fd of a relayed ring.
-    private func updateRelay(_ index: Int, _ kind: VringFileKind) {
-        guard let relay, let r = relayed[index] else { return }
-        switch kind {
-        case .call:
-            relay.retarget(r.callLink, target: try? vringFiles[index]?[.call]?.duplicate())
-        case .kick:
-            // VM2 keeps its eventfds: only the link's source changes. A kick
-            // VM1 wrote to the new fd before the link reads it is still
-            // counted in that eventfd; one spurious kick to VM2 covers the
-            // instant of the swap (virtio tolerates spurious notifications).
-            guard let newKick = try? vringFiles[index]?[.kick]?.duplicate(), let target = try? r.vm2Kick.fd.duplicate() else {
-                stopRelay(index)
-                return
-            }
-            if let old = relay.remove(r.kickLink) { retired.kick.add(old) }
-            do {
-                relayed[index]?.kickLink = try relay.add(source: newKick, target: target)
-                _ = try? r.vm2Kick.signal()
-            } catch {
-                logger.error("vring \(index): cannot relay the new kick fd: \(error)")
-                stopRelay(index)
-            }
-        case .err:
-            break
-        }
     }
 
     /// Reads and handles one message (the socket is readable). Returns how the
@@ -308,11 +179,10 @@ final class VhostUserConnection {
             case .releaseRegionFile(let id):
                 files.release(id)
             case .setVringFile(let kind, let index, let fdIndex):
-                try? vringFiles[index]?.removeValue(forKey: kind)?.close()
-                if let fdIndex, let fd = take(fdIndex) { vringFiles[index, default: [:]][kind] = fd }
+                rings.set(kind, index: index, fdIndex.flatMap(take))
                 if kind != .err, session.vrings.indices.contains(index), session.vrings[index].started {
                     if relay != nil {
-                        updateRelay(index, kind) // VM2 keeps its eventfds
+                        rings.updateRelay(index, kind) // VM2 keeps its eventfds
                     } else {
                         sendVring(index) // passthrough: VM2 needs the new fd (QEMU swaps call fds when masking)
                     }
@@ -332,12 +202,12 @@ final class VhostUserConnection {
                 peer.send(.device(PeerDevice(event: .reset, features: 0)))
             case .ringStarted(let index, let layout):
                 logger.info("vring \(index) started: \(layout.queueSize) entries, desc \(layout.descriptorTable), avail \(layout.availRing), used \(layout.usedRing)")
-                startRelay(index)
+                rings.startRelay(index)
                 sendVring(index)
             case .ringStopped(let index):
                 logger.info("vring \(index) stopped")
                 if stoppedAtPeer.remove(index) == nil { peer.sendVringStop(UInt32(index)) }
-                stopRelay(index)
+                rings.stopRelay(index)
             case .ringEnabled(let index, let enabled):
                 logger.debug("vring \(index) \(enabled ? "enabled" : "disabled")")
                 if session.vrings.indices.contains(index), session.vrings[index].started { sendVring(index) }
@@ -361,15 +231,10 @@ final class VhostUserConnection {
         // A (re)connected VM2 resumes where the device got to (used index).
         noteDeviceProgress(index)
         var flags: UInt16 = session.vrings[index].enabled ? PeerVring.flagEnabled : 0
+        let (kick, call) = rings.eventfdsForVM2(index)
         var fds: [Int32] = []
-        if let r = relayed[index] {
-            flags |= PeerVring.flagKickFD | PeerVring.flagCallFD
-            fds = [r.vm2Kick.fd.rawValue, r.vm2Call.fd.rawValue]
-        } else {
-            // Passthrough: VM1's own eventfds.
-            if let kick = vringFiles[index]?[.kick] { flags |= PeerVring.flagKickFD; fds.append(kick.rawValue) }
-            if let call = vringFiles[index]?[.call] { flags |= PeerVring.flagCallFD; fds.append(call.rawValue) }
-        }
+        if let kick { flags |= PeerVring.flagKickFD; fds.append(kick) }
+        if let call { flags |= PeerVring.flagCallFD; fds.append(call) }
         peer.send(.vring(PeerVring(index: UInt32(index), num: layout.queueSize, desc: layout.descriptorTable.rawValue,
                                    avail: layout.availRing.rawValue, used: layout.usedRing.rawValue,
                                    lastAvail: UInt16(truncatingIfNeeded: session.vrings[index].base), flags: flags)),
@@ -493,11 +358,9 @@ final class VhostUserConnection {
     func tearDown() {
         _ = execute(session.teardown(), fds: [])
         budget.settle(budgetID, count: 0)
-        for index in Array(relayed.keys) { stopRelay(index) }
         carryOut(translations.endSession(), now: .now)
         files.closeAll()
-        for files in vringFiles.values { for fd in files.values { try? fd.close() } }
-        vringFiles = [:]
+        rings.closeAll()
         try? backendChannel?.fd.close()
         backendChannel = nil
         try? socket.fd.close()

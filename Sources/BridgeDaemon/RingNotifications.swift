@@ -1,0 +1,107 @@
+import BridgeCore
+import LinuxIO
+import Logging
+import VhostUser
+
+/// A session's vring notifications: VM1's kick/call/err fds (owned here until
+/// replaced or the session ends) and, in relay modes, the relay links and
+/// the eventfds VM2 gets instead of VM1's. Used by the bridge thread only.
+final class RingNotifications {
+    private let relay: NotificationRelay?
+    private let logger: Logger
+    private var files: [Int: [VringFileKind: OwnedFileDescriptor]] = [:]
+    /// Relay modes: per vring, the eventfds VM2 gets and the two relay links.
+    private struct RelayedRing {
+        var vm2Kick: EventFD        // the daemon writes (VM1 kicked), VM2 reads
+        var vm2Call: EventFD        // VM2 writes (doorbell), the daemon reads
+        var kickLink: NotificationRelay.LinkID
+        var callLink: NotificationRelay.LinkID
+    }
+    private var relayed: [Int: RelayedRing] = [:]
+    /// Final counters of links already removed (stopped rings).
+    private(set) var retired = (kick: RelayLinkStatistics(), call: RelayLinkStatistics())
+
+    init(relay: NotificationRelay?, logger: Logger) {
+        self.relay = relay
+        self.logger = logger
+    }
+
+    /// Live links per vring: (kick, call).
+    var links: [Int: (kick: NotificationRelay.LinkID, call: NotificationRelay.LinkID)] {
+        relayed.mapValues { ($0.kickLink, $0.callLink) }
+    }
+
+    /// Replaces vring `index`'s `kind` fd (nil: none); the old one is closed.
+    func set(_ kind: VringFileKind, index: Int, _ fd: OwnedFileDescriptor?) {
+        try? files[index]?.removeValue(forKey: kind)?.close()
+        if let fd { files[index, default: [:]][kind] = fd }
+    }
+
+    /// The kick and call eventfds VM2 gets for ring `index`: the relay's in
+    /// relay modes, VM1's own in passthrough.
+    func eventfdsForVM2(_ index: Int) -> (kick: Int32?, call: Int32?) {
+        if let r = relayed[index] { return (r.vm2Kick.fd.rawValue, r.vm2Call.fd.rawValue) }
+        return (files[index]?[.kick]?.rawValue, files[index]?[.call]?.rawValue)
+    }
+
+    /// Relay modes: VM2 gets the daemon's eventfds and the relay moves
+    /// VM1 kick → VM2 and VM2 doorbell → VM1 call.
+    func startRelay(_ index: Int) {
+        guard let relay, relayed[index] == nil, let kick = files[index]?[.kick] else { return }
+        var kickLink: NotificationRelay.LinkID?
+        do {
+            let vm2Kick = try EventFD(), vm2Call = try EventFD()
+            kickLink = try relay.add(source: try kick.duplicate(), target: try vm2Kick.fd.duplicate())
+            let callTarget = try files[index]?[.call]?.duplicate()
+            let callLink = try relay.add(source: try vm2Call.fd.duplicate(), target: callTarget)
+            if let kickLink { relayed[index] = RelayedRing(vm2Kick: vm2Kick, vm2Call: vm2Call, kickLink: kickLink, callLink: callLink) }
+        } catch {
+            // The half that was made must not outlive the failure.
+            if let kickLink, let stats = relay.remove(kickLink) { retired.kick.add(stats) }
+            logger.error("vring \(index): cannot relay notifications: \(error)")
+        }
+    }
+
+    func stopRelay(_ index: Int) {
+        guard let relay, let r = relayed.removeValue(forKey: index) else { return }
+        if let k = relay.remove(r.kickLink) { retired.kick.add(k) }
+        if let c = relay.remove(r.callLink) { retired.call.add(c) }
+        try? r.vm2Kick.fd.close()
+        try? r.vm2Call.fd.close()
+    }
+
+    /// VM1 replaced a kick or call fd of a relayed ring.
+    func updateRelay(_ index: Int, _ kind: VringFileKind) {
+        guard let relay, let r = relayed[index] else { return }
+        switch kind {
+        case .call:
+            relay.retarget(r.callLink, target: try? files[index]?[.call]?.duplicate())
+        case .kick:
+            // VM2 keeps its eventfds: only the link's source changes. A kick
+            // VM1 wrote to the new fd before the link reads it is still
+            // counted in that eventfd; one spurious kick to VM2 covers the
+            // instant of the swap (virtio tolerates spurious notifications).
+            guard let newKick = try? files[index]?[.kick]?.duplicate(), let target = try? r.vm2Kick.fd.duplicate() else {
+                stopRelay(index)
+                return
+            }
+            if let old = relay.remove(r.kickLink) { retired.kick.add(old) }
+            do {
+                relayed[index]?.kickLink = try relay.add(source: newKick, target: target)
+                _ = try? r.vm2Kick.signal()
+            } catch {
+                logger.error("vring \(index): cannot relay the new kick fd: \(error)")
+                stopRelay(index)
+            }
+        case .err:
+            break
+        }
+    }
+
+    /// Every link removed and every fd closed (the session ended).
+    func closeAll() {
+        for index in Array(relayed.keys) { stopRelay(index) }
+        for ring in files.values { for fd in ring.values { try? fd.close() } }
+        files = [:]
+    }
+}

@@ -1,0 +1,49 @@
+import BridgeCore
+
+/// One fd that came with the message being handled: its position in the
+/// message, what the kernel says it is, and for memory fds the file's size
+/// (fstat) so regions can be checked against it.
+public struct ReceivedFile: Equatable, Sendable {
+    public var index: Int
+    public var size: UInt64?
+    public var kind: FileKind
+    /// Huge page size of hugetlbfs memory (fstatfs), 0 for ordinary pages.
+    public var hugePageSize: UInt64
+    public init(index: Int, size: UInt64?, kind: FileKind, hugePageSize: UInt64 = 0) {
+        self.index = index; self.size = size; self.kind = kind; self.hugePageSize = hugePageSize
+    }
+}
+
+public enum VringFileKind: String, Sendable, Equatable { case kick, call, err }
+
+/// What the connection must do, in order, after a request was handled. Fds
+/// are named by their index in the message; any received fd no effect claims
+/// is closed by the connection.
+public enum SessionEffect: Equatable, Sendable {
+    case reply([UInt8])
+    /// Take ownership of the message's fd as the backing of `region`.
+    /// Always comes before the window plan that maps it.
+    case adoptRegionFile(RegionID, fdIndex: Int)
+    case window(WindowPlan)
+    /// Close the fd backing `region` (after the plan that unmapped it).
+    case releaseRegionFile(RegionID)
+    /// Replace vring `index`'s kick/call/err fd (nil: none, i.e. polling);
+    /// the old one is closed.
+    case setVringFile(VringFileKind, index: Int, fdIndex: Int?)
+    case adoptBackendChannel(fdIndex: Int)
+    /// Send on the back-end channel (an IOTLB miss).
+    case sendBackend([UInt8])
+    /// A ring needs `bus` mapped with `permission` before it can start: raise
+    /// an IOTLB miss (`missMessage`) unless one for that page is still
+    /// outstanding — the connection keeps track (`OutstandingMisses`).
+    case raiseMiss(bus: BusAddress, permission: Permission)
+    case ringStarted(index: Int, VringLayout)
+    case ringStopped(index: Int)
+    /// The device starts (just before its first ring) or stops (just after
+    /// its last ring stopped), with VM1's negotiated features.
+    case deviceStarted(features: UInt64)
+    case deviceStopped(features: UInt64)
+    /// The session ended: whatever VM2 held of it is gone.
+    case deviceReset
+    case ringEnabled(index: Int, Bool)
+}

@@ -6,7 +6,7 @@ import Glibc
 
 /// The usual way to relay eventfds, kept as the benchmark baseline: one thread,
 /// epoll_wait, then read(2) the source and write(2) the target per ready fd.
-public final class EpollRelay: Sendable {
+final class EpollRelay: Sendable {
     private let epoll: Epoll
     private let stopSignal: EventFD
     private let pairs: [(source: OwnedFileDescriptor, target: OwnedFileDescriptor)]

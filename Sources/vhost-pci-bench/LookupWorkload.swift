@@ -1,14 +1,16 @@
-/// The address-lookup micro-benchmark's workload, kept beside the code it
-/// measures so the benchmark executable stays thin. Builds an address space
+import BridgeCore
+
+/// The address-lookup micro-benchmark's workload (a baseline, not production
+/// code: it lives with the benchmarks). Builds an address space
 /// with `count` mappings that cannot coalesce (one page each, one-page gaps)
 /// and a list of probe addresses (90 % hits).
-public struct LookupWorkload: Sendable {
-    public let space: AddressSpace
-    public let probes: [BusAddress]
+struct LookupWorkload: Sendable {
+    let space: AddressSpace
+    let probes: [BusAddress]
 
-    public static let pageSize: UInt64 = 4096
+    static let pageSize: UInt64 = 4096
 
-    public init(mappings count: Int, probes probeCount: Int, seed: UInt64 = 42) throws {
+    init(mappings count: Int, probes probeCount: Int, seed: UInt64 = 42) throws {
         let page = Self.pageSize
         var barSize: UInt64 = 1 << 20
         while barSize < UInt64(count) * 2 * page { barSize <<= 1 }
@@ -38,7 +40,7 @@ public struct LookupWorkload: Sendable {
     }
 
     /// The baseline: a linear scan over the same sorted mappings.
-    public static func linearLookup(_ mappings: [Mapping], _ address: BusAddress) -> Mapping? {
+    static func linearLookup(_ mappings: [Mapping], _ address: BusAddress) -> Mapping? {
         for m in mappings where m.bus <= address && address.rawValue < m.end { return m }
         return nil
     }

@@ -17,8 +17,8 @@ public enum PeerCodec {
     /// Header checks; returns the type and the payload size to read.
     public static func validate(header bytes: [UInt8]) throws(PeerProtocolError) -> (Header, PeerMessageType) {
         guard bytes.count == headerSize else { throw .truncated(needed: headerSize, got: bytes.count) }
-        var r = Reader(bytes)
-        let h = Header(type: try r.u32(), flags: try r.u32(), size: try r.u32())
+        guard let frame = FrameHeader(decoding: bytes) else { throw .truncated(needed: headerSize, got: bytes.count) }
+        let h = Header(type: frame.code, flags: frame.flags, size: frame.size)
         guard h.flags & 3 == version else { throw .badVersion(flags: h.flags) }
         guard h.flags & ~(3 | flagReply) == 0 else { throw .unknownFlags(flags: h.flags) }
         guard let type = PeerMessageType(rawValue: h.type) else { throw .unknownType(h.type) }
@@ -162,9 +162,7 @@ public enum PeerCodec {
             let text = Array(e.text.utf8.prefix(PeerError.maximumText))
             w.u32(e.code.rawValue); w.u32(UInt32(text.count)); w.append(text)
         }
-        var h = Writer()
-        h.u32(message.type.rawValue); h.u32(flags); h.u32(UInt32(w.bytes.count))
-        return h.bytes + w.bytes
+        return FrameHeader(code: message.type.rawValue, flags: flags, size: UInt32(w.bytes.count)).encoded + w.bytes
     }
 }
 

@@ -16,17 +16,12 @@ public struct MessageHeader: Equatable, Sendable {
     public var needsReply: Bool { flags & HeaderFlags.needReply != 0 }
     public var isReply: Bool { flags & HeaderFlags.reply != 0 }
 
-    public var encoded: [UInt8] {
-        var w = ByteWriter(capacity: 12)
-        w.u32(request); w.u32(flags); w.u32(size)
-        return w.bytes
-    }
+    public var encoded: [UInt8] { FrameHeader(code: request, flags: flags, size: size).encoded }
 
     /// Decodes 12 bytes; no validation beyond the length.
     public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> MessageHeader {
-        guard bytes.count == size else { throw .truncatedHeader(got: bytes.count) }
-        var r = ByteReader(bytes)
-        return MessageHeader(request: try r.u32(), flags: try r.u32(), size: try r.u32())
+        guard let h = FrameHeader(decoding: bytes) else { throw .truncatedHeader(got: bytes.count) }
+        return MessageHeader(request: h.code, flags: h.flags, size: h.size)
     }
 }
 

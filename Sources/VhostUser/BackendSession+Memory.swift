@@ -59,8 +59,8 @@ extension BackendSession {
             var effects: [SessionEffect] = plan.isEmpty ? [] : [.window(plan)]
             // Rings waiting for a translation may be startable now.
             for i in vrings.indices where vrings[i].awaitingTranslation {
-                vrings[i].awaitingTranslation = false
-                if let more = try? startIfReady(i) { effects += more } else { vrings[i].awaitingTranslation = true }
+                vrings[i].phase = .configuring
+                if let more = try? startIfReady(i) { effects += more } else { vrings[i].phase = .awaitingTranslation }
             }
             return effects
         case .invalidate:

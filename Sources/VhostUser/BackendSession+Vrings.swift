@@ -14,10 +14,24 @@ public struct VringSetup: Equatable, Sendable {
     /// SET_VRING_ENABLE was received for this ring (QEMU may send it before
     /// SET_FEATURES; negotiation must not undo it).
     public var enableExplicit = false
-    public var started = false
-    /// Waiting for IOTLB updates for its ring addresses (iommu mode).
-    public var awaitingTranslation = false
-    public var layout: VringLayout?
+
+    /// Where the ring is in its life: one value, so "started without a
+    /// layout" or "started and waiting" cannot be written.
+    public enum Phase: Equatable, Sendable {
+        /// Being configured (or stopped): not served.
+        case configuring
+        /// Complete, but waiting for IOTLB updates of its ring addresses (iommu mode).
+        case awaitingTranslation
+        /// Served by the device at this (validated) layout.
+        case started(VringLayout)
+    }
+    public internal(set) var phase: Phase = .configuring
+
+    public var started: Bool { if case .started = phase { true } else { false } }
+    public var awaitingTranslation: Bool { phase == .awaitingTranslation }
+    /// Started or waiting: a GET_VRING_BASE or a reset has something to stop.
+    public var active: Bool { phase != .configuring }
+    public var layout: VringLayout? { if case .started(let l) = phase { l } else { nil } }
 }
 
 /// Vrings: starting a ring once it is complete and its memory mapped, what
@@ -45,9 +59,8 @@ extension BackendSession {
         }
         let previous = vrings[i]
         vrings[i].address = address
-        if previous.started || previous.awaitingTranslation {
-            vrings[i].started = false
-            vrings[i].awaitingTranslation = false
+        if previous.active {
+            vrings[i].phase = .configuring
             do {
                 return try startIfReady(i)
             } catch {
@@ -70,12 +83,10 @@ extension BackendSession {
         try requireOwner(code)
         let i = try vringIndex(code, state.index)
         var effects: [SessionEffect] = []
-        if vrings[i].started || vrings[i].awaitingTranslation {
+        if vrings[i].active {
             effects.append(.ringStopped(index: i))
         }
-        vrings[i].started = false
-        vrings[i].awaitingTranslation = false
-        vrings[i].layout = nil
+        vrings[i].phase = .configuring
         if vrings[i].kick == .fd { effects.append(.setVringFile(.kick, index: i, fdIndex: nil)) }
         vrings[i].kick = .unset
         effects.append(reply(code, .vringState(VringState(index: UInt32(i), num: vrings[i].base))))
@@ -204,21 +215,20 @@ extension BackendSession {
             try addressSpace.validate(layout)
         } catch {
             if iommuPlatform, case .notMapped(let purpose, _, _, let missing) = error {
-                vrings[i].awaitingTranslation = true
+                vrings[i].phase = .awaitingTranslation
                 let perm: Permission = purpose == .usedRing ? .readWrite : .read
                 return hasBackendChannel ? [.raiseMiss(bus: missing, permission: perm)] : []
             }
             throw .addressSpace(error)
         }
-        vrings[i].started = true
-        vrings[i].layout = layout
+        vrings[i].phase = .started(layout)
         return [.ringStarted(index: i, layout)]
     }
 
     mutating func resetDevice() -> [SessionEffect] {
         var effects: [SessionEffect] = []
         for i in vrings.indices {
-            if vrings[i].started || vrings[i].awaitingTranslation { effects.append(.ringStopped(index: i)) }
+            if vrings[i].active { effects.append(.ringStopped(index: i)) }
             for (kind, state) in [(VringFileKind.kick, vrings[i].kick), (.call, vrings[i].call), (.err, vrings[i].err)] where state == .fd {
                 effects.append(.setVringFile(kind, index: i, fdIndex: nil))
             }
@@ -237,7 +247,7 @@ extension BackendSession {
     /// mapping, release every region fd.
     public mutating func teardown() -> [SessionEffect] {
         var effects: [SessionEffect] = []
-        for i in vrings.indices where vrings[i].started || vrings[i].awaitingTranslation {
+        for i in vrings.indices where vrings[i].active {
             effects.append(.ringStopped(index: i))
         }
         if deviceRunning { effects.append(.deviceStopped(features: ackedFeatures ?? 0)) }

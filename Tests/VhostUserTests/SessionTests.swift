@@ -231,7 +231,7 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         s.configureRing(0, base: 0x1_0000_0000)
         let kick = s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
         #expect(kick.last == .raiseMiss(bus: BusAddress(0x1_0000_0000), permission: .read))
-        #expect(s.vrings[0].awaitingTranslation && !s.vrings[0].started)
+        #expect(s.vrings[0].phase == .awaitingTranslation && s.vrings[0].active && s.vrings[0].layout == nil)
         #expect(s.ringTranslationsNeeded().map(\.bus) == [BusAddress(0x1_0000_0000)])
         guard case .sendBackend(let bytes)? = s.missMessage(bus: BusAddress(0x1_0000_0000), permission: .read) else {
             Issue.record("no miss message"); return
@@ -249,6 +249,8 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
                                                                     availRing: BusAddress(0x1_0000_1000), usedRing: BusAddress(0x1_0000_2000)))))
         #expect(s.statistics.iotlbMissesSent == 1 && s.statistics.iotlbUpdates == 2)
         #expect(s.ringTranslationsNeeded().isEmpty)
+        #expect(s.vrings[0].phase == .started(VringLayout(queueSize: 256, descriptorTable: BusAddress(0x1_0000_0000),
+                                                          availRing: BusAddress(0x1_0000_1000), usedRing: BusAddress(0x1_0000_2000))))
         #expect(replyU64(update) == 0)
     }
 

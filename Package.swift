@@ -1,11 +1,15 @@
 // swift-tools-version:6.1
 import PackageDescription
 
-// Layering (docs/architecture.md, DESIGN §8):
-//   CLinuxShim  - C: liburing and every macro / inline Swift cannot import. Nothing else.
-//   BridgeCore  - pure Swift: address kinds, memory regions, AddressSpace (the BAR model).
-//   LinuxIO     - the only target that makes syscalls; executes BridgeCore's plans.
-//   executables - thin: argument parsing and printing.
+// Layering (docs/architecture.md has the table, DESIGN §8):
+//   CLinuxShim     - C: liburing and every macro / inline Swift cannot import. Nothing else.
+//   BridgeCore     - pure Swift, imports nothing: addresses, regions, AddressSpace, decisions, wire format.
+//   VhostUser      - pure: vhost-user codec + BackendSession (imports BridgeCore).
+//   PeerProtocol   - pure: the VM2 peer protocol codec (imports BridgeCore).
+//   LinuxIO        - the only target that makes syscalls; executes BridgeCore's plans.
+//   BridgeDaemon   - carries out the pure decisions: threads, sockets, fds (imports all of the above).
+//   EmulatedGuests - emulated VM1 and VM2 for tests, the demo and the benchmarks.
+//   executables    - thin: argument parsing and printing (bench also holds its baselines).
 let swiftSettings: [SwiftSetting] = [
     .swiftLanguageMode(.v6),
 ]

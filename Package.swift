@@ -131,6 +131,12 @@ let package = Package(
             path: "Tests/TestSupport",
             swiftSettings: swiftSettings
         ),
+        .target(
+            name: "DaemonTestSupport",
+            dependencies: ["BridgeDaemon", "ControlClient", "LinuxIO", "TestSupport", .product(name: "Logging", package: "swift-log")],
+            path: "Tests/DaemonTestSupport",
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "BridgeCoreTests",
             dependencies: ["BridgeCore", "TestSupport"],
@@ -148,13 +154,14 @@ let package = Package(
         ),
         .testTarget(
             name: "BridgeDaemonTests",
-            dependencies: ["BridgeDaemon", "LinuxIO", "BridgeCore", "ControlClient", "EmulatedGuests", "VhostUser", "TestSupport",
+            dependencies: ["BridgeDaemon", "LinuxIO", "BridgeCore", "ControlClient", "VhostUser", "TestSupport", "DaemonTestSupport",
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),
         .testTarget(
             name: "IntegrationTests",
             dependencies: ["BridgeDaemon", "EmulatedGuests", "VhostUser", "PeerProtocol", "LinuxIO", "BridgeCore", "TestSupport",
+                           "DaemonTestSupport", "ControlClient",
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),
@@ -166,7 +173,8 @@ let package = Package(
         ),
         .testTarget(
             name: "LinuxIOTests",
-            dependencies: ["LinuxIO", "BridgeCore", "CLinuxShim"],
+            dependencies: ["LinuxIO", "BridgeCore", "CLinuxShim", "TestSupport",
+                           .product(name: "SystemPackage", package: "swift-system")],
             swiftSettings: swiftSettings
         ),
     ]

@@ -1,10 +1,7 @@
 import Testing
+import TestSupport
 @testable import BridgeCore
 
-let KiB: UInt64 = 1 << 10
-let MiB: UInt64 = 1 << 20
-let GiB: UInt64 = 1 << 30
-let TiB: UInt64 = 1 << 40
 let page: UInt64 = 4096
 
 /// Two read/write regions and one read-only region, far apart in every space.

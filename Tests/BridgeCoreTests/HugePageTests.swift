@@ -1,4 +1,5 @@
 import Testing
+import TestSupport
 @testable import BridgeCore
 
 private let huge: UInt64 = 2 * MiB

@@ -1,4 +1,5 @@
 import Testing
+import TestSupport
 @testable import BridgeCore
 
 private func region(_ gpa: UInt64, _ size: UInt64, _ uaddr: UInt64, _ off: UInt64 = 0) -> RegionDescriptor {

@@ -1,50 +1,13 @@
 import BridgeCore
 import BridgeDaemon
 import ControlClient
-import EmulatedGuests
 import Foundation
 import LinuxIO
 import Logging
+import DaemonTestSupport
 import Testing
 import TestSupport
 import VhostUser
-
-/// A daemon controller with a control server, in process.
-final class LiveDaemon {
-    let dir: String
-    let controller: DaemonController
-    let server: ControlServer
-
-    init(_ yaml: String, authorize: ControlServer.Authorizer? = nil) throws {
-        dir = "/tmp/vpb-ctl-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        let text = "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\n" + yaml
-        let config = try DaemonConfig.parse(text)
-        controller = DaemonController(config: config, logger: quietLogger())
-        #expect(controller.startConfiguredBridges().isEmpty)
-        let replacement = dir
-        server = try ControlServer(path: config.controlSocket, mode: 0o600, group: nil, controller: controller, logger: quietLogger(),
-                                   authorize: authorize, reloadConfig: {
-            .success((try? DaemonConfig.parse("runtime-directory: \(replacement)\ncontrol-socket: \(replacement)/control.sock\nlog-level: debug\nbridges:\n  - name: fresh\n    bar-size: 1G\n")) ?? DaemonConfig())
-        })
-    }
-
-    func client() throws -> ControlClient { try ControlClient(path: "\(dir)/control.sock") }
-
-    func stop() {
-        server.stop()
-        controller.stopAll()
-        try? FileManager.default.removeItem(atPath: dir)
-    }
-}
-
-func ok(_ r: [String: Any], sourceLocation: SourceLocation = #_sourceLocation) -> Any? {
-    #expect(r["ok"] as? Bool == true, "\(r)", sourceLocation: sourceLocation)
-    return r["result"]
-}
-
-func errorCode(_ r: [String: Any]) -> String? { (r["error"] as? [String: Any])?["code"] as? String }
-func errorMessage(_ r: [String: Any]) -> String { (r["error"] as? [String: Any])?["message"] as? String ?? "" }
 
 @Suite(.serialized) struct ControlTests {
     @Test func statusListShowAndStats() throws {
@@ -179,42 +142,6 @@ func errorMessage(_ r: [String: Any]) -> String { (r["error"] as? [String: Any])
         #expect(!SocketPathPolicy.isPlain("/a//b") && SocketPathPolicy.isPlain("/a/b"))
     }
 
-    @Test func staticMapFreezeAndCountedRefusals() throws {
-        let d = try LiveDaemon("bridges:\n  - name: s\n    bar-size: 4G\n    mode: static\n    static-windows: [\"0:16M\", \"1G:1040M\"]\n")
-        defer { d.stop() }
-        let c = try d.client()
-        // No VM1 yet: nothing to map from.
-        #expect(errorCode(try c.call(["command": "map", "name": "s", "bus": "0", "gpa": "0", "length": "4K"])) == "no-session")
-        // A VM1 with a vIOMMU limited to the second window (a static bridge needs IOMMU_PLATFORM).
-        var config = VM1Configuration()
-        config.iommu = .iommu
-        config.dmaWindow = BusWindow(base: BusAddress(1 << 30), limit: 1040 << 20)!
-        let vm1 = try EmulatedVM1(socketPath: "\(d.dir)/s-vm1.sock", configuration: config)
-        defer { vm1.disconnect() }
-        try vm1.start()
-        #expect(ok(try c.call(["command": "map", "name": "s", "bus": "0x100000", "gpa": "0x100000", "length": "1M", "perm": "rw"])) != nil)
-        let b = try d.controller.bridge("s")
-        #expect(b.window.probeInChild(BusAddress(0x100000)) == .accessible)
-        let outside = try c.call(["command": "map", "name": "s", "bus": "0x2000000", "gpa": "0", "length": "4K"])
-        #expect(errorCode(outside) == "refused" && errorMessage(outside).hasPrefix("[static-window]"))
-        #expect(ok(try c.call(["command": "freeze", "name": "s"])) != nil)
-        for _ in 0..<3 {
-            let frozen = try c.call(["command": "map", "name": "s", "bus": "0x200000", "gpa": "0", "length": "4K"])
-            #expect(errorCode(frozen) == "refused" && errorMessage(frozen).hasPrefix("[frozen]"))
-        }
-        #expect(b.window.probeInChild(BusAddress(0x100000)) == .accessible, "frozen: nothing granted, nothing lost")
-        // Freeze blocks grants only: an operator unmap still revokes.
-        #expect(ok(try c.call(["command": "unmap", "name": "s", "bus": "0x100000", "length": "4K"])) != nil)
-        #expect(b.window.probeInChild(BusAddress(0x100000)) == .faulted)
-        #expect(b.window.probeInChild(BusAddress(0x101000)) == .accessible)
-        let show = try #require(ok(try c.call(["command": "show", "name": "s"])) as? [String: Any])
-        #expect(((show["session"] as? [String: Any])?["frozen"] as? Bool) == true)
-        let refusals = try #require(((ok(try c.call(["command": "stats", "name": "s"])) as? [String: Any])?["refusals"]) as? [String: Any])
-        _ = refusals // counted in the live session; checked after it ends:
-        vm1.disconnect()
-        #expect(pollUntil { b.statistics.sessionsServed == 1 })
-        #expect(b.statistics.refusals["frozen"] == 3 && b.statistics.refusals["static-window"] == 1)
-    }
 
     @Test func reloadAddsRemovesAndReportsRestarts() throws {
         let d = try LiveDaemon("bridges:\n  - name: old\n    bar-size: 1G\n")

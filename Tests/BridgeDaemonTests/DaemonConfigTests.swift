@@ -2,6 +2,7 @@ import BridgeCore
 import BridgeDaemon
 import Foundation
 import Testing
+import TestSupport
 
 let goodConfig = """
 runtime-directory: /run/vpb

@@ -8,8 +8,6 @@ import Testing
 import TestSupport
 import VhostUser
 
-let GiB: UInt64 = 1 << 30
-let MiB: UInt64 = 1 << 20
 
 /// Every integration test counts fds or runs a daemon, so they run one at a
 /// time (and `make test` runs the suites without parallelism).

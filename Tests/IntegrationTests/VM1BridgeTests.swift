@@ -4,6 +4,7 @@ import EmulatedGuests
 import Foundation
 import LinuxIO
 import Testing
+import TestSupport
 import VhostUser
 
 extension Integration {

@@ -4,6 +4,7 @@ import EmulatedGuests
 import Foundation
 import LinuxIO
 import Testing
+import TestSupport
 import VhostUser
 
 /// Reads one reply, or nil when the daemon closed the connection.

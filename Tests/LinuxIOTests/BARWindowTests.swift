@@ -1,12 +1,11 @@
 import BridgeCore
 import Testing
+import TestSupport
 @testable import LinuxIO
 #if canImport(Glibc)
 import Glibc
 #endif
 
-private let MiB: UInt64 = 1 << 20
-private let TiB: UInt64 = 1 << 40
 
 extension LinuxIOTests {
     @Suite struct BARWindows {

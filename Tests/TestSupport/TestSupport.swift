@@ -3,6 +3,12 @@ import Logging
 
 /// Helpers every test target shares (one copy, not one per target).
 
+/// Sizes, defined once for every test target.
+public let KiB: UInt64 = 1 << 10
+public let MiB: UInt64 = 1 << 20
+public let GiB: UInt64 = 1 << 30
+public let TiB: UInt64 = 1 << 40
+
 /// SplitMix64: small, seeded, reproducible (a failing seed can be replayed).
 public struct SplitMix64: RandomNumberGenerator, Sendable {
     public var state: UInt64

@@ -1,9 +1,8 @@
 import BridgeCore
 import Testing
+import TestSupport
 @testable import VhostUser
 
-let GiB: UInt64 = 1 << 30
-let MiB: UInt64 = 1 << 20
 let ramUser: UInt64 = 0x7f00_0000_0000
 let ram = RegionDescriptor(guestPhysical: GuestPhysicalAddress(0), size: 256 * MiB,
                            userAddress: FrontendUserAddress(ramUser), mmapOffset: 0)

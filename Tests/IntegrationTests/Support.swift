@@ -58,10 +58,12 @@ final class RunningBridge {
 
 /// A bridge with an emulated VM2 (handshake done) and an emulated VM1
 /// (device started), all torn down after `body`.
-func withTwoGuests(_ name: String, mode: BridgeMode, staticWindows: [BusWindow] = [],
+func withTwoGuests(_ name: String, mode: BridgeMode, dmaWindow: BusWindow? = nil, staticWindows: [BusWindow] = [],
+                   revocationDeadline: Int = 2000, notifications: NotificationMode = .relay,
                    vm1: VM1Configuration? = nil, vm2: VM2Configuration = VM2Configuration(),
                    _ body: (RunningBridge, EmulatedVM1, EmulatedVM2) throws -> Void) throws {
-    let running = try RunningBridge(name, mode: mode, staticWindows: staticWindows)
+    let running = try RunningBridge(name, mode: mode, dmaWindow: dmaWindow, staticWindows: staticWindows,
+                                    revocationDeadline: revocationDeadline, notifications: notifications)
     defer { running.stop() }
     let device = try connectVM2(running, vm2)
     defer { device.stop() }

@@ -31,40 +31,35 @@ extension Integration {
     @Suite struct TwoGuests {
         private func zeroCopyRun(mode: BridgeMode, eager: Bool = true, count: Int = 160,
                                  notifications: NotificationMode = .relay) throws {
-            let running = try RunningBridge("zc-\(mode)-\(eager)-\(notifications)", mode: mode, notifications: notifications)
-            defer { running.stop() }
-            let vm2 = try connectVM2(running)
-            defer { vm2.stop() }
-            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: mode != .identity, eager: eager))
-            defer { vm1.disconnect() }
-            try vm1.start()
-            #expect(pollUntil { vm2.statistics.mapsApplied > 0 })
+            try withTwoGuests("zc-\(mode)-\(eager)-\(notifications)", mode: mode, notifications: notifications, vm1: vm1Config(iommu: mode != .identity, eager: eager)) { running, vm1, vm2 in
+                #expect(pollUntil { vm2.statistics.mapsApplied > 0 })
 
-            let result = try vm1.runTraffic(count: count, sizes: packetSizes)
-            #expect(result.completed, "\(result)")
-            #expect(result.verified == count && result.corrupt == 0)
-            let s = vm2.statistics
-            #expect(s.packetsVerified == count && s.packetsCorrupt == 0 && s.packetsSent == count)
-            #expect(s.descriptorsRefused == 0)
-            #expect(s.bytesReceived == result.bytesSent)
-            let bridge = running.bridge.statistics
-            if notifications == .passthrough {
-                #expect(bridge.kicksRelayed == 0 && bridge.callsRelayed == 0, "passthrough: the daemon sees no notification")
-            } else {
-                // Every kick VM1 sent and every doorbell VM2 rang went through the relay.
-                #expect(bridge.kicksRelayed > 0 && bridge.callsRelayed > 0)
-                #expect(bridge.notificationsDropped == 0)
-            }
+                let result = try vm1.runTraffic(count: count, sizes: packetSizes)
+                #expect(result.completed, "\(result)")
+                #expect(result.verified == count && result.corrupt == 0)
+                let s = vm2.statistics
+                #expect(s.packetsVerified == count && s.packetsCorrupt == 0 && s.packetsSent == count)
+                #expect(s.descriptorsRefused == 0)
+                #expect(s.bytesReceived == result.bytesSent)
+                let bridge = running.bridge.statistics
+                if notifications == .passthrough {
+                    #expect(bridge.kicksRelayed == 0 && bridge.callsRelayed == 0, "passthrough: the daemon sees no notification")
+                } else {
+                    // Every kick VM1 sent and every doorbell VM2 rang went through the relay.
+                    #expect(bridge.kicksRelayed > 0 && bridge.callsRelayed > 0)
+                    #expect(bridge.notificationsDropped == 0)
+                }
 
-            // Zero copy: VM2 reads VM1's pages through its own mapping of the same
-            // memfd. Identity: at BAR offset = GPA. A byte VM1 writes now shows up
-            // in VM2's BAR with no daemon action.
-            if mode == .identity {
-                let window = try #require(vm2.window)
-                let before = running.bridge.statistics.requests
-                #expect(vm1.ram.write([0xA5, 0x5A], at: GuestPhysicalAddress(0x70_0000)))
-                #expect(window.withBytes(at: BusAddress(0x70_0000), length: 2) { Array($0) } == [0xA5, 0x5A])
-                #expect(running.bridge.statistics.requests == before)
+                // Zero copy: VM2 reads VM1's pages through its own mapping of the same
+                // memfd. Identity: at BAR offset = GPA. A byte VM1 writes now shows up
+                // in VM2's BAR with no daemon action.
+                if mode == .identity {
+                    let window = try #require(vm2.window)
+                    let before = running.bridge.statistics.requests
+                    #expect(vm1.ram.write([0xA5, 0x5A], at: GuestPhysicalAddress(0x70_0000)))
+                    #expect(window.withBytes(at: BusAddress(0x70_0000), length: 2) { Array($0) } == [0xA5, 0x5A])
+                    #expect(running.bridge.statistics.requests == before)
+                }
             }
         }
 
@@ -79,126 +74,101 @@ extension Integration {
         }
 
         @Test func iommuZeroCopyIsVisibleAtTheIOVA() throws {
-            let running = try RunningBridge("zc-iova", mode: .iommu)
-            defer { running.stop() }
-            let vm2 = try connectVM2(running)
-            defer { vm2.stop() }
-            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
-            defer { vm1.disconnect() }
-            try vm1.start()
-            let iommu = try #require(vm1.iommu)
-            let iova = try iommu.map(GuestPhysicalAddress(0x80_0000), length: 4096, permission: .read, eager: true)
-            #expect(pollUntil { vm2.window?.probeInChild(iova) == .accessible })
-            #expect(vm1.ram.write([1, 2, 3], at: GuestPhysicalAddress(0x80_0000)))
-            #expect(vm2.window?.withBytes(at: iova, length: 3) { Array($0) } == [1, 2, 3])
+            try withTwoGuests("zc-iova", mode: .iommu, vm1: vm1Config(iommu: true)) { running, vm1, vm2 in
+                let iommu = try #require(vm1.iommu)
+                let iova = try iommu.map(GuestPhysicalAddress(0x80_0000), length: 4096, permission: .read, eager: true)
+                #expect(pollUntil { vm2.window?.probeInChild(iova) == .accessible })
+                #expect(vm1.ram.write([1, 2, 3], at: GuestPhysicalAddress(0x80_0000)))
+                #expect(vm2.window?.withBytes(at: iova, length: 3) { Array($0) } == [1, 2, 3])
 
-            // Revocation: once VM1's invalidate is acked, VM2's BAR faults there.
-            try iommu.unmap(iova)
-            #expect(vm2.window?.probeInChild(iova) == .faulted)
-            #expect(vm2.statistics.unmapsApplied >= 1)
-            #expect(running.bridge.statistics.peer.revocationTimeouts == 0)
+                // Revocation: once VM1's invalidate is acked, VM2's BAR faults there.
+                try iommu.unmap(iova)
+                #expect(vm2.window?.probeInChild(iova) == .faulted)
+                #expect(vm2.statistics.unmapsApplied >= 1)
+                #expect(running.bridge.statistics.peer.revocationTimeouts == 0)
+            }
         }
 
         @Test func aVM2ThatNeverAcksIsDisconnectedAndVM1StillCompletes() throws {
-            let running = try RunningBridge("noack", mode: .iommu, revocationDeadline: 50)
-            defer { running.stop() }
             var config = VM2Configuration()
             config.acknowledges = false
-            let vm2 = try connectVM2(running, config)
-            defer { vm2.stop() }
-            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
-            defer { vm1.disconnect() }
-            try vm1.start()
-            let iommu = try #require(vm1.iommu)
-            let iova = try iommu.map(GuestPhysicalAddress(0x90_0000), length: 4096, permission: .readWrite, eager: true)
-            try iommu.unmap(iova) // returns once the daemon acked: after the deadline at worst
-            #expect(running.bridge.statistics.peer.revocationTimeouts == 1)
-            #expect(pollUntil { vm2.isFinished }, "VM2 must be disconnected")
-            #expect(running.bridge.window.probeInChild(iova) == .faulted)
-            // VM1 is unaffected: its session goes on.
-            #expect(try vm1.frontend.getU64(.getFeatures) != 0)
-            #expect(running.bridge.statistics.session?.startedRings == [0, 1])
+            try withTwoGuests("noack", mode: .iommu, revocationDeadline: 50, vm1: vm1Config(iommu: true), vm2: config) { running, vm1, vm2 in
+                let iommu = try #require(vm1.iommu)
+                let iova = try iommu.map(GuestPhysicalAddress(0x90_0000), length: 4096, permission: .readWrite, eager: true)
+                try iommu.unmap(iova) // returns once the daemon acked: after the deadline at worst
+                #expect(running.bridge.statistics.peer.revocationTimeouts == 1)
+                #expect(pollUntil { vm2.isFinished }, "VM2 must be disconnected")
+                #expect(running.bridge.window.probeInChild(iova) == .faulted)
+                // VM1 is unaffected: its session goes on.
+                #expect(try vm1.frontend.getU64(.getFeatures) != 0)
+                #expect(running.bridge.statistics.session?.startedRings == [0, 1])
+            }
         }
 
         @Test func translationRequestsAndRefusals() throws {
             let dma = BusWindow(base: BusAddress(4 * GiB), limit: 16 * GiB)!
-            let running = try RunningBridge("translate", mode: .iommu, dmaWindow: dma)
-            defer { running.stop() }
-            let vm2 = try connectVM2(running)
-            defer { vm2.stop() }
             var config = vm1Config(iommu: true)
             config.dmaWindow = dma
-            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: config)
-            defer { vm1.disconnect() }
-            try vm1.start()
-            let iommu = try #require(vm1.iommu)
-            let iova = try iommu.map(GuestPhysicalAddress(0xA0_0000), length: 8192, permission: .read, eager: false)
-            #expect(vm2.window?.probeInChild(iova) == .faulted, "not mapped before anyone asks")
+            try withTwoGuests("translate", mode: .iommu, dmaWindow: dma, vm1: config) { running, vm1, vm2 in
+                let iommu = try #require(vm1.iommu)
+                let iova = try iommu.map(GuestPhysicalAddress(0xA0_0000), length: 8192, permission: .read, eager: false)
+                #expect(vm2.window?.probeInChild(iova) == .faulted, "not mapped before anyone asks")
 
-            // VM2 asks from its own thread; VM1 answers the miss here.
-            let pending = Mutex<PeerTranslateReply?>(nil)
-            let asker = try JoinableThread(name: "ask") {
-                let r = vm2.translate(barOffset: iova.rawValue, length: 8192, access: .read)
-                pending.withLock { $0 = r }
+                // VM2 asks from its own thread; VM1 answers the miss here.
+                let pending = Mutex<PeerTranslateReply?>(nil)
+                let asker = try JoinableThread(name: "ask") {
+                    let r = vm2.translate(barOffset: iova.rawValue, length: 8192, access: .read)
+                    pending.withLock { $0 = r }
+                }
+                #expect(pollUntil {
+                    try? vm1.settleMisses()
+                    return pending.withLock { $0 != nil }
+                })
+                asker.join()
+                #expect(pending.withLock { $0?.status } == .granted)
+                #expect(vm2.window?.probeInChild(iova) == .accessible)
+
+                // Refusals name the rule and are counted; VM1 is untouched.
+                let outside = vm2.translate(barOffset: 64 * GiB - 4096, length: 8192, access: .read)
+                #expect(outside?.status == .refused)
+                #expect(outside?.reason.contains("[bar-bounds]") == true)
+                let lowIOVA = vm2.translate(barOffset: 0x1000, length: 4096, access: .read)
+                #expect(lowIOVA?.status == .refused)
+                #expect(lowIOVA?.reason.contains("[dma-window]") == true)
+                let write = vm2.translate(barOffset: iova.rawValue, length: 4096, access: .write)
+                #expect(write?.status == .refused)
+                #expect(write?.reason.contains("[permission]") == true)
+                let stats = running.bridge.statistics
+                #expect(stats.peer.refusals["bar-bounds"] == 1 && stats.peer.refusals["dma-window"] == 1 && stats.peer.refusals["permission"] == 1)
+                #expect(stats.peer.translationsGranted == 1)
+                #expect(try vm1.frontend.getU64(.getFeatures) != 0)
             }
-            #expect(pollUntil {
-                try? vm1.settleMisses()
-                return pending.withLock { $0 != nil }
-            })
-            asker.join()
-            #expect(pending.withLock { $0?.status } == .granted)
-            #expect(vm2.window?.probeInChild(iova) == .accessible)
-
-            // Refusals name the rule and are counted; VM1 is untouched.
-            let outside = vm2.translate(barOffset: 64 * GiB - 4096, length: 8192, access: .read)
-            #expect(outside?.status == .refused)
-            #expect(outside?.reason.contains("[bar-bounds]") == true)
-            let lowIOVA = vm2.translate(barOffset: 0x1000, length: 4096, access: .read)
-            #expect(lowIOVA?.status == .refused)
-            #expect(lowIOVA?.reason.contains("[dma-window]") == true)
-            let write = vm2.translate(barOffset: iova.rawValue, length: 4096, access: .write)
-            #expect(write?.status == .refused)
-            #expect(write?.reason.contains("[permission]") == true)
-            let stats = running.bridge.statistics
-            #expect(stats.peer.refusals["bar-bounds"] == 1 && stats.peer.refusals["dma-window"] == 1 && stats.peer.refusals["permission"] == 1)
-            #expect(stats.peer.translationsGranted == 1)
-            #expect(try vm1.frontend.getU64(.getFeatures) != 0)
         }
 
         @Test func maliciousVM2InIdentityModeIsRefusedAndTrafficGoesOn() throws {
-            let running = try RunningBridge("evil-vm2", mode: .identity)
-            defer { running.stop() }
-            let vm2 = try connectVM2(running)
-            defer { vm2.stop() }
-            let vm1 = try EmulatedVM1(socketPath: running.path)
-            defer { vm1.disconnect() }
-            try vm1.start()
-            #expect(vm2.translate(barOffset: 64 * GiB, length: 4096, access: .read)?.status == .refused)
-            #expect(vm2.translate(barOffset: 512 * MiB, length: 4096, access: .read)?.reason.contains("[not-mapped]") == true)
-            #expect(vm2.translate(barOffset: UInt64.max - 10, length: 4096, access: .read)?.reason.contains("[wrap-around]") == true)
-            #expect(running.bridge.statistics.peer.translationsRefused == 3)
-            let result = try vm1.runTraffic(count: 50, sizes: [1500])
-            #expect(result.completed)
+            try withTwoGuests("evil-vm2", mode: .identity) { running, vm1, vm2 in
+                #expect(vm2.translate(barOffset: 64 * GiB, length: 4096, access: .read)?.status == .refused)
+                #expect(vm2.translate(barOffset: 512 * MiB, length: 4096, access: .read)?.reason.contains("[not-mapped]") == true)
+                #expect(vm2.translate(barOffset: UInt64.max - 10, length: 4096, access: .read)?.reason.contains("[wrap-around]") == true)
+                #expect(running.bridge.statistics.peer.translationsRefused == 3)
+                let result = try vm1.runTraffic(count: 50, sizes: [1500])
+                #expect(result.completed)
+            }
         }
 
         @Test func hostileDescriptorsFromVM1AreRefusedByTheDevice() throws {
-            let running = try RunningBridge("evil-desc", mode: .identity)
-            defer { running.stop() }
-            let vm2 = try connectVM2(running)
-            defer { vm2.stop() }
-            let vm1 = try EmulatedVM1(socketPath: running.path)
-            defer { vm1.disconnect() }
-            try vm1.start()
-            let tx = vm1.queues[1]
-            // Past the BAR, in an unmapped hole, and a loop is impossible to build here; two bad ones:
-            tx.add([.init(address: 64 * GiB - 16, length: 64, deviceWritable: false)])
-            tx.add([.init(address: 300 * MiB, length: 64, deviceWritable: false)])
-            // A TX descriptor that claims to be device-writable is malformed for TX.
-            tx.add([.init(address: 0x80_0000, length: 64, deviceWritable: true)])
-            try tx.kick.signal()
-            #expect(pollUntil { vm2.statistics.descriptorsRefused >= 3 })
-            #expect(vm2.statistics.packetsVerified == 0)
-            #expect(try vm1.frontend.getU64(.getFeatures) != 0)
+            try withTwoGuests("evil-desc", mode: .identity) { running, vm1, vm2 in
+                let tx = vm1.queues[1]
+                // Past the BAR, in an unmapped hole, and a loop is impossible to build here; two bad ones:
+                tx.add([.init(address: 64 * GiB - 16, length: 64, deviceWritable: false)])
+                tx.add([.init(address: 300 * MiB, length: 64, deviceWritable: false)])
+                // A TX descriptor that claims to be device-writable is malformed for TX.
+                tx.add([.init(address: 0x80_0000, length: 64, deviceWritable: true)])
+                try tx.kick.signal()
+                #expect(pollUntil { vm2.statistics.descriptorsRefused >= 3 })
+                #expect(vm2.statistics.packetsVerified == 0)
+                #expect(try vm1.frontend.getU64(.getFeatures) != 0)
+            }
         }
 
         @Test func aLateVM2GetsTheFullStateAndASecondOneIsTurnedAway() throws {

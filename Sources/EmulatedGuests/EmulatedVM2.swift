@@ -136,10 +136,9 @@ import Glibc
 private final class VM2Engine {
     struct Ring {
         var index: Int
-        var size: UInt32
-        var desc: UInt64
-        var avail: UInt64
-        var used: UInt64
+        /// The ring's fields as BAR offsets.
+        var layout: SplitRing
+        var size: UInt32 { layout.size }
         var lastAvail: UInt16
         var usedIndex: UInt16
         var enabled: Bool
@@ -309,7 +308,7 @@ private final class VM2Engine {
             if v.hasCall, next < fds.count { call = EventFD(adopting: OwnedFileDescriptor(adopting: fds[next].release())) }
             // An in-order device: the used index equals the last avail index.
             let resume = rings[index]?.lastAvail ?? v.lastAvail
-            rings[index] = Ring(index: index, size: v.num, desc: v.desc, avail: v.avail, used: v.used,
+            rings[index] = Ring(index: index, layout: SplitRing(size: v.num, desc: v.desc, avail: v.avail, used: v.used),
                                 lastAvail: resume, usedIndex: rings[index]?.usedIndex ?? resume,
                                 enabled: v.enabled, kick: kick, call: call)
             process(ring: index) // catch up on anything kicked while nobody listened
@@ -374,25 +373,42 @@ private final class VM2Engine {
 
     // MARK: the device
 
-    /// A checked view of guest memory through the BAR; nil (and counted) when
-    /// the range is not mapped with `needed`, after one translation attempt.
-    func access(_ address: UInt64, _ length: UInt64, _ needed: Permission) -> UnsafeMutableRawBufferPointer? {
-        guard let window, length <= UInt64(Int.max) else { return nil }
-        if let failure = table.check(address, length: length, needed: needed, barSize: barSize) {
-            switch failure {
-            case .notMapped, .denied:
-                guard translateAndWait(address, length: length, access: needed),
-                      table.check(address, length: length, needed: needed, barSize: barSize) == nil else { return nil }
-            case .wraps, .outsideBAR:
-                return nil
-            }
+    /// Makes `[address, address+length)` accessible with `needed`, asking
+    /// the daemon for a translation when it is not granted yet. That may
+    /// process control messages — revocations among them — so it is called
+    /// before `checked`, never between `checked` and the access it guards.
+    func ensure(_ address: UInt64, _ length: UInt64, _ needed: Permission) -> Bool {
+        guard window != nil, length <= UInt64(Int.max) else { return false }
+        switch table.check(address, length: length, needed: needed, barSize: barSize) {
+        case nil:
+            return true
+        case .notMapped?, .denied?:
+            return translateAndWait(address, length: length, access: needed)
+                && table.check(address, length: length, needed: needed, barSize: barSize) == nil
+        case .wraps?, .outsideBAR?:
+            return false
         }
-        return window.withBytes(at: BusAddress(address), length: Int(length)) { $0 }
     }
 
-    func load16(_ address: UInt64) -> UInt16? {
-        guard let b = access(address, 2, .read), let p = b.baseAddress else { return nil }
-        return UInt16(littleEndian: shimLoadAcquire(p))
+    /// The bytes, checked against what is granted *now* (no control
+    /// processing in between), inside `body` only: no pointer outlives it.
+    func checked<R>(_ address: UInt64, _ length: UInt64, _ needed: Permission,
+                    _ body: (UnsafeMutableRawBufferPointer) -> R) -> R? {
+        guard let window, length <= UInt64(Int.max),
+              table.check(address, length: length, needed: needed, barSize: barSize) == nil else { return nil }
+        return window.withBytes(at: address, length: Int(length), body)
+    }
+
+    /// `ensure`, then `checked`.
+    func access<R>(_ address: UInt64, _ length: UInt64, _ needed: Permission,
+                   _ body: (UnsafeMutableRawBufferPointer) -> R) -> R? {
+        guard ensure(address, length, needed) else { return nil }
+        return checked(address, length, needed, body)
+    }
+
+    func loadIndex(_ address: UInt64) -> UInt16? {
+        guard ensure(address, 2, .read), let window, table.check(address, length: 2, needed: .read, barSize: barSize) == nil else { return nil }
+        return window.loadAcquire(at: address)
     }
 
     /// Processes up to one ring's worth of entries; returns whether more are
@@ -406,11 +422,11 @@ private final class VM2Engine {
         while stopReason == nil {
             if budget == 0 { more = true; break }
             budget -= 1
-            guard let availIdx = load16(ring.avail + 2) else { refuse("avail ring not mapped"); break }
+            guard let availIdx = loadIndex(ring.layout.availIndex) else { refuse("avail ring not mapped"); break }
             if availIdx == ring.lastAvail { break }
-            let slot = UInt64(ring.lastAvail % UInt16(truncatingIfNeeded: ring.size))
-            guard let headBytes = access(ring.avail + 4 + 2 * slot, 2, .read) else { refuse("avail ring not mapped"); break }
-            let head = UInt16(littleEndian: headBytes.loadUnaligned(as: UInt16.self))
+            guard let head = access(ring.layout.availEntry(ring.lastAvail), 2, .read, { UInt16(littleEndian: $0.loadUnaligned(as: UInt16.self)) }) else {
+                refuse("avail ring not mapped"); break
+            }
             let written: UInt32
             if index % 2 == 1 {
                 written = transmit(ring: ring, head: head)
@@ -430,14 +446,15 @@ private final class VM2Engine {
             // stopped, so nothing more may be completed or written back.
             guard rings[index] != nil else { return false }
             // Used ring entry, then the index (release).
-            let usedSlot = UInt64(ring.usedIndex % UInt16(truncatingIfNeeded: ring.size))
-            if let entry = access(ring.used + 4 + 8 * usedSlot, 8, .write) {
+            _ = access(ring.layout.usedElement(ring.usedIndex), 8, .write) { entry in
                 entry.storeBytes(of: UInt32(head).littleEndian, as: UInt32.self)
                 entry.storeBytes(of: written.littleEndian, toByteOffset: 4, as: UInt32.self)
             }
             ring.lastAvail &+= 1
             ring.usedIndex &+= 1
-            if let idx = access(ring.used + 2, 2, .write), let p = idx.baseAddress { shimStoreRelease(p, ring.usedIndex) }
+            if ensure(ring.layout.usedIndex, 2, .write), table.check(ring.layout.usedIndex, length: 2, needed: .write, barSize: barSize) == nil {
+                window?.storeRelease(ring.usedIndex, at: ring.layout.usedIndex)
+            }
             rings[index] = ring
             progressed = true
         }
@@ -460,14 +477,13 @@ private final class VM2Engine {
         var out: [(UInt64, UInt32, Bool)] = []
         var i = head
         for _ in 0..<ring.size {
-            guard UInt32(i) < ring.size, let d = access(ring.desc + 16 * UInt64(i), 16, .read) else { return nil }
-            let addr = UInt64(littleEndian: d.loadUnaligned(as: UInt64.self))
-            let len = UInt32(littleEndian: d.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
-            let flags = UInt16(littleEndian: d.loadUnaligned(fromByteOffset: 12, as: UInt16.self))
-            let next = UInt16(littleEndian: d.loadUnaligned(fromByteOffset: 14, as: UInt16.self))
-            out.append((addr, len, flags & 2 != 0))
-            if flags & 1 == 0 { return out }
-            i = next
+            let at = ring.layout.descriptor(i)
+            guard UInt32(i) < ring.size, ensure(at, Descriptor.size, .read),
+                  table.check(at, length: Descriptor.size, needed: .read, barSize: barSize) == nil,
+                  let window, let d = Descriptor.load(from: window, at: at) else { return nil }
+            out.append((d.address, d.length, d.deviceWritable))
+            if !d.hasNext { return out }
+            i = d.next
         }
         return nil // a loop
     }
@@ -475,25 +491,31 @@ private final class VM2Engine {
     func transmit(ring: Ring, head: UInt16) -> UInt32 {
         guard let parts = chain(ring, head: head) else { refuse("tx: unreadable or looping chain"); return 0 }
         guard parts.allSatisfy({ !$0.2 }) else { refuse("tx: device-writable buffer in a TX chain"); return 0 }
-        // Verify in place (single-buffer packets: the emulated VM1 and DPDK
-        // send one descriptor; chains are gathered).
-        var bytes: [UInt8] = []
-        var views: [UnsafeMutableRawBufferPointer] = []
-        for (addr, len, _) in parts {
-            guard let view = access(addr, UInt64(len), .read) else { refuse("tx: buffer not mapped readable"); return 0 }
-            views.append(view)
-        }
-        let total = views.reduce(0) { $0 + $1.count }
+        // Every part made accessible first (translations may process
+        // revocations); then read, each checked again right before it is
+        // touched. Single-buffer packets (the emulated VM1 and DPDK send one
+        // descriptor) are verified in place; chains are gathered.
+        for (addr, len, _) in parts where !ensure(addr, UInt64(len), .read) { refuse("tx: buffer not mapped readable"); return 0 }
+        let total = parts.reduce(0) { $0 + Int($1.1) }
         guard total >= 12 else { refuse("tx: shorter than the virtio-net header"); return 0 }
+        var bytes: [UInt8] = []
         let verdict: TestPacket.Verdict
         let plausible: Bool
-        if views.count == 1 {
-            let payload = UnsafeRawBufferPointer(rebasing: views[0][12...])
-            verdict = TestPacket.verify(payload)
-            plausible = EthernetCheck.isPlausible(payload)
-            if configuration.echo, case .valid = verdict { bytes = Array(views[0]) }
+        if parts.count == 1 {
+            let echo = configuration.echo
+            guard let (v, p, copy) = checked(parts[0].0, UInt64(parts[0].1), .read, { view -> (TestPacket.Verdict, Bool, [UInt8]) in
+                let payload = UnsafeRawBufferPointer(rebasing: view[12...])
+                let v = TestPacket.verify(payload)
+                var copy: [UInt8] = []
+                if echo, case .valid = v { copy = Array(view) }
+                return (v, EthernetCheck.isPlausible(payload), copy)
+            }) else { refuse("tx: buffer revoked while in use"); return 0 }
+            (verdict, plausible, bytes) = (v, p, copy)
         } else {
-            for v in views { bytes += Array(v) }
+            for (addr, len, _) in parts {
+                guard let part = checked(addr, UInt64(len), .read, { Array($0) }) else { refuse("tx: buffer revoked while in use"); return 0 }
+                bytes += part
+            }
             let payload = Array(bytes.dropFirst(12))
             verdict = TestPacket.verify(payload)
             plausible = payload.withUnsafeBytes { EthernetCheck.isPlausible($0) }
@@ -518,8 +540,11 @@ private final class VM2Engine {
         var offset = 0
         for (addr, len, _) in parts where offset < packet.count {
             let n = min(Int(len), packet.count - offset)
-            guard let view = access(addr, UInt64(n), .write) else { refuse("rx: buffer not mapped writable"); return 0 }
-            packet.withUnsafeBytes { src in view.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[offset..<(offset + n)])) }
+            let start = offset
+            let copied: Void? = access(addr, UInt64(n), .write) { view in
+                packet.withUnsafeBytes { src in view.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[start..<(start + n)])) }
+            }
+            guard copied != nil else { refuse("rx: buffer not mapped writable"); return 0 }
             offset += n
         }
         guard offset == packet.count else { owner.update { $0.echoesDropped += 1 }; return UInt32(offset) }
@@ -529,5 +554,4 @@ private final class VM2Engine {
     }
 }
 
-@inline(__always) func shimLoadAcquire(_ p: UnsafeMutableRawPointer) -> UInt16 { SharedMemory.loadAcquire(p) }
-@inline(__always) func shimStoreRelease(_ p: UnsafeMutableRawPointer, _ v: UInt16) { SharedMemory.storeRelease(p, v) }
+

@@ -42,7 +42,7 @@ public enum BARWindowError: Error, Equatable, Sendable, CustomStringConvertible 
 /// Sendable without `@unchecked`: the state is the immutable base address
 /// (kept as an integer) and size, plus a `Mutex` that serialises changes so
 /// a plan is applied as a unit with respect to other plans.
-public final class BARWindow: Sendable {
+public final class BARWindow: SharedMemory, Sendable {
     public let size: UInt64
     private let base: UInt
     private let changes = Mutex<UInt64>(0)
@@ -64,9 +64,9 @@ public final class BARWindow: Sendable {
         if let pointer = UnsafeMutableRawPointer(bitPattern: base) { munmap(pointer, Int(size)) }
     }
 
-    /// Address of BAR offset 0 in this process. Access through it is the
-    /// caller's responsibility; prefer `withBytes`.
-    public var baseAddress: UnsafeMutableRawPointer {
+    /// Address of BAR offset 0 in this process: internal — the bytes are
+    /// reached only through `withBytes` (`SharedMemory`).
+    var baseAddress: UnsafeMutableRawPointer {
         // Non-nil: `base` came from a successful mmap.
         UnsafeMutableRawPointer(bitPattern: base).unsafelyUnwrapped
     }
@@ -160,8 +160,14 @@ public final class BARWindow: Sendable {
     /// window size only: touching an unmapped range still faults, by design).
     public func withBytes<R, E: Error>(at bus: BusAddress, length: Int,
                                        _ body: (UnsafeMutableRawBufferPointer) throws(E) -> R) throws(E) -> R? {
-        guard length >= 0, let end = bus.adding(UInt64(length)), end.rawValue <= size else { return nil }
-        return try body(UnsafeMutableRawBufferPointer(start: baseAddress + Int(bus.rawValue), count: length))
+        try withBytes(at: bus.rawValue, length: length, body)
+    }
+
+    /// `SharedMemory`: offsets are BAR offsets (bus addresses).
+    public func withBytes<R, E: Error>(at offset: UInt64, length: Int,
+                                       _ body: (UnsafeMutableRawBufferPointer) throws(E) -> R) throws(E) -> R? {
+        guard length >= 0, let end = BusAddress(offset).adding(UInt64(length)), end.rawValue <= size else { return nil }
+        return try body(UnsafeMutableRawBufferPointer(start: baseAddress + Int(offset), count: length))
     }
 
     /// How a probe of one byte ended.

@@ -10,7 +10,7 @@ import Glibc
 /// Sendable without `@unchecked`: the state is the base address kept as an
 /// integer and the size, both immutable. Concurrent access to the bytes is
 /// the callers' protocol (as with guest RAM shared between VMs).
-public final class MemoryMapping: Sendable {
+public final class MemoryMapping: SharedMemory, Sendable {
     public let size: UInt64
     private let base: UInt
 
@@ -39,53 +39,4 @@ public final class MemoryMapping: Sendable {
         return try body(UnsafeMutableRawBufferPointer(start: p + Int(offset), count: length))
     }
 
-    public func write(_ bytes: [UInt8], at offset: UInt64) -> Bool {
-        withBytes(at: offset, length: bytes.count) { $0.copyBytes(from: bytes) } != nil
-    }
-
-    public func read(_ count: Int, at offset: UInt64) -> [UInt8]? {
-        withBytes(at: offset, length: count) { Array($0) }
-    }
-
-    /// Little-endian loads and stores for ring fields (aligned by the caller).
-    public func load<T: FixedWidthInteger>(_: T.Type, at offset: UInt64) -> T? {
-        withBytes(at: offset, length: MemoryLayout<T>.size) { T(littleEndian: $0.loadUnaligned(as: T.self)) }
-    }
-
-    @discardableResult
-    public func store<T: FixedWidthInteger>(_ value: T, at offset: UInt64) -> Bool {
-        withBytes(at: offset, length: MemoryLayout<T>.size) { $0.storeBytes(of: value.littleEndian, as: T.self) } != nil
-    }
-
-    /// Release-store of a 16-bit ring index: every earlier write (descriptors,
-    /// ring entries) is visible to the other side before the new index.
-    @discardableResult
-    public func storeRelease(_ value: UInt16, at offset: UInt64) -> Bool {
-        withBytes(at: offset, length: 2) { buffer -> Bool in
-            guard let p = buffer.baseAddress, Int(bitPattern: p) % 2 == 0 else { return false }
-            shim_store_release_u16(p, value.littleEndian)
-            return true
-        } ?? false
-    }
-
-    /// Acquire-load of a 16-bit ring index.
-    public func loadAcquire(at offset: UInt64) -> UInt16? {
-        withBytes(at: offset, length: 2) { buffer -> UInt16? in
-            guard let p = buffer.baseAddress, Int(bitPattern: p) % 2 == 0 else { return nil }
-            return UInt16(littleEndian: shim_load_acquire_u16(p))
-        } ?? nil
-    }
-}
-
-/// Ordered 16-bit accesses to memory shared with another VM (ring indices).
-public enum SharedMemory {
-    /// Acquire-load of a little-endian u16 at `p` (2-byte aligned).
-    public static func loadAcquire(_ p: UnsafeMutableRawPointer) -> UInt16 {
-        UInt16(littleEndian: shim_load_acquire_u16(p))
-    }
-
-    /// Release-store of a little-endian u16 at `p` (2-byte aligned).
-    public static func storeRelease(_ p: UnsafeMutableRawPointer, _ value: UInt16) {
-        shim_store_release_u16(p, value.littleEndian)
-    }
 }

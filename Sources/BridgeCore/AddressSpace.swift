@@ -42,6 +42,15 @@ public struct Mapping: Equatable, Sendable, CustomStringConvertible {
     }
 }
 
+extension Mapping: RangeMapElement {
+    public var start: UInt64 { bus.rawValue }
+
+    public func joined(with next: Mapping) -> Mapping? {
+        guard isContinued(by: next) else { return nil }
+        return Mapping(bus: bus, length: length + next.length, permission: permission, region: region, fdOffset: fdOffset)
+    }
+}
+
 /// One step for `BARWindow` to carry out.
 public enum WindowOperation: Equatable, Sendable, CustomStringConvertible {
     /// mmap `[fdOffset, fdOffset+length)` of the region's fd at BAR offset
@@ -226,7 +235,9 @@ public enum AddressSpaceError: Error, Equatable, Sendable, CustomStringConvertib
 /// and no two neighbours could be coalesced.
 public struct AddressSpace: Sendable {
     public let configuration: AddressSpaceConfiguration
-    public private(set) var mappings: [Mapping] = []
+    /// The live mappings, on the one range map (sorted, joined).
+    private var map = RangeMap<Mapping>()
+    public var mappings: [Mapping] { map.elements }
     public private(set) var isFrozen = false
     public private(set) var mappedBytes: UInt64 = 0
     /// At most this many mappings after a grant (set from the process-wide
@@ -247,43 +258,15 @@ public struct AddressSpace: Sendable {
 
     // MARK: lookup (O(log n))
 
-    /// Index of the first mapping whose end is above `address`.
-    private func firstIndex(endingAbove address: UInt64) -> Int {
-        var lo = 0, hi = mappings.count
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if mappings[mid].end <= address { lo = mid + 1 } else { hi = mid }
-        }
-        return lo
-    }
-
-    /// Index of the first mapping starting at or above `address`.
-    private func firstIndex(startingAtOrAbove address: UInt64) -> Int {
-        var lo = 0, hi = mappings.count
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if mappings[mid].bus.rawValue < address { lo = mid + 1 } else { hi = mid }
-        }
-        return lo
-    }
-
     /// The mapping that contains `address`, if any.
     public func lookup(_ address: BusAddress) -> Mapping? {
-        let i = firstIndex(endingAbove: address.rawValue)
-        guard i < mappings.count, mappings[i].bus <= address else { return nil }
-        return mappings[i]
+        map.element(containing: address.rawValue)
     }
 
     /// The mappings (clipped) that intersect `[bus, bus+length)`.
     public func mappings(intersecting bus: BusAddress, length: UInt64) -> [Mapping] {
         guard let end = bus.adding(length) else { return [] }
-        var result: [Mapping] = []
-        var i = firstIndex(endingAbove: bus.rawValue)
-        while i < mappings.count, mappings[i].bus.rawValue < end.rawValue {
-            if let piece = mappings[i].clipped(to: bus.rawValue, end.rawValue) { result.append(piece) }
-            i += 1
-        }
-        return result
+        return map.intersecting(bus.rawValue, end.rawValue)
     }
 
     // MARK: checks shared by every change
@@ -314,56 +297,12 @@ public struct AddressSpace: Sendable {
 
     // MARK: splice (the one place the mapping list changes)
 
-    /// A computed change to the mapping list, not yet applied: replace
-    /// `mappings[lower..<upper]` by `replacement`.
-    private struct Splice {
-        var lower: Int
-        var upper: Int
-        var replacement: [Mapping]
-        /// The old pieces that were inside the changed range (clipped).
-        var removed: [Mapping]
-        var countAfter: Int
-    }
+    private typealias Splice = RangeMap<Mapping>.Change
 
-    /// Plans replacing whatever lies in `[start, end)` by `insert` (which must
-    /// lie inside it), coalescing with neighbours. Touches only the mappings
-    /// around the range: O(log n + k), no copy of the whole list.
+    /// Plans replacing whatever lies in `[start, end)` by `insert`, joining
+    /// with the neighbours (the range map's change).
     private func splice(_ start: UInt64, _ end: UInt64, insert: Mapping?) -> Splice {
-        let i0 = firstIndex(endingAbove: start)
-        var i1 = i0
-        while i1 < mappings.count, mappings[i1].bus.rawValue < end { i1 += 1 }
-        var removed: [Mapping] = []
-        var middle: [Mapping] = []
-        if i0 < i1 {
-            let first = mappings[i0], last = mappings[i1 - 1]
-            if first.bus.rawValue < start, let left = first.clipped(to: first.bus.rawValue, start) {
-                middle.append(left)
-            }
-            for m in mappings[i0..<i1] {
-                if let piece = m.clipped(to: start, end) { removed.append(piece) }
-            }
-            if let insert { middle.append(insert) }
-            if last.end > end, let right = last.clipped(to: end, last.end) { middle.append(right) }
-        } else if let insert {
-            middle.append(insert)
-        }
-        // Coalesce the new middle with itself and with the untouched neighbours.
-        var lo = i0, hi = i1
-        if lo > 0 { middle.insert(mappings[lo - 1], at: 0); lo -= 1 }
-        if hi < mappings.count { middle.append(mappings[hi]); hi += 1 }
-        var merged: [Mapping] = []
-        merged.reserveCapacity(middle.count)
-        for m in middle {
-            if let prev = merged.last, prev.isContinued(by: m) {
-                merged[merged.count - 1] = Mapping(bus: prev.bus, length: prev.length + m.length,
-                                                   permission: prev.permission, region: prev.region,
-                                                   fdOffset: prev.fdOffset)
-            } else {
-                merged.append(m)
-            }
-        }
-        return Splice(lower: lo, upper: hi, replacement: merged, removed: removed,
-                      countAfter: mappings.count - (hi - lo) + merged.count)
+        map.change(replacing: start, end, with: insert)
     }
 
     /// Applies a splice in place, after the mapping limit check.
@@ -376,7 +315,7 @@ public struct AddressSpace: Sendable {
                 throw .mappingBudget(available: ceiling, wouldBe: change.countAfter)
             }
         }
-        mappings.replaceSubrange(change.lower..<change.upper, with: change.replacement)
+        map.apply(change)
         mappedBytes = mappedBytes - change.removed.reduce(0) { $0 + $1.length } + inserted
     }
 
@@ -426,19 +365,17 @@ public struct AddressSpace: Sendable {
     /// memory table, a closed session). Allowed in every mode and after
     /// `freeze`: memory VM1 no longer shares must never stay visible.
     public mutating func unmapRegion(_ region: RegionID) -> WindowPlan {
-        let removed = mappings.filter { $0.region == region }
+        let removed = map.removeAll { $0.region == region }
         guard !removed.isEmpty else { return .empty }
-        let list = mappings.filter { $0.region != region }
-        mappings = list
         hugePageSizes[region] = nil
-        mappedBytes = list.reduce(0) { $0 + $1.length }
+        mappedBytes = map.elements.reduce(0) { $0 + $1.length }
         return Self.unmapPlan(for: removed)
     }
 
     /// Revokes everything (session end, device reset, daemon stop).
     public mutating func unmapAll() -> WindowPlan {
         let plan = Self.unmapPlan(for: mappings)
-        mappings = []
+        map = RangeMap()
         mappedBytes = 0
         hugePageSizes = [:]
         return plan
@@ -579,7 +516,8 @@ public struct AddressSpace: Sendable {
         guard end.rawValue <= barSize else { throw .outsideBAR(bus, length: length, barSize: barSize) }
         var pieces: [Mapping] = []
         var cursor = bus.rawValue
-        var i = firstIndex(endingAbove: cursor)
+        let mappings = map.elements
+        var i = map.firstIndex(endingAbove: cursor)
         while cursor < end.rawValue {
             guard i < mappings.count, mappings[i].bus.rawValue <= cursor else {
                 throw .notMapped(purpose, bus, length: length, firstMissing: BusAddress(cursor))
@@ -599,6 +537,7 @@ public struct AddressSpace: Sendable {
 
     /// Nil when every invariant holds, else a description of the first broken one.
     public func invariantViolation() -> String? {
+        if let broken = map.invariantViolation() { return broken }
         var bytes: UInt64 = 0
         for (i, m) in mappings.enumerated() {
             if m.length == 0 { return "mapping \(i) is empty" }

@@ -281,7 +281,7 @@ private final class VM2Engine {
             do {
                 try window.map(bus: BusAddress(m.barOffset), length: m.length, permission: m.permission, fd: fd.rawValue, fdOffset: m.fdOffset)
                 table.add(m.barOffset, m.barOffset + m.length, m.permission)
-                owner.update { $0.mapsApplied += 1; $0.bytesMapped = self.table.ranges.reduce(0) { $0 + $1.end - $1.start } }
+                owner.update { $0.mapsApplied += 1; $0.bytesMapped = self.table.bytesMapped }
             } catch {
                 owner.update { $0.lastError = "MAP: \(error)" }
             }
@@ -293,7 +293,7 @@ private final class VM2Engine {
             let (end, overflow) = u.barOffset.addingReportingOverflow(u.length)
             if !overflow { table.remove(u.barOffset, end) }
             try? window.revoke(bus: BusAddress(u.barOffset), length: u.length)
-            owner.update { $0.unmapsApplied += 1; $0.bytesMapped = self.table.ranges.reduce(0) { $0 + $1.end - $1.start } }
+            owner.update { $0.unmapsApplied += 1; $0.bytesMapped = self.table.bytesMapped }
             ack(u.sequence)
         case .vring(let v):
             let index = Int(v.index)

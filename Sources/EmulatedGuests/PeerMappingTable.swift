@@ -2,33 +2,42 @@ import BridgeCore
 
 /// VM2's own record of what the daemon mapped into its BAR, so that every
 /// access the device makes is checked before it touches memory: a descriptor
-/// pointing outside a mapped range is a device error, never a fault.
+/// pointing outside a mapped range is a device error, never a fault. Kept on
+/// the same `RangeMap` as the daemon's `AddressSpace`.
 public struct PeerMappingTable: Sendable {
-    public struct Range: Equatable, Sendable {
+    public struct Range: RangeMapElement {
         public var start: UInt64
         public var end: UInt64
         public var permission: Permission
+
+        public func clipped(to start: UInt64, _ end: UInt64) -> Range? {
+            let s = max(start, self.start), e = min(end, self.end)
+            return s < e ? Range(start: s, end: e, permission: permission) : nil
+        }
+
+        public func joined(with next: Range) -> Range? {
+            end == next.start && permission == next.permission ? Range(start: start, end: next.end, permission: permission) : nil
+        }
     }
-    public private(set) var ranges: [Range] = []
+
+    private var map = RangeMap<Range>()
+    public var ranges: [Range] { map.elements }
 
     public init() {}
 
     /// Removes `[start, end)` from every range (splitting).
     public mutating func remove(_ start: UInt64, _ end: UInt64) {
-        var out: [Range] = []
-        for r in ranges {
-            if r.end <= start || r.start >= end { out.append(r); continue }
-            if r.start < start { out.append(Range(start: r.start, end: start, permission: r.permission)) }
-            if r.end > end { out.append(Range(start: end, end: r.end, permission: r.permission)) }
-        }
-        ranges = out
+        guard start < end else { return }
+        map.apply(map.change(replacing: start, end, with: nil))
     }
 
+    /// `[start, end)` now has `permission`, whatever was there before.
     public mutating func add(_ start: UInt64, _ end: UInt64, _ permission: Permission) {
-        remove(start, end)
-        let i = ranges.firstIndex { $0.start > start } ?? ranges.endIndex
-        ranges.insert(Range(start: start, end: end, permission: permission), at: i)
+        guard start < end else { return }
+        map.apply(map.change(replacing: start, end, with: Range(start: start, end: end, permission: permission)))
     }
+
+    public var bytesMapped: UInt64 { map.elements.reduce(0) { $0 + $1.end - $1.start } }
 
     public enum Failure: Equatable, Sendable { case wraps, outsideBAR, notMapped(at: UInt64), denied(at: UInt64, granted: Permission) }
 
@@ -38,10 +47,9 @@ public struct PeerMappingTable: Sendable {
         let (end, overflow) = address.addingReportingOverflow(length)
         if overflow { return .wraps }
         if end > barSize { return .outsideBAR }
+        let ranges = map.elements
         var cursor = address
-        var lo = 0, hi = ranges.count
-        while lo < hi { let mid = (lo + hi) / 2; if ranges[mid].end <= cursor { lo = mid + 1 } else { hi = mid } }
-        var i = lo
+        var i = map.firstIndex(endingAbove: cursor)
         while cursor < end {
             guard i < ranges.count, ranges[i].start <= cursor else { return .notMapped(at: cursor) }
             guard ranges[i].permission.isSuperset(of: needed) else { return .denied(at: cursor, granted: ranges[i].permission) }

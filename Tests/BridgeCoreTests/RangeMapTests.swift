@@ -1,0 +1,65 @@
+import Testing
+import TestSupport
+@testable import BridgeCore
+
+/// A plain range with a tag: joined when adjacent with the same tag.
+private struct Tagged: RangeMapElement {
+    var start: UInt64
+    var end: UInt64
+    var tag: Int
+    func clipped(to s: UInt64, _ e: UInt64) -> Tagged? {
+        let a = max(s, start), b = min(e, end)
+        return a < b ? Tagged(start: a, end: b, tag: tag) : nil
+    }
+    func joined(with next: Tagged) -> Tagged? {
+        end == next.start && tag == next.tag ? Tagged(start: start, end: next.end, tag: tag) : nil
+    }
+}
+
+@Suite struct RangeMapTests {
+    private func put(_ m: inout RangeMap<Tagged>, _ s: UInt64, _ e: UInt64, _ tag: Int?) -> [Tagged] {
+        let change = m.change(replacing: s, e, with: tag.map { Tagged(start: s, end: e, tag: $0) })
+        m.apply(change)
+        return change.removed
+    }
+
+    @Test func replaceSplitsJoinsAndReportsWhatWasThere() {
+        var m = RangeMap<Tagged>()
+        _ = put(&m, 10, 20, 1)
+        _ = put(&m, 20, 30, 1)
+        #expect(m.elements == [Tagged(start: 10, end: 30, tag: 1)], "adjacent, same tag: one element")
+        let removed = put(&m, 15, 25, 2)
+        #expect(removed == [Tagged(start: 15, end: 25, tag: 1)])
+        #expect(m.elements == [Tagged(start: 10, end: 15, tag: 1), Tagged(start: 15, end: 25, tag: 2), Tagged(start: 25, end: 30, tag: 1)])
+        _ = put(&m, 12, 28, nil)
+        #expect(m.elements == [Tagged(start: 10, end: 12, tag: 1), Tagged(start: 28, end: 30, tag: 1)])
+        #expect(m.invariantViolation() == nil)
+    }
+
+    @Test func lookupsAreBoundaryExact() {
+        var m = RangeMap<Tagged>()
+        _ = put(&m, 100, 200, 1)
+        _ = put(&m, 300, 400, 2)
+        #expect(m.element(containing: 99) == nil && m.element(containing: 100)?.tag == 1 && m.element(containing: 199)?.tag == 1)
+        #expect(m.element(containing: 200) == nil && m.element(containing: 399)?.tag == 2 && m.element(containing: 400) == nil)
+        #expect(m.intersecting(150, 350) == [Tagged(start: 150, end: 200, tag: 1), Tagged(start: 300, end: 350, tag: 2)])
+        #expect(m.intersecting(200, 300).isEmpty)
+        #expect(m.removeAll { $0.tag == 1 } == [Tagged(start: 100, end: 200, tag: 1)] && m.count == 1)
+    }
+
+    /// A seeded run against a per-unit reference: the map always agrees with
+    /// it and keeps its invariants (sorted, disjoint, fully joined).
+    @Test func agreesWithAReferenceUnderRandomChanges() {
+        var rng = SplitMix64(seed: 7)
+        var m = RangeMap<Tagged>()
+        var reference = [Int?](repeating: nil, count: 256)
+        for _ in 0..<3000 {
+            let s = UInt64(rng.next() % 250), e = s + 1 + UInt64(rng.next() % 6)
+            let tag: Int? = rng.next() % 4 == 0 ? nil : Int(rng.next() % 3)
+            _ = put(&m, s, min(e, 256), tag)
+            for i in Int(s)..<Int(min(e, 256)) { reference[i] = tag }
+            if let broken = m.invariantViolation() { Issue.record("\(broken)"); return }
+        }
+        for i in 0..<256 { #expect(m.element(containing: UInt64(i))?.tag == reference[i], "unit \(i)") }
+    }
+}

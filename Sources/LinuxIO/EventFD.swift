@@ -28,11 +28,10 @@ public struct EventFD: Sendable {
     public func signal(_ count: UInt64 = 1) throws(SystemCallError) -> Bool {
         var value = count
         let raw = fd.rawValue
-        while true {
-            let n = Glibc.write(raw, &value, 8)
-            if n == 8 { return true }
-            let error = SystemCallError.current("eventfd write(\(raw))")
-            if error.errno == .interrupted { continue }
+        do {
+            _ = try retryingInterrupts("eventfd write(\(raw))") { Glibc.write(raw, &value, 8) }
+            return true
+        } catch {
             if error.errno == .resourceTemporarilyUnavailable { return false }
             throw error
         }
@@ -42,11 +41,10 @@ public struct EventFD: Sendable {
     public func read() throws(SystemCallError) -> UInt64? {
         var value: UInt64 = 0
         let raw = fd.rawValue
-        while true {
-            let n = Glibc.read(raw, &value, 8)
-            if n == 8 { return value }
-            let error = SystemCallError.current("eventfd read(\(raw))")
-            if error.errno == .interrupted { continue }
+        do {
+            _ = try retryingInterrupts("eventfd read(\(raw))") { Glibc.read(raw, &value, 8) }
+            return value
+        } catch {
             if error.errno == .resourceTemporarilyUnavailable { return nil }
             throw error
         }

@@ -9,11 +9,8 @@ public enum Poll {
     /// timeout (milliseconds; -1 waits forever). Returns one flag per fd.
     public static func readable(_ fds: [Int32], timeoutMilliseconds: Int32) throws(SystemCallError) -> [Bool] {
         var entries = fds.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
-        while true {
-            let n = entries.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), timeoutMilliseconds) }
-            if n >= 0 { break }
-            let error = SystemCallError.current("poll")
-            if error.errno != .interrupted { throw error }
+        _ = try retryingInterrupts("poll") {
+            entries.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), timeoutMilliseconds) }
         }
         let mask = Int16(POLLIN | POLLHUP | POLLERR | POLLNVAL)
         return entries.map { $0.revents & mask != 0 }
@@ -24,12 +21,8 @@ extension Poll {
     /// Whether `fd` is writable right now (POLLOUT, zero timeout).
     public static func writable(_ fd: Int32) throws(SystemCallError) -> Bool {
         var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-        while true {
-            let n = poll(&entry, 1, 0)
-            if n >= 0 { return entry.revents & Int16(POLLOUT) != 0 }
-            let error = SystemCallError.current("poll")
-            if error.errno != .interrupted { throw error }
-        }
+        _ = try retryingInterrupts("poll") { poll(&entry, 1, 0) }
+        return entry.revents & Int16(POLLOUT) != 0
     }
 }
 

@@ -42,3 +42,14 @@ func retryingInterrupts<T: BinaryInteger>(_ operation: String, _ body: () -> T) 
     }
 
 }
+
+/// The same for calls that return -errno instead of setting errno (liburing).
+@inline(__always)
+func retryingNegativeErrno(_ operation: String, _ body: () -> Int32) throws(SystemCallError) -> Int32 {
+    while true {
+        let result = body()
+        if result >= 0 { return result }
+        let errno = Errno(rawValue: -result)
+        if errno != .interrupted { throw SystemCallError(operation, errno: errno) }
+    }
+}

@@ -98,23 +98,15 @@ public final class URing {
     /// Submits what was prepared; returns how many SQEs were consumed.
     @discardableResult
     public func submit() throws(URingError) -> Int {
-        while true {
-            let r = shim_uring_submit(ring)
-            if r >= 0 { return Int(r) }
-            if r == -Errno.interrupted.rawValue { continue }
-            throw .system(SystemCallError("io_uring_submit", errno: Errno(rawValue: -r)))
-        }
+        do { return Int(try retryingNegativeErrno("io_uring_submit") { shim_uring_submit(ring) }) } catch { throw .system(error) }
     }
 
     /// Submits and blocks until at least `waitFor` completions are ready.
     @discardableResult
     public func submitAndWait(_ waitFor: UInt32 = 1) throws(URingError) -> Int {
-        while true {
-            let r = shim_uring_submit_and_wait(ring, waitFor)
-            if r >= 0 { return Int(r) }
-            if r == -Errno.interrupted.rawValue { continue }
-            throw .system(SystemCallError("io_uring_submit_and_wait", errno: Errno(rawValue: -r)))
-        }
+        do {
+            return Int(try retryingNegativeErrno("io_uring_submit_and_wait") { shim_uring_submit_and_wait(ring, waitFor) })
+        } catch { throw .system(error) }
     }
 
     /// Takes every ready completion (up to a batch of 2 × entries) and marks

@@ -54,7 +54,7 @@ public final class ControlServer: Sendable {
             do { connection = try listener.accept() } catch {
                 if error.isResourceExhaustion {
                     logger.warning("control socket: accept failed: \(error); retrying in \(SystemCallError.acceptBackoffMilliseconds) ms")
-                    _ = try? Poll.readable([], timeoutMilliseconds: SystemCallError.acceptBackoffMilliseconds)
+                    Sleep.for(.milliseconds(Int(SystemCallError.acceptBackoffMilliseconds)))
                 }
                 continue
             }

@@ -243,7 +243,7 @@ public final class Bridge: Sendable {
             s.statistics.lastEnd = end
             s.statistics.lastRequestLog = summary.requestLog
         }
-        logger.info("front end connection ended: \(end); \(summary.requests) requests, \(summary.refusals.values.reduce(0, +)) refused")
+        logger.info("front end session ended: \(end); \(summary.requests) requests, \(summary.refusals.values.reduce(0, +)) refused")
     }
 
     private func handlePeerEvents(_ connection: VhostUserConnection?) {
@@ -263,9 +263,9 @@ public final class Bridge: Sendable {
                 if let connection {
                     connection.translate(request, generation: generation)
                 } else {
-                    peer.count { $0.translationsRefused += 1; $0.refusals["no-connection", default: 0] += 1 }
+                    peer.count { $0.translationsRefused += 1; $0.refusals["no-session", default: 0] += 1 }
                     peer.send(.translateReply(PeerTranslateReply(requestID: request.requestID, status: .refused,
-                                                                 reason: "no VM1 connection is connected")))
+                                                                 reason: "no VM1 session is connected")))
                 }
             case .gone(let generation, let reason):
                 logger.info("VM2 disconnected (generation \(generation)): \(reason)")

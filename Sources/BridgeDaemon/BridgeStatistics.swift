@@ -27,8 +27,6 @@ public struct BridgeStatistics: Sendable, Equatable {
     public var acceptFailures = 0
     /// Connections refused by the sockets' allow-lists.
     public var accessDenied = 0
-    /// VM2 VMMs killed for missing a deadline (`vm2-deadline-action: kill`).
-    public var peerKilled = 0
 
     /// Adds one session's counters.
     mutating func add(_ session: SessionStatistics) {

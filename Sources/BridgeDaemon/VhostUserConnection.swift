@@ -356,7 +356,9 @@ final class VhostUserConnection {
     /// Ends the session: rings stopped, every mapping revoked from the window
     /// and from VM2 (acked), every fd closed.
     func tearDown() {
-        _ = execute(session.teardown(), fds: [])
+        // Each effect on its own: a window failure must not skip the rest
+        // (VM2's DEVICE reset, the region fds' release).
+        for effect in session.teardown() { _ = execute([effect], fds: []) }
         budget.settle(budgetID, count: 0)
         carryOut(translations.endSession(), now: .now)
         files.closeAll()

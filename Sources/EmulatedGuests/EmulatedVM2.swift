@@ -233,9 +233,8 @@ final class VM2Engine {
         owner.setWindow(nil)
         window = nil
         owner.finish(stopReason ?? "stopped")
-        // Nobody will answer these now.
-        for ticket in inFlight.values { owner.translations.answer(ticket, nil) }
-        for (ticket, _) in owner.translations.take() { owner.translations.answer(ticket, nil) }
+        // Nobody will answer these now, nor any later request.
+        owner.translations.close(answering: nil)
     }
 
     // MARK: control messages

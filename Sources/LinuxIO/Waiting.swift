@@ -92,6 +92,8 @@ public final class Mailbox<Request: Sendable, Response: Sendable>: Sendable {
         var next: UInt64 = 1
         var requests: [(Ticket, Request)] = []
         var slots: [Ticket: Slot] = [:]
+        /// After `close`: the answer every later call gets at once.
+        var closedWith: Response?
     }
     private let state = Mutex(State())
     /// Readable while requests wait to be taken (the server polls it).
@@ -105,13 +107,15 @@ public final class Mailbox<Request: Sendable, Response: Sendable>: Sendable {
     /// none came (a late answer is then dropped).
     public func call(_ request: Request, deadline: ContinuousClock.Instant) -> Response? {
         guard let wakeup = try? EventFD() else { return nil }
-        let ticket = state.withLock { s -> Ticket in
+        let posted = state.withLock { s -> Result<Ticket, Never>? in
+            if s.closedWith != nil { return nil }
             let t = Ticket(id: s.next)
             s.next += 1
             s.requests.append((t, request))
             s.slots[t] = Slot(response: nil, wakeup: wakeup)
-            return t
+            return .success(t)
         }
+        guard case .success(let ticket)? = posted else { return state.withLock { $0.closedWith } }
         _ = try? signal.signal()
         let response = wakeup.wait(until: deadline) { state.withLock { $0.slots[ticket]?.response } }
         state.withLock { _ = $0.slots.removeValue(forKey: ticket) }
@@ -125,6 +129,18 @@ public final class Mailbox<Request: Sendable, Response: Sendable>: Sendable {
             defer { s.requests = [] }
             return s.requests
         }
+    }
+
+    /// The server is gone: every waiting caller, and every later one, gets
+    /// `response` at once (no caller waits out its deadline for nobody).
+    public func close(answering response: Response) {
+        let wakeups = state.withLock { s -> [EventFD] in
+            s.closedWith = response
+            s.requests = []
+            for t in s.slots.keys where s.slots[t]?.response == nil { s.slots[t]?.response = response }
+            return s.slots.values.map(\.wakeup)
+        }
+        for w in wakeups { _ = try? w.signal() }
     }
 
     /// The server answers; a caller that gave up is not waiting any more.

@@ -145,10 +145,14 @@ extension BackendSession {
             }
             out.append(effect)
         }
-        if deviceRunning, !vrings.contains(where: \.started) {
+        // The device stops with the VRING_STOP of its last ring. A ring that
+        // only went back to waiting for a translation (SET_VRING_ADDR on a
+        // started ring, new addresses unmapped) was not stopped at VM2: the
+        // device keeps running until that ring starts again or stops.
+        if deviceRunning, !vrings.contains(where: \.started),
+           let last = out.lastIndex(where: { if case .ringStopped = $0 { true } else { false } }) {
             deviceRunning = false
-            let last = out.lastIndex { if case .ringStopped = $0 { true } else { false } }
-            out.insert(.deviceStopped(features: ackedFeatures ?? 0), at: last.map { $0 + 1 } ?? out.endIndex)
+            out.insert(.deviceStopped(features: ackedFeatures ?? 0), at: last + 1)
         }
         return out
     }

@@ -57,6 +57,22 @@ extension LinuxIOTests {
             }
         }
 
+        /// A closed mailbox answers every waiting caller, and every later one,
+        /// at once: nobody waits out a deadline for a server that is gone.
+        @Test func aClosedMailboxAnswersAtOnce() throws {
+            let box = try Mailbox<Int, Int?>()
+            let got = Mutex<Int??>(nil)
+            let caller = try JoinableThread(name: "caller") {
+                let r = box.call(1, deadline: .now.advanced(by: .seconds(60)))
+                got.withLock { $0 = r }
+            }
+            #expect(LinuxIOTests.waitUntil { !box.take().isEmpty || got.withLock { $0 != nil } })
+            box.close(answering: nil)
+            caller.join()
+            #expect(got.withLock { $0 } == .some(.some(nil)))
+            #expect(box.call(2, deadline: .now.advanced(by: .seconds(60))) == .some(nil), "answered at once after close")
+        }
+
         @Test func socketFileRemovesOnlySockets() throws {
             let path = temporaryPath("socketfile")
             defer { unlink(path) }
@@ -69,5 +85,16 @@ extension LinuxIOTests {
             #expect(SocketFile.remove(path))
             #expect(!FileManager.default.fileExists(atPath: path))
         }
+    }
+}
+
+extension LinuxIOTests {
+    /// Polls `condition` (a hang guard, never a timing assertion).
+    static func waitUntil(_ condition: () -> Bool) -> Bool {
+        for _ in 0..<20_000 {
+            if condition() { return true }
+            Sleep.for(.milliseconds(1))
+        }
+        return false
     }
 }

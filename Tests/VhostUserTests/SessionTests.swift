@@ -253,6 +253,26 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         #expect(replyU64(update) == 0)
     }
 
+    /// SET_VRING_ADDR moving the only started ring to unmapped memory: the
+    /// ring waits for a translation, but VM2 was not told it stopped, so the
+    /// device is not stopped either (no DEVICE stop without a VRING_STOP).
+    @Test func aRingWaitingAgainDoesNotStopTheDevice() throws {
+        var s = makeSession(.iommu)
+        s.negotiateLikeQEMU(iommu: true)
+        s.ok(.setBackendReqFD, files: [ReceivedFile(index: 0, size: nil, kind: .socket)])
+        s.ok(.iotlb(IOTLBMessage(iova: 0x1_0000_0000, size: 0x4000, userAddress: ramUser + 0x8000, permission: .readWrite, type: .update)))
+        s.configureRing(0, base: 0x1_0000_0000)
+        #expect(s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
+                    .contains { if case .deviceStarted = $0 { true } else { false } })
+        let moved = s.ok(.setVringAddr(VringAddress(index: 0, descriptor: 0x2_0000_0000, used: 0x2_0000_2000, available: 0x2_0000_1000)))
+        #expect(moved.filter(isDevice).isEmpty, "\(moved)")
+        #expect(s.vrings[0].phase == .awaitingTranslation && s.deviceRunning)
+        // The update that maps the new addresses starts the ring again, with no second DEVICE start.
+        let again = s.ok(.iotlb(IOTLBMessage(iova: 0x2_0000_0000, size: 0x4000, userAddress: ramUser + 0x8000, permission: .readWrite, type: .update)))
+        #expect(again.filter(isDevice).isEmpty && s.vrings[0].started)
+        #expect(s.teardown().filter(isDevice) == [.deviceStopped(features: FeatureBit.version1 | FeatureBit.protocolFeatures | FeatureBit.iommuPlatform), .deviceReset])
+    }
+
     @Test func invalidateRevokesAndInvalidatingNothingIsAcked() {
         var s = makeSession(.iommu)
         s.negotiateLikeQEMU(iommu: true)

@@ -78,7 +78,7 @@ extension VM2Engine {
             // A VRING_STOP (or a DEVICE stop) handled while this chain waited
             // for a translation ended the ring: VM2 already reported where it
             // stopped, so nothing more may be completed or written back.
-            guard rings[index] != nil else { return false }
+            guard rings[index] != nil else { flushCounters(); return false }
             // Used ring entry, then the index (release).
             _ = access(ring.layout.usedElement(ring.usedIndex), 8, .write) { entry in
                 entry.storeBytes(of: UInt32(head).littleEndian, as: UInt32.self)

@@ -224,10 +224,13 @@ public final class Bridge: Sendable {
     }
 
     private func add(_ relayed: [Int: (kick: RelayLinkStatistics, call: RelayLinkStatistics)], to s: inout BridgeStatistics) {
-        s.kicksRelayed += relayed.values.reduce(0) { $0 + $1.kick.notifications }
-        s.callsRelayed += relayed.values.reduce(0) { $0 + $1.call.notifications }
-        s.notificationsDropped += relayed.values.reduce(0) { $0 + $1.kick.dropped + $1.call.dropped }
-        s.notificationsCoalesced += relayed.values.reduce(0) { $0 + $1.kick.coalesced + $1.call.coalesced }
+        // Saturating: eventfd values come from the peers.
+        for (kick, call) in relayed.values {
+            s.kicksRelayed.addSaturating(kick.notifications)
+            s.callsRelayed.addSaturating(call.notifications)
+            s.notificationsDropped.addSaturating(kick.dropped.addingSaturating(call.dropped))
+            s.notificationsCoalesced.addSaturating(kick.coalesced.addingSaturating(call.coalesced))
+        }
     }
 
     private func close(_ connection: VhostUserConnection, end: ConnectionSummary.End) {

@@ -1,3 +1,4 @@
+import BridgeCore
 import LinuxIO
 import Logging
 import Synchronization
@@ -35,9 +36,10 @@ public struct RelayLinkStatistics: Sendable, Equatable {
 
     public init() {}
 
+    /// Saturating: the counts come from eventfd values a peer chooses.
     public mutating func add(_ o: RelayLinkStatistics) {
-        notifications += o.notifications; wakeups += o.wakeups; relayed += o.relayed
-        coalesced += o.coalesced; dropped += o.dropped; errors += o.errors
+        notifications.addSaturating(o.notifications); wakeups.addSaturating(o.wakeups); relayed.addSaturating(o.relayed)
+        coalesced.addSaturating(o.coalesced); dropped.addSaturating(o.dropped); errors.addSaturating(o.errors)
     }
 }
 

@@ -160,6 +160,7 @@ final class PeerLink: Sendable {
         guard let socket else { return }
         socket.shutdown()
         post(.gone(generation: generation, reason: reason))
+        _ = try? ackSignal.signal() // a revocation or ring-stop wait on this connection ends now, not at its deadline
     }
 
     // MARK: bridge thread

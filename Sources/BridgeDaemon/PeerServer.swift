@@ -71,9 +71,10 @@ final class PeerServer: Sendable {
                     try? socket.fd.close()
                     continue
                 }
-                // A VM2 that stops reading holds the bridge thread (and so
-                // VM1) for at most one revocation deadline per message.
-                try? socket.setSendTimeout(milliseconds: max(20, settings.revocationDeadlineMilliseconds))
+                // A VM2 that stops reading for a second (or the revocation
+                // deadline, if longer) is disconnected at its next message:
+                // it holds the bridge thread (and so VM1) that long, once.
+                try? socket.setSendTimeout(milliseconds: max(1000, settings.revocationDeadlineMilliseconds))
                 var process: ProcessHandle?
                 if settings.vm2DeadlineAction == .kill, let pid = creds?.pid {
                     do { process = try ProcessHandle(pid: pid) } catch { logger.warning("no pidfd for VM2 pid \(pid): \(error); it can only be disconnected") }
@@ -111,6 +112,13 @@ final class PeerServer: Sendable {
                 return Int(v.0.size)
             }), let (header, type) = parsed else { return "closed" }
             message = try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count)
+            // REPLY is the daemon's flag (HELLO's reply): VM2 never sets it.
+            if header.isReply {
+                peer.countProtocolError(rule: "peer-protocol")
+                let text = "\(type) from VM2 with the REPLY flag set"
+                try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: text))), nonBlocking: true)
+                return "protocol error: \(text)"
+            }
         } catch {
             if stopping { return "bridge stopping" }
             peer.countProtocolError(rule: "peer-protocol")

@@ -1,3 +1,4 @@
+import BridgeCore
 import LinuxIO
 import Logging
 import Synchronization
@@ -175,26 +176,26 @@ final class RelayEngine {
             case .read:
                 if c.result == 8 {
                     let value = link.buffer.pointee
-                    link.delta.notifications += value
-                    link.delta.wakeups += 1
-                    link.delta.coalesced += value > 0 ? value - 1 : 0
+                    link.delta.notifications.addSaturating(value)
+                    link.delta.wakeups.addSaturating(1)
+                    link.delta.coalesced.addSaturating(value > 0 ? value - 1 : 0)
                     if !link.removing, link.pendingTarget == nil, !(link.target != nil && link.targetNonBlocking) {
                         deliverBySyscall(link, value)
                     }
                 } else if let e = c.errno, e != .canceled, e != .resourceTemporarilyUnavailable {
-                    link.delta.errors += 1
+                    link.delta.errors.addSaturating(1)
                 }
             case .write:
                 if c.result == 8 {
-                    link.delta.relayed += 1
+                    link.delta.relayed.addSaturating(1)
                 } else if let e = c.errno {
                     if e == .canceled {
                         // The read failed or was cancelled; nothing was read.
                     } else if e == .resourceTemporarilyUnavailable {
-                        link.delta.coalesced += link.buffer.pointee // counter full: the reader has a wakeup pending
+                        link.delta.coalesced.addSaturating(link.buffer.pointee) // counter full: the reader has a wakeup pending
                     } else {
-                        link.delta.dropped += link.buffer.pointee
-                        link.delta.errors += 1
+                        link.delta.dropped.addSaturating(link.buffer.pointee)
+                        link.delta.errors.addSaturating(1)
                     }
                 }
             case .cancel:
@@ -227,23 +228,23 @@ final class RelayEngine {
     func deliverBySyscall(_ link: Link, _ value: UInt64) {
         touch(link)
         guard let target = link.target else {
-            link.delta.dropped += value
+            link.delta.dropped.addSaturating(value)
             return
         }
         // A blocking target must never block the relay: write only when the
         // counter has room (POLLOUT); a full counter already has a wakeup pending.
         guard (try? Poll.writable(target.rawValue)) == true else {
-            link.delta.coalesced += value
+            link.delta.coalesced.addSaturating(value)
             return
         }
         switch EventFD.add(value, to: target.rawValue) {
         case .added:
-            link.delta.relayed += 1
+            link.delta.relayed.addSaturating(1)
         case .full:
-            link.delta.coalesced += value
+            link.delta.coalesced.addSaturating(value)
         case .failed:
-            link.delta.dropped += value
-            link.delta.errors += 1
+            link.delta.dropped.addSaturating(value)
+            link.delta.errors.addSaturating(1)
         }
     }
 

@@ -220,7 +220,10 @@ final class VhostUserConnection {
         do {
             try backendChannel?.send(bytes, nonBlocking: true)
         } catch {
-            logger.warning("back-end channel send failed: \(error)")
+            // VM1 not reading its back-end channel must not flood the journal.
+            if let held = refusalLog.admit("backend-channel", now: .now) {
+                logger.warning("back-end channel send failed: \(error)\(held > 0 ? " (\(held) more failures not logged)" : "")")
+            }
         }
     }
 

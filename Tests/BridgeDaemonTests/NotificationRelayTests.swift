@@ -38,6 +38,30 @@ func drain(_ e: EventFD) -> UInt64 {
         #expect(relay.statistics(id)?.relayed ?? 0 >= 1)
     }
 
+    /// A peer writes the largest eventfd values it can (2^64 − 2) into its
+    /// kick or call fd: the relay's counters saturate instead of trapping
+    /// (an overflow trap killed every bridge of the daemon).
+    @Test(arguments: [NotificationMode.relay, .relaySQPoll])
+    func hugeEventfdValuesSaturateTheCounters(mode: NotificationMode) throws {
+        let relay = try NotificationRelay(mode: mode)
+        defer { relay.stop() }
+        let pair = try Pair()
+        let id = try pair.add(to: relay)
+        let biggest: UInt64 = 0xffff_ffff_ffff_fffe
+        for _ in 0..<3 {
+            try pair.source.signal(biggest)
+            #expect(pollUntil { drain(pair.target) > 0 })
+        }
+        #expect(pollUntil { relay.statistics(id)?.notifications == UInt64.max })
+        // Still relaying.
+        try pair.source.signal(1)
+        #expect(pollUntil { drain(pair.target) == 1 })
+        var total = RelayLinkStatistics()
+        total.notifications = .max - 1
+        total.add(relay.statistics(id) ?? RelayLinkStatistics())
+        #expect(total.notifications == .max)
+    }
+
     @Test func aBlockingTargetIsDeliveredWithAPlainWrite() throws {
         let relay = try NotificationRelay()
         defer { relay.stop() }

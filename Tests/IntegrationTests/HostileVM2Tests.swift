@@ -4,6 +4,7 @@ import EmulatedGuests
 import Foundation
 import LinuxIO
 import PeerProtocol
+import Synchronization
 import Testing
 import TestSupport
 import VhostUser
@@ -138,6 +139,49 @@ extension Integration {
                 let e = try raw.expectErrorThenClose()
                 #expect(e?.code == .protocolError && e?.text == "ACK came with 1 fd(s), expected 0", "\(e?.text ?? "")")
             }
+        }
+
+        /// REPLY is the daemon's flag: a VM2 message carrying it is refused.
+        @Test func theReplyFlagFromVM2IsAProtocolError() throws {
+            try attack("h-reply") { running in
+                let raw = try RawVM2(running.peerPath)
+                #expect(try raw.greet() != nil)
+                var bytes = PeerCodec.encode(.translate(PeerTranslate(requestID: 1, barOffset: 0, length: 4096, access: .read)))
+                bytes[4] = 5 // version 1 | REPLY
+                try raw.socket.send(bytes)
+                let e = try raw.expectErrorThenClose()
+                #expect(e?.code == .protocolError && e?.text == "TRANSLATE from VM2 with the REPLY flag set")
+            }
+        }
+
+        /// A VM2 that answers UNMAP by leaving: the revocation completes as
+        /// soon as it is gone, not at the deadline (here two minutes).
+        @Test func aRevocationEndsWhenVM2Leaves() throws {
+            let running = try RunningBridge("h-leaves", mode: .iommu, revocationDeadline: 120_000)
+            defer { running.stop() }
+            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
+            defer { vm1.disconnect() }
+            try vm1.start()
+            let raw = try RawVM2(running.peerPath)
+            #expect(try raw.greet() != nil)
+            #expect(pollUntil { running.bridge.statistics.peer.ready })
+            let iommu = try #require(vm1.iommu)
+            let iova = try iommu.map(GuestPhysicalAddress(0x90_0000), length: 4096, permission: .read, eager: true)
+            let done = Atomic<Bool>(false), timely = Atomic<Bool>(false)
+            // VM2: read until the UNMAP, leave without acknowledging, then
+            // watch (a hang guard, far below the deadline) for VM1's ack.
+            let vm2 = try JoinableThread(name: "leaving-vm2") {
+                while let m = try? raw.receive() { if case .unmap = m { break } }
+                raw.socket.shutdown()
+                timely.store(pollUntil(seconds: 30) { done.load(ordering: .acquiring) }, ordering: .releasing)
+            }
+            try iommu.unmap(iova) // returns once the daemon acked VM1
+            done.store(true, ordering: .releasing)
+            vm2.join()
+            let wasTimely = timely.load(ordering: .acquiring)
+            #expect(wasTimely, "VM1's invalidate waited for the deadline")
+            #expect(running.bridge.window.probeInChild(iova) == .faulted)
+            #expect(running.bridge.statistics.peer.revocationTimeouts == 0)
         }
 
         /// An ACK for a sequence never sent would satisfy a later revocation

@@ -65,7 +65,8 @@ bench: deps
 	  echo "Written by \`make bench\` ($$(nproc) cores, $$(uname -r), $$(date -u +%Y-%m-%d)). Numbers move with the machine's load; the ratios are what to compare."; echo; \
 	  echo "### Address lookup (\`vhost-pci-bench lookup\`)"; echo; \
 	  .build/release/vhost-pci-bench lookup; echo; \
-	  .build/release/vhost-pci-bench notify; \
+	  .build/release/vhost-pci-bench notify; echo; \
+	  .build/release/vhost-pci-bench iotlb; \
 	  if [ -x /usr/bin/dpdk-testpmd ]; then echo; .build/release/vhost-pci-bench dpdk; \
 	  else echo; echo "(DPDK table skipped: dpdk-testpmd is not installed; make interop-deps)"; fi; } > docs/benchmarks.md
 	cat docs/benchmarks.md

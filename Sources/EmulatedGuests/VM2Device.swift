@@ -24,13 +24,25 @@ extension VM2Engine {
         }
     }
 
-    /// The bytes, checked against what is granted *now* (no control
-    /// processing in between), inside `body` only: no pointer outlives it.
-    func checked<R>(_ address: UInt64, _ length: UInt64, _ needed: Permission,
-                    _ body: (UnsafeMutableRawBufferPointer) -> R) -> R? {
+    /// The window, when `[address, address+length)` is granted with `needed`
+    /// *now* — checked without any control processing, so nothing can be
+    /// revoked between this check and an access made right after it.
+    func grantedNow(_ address: UInt64, _ length: UInt64, _ needed: Permission) -> BARWindow? {
         guard let window, length <= UInt64(Int.max),
               table.check(address, length: length, needed: needed, barSize: barSize) == nil else { return nil }
-        return window.withBytes(at: address, length: Int(length), body)
+        return window
+    }
+
+    /// `ensure`, then `grantedNow`.
+    func granted(_ address: UInt64, _ length: UInt64, _ needed: Permission) -> BARWindow? {
+        ensure(address, length, needed) ? grantedNow(address, length, needed) : nil
+    }
+
+    /// The bytes, checked against what is granted now, inside `body` only:
+    /// no pointer outlives it.
+    func checked<R>(_ address: UInt64, _ length: UInt64, _ needed: Permission,
+                    _ body: (UnsafeMutableRawBufferPointer) -> R) -> R? {
+        grantedNow(address, length, needed)?.withBytes(at: address, length: Int(length), body) ?? nil
     }
 
     /// `ensure`, then `checked`.
@@ -41,8 +53,7 @@ extension VM2Engine {
     }
 
     func loadIndex(_ address: UInt64) -> UInt16? {
-        guard ensure(address, 2, .read), let window, table.check(address, length: 2, needed: .read, barSize: barSize) == nil else { return nil }
-        return window.loadAcquire(at: address)
+        granted(address, 2, .read)?.loadAcquire(at: address) ?? nil
     }
 
     /// Processes up to one ring's worth of entries; returns whether more are
@@ -86,9 +97,7 @@ extension VM2Engine {
             }
             ring.lastAvail &+= 1
             ring.usedIndex &+= 1
-            if ensure(ring.layout.usedIndex, 2, .write), table.check(ring.layout.usedIndex, length: 2, needed: .write, barSize: barSize) == nil {
-                window?.storeRelease(ring.usedIndex, at: ring.layout.usedIndex)
-            }
+            granted(ring.layout.usedIndex, 2, .write)?.storeRelease(ring.usedIndex, at: ring.layout.usedIndex)
             rings[index] = ring
             progressed = true
         }
@@ -112,9 +121,8 @@ extension VM2Engine {
         var i = head
         for _ in 0..<ring.size {
             let at = ring.layout.descriptor(i)
-            guard UInt32(i) < ring.size, ensure(at, Descriptor.size, .read),
-                  table.check(at, length: Descriptor.size, needed: .read, barSize: barSize) == nil,
-                  let window, let d = Descriptor.load(from: window, at: at) else { return nil }
+            guard UInt32(i) < ring.size, let window = granted(at, Descriptor.size, .read),
+                  let d = Descriptor.load(from: window, at: at) else { return nil }
             out.append((d.address, d.length, d.deviceWritable))
             if !d.hasNext { return out }
             i = d.next

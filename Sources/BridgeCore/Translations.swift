@@ -24,6 +24,9 @@ public struct PendingTranslations: Sendable {
         /// Every request id waiting on this range, oldest first.
         public var ids: [UInt64]
         public var deadline: ContinuousClock.Instant
+
+        /// The range and access every request of this entry asked for.
+        public var request: TranslationRequest { TranslationRequest(id: 0, bus: bus, length: length, access: access) }
     }
 
     public enum Admission: Equatable, Sendable {
@@ -59,13 +62,19 @@ public struct PendingTranslations: Sendable {
     /// Removes and returns the entries `isDone` says are settled (granted or
     /// refused for good); the others keep waiting.
     public mutating func settle(_ isDone: (Entry) -> Bool) -> [Entry] {
-        var done: [Entry] = []
-        entries.removeAll { entry in
-            guard isDone(entry) else { return false }
-            done.append(entry)
-            return true
+        settle { isDone($0) ? () : nil }.map(\.entry)
+    }
+
+    /// Removes the entries `decide` has a result for, and returns each with
+    /// its result, in order; the others keep waiting.
+    public mutating func settle<R>(_ decide: (Entry) -> R?) -> [(entry: Entry, result: R)] {
+        var done: [(entry: Entry, result: R)] = []
+        var kept: [Entry] = []
+        for entry in entries {
+            if let result = decide(entry) { done.append((entry, result)) } else { kept.append(entry) }
         }
-        count -= done.reduce(0) { $0 + $1.ids.count }
+        entries = kept
+        count -= done.reduce(0) { $0 + $1.entry.ids.count }
         return done
     }
 
@@ -106,8 +115,12 @@ public struct OutstandingMisses: Sendable {
 
     /// Whether a miss for `bus` with `permission` should go out now; when
     /// true, it is recorded as raised at `now`.
+    private func key(_ bus: BusAddress, _ permission: Permission) -> Key {
+        Key(page: bus.rawValue - bus.rawValue % pageSize, permission: permission.rawValue)
+    }
+
     public mutating func shouldRaise(_ bus: BusAddress, permission: Permission, now: ContinuousClock.Instant) -> Bool {
-        let key = Key(page: bus.rawValue - bus.rawValue % pageSize, permission: permission.rawValue)
+        let key = key(bus, permission)
         if let at = raised[key], now < at.advanced(by: retryInterval) { return false }
         raised[key] = now
         return true
@@ -123,7 +136,7 @@ public struct OutstandingMisses: Sendable {
     /// passed. One raised less than an interval ago stays: VM1 still has it
     /// outstanding, so a VM2 that reconnects and asks again gets no new miss.
     public mutating func keepOnly(_ needed: [(bus: BusAddress, permission: Permission)], now: ContinuousClock.Instant) {
-        let keep = Set(needed.map { Key(page: $0.bus.rawValue - $0.bus.rawValue % pageSize, permission: $0.permission.rawValue) })
+        let keep = Set(needed.map { key($0.bus, $0.permission) })
         raised = raised.filter { keep.contains($0.key) || now < $0.value.advanced(by: retryInterval) }
     }
 
@@ -205,28 +218,19 @@ public struct TranslationBroker: Sendable {
     public mutating func settle(space: AddressSpace, ringNeeds: [(bus: BusAddress, permission: Permission)],
                                 now: ContinuousClock.Instant) -> [Action] {
         misses.forget { bus, permission in (try? space.checkAccess(bus, length: 1, needed: permission)) != nil }
-        var actions: [Action] = []
-        if !pending.isEmpty {
-            let settled = pending.settle { entry in
-                do throws(AddressSpaceError) {
-                    try space.checkAccess(entry.bus, length: entry.length, needed: entry.access, purpose: .translation)
-                    return true
-                } catch {
-                    if case .notMapped = error { return false }
-                    return true
-                }
-            }
-            for entry in settled {
-                let request = TranslationRequest(id: 0, bus: entry.bus, length: entry.length, access: entry.access)
-                do throws(AddressSpaceError) {
-                    try space.checkAccess(entry.bus, length: entry.length, needed: entry.access, purpose: .translation)
-                    actions.append(.answer(ids: entry.ids, request: request, owner: entry.owner, .granted))
-                } catch {
-                    actions.append(.answer(ids: entry.ids, request: request, owner: entry.owner, .refused(reason: "\(error)", rule: error.rule)))
-                }
+        // One check per waiting range: granted, refused for good, or still
+        // waiting (nil) for VM1 to map the rest.
+        let settled = pending.settle { entry -> Verdict? in
+            do throws(AddressSpaceError) {
+                try space.checkAccess(entry.bus, length: entry.length, needed: entry.access, purpose: .translation)
+                return .granted
+            } catch {
+                if case .notMapped = error { return nil }
+                return .refused(reason: "\(error)", rule: error.rule)
             }
         }
-        return actions + raiseStillNeeded(space: space, ringNeeds: ringNeeds, now: now)
+        let answers = settled.map { Action.answer(ids: $0.entry.ids, request: $0.entry.request, owner: $0.entry.owner, $0.result) }
+        return answers + raiseStillNeeded(space: space, ringNeeds: ringNeeds, now: now)
     }
 
     /// One miss per page still needed by a waiting translation or ring; misses
@@ -252,8 +256,7 @@ public struct TranslationBroker: Sendable {
     public mutating func expire(space: AddressSpace, ringNeeds: [(bus: BusAddress, permission: Permission)],
                                 now: ContinuousClock.Instant) -> (actions: [Action], next: ContinuousClock.Instant?) {
         var actions: [Action] = pending.expire(now: now).map { entry in
-            .answer(ids: entry.ids, request: TranslationRequest(id: 0, bus: entry.bus, length: entry.length, access: entry.access),
-                    owner: entry.owner, .timedOut)
+            .answer(ids: entry.ids, request: entry.request, owner: entry.owner, .timedOut)
         }
         if let retry = misses.nextRetry, retry <= now { actions += raiseStillNeeded(space: space, ringNeeds: ringNeeds, now: now) }
         return (actions, [pending.nextDeadline, misses.nextRetry].compactMap { $0 }.min())
@@ -270,8 +273,7 @@ public struct TranslationBroker: Sendable {
     public mutating func endSession() -> [Action] {
         misses.removeAll()
         return pending.removeAll().map { entry in
-            .answer(ids: entry.ids, request: TranslationRequest(id: 0, bus: entry.bus, length: entry.length, access: entry.access),
-                    owner: entry.owner, .refused(reason: "the VM1 session ended", rule: "session-ended"))
+            .answer(ids: entry.ids, request: entry.request, owner: entry.owner, .refused(reason: "the VM1 session ended", rule: "session-ended"))
         }
     }
 }

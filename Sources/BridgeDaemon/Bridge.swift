@@ -133,9 +133,7 @@ public final class Bridge: Sendable {
             var next = connection?.expireTranslations(now: now)
             if let connection, next != nil { publish(connection) }
             if let until = acceptPausedUntil { next = min(next ?? until, until) }
-            var timeout: Int32 = next.map { d in
-                Int32(max(1, min(Double(Int32.max), (now.duration(to: d) / .milliseconds(1)).rounded(.down) + 1)))
-            } ?? -1
+            var timeout = Poll.timeout(until: next, now: now)
             if let retry = retryMilliseconds { timeout = timeout < 0 ? retry : min(timeout, retry) }
             guard let ready = try? Poll.readable(fds, timeoutMilliseconds: timeout) else { continue }
             if ready[0] { break }

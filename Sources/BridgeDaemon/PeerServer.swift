@@ -50,7 +50,7 @@ final class PeerServer: Sendable {
             // in its socket, not in the daemon's memory.
             let throttled = peer.queuedEvents >= settings.maxPendingTranslations
             if let active, !throttled { fds.append(active.socket.fd.rawValue) }
-            var timeout = acceptPausedUntil.map { Int32(max(1, min(1000, (now.duration(to: $0) / .milliseconds(1)).rounded(.up)))) } ?? -1
+            var timeout = Poll.timeout(until: acceptPausedUntil, now: now, atMost: 1000)
             if throttled { timeout = timeout < 0 ? 5 : min(timeout, 5) }
             guard let polled = try? Poll.readable(fds, timeoutMilliseconds: timeout) else { continue }
             if stopping { break }

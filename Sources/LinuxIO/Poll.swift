@@ -18,6 +18,16 @@ public enum Poll {
 }
 
 extension Poll {
+    /// The timeout that wakes a poll at or after `deadline`: -1 (no
+    /// deadline: forever), else the milliseconds left rounded up, at least 1
+    /// (never a busy 0) and at most `cap`.
+    public static func timeout(until deadline: ContinuousClock.Instant?, now: ContinuousClock.Instant = .now,
+                               atMost cap: Int32 = .max) -> Int32 {
+        guard let deadline else { return -1 }
+        let ms = (now.duration(to: deadline) / .milliseconds(1)).rounded(.up)
+        return Int32(max(1, min(Double(cap), ms)))
+    }
+
     /// Whether `fd` is writable right now (POLLOUT, zero timeout).
     public static func writable(_ fd: Int32) throws(SystemCallError) -> Bool {
         var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)

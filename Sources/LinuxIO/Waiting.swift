@@ -14,14 +14,9 @@ extension EventFD {
     public func wait<T>(until deadline: ContinuousClock.Instant?, _ done: () -> T?) -> T? {
         while true {
             if let value = done() { return value }
-            var timeout: Int32 = -1
-            if let deadline {
-                let now = ContinuousClock.now
-                if now >= deadline { return nil }
-                timeout = Int32(clamping: Int64((now.duration(to: deadline) / .milliseconds(1)).rounded(.up)))
-                timeout = max(1, timeout)
-            }
-            _ = try? Poll.readable([fd.rawValue], timeoutMilliseconds: timeout)
+            let now = ContinuousClock.now
+            if let deadline, now >= deadline { return nil }
+            _ = try? Poll.readable([fd.rawValue], timeoutMilliseconds: Poll.timeout(until: deadline, now: now))
             _ = try? read()
         }
     }

@@ -73,6 +73,15 @@ extension LinuxIOTests {
             #expect(box.call(2, deadline: .now.advanced(by: .seconds(60))) == .some(nil), "answered at once after close")
         }
 
+        @Test func pollTimeoutsWakeAtOrAfterTheDeadline() {
+            let now = ContinuousClock.now
+            #expect(Poll.timeout(until: nil, now: now) == -1)
+            #expect(Poll.timeout(until: now.advanced(by: .microseconds(2300)), now: now) == 3, "rounded up")
+            #expect(Poll.timeout(until: now.advanced(by: .milliseconds(-5)), now: now) == 1, "never a busy 0")
+            #expect(Poll.timeout(until: now.advanced(by: .seconds(10)), now: now, atMost: 1000) == 1000)
+            #expect(Poll.timeout(until: now.advanced(by: .seconds(1 << 40)), now: now) == Int32.max)
+        }
+
         @Test func socketFileRemovesOnlySockets() throws {
             let path = temporaryPath("socketfile")
             defer { unlink(path) }

@@ -28,6 +28,12 @@ public struct PeerStatistics: Sendable, Equatable {
     /// Longest wait for a revocation ack, in microseconds.
     public var slowestRevocationMicroseconds: UInt64 = 0
     public init() {}
+
+    /// A connection ended for a protocol error, counted under its rule.
+    mutating func noteProtocolError(rule: String) {
+        protocolErrors += 1
+        refusals[rule, default: 0] += 1
+    }
 }
 
 /// The bridge's connection to VM2, shared between the peer thread (which
@@ -127,8 +133,7 @@ final class PeerLink: Sendable {
             guard s.generation == generation else { return false }
             let lastSent = s.nextSequence - 1
             guard sequence <= lastSent else {
-                s.statistics.protocolErrors += 1
-                s.statistics.refusals["ack-sequence", default: 0] += 1
+                s.statistics.noteProtocolError(rule: "ack-sequence")
                 throw .fromTheFuture(sequence, lastSent: lastSent)
             }
             s.acked = max(s.acked, sequence)
@@ -139,7 +144,7 @@ final class PeerLink: Sendable {
     }
 
     func countProtocolError(rule: String) {
-        count { $0.protocolErrors += 1; $0.refusals[rule, default: 0] += 1 }
+        count { $0.noteProtocolError(rule: rule) }
     }
 
     /// The connection of `generation` ended (EOF, error, or disconnected by
@@ -295,8 +300,7 @@ final class PeerLink: Sendable {
         let accepted = try state.withLock { s throws(RingStopError) -> Bool in
             guard s.generation == generation else { return false }
             guard s.stopsRequested.remove(index) != nil else {
-                s.statistics.protocolErrors += 1
-                s.statistics.refusals["ring-stop", default: 0] += 1
+                s.statistics.noteProtocolError(rule: "ring-stop")
                 throw .notRequested(index)
             }
             s.stopsReported[index] = .some(lastAvail)

@@ -33,8 +33,6 @@ final class VhostUserConnection {
     /// VM2 translations waiting on VM1, and the misses raised for them.
     private var translations: TranslationBroker
     private var refusalLog = LogThrottle(interval: .seconds(10))
-    static let translationDeadline = VhostUserConnectionTuning.translationDeadline
-    static let missRetryInterval = VhostUserConnectionTuning.missRetryInterval
 
     init(socket: UnixSocket, configuration: BackendConfiguration, window: BARWindow, peer: PeerLink,
          relay: NotificationRelay?, logger: Logger, maxPendingTranslations: Int,
@@ -46,7 +44,8 @@ final class VhostUserConnection {
         self.budgetID = budgetID
         self.session = try BackendSession(configuration)
         translations = TranslationBroker(capacity: maxPendingTranslations, pageSize: configuration.addressSpace.pageSize,
-                                         deadline: Self.translationDeadline, missRetryInterval: Self.missRetryInterval)
+                                         deadline: VhostUserConnectionTuning.translationDeadline,
+                                         missRetryInterval: VhostUserConnectionTuning.missRetryInterval)
         self.window = window
         self.peer = peer
         self.relay = relay

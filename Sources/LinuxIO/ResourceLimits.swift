@@ -7,9 +7,19 @@ import Glibc
 public enum ResourceLimits {
     /// RLIMIT_NOFILE (soft, hard).
     public static var openFiles: (soft: UInt64, hard: UInt64) {
-        var limit = rlimit()
-        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return (0, 0) }
+        guard let limit = try? openFilesLimit() else { return (0, 0) }
         return (UInt64(limit.rlim_cur), UInt64(limit.rlim_max))
+    }
+
+    private static func openFilesLimit() throws(SystemCallError) -> rlimit {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { throw .current("getrlimit(RLIMIT_NOFILE)") }
+        return limit
+    }
+
+    private static func setOpenFilesLimit(_ limit: rlimit) throws(SystemCallError) {
+        var limit = limit
+        guard setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { throw .current("setrlimit(RLIMIT_NOFILE, \(limit.rlim_cur))") }
     }
 
     /// Raises the soft RLIMIT_NOFILE to the hard limit (or to `target` when
@@ -18,21 +28,19 @@ public enum ResourceLimits {
     /// bridges. Returns the soft limit in force afterwards.
     @discardableResult
     public static func raiseOpenFiles(to target: UInt64 = UInt64.max) throws(SystemCallError) -> UInt64 {
-        var limit = rlimit()
-        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { throw .current("getrlimit(RLIMIT_NOFILE)") }
+        var limit = try openFilesLimit()
         let wanted = min(UInt64(limit.rlim_max), target)
         guard wanted > UInt64(limit.rlim_cur) else { return UInt64(limit.rlim_cur) }
         limit.rlim_cur = rlim_t(wanted)
-        guard setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { throw .current("setrlimit(RLIMIT_NOFILE, \(wanted))") }
+        try setOpenFilesLimit(limit)
         return wanted
     }
 
     /// Sets the soft RLIMIT_NOFILE (tests lower it to provoke EMFILE).
     public static func setOpenFilesSoftLimit(_ soft: UInt64) throws(SystemCallError) {
-        var limit = rlimit()
-        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { throw .current("getrlimit(RLIMIT_NOFILE)") }
+        var limit = try openFilesLimit()
         limit.rlim_cur = rlim_t(min(soft, UInt64(limit.rlim_max)))
-        guard setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { throw .current("setrlimit(RLIMIT_NOFILE, \(soft))") }
+        try setOpenFilesLimit(limit)
     }
 
     /// `vm.max_map_count`: how many VMAs the kernel lets this process have

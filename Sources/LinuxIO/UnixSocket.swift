@@ -93,9 +93,7 @@ public struct UnixSocket: Sendable {
     /// anything else at `path` (a regular file, a symlink, a directory) is
     /// left alone, so a bad path can never make the daemon unlink a file.
     private static func isStale(path: String, kind: Kind) -> Bool {
-        var st = stat()
-        guard lstat(path, &st) == 0, st.st_mode & S_IFMT == S_IFSOCK else { return false }
-        guard let probe = try? make(kind) else { return false }
+        guard SocketFile.isSocket(path), let probe = try? make(kind) else { return false }
         return shim_connect_unix(probe.fd.rawValue, path) < 0 && Glibc.errno == ECONNREFUSED
     }
 

@@ -63,9 +63,13 @@ public enum SocketFile {
     /// cleans up after itself never unlinks a file that replaced its socket.
     @discardableResult
     public static func remove(_ path: String) -> Bool {
+        isSocket(path) && unlink(path) == 0
+    }
+
+    /// Whether `path` itself (not what a symlink there points to) is a socket.
+    public static func isSocket(_ path: String) -> Bool {
         var st = stat()
-        guard lstat(path, &st) == 0, st.st_mode & S_IFMT == S_IFSOCK else { return false }
-        return unlink(path) == 0
+        return lstat(path, &st) == 0 && st.st_mode & S_IFMT == S_IFSOCK
     }
 }
 
@@ -102,15 +106,15 @@ public final class Mailbox<Request: Sendable, Response: Sendable>: Sendable {
     /// none came (a late answer is then dropped).
     public func call(_ request: Request, deadline: ContinuousClock.Instant) -> Response? {
         guard let wakeup = try? EventFD() else { return nil }
-        let posted = state.withLock { s -> Result<Ticket, Never>? in
+        let posted = state.withLock { s -> Ticket? in
             if s.closedWith != nil { return nil }
             let t = Ticket(id: s.next)
             s.next += 1
             s.requests.append((t, request))
             s.slots[t] = Slot(response: nil, wakeup: wakeup)
-            return .success(t)
+            return t
         }
-        guard case .success(let ticket)? = posted else { return state.withLock { $0.closedWith } }
+        guard let ticket = posted else { return state.withLock { $0.closedWith } }
         _ = try? signal.signal()
         let response = wakeup.wait(until: deadline) { state.withLock { $0.slots[ticket]?.response } }
         state.withLock { _ = $0.slots.removeValue(forKey: ticket) }

@@ -60,7 +60,9 @@ struct IOTLBBench: ParsableCommand {
         defer { bridge.stop(); thread.join() }
         let vm2 = try EmulatedVM2(peerSocketPath: peerPath)
         defer { vm2.stop() }
-        for _ in 0..<5000 where !(vm2.statistics.ready && bridge.statistics.peer.ready) { Sleep.for(.milliseconds(1)) }
+        let handshake = ContinuousClock.now.advanced(by: .seconds(5))
+        while !(vm2.statistics.ready && bridge.statistics.peer.ready), ContinuousClock.now < handshake { Sleep.for(.milliseconds(1)) }
+        guard vm2.statistics.ready else { throw ValidationError("VM2 did not finish its handshake") }
         var c = VM1Configuration()
         c.iommu = .iommu
         let vm1 = try EmulatedVM1(socketPath: path, configuration: c)

@@ -288,22 +288,16 @@ public struct AddressSpace: Sendable {
         guard let end = bus.adding(length) else { throw .rangeWraps(start: bus.rawValue, length: length) }
         guard end.rawValue <= barSize else { throw .outsideBAR(bus, length: length, barSize: barSize) }
         var pieces: [Mapping] = []
-        var cursor = bus.rawValue
-        let mappings = map.elements
-        var i = map.firstIndex(endingAbove: cursor)
-        while cursor < end.rawValue {
-            guard i < mappings.count, mappings[i].bus.rawValue <= cursor else {
-                throw .notMapped(purpose, bus, length: length, firstMissing: BusAddress(cursor))
-            }
-            let m = mappings[i]
-            guard m.permission.isSuperset(of: needed) else {
-                throw .accessDenied(purpose, BusAddress(cursor), needed: needed, granted: m.permission)
-            }
-            if let piece = m.clipped(to: cursor, end.rawValue) { pieces.append(piece) }
-            cursor = min(m.end, end.rawValue)
-            i += 1
+        let failure = map.cover(bus.rawValue, end.rawValue) { m, at in
+            guard m.permission.isSuperset(of: needed) else { return false }
+            if let piece = m.clipped(to: at, end.rawValue) { pieces.append(piece) }
+            return true
         }
-        return pieces
+        switch failure {
+        case nil: return pieces
+        case .gap(let at)?: throw .notMapped(purpose, bus, length: length, firstMissing: BusAddress(at))
+        case .rejected(let m, let at)?: throw .accessDenied(purpose, BusAddress(at), needed: needed, granted: m.permission)
+        }
     }
 
     // MARK: invariants

@@ -52,6 +52,29 @@ public struct RangeMap<Element: RangeMapElement>: Sendable {
         return result
     }
 
+    /// Why `[start, end)` is not covered: a hole, or an element `accept` rejected.
+    public enum CoverageFailure {
+        case gap(at: UInt64)
+        case rejected(Element, at: UInt64)
+    }
+
+    /// Walks the elements covering `[start, end)` in order, handing `accept`
+    /// each one with the address it is first needed at; stops at the first
+    /// hole or rejected element. nil when all of the range is covered and
+    /// accepted. (The one checked walk behind `AddressSpace.checkAccess` and
+    /// VM2's `PeerMappingTable.check`.)
+    public func cover(_ start: UInt64, _ end: UInt64, _ accept: (Element, UInt64) -> Bool) -> CoverageFailure? {
+        var cursor = start
+        var i = firstIndex(endingAbove: cursor)
+        while cursor < end {
+            guard i < elements.count, elements[i].start <= cursor else { return .gap(at: cursor) }
+            guard accept(elements[i], cursor) else { return .rejected(elements[i], at: cursor) }
+            cursor = elements[i].end
+            i += 1
+        }
+        return nil
+    }
+
     /// A computed change, not applied yet: `elements[lower..<upper]` becomes
     /// `replacement`; `removed` is what lay inside the changed range.
     public struct Change: Sendable {

@@ -21,7 +21,6 @@ public struct PeerMappingTable: Sendable {
     }
 
     private var map = RangeMap<Range>()
-    public var ranges: [Range] { map.elements }
 
     public init() {}
 
@@ -47,15 +46,10 @@ public struct PeerMappingTable: Sendable {
         let (end, overflow) = address.addingReportingOverflow(length)
         if overflow { return .wraps }
         if end > barSize { return .outsideBAR }
-        let ranges = map.elements
-        var cursor = address
-        var i = map.firstIndex(endingAbove: cursor)
-        while cursor < end {
-            guard i < ranges.count, ranges[i].start <= cursor else { return .notMapped(at: cursor) }
-            guard ranges[i].permission.isSuperset(of: needed) else { return .denied(at: cursor, granted: ranges[i].permission) }
-            cursor = ranges[i].end
-            i += 1
+        switch map.cover(address, end, { range, _ in range.permission.isSuperset(of: needed) }) {
+        case nil: return nil
+        case .gap(let at)?: return .notMapped(at: at)
+        case .rejected(let range, let at)?: return .denied(at: at, granted: range.permission)
         }
-        return nil
     }
 }

@@ -47,6 +47,22 @@ private struct Tagged: RangeMapElement {
         #expect(m.removeAll { $0.tag == 1 } == [Tagged(start: 100, end: 200, tag: 1)] && m.count == 1)
     }
 
+    @Test func coverStopsAtTheFirstHoleOrRejectedElement() {
+        var m = RangeMap<Tagged>()
+        _ = put(&m, 100, 200, 1)
+        _ = put(&m, 200, 300, 2)
+        _ = put(&m, 400, 500, 1)
+        var seen: [UInt64] = []
+        #expect(m.cover(150, 250) { _, at in seen.append(at); return true } == nil)
+        #expect(seen == [150, 200], "each element with the address it is first needed at")
+        guard case .gap(let at)? = m.cover(150, 450, { _, _ in true }) else { Issue.record("no gap"); return }
+        #expect(at == 300)
+        guard case .rejected(let e, let at2)? = m.cover(100, 300, { e, _ in e.tag == 1 }) else { Issue.record("not rejected"); return }
+        #expect(e.tag == 2 && at2 == 200)
+        guard case .gap(let at3)? = m.cover(50, 60, { _, _ in true }) else { Issue.record("no gap"); return }
+        #expect(at3 == 50)
+    }
+
     /// A seeded run against a per-unit reference: the map always agrees with
     /// it and keeps its invariants (sorted, disjoint, fully joined).
     @Test func agreesWithAReferenceUnderRandomChanges() {

@@ -66,8 +66,7 @@ final class PeerServer: Sendable {
             if let socket = accepted {
                 let (admitted, creds) = admission.admits(socket, settings.vm2Access, "peer")
                 guard admitted else {
-                    try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError,
-                                                                       text: "bridge \(settings.name): this user may not connect as VM2"))), nonBlocking: true)
+                    Self.sendError(socket, .protocolError, "bridge \(settings.name): this user may not connect as VM2")
                     try? socket.fd.close()
                     continue
                 }
@@ -82,8 +81,7 @@ final class PeerServer: Sendable {
                 if let generation = peer.attach(socket, process: process) {
                     active = (socket, generation, false)
                 } else {
-                    try? socket.send(PeerCodec.encode(.error(PeerError(code: .busy, text: "bridge \(settings.name) already has a VM2"))),
-                                     nonBlocking: true)
+                    Self.sendError(socket, .busy, "bridge \(settings.name) already has a VM2")
                     try? socket.fd.close()
                     logger.warning("refused a second VM2 connection")
                 }
@@ -101,6 +99,11 @@ final class PeerServer: Sendable {
         if let active { peer.detach(generation: active.generation, reason: "bridge stopping") }
     }
 
+    /// ERROR to a VM2 that is about to be closed (best effort, never blocks).
+    private static func sendError(_ socket: UnixSocket, _ code: PeerErrorCode, _ text: String) {
+        try? socket.send(PeerCodec.encode(.error(PeerError(code: code, text: text))), nonBlocking: true)
+    }
+
     /// Reads one message from VM2; returns a reason when the connection is over.
     private func read(_ socket: UnixSocket, generation: Int, greeted: inout Bool) -> String? {
         let message: PeerMessage
@@ -116,21 +119,21 @@ final class PeerServer: Sendable {
             if header.isReply {
                 peer.countProtocolError(rule: "peer-protocol")
                 let text = "\(type) from VM2 with the REPLY flag set"
-                try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: text))), nonBlocking: true)
+                Self.sendError(socket, .protocolError, text)
                 return "protocol error: \(text)"
             }
         } catch {
             if stopping { return "bridge stopping" }
             peer.countProtocolError(rule: "peer-protocol")
             logger.warning("VM2 protocol error: \(error)")
-            try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: "\(error)"))), nonBlocking: true)
+            Self.sendError(socket, .protocolError, "\(error)")
             return "protocol error: \(error)"
         }
         switch message {
         case .hello(let hello) where !greeted:
             guard hello.version == PeerCodec.version else {
                 peer.countProtocolError(rule: "peer-version")
-                try? socket.send(PeerCodec.encode(.error(PeerError(code: .version, text: "peer protocol version \(hello.version) is not 1"))), nonBlocking: true)
+                Self.sendError(socket, .version, "peer protocol version \(hello.version) is not 1")
                 return "version \(hello.version)"
             }
             greeted = true
@@ -140,7 +143,7 @@ final class PeerServer: Sendable {
                 try peer.acknowledge(seq, generation: generation)
             } catch {
                 logger.warning("VM2 protocol error: \(error)", metadata: ["rule": "ack-sequence"])
-                try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: "\(error)"))), nonBlocking: true)
+                Self.sendError(socket, .protocolError, "\(error)")
                 return "protocol error: \(error)"
             }
         case .translate(let t) where greeted:
@@ -150,7 +153,7 @@ final class PeerServer: Sendable {
                 try peer.reportRingStop(index, lastAvail: lastAvail, generation: generation)
             } catch {
                 logger.warning("VM2 protocol error: \(error)", metadata: ["rule": "ring-stop"])
-                try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: "\(error)"))), nonBlocking: true)
+                Self.sendError(socket, .protocolError, "\(error)")
                 return "protocol error: \(error)"
             }
         case .error(let e):
@@ -159,7 +162,7 @@ final class PeerServer: Sendable {
             let text = "\(message.type) is not allowed \(greeted ? "from VM2" : "before HELLO")"
             peer.countProtocolError(rule: "peer-state")
             logger.warning("VM2 protocol error: \(text)")
-            try? socket.send(PeerCodec.encode(.error(PeerError(code: .protocolError, text: text))), nonBlocking: true)
+            Self.sendError(socket, .protocolError, text)
             return text
         }
         return nil

@@ -253,12 +253,14 @@ public struct TranslationBroker: Sendable {
 
     /// Times out what waited too long and raises again the misses whose
     /// interval passed. Returns the actions and when to call again.
-    public mutating func expire(space: AddressSpace, ringNeeds: [(bus: BusAddress, permission: Permission)],
+    /// `ringNeeds` is only evaluated when a miss is due again (this runs on
+    /// every wakeup of the bridge thread).
+    public mutating func expire(space: AddressSpace, ringNeeds: @autoclosure () -> [(bus: BusAddress, permission: Permission)],
                                 now: ContinuousClock.Instant) -> (actions: [Action], next: ContinuousClock.Instant?) {
         var actions: [Action] = pending.expire(now: now).map { entry in
             .answer(ids: entry.ids, request: entry.request, owner: entry.owner, .timedOut)
         }
-        if let retry = misses.nextRetry, retry <= now { actions += raiseStillNeeded(space: space, ringNeeds: ringNeeds, now: now) }
+        if let retry = misses.nextRetry, retry <= now { actions += raiseStillNeeded(space: space, ringNeeds: ringNeeds(), now: now) }
         return (actions, [pending.nextDeadline, misses.nextRetry].compactMap { $0 }.min())
     }
 

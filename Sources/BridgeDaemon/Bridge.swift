@@ -130,8 +130,9 @@ public final class Bridge: Sendable {
             let now = ContinuousClock.now
             if let until = acceptPausedUntil, now >= until { acceptPausedUntil = nil }
             if let connection { fds.append(connection.socket.fd.rawValue) } else if let listener, acceptPausedUntil == nil { fds.append(listener.fd.rawValue) }
-            var next = connection?.expireTranslations(now: now)
-            if let connection, next != nil { publish(connection) }
+            let expired = connection?.expireTranslations(now: now)
+            if let connection, expired?.changed == true { publish(connection) }
+            var next = expired?.next
             if let until = acceptPausedUntil { next = min(next ?? until, until) }
             var timeout = Poll.timeout(until: next, now: now)
             if let retry = retryMilliseconds { timeout = timeout < 0 ? retry : min(timeout, retry) }

@@ -274,10 +274,11 @@ final class VhostUserConnection {
 
     /// Refuses translations whose deadline passed, raises again the misses
     /// whose retry interval passed; returns when to call again.
-    func expireTranslations(now: ContinuousClock.Instant) -> ContinuousClock.Instant? {
+    /// `changed`: something was answered or raised (the live view is stale).
+    func expireTranslations(now: ContinuousClock.Instant) -> (changed: Bool, next: ContinuousClock.Instant?) {
         let (actions, next) = translations.expire(space: session.addressSpace, ringNeeds: session.ringTranslationsNeeded(), now: now)
         carryOut(actions, now: now)
-        return next
+        return (!actions.isEmpty, next)
     }
 
     /// VM2 connection `generation` is gone: its waiting translations have

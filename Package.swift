@@ -7,6 +7,7 @@ import PackageDescription
 //   VhostUser      - pure: vhost-user codec + BackendSession (imports BridgeCore).
 //   PeerProtocol   - pure: the VM2 peer protocol codec (imports BridgeCore).
 //   LinuxIO        - the only target that makes syscalls; executes BridgeCore's plans.
+//   DeviceEngine   - VM2's data plane: virtqueues served in bursts from the BAR (imports BridgeCore, LinuxIO).
 //   BridgeDaemon   - carries out the pure decisions: threads, sockets, fds (imports all of the above).
 //   EmulatedGuests - emulated VM1 and VM2 for tests, the demo and the benchmarks.
 //   executables    - thin: argument parsing and printing (bench also holds its baselines).
@@ -21,6 +22,7 @@ let package = Package(
         .library(name: "BridgeCore", targets: ["BridgeCore"]),
         .library(name: "VhostUser", targets: ["VhostUser"]),
         .library(name: "LinuxIO", targets: ["LinuxIO"]),
+        .library(name: "DeviceEngine", targets: ["DeviceEngine"]),
         .executable(name: "vhost-pci-bridged", targets: ["vhost-pci-bridged"]),
         .executable(name: "vhost-pci-guest", targets: ["vhost-pci-guest"]),
         .executable(name: "vhost-pci-bridgectl", targets: ["vhost-pci-bridgectl"]),
@@ -72,8 +74,13 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "DeviceEngine",
+            dependencies: ["BridgeCore", "LinuxIO"],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "EmulatedGuests",
-            dependencies: ["BridgeCore", "VhostUser", "PeerProtocol", "LinuxIO"],
+            dependencies: ["BridgeCore", "VhostUser", "PeerProtocol", "LinuxIO", "DeviceEngine"],
             swiftSettings: swiftSettings
         ),
         .executableTarget(
@@ -101,7 +108,7 @@ let package = Package(
         .executableTarget(
             name: "vhost-pci-guest",
             dependencies: [
-                "EmulatedGuests", "BridgeCore", "LinuxIO",
+                "EmulatedGuests", "BridgeCore", "LinuxIO", "DeviceEngine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings
@@ -109,7 +116,7 @@ let package = Package(
         .executableTarget(
             name: "vhost-pci-bench",
             dependencies: [
-                "BridgeCore", "BridgeDaemon", "LinuxIO", "EmulatedGuests", "VhostUser",
+                "BridgeCore", "BridgeDaemon", "LinuxIO", "EmulatedGuests", "VhostUser", "DeviceEngine",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -160,15 +167,20 @@ let package = Package(
         ),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["BridgeDaemon", "EmulatedGuests", "VhostUser", "PeerProtocol", "LinuxIO", "BridgeCore", "TestSupport",
+            dependencies: ["BridgeDaemon", "EmulatedGuests", "DeviceEngine", "VhostUser", "PeerProtocol", "LinuxIO", "BridgeCore", "TestSupport",
                            "DaemonTestSupport", "ControlClient",
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),
         .testTarget(
             name: "InteropTests",
-            dependencies: ["BridgeDaemon", "EmulatedGuests", "VhostUser", "LinuxIO", "BridgeCore", "TestSupport",
+            dependencies: ["BridgeDaemon", "EmulatedGuests", "DeviceEngine", "VhostUser", "LinuxIO", "BridgeCore", "TestSupport",
                            .product(name: "Logging", package: "swift-log")],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "DeviceEngineTests",
+            dependencies: ["DeviceEngine", "LinuxIO", "BridgeCore", "TestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

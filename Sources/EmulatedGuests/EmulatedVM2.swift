@@ -1,10 +1,28 @@
 import BridgeCore
+import DeviceEngine
 import LinuxIO
 import PeerProtocol
 import Synchronization
 
+/// What the emulated VM2's device does with the frames VM1 transmits.
+public enum VM2DataPath: String, Sendable, CaseIterable {
+    /// Verify test packets (and check real frames' Ethernet header) in place;
+    /// echo valid test packets into VM1's RX buffers when `echo` is on.
+    case verify
+    /// Read every frame's headers in place and count it: a sink.
+    case count
+    /// Write every frame into VM1's RX buffers of the same queue pair.
+    case forward
+}
+
 /// How the emulated VM2 behaves.
 public struct VM2Configuration: Sendable {
+    public var dataPath: VM2DataPath = .verify
+    /// Poll the queues this long after the last work before sleeping on
+    /// kicks (and tell VM1 not to kick meanwhile); zero: notification-driven.
+    public var pollFor: Duration = .zero
+    /// Chains per queue per pass.
+    public var burst = 64
     /// Acknowledge MAP/UNMAP (a VM2 that never acks is disconnected at the deadline).
     public var acknowledges = true
     /// Ask the daemon for translations of unmapped buffers (ATS-like).
@@ -87,8 +105,8 @@ public final class EmulatedVM2: Sendable {
         if configuration.acknowledgesRingStops { features.insert(.vringStopAck) }
         try? socket.send(PeerCodec.encode(.hello(PeerHello(features: features))))
         let t = try JoinableThread(name: "vm2") { [self] in
-            let engine = VM2Engine(socket: socket, configuration: configuration, owner: self)
-            engine.run()
+            let device = VM2DeviceThread(socket: socket, configuration: configuration, owner: self)
+            device.run()
         }
         thread.withLock { $0 = t }
     }
@@ -133,56 +151,42 @@ import Glibc
 #endif
 
 /// The device thread's state. Never leaves that thread.
-final class VM2Engine {
-    struct Ring {
-        var index: Int
-        /// The ring's fields as BAR offsets.
-        var layout: SplitRing
-        var size: UInt32 { layout.size }
-        var lastAvail: UInt16
-        var usedIndex: UInt16
-        var enabled: Bool
+final class VM2DeviceThread {
+    /// A queue's notification fds and whether VM1 enabled it.
+    struct Notifiers {
         var kick: EventFD?
         var call: EventFD?
+        var enabled = true
+        var setup: PeerVring?
     }
 
     let socket: UnixSocket
     let configuration: VM2Configuration
     unowned let owner: EmulatedVM2
-    var window: BARWindow?
-    var barSize: UInt64 = 0
+    var device = NetDevice()
     var features: PeerFeatures = []
-    var table = PeerMappingTable()
-    var rings: [Int: Ring] = [:]
-    var pendingEcho: [[UInt8]] = []
+    var notifiers: [Int: Notifiers] = [:]
+    /// Queues taken out of service (a defect, ring memory never granted),
+    /// kept for where they stopped.
+    var parked: [Int: DeviceQueue] = [:]
+    /// Frames waiting for RX buffers: (receive queue, bytes with header).
+    var pendingFrames: [(Int, [UInt8])] = []
     var generated = 0
+    var pollSet = PollSet()
+    var pollSetDirty = true
+    var policy: PollPolicy
 
-    /// Per-packet counters, folded into the shared statistics once per ring
-    /// pass (a lock per packet was the device's largest cost).
+    /// Verdicts of the verify path, folded into the shared statistics once
+    /// per pass (a lock per packet was the device's largest cost).
     struct Counters {
-        var received = 0, bytesReceived: UInt64 = 0, verified = 0, corrupt = 0
-        var framesValid = 0, framesInvalid = 0, sent = 0, bytesSent: UInt64 = 0
+        var verified = 0, corrupt = 0, framesValid = 0, framesInvalid = 0, sent = 0, bytesSent: UInt64 = 0
     }
     var counters = Counters()
+    /// The engine's totals already folded.
+    var folded = (tx: QueueCounters(), rx: QueueCounters(), implausible: 0)
 
-    func flushCounters() {
-        let c = counters
-        guard c.received > 0 || c.sent > 0 else { return }
-        counters = Counters()
-        owner.update { s in
-            s.packetsReceived += c.received
-            s.bytesReceived += c.bytesReceived
-            s.packetsVerified += c.verified
-            s.packetsCorrupt += c.corrupt
-            s.framesValid += c.framesValid
-            s.framesInvalid += c.framesInvalid
-            s.packetsSent += c.sent
-            s.bytesSent += c.bytesSent
-        }
-    }
-
-    /// A virtio-net header (num_buffers = 1, as VERSION_1 requires without
-    /// MRG_RXBUF) and a broadcast IPv4/UDP Ethernet frame of `size` bytes.
+    /// A virtio-net header (num_buffers = 1) and a broadcast IPv4/UDP
+    /// Ethernet frame of `size` bytes.
     static func frame(number: Int, size: Int) -> [UInt8] {
         var header = [UInt8](repeating: 0, count: 12)
         header[10] = 1
@@ -204,34 +208,54 @@ final class VM2Engine {
         self.socket = socket
         self.configuration = configuration
         self.owner = owner
+        policy = PollPolicy(spin: configuration.pollFor)
+        device.burst = max(1, configuration.burst)
+    }
+
+    /// The queues with a kick fd, in poll-set order after the three control fds.
+    private var kickOrder: [Int] = []
+
+    private func rebuildPollSet() {
+        kickOrder = notifiers.keys.sorted().filter { notifiers[$0]?.kick != nil }
+        pollSet.watch([owner.stopFD, owner.commandFD, socket.fd.rawValue] + kickOrder.compactMap { notifiers[$0]?.kick?.fd.rawValue })
+        pollSetDirty = false
     }
 
     func run() {
         owner.update { $0.connected = true }
-        var busy: Set<Int> = []
+        var busy = false, polling = false
         while stopReason == nil {
-            var fds = [owner.stopFD, owner.commandFD, socket.fd.rawValue]
-            let kickRings = rings.values.filter { $0.kick != nil }.sorted { $0.index < $1.index }
-            fds += kickRings.compactMap { $0.kick?.fd.rawValue }
-            // Rings with work left are polled again at once, after control traffic.
-            guard let ready = try? Poll.readable(fds, timeoutMilliseconds: busy.isEmpty ? 200 : 0) else { continue }
-            if ready[0] { stopReason = "stopped"; break }
-            if ready[1] { runCommands() }
-            if ready[2] { readControl() }
-            var work = busy
-            for (i, ring) in kickRings.enumerated() where ready[3 + i] {
-                _ = try? ring.kick?.read()
-                owner.update { $0.kicksReceived += 1 }
-                work.insert(ring.index)
+            if pollSetDirty { rebuildPollSet() }
+            // Before sleeping, ask for kicks again and look once more (a
+            // chain may have come while kicks were off).
+            if !busy, device.requestKicks(receiving: !pendingFrames.isEmpty) { busy = true }
+            if !busy, polling { polling = false }
+            guard let n = try? pollSet.wait(timeoutMilliseconds: busy ? 0 : 200) else { continue }
+            if n > 0 {
+                if pollSet.isReady(0) { stopReason = "stopped"; break }
+                if pollSet.isReady(1) { runCommands() }
+                if pollSet.isReady(2) { readControl() }
+                var kicks = 0
+                for (k, queue) in kickOrder.enumerated() where pollSet.isReady(3 + k) {
+                    _ = try? notifiers[queue]?.kick?.read()
+                    kicks += 1
+                }
+                if kicks > 0 { owner.update { $0.kicksReceived += kicks } }
+                if pollSetDirty { continue }
             }
-            busy = []
-            for index in work.sorted() where process(ring: index) { busy.insert(index) }
+            let (worked, more) = serve()
+            if worked {
+                policy.noteWork()
+                if configuration.pollFor > .zero, !polling { device.suppressKicks(); polling = true }
+            }
+            busy = more || worked || (polling && policy.keepPolling(now: .now))
         }
         try? socket.fd.close()
-        for r in rings.values { try? r.kick?.fd.close(); try? r.call?.fd.close() }
-        rings = [:]
+        for n in notifiers.values { try? n.kick?.fd.close(); try? n.call?.fd.close() }
+        notifiers = [:]
+        device.removeAllQueues()
+        device.memory.detach()
         owner.setWindow(nil)
-        window = nil
         owner.finish(stopReason ?? "stopped")
         // Nobody will answer these now, nor any later request.
         owner.translations.close(answering: nil)
@@ -265,62 +289,79 @@ final class VM2Engine {
     func handle(_ message: PeerMessage, fds: [OwnedFileDescriptor]) {
         switch message {
         case .helloReply(let info):
-            barSize = info.barSize
             features = info.features
             do {
                 let w = try BARWindow(size: info.barSize)
-                window = w
+                device.memory.attach(w)
                 owner.setWindow(w)
                 owner.update { $0.ready = true; $0.barSize = info.barSize; $0.mode = info.mode.rawValue }
             } catch {
                 stopReason = "cannot reserve a BAR of \(info.barSize) bytes: \(error)"
             }
         case .map(let m):
-            guard let window, let fd = fds.first else { stopReason = "MAP before HELLO reply"; return }
+            guard device.memory.window != nil, let fd = fds.first else { stopReason = "MAP before HELLO reply"; return }
             do {
-                try window.map(bus: BusAddress(m.barOffset), length: m.length, permission: m.permission, fd: fd.rawValue, fdOffset: m.fdOffset)
-                table.add(m.barOffset, m.barOffset + m.length, m.permission)
-                owner.update { $0.mapsApplied += 1; $0.bytesMapped = self.table.bytesMapped }
+                try device.memory.map(bus: m.barOffset, length: m.length, permission: m.permission, fd: fd.rawValue, fdOffset: m.fdOffset)
+                let mapped = device.memory.grants.bytesMapped
+                owner.update { $0.mapsApplied += 1; $0.bytesMapped = mapped }
             } catch {
                 owner.update { $0.lastError = "MAP: \(error)" }
             }
             try? fd.close()
             ack(m.sequence)
         case .unmap(let u):
-            guard let window else { return }
-            // Forget it first: from here on the device refuses the range.
-            let (end, overflow) = u.barOffset.addingReportingOverflow(u.length)
-            if !overflow { table.remove(u.barOffset, end) }
-            try? window.revoke(bus: BusAddress(u.barOffset), length: u.length)
-            owner.update { $0.unmapsApplied += 1; $0.bytesMapped = self.table.bytesMapped }
+            guard device.memory.window != nil else { return }
+            // Forgotten first: from here on the device refuses the range.
+            device.memory.unmap(bus: u.barOffset, length: u.length)
+            let mapped = device.memory.grants.bytesMapped
+            owner.update { $0.unmapsApplied += 1; $0.bytesMapped = mapped }
             ack(u.sequence)
         case .vring(let v):
             let index = Int(v.index)
-            if let old = rings[index] {
-                if v.hasKick { try? old.kick?.fd.close() }
-                if v.hasCall { try? old.call?.fd.close() }
-            }
-            var kick: EventFD? = v.hasKick ? nil : rings[index]?.kick
-            var call: EventFD? = v.hasCall ? nil : rings[index]?.call
+            var n = notifiers[index] ?? Notifiers()
             var next = 0
-            if v.hasKick, next < fds.count { kick = EventFD(adopting: OwnedFileDescriptor(adopting: fds[next].release())); next += 1 }
-            if v.hasCall, next < fds.count { call = EventFD(adopting: OwnedFileDescriptor(adopting: fds[next].release())) }
-            // An in-order device: the used index equals the last avail index.
-            let resume = rings[index]?.lastAvail ?? v.lastAvail
-            rings[index] = Ring(index: index, layout: SplitRing(size: v.num, desc: v.desc, avail: v.avail, used: v.used),
-                                lastAvail: resume, usedIndex: rings[index]?.usedIndex ?? resume,
-                                enabled: v.enabled, kick: kick, call: call)
-            process(ring: index) // catch up on anything kicked while nobody listened
+            if v.hasKick {
+                try? n.kick?.fd.close()
+                n.kick = next < fds.count ? EventFD(adopting: OwnedFileDescriptor(adopting: fds[next].release())) : nil
+                next += 1
+            }
+            if v.hasCall {
+                try? n.call?.fd.close()
+                n.call = next < fds.count ? EventFD(adopting: OwnedFileDescriptor(adopting: fds[next].release())) : nil
+            }
+            n.enabled = v.enabled
+            notifiers[index] = n
+            pollSetDirty = true
+            // An in-order device resumes where it was (its used index equals
+            // its last avail index); a new queue starts where VM1 says.
+            let was = device.queue(index) ?? parked.removeValue(forKey: index)
+            device.removeQueue(index)
+            if v.enabled {
+                let ring = SplitRing(size: v.num, desc: v.desc, avail: v.avail, used: v.used)
+                if let defect = device.setQueue(index, ring: ring, start: was?.lastAvail ?? v.lastAvail, usedIndex: was?.usedIndex) {
+                    if let q = device.removeQueue(index) { parked[index] = q }
+                    refuse(defect)
+                }
+            } else if let was {
+                parked[index] = was
+            }
         case .vringStop(let index):
-            let stopped = rings.removeValue(forKey: Int(index))
-            if let r = stopped { try? r.kick?.fd.close(); try? r.call?.fd.close() }
+            let stopped = device.removeQueue(Int(index)) ?? parked.removeValue(forKey: Int(index))
+            parked[Int(index)] = nil
+            if let n = notifiers.removeValue(forKey: Int(index)) { try? n.kick?.fd.close(); try? n.call?.fd.close() }
+            pollSetDirty = true
             if features.contains(.vringStopAck) {
                 try? socket.send(PeerCodec.encode(.vringStopped(index: index, lastAvail: stopped?.lastAvail)))
             }
         case .device(let d):
-            if d.event != .start {
-                for r in rings.values { try? r.kick?.fd.close(); try? r.call?.fd.close() }
-                rings = [:]
+            if d.event == .start {
+                device.start(features: d.features)
+            } else {
+                for n in notifiers.values { try? n.kick?.fd.close(); try? n.call?.fd.close() }
+                notifiers = [:]
+                device.removeAllQueues()
+                parked = [:]
+                pollSetDirty = true
             }
         case .translateReply(let r):
             if awaiting.keys.contains(r.requestID) {

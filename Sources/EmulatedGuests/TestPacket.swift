@@ -46,12 +46,3 @@ public enum TestPacket {
     }
 }
 
-/// Checks what can be checked of a frame from a real front end: an Ethernet
-/// header with a known EtherType after the 12-byte virtio-net header.
-public enum EthernetCheck {
-    public static func isPlausible(_ frame: UnsafeRawBufferPointer) -> Bool {
-        guard frame.count >= 14 else { return false }
-        let etherType = UInt16(frame[12]) << 8 | UInt16(frame[13])
-        return etherType == 0x0800 || etherType == 0x0806 || etherType == 0x86dd || etherType == 0x8100 || etherType < 0x0600
-    }
-}

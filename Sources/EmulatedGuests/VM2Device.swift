@@ -1,197 +1,199 @@
 import BridgeCore
+import DeviceEngine
 import LinuxIO
 import PeerProtocol
 
-/// The device half of the emulated VM2: serves VM1's split rings through the
-/// BAR — every access checked against what the daemon granted, translations
-/// asked for what is missing, packets verified in place and echoed. The
-/// control half (the peer protocol) is in EmulatedVM2.swift.
-extension VM2Engine {
-    /// Makes `[address, address+length)` accessible with `needed`, asking
-    /// the daemon for a translation when it is not granted yet. That may
-    /// process control messages — revocations among them — so it is called
-    /// before `checked`, never between `checked` and the access it guards.
-    func ensure(_ address: UInt64, _ length: UInt64, _ needed: Permission) -> Bool {
-        guard window != nil, length <= UInt64(Int.max) else { return false }
-        switch table.check(address, length: length, needed: needed, barSize: barSize) {
-        case nil:
-            return true
-        case .notMapped?, .denied?:
-            return translateAndWait(address, length: length, access: needed)
-                && table.check(address, length: length, needed: needed, barSize: barSize) == nil
-        case .wraps?, .outsideBAR?:
-            return false
+/// The device half of the emulated VM2: serves VM1's queues from the BAR
+/// with the `DeviceEngine` (bursts, notification suppression, optional
+/// polling), asks the daemon for translations of what is not granted yet,
+/// and verifies, counts, echoes or forwards frames. The control half (the
+/// peer protocol) is in EmulatedVM2.swift.
+extension VM2DeviceThread {
+    /// One pass over every queue, then the frames waiting for RX buffers;
+    /// faults are translated (outside the burst: a translation processes
+    /// control messages, revocations among them). Returns whether anything
+    /// moved and whether a queue still has chains waiting.
+    func serve() -> (worked: Bool, more: Bool) {
+        var worked = false, more = false
+        // A few rounds at most: each fault gets one translation per pass.
+        for _ in 0..<4 where stopReason == nil {
+            guard let pass = runPass() else { return (worked, more) }
+            worked = worked || pass.chains > 0
+            more = more || pass.more
+            signal(pass.calls)
+            foldCounters()
+            guard !pass.stops.isEmpty else { break }
+            for stop in pass.stops { resolve(stop.queue, stop.reason) }
+        }
+        if deliverPending() { worked = true }
+        return (worked, more)
+    }
+
+    private func runPass() -> NetDevice.Pass? {
+        switch configuration.dataPath {
+        case .count: return device.pass(.count)
+        case .forward: return device.pass(.forward)
+        case .verify:
+            let echo = configuration.echo
+            return device.pass(.inspect) { queue, _, frame in
+                self.verify(frame, echoTo: echo ? queue - 1 : nil)
+            }
         }
     }
 
-    /// The window, when `[address, address+length)` is granted with `needed`
-    /// *now* — checked without any control processing, so nothing can be
-    /// revoked between this check and an access made right after it.
-    func grantedNow(_ address: UInt64, _ length: UInt64, _ needed: Permission) -> BARWindow? {
-        guard let window, length <= UInt64(Int.max),
-              table.check(address, length: length, needed: needed, barSize: barSize) == nil else { return nil }
-        return window
-    }
-
-    /// `ensure`, then `grantedNow`.
-    func granted(_ address: UInt64, _ length: UInt64, _ needed: Permission) -> BARWindow? {
-        ensure(address, length, needed) ? grantedNow(address, length, needed) : nil
-    }
-
-    /// The bytes, checked against what is granted now, inside `body` only:
-    /// no pointer outlives it.
-    func checked<R>(_ address: UInt64, _ length: UInt64, _ needed: Permission,
-                    _ body: (UnsafeMutableRawBufferPointer) -> R) -> R? {
-        grantedNow(address, length, needed)?.withBytes(at: address, length: Int(length), body) ?? nil
-    }
-
-    /// `ensure`, then `checked`.
-    func access<R>(_ address: UInt64, _ length: UInt64, _ needed: Permission,
-                   _ body: (UnsafeMutableRawBufferPointer) -> R) -> R? {
-        guard ensure(address, length, needed) else { return nil }
-        return checked(address, length, needed, body)
-    }
-
-    func loadIndex(_ address: UInt64) -> UInt16? {
-        granted(address, 2, .read)?.loadAcquire(at: address) ?? nil
-    }
-
-    /// Processes up to one ring's worth of entries; returns whether more are
-    /// waiting (so control messages — revocations — are never starved).
-    @discardableResult
-    func process(ring index: Int) -> Bool {
-        guard var ring = rings[index], ring.enabled, ring.size > 0 else { return false }
-        var progressed = false
-        var budget = Int(ring.size)
-        var more = false
-        while stopReason == nil {
-            if budget == 0 { more = true; break }
-            budget -= 1
-            guard let availIdx = loadIndex(ring.layout.availIndex) else { refuse("avail ring not mapped"); break }
-            if availIdx == ring.lastAvail { break }
-            guard let head = access(ring.layout.availEntry(ring.lastAvail), 2, .read, { UInt16(littleEndian: $0.loadUnaligned(as: UInt16.self)) }) else {
-                refuse("avail ring not mapped"); break
+    /// A queue stopped: translate what it needs, or give up on the chain or ring.
+    private func resolve(_ queue: Int, _ reason: QueueStop) {
+        switch reason {
+        case .fault(.missing(let address, let length, let access)):
+            if !translateAndWait(address, length: length, access: access) {
+                device.refuseNextFault(on: queue)
+                parkIfRingFault(queue, address)
             }
-            let written: UInt32
-            if index % 2 == 1 {
-                written = transmit(ring: ring, head: head)
-            } else {
-                // RX: fill with a pending echo (or a generated frame), or leave it posted for later.
-                if pendingEcho.isEmpty, generated < configuration.generateFrames {
-                    pendingEcho.append(Self.frame(number: generated, size: configuration.frameSize))
+        case .fault(.outside):
+            disable(queue, "a ring area is outside the BAR")
+        case .defect(let why):
+            disable(queue, why)
+        }
+    }
+
+    /// A ring area (not a buffer) that cannot be translated: the queue waits
+    /// for VM1 to set it up again.
+    private func parkIfRingFault(_ queue: Int, _ address: UInt64) {
+        guard let q = device.queue(queue) else { return }
+        let r = q.ring
+        let inRing = (address >= r.desc && address < r.desc + r.descriptorTableBytes)
+            || (address >= r.avail && address < r.avail + r.availBytes(eventIndex: q.eventIndex))
+            || (address >= r.used && address < r.used + r.usedBytes(eventIndex: q.eventIndex))
+        if inRing { disable(queue, "ring memory is not granted") }
+    }
+
+    private func disable(_ queue: Int, _ why: String) {
+        guard let q = device.removeQueue(queue) else { return }
+        parked[queue] = q
+        refuse(why)
+    }
+
+    func signal(_ queues: [Int]) {
+        guard !queues.isEmpty else { return }
+        for i in queues { _ = try? notifiers[i]?.call?.signal() }
+        owner.update { $0.notificationsSent += queues.count }
+    }
+
+    /// A frame VM1 transmitted, read in place: verified, and copied for the
+    /// echo (the test mode's one copy; the other modes copy nothing).
+    private func verify(_ frame: borrowing Segments, echoTo rx: Int?) {
+        let verdict: TestPacket.Verdict, plausible: Bool
+        if frame.parts.count == 1, let only = frame.parts.first {
+            let payload = UnsafeRawBufferPointer(rebasing: only[VirtioNetHeader.size...])
+            (verdict, plausible) = (TestPacket.verify(payload), EthernetCheck.isPlausible(payload))
+            if let rx, case .valid = verdict { queueEcho(Array(only), to: rx) }
+        } else {
+            var bytes: [UInt8] = []
+            bytes.reserveCapacity(frame.totalLength)
+            for part in frame.parts { bytes.append(contentsOf: part) }
+            let payload = Array(bytes.dropFirst(VirtioNetHeader.size))
+            verdict = TestPacket.verify(payload)
+            plausible = payload.withUnsafeBytes { EthernetCheck.isPlausible($0) }
+            if let rx, case .valid = verdict { queueEcho(bytes, to: rx) }
+        }
+        switch verdict {
+        case .valid: counters.verified += 1
+        case .corrupt: counters.corrupt += 1
+        case .notATestPacket: if plausible { counters.framesValid += 1 } else { counters.framesInvalid += 1 }
+        }
+    }
+
+    private func queueEcho(_ bytes: [UInt8], to rx: Int) {
+        if pendingFrames.count < 4096 { pendingFrames.append((rx, bytes)) } else { owner.update { $0.echoesDropped += 1 } }
+    }
+
+    /// Echoes (and generated frames) into VM1's RX buffers, in order, until
+    /// a queue has no room. Returns whether any was delivered.
+    func deliverPending() -> Bool {
+        if pendingFrames.isEmpty, generated < configuration.generateFrames, device.queue(0) != nil {
+            pendingFrames.append((0, Self.frame(number: generated, size: configuration.frameSize)))
+            generated += 1
+        }
+        var delivered = false
+        var calls: Set<Int> = []
+        while let (rx, bytes) = pendingFrames.first, stopReason == nil {
+            guard device.queue(rx) != nil else { pendingFrames.removeFirst(); owner.update { $0.echoesDropped += 1 }; continue }
+            guard let (outcome, call) = bytes.withUnsafeBytes({ device.deliver($0, to: rx) }) else { break }
+            if call { calls.insert(rx) }
+            switch outcome {
+            case .delivered:
+                pendingFrames.removeFirst()
+                counters.sent += 1
+                counters.bytesSent += UInt64(bytes.count - VirtioNetHeader.size)
+                delivered = true
+                if pendingFrames.isEmpty, generated < configuration.generateFrames {
+                    pendingFrames.append((0, Self.frame(number: generated, size: configuration.frameSize)))
                     generated += 1
                 }
-                guard let packet = pendingEcho.first else { break }
-                guard let n = receive(ring: ring, head: head, packet: packet) else { break }
-                pendingEcho.removeFirst()
-                written = n
+                continue
+            case .noRoom:
+                break
+            case .tooLarge:
+                pendingFrames.removeFirst()
+                owner.update { $0.echoesDropped += 1 }
+                continue
+            case .stopped(let reason):
+                resolve(rx, reason)
+                if device.queue(rx) == nil { continue }
+                if case .fault = reason { continue }
             }
-            // A VRING_STOP (or a DEVICE stop) handled while this chain waited
-            // for a translation ended the ring: VM2 already reported where it
-            // stopped, so nothing more may be completed or written back.
-            guard rings[index] != nil else { flushCounters(); return false }
-            // Used ring entry, then the index (release).
-            _ = access(ring.layout.usedElement(ring.usedIndex), 8, .write) { entry in
-                entry.storeBytes(of: UInt32(head).littleEndian, as: UInt32.self)
-                entry.storeBytes(of: written.littleEndian, toByteOffset: 4, as: UInt32.self)
-            }
-            ring.lastAvail &+= 1
-            ring.usedIndex &+= 1
-            granted(ring.layout.usedIndex, 2, .write)?.storeRelease(ring.usedIndex, at: ring.layout.usedIndex)
-            rings[index] = ring
-            progressed = true
+            break
         }
-        flushCounters()
-        if progressed {
-            _ = try? ring.call?.signal()
-            owner.update { $0.notificationsSent += 1 }
-        }
-        // TX produced echoes: give them to RX.
-        if index % 2 == 1, !pendingEcho.isEmpty, rings[index - 1] != nil { process(ring: index - 1) }
-        return more
+        signal(calls.sorted())
+        foldCounters()
+        return delivered
     }
 
     func refuse(_ reason: String) {
         owner.update { $0.descriptorsRefused += 1; $0.refusalReasons[reason, default: 0] += 1 }
     }
 
-    /// One descriptor chain: (address, length, writable) entries, checked.
-    func chain(_ ring: Ring, head: UInt16) -> [(UInt64, UInt32, Bool)]? {
-        var out: [(UInt64, UInt32, Bool)] = []
-        var i = head
-        for _ in 0..<ring.size {
-            let at = ring.layout.descriptor(i)
-            guard UInt32(i) < ring.size, let window = granted(at, Descriptor.size, .read),
-                  let d = Descriptor.load(from: window, at: at) else { return nil }
-            out.append((d.address, d.length, d.deviceWritable))
-            if !d.hasNext { return out }
-            i = d.next
+    /// The engine's per-queue counters and this thread's verdicts, folded
+    /// into the shared statistics (once per pass, never per packet).
+    func foldCounters() {
+        var rx = QueueCounters(), tx = QueueCounters()
+        for (i, c) in device.counters.enumerated() {
+            if i % 2 == 1 { tx.add(c) } else { rx.add(c) }
         }
-        return nil // a loop
-    }
-
-    func transmit(ring: Ring, head: UInt16) -> UInt32 {
-        guard let parts = chain(ring, head: head) else { refuse("tx: unreadable or looping chain"); return 0 }
-        guard parts.allSatisfy({ !$0.2 }) else { refuse("tx: device-writable buffer in a TX chain"); return 0 }
-        // Every part made accessible first (translations may process
-        // revocations); then read, each checked again right before it is
-        // touched. Single-buffer packets (the emulated VM1 and DPDK send one
-        // descriptor) are verified in place; chains are gathered.
-        for (addr, len, _) in parts where !ensure(addr, UInt64(len), .read) { refuse("tx: buffer not mapped readable"); return 0 }
-        let total = parts.reduce(0) { $0 + Int($1.1) }
-        guard total >= 12 else { refuse("tx: shorter than the virtio-net header"); return 0 }
-        var bytes: [UInt8] = []
-        let verdict: TestPacket.Verdict
-        let plausible: Bool
-        if parts.count == 1 {
-            let echo = configuration.echo
-            guard let (v, p, copy) = checked(parts[0].0, UInt64(parts[0].1), .read, { view -> (TestPacket.Verdict, Bool, [UInt8]) in
-                let payload = UnsafeRawBufferPointer(rebasing: view[12...])
-                let v = TestPacket.verify(payload)
-                var copy: [UInt8] = []
-                if echo, case .valid = v { copy = Array(view) }
-                return (v, EthernetCheck.isPlausible(payload), copy)
-            }) else { refuse("tx: buffer revoked while in use"); return 0 }
-            (verdict, plausible, bytes) = (v, p, copy)
-        } else {
-            for (addr, len, _) in parts {
-                guard let part = checked(addr, UInt64(len), .read, { Array($0) }) else { refuse("tx: buffer revoked while in use"); return 0 }
-                bytes += part
+        let implausible = device.implausibleFrames
+        let c = counters
+        guard tx != folded.tx || rx != folded.rx || implausible != folded.implausible || c.verified + c.corrupt + c.framesValid + c.framesInvalid + c.sent > 0 else { return }
+        let old = folded
+        folded = (tx, rx, implausible)
+        counters = Counters()
+        let counting = configuration.dataPath != .verify
+        owner.update { s in
+            s.packetsReceived += tx.chains - old.tx.chains
+            s.bytesReceived += tx.bytes - old.tx.bytes
+            s.packetsVerified += c.verified
+            s.packetsCorrupt += c.corrupt
+            if counting {
+                s.framesInvalid += implausible - old.implausible
+                s.framesValid += (tx.chains - old.tx.chains) - (implausible - old.implausible)
+            } else {
+                s.framesValid += c.framesValid
+                s.framesInvalid += c.framesInvalid
             }
-            let payload = Array(bytes.dropFirst(12))
-            verdict = TestPacket.verify(payload)
-            plausible = payload.withUnsafeBytes { EthernetCheck.isPlausible($0) }
-        }
-        counters.received += 1
-        counters.bytesReceived += UInt64(total - 12)
-        switch verdict {
-        case .valid: counters.verified += 1
-        case .corrupt: counters.corrupt += 1
-        case .notATestPacket: if plausible { counters.framesValid += 1 } else { counters.framesInvalid += 1 }
-        }
-        if configuration.echo, case .valid = verdict {
-            if pendingEcho.count < 4096 { pendingEcho.append(bytes) } else { owner.update { $0.echoesDropped += 1 } }
-        }
-        return 0
-    }
-
-    /// Writes `packet` into an RX chain; nil when the chain is not usable.
-    func receive(ring: Ring, head: UInt16, packet: [UInt8]) -> UInt32? {
-        guard let parts = chain(ring, head: head) else { refuse("rx: unreadable or looping chain"); return 0 }
-        guard parts.allSatisfy({ $0.2 }) else { refuse("rx: read-only buffer in an RX chain"); return 0 }
-        var offset = 0
-        for (addr, len, _) in parts where offset < packet.count {
-            let n = min(Int(len), packet.count - offset)
-            let start = offset
-            let copied: Void? = access(addr, UInt64(n), .write) { view in
-                packet.withUnsafeBytes { src in view.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[start..<(start + n)])) }
+            if configuration.dataPath == .forward {
+                s.packetsSent += rx.chains - old.rx.chains
+                s.bytesSent += rx.bytes - old.rx.bytes
+                s.echoesDropped += rx.dropped - old.rx.dropped
+            } else {
+                s.packetsSent += c.sent
+                s.bytesSent += c.bytesSent
             }
-            guard copied != nil else { refuse("rx: buffer not mapped writable"); return 0 }
-            offset += n
+            for r in ChainRefusal.allCases {
+                let n = tx.refused[r.rawValue] + rx.refused[r.rawValue] - old.tx.refused[r.rawValue] - old.rx.refused[r.rawValue]
+                if n > 0 {
+                    s.descriptorsRefused += n
+                    s.refusalReasons[r.description, default: 0] += n
+                }
+            }
         }
-        guard offset == packet.count else { owner.update { $0.echoesDropped += 1 }; return UInt32(offset) }
-        counters.sent += 1
-        counters.bytesSent += UInt64(packet.count - 12)
-        return UInt32(offset)
     }
 }

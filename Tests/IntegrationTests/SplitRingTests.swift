@@ -1,3 +1,4 @@
+import DeviceEngine
 import BridgeCore
 import EmulatedGuests
 import LinuxIO

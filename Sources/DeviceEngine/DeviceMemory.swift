@@ -1,0 +1,126 @@
+import BridgeCore
+import LinuxIO
+
+/// Why an access the device needed was not possible.
+public enum AccessFault: Error, Equatable, Sendable, CustomStringConvertible {
+    /// Not granted (yet): a translation may make it accessible.
+    case missing(address: UInt64, length: UInt64, access: Permission)
+    /// Never accessible: outside the BAR, or wrapping around.
+    case outside(address: UInt64, length: UInt64)
+
+    public var description: String {
+        switch self {
+        case .missing(let a, let l, let p): "\(Hex(a))+\(Hex(l)) is not granted \(p)"
+        case .outside(let a, let l): "\(Hex(a))+\(Hex(l)) is outside the BAR"
+        }
+    }
+}
+
+/// VM2's BAR and what is granted in it: the one owner of both. The data
+/// path reaches the bytes only inside `burst`, so no pointer outlives a
+/// burst, and grants change (revocations are applied) only between bursts —
+/// never under a packet being read. A value type: the one `NetDevice` (or
+/// device thread) that holds it is its owner.
+public struct DeviceMemory {
+    public private(set) var window: BARWindow?
+    public private(set) var grants: GrantTable
+
+    public init() { grants = GrantTable(barSize: 0) }
+
+    /// The BAR the daemon described (HELLO reply); forgets every grant.
+    public mutating func attach(_ window: BARWindow) {
+        self.window = window
+        grants = GrantTable(barSize: window.size, generation: grants.generation &+ 1)
+    }
+
+    public mutating func detach() {
+        window = nil
+        grants = GrantTable(barSize: 0, generation: grants.generation &+ 1)
+    }
+
+    public var barSize: UInt64 { grants.barSize }
+
+    /// Maps `[bus, bus+length)` of `fd` at `fdOffset` into the BAR and
+    /// records the grant.
+    public mutating func map(bus: UInt64, length: UInt64, permission: Permission, fd: Int32, fdOffset: UInt64) throws(BARWindowError) {
+        guard let window else { throw .invalidSize(0) }
+        try window.map(bus: BusAddress(bus), length: length, permission: permission, fd: fd, fdOffset: fdOffset)
+        grants.grant(bus, bus + length, permission)
+    }
+
+    /// Forgets `[bus, bus+length)` first (from here on the device refuses
+    /// it), then revokes it in the BAR. Never refused.
+    public mutating func unmap(bus: UInt64, length: UInt64) {
+        let (end, overflow) = bus.addingReportingOverflow(length)
+        grants.revoke(bus, overflow ? UInt64.max : end)
+        try? window?.revoke(bus: BusAddress(bus), length: length)
+    }
+
+    /// Runs `body` with checked access to the BAR; nil before the BAR exists.
+    public mutating func burst<R>(_ body: (inout BurstAccess) -> R) -> R? {
+        guard let window else { return nil }
+        let granted = grants
+        var kept: GrantTable? = nil
+        let result: R? = window.withBytes(at: 0, length: Int(window.size)) { bar in
+            var access = BurstAccess(bar: bar, grants: granted)
+            defer { kept = access.grants }
+            return body(&access)
+        }
+        if let kept { grants = kept }
+        return result
+    }
+}
+
+/// Checked access to the BAR during one burst. Every buffer a descriptor
+/// names goes through `bytes`, which checks the grant (last-hit first) and
+/// the BAR's bounds; ring fields are reached through `ring…` accessors only
+/// after `DeviceQueue` checked the ring's areas for this grant generation.
+public struct BurstAccess {
+    let bar: UnsafeMutableRawBufferPointer
+    var grants: GrantTable
+
+    init(bar: UnsafeMutableRawBufferPointer, grants: GrantTable) {
+        self.bar = bar
+        self.grants = grants
+    }
+
+    public var generation: UInt64 { grants.generation }
+
+    /// `[address, address+length)` when granted with `needed`, else the fault.
+    @inline(__always)
+    public mutating func bytes(_ address: UInt64, _ length: UInt32, _ needed: Permission) -> Result<UnsafeMutableRawBufferPointer, AccessFault> {
+        let n = UInt64(length)
+        switch grants.check(address, n, needed) {
+        case nil:
+            // Granted implies inside the BAR (grants never exceed it).
+            return .success(UnsafeMutableRawBufferPointer(rebasing: bar[Int(address)..<Int(address + n)]))
+        case .notMapped?, .denied?:
+            return .failure(.missing(address: address, length: n, access: needed))
+        case .wraps?, .outsideBAR?:
+            return .failure(.outside(address: address, length: n))
+        }
+    }
+
+    /// Whether a ring area is granted; not cached (see `GrantTable.checkOnce`).
+    func areaFault(_ address: UInt64, _ length: UInt64, _ needed: Permission) -> AccessFault? {
+        switch grants.checkOnce(address, length, needed) {
+        case nil: nil
+        case .notMapped?, .denied?: .missing(address: address, length: length, access: needed)
+        case .wraps?, .outsideBAR?: .outside(address: address, length: length)
+        }
+    }
+
+    // Ring fields: only for areas checked in this grant generation.
+    @inline(__always) func loadAcquire(_ offset: UInt64) -> UInt16 {
+        RingOrdering.loadAcquire(UnsafeRawPointer(bar.baseAddress.unsafelyUnwrapped + Int(offset)))
+    }
+    @inline(__always) func storeRelease(_ value: UInt16, _ offset: UInt64) {
+        RingOrdering.storeRelease(value, bar.baseAddress.unsafelyUnwrapped + Int(offset))
+    }
+    @inline(__always) func load<T: FixedWidthInteger>(_: T.Type, _ offset: UInt64) -> T {
+        T(littleEndian: bar.loadUnaligned(fromByteOffset: Int(offset), as: T.self))
+    }
+    @inline(__always) func store<T: FixedWidthInteger>(_ value: T, _ offset: UInt64) {
+        bar.storeBytes(of: value.littleEndian, toByteOffset: Int(offset), as: T.self)
+    }
+}

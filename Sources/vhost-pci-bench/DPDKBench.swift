@@ -19,6 +19,9 @@ struct DPDKBench: ParsableCommand {
     @Option(help: "Comma-separated frame sizes.")
     var sizes: String = "64,1500"
 
+    @Option(help: "Milliseconds the VM2 device polls after its last work before sleeping on kicks (0: kick-driven).")
+    var pollMs: Int = 100
+
     @Flag(help: "Print one JSON object instead of Markdown.")
     var json = false
 
@@ -61,7 +64,7 @@ struct DPDKBench: ParsableCommand {
     }
 
     /// testpmd txonly → bridge (identity) → VM2 counting frames; Mpps seen by VM2.
-    func throughBridge(size: Int) throws -> Double {
+    func throughBridge(size: Int) throws -> BridgeRun {
         let dir = "/tmp/vpb-bench-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -74,17 +77,32 @@ struct DPDKBench: ParsableCommand {
         let server = try JoinableThread(name: "bench-bridge") { bridge.serve() }
         defer { bridge.stop(); server.join() }
         var config = VM2Configuration()
-        config.echo = false
+        config.dataPath = .count
+        config.pollFor = .milliseconds(pollMs)
         let vm2 = try EmulatedVM2(peerSocketPath: "\(dir)/vm2.sock", configuration: config)
         defer { vm2.stop() }
         let (p, stdin) = try launch(frontEnd("\(dir)/vm1.sock", size: size, name: "bench-tx", server: false, mode: "txonly"), log: "\(dir)/tx.log")
-        defer { finish(p, stdin) }
         for _ in 0..<300 where vm2.statistics.framesValid == 0 { usleep(10_000) }
         let clock = ContinuousClock()
         let start = clock.now, first = vm2.statistics.packetsReceived
         usleep(UInt32(seconds * 1_000_000))
         let n = vm2.statistics.packetsReceived - first
-        return Double(n) / (start.duration(to: clock.now) / .seconds(1)) / 1e6
+        let mpps = Double(n) / (start.duration(to: clock.now) / .seconds(1)) / 1e6
+        finish(p, stdin)
+        // Cross-check: VM2 saw every frame testpmd says it sent, each a plausible Ethernet frame.
+        for _ in 0..<100 where vm2.statistics.packetsReceived < (counter("\(dir)/tx.log", "TX-packets") ?? 0) { usleep(10_000) }
+        let s = vm2.statistics
+        return BridgeRun(mpps: mpps, testpmdSent: counter("\(dir)/tx.log", "TX-packets") ?? -1, vm2Received: s.packetsReceived,
+                         vm2Implausible: s.framesInvalid, refused: s.descriptorsRefused, kicks: s.kicksReceived)
+    }
+
+    struct BridgeRun: Codable {
+        var mpps: Double
+        var testpmdSent: Int
+        var vm2Received: Int
+        var vm2Implausible: Int
+        var refused: Int
+        var kicks: Int
     }
 
     /// testpmd txonly (virtio-user) → testpmd rxonly (vhost back end); Mpps counted by the receiver.
@@ -106,7 +124,10 @@ struct DPDKBench: ParsableCommand {
         return Double(n) / elapsed / 1e6
     }
 
-    struct Row: Codable { var size: Int; var bridgeMpps: Double; var pairMpps: Double; var ratio: Double }
+    struct Row: Codable {
+        var size: Int; var bridgeMpps: Double; var pairMpps: Double; var ratio: Double
+        var testpmdSent: Int; var vm2Received: Int; var vm2Implausible: Int; var refused: Int; var kicks: Int
+    }
 
     func run() throws {
         guard FileManager.default.isExecutableFile(atPath: Self.testpmd) else {
@@ -118,7 +139,8 @@ struct DPDKBench: ParsableCommand {
             let b = try throughBridge(size: size)
             FileHandle.standardError.write(Data("dpdk: \(size) B testpmd pair…\n".utf8))
             let p = try pair(size: size)
-            rows.append(Row(size: size, bridgeMpps: b, pairMpps: p, ratio: p > 0 ? b / p : 0))
+            rows.append(Row(size: size, bridgeMpps: b.mpps, pairMpps: p, ratio: p > 0 ? b.mpps / p : 0, testpmdSent: b.testpmdSent,
+                            vm2Received: b.vm2Received, vm2Implausible: b.vm2Implausible, refused: b.refused, kicks: b.kicks))
         }
         if json {
             let e = JSONEncoder()
@@ -128,8 +150,11 @@ struct DPDKBench: ParsableCommand {
         }
         print("### DPDK (`vhost-pci-bench dpdk`, \(seconds) s per run)\n")
         print("testpmd txonly (virtio-user) → vhost-pci-bridged (identity) → emulated VM2 reading every frame in place, versus testpmd txonly → testpmd rxonly (DPDK's own vhost back end) on the same machine.\n")
-        print("| frame | through the bridge, Mpps | testpmd pair, Mpps | bridge / pair |")
-        print("|---:|---:|---:|---:|")
-        for r in rows { print(String(format: "| %d B | %.3f | %.3f | %.2f× |", r.size, r.bridgeMpps, r.pairMpps, r.ratio)) }
+        print("| frame | through the bridge, Mpps | testpmd pair, Mpps | bridge / pair | testpmd sent | VM2 received | not Ethernet | refused | kicks |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows {
+            print(String(format: "| %d B | %.3f | %.3f | %.2f× | %d | %d | %d | %d | %d |", r.size, r.bridgeMpps, r.pairMpps, r.ratio,
+                         r.testpmdSent, r.vm2Received, r.vm2Implausible, r.refused, r.kicks))
+        }
     }
 }

@@ -148,6 +148,12 @@ struct VM2Command: ParsableCommand {
     @Flag(help: "Do not echo packets back into VM1's RX buffers.")
     var noEcho = false
 
+    @Option(help: "What the device does with frames VM1 transmits: verify (test packets, echoed unless --no-echo), count (read every frame's headers in place, a sink) or forward (write each frame into VM1's RX buffers of the same queue pair).")
+    var mode: VM2DataPath = .verify
+
+    @Option(help: "Poll the queues this many microseconds after the last work before sleeping on kicks (VM1 is told not to kick while VM2 polls); 0 waits for kicks only.")
+    var pollUs: Int = 0
+
     @Flag(help: "Never acknowledge MAP/UNMAP (to see the daemon disconnect a stuck VM2).")
     var noAck = false
 
@@ -159,12 +165,15 @@ struct VM2Command: ParsableCommand {
 
     func validate() throws {
         guard duration > 0 else { throw ValidationError("--duration must be > 0") }
+        guard pollUs >= 0, pollUs <= 10_000_000 else { throw ValidationError("--poll-us must be in 0...10000000") }
     }
 
     func run() throws {
         var config = VM2Configuration()
         config.echo = !noEcho
         config.acknowledges = !noAck
+        config.dataPath = mode
+        config.pollFor = .microseconds(pollUs)
         let vm2 = try retrying(for: wait) { try EmulatedVM2(peerSocketPath: peerSocket, configuration: config) }
         let deadline = ContinuousClock.now.advanced(by: .milliseconds(Int(duration * 1000)))
         while ContinuousClock.now < deadline, !vm2.isFinished {
@@ -179,7 +188,9 @@ struct VM2Command: ParsableCommand {
         if json {
             try printJSON(stats)
         } else {
-            print("VM2: received \(stats.packetsReceived) (\(stats.packetsVerified) verified, \(stats.packetsCorrupt) corrupt, \(stats.framesValid) Ethernet frames), echoed \(stats.packetsSent), refused descriptors \(stats.descriptorsRefused), maps \(stats.mapsApplied), unmaps \(stats.unmapsApplied)")
+            print("VM2: received \(stats.packetsReceived) (\(stats.packetsVerified) verified, \(stats.packetsCorrupt) corrupt, \(stats.framesValid) Ethernet frames), \(mode == .forward ? "forwarded" : "echoed") \(stats.packetsSent), refused descriptors \(stats.descriptorsRefused), maps \(stats.mapsApplied), unmaps \(stats.unmapsApplied)")
         }
     }
 }
+
+extension VM2DataPath: ExpressibleByArgument {}

@@ -17,6 +17,9 @@ public struct VirtioNetFeatures: OptionSet, Sendable, Hashable, CustomStringConv
         (.mrgRxbuf, "mrg-rxbuf"), (.ctrlVq, "ctrl-vq"), (.mq, "mq"), (.eventIdx, "event-idx"), (.version1, "version-1"),
     ]
 
+    /// Every named bit (the device bits a bridge may offer).
+    public static let allDevice: VirtioNetFeatures = [.mrgRxbuf, .ctrlVq, .mq, .eventIdx, .version1]
+
     /// What a bridge offers unless configured otherwise: what the device
     /// engine serves on one queue pair.
     public static let defaultOffer: VirtioNetFeatures = [.version1, .eventIdx, .mrgRxbuf]

@@ -22,7 +22,10 @@ public struct BridgeConfig: Equatable, Sendable {
     public var notifications: NotificationMode = .relay
     public var busyPollMicroseconds = 0
     public var revocationDeadlineMilliseconds = 100
-    public var queuePairs = 1
+    public var queuePairs = BackendConfiguration.defaultQueuePairs
+    /// Device features offered to VM1 (VERSION_1 always; MQ and CTRL_VQ
+    /// added when `queuePairs` > 1). VM2 must serve them all.
+    public var deviceFeatures: VirtioNetFeatures = .defaultOffer
     public var client = false
     public var maxPendingTranslations = BridgeSettings.defaultMaxPendingTranslations
     public var vm1Access = PeerAccess()
@@ -39,7 +42,8 @@ public struct BridgeConfig: Equatable, Sendable {
 
     public var settings: BridgeSettings {
         var s = BridgeSettings(name: name, socketPath: vhostUserSocket, peerSocketPath: peerSocket,
-                               backend: BackendConfiguration(bridgeName: name, addressSpace: addressSpace, queuePairs: queuePairs),
+                               backend: BackendConfiguration(bridgeName: name, addressSpace: addressSpace,
+                                                             deviceFeatures: deviceFeatures.rawValue, queuePairs: queuePairs),
                                revocationDeadlineMilliseconds: revocationDeadlineMilliseconds,
                                notifications: notifications, busyPollMicroseconds: busyPollMicroseconds)
         s.client = client
@@ -71,7 +75,7 @@ public struct DaemonConfig: Equatable, Sendable {
                                        "socket-directories", "bridges"]
     static let bridgeKeys: Set<String> = ["name", "vhost-user-socket", "peer-socket", "vm2", "bar-size", "mode", "static-windows",
                                           "dma-window", "notifications", "busy-poll-us", "revocation-deadline-ms", "max-mappings",
-                                          "queue-pairs", "client", "page-size", "max-pending-translations",
+                                          "queue-pairs", "device-features", "client", "page-size", "max-pending-translations",
                                           "vm1-access", "vm2-access", "vm2-deadline-action", "round-out-huge-pages"]
 
     /// Parses and validates YAML text. Every error names its key.
@@ -188,6 +192,36 @@ public struct DaemonConfig: Equatable, Sendable {
         return a
     }
 
+    /// `[event-idx, mrg-rxbuf]` or `"event-idx,mrg-rxbuf"` (or `[]`):
+    /// VERSION_1 is always added; MQ and CTRL_VQ come from `queue-pairs`.
+    static func deviceFeatures(_ v: Any, _ key: String) throws(ConfigError) -> VirtioNetFeatures {
+        let names: [String]
+        if let items = v as? [Any] {
+            names = items.map { scalar($0) ?? "?" }
+        } else if let text = scalar(v) {
+            return try deviceFeatures(commaSeparated: text, key)
+        } else {
+            throw ConfigError(key, "must be a list of feature names")
+        }
+        return try parseDeviceFeatures(names, key)
+    }
+
+    /// `--device-features event-idx,mrg-rxbuf`.
+    public static func deviceFeatures(commaSeparated text: String, _ key: String) throws(ConfigError) -> VirtioNetFeatures {
+        try parseDeviceFeatures(text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }, key)
+    }
+
+    static func parseDeviceFeatures(_ names: [String], _ key: String) throws(ConfigError) -> VirtioNetFeatures {
+        let configurable: Set<String> = ["event-idx", "mrg-rxbuf", "version-1"]
+        for name in names where !configurable.contains(name) {
+            throw ConfigError(key, "'\(name)' is not one of event-idx, mrg-rxbuf, version-1 (mq and ctrl-vq follow queue-pairs)")
+        }
+        switch VirtioNetFeatures.parse(names) {
+        case .success(let f): return f.union(.version1)
+        case .failure(let e): throw ConfigError(key, "'\(e.name)' is not a device feature")
+        }
+    }
+
     static func mode(_ v: Any, _ key: String) throws(ConfigError) -> UInt32 {
         guard let text = scalar(v), let mode = UInt32(text.hasPrefix("0o") ? String(text.dropFirst(2)) : text, radix: 8), mode <= 0o777 else {
             throw ConfigError(key, "'\(scalar(v) ?? "?")' is not an octal mode such as 0660")
@@ -253,7 +287,8 @@ public struct DaemonConfig: Equatable, Sendable {
         }
         if let raw = b["busy-poll-us"] { config.busyPollMicroseconds = try int(raw, "\(key).busy-poll-us", 0...10_000) }
         if let raw = b["revocation-deadline-ms"] { config.revocationDeadlineMilliseconds = try int(raw, "\(key).revocation-deadline-ms", 1...60_000) }
-        if let raw = b["queue-pairs"] { config.queuePairs = try int(raw, "\(key).queue-pairs", 1...128) }
+        if let raw = b["queue-pairs"] { config.queuePairs = try int(raw, "\(key).queue-pairs", 1...BackendConfiguration.maximumQueuePairs) }
+        if let raw = b["device-features"] { config.deviceFeatures = try deviceFeatures(raw, "\(key).device-features") }
         if let raw = b["vm1-access"] { config.vm1Access = try access(raw, "\(key).vm1-access") }
         if let raw = b["vm2-access"] { config.vm2Access = try access(raw, "\(key).vm2-access") }
         if let raw = b["vm2-deadline-action"] {

@@ -136,6 +136,15 @@ final class PeerServer: Sendable {
                 Self.sendError(socket, .version, "peer protocol version \(hello.version) is not 1")
                 return "version \(hello.version)"
             }
+            let offered = VirtioNetFeatures(rawValue: settings.backend.offeredFeatures).intersection(.allDevice)
+            let missing = hello.missing(offered: offered)
+            guard missing.isEmpty else {
+                peer.countProtocolError(rule: "device-features")
+                let text = "VM2 cannot serve device features this bridge offers VM1: \(missing) (VM2 serves \(hello.served))"
+                logger.warning("VM2 refused: \(text)", metadata: ["rule": "device-features"])
+                Self.sendError(socket, .features, text)
+                return text
+            }
             greeted = true
             peer.post(.hello(hello, generation: generation))
         case .ack(let seq) where greeted:

@@ -32,6 +32,10 @@ public struct NetDevice {
 
     public init() {}
 
+    /// What this engine serves: split rings, VERSION_1, EVENT_IDX, MRG_RXBUF
+    /// and any number of queue pairs.
+    public static let served: VirtioNetFeatures = [.version1, .eventIdx, .mrgRxbuf, .mq]
+
     public var mergeable: Bool { features.contains(.mrgRxbuf) }
 
     /// DEVICE start: the features VM1 negotiated (EVENT_IDX and MRG_RXBUF

@@ -23,6 +23,9 @@ public struct VM2Configuration: Sendable {
     public var pollFor: Duration = .zero
     /// Chains per queue per pass.
     public var burst = 64
+    /// The device features VM2 says it serves in HELLO (nil: say nothing, as a
+    /// version-1 peer; the daemon then assumes VERSION_1 only).
+    public var deviceFeatures: VirtioNetFeatures? = NetDevice.served
     /// Acknowledge MAP/UNMAP (a VM2 that never acks is disconnected at the deadline).
     public var acknowledges = true
     /// Ask the daemon for translations of unmapped buffers (ATS-like).
@@ -103,7 +106,7 @@ public final class EmulatedVM2: Sendable {
         var features: PeerFeatures = []
         if configuration.translates { features.insert(.translate) }
         if configuration.acknowledgesRingStops { features.insert(.vringStopAck) }
-        try? socket.send(PeerCodec.encode(.hello(PeerHello(features: features))))
+        try? socket.send(PeerCodec.encode(.hello(PeerHello(features: features, deviceFeatures: configuration.deviceFeatures))))
         let t = try JoinableThread(name: "vm2") { [self] in
             let device = VM2DeviceThread(socket: socket, configuration: configuration, owner: self)
             device.run()

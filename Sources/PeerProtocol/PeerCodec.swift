@@ -69,10 +69,17 @@ public enum PeerCodec {
             message = .helloReply(PeerBARInfo(version: version, mode: mode, features: features, barSize: barSize,
                                               pageSize: pageSize, vringCount: count))
         case .hello:
-            try exact(type, payload, 16)
+            // 16 bytes; 24 with the device features VM2 serves (peer feature
+            // bit 2, and only then).
+            guard payload.count == 16 || payload.count == 24 else { throw .payloadSize(type, size: payload.count, expected: "16 or 24") }
             let version = try r.u32()
             _ = try r.u32()
-            message = .hello(PeerHello(version: version, features: PeerFeatures(rawValue: try r.u64())))
+            let features = PeerFeatures(rawValue: try r.u64())
+            guard features.contains(.deviceFeatures) == (payload.count == 24) else {
+                throw .payloadSize(type, size: payload.count, expected: features.contains(.deviceFeatures) ? "24 (DEVICE_FEATURES is set)" : "16 (DEVICE_FEATURES is not set)")
+            }
+            let device = payload.count == 24 ? VirtioNetFeatures(rawValue: try r.u64()) : nil
+            message = .hello(PeerHello(version: version, features: features, deviceFeatures: device))
         case .map:
             try exact(type, payload, 40)
             let seq = try r.u64(), off = try r.u64(), len = try r.u64(), fdOff = try r.u64()
@@ -132,6 +139,7 @@ public enum PeerCodec {
         switch message {
         case .hello(let h):
             w.u32(h.version); w.u32(0); w.u64(h.features.rawValue)
+            if let device = h.deviceFeatures { w.u64(device.rawValue) }
         case .helloReply(let b):
             flags |= flagReply
             w.u32(b.version)

@@ -29,13 +29,35 @@ public struct PeerFeatures: OptionSet, Sendable, Hashable {
     /// VM2 answers VRING_STOP with VRING_STOPPED (the index it reached), and
     /// the daemon answers VM1's GET_VRING_BASE from it.
     public static let vringStopAck = PeerFeatures(rawValue: 2)
-    public static let all: PeerFeatures = [.translate, .vringStopAck]
+    /// HELLO carries the virtio device features VM2 can serve (24 bytes).
+    public static let deviceFeatures = PeerFeatures(rawValue: 4)
+    public static let all: PeerFeatures = [.translate, .vringStopAck, .deviceFeatures]
 }
 
 public struct PeerHello: Equatable, Sendable {
     public var version: UInt32
     public var features: PeerFeatures
-    public init(version: UInt32 = PeerCodec.version, features: PeerFeatures) { self.version = version; self.features = features }
+    /// The virtio-net device features VM2's device serves (with the
+    /// `deviceFeatures` peer feature); nil: VERSION_1 only.
+    public var deviceFeatures: VirtioNetFeatures?
+
+    public init(version: UInt32 = PeerCodec.version, features: PeerFeatures, deviceFeatures: VirtioNetFeatures? = nil) {
+        self.version = version
+        self.features = deviceFeatures == nil ? features.subtracting(.deviceFeatures) : features.union(.deviceFeatures)
+        self.deviceFeatures = deviceFeatures
+    }
+
+    /// What VM2 serves: its declaration, or VERSION_1 alone for a peer that
+    /// does not declare.
+    public var served: VirtioNetFeatures { deviceFeatures ?? .version1 }
+
+    /// Device features the bridge offers VM1 that this VM2 cannot serve:
+    /// VM1 may negotiate any offered bit, so VM2 must serve them all. The
+    /// control queue is served by the front end (QEMU and DPDK's
+    /// virtio-user), never by VM2.
+    public func missing(offered: VirtioNetFeatures) -> VirtioNetFeatures {
+        offered.subtracting(.ctrlVq).subtracting(served)
+    }
 }
 
 /// HELLO reply: the BAR info.
@@ -124,7 +146,7 @@ public struct PeerTranslateReply: Equatable, Sendable {
     }
 }
 
-public enum PeerErrorCode: UInt32, Sendable { case protocolError = 1, busy = 2, version = 3, shuttingDown = 4 }
+public enum PeerErrorCode: UInt32, Sendable { case protocolError = 1, busy = 2, version = 3, shuttingDown = 4, features = 5 }
 
 public struct PeerError: Equatable, Sendable {
     public static let maximumText = 256

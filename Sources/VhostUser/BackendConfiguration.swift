@@ -4,7 +4,8 @@ import BridgeCore
 public struct BackendConfiguration: Equatable, Sendable {
     public var bridgeName: String
     public var addressSpace: AddressSpaceConfiguration
-    /// Device feature bits VM2's device implements (VERSION_1 by default).
+    /// Device feature bits VM2's device implements (VERSION_1, EVENT_IDX and
+    /// MRG_RXBUF by default: what `DeviceEngine` serves).
     /// Transport bits are added by `offeredFeatures`.
     public var deviceFeatures: UInt64
     public var protocolFeatures: ProtocolFeatures
@@ -15,14 +16,19 @@ public struct BackendConfiguration: Equatable, Sendable {
 
     public static let defaultProtocolFeatures: ProtocolFeatures = [.mq, .replyAck, .backendReq, .configureMemSlots, .resetDevice, .status]
 
-    public init(bridgeName: String, addressSpace: AddressSpaceConfiguration, deviceFeatures: UInt64 = FeatureBit.version1,
+    /// Queue pairs offered unless configured otherwise, and the most a bridge offers.
+    public static let defaultQueuePairs = 8
+    public static let maximumQueuePairs = 128
+
+    public init(bridgeName: String, addressSpace: AddressSpaceConfiguration,
+                deviceFeatures: UInt64 = VirtioNetFeatures.defaultOffer.rawValue,
                 protocolFeatures: ProtocolFeatures = BackendConfiguration.defaultProtocolFeatures,
-                queuePairs: Int = 1, maxMemSlots: Int = 32) {
+                queuePairs: Int = BackendConfiguration.defaultQueuePairs, maxMemSlots: Int = 32) {
         self.bridgeName = bridgeName
         self.addressSpace = addressSpace
         self.deviceFeatures = deviceFeatures
         self.protocolFeatures = protocolFeatures
-        self.queuePairs = max(1, min(queuePairs, 128))
+        self.queuePairs = max(1, min(queuePairs, Self.maximumQueuePairs))
         self.maxMemSlots = max(VhostUserCodec.maxMemTableRegions, maxMemSlots)
     }
 
@@ -30,6 +36,10 @@ public struct BackendConfiguration: Equatable, Sendable {
     /// IOMMU_PLATFORM in the modes where VM1 has a vIOMMU.
     public var offeredFeatures: UInt64 {
         var f = deviceFeatures | FeatureBit.protocolFeatures
+        // Several queue pairs: MQ, and the control queue front ends use to
+        // enable them (QEMU and DPDK's virtio-user serve it themselves and
+        // turn it into SET_VRING_ENABLE; it never reaches the back end).
+        if queuePairs > 1 { f |= VirtioNetFeatures.mq.rawValue | VirtioNetFeatures.ctrlVq.rawValue }
         if addressSpace.mode != .identity { f |= FeatureBit.iommuPlatform } else { f &= ~FeatureBit.iommuPlatform }
         return f & ~FeatureBit.vhostLogAll
     }

@@ -19,6 +19,9 @@ struct DPDKBench: ParsableCommand {
     @Option(help: "Comma-separated frame sizes.")
     var sizes: String = "64,1500"
 
+    @Option(help: "Queue pairs for the front end, the bridge and the testpmd pair.")
+    var queues: Int = 1
+
     @Option(help: "Milliseconds the VM2 device polls after its last work before sleeping on kicks (0: kick-driven).")
     var pollMs: Int = 100
 
@@ -57,10 +60,10 @@ struct DPDKBench: ParsableCommand {
 
     /// Each testpmd polls on one core and keeps its main lcore on the other,
     /// so two of them (the pair) do not time-slice one core.
-    func frontEnd(_ socket: String, size: Int, name: String, server: Bool, mode: String) -> [String] {
+    func frontEnd(_ socket: String, size: Int, name: String, server: Bool, mode: String, queues: Int) -> [String] {
         ["-l", "0,1", "--main-lcore", server ? "1" : "0", "--no-huge", "-m", "256", "--no-pci", "--file-prefix=\(name)",
-         server ? "--vdev=net_vhost0,iface=\(socket),queues=1" : "--vdev=net_virtio_user0,path=\(socket),queues=1",
-         "--", "--total-num-mbufs=16384", "--forward-mode=\(mode)", "--txpkts=\(size)", "--auto-start"]
+         server ? "--vdev=net_vhost0,iface=\(socket),queues=\(queues)" : "--vdev=net_virtio_user0,path=\(socket),queues=\(queues)",
+         "--", "--total-num-mbufs=16384", "--forward-mode=\(mode)", "--txpkts=\(size)", "--rxq=\(queues)", "--txq=\(queues)", "--auto-start"]
     }
 
     /// testpmd txonly → bridge (identity) → VM2 counting frames; Mpps seen by VM2.
@@ -72,7 +75,8 @@ struct DPDKBench: ParsableCommand {
         logger.logLevel = .critical
         let bridge = try Bridge(BridgeSettings(name: "bench", socketPath: "\(dir)/vm1.sock", peerSocketPath: "\(dir)/vm2.sock",
                                                backend: BackendConfiguration(bridgeName: "bench",
-                                                                             addressSpace: AddressSpaceConfiguration(barSize: 1 << 36, mode: .identity))),
+                                                                             addressSpace: AddressSpaceConfiguration(barSize: 1 << 36, mode: .identity),
+                                                                             queuePairs: queues)),
                                 logger: logger)
         let server = try JoinableThread(name: "bench-bridge") { bridge.serve() }
         defer { bridge.stop(); server.join() }
@@ -81,7 +85,7 @@ struct DPDKBench: ParsableCommand {
         config.pollFor = .milliseconds(pollMs)
         let vm2 = try EmulatedVM2(peerSocketPath: "\(dir)/vm2.sock", configuration: config)
         defer { vm2.stop() }
-        let (p, stdin) = try launch(frontEnd("\(dir)/vm1.sock", size: size, name: "bench-tx", server: false, mode: "txonly"), log: "\(dir)/tx.log")
+        let (p, stdin) = try launch(frontEnd("\(dir)/vm1.sock", size: size, name: "bench-tx", server: false, mode: "txonly", queues: queues), log: "\(dir)/tx.log")
         for _ in 0..<300 where vm2.statistics.framesValid == 0 { usleep(10_000) }
         let clock = ContinuousClock()
         let start = clock.now, first = vm2.statistics.packetsReceived
@@ -111,9 +115,9 @@ struct DPDKBench: ParsableCommand {
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let sock = "\(dir)/pair.sock"
-        let (rx, rxIn) = try launch(frontEnd(sock, size: size, name: "bench-prx", server: true, mode: "rxonly"), log: "\(dir)/rx.log")
+        let (rx, rxIn) = try launch(frontEnd(sock, size: size, name: "bench-prx", server: true, mode: "rxonly", queues: queues), log: "\(dir)/rx.log")
         for _ in 0..<300 where !FileManager.default.fileExists(atPath: sock) { usleep(10_000) }
-        let (tx, txIn) = try launch(frontEnd(sock, size: size, name: "bench-ptx", server: false, mode: "txonly"), log: "\(dir)/tx.log")
+        let (tx, txIn) = try launch(frontEnd(sock, size: size, name: "bench-ptx", server: false, mode: "txonly", queues: queues), log: "\(dir)/tx.log")
         let clock = ContinuousClock()
         let start = clock.now
         usleep(UInt32(seconds * 1_000_000))

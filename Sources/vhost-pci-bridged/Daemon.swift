@@ -62,8 +62,11 @@ struct Daemon: ParsableCommand {
     @Option(help: "Most live mappings in the BAR.")
     var maxMappings: Int = AddressSpaceConfiguration.defaultMaxMappings
 
-    @Option(help: "Queue pairs offered (GET_QUEUE_NUM).")
-    var queuePairs: Int = 1
+    @Option(help: "Queue pairs offered (GET_QUEUE_NUM), 1-128; above 1, MQ and CTRL_VQ are offered too (the front end serves the control queue).")
+    var queuePairs: Int = BackendConfiguration.defaultQueuePairs
+
+    @Option(help: "Device features offered to VM1, comma-separated: event-idx, mrg-rxbuf (version-1 always). VM2 must declare it serves them, or its HELLO is refused. Default: event-idx,mrg-rxbuf.")
+    var deviceFeatures: String = "event-idx,mrg-rxbuf"
 
     @Option(help: "Milliseconds VM2 has to acknowledge a revocation before it is disconnected.")
     var revocationDeadline: Int = 100
@@ -87,6 +90,12 @@ struct Daemon: ParsableCommand {
         if let l = logLevel, Logger.Level(rawValue: l) == nil { throw ValidationError("--log-level: '\(l)' is not a level") }
         if NotificationMode(rawValue: notifications) == nil { throw ValidationError("--notifications: '\(notifications)' is not relay, relay-sqpoll or passthrough") }
         if busyPollMicroseconds < 0 || busyPollMicroseconds > 10_000 { throw ValidationError("--busy-poll-us: \(busyPollMicroseconds) is not in 0...10000") }
+        if queuePairs < 1 || queuePairs > BackendConfiguration.maximumQueuePairs {
+            throw ValidationError("--queue-pairs: \(queuePairs) is not in 1...\(BackendConfiguration.maximumQueuePairs)")
+        }
+        do {
+            _ = try DaemonConfig.deviceFeatures(commaSeparated: deviceFeatures, "--device-features")
+        } catch { throw ValidationError("\(error)") }
         if revocationDeadline < 1 || revocationDeadline > 60_000 { throw ValidationError("--revocation-deadline: \(revocationDeadline) ms is not in 1...60000") }
         for w in staticWindows where BusWindow(parsing: w) == nil {
             throw ValidationError("--static-window: '\(w)' is not BASE:LIMIT with LIMIT > BASE")
@@ -133,6 +142,7 @@ struct Daemon: ParsableCommand {
         b.busyPollMicroseconds = busyPollMicroseconds
         b.revocationDeadlineMilliseconds = revocationDeadline
         b.queuePairs = queuePairs
+        b.deviceFeatures = (try? DaemonConfig.deviceFeatures(commaSeparated: deviceFeatures, "--device-features")) ?? .defaultOffer
         b.client = client
         return b
     }

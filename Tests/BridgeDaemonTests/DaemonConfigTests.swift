@@ -25,6 +25,7 @@ bridges:
     revocation-deadline-ms: 50
     max-mappings: 4096
     queue-pairs: 2
+    device-features: [event-idx]
   - name: net1
     vm2: vm2-a
     bar-size: 64G
@@ -54,10 +55,18 @@ func configError(_ text: String) -> ConfigError? {
         #expect(a.addressSpace.dmaWindow == BusWindow(base: BusAddress(4 << 30), limit: 16 << 30))
         #expect(a.notifications == .relaySQPoll && a.busyPollMicroseconds == 20 && a.revocationDeadlineMilliseconds == 50)
         #expect(a.addressSpace.maxMappings == 4096 && a.queuePairs == 2)
+        #expect(a.deviceFeatures == [.version1, .eventIdx])
+        #expect(a.settings.backend.offeredFeatures & VirtioNetFeatures.mrgRxbuf.rawValue == 0)
+        #expect(a.settings.backend.offeredFeatures & (VirtioNetFeatures.mq.rawValue | VirtioNetFeatures.ctrlVq.rawValue) != 0,
+                "two queue pairs: MQ and CTRL_VQ")
         // Defaults: sockets in the runtime directory, identity of VM2 = bridge name.
         let b = c.bridges[1]
         #expect(b.vhostUserSocket == "/run/vpb/net1-vm1.sock" && b.peerSocket == "/run/vpb/net1-vm2.sock")
         #expect(b.addressSpace.staticWindows.count == 2)
+        #expect(b.deviceFeatures == VirtioNetFeatures.defaultOffer && b.queuePairs == 8, "defaults")
+        let single = try DaemonConfig.parse("bridges:\n  - name: s\n    bar-size: 1G\n    queue-pairs: 1\n    device-features: \"\"")
+        #expect(single.bridges[0].settings.backend.offeredFeatures & ~(1 << 30) == VirtioNetFeatures.version1.rawValue,
+                "one pair and no optional features: VERSION_1 (and PROTOCOL_FEATURES) only")
     }
 
     /// Each bad config and the text its error must carry (the key, then the reason).
@@ -86,6 +95,9 @@ func configError(_ text: String) -> ConfigError? {
         ("bridges:\n  - name: a\n    bar-size: 1G\n    busy-poll-us: 99999", "bridges[0].busy-poll-us: '99999' is not a whole number"),
         ("bridges:\n  - name: a\n    bar-size: 1G\n    queue-pairs: many", "bridges[0].queue-pairs: 'many' is not a whole number"),
         ("bridges:\n  - name: a\n    bar-size: 1G\n    speed: fast", "bridges[0].speed: unknown key"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    device-features: [tso]", "bridges[0].device-features: 'tso' is not one of event-idx, mrg-rxbuf, version-1"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    device-features: [mq]", "bridges[0].device-features: 'mq' is not one of"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    queue-pairs: 129", "bridges[0].queue-pairs: '129' is not a whole number in 1...128"),
         ("bridges:\n  - name: a\n    bar-size: 1G\n    client: maybe", "bridges[0].client: must be true or false"),
         ("bridges:\n  - name: a\n    bar-size: 1G\n    vhost-user-socket: /s\n  - name: b\n    bar-size: 1G\n    vhost-user-socket: /s",
          "bridges[1].vhost-user-socket: '/s' is already used by bridge a"),

@@ -1,4 +1,5 @@
 import BridgeCore
+import DeviceEngine
 import BridgeDaemon
 import EmulatedGuests
 import Foundation
@@ -49,7 +50,7 @@ extension Integration {
         @Test func aVM2ThatIgnoresRevocationIsKilled() throws {
             let running = try RunningBridge("kill", mode: .iommu, revocationDeadline: 50) { $0.vm2DeadlineAction = .kill }
             defer { running.stop() }
-            let hello = PeerCodec.encode(.hello(PeerHello(features: [])))
+            let hello = PeerCodec.encode(.hello(PeerHello(features: [], deviceFeatures: NetDevice.served)))
             let vmm = try ChildPeer.spawn(connectingTo: running.peerPath, hello: hello)
             #expect(pollUntil { running.bridge.statistics.peer.ready })
             let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))

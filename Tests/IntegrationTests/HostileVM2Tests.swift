@@ -1,4 +1,5 @@
 import BridgeCore
+import DeviceEngine
 import BridgeDaemon
 import EmulatedGuests
 import Foundation
@@ -51,7 +52,7 @@ final class RawVM2: Sendable {
 
     /// HELLO, then everything up to the reply (the daemon's BAR info).
     func greet() throws -> PeerBARInfo? {
-        try send(.hello(PeerHello(features: .all)))
+        try send(.hello(PeerHello(features: .all, deviceFeatures: NetDevice.served)))
         while let message = try receive() {
             if case .helloReply(let info) = message { return info }
         }
@@ -96,7 +97,7 @@ extension Integration {
         @Test func anotherVersionIsRefused() throws {
             try attack("h-version") { running in
                 let raw = try RawVM2(running.peerPath)
-                try raw.send(.hello(PeerHello(version: 2, features: .all)))
+                try raw.send(.hello(PeerHello(version: 2, features: .all, deviceFeatures: NetDevice.served)))
                 let e = try raw.expectErrorThenClose()
                 #expect(e?.code == .version && e?.text == "peer protocol version 2 is not 1")
             }
@@ -106,7 +107,7 @@ extension Integration {
             try attack("h-second") { running in
                 let raw = try RawVM2(running.peerPath)
                 #expect(try raw.greet() != nil)
-                try raw.send(.hello(PeerHello(features: .all)))
+                try raw.send(.hello(PeerHello(features: .all, deviceFeatures: NetDevice.served)))
                 let e = try raw.expectErrorThenClose()
                 #expect(e?.code == .protocolError && e?.text == "HELLO is not allowed from VM2")
                 let again = try RawVM2(running.peerPath)
@@ -115,6 +116,26 @@ extension Integration {
                 let f = try again.expectErrorThenClose()
                 #expect(f?.code == .protocolError && f?.text == "UNMAP is not allowed from VM2")
                 #expect(running.bridge.statistics.peer.protocolErrors == 2)
+            }
+        }
+
+        /// VM1 may negotiate any feature the bridge offers, so a VM2 that does
+        /// not serve one of them is refused at HELLO, with the features named;
+        /// the bridge and VM1 carry on, and a VM2 that serves them gets in.
+        @Test(arguments: [nil, VirtioNetFeatures.version1, [.version1, .eventIdx, .mq]] as [VirtioNetFeatures?])
+        func aVM2ThatCannotServeTheOfferedFeaturesIsRefusedAtHello(_ served: VirtioNetFeatures?) throws {
+            try attack("h-feat") { running in
+                let raw = try RawVM2(running.peerPath)
+                try raw.send(.hello(PeerHello(features: .all, deviceFeatures: served)))
+                let e = try raw.expectErrorThenClose()
+                #expect(e?.code == .features)
+                let missing = e?.text.components(separatedBy: " (VM2 serves").first ?? ""
+                #expect(missing.contains("mrg-rxbuf"), "\(e?.text ?? "")")
+                #expect(missing.contains("event-idx") == (served?.contains(.eventIdx) != true), "\(e?.text ?? "")")
+                #expect(running.bridge.statistics.peer.refusals["device-features"] == 1)
+                #expect(running.bridge.statistics.peer.ready == false)
+                let good = try RawVM2(running.peerPath)
+                #expect(try good.greet() != nil)
             }
         }
 

@@ -77,6 +77,29 @@ func docExample(_ name: String) throws -> [UInt8] {
         #expect(PeerCodec.encode(.vringStopped(index: 1, lastAvail: 0x1234)) == (try docExample("vring-stopped")))
     }
 
+    @Test func helloCarriesDeviceFeaturesOnlyWithItsPeerFeature() throws {
+        let hello = PeerHello(features: [.translate], deviceFeatures: [.version1, .eventIdx, .mrgRxbuf])
+        #expect(hello.features.contains(.deviceFeatures))
+        let bytes = PeerCodec.encode(.hello(hello))
+        #expect(bytes.count == 12 + 24)
+        #expect(try roundTrip(bytes, fds: 0) == .hello(hello))
+        // The bit without the field, and the field without the bit.
+        var withoutField = Array(bytes.prefix(12 + 16))
+        withoutField[8] = 16
+        #expect(throws: PeerProtocolError.self) { try roundTrip(withoutField, fds: 0) }
+        var withoutBit = bytes
+        withoutBit[12 + 8] &= ~4
+        #expect(throws: PeerProtocolError.self) { try roundTrip(withoutBit, fds: 0) }
+        #expect(PeerHello(features: .all).features == [.translate, .vringStopAck], "no declaration, no bit")
+    }
+
+    @Test func whatVM2MustServeIsEveryOfferedBitButTheControlQueue() {
+        let offered: VirtioNetFeatures = [.version1, .eventIdx, .mrgRxbuf, .mq, .ctrlVq]
+        #expect(PeerHello(features: [], deviceFeatures: [.version1, .eventIdx, .mrgRxbuf, .mq]).missing(offered: offered).isEmpty)
+        #expect(PeerHello(features: []).missing(offered: offered) == [.eventIdx, .mrgRxbuf, .mq])
+        #expect(PeerHello(features: []).missing(offered: .version1).isEmpty, "a version-1 peer serves a VERSION_1-only bridge")
+    }
+
     @Test func headerChecks() {
         #expect(peerError { try PeerCodec.validate(header: [1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]) } == .badVersion(flags: 2))
         #expect(peerError { try PeerCodec.validate(header: [1, 0, 0, 0, 0x11, 0, 0, 0, 0, 0, 0, 0]) } == .unknownFlags(flags: 0x11))

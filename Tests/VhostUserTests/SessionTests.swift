@@ -8,7 +8,7 @@ let ram = RegionDescriptor(guestPhysical: GuestPhysicalAddress(0), size: 256 * M
                            userAddress: FrontendUserAddress(ramUser), mmapOffset: 0)
 
 func makeSession(_ mode: BridgeMode, bar: UInt64 = 64 * GiB) -> BackendSession {
-    try! BackendSession(BackendConfiguration(bridgeName: "test", addressSpace: AddressSpaceConfiguration(barSize: bar, mode: mode)))
+    try! BackendSession(BackendConfiguration(bridgeName: "test", addressSpace: AddressSpaceConfiguration(barSize: bar, mode: mode), queuePairs: 1))
 }
 
 extension BackendSession {
@@ -535,5 +535,23 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         s.ok(.setVringEnable(VringState(index: 1, num: 1)))
         s.ok(.setFeatures(FeatureBit.version1 | FeatureBit.protocolFeatures))
         #expect(s.vrings.allSatisfy { $0.enabled })
+    }
+}
+
+@Suite struct MultiQueueSessionTests {
+    /// The default bridge takes front ends with up to 8 queue pairs: it says
+    /// so in GET_QUEUE_NUM, offers MQ and CTRL_VQ, and accepts vrings 0…15.
+    @Test func theDefaultOffersEightQueuePairs() throws {
+        var s = try BackendSession(BackendConfiguration(bridgeName: "mq", addressSpace: AddressSpaceConfiguration(barSize: 1 << 32, mode: .identity)))
+        #expect(s.configuration.queuePairs == BackendConfiguration.defaultQueuePairs)
+        let offered = s.configuration.offeredFeatures
+        #expect(offered & VirtioNetFeatures.mq.rawValue != 0 && offered & VirtioNetFeatures.ctrlVq.rawValue != 0)
+        #expect(offered & VirtioNetFeatures.eventIdx.rawValue != 0 && offered & VirtioNetFeatures.mrgRxbuf.rawValue != 0)
+        s.ok(.getFeatures)
+        s.ok(.setProtocolFeatures(s.configuration.protocolFeatures.rawValue))
+        s.ok(.setOwner)
+        #expect(s.vrings.count == 16)
+        s.ok(.setVringNum(VringState(index: 15, num: 256)))
+        s.refused(.setVringNum(VringState(index: 16, num: 256)), .vringIndex(.setVringNum, index: 16, count: 16))
     }
 }

@@ -52,6 +52,8 @@ public struct VM2Statistics: Sendable, Equatable, Codable {
     public var unmapsApplied = 0
     public var bytesMapped: UInt64 = 0
     public var packetsReceived = 0
+    /// Frames VM1 transmitted, by queue pair (index k: transmit queue 2k+1).
+    public var receivedPerQueuePair: [Int] = []
     public var bytesReceived: UInt64 = 0
     public var packetsVerified = 0
     public var packetsCorrupt = 0

@@ -167,7 +167,9 @@ extension VM2DeviceThread {
         folded = (tx, rx, implausible)
         counters = Counters()
         let counting = configuration.dataPath != .verify
+        let perPair = stride(from: 1, to: device.counters.count, by: 2).map { device.counters[$0].chains }
         owner.update { s in
+            s.receivedPerQueuePair = perPair
             s.packetsReceived += tx.chains - old.tx.chains
             s.bytesReceived += tx.bytes - old.tx.bytes
             s.packetsVerified += c.verified

@@ -63,11 +63,11 @@ final class External {
     }
 }
 
-func testpmd(_ socket: String, mode: String, name: String, server: Bool = false) throws -> External {
+func testpmd(_ socket: String, mode: String, name: String, server: Bool = false, queues: Int = 1) throws -> External {
     try External(Peers.testpmd, [
         "-l", "0,1", "--no-huge", "-m", "256", "--no-pci", "--file-prefix=\(name)",
-        server ? "--vdev=net_vhost0,iface=\(socket),queues=1" : "--vdev=net_virtio_user0,path=\(socket),queues=1",
-        "--", "--total-num-mbufs=16384", "--forward-mode=\(mode)", "--auto-start",
+        server ? "--vdev=net_vhost0,iface=\(socket),queues=\(queues)" : "--vdev=net_virtio_user0,path=\(socket),queues=\(queues)",
+        "--", "--total-num-mbufs=16384", "--forward-mode=\(mode)", "--rxq=\(queues)", "--txq=\(queues)", "--auto-start",
     ], name: name)
 }
 
@@ -91,12 +91,14 @@ func qmp(_ path: String, _ commands: [String]) throws {
     }
 }
 
-func qemu(_ socket: String, iommu: Bool, name: String, chardevOptions: String = "", qmpPath: String? = nil) throws -> External {
+func qemu(_ socket: String, iommu: Bool, name: String, chardevOptions: String = "", qmpPath: String? = nil, queues: Int = 1) throws -> External {
     var args = ["-machine", "q35,accel=tcg", "-m", "256",
                 "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
-                "-chardev", "socket,id=c0,path=\(socket)\(chardevOptions)", "-netdev", "vhost-user,id=n0,chardev=c0"]
+                "-chardev", "socket,id=c0,path=\(socket)\(chardevOptions)",
+                "-netdev", "vhost-user,id=n0,chardev=c0" + (queues > 1 ? ",queues=\(queues)" : "")]
     if iommu { args += ["-device", "intel-iommu"] }
-    args += ["-device", iommu ? "virtio-net-pci,netdev=n0,iommu_platform=on,disable-legacy=on" : "virtio-net-pci,netdev=n0",
+    let mq = queues > 1 ? ",mq=on,vectors=\(2 * queues + 2)" : ""
+    args += ["-device", (iommu ? "virtio-net-pci,netdev=n0,iommu_platform=on,disable-legacy=on" : "virtio-net-pci,netdev=n0") + mq,
              "-display", "none", "-nodefaults", "-monitor", "none"]
     if let qmpPath { args += ["-qmp", "unix:\(qmpPath),server=on,wait=off"] }
     return try External(Peers.qemu, args, name: name)

@@ -1,4 +1,5 @@
 import BridgeCore
+import DeviceEngine
 import BridgeDaemon
 import EmulatedGuests
 import Foundation
@@ -29,6 +30,32 @@ extension Interop {
             #expect(log.first == .getFeatures || log.first == .setOwner)
             #expect(log.contains(.setMemTable) && log.contains(.setVringKick))
             #expect(b.bridge.statistics.refusals.isEmpty, "refused: \(b.bridge.statistics.refusals)")
+        }
+
+        /// testpmd with two queue pairs against the default configuration:
+        /// frames arrive on both transmit queues, VM2 polls (testpmd is told
+        /// not to kick), nothing is refused.
+        @Test(.enabled(if: Peers.hasTestpmd, Comment(rawValue: Peers.testpmdMissing)))
+        func testpmdWithTwoQueuePairs() throws {
+            let b = try InteropBridge("tpmd-mq", mode: .identity)
+            defer { b.stop() }
+            var config = VM2Configuration()
+            config.dataPath = .count
+            config.pollFor = .milliseconds(50)
+            let vm2 = try EmulatedVM2(peerSocketPath: b.peerPath, configuration: config)
+            defer { vm2.stop() }
+            let pmd = try testpmd(b.path, mode: "txonly", name: "mq", queues: 2)
+            let flowed = pollUntil(seconds: 60, everyMilliseconds: 10) {
+                let per = vm2.statistics.receivedPerQueuePair
+                return per.count >= 2 && per[0] >= 10_000 && per[1] >= 10_000
+            }
+            let s = vm2.statistics
+            let features = b.bridge.statistics.session?.ackedFeatures ?? 0
+            pmd.stop()
+            #expect(flowed, "VM2 saw \(s.receivedPerQueuePair) per queue pair; testpmd said:\n\(pmd.output.suffix(1500))")
+            #expect(s.framesInvalid == 0 && s.descriptorsRefused == 0, "\(s.refusalReasons)")
+            #expect(b.bridge.statistics.refusals.isEmpty, "refused: \(b.bridge.statistics.refusals)")
+            #expect(features & VirtioNetFeatures.mq.rawValue != 0, "testpmd negotiated MQ")
         }
 
         @Test(.enabled(if: Peers.hasTestpmd, Comment(rawValue: Peers.testpmdMissing)))
@@ -102,6 +129,29 @@ extension Interop {
 
         @Test(.enabled(if: Peers.hasQEMU, Comment(rawValue: Peers.qemuMissing)))
         func iPXEFramesReachVM2WithoutAVIOMMU() throws { try dhcpReachesVM2(iommu: false) }
+
+        /// QEMU with `queues=4` and `mq=on`: it checks GET_QUEUE_NUM, sets up
+        /// the pairs the guest uses (iPXE: the first) and leaves the rest
+        /// disabled; nothing is refused and frames flow.
+        @Test(.enabled(if: Peers.hasQEMU, Comment(rawValue: Peers.qemuMissing)))
+        func iPXEFramesReachVM2WithFourQueuePairs() throws {
+            let b = try InteropBridge("qemu-mq", mode: .identity)
+            defer { b.stop() }
+            var config = VM2Configuration()
+            config.echo = false
+            let vm2 = try EmulatedVM2(peerSocketPath: b.peerPath, configuration: config)
+            defer { vm2.stop() }
+            let vm = try qemu(b.path, iommu: false, name: "q-mq", queues: 4)
+            defer { vm.kill() }
+            let ok = pollUntil(seconds: 120, everyMilliseconds: 10) { vm2.statistics.framesValid >= 1 }
+            let s = vm2.statistics
+            #expect(ok, "no frame from iPXE reached VM2: \(s); QEMU said: \(vm.output.suffix(800))")
+            #expect(s.framesInvalid == 0 && s.descriptorsRefused == 0)
+            #expect(b.bridge.statistics.refusals.isEmpty, "refused: \(b.bridge.statistics.refusals)")
+            vm.kill()
+            _ = pollUntil(seconds: 10, everyMilliseconds: 10) { b.bridge.statistics.sessionsServed >= 1 }
+            print("QEMU queues=4 message sequence: \(b.bridge.statistics.lastRequestLog.map(\.description).joined(separator: " "))")
+        }
 
         @Test(.enabled(if: Peers.hasQEMU, Comment(rawValue: Peers.qemuMissing)))
         func iPXEFramesReachVM2ThroughIntelIOMMU() throws { try dhcpReachesVM2(iommu: true) }

@@ -6,8 +6,9 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 BINDIR  := $(DESTDIR)$(PREFIX)/bin
 APT_PACKAGES := liburing-dev
-# Real vhost-user front ends for `make interop` (DPDK testpmd, QEMU with iPXE).
-INTEROP_PACKAGES := dpdk-dev qemu-system-x86
+# Real vhost-user front ends for `make interop` (DPDK testpmd, QEMU with iPXE,
+# and a Linux guest built from Debian's kernel and busybox with gcc).
+INTEROP_PACKAGES := dpdk-dev qemu-system-x86 gcc libc6-dev
 
 .PHONY: all deps interop-deps build release test interop demo bench install uninstall clean
 
@@ -33,6 +34,7 @@ deps:
 
 interop-deps:
 	$(call install-missing,$(INTEROP_PACKAGES),interop-deps,--no-install-recommends)
+	sh interop/linux-guest/build.sh .build/linux-guest
 
 build: deps
 	$(SWIFT) build

@@ -46,3 +46,30 @@ public enum TestPacket {
     }
 }
 
+
+/// The datagrams the Linux guest's `udp-sender` sends (interop/linux-guest):
+/// UDP to port 9999, payload `"VPBG"`, u32 sequence, u32 size, then bytes
+/// `(sequence × 7 + i) & 0xff`. VM2 checks every byte of each one in place.
+public enum GuestDatagram {
+    public static let port: UInt16 = 9999
+    public static let magic: UInt32 = 0x4742_5056
+
+    /// nil when `frame` (an Ethernet frame) is not one of the sender's
+    /// datagrams; otherwise whether it arrived intact.
+    public static func verify(_ frame: UnsafeRawBufferPointer) -> Bool? {
+        guard frame.count >= 14 + 20 + 8, frame[12] == 0x08, frame[13] == 0x00, frame[14] >> 4 == 4 else { return nil }
+        let ihl = Int(frame[14] & 0x0f) * 4
+        guard ihl >= 20, frame[14 + 9] == 17, frame.count >= 14 + ihl + 8 else { return nil }
+        let udp = 14 + ihl
+        guard UInt16(frame[udp + 2]) << 8 | UInt16(frame[udp + 3]) == port else { return nil }
+        let udpLength = Int(UInt16(frame[udp + 4]) << 8 | UInt16(frame[udp + 5]))
+        let p = udp + 8
+        guard udpLength >= 8 + 12, p + 12 <= frame.count,
+              frame.loadUnaligned(fromByteOffset: p, as: UInt32.self) == magic.littleEndian else { return false }
+        let sequence = UInt32(littleEndian: frame.loadUnaligned(fromByteOffset: p + 4, as: UInt32.self))
+        let size = Int(UInt32(littleEndian: frame.loadUnaligned(fromByteOffset: p + 8, as: UInt32.self)))
+        guard size == udpLength - 8, p + size <= frame.count else { return false }
+        for i in 12..<size where frame[p + i] != UInt8(truncatingIfNeeded: sequence &* 7 &+ UInt32(i)) { return false }
+        return true
+    }
+}

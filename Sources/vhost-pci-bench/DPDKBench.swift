@@ -19,8 +19,8 @@ struct DPDKBench: ParsableCommand {
     @Option(help: "Comma-separated frame sizes.")
     var sizes: String = "64,1500"
 
-    @Option(help: "Queue pairs for the front end, the bridge and the testpmd pair.")
-    var queues: Int = 1
+    @Option(help: "Comma-separated queue-pair counts, each measured for the front end, the bridge and the testpmd pair.")
+    var queues: String = "1,2"
 
     @Option(help: "Milliseconds the VM2 device polls after its last work before sleeping on kicks (0: kick-driven).")
     var pollMs: Int = 100
@@ -67,7 +67,7 @@ struct DPDKBench: ParsableCommand {
     }
 
     /// testpmd txonly → bridge (identity) → VM2 counting frames; Mpps seen by VM2.
-    func throughBridge(size: Int) throws -> BridgeRun {
+    func throughBridge(size: Int, queues: Int) throws -> BridgeRun {
         let dir = "/tmp/vpb-bench-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -110,7 +110,7 @@ struct DPDKBench: ParsableCommand {
     }
 
     /// testpmd txonly (virtio-user) → testpmd rxonly (vhost back end); Mpps counted by the receiver.
-    func pair(size: Int) throws -> Double {
+    func pair(size: Int, queues: Int) throws -> Double {
         let dir = "/tmp/vpb-bench-pair-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -129,7 +129,7 @@ struct DPDKBench: ParsableCommand {
     }
 
     struct Row: Codable {
-        var size: Int; var bridgeMpps: Double; var pairMpps: Double; var ratio: Double
+        var size: Int; var queues: Int; var bridgeMpps: Double; var pairMpps: Double; var ratio: Double
         var testpmdSent: Int; var vm2Received: Int; var vm2Implausible: Int; var refused: Int; var kicks: Int
     }
 
@@ -138,13 +138,15 @@ struct DPDKBench: ParsableCommand {
             throw ValidationError("dpdk-testpmd is not installed: apt-get install dpdk-dev (or make interop-deps)")
         }
         var rows: [Row] = []
-        for size in sizes.split(separator: ",").compactMap({ Int($0) }) {
-            FileHandle.standardError.write(Data("dpdk: \(size) B through the bridge…\n".utf8))
-            let b = try throughBridge(size: size)
-            FileHandle.standardError.write(Data("dpdk: \(size) B testpmd pair…\n".utf8))
-            let p = try pair(size: size)
-            rows.append(Row(size: size, bridgeMpps: b.mpps, pairMpps: p, ratio: p > 0 ? b.mpps / p : 0, testpmdSent: b.testpmdSent,
-                            vm2Received: b.vm2Received, vm2Implausible: b.vm2Implausible, refused: b.refused, kicks: b.kicks))
+        for q in queues.split(separator: ",").compactMap({ Int($0) }) {
+            for size in sizes.split(separator: ",").compactMap({ Int($0) }) {
+                FileHandle.standardError.write(Data("dpdk: \(size) B, \(q) queue pair(s), through the bridge…\n".utf8))
+                let b = try throughBridge(size: size, queues: q)
+                FileHandle.standardError.write(Data("dpdk: \(size) B, \(q) queue pair(s), testpmd pair…\n".utf8))
+                let p = try pair(size: size, queues: q)
+                rows.append(Row(size: size, queues: q, bridgeMpps: b.mpps, pairMpps: p, ratio: p > 0 ? b.mpps / p : 0, testpmdSent: b.testpmdSent,
+                                vm2Received: b.vm2Received, vm2Implausible: b.vm2Implausible, refused: b.refused, kicks: b.kicks))
+            }
         }
         if json {
             let e = JSONEncoder()
@@ -153,11 +155,11 @@ struct DPDKBench: ParsableCommand {
             return
         }
         print("### DPDK (`vhost-pci-bench dpdk`, \(seconds) s per run)\n")
-        print("testpmd txonly (virtio-user) → vhost-pci-bridged (identity) → emulated VM2 reading every frame in place, versus testpmd txonly → testpmd rxonly (DPDK's own vhost back end) on the same machine.\n")
-        print("| frame | through the bridge, Mpps | testpmd pair, Mpps | bridge / pair | testpmd sent | VM2 received | not Ethernet | refused | kicks |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("testpmd txonly (virtio-user) → vhost-pci-bridged (identity) → VM2 on the `DeviceEngine` (count mode: every frame's Ethernet header read in place, polling \(pollMs) ms before sleeping on kicks), versus testpmd txonly → testpmd rxonly (DPDK's own vhost back end, which copies every frame into an mbuf) on the same machine. \"testpmd sent\" and \"VM2 received\" are whole-run totals: every frame testpmd sent reached VM2. \"kicks\" is how many times testpmd kicked over the run: VM2 tells it not to while it polls.\n")
+        print("| frame | queue pairs | through the bridge, Mpps | testpmd pair, Mpps | bridge / pair | testpmd sent | VM2 received | not Ethernet | refused | kicks |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows {
-            print(String(format: "| %d B | %.3f | %.3f | %.2f× | %d | %d | %d | %d | %d |", r.size, r.bridgeMpps, r.pairMpps, r.ratio,
+            print(String(format: "| %d B | %d | %.3f | %.3f | %.2f× | %d | %d | %d | %d | %d |", r.size, r.queues, r.bridgeMpps, r.pairMpps, r.ratio,
                          r.testpmdSent, r.vm2Received, r.vm2Implausible, r.refused, r.kicks))
         }
     }

@@ -16,6 +16,8 @@ enum Peers {
     static var hasQEMU: Bool { FileManager.default.isExecutableFile(atPath: qemu) }
     static let testpmdMissing = "dpdk-testpmd is not installed: apt-get install dpdk-dev"
     static let qemuMissing = "qemu-system-x86_64 is not installed: apt-get install --no-install-recommends qemu-system-x86"
+    static var hasLinuxGuest: Bool { hasQEMU && LinuxGuest.isBuilt }
+    static let linuxGuestMissing = "QEMU or the Linux guest is missing: " + LinuxGuest.missing
 }
 
 let GiB: UInt64 = 1 << 30

@@ -18,6 +18,10 @@ public protocol RangeMapElement: Equatable, Sendable {
 /// only the elements around its range. Pure.
 public struct RangeMap<Element: RangeMapElement>: Sendable {
     public private(set) var elements: [Element] = []
+    /// `elements[i].end`, kept beside them: the binary search reads 8 bytes
+    /// per step from one dense array instead of a whole element (at 100 k
+    /// mappings the search touches a fraction of the cache lines).
+    private var ends: [UInt64] = []
 
     public init() {}
 
@@ -26,12 +30,17 @@ public struct RangeMap<Element: RangeMapElement>: Sendable {
 
     /// Index of the first element whose end is above `address`.
     public func firstIndex(endingAbove address: UInt64) -> Int {
-        var lo = 0, hi = elements.count
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if elements[mid].end <= address { lo = mid + 1 } else { hi = mid }
+        ends.withUnsafeBufferPointer { e in
+            // Branchless lower bound: the loop runs log2(n) times whatever
+            // the data, and the compare becomes a conditional move.
+            var base = 0, n = e.count
+            while n > 1 {
+                let half = n / 2
+                base = e[base + half - 1] <= address ? base + half : base
+                n -= half
+            }
+            return n == 1 && e[base] <= address ? base + 1 : base
         }
-        return lo
     }
 
     /// The element containing `address`.
@@ -122,19 +131,24 @@ public struct RangeMap<Element: RangeMapElement>: Sendable {
 
     public mutating func apply(_ change: Change) {
         elements.replaceSubrange(change.lower..<change.upper, with: change.replacement)
+        ends.replaceSubrange(change.lower..<change.upper, with: change.replacement.lazy.map(\.end))
     }
 
     /// Removes the elements `shouldRemove` picks; returns them.
     @discardableResult
     public mutating func removeAll(where shouldRemove: (Element) -> Bool) -> [Element] {
         let removed = elements.filter(shouldRemove)
-        if !removed.isEmpty { elements.removeAll(where: shouldRemove) }
+        if !removed.isEmpty {
+            elements.removeAll(where: shouldRemove)
+            ends = elements.map(\.end)
+        }
         return removed
     }
 
     /// Nil when sorted, non-overlapping, non-empty and fully joined; else the
     /// first broken invariant.
     public func invariantViolation() -> String? {
+        if ends != elements.map(\.end) { return "the search index does not match the elements" }
         for (i, e) in elements.enumerated() {
             if e.start >= e.end { return "element \(i) is empty" }
             if i > 0 {

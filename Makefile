@@ -63,6 +63,7 @@ demo: deps
 # write docs/benchmarks.md.
 bench: deps
 	$(SWIFT) build -c release --product vhost-pci-bench
+	$(SWIFT) build -c release --product vhost-pci-bridged
 	{ echo "# Benchmarks"; echo; \
 	  echo "Written by \`make bench\` ($$(nproc) cores, $$(uname -r), $$(date -u +%Y-%m-%d)). Numbers move with the machine's load; the ratios are what to compare."; echo; \
 	  echo "### Address lookup (\`vhost-pci-bench lookup\`)"; echo; \
@@ -70,7 +71,12 @@ bench: deps
 	  .build/release/vhost-pci-bench notify; echo; \
 	  .build/release/vhost-pci-bench iotlb; \
 	  if [ -x /usr/bin/dpdk-testpmd ]; then echo; .build/release/vhost-pci-bench dpdk; \
-	  else echo; echo "(DPDK table skipped: dpdk-testpmd is not installed; make interop-deps)"; fi; } > docs/benchmarks.md
+	  else echo; echo "(DPDK table skipped: dpdk-testpmd is not installed; make interop-deps)"; fi; \
+	  if [ -x /usr/bin/dpdk-testpmd ] && [ -x /usr/bin/qemu-system-x86_64 ] && [ -f .build/linux-guest/vmlinuz ]; then \
+	    echo; .build/release/vhost-pci-bench linux-guest; \
+	  else echo; echo "(Linux guest table skipped: make interop-deps)"; fi; \
+	  if [ "$$(id -u)" = 0 ]; then echo; .build/release/vhost-pci-bench scale; \
+	  else echo; echo "(Scale table skipped: it raises vm.max_map_count, which needs root)"; fi; } > docs/benchmarks.md
 	cat docs/benchmarks.md
 
 SYSCONFDIR ?= /etc

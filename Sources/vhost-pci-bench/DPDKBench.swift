@@ -30,27 +30,6 @@ struct DPDKBench: ParsableCommand {
 
     static let testpmd = "/usr/bin/dpdk-testpmd"
 
-    func launch(_ args: [String], log: String) throws -> (Process, Pipe) {
-        let p = Process()
-        let stdin = Pipe()
-        p.executableURL = URL(fileURLWithPath: Self.testpmd)
-        p.arguments = args
-        p.standardInput = stdin
-        FileManager.default.createFile(atPath: log, contents: nil)
-        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        p.standardOutput = h
-        p.standardError = h
-        try p.run()
-        return (p, stdin)
-    }
-
-    func finish(_ p: Process, _ stdin: Pipe) {
-        try? stdin.fileHandleForWriting.close()
-        for _ in 0..<100 where p.isRunning { usleep(50_000) }
-        if p.isRunning { p.terminate() }
-        p.waitUntilExit()
-    }
-
     func counter(_ log: String, _ field: String) -> Int? {
         guard let text = try? String(contentsOfFile: log, encoding: .utf8),
               let r = text.range(of: "Accumulated forward statistics"),
@@ -85,14 +64,14 @@ struct DPDKBench: ParsableCommand {
         config.pollFor = .milliseconds(pollMs)
         let vm2 = try EmulatedVM2(peerSocketPath: "\(dir)/vm2.sock", configuration: config)
         defer { vm2.stop() }
-        let (p, stdin) = try launch(frontEnd("\(dir)/vm1.sock", size: size, name: "bench-tx", server: false, mode: "txonly", queues: queues), log: "\(dir)/tx.log")
+        let (p, stdin) = try launchChild(Self.testpmd, frontEnd("\(dir)/vm1.sock", size: size, name: "bench-tx", server: false, mode: "txonly", queues: queues), log: "\(dir)/tx.log")
         for _ in 0..<300 where vm2.statistics.framesValid == 0 { usleep(10_000) }
         let clock = ContinuousClock()
         let start = clock.now, first = vm2.statistics.packetsReceived
         usleep(UInt32(seconds * 1_000_000))
         let n = vm2.statistics.packetsReceived - first
         let mpps = Double(n) / (start.duration(to: clock.now) / .seconds(1)) / 1e6
-        finish(p, stdin)
+        finishChild(p, stdin)
         // Cross-check: VM2 saw every frame testpmd says it sent, each a plausible Ethernet frame.
         for _ in 0..<100 where vm2.statistics.packetsReceived < (counter("\(dir)/tx.log", "TX-packets") ?? 0) { usleep(10_000) }
         let s = vm2.statistics
@@ -115,15 +94,15 @@ struct DPDKBench: ParsableCommand {
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let sock = "\(dir)/pair.sock"
-        let (rx, rxIn) = try launch(frontEnd(sock, size: size, name: "bench-prx", server: true, mode: "rxonly", queues: queues), log: "\(dir)/rx.log")
+        let (rx, rxIn) = try launchChild(Self.testpmd, frontEnd(sock, size: size, name: "bench-prx", server: true, mode: "rxonly", queues: queues), log: "\(dir)/rx.log")
         for _ in 0..<300 where !FileManager.default.fileExists(atPath: sock) { usleep(10_000) }
-        let (tx, txIn) = try launch(frontEnd(sock, size: size, name: "bench-ptx", server: false, mode: "txonly", queues: queues), log: "\(dir)/tx.log")
+        let (tx, txIn) = try launchChild(Self.testpmd, frontEnd(sock, size: size, name: "bench-ptx", server: false, mode: "txonly", queues: queues), log: "\(dir)/tx.log")
         let clock = ContinuousClock()
         let start = clock.now
         usleep(UInt32(seconds * 1_000_000))
-        finish(rx, rxIn)
+        finishChild(rx, rxIn)
         let elapsed = start.duration(to: clock.now) / .seconds(1)
-        finish(tx, txIn)
+        finishChild(tx, txIn)
         let n = counter("\(dir)/rx.log", "RX-packets") ?? 0
         return Double(n) / elapsed / 1e6
     }
@@ -149,9 +128,7 @@ struct DPDKBench: ParsableCommand {
             }
         }
         if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.sortedKeys]
-            print(String(decoding: try e.encode(["dpdk": rows]), as: UTF8.self))
+            try printJSON(["dpdk": rows])
             return
         }
         print("### DPDK (`vhost-pci-bench dpdk`, \(seconds) s per run)\n")

@@ -88,9 +88,7 @@ struct IOTLBBench: ParsableCommand {
                             vm2UnmapsApplied: vm2.statistics.unmapsApplied,
                             revocationTimeouts: bridge.statistics.peer.revocationTimeouts)
         if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.sortedKeys]
-            print(String(decoding: try e.encode(result), as: UTF8.self))
+            try printJSON(result)
             return
         }
         func row(_ name: String, _ s: Stats, _ ratio: String) -> String {

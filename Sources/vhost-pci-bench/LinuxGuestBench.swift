@@ -33,15 +33,8 @@ struct LinuxGuestBench: ParsableCommand {
 
     /// Runs QEMU with the guest until it reports; returns the report.
     func runGuest(socket: String, iommu: Bool, log: String) throws -> LinuxGuest.Report {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Self.qemu)
-        p.arguments = LinuxGuest.qemuArguments(socket: socket, iommu: iommu, count: 0, size: size, seconds: seconds)
-        FileManager.default.createFile(atPath: log, contents: nil)
-        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        p.standardOutput = h
-        p.standardError = h
-        p.standardInput = Pipe()
-        try p.run()
+        let (p, _) = try launchChild(Self.qemu, LinuxGuest.qemuArguments(socket: socket, iommu: iommu, count: 0, size: size, seconds: seconds),
+                                     log: log)
         defer { if p.isRunning { p.terminate() }; p.waitUntilExit() }
         let deadline = ContinuousClock.now.advanced(by: .seconds(seconds + 120))
         while ContinuousClock.now < deadline {
@@ -81,24 +74,12 @@ struct LinuxGuestBench: ParsableCommand {
     /// Against DPDK's vhost back end (testpmd rxonly, iommu-support=1 under a vIOMMU).
     func throughDPDK(iommu: Bool, dir: String) throws -> LinuxGuest.Report {
         let sock = "\(dir)/dpdk.sock"
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Self.testpmd)
-        p.arguments = ["-l", "0,1", "--main-lcore", "1", "--no-huge", "-m", "256", "--no-pci", "--file-prefix=lg-bench",
-                       "--vdev=net_vhost0,iface=\(sock),queues=1\(iommu ? ",iommu-support=1" : "")",
-                       "--", "--total-num-mbufs=16384", "--forward-mode=rxonly", "--auto-start"]
-        let stdin = Pipe()
-        p.standardInput = stdin
-        FileManager.default.createFile(atPath: "\(dir)/testpmd.log", contents: nil)
-        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: "\(dir)/testpmd.log"))
-        p.standardOutput = h
-        p.standardError = h
-        try p.run()
-        defer {
-            try? stdin.fileHandleForWriting.close()
-            for _ in 0..<100 where p.isRunning { usleep(50_000) }
-            if p.isRunning { p.terminate() }
-            p.waitUntilExit()
-        }
+        let (p, stdin) = try launchChild(Self.testpmd, [
+            "-l", "0,1", "--main-lcore", "1", "--no-huge", "-m", "256", "--no-pci", "--file-prefix=lg-bench",
+            "--vdev=net_vhost0,iface=\(sock),queues=1\(iommu ? ",iommu-support=1" : "")",
+            "--", "--total-num-mbufs=16384", "--forward-mode=rxonly", "--auto-start",
+        ], log: "\(dir)/testpmd.log")
+        defer { finishChild(p, stdin) }
         for _ in 0..<500 where !FileManager.default.fileExists(atPath: sock) { usleep(10_000) }
         return try runGuest(socket: sock, iommu: iommu, log: "\(dir)/dpdk-qemu.log")
     }
@@ -136,9 +117,7 @@ struct LinuxGuestBench: ParsableCommand {
                             bridgeDmarFaults: b.report.dmarFaults, dpdkDmarFaults: d.dmarFaults))
         }
         if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.sortedKeys]
-            print(String(decoding: try e.encode(["linuxGuest": rows]), as: UTF8.self))
+            try printJSON(["linuxGuest": rows])
             return
         }
         print("### Linux guest (`vhost-pci-bench linux-guest`, \(seconds) s per run, \(size)-byte UDP payloads)\n")

@@ -58,9 +58,7 @@ struct LookupBench: ParsableCommand {
             _ = hits + linearHits
         }
         if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.sortedKeys]
-            print(String(decoding: try encoder.encode(["lookup": rows]), as: UTF8.self))
+            try printJSON(["lookup": rows])
         } else {
             print("| mappings | AddressSpace.lookup ns | linear scan ns | linear / lookup |")
             print("|---:|---:|---:|---:|")

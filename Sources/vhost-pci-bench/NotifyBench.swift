@@ -230,9 +230,7 @@ struct NotifyBench: ParsableCommand {
                          cpu > 0 ? String(format: "%.1f", cpu) : "–", cpu > 0 ? String(format: "%.2f×", r.cpuPerKickVersusEpoll) : "–")
         }
         if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.sortedKeys]
-            print(String(decoding: try e.encode(["notify": rows]), as: UTF8.self))
+            try printJSON(["notify": rows])
         } else {
             print(md)
         }

@@ -128,9 +128,7 @@ struct ScaleBench: ParsableCommand {
         let r = Result(bridges: bridges, barSize: barSize, mappings: mappings, maxMapCount: maxMapCount, oneBridgeIdle: oneIdle,
                        idle: idle, loaded: loaded, setupSeconds: setup, mapSeconds: mapSeconds, teardownSeconds: teardown)
         if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.sortedKeys]
-            print(String(decoding: try e.encode(["scale": r]), as: UTF8.self))
+            try printJSON(["scale": r])
             return
         }
         print("### Scale (`vhost-pci-bench scale`: \(bridges) bridges of \(barSize), \(mappings) live IOTLB mappings in one)\n")

@@ -234,7 +234,7 @@ extension Interop {
             var acked: UInt64 = 0 // what the guest negotiated, seen while the session lives
             let finished = pollUntil(seconds: 180, everyMilliseconds: 20) {
                 if let f = b.bridge.statistics.session?.ackedFeatures { acked = f }
-                return LinuxGuest.report(in: vm.output) != nil
+                return LinuxGuest.report(in: vm.output) != nil || !vm.process.isRunning
             }
             let report = LinuxGuest.report(in: vm.output)
             #expect(finished, "the guest did not finish: \(vm.output.suffix(1500))")

@@ -191,3 +191,25 @@ let package = Package(
         ),
     ]
 )
+
+// Coverage-guided fuzz targets (libFuzzer), only when VPB_FUZZ=1: `make fuzz`
+// builds them with -sanitize=fuzzer,address in .build-fuzz. Each is an
+// executable whose main comes from libFuzzer (docs/testing.md).
+if Context.environment["VPB_FUZZ"] == "1" {
+    package.targets.append(.target(name: "FuzzSupport", path: "Fuzz/Support", swiftSettings: swiftSettings))
+    let fuzzTargets: [(String, [Target.Dependency])] = [
+        ("fuzz-vhost-user", ["VhostUser", "BridgeCore"]),
+        ("fuzz-peer", ["PeerProtocol", "BridgeCore"]),
+        ("fuzz-address-space", ["BridgeCore"]),
+        ("fuzz-config", ["BridgeDaemon"]),
+        ("fuzz-control", ["BridgeDaemon", "BridgeCore", .product(name: "Logging", package: "swift-log")]),
+    ]
+    for (name, dependencies) in fuzzTargets {
+        package.targets.append(.executableTarget(
+            name: name, dependencies: dependencies + ["FuzzSupport"],
+            path: "Fuzz/\(name.dropFirst("fuzz-".count))",
+            swiftSettings: swiftSettings
+        ))
+        package.products.append(.executable(name: name, targets: [name]))
+    }
+}

@@ -78,10 +78,53 @@ public struct DaemonConfig: Equatable, Sendable {
                                           "queue-pairs", "device-features", "client", "page-size", "max-pending-translations",
                                           "vm1-access", "vm2-access", "vm2-deadline-action", "round-out-huge-pages"]
 
+    /// Most YAML nodes a config may hold (aliases count each time they are
+    /// used, so an alias bomb is refused, not expanded), and how deep.
+    static let maximumNodes = 100_000
+    static let maximumDepth = 32
+
+    /// A composed YAML node as plain values (mappings with string keys,
+    /// arrays, scalars), with every limit checked. Yams' own `load` traps on
+    /// a mapping whose key is not a string (`{{}: 1}`, found by fuzzing), so
+    /// the config never goes through it.
+    static func plain(_ node: Node, path: String, depth: Int, budget: inout Int) throws(ConfigError) -> Any {
+        let at = path.isEmpty ? "(file)" : path
+        budget -= 1
+        guard budget >= 0 else { throw ConfigError(at, "the file has more than \(maximumNodes) YAML nodes") }
+        guard depth < maximumDepth else { throw ConfigError(at, "nested deeper than \(maximumDepth) levels") }
+        switch node {
+        case .scalar:
+            return node.any
+        case .alias:
+            throw ConfigError(at, "YAML aliases are not supported")
+        case .sequence(let items):
+            var out: [Any] = []
+            for (i, item) in items.enumerated() { out.append(try plain(item, path: "\(path)[\(i)]", depth: depth + 1, budget: &budget)) }
+            return out
+        case .mapping(let pairs):
+            var out: [String: Any] = [:]
+            for (key, value) in pairs {
+                guard case .scalar(let k) = key else { throw ConfigError(at, "a mapping key is not a plain name") }
+                let child = path.isEmpty ? k.string : "\(path).\(k.string)"
+                guard out[k.string] == nil else { throw ConfigError(child, "is given twice") }
+                out[k.string] = try plain(value, path: child, depth: depth + 1, budget: &budget)
+            }
+            return out
+        }
+    }
+
     /// Parses and validates YAML text. Every error names its key.
     public static func parse(_ text: String) throws(ConfigError) -> DaemonConfig {
         let root: Any?
-        do { root = try Yams.load(yaml: text) } catch { throw ConfigError("(file)", "not valid YAML: \(error)") }
+        do {
+            let node = try Yams.compose(yaml: text)
+            var budget = maximumNodes
+            root = try node.map { node throws(ConfigError) in try plain(node, path: "", depth: 0, budget: &budget) }
+        } catch let error as ConfigError {
+            throw error
+        } catch {
+            throw ConfigError("(file)", "not valid YAML: \(error)")
+        }
         guard let top = root as? [String: Any] else { throw ConfigError("(file)", "the top level must be a mapping of keys") }
         var config = DaemonConfig()
         for key in top.keys.sorted() where !topKeys.contains(key) { throw ConfigError(key, "unknown key") }

@@ -1,0 +1,6 @@
+import FuzzSupport
+
+@main
+enum FuzzAddressSpace {
+    static func main() { runFuzzer { fuzzAddressSpace($0, $1) } }
+}

@@ -1,0 +1,6 @@
+import FuzzSupport
+
+@main
+enum FuzzControl {
+    static func main() { runFuzzer { fuzzControl($0, $1) } }
+}

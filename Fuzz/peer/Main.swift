@@ -1,0 +1,6 @@
+import FuzzSupport
+
+@main
+enum FuzzPeer {
+    static func main() { runFuzzer { fuzzPeer($0, $1) } }
+}

@@ -1,0 +1,6 @@
+import FuzzSupport
+
+@main
+enum FuzzVhostUser {
+    static func main() { runFuzzer { fuzzVhostUser($0, $1) } }
+}

@@ -10,7 +10,7 @@ APT_PACKAGES := liburing-dev
 # and a Linux guest built from Debian's kernel and busybox with gcc).
 INTEROP_PACKAGES := dpdk-dev qemu-system-x86 gcc libc6-dev
 
-.PHONY: all deps interop-deps build release test interop demo bench install uninstall clean
+.PHONY: all deps interop-deps build release test interop demo bench install uninstall clean fuzz fuzz-build fuzz-seeds
 
 all: build
 
@@ -42,12 +42,31 @@ build: deps
 release: deps
 	$(SWIFT) build -c release
 
-# The whole suite except the real-front-end scenarios (those are `make interop`).
+# The whole suite except the real-front-end scenarios (those are `make interop`),
+# then a short run of every fuzz target.
 test: deps
 	$(SWIFT) build
 	@if command -v systemd-analyze >/dev/null 2>&1; then sh systemd/check.sh .build/debug/vhost-pci-bridged; \
 	else echo "systemd-analyze is not installed: unit checks SKIPPED (apt-get install systemd)"; fi
+	$(MAKE) fuzz FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS)
 	$(SWIFT) test --no-parallel --skip InteropTests
+
+# Coverage-guided fuzzing (libFuzzer + AddressSanitizer), docs/testing.md.
+FUZZ_TARGETS := vhost-user peer address-space config control
+FUZZ_SECONDS ?= 600
+FUZZ_SMOKE_SECONDS ?= 10
+FUZZ_BUILD = VPB_FUZZ=1 $(SWIFT) build --build-path .build-fuzz -c release -Xswiftc -sanitize=fuzzer,address
+
+fuzz-build: deps
+	@for t in $(FUZZ_TARGETS); do $(FUZZ_BUILD) --product fuzz-$$t || exit 1; done
+
+# Each target for FUZZ_SECONDS (default 10 minutes) from Fuzz/corpus.
+fuzz: fuzz-build
+	sh Fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+# Rewrites the seed corpus from the real encoders.
+fuzz-seeds: fuzz-build
+	@for t in $(FUZZ_TARGETS); do mkdir -p Fuzz/corpus/$$t && .build-fuzz/release/fuzz-$$t --write-seeds Fuzz/corpus/$$t || exit 1; done
 
 # DPDK testpmd and QEMU against the daemon and an emulated VM2. A peer that is
 # not installed makes its tests skip, saying what to install.

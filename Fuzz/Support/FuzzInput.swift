@@ -58,3 +58,17 @@ public func runFuzzer(_ callback: @convention(c) (UnsafePointer<UInt8>?, Int) ->
     var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
     exit(LLVMFuzzerRunDriver(&argc, &argv, callback))
 }
+
+/// `TARGET --write-seeds DIR` writes the target's seed inputs (built with
+/// the real encoders, so they stay valid as the codecs change) and exits;
+/// `make fuzz-seeds` refreshes `Fuzz/corpus/` with it.
+public func writeSeedsIfAsked(_ seeds: () -> [String: [UInt8]]) {
+    let args = CommandLine.arguments
+    guard args.count == 3, args[1] == "--write-seeds" else { return }
+    for (name, bytes) in seeds() {
+        guard let f = fopen("\(args[2])/\(name)", "wb") else { fuzzFailure("cannot write \(args[2])/\(name)") }
+        _ = bytes.withUnsafeBytes { fwrite($0.baseAddress, 1, $0.count, f) }
+        fclose(f)
+    }
+    exit(0)
+}

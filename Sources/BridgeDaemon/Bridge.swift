@@ -2,7 +2,6 @@ import BridgeCore
 import LinuxIO
 import Logging
 import PeerProtocol
-import Synchronization
 import VhostUser
 #if canImport(Glibc)
 import Glibc
@@ -37,7 +36,7 @@ public final class Bridge: Sendable {
     private let commands: Mailbox<BridgeCommand, Result<String, BridgeCommandError>>
     /// How long `perform` waits for the bridge thread.
     public static let commandDeadline: Duration = .seconds(10)
-    private let state = Mutex(State())
+    private let state = Locked(State())
 
     /// Validates the settings, reserves the BAR, and starts listening on the
     /// vhost-user and peer sockets.

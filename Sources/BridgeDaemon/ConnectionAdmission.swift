@@ -1,16 +1,15 @@
 import BridgeCore
 import LinuxIO
 import Logging
-import Synchronization
 
 /// Who gets in on a bridge's sockets, and what happens when the process is
 /// out of fds: shared by the vhost-user side (bridge thread) and the VM2 side
 /// (peer thread), with their counters.
 ///
-/// Sendable without `@unchecked`: the counters are behind a `Mutex`.
+/// Sendable without `@unchecked`: the counters are behind a `Locked` (pthread mutex).
 final class ConnectionAdmission: Sendable {
     private let logger: Logger
-    private let counters = Mutex((acceptFailures: 0, accessDenied: 0))
+    private let counters = Locked((acceptFailures: 0, accessDenied: 0))
 
     init(logger: Logger) { self.logger = logger }
 

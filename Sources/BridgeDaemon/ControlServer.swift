@@ -2,7 +2,6 @@ import BridgeCore
 import Foundation
 import LinuxIO
 import Logging
-import Synchronization
 
 /// The control socket: a Unix stream socket, one JSON request per line, one
 /// JSON response per line. Peers are checked with SO_PEERCRED: root, or a
@@ -18,8 +17,8 @@ public final class ControlServer: Sendable {
     private let reloadConfig: @Sendable () -> Result<DaemonConfig, ControlError>
     /// Connection threads are detached (one per CLI call adds up); `stop`
     /// waits for `connections` to drain instead of joining them.
-    private let state = Mutex<(stopping: Bool, connections: [UnixSocket])>((false, []))
-    private let acceptThread = Mutex<JoinableThread?>(nil)
+    private let state = Locked<(stopping: Bool, connections: [UnixSocket])>((false, []))
+    private let acceptThread = Locked<JoinableThread?>(nil)
     /// Signalled whenever a connection thread ends (`stop` waits for none to be left).
     private let connectionEnded: EventFD
     public let path: String

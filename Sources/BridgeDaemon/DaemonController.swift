@@ -2,7 +2,6 @@ import BridgeCore
 import Foundation
 import LinuxIO
 import Logging
-import Synchronization
 import VhostUser
 
 /// A refused control request.
@@ -37,13 +36,13 @@ public final class DaemonController: Sendable {
         var bridges: [String: Entry] = [:]
         var order: [String] = []
     }
-    private let state: Mutex<State>
+    private let state: Locked<State>
     private let logger: Logger
     public let startTime = ContinuousClock.now
     public static let protocolVersion = 1
 
     public init(config: DaemonConfig, logger: Logger) {
-        state = Mutex(State(config: config))
+        state = Locked(State(config: config))
         self.logger = logger
         JournalLogHandler.level.withLock { $0 = config.logLevel }
     }

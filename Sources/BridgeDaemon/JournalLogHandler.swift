@@ -1,6 +1,6 @@
+import LinuxIO
 import Foundation
 import Logging
-import Synchronization
 
 /// A swift-log handler for stderr that is journald-friendly: under systemd
 /// (JOURNAL_STREAM set) each line starts with the syslog priority `<N>` and
@@ -8,7 +8,7 @@ import Synchronization
 /// The level is shared by every logger so `log-level` changes apply live.
 public struct JournalLogHandler: LogHandler {
     /// The daemon-wide level (changed by `log-level` and reload).
-    public static let level = Mutex<Logger.Level>(.info)
+    public static let level = Locked<Logger.Level>(.info)
 
     public let label: String
     public let journald: Bool

@@ -1,5 +1,4 @@
 import LinuxIO
-import Synchronization
 
 /// The daemon's mappings, shared by every bridge. Each mapping costs the
 /// process about two kernel VMAs (the mapping and the split of the PROT_NONE
@@ -14,7 +13,7 @@ import Synchronization
 /// reports its count after (`settle`); between the two, its headroom counts
 /// as used, so two bridges never hand out the same headroom.
 ///
-/// Sendable without `@unchecked`: all state is behind a `Mutex`.
+/// Sendable without `@unchecked`: all state is behind a `Locked` (pthread mutex).
 public final class MappingBudget: Sendable {
     public struct ID: Hashable, Sendable { let raw: Int }
 
@@ -26,7 +25,7 @@ public final class MappingBudget: Sendable {
 
     /// Mappings all bridges together may hold.
     public let total: Int
-    private let state = Mutex(State())
+    private let state = Locked(State())
 
     /// VMAs left for everything else in the process (libraries, stacks,
     /// rings, VM2s' windows in tests).

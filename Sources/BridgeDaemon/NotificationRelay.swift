@@ -73,7 +73,7 @@ public enum RelayError: Error, CustomStringConvertible {
 /// control eventfd the ring also reads). A removed link's fds are closed
 /// exactly once, after its in-flight operations completed.
 ///
-/// Sendable without `@unchecked`: shared state is behind a `Mutex`; the ring
+/// Sendable without `@unchecked`: shared state is behind a `Locked` (pthread mutex); the ring
 /// and the buffers belong to the relay thread.
 public final class NotificationRelay: Sendable {
     public struct LinkID: Hashable, Sendable, Comparable, CustomStringConvertible {
@@ -105,10 +105,10 @@ public final class NotificationRelay: Sendable {
     /// Benchmark only: link writes to *blocking* targets too, to show the
     /// io-wq slow path the relay normally avoids.
     public let forceLinkedWrites: Bool
-    private let shared = Mutex(Shared())
+    private let shared = Locked(Shared())
     private let control: EventFD
     private let changed: EventFD
-    private let thread = Mutex<JoinableThread?>(nil)
+    private let thread = Locked<JoinableThread?>(nil)
     private let logger: Logger
 
     /// Starts the relay thread. `busyPollMicroseconds` > 0 spins that long

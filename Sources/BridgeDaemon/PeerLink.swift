@@ -2,7 +2,6 @@ import BridgeCore
 import LinuxIO
 import Logging
 import PeerProtocol
-import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -42,7 +41,7 @@ public struct PeerStatistics: Sendable, Equatable {
 /// events, and wakes the bridge thread through `eventSignal`; acks wake a
 /// revocation wait through `ackSignal`.
 ///
-/// Sendable without `@unchecked`: all mutable state is behind a `Mutex`; the
+/// Sendable without `@unchecked`: all mutable state is behind a `Locked` (pthread mutex); the
 /// eventfds are Sendable owners.
 final class PeerLink: Sendable {
     enum Event: Sendable {
@@ -70,7 +69,7 @@ final class PeerLink: Sendable {
         var statistics = Statistics()
     }
 
-    private let state = Mutex(State())
+    private let state = Locked(State())
     let eventSignal: EventFD
     let ackSignal: EventFD
     let logger: Logger

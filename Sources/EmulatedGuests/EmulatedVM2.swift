@@ -2,7 +2,6 @@ import BridgeCore
 import DeviceEngine
 import LinuxIO
 import PeerProtocol
-import Synchronization
 
 /// What the emulated VM2's device does with the frames VM1 transmits.
 public enum VM2DataPath: String, Sendable, CaseIterable {
@@ -83,7 +82,7 @@ public struct VM2Statistics: Sendable, Equatable, Codable {
 /// and (optionally) written back into VM1's RX buffers.
 ///
 /// Sendable without `@unchecked`: the device state lives on the device thread;
-/// what others read is behind a `Mutex`.
+/// what others read is behind a `Locked` (pthread mutex).
 public final class EmulatedVM2: Sendable {
     private struct Shared {
         var statistics = VM2Statistics()
@@ -91,12 +90,12 @@ public final class EmulatedVM2: Sendable {
         var finished = false
     }
 
-    private let shared = Mutex(Shared())
+    private let shared = Locked(Shared())
     private let stopSignal: EventFD
     /// Translations asked from other threads, sent and answered by the
     /// device thread (nil: the connection ended first).
     let translations: Mailbox<PeerTranslate, PeerTranslateReply?>
-    private let thread: Mutex<JoinableThread?> = Mutex(nil)
+    private let thread: Locked<JoinableThread?> = Locked(nil)
 
     /// Connects and starts the device thread.
     public init(peerSocketPath: String, configuration: VM2Configuration = VM2Configuration()) throws {

@@ -1,6 +1,5 @@
 import BridgeCore
 import CLinuxShim
-import Synchronization
 import SystemPackage
 #if canImport(Glibc)
 import Glibc
@@ -40,12 +39,12 @@ public enum BARWindowError: Error, Equatable, Sendable, CustomStringConvertible 
 /// checked accessors (`AddressSpace.checkAccess`) still enforce write-only.
 ///
 /// Sendable without `@unchecked`: the state is the immutable base address
-/// (kept as an integer) and size, plus a `Mutex` that serialises changes so
+/// (kept as an integer) and size, plus a `Locked` that serialises changes so
 /// a plan is applied as a unit with respect to other plans.
 public final class BARWindow: SharedMemory, Sendable {
     public let size: UInt64
     private let base: UInt
-    private let changes = Mutex<UInt64>(0)
+    private let changes = Locked<UInt64>(0)
     public static let hostPageSize = UInt64(shim_page_size())
     /// Where the window starts in this process: on a 1 GiB boundary, so BAR
     /// offsets aligned to a huge page size are host addresses aligned to it.

@@ -1,6 +1,5 @@
 import CLinuxShim
 import SystemPackage
-import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -78,7 +77,7 @@ public enum SocketFile {
 /// waits for its answer until a deadline. Each request has its own eventfd,
 /// so callers never steal each other's wakeups.
 ///
-/// Sendable without `@unchecked`: all state is behind a `Mutex`; requests,
+/// Sendable without `@unchecked`: all state is behind a `Locked` (pthread mutex); requests,
 /// responses and eventfds are Sendable.
 public final class Mailbox<Request: Sendable, Response: Sendable>: Sendable {
     public struct Ticket: Hashable, Sendable { let id: UInt64 }
@@ -94,7 +93,7 @@ public final class Mailbox<Request: Sendable, Response: Sendable>: Sendable {
         /// After `close`: the answer every later call gets at once.
         var closedWith: Response?
     }
-    private let state = Mutex(State())
+    private let state = Locked(State())
     /// Readable while requests wait to be taken (the server polls it).
     public let signal: EventFD
 

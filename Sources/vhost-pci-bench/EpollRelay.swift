@@ -10,7 +10,7 @@ final class EpollRelay: Sendable {
     private let epoll: Epoll
     private let stopSignal: EventFD
     private let pairs: [(source: OwnedFileDescriptor, target: OwnedFileDescriptor)]
-    private let thread = Mutex<JoinableThread?>(nil)
+    private let thread = Locked<JoinableThread?>(nil)
     private let relayed = Atomic<UInt64>(0)
 
     /// Relays `source[i] → target[i]`; takes ownership of the fds.

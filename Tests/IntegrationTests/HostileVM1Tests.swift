@@ -179,6 +179,9 @@ extension Integration.HostileVM1 {
       try withTwoGuests("base-\(vm2Reports)", mode: .identity, vm1: c1, vm2: c2) { running, vm1, vm2 in
         let result = try vm1.runTraffic(count: 30, sizes: [64, 1500])
         #expect(result.completed, "\(result)")
+        // VM2 publishes its counters after the used ring it wrote: VM1 may
+        // see the echoes first.
+        #expect(pollUntil { vm2.statistics.packetsSent == 30 && vm2.statistics.packetsReceived == 30 })
         let s = vm2.statistics
         let bases = try vm1.stopDevice()
         if vm2Reports {

@@ -4,7 +4,6 @@ import EmulatedGuests
 import Foundation
 import LinuxIO
 import PeerProtocol
-import Synchronization
 import Testing
 import TestSupport
 import VhostUser
@@ -115,7 +114,7 @@ extension Integration {
                 #expect(vm2.window?.probeInChild(iova) == .faulted, "not mapped before anyone asks")
 
                 // VM2 asks from its own thread; VM1 answers the miss here.
-                let pending = Mutex<PeerTranslateReply?>(nil)
+                let pending = Locked<PeerTranslateReply?>(nil)
                 let asker = try JoinableThread(name: "ask") {
                     let r = vm2.translate(barOffset: iova.rawValue, length: 8192, access: .read)
                     pending.withLock { $0 = r }

@@ -1,3 +1,4 @@
+import LinuxIO
 import Foundation
 import Synchronization
 import Testing
@@ -38,7 +39,7 @@ extension LinuxIOTests {
                         for (ticket, n) in box.take() { box.answer(ticket, n * n) }
                     }
                 }
-                let results = Mutex<[Int: Int]>([:])
+                let results = Locked<[Int: Int]>([:])
                 let callers = try (1...8).map { i in
                     try JoinableThread(name: "caller-\(i)") {
                         let r = box.call(i, deadline: .now.advanced(by: .seconds(30)))
@@ -61,7 +62,7 @@ extension LinuxIOTests {
         /// at once: nobody waits out a deadline for a server that is gone.
         @Test func aClosedMailboxAnswersAtOnce() throws {
             let box = try Mailbox<Int, Int?>()
-            let got = Mutex<Int??>(nil)
+            let got = Locked<Int??>(nil)
             let caller = try JoinableThread(name: "caller") {
                 let r = box.call(1, deadline: .now.advanced(by: .seconds(60)))
                 got.withLock { $0 = r }

@@ -10,7 +10,7 @@ APT_PACKAGES := liburing-dev
 # and a Linux guest built from Debian's kernel and busybox with gcc).
 INTEROP_PACKAGES := dpdk-dev qemu-system-x86 gcc libc6-dev
 
-.PHONY: all deps interop-deps build release test interop demo bench install uninstall clean fuzz fuzz-build fuzz-seeds
+.PHONY: all deps interop-deps build release test interop demo bench install uninstall clean fuzz fuzz-build fuzz-seeds test-asan test-tsan
 
 all: build
 
@@ -50,6 +50,19 @@ test: deps
 	else echo "systemd-analyze is not installed: unit checks SKIPPED (apt-get install systemd)"; fi
 	$(MAKE) fuzz FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS)
 	$(SWIFT) test --no-parallel --skip InteropTests
+
+# The suite under AddressSanitizer (with LeakSanitizer) and ThreadSanitizer,
+# each in its own build directory; sanitizers/ holds the few suppressions,
+# each with its reason. Both run in .ci/run.
+test-asan: deps
+	$(SWIFT) build --build-tests --build-path .build-asan --sanitize=address
+	ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=$(CURDIR)/sanitizers/lsan.supp \
+	  $(SWIFT) test --skip-build --build-path .build-asan --sanitize=address --disable-xctest --no-parallel --skip InteropTests
+
+test-tsan: deps
+	$(SWIFT) build --build-tests --build-path .build-tsan --sanitize=thread
+	TSAN_OPTIONS=halt_on_error=1:suppressions=$(CURDIR)/sanitizers/tsan.supp \
+	  $(SWIFT) test --skip-build --build-path .build-tsan --sanitize=thread --disable-xctest --no-parallel --skip InteropTests
 
 # Coverage-guided fuzzing (libFuzzer + AddressSanitizer), docs/testing.md.
 FUZZ_TARGETS := vhost-user peer address-space config control

@@ -199,6 +199,9 @@ extension Integration {
                 vm1.disconnect()
                 vm2.stop()
                 running.waitForSessions(1)
+                // The daemon closes a departed VM2's socket when its peer thread
+                // sees it go: count only after that.
+                #expect(pollUntil { !running.bridge.statistics.peer.connected })
             }
             let before = openFileDescriptorCount()
             do {

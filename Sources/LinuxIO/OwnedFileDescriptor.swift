@@ -125,3 +125,20 @@ public func openFileDescriptorCount() -> Int {
     }
     return count - 1 // the directory stream's own fd
 }
+
+/// `openFileDescriptorCount()` once it has not changed for `quiet`: threads
+/// of an earlier session (or test) may still be closing their fds when a
+/// test takes its baseline, and this one's may be closing when it checks.
+/// Gives up after `limit` and returns the last count.
+public func settledOpenFileDescriptorCount(quiet: Duration = .milliseconds(100), limit: Duration = .seconds(10)) -> Int {
+    let clock = ContinuousClock()
+    let deadline = clock.now.advanced(by: limit)
+    var last = openFileDescriptorCount()
+    var since = clock.now
+    while clock.now < deadline {
+        usleep(5_000)
+        let now = openFileDescriptorCount()
+        if now != last { last = now; since = clock.now } else if since.duration(to: clock.now) >= quiet { break }
+    }
+    return last
+}

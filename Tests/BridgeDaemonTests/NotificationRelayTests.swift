@@ -143,7 +143,7 @@ func drain(_ e: EventFD) -> UInt64 {
                 kicked.add(1, ordering: .relaxed)
             }
         }
-        let before = openFileDescriptorCount()
+        let before = settledOpenFileDescriptorCount()
         for _ in 0..<100 {
             let p = try Pair()
             let id = try p.add(to: relay)
@@ -154,7 +154,7 @@ func drain(_ e: EventFD) -> UInt64 {
             #expect(final?.notifications == 1)
             #expect(relay.statistics(id) == nil, "a removed link's counters are handed back, not kept forever")
         }
-        #expect(openFileDescriptorCount() == before, "removed links closed their fds")
+        #expect(settledOpenFileDescriptorCount() == before, "removed links closed their fds")
         running.store(false, ordering: .relaxed)
         writer.join()
         var seen: UInt64 = 0
@@ -205,7 +205,7 @@ func drain(_ e: EventFD) -> UInt64 {
     }
 
     @Test func stoppingClosesEveryFD() throws {
-        let before = openFileDescriptorCount()
+        let before = settledOpenFileDescriptorCount()
         do {
             let relay = try NotificationRelay()
             let pairs = try (0..<10).map { _ in try Pair() }
@@ -215,6 +215,6 @@ func drain(_ e: EventFD) -> UInt64 {
             #expect(relay.liveLinks == 0)
             #expect(throws: RelayError.self) { _ = try pairs[0].add(to: relay) }
         }
-        #expect(openFileDescriptorCount() == before)
+        #expect(settledOpenFileDescriptorCount() == before)
     }
 }

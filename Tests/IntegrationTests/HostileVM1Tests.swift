@@ -37,7 +37,7 @@ extension Integration {
         @Test(arguments: BadFile.allCases)
         func nonEventfdVringFilesAreRefused(_ kind: BadFile) throws {
           try withTwoGuests("bad-\(kind)", mode: .identity) { running, vm1, _ in
-            let before = openFileDescriptorCount()
+            let before = settledOpenFileDescriptorCount()
             do {
                 let bad = try make(kind)
                 for request in [FrontendRequest.setVringCall(VringFileRef(index: 0, noFD: false)),

@@ -72,7 +72,7 @@ extension Integration {
             let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: mode != .identity))
             defer { vm1.disconnect() }
             try vm1.start()
-            let before = openFileDescriptorCount()
+            let before = settledOpenFileDescriptorCount()
             try body(running)
             #expect(pollUntil { !running.bridge.statistics.peer.connected }, "the hostile VM2 must be gone")
             #expect(pollUntil { openFileDescriptorCount() == before }, "fds: \(before) before, \(openFileDescriptorCount()) after")

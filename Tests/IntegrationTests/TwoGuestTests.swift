@@ -203,7 +203,7 @@ extension Integration {
                 // sees it go: count only after that.
                 #expect(pollUntil { !running.bridge.statistics.peer.connected })
             }
-            let before = openFileDescriptorCount()
+            let before = settledOpenFileDescriptorCount()
             do {
                 let vm1 = try EmulatedVM1(socketPath: running.path)
                 try vm1.start()
@@ -232,7 +232,7 @@ extension Integration {
                 running.waitForSessions(3)
                 #expect(pollUntil { !running.bridge.statistics.peer.connected })
             }
-            #expect(openFileDescriptorCount() == before)
+            #expect(settledOpenFileDescriptorCount() == before)
         }
     }
 }

@@ -117,7 +117,7 @@ extension Integration {
                 vm1.disconnect()
                 running.waitForSessions(1)
             }
-            let before = openFileDescriptorCount()
+            let before = settledOpenFileDescriptorCount()
             for i in 0..<100 {
                 let vm1 = try EmulatedVM1(socketPath: running.path)
                 try vm1.start()
@@ -125,7 +125,7 @@ extension Integration {
                 vm1.disconnect()
                 running.waitForSessions(i + 2)
             }
-            #expect(openFileDescriptorCount() == before)
+            #expect(settledOpenFileDescriptorCount() == before)
             #expect(running.bridge.statistics.sessionsServed == 101)
             #expect(running.bridge.window.probeInChild(BusAddress(0)) == .faulted)
         }
@@ -135,7 +135,7 @@ extension Integration {
             defer { running.stop() }
             var config = VM1Configuration()
             config.iommu = .iommu
-            let before = openFileDescriptorCount()
+            let before = settledOpenFileDescriptorCount()
             for i in 0..<20 {
                 let vm1 = try EmulatedVM1(socketPath: running.path, configuration: config)
                 try vm1.start()
@@ -143,7 +143,7 @@ extension Integration {
                 vm1.disconnect()
                 running.waitForSessions(i + 1)
             }
-            #expect(openFileDescriptorCount() == before)
+            #expect(settledOpenFileDescriptorCount() == before)
         }
     }
 }

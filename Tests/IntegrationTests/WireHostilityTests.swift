@@ -17,7 +17,7 @@ extension Integration {
         @Test func fdsOnARequestThatTakesNoneAreClosedAndTheConnectionDropped() throws {
             let running = try RunningBridge("fds", mode: .identity)
             defer { running.stop() }
-            let before = openFileDescriptorCount()
+            let before = settledOpenFileDescriptorCount()
             do {
                 let socket = try UnixSocket.connect(path: running.path)
                 let stray = try EventFD()
@@ -25,7 +25,7 @@ extension Integration {
                 #expect(try readReply(socket) == nil, "the daemon must close, not answer")
             }
             running.waitForSessions(1)
-            #expect(openFileDescriptorCount() == before)
+            #expect(settledOpenFileDescriptorCount() == before)
             #expect(running.bridge.statistics.lastEnd != .frontEndClosed)
         }
 

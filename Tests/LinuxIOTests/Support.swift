@@ -13,7 +13,7 @@ import Glibc
 
 /// Asserts that `body` leaves the process's fd count where it found it.
 func expectNoFDLeak(_ what: String, sourceLocation: SourceLocation = #_sourceLocation, _ body: () throws -> Void) rethrows {
-    let before = openFileDescriptorCount()
+    let before = settledOpenFileDescriptorCount()
     try body()
     let after = openFileDescriptorCount()
     #expect(after == before, "\(what): \(before) fds before, \(after) after", sourceLocation: sourceLocation)

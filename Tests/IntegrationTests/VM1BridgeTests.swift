@@ -92,6 +92,14 @@ extension Integration {
             let iova = try vm1.send(Array(repeating: 1, count: 64))
             try vm1.settle()
             #expect(running.bridge.window.probeInChild(iova) == .faulted, "QEMU-style: buffers appear only after a miss")
+            let ringMisses = running.bridge.statistics.iotlbMissesSent // the rings' own, raised when they start
+            // Now the miss: VM2 comes, reads the packet, asks for its buffer;
+            // the daemon raises a miss, VM1 answers, the buffer is mapped.
+            let vm2 = try EmulatedVM2(peerSocketPath: running.peerPath)
+            defer { vm2.stop() }
+            #expect(pollUntil { try? vm1.settle(); return vm2.statistics.packetsReceived >= 1 }, "\(vm2.statistics)")
+            #expect(running.bridge.statistics.iotlbMissesSent > ringMisses, "a miss for the buffer")
+            #expect(running.bridge.window.probeInChild(iova) == .accessible, "mapped after the miss was answered")
             vm1.disconnect()
         }
 

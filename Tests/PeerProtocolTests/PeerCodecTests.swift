@@ -174,6 +174,8 @@ func docExample(_ name: String) throws -> [UInt8] {
             }
             #expect(m2 == m)
         }
-        #expect(accepted > 0)
+        // A floor, not "> 0": a decoder that refused almost everything would
+        // leave the round-trip check above untested.
+        #expect(accepted >= 1000, "only \(accepted) of 20 000 mutated messages decoded")
     }
 }

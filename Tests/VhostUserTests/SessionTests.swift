@@ -559,3 +559,75 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         s.refused(.setVringNum(VringState(index: 16, num: 256)), .vringIndex(.setVringNum, index: 16, count: 16))
     }
 }
+
+/// Requests nothing else covered: values the session answers, a successful
+/// RESET_DEVICE, the slot limit, and refusals made by the session itself
+/// (not the codec).
+@Suite struct UncoveredRequestTests {
+    func negotiated(_ mode: BridgeMode = .identity, protocol features: ProtocolFeatures? = nil) -> BackendSession {
+        var s = makeSession(mode)
+        s.ok(.getFeatures)
+        s.ok(.setProtocolFeatures((features ?? s.configuration.protocolFeatures).rawValue))
+        s.ok(.setOwner)
+        return s
+    }
+
+    @Test func queueNumAndMemSlotsAnswerTheConfiguration() {
+        var s = negotiated()
+        #expect(replyU64(s.ok(.getQueueNum)) == UInt64(s.configuration.queuePairs))
+        #expect(replyU64(s.ok(.getMaxMemSlots)) == 32)
+        // The spec allows GET_QUEUE_NUM when MQ is among the *queried*
+        // (offered) protocol features; a bridge that does not offer it refuses.
+        var noMQ = BackendConfiguration(bridgeName: "t", addressSpace: AddressSpaceConfiguration(barSize: 1 << 36, mode: .identity))
+        noMQ.protocolFeatures.remove(.mq)
+        var t = try! BackendSession(noMQ)
+        t.ok(.setOwner)
+        t.refused(.getQueueNum, .protocolFeatureNotNegotiated(.getQueueNum, .mq))
+    }
+
+    @Test func oneSlotTooManyIsRefusedAndChangesNothing() {
+        var s = negotiated()
+        s.ok(.setFeatures(FeatureBit.version1 | FeatureBit.protocolFeatures))
+        let slots = s.configuration.maxMemSlots
+        for i in 0..<slots {
+            let d = RegionDescriptor(guestPhysical: GuestPhysicalAddress(UInt64(i) << 30), size: 1 << 20,
+                                     userAddress: FrontendUserAddress(ramUser + UInt64(i) << 30), mmapOffset: 0)
+            s.ok(.addMemReg(d), files: [ReceivedFile(index: 0, size: 1 << 20, kind: .regularFile)])
+        }
+        #expect(s.regions.count == slots)
+        let extra = RegionDescriptor(guestPhysical: GuestPhysicalAddress(UInt64(slots) << 30), size: 1 << 20,
+                                     userAddress: FrontendUserAddress(ramUser + UInt64(slots) << 30), mmapOffset: 0)
+        s.refused(.addMemReg(extra), .memory(.tooManyRegions(limit: slots)),
+                  files: [ReceivedFile(index: 0, size: 1 << 20, kind: .regularFile)])
+    }
+
+    @Test func aSuccessfulResetDeviceStopsRingsForgetsFeaturesAndUnmaps() {
+        var s = makeSession(.iommu)
+        s.negotiateLikeQEMU(iommu: true)
+        s.ok(.iotlb(IOTLBMessage(iova: 0x10_0000, size: 0x4000, userAddress: ramUser, permission: .readWrite, type: .update)))
+        s.configureRing(0, base: 0x10_0000, size: 64)
+        s.ok(.setVringCall(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
+        s.ok(.setVringEnable(VringState(index: 0, num: 1)))
+        s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
+        #expect(s.vrings[0].started)
+        let effects = s.ok(.resetDevice)
+        #expect(effects.contains(.ringStopped(index: 0)))
+        #expect(effects.contains(.window(WindowPlan([.unmap(bus: BusAddress(0x10_0000), length: 0x4000)]))))
+        #expect(effects.contains(.setVringFile(.kick, index: 0, fdIndex: nil)) && effects.contains(.setVringFile(.call, index: 0, fdIndex: nil)))
+        #expect(s.ackedFeatures == nil && s.addressSpace.mappings.isEmpty && !s.vrings[0].started)
+        #expect(s.regions.count == 1, "the memory table survives a device reset")
+        // And it is usable again: features, a ring, traffic.
+        s.ok(.setFeatures(FeatureBit.version1 | FeatureBit.protocolFeatures | FeatureBit.iommuPlatform))
+        s.ok(.iotlb(IOTLBMessage(iova: 0x10_0000, size: 0x4000, userAddress: ramUser, permission: .readWrite, type: .update)))
+        #expect(s.addressSpace.mappings.count == 1)
+    }
+
+    @Test func sessionRefusesLoggingEndiannessAndConfigSpace() {
+        var s = negotiated()
+        s.ok(.setFeatures(FeatureBit.version1 | FeatureBit.protocolFeatures))
+        s.refused(.setLogFD, .unsupportedRequest(.setLogFD, reason: "dirty-page logging (live migration) is not offered"),
+                  files: [ReceivedFile(index: 0, size: 4096, kind: .regularFile)])
+        s.refused(.setVringEndian(VringState(index: 0, num: 1)), .protocolFeatureNotNegotiated(.setVringEndian, .crossEndian))
+        s.refused(.setConfig(ConfigSpace(offset: 0, flags: 0, bytes: [1, 2, 3, 4])), .protocolFeatureNotNegotiated(.setConfig, .config))
+    }
+}

@@ -186,7 +186,7 @@ public struct TranslationBroker: Sendable {
         let missing: BusAddress
         do throws(AddressSpaceError) {
             let pieces = try space.checkAccess(request.bus, length: request.length, needed: request.access, purpose: .translation)
-            return [.sendMaps(pieces, owner: owner), .answer(ids: [request.id], request: request, owner: owner, .granted)]
+            return [.sendMaps(Self.wholeMappings(pieces, space), owner: owner), .answer(ids: [request.id], request: request, owner: owner, .granted)]
         } catch {
             // A policy refusal (BAR, DMA window, static window) names that rule.
             do throws(AddressSpaceError) { try space.checkTranslatable(request.bus, length: request.length) } catch { return refuse(error) }
@@ -205,6 +205,20 @@ public struct TranslationBroker: Sendable {
         case .queued, .merged:
             return miss(missing, request.access, now: now)
         }
+    }
+
+    /// The whole mappings holding `pieces`: a MAP must be page (or huge
+    /// page) aligned for VM2 to mmap it, and the pieces of an access check
+    /// are clipped to the bytes asked for (a 0x5e8-byte packet buffer was
+    /// sent as a 0x5e8-byte MAP, which VM2 cannot map; found by the VM2-kill
+    /// fault test).
+    static func wholeMappings(_ pieces: [Mapping], _ space: AddressSpace) -> [Mapping] {
+        var out: [Mapping] = []
+        for piece in pieces {
+            let whole = space.lookup(piece.bus) ?? piece
+            if out.last != whole { out.append(whole) }
+        }
+        return out
     }
 
     /// A miss for `bus`, unless one for that page and access is outstanding.

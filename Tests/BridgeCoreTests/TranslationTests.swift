@@ -130,8 +130,22 @@ private func request(_ id: UInt64, _ bus: UInt64, length: UInt64 = 0x1000, acces
         _ = try space.update(bus: BusAddress(4 * GiB), length: 2 * page, source: user(Fixture.ramUser), permission: .readWrite, regions: f.table)
         var b = broker()
         let actions = b.request(ask(1, 4 * GiB + page), owner: 3, space: space, canRaiseMisses: true, now: t0)
-        #expect(actions == [.sendMaps([Mapping(bus: BusAddress(4 * GiB + page), length: page, permission: .readWrite, region: f.ram.id, fdOffset: page)], owner: 3),
-                            .answer(ids: [1], request: ask(1, 4 * GiB + page), owner: 3, .granted)])
+        // The whole mapping, not the piece asked for: VM2 maps what it gets.
+        let whole = Mapping(bus: BusAddress(4 * GiB), length: 2 * page, permission: .readWrite, region: f.ram.id, fdOffset: 0)
+        #expect(actions == [.sendMaps([whole], owner: 3), .answer(ids: [1], request: ask(1, 4 * GiB + page), owner: 3, .granted)])
+        // A packet buffer inside a page: still whole, page-aligned MAPs (a
+        // 0x5e8-byte MAP, as sent before, cannot be mmapped by VM2).
+        let buffer = ask(2, 4 * GiB + page + 0x100, 0x5e8)
+        let sub = b.request(buffer, owner: 3, space: space, canRaiseMisses: true, now: t0)
+        #expect(sub == [.sendMaps([whole], owner: 3), .answer(ids: [2], request: buffer, owner: 3, .granted)])
+        // Across two mappings: each whole, once.
+        _ = try space.update(bus: BusAddress(4 * GiB + 2 * page), length: page, source: user(Fixture.highUser), permission: .read, regions: f.table)
+        let across = ask(3, 4 * GiB + page + 0x800, page)
+        guard case .sendMaps(let maps, _)? = b.request(across, owner: 3, space: space, canRaiseMisses: true, now: t0).first else {
+            Issue.record("no maps"); return
+        }
+        #expect(maps.map(\.bus) == [BusAddress(4 * GiB), BusAddress(4 * GiB + 2 * page)])
+        #expect(maps.allSatisfy { $0.bus.rawValue % page == 0 && $0.length % page == 0 })
     }
 
     @Test func policyRefusalsNameTheirRule() {

@@ -1,0 +1,140 @@
+import BridgeCore
+import BridgeDaemon
+import EmulatedGuests
+import Foundation
+import LinuxIO
+import Testing
+import TestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An emulated guest as its own process (`vhost-pci-guest`, built by
+/// `swift build`), so it can be SIGKILLed like a crashing VMM.
+final class GuestProcess {
+    let process = Process()
+
+    static var executable: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent(".build/debug/vhost-pci-guest").path
+    }
+
+    init(_ arguments: [String]) throws {
+        process.executableURL = URL(fileURLWithPath: Self.executable)
+        process.arguments = arguments
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+    }
+
+    /// Foundation's Process keeps a monitoring thread and its fds (run loop,
+    /// socketpair) from the first child on: start one before a test takes
+    /// its fd baseline, so only the daemon's fds are counted.
+    static func warmUp() throws {
+        let p = try GuestProcess(["--help"])
+        p.process.waitUntilExit()
+    }
+
+    func killHard() {
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+    }
+
+    deinit { killHard() }
+}
+
+extension Integration {
+    /// Faults, each checked for what a daemon guarding memory owes: no crash,
+    /// no leaked fd, no stale mapping (in the daemon's window and in VM2's),
+    /// and another bridge in the same daemon moving packets throughout.
+    @Suite struct Faults {
+        /// VM1's VMM dies (SIGKILL) with packets in flight: the session ends,
+        /// every fd it brought is closed, its memory is gone from both
+        /// windows, and the bridge takes the next VM1.
+        @Test func vm1KilledMidTraffic() throws {
+            try withTwoGuests("fault-bystander-1", mode: .identity) { _, bystanderVM1, _ in
+                let running = try RunningBridge("fault-vm1", mode: .identity)
+                defer { running.stop() }
+                let vm2 = try connectVM2(running)
+                defer { vm2.stop() }
+                #expect(pollUntil { vm2.statistics.ready })
+                try GuestProcess.warmUp()
+                #expect(try bystanderVM1.runTraffic(count: 10, sizes: [64]).completed)
+                let before = settledOpenFileDescriptorCount()
+                let vm1 = try GuestProcess(["vm1", "--socket-path", running.path, "--count", "10000000", "--sizes", "64,1500"])
+                #expect(pollUntil { vm2.statistics.packetsReceived >= 2000 }, "\(vm2.statistics)")
+                #expect(vm2.window?.probeInChild(BusAddress(0x10_0000)) == .accessible, "VM1's RAM is in VM2's BAR while VM1 lives")
+                vm1.killHard()
+                running.waitForSessions(1)
+                #expect(settledOpenFileDescriptorCount() == before, "the session's fds are all closed: \(fdTargets())")
+                #expect(running.bridge.window.probeInChild(BusAddress(0x10_0000)) == .faulted)
+                #expect(pollUntil { vm2.statistics.bytesMapped == 0 })
+                #expect(vm2.window?.probeInChild(BusAddress(0x10_0000)) == .faulted, "revoked from VM2 too")
+                #expect(try bystanderVM1.runTraffic(count: 100, sizes: [64, 1500]).completed, "the other bridge kept going")
+                // And the bridge serves the next VM1.
+                let next = try EmulatedVM1(socketPath: running.path)
+                defer { next.disconnect() }
+                try next.start()
+                #expect(try next.runTraffic(count: 50, sizes: [256]).completed)
+            }
+        }
+
+        /// VM2's VMM dies (SIGKILL) with packets in flight: the daemon drops
+        /// it, VM1 stays connected, a new VM2 resumes the rings where the
+        /// dead one completed them, and nothing leaks.
+        @Test func vm2KilledMidTraffic() throws {
+            try withTwoGuests("fault-bystander-2", mode: .iommu) { _, bystanderVM1, _ in
+                let running = try RunningBridge("fault-vm2", mode: .iommu)
+                defer { running.stop() }
+                try GuestProcess.warmUp()
+                // The bystander makes its lazy fds (a read-only reopening of
+                // its VM1's memory, made on the first read grant) before the baseline.
+                #expect(try bystanderVM1.runTraffic(count: 10, sizes: [64]).completed)
+                let before = settledOpenFileDescriptorCount()
+                let beforeTargets = fdTargets()
+                let vm2 = try GuestProcess(["vm2", "--peer-socket", running.peerPath, "--duration", "120"])
+                #expect(pollUntil { running.bridge.statistics.peer.ready })
+                weak var released: EmulatedVM1?
+                do {
+                    let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
+                    released = vm1
+                    try vm1.start()
+                    var killed = false
+                    let first = try vm1.runTraffic(count: 100_000, sizes: [64, 1500], idleLimit: 20, progress: { progress in
+                        if !killed, progress.received >= 300 { vm2.killHard(); killed = true }
+                    })
+                    #expect(killed && !first.completed, "\(first)")
+                    #expect(pollUntil { !running.bridge.statistics.peer.connected })
+                    #expect(try bystanderVM1.runTraffic(count: 100, sizes: [64]).completed, "the other bridge kept going")
+                    let again = try connectVM2(running)
+                    // The new VM2 resumes where the dead one completed: what was in
+                    // flight arrives too (received > sent), then traffic is exact.
+                    let second = try vm1.runTraffic(count: 200, sizes: [64, 1500])
+                    #expect(second.received >= 200 && second.corrupt == 0, "\(second); VM2 \(again.statistics)")
+                    let third = try vm1.runTraffic(count: 100, sizes: [64, 1500])
+                    #expect(third.completed && third.corrupt == 0, "\(third)")
+                    #expect(again.statistics.descriptorsRefused == 0 && again.statistics.lastError == nil, "\(again.statistics)")
+                    again.stop()
+                    vm1.disconnect()
+                    running.waitForSessions(1)
+                }
+                #expect(released == nil, "VM1 (and its RAM memfd) was freed")
+                #expect(pollUntil { !running.bridge.statistics.peer.connected })
+                #expect(settledOpenFileDescriptorCount() == before, "nothing of either VM2 or the session is left: \(fdTargets()) vs \(beforeTargets)")
+                #expect(running.bridge.window.probeInChild(BusAddress(vm1Config(iommu: true).dmaWindow.base.rawValue)) == .faulted)
+            }
+        }
+    }
+}
+
+/// What this process's fds point at (for messages when a count is off).
+func fdTargets() -> [String: Int] {
+    var out: [String: Int] = [:]
+    for name in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? [] {
+        let target = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(name)")) ?? "?"
+        let kind = target.hasPrefix("socket:") ? "socket" : target.hasPrefix("pipe:") ? "pipe" : target.hasPrefix("anon_inode:") ? target : target
+        out[kind, default: 0] += 1
+    }
+    return out
+}
+

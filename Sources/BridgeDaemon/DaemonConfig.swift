@@ -93,8 +93,8 @@ public struct DaemonConfig: Equatable, Sendable {
         guard budget >= 0 else { throw ConfigError(at, "the file has more than \(maximumNodes) YAML nodes") }
         guard depth < maximumDepth else { throw ConfigError(at, "nested deeper than \(maximumDepth) levels") }
         switch node {
-        case .scalar:
-            return node.any
+        case .scalar(let scalar):
+            return plainScalar(scalar)
         case .alias:
             throw ConfigError(at, "YAML aliases are not supported")
         case .sequence(let items):
@@ -110,6 +110,33 @@ public struct DaemonConfig: Equatable, Sendable {
                 out[k.string] = try plain(value, path: child, depth: depth + 1, budget: &budget)
             }
             return out
+        }
+    }
+
+    /// A scalar as the config reads it: Int, Bool, Double or String, parsed
+    /// here — Yams' own constructors trap on some YAML 1.1 forms (a
+    /// sexagesimal integer such as `3333333333333333333:3` overflows; found by
+    /// fuzz-config). What does not parse stays a string, and the key's own
+    /// check then says what it expected.
+    static func plainScalar(_ scalar: Node.Scalar) -> Any {
+        let text = scalar.string
+        switch Tag.Name(rawValue: scalar.tag.rawValue) {
+        case .int:
+            let digits = text.replacingOccurrences(of: "_", with: "")
+            if let v = Int(digits) { return v }
+            if digits.hasPrefix("0x"), let v = Int(digits.dropFirst(2), radix: 16) { return v }
+            if digits.hasPrefix("0o"), let v = Int(digits.dropFirst(2), radix: 8) { return v }
+            return text
+        case .bool:
+            switch text.lowercased() {
+            case "true", "yes", "on", "y": return true
+            case "false", "no", "off", "n": return false
+            default: return text
+            }
+        case .float:
+            return Double(text) ?? text
+        default:
+            return text
         }
     }
 

@@ -106,6 +106,8 @@ func configError(_ text: String) -> ConfigError? {
         ("vm2-budgets: {v: none}", "vm2-budgets.v: 'none' is not a size"),
         // Found by fuzz-config: Yams' load traps on a mapping used as a key.
         ("{{}}", "(file): a mapping key is not a plain name"),
+        // Also fuzz-config: Yams' sexagesimal integers overflow (a trap); here a string.
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    busy-poll-us: 3333333333333333333:3", "bridges[0].busy-poll-us: '3333333333333333333:3' is not a whole number"),
         ("bridges:\n  - {[a]: 1}", "bridges[0]: a mapping key is not a plain name"),
         ("log-level: info\nlog-level: debug", "(file): not valid YAML: Parser: expected all keys to be unique"),
         (String(repeating: "[", count: 40) + String(repeating: "]", count: 40), "[0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0]: nested deeper than 32 levels"),

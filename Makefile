@@ -10,7 +10,7 @@ APT_PACKAGES := liburing-dev
 # and a Linux guest built from Debian's kernel and busybox with gcc).
 INTEROP_PACKAGES := dpdk-dev qemu-system-x86 gcc libc6-dev
 
-.PHONY: all deps interop-deps build release test interop demo bench install uninstall clean fuzz fuzz-build fuzz-seeds test-asan test-tsan
+.PHONY: all deps interop-deps build release test interop demo bench install uninstall clean fuzz fuzz-build fuzz-seeds test-asan test-tsan soak
 
 all: build
 
@@ -63,6 +63,15 @@ test-tsan: deps
 	$(SWIFT) build --build-tests --build-path .build-tsan --sanitize=thread
 	TSAN_OPTIONS=halt_on_error=1:suppressions=$(CURDIR)/sanitizers/tsan.supp \
 	  $(SWIFT) test --skip-build --build-path .build-tsan --sanitize=thread --disable-xctest --no-parallel --skip InteropTests
+
+# The release daemon under churn for DURATION seconds (traffic with IOTLB
+# churn, VM1/VM2 reconnects, control queries), sampled every second; fails on
+# unbounded growth of RSS, fds or mappings, or on leftovers (docs/testing.md).
+DURATION ?= 600
+soak: deps
+	$(SWIFT) build -c release --product vhost-pci-bridged
+	$(SWIFT) build -c release --product vhost-pci-bench
+	.build/release/vhost-pci-bench soak --seconds $(DURATION)
 
 # Coverage-guided fuzzing (libFuzzer + AddressSanitizer), docs/testing.md.
 FUZZ_TARGETS := vhost-user peer address-space config control

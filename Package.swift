@@ -116,7 +116,7 @@ let package = Package(
         .executableTarget(
             name: "vhost-pci-bench",
             dependencies: [
-                "BridgeCore", "BridgeDaemon", "LinuxIO", "EmulatedGuests", "VhostUser", "DeviceEngine",
+                "BridgeCore", "BridgeDaemon", "LinuxIO", "EmulatedGuests", "VhostUser", "DeviceEngine", "ControlClient",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),

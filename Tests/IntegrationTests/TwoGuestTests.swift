@@ -88,6 +88,36 @@ extension Integration {
             }
         }
 
+        /// An IOTLB update that lowers a mapping's permission (RW → RO) takes
+        /// write access away: it is a revocation, acknowledged by VM2 before
+        /// VM1 is. With a VM2 that applies it, VM2's BAR refuses writes right
+        /// after VM1's ack; with one that never acks, VM2 is disconnected at
+        /// the deadline — while a plain grant never waits.
+        @Test(arguments: [true, false])
+        func loweringAPermissionIsARevocation(vm2Acks: Bool) throws {
+            var config = VM2Configuration()
+            config.acknowledges = vm2Acks
+            try withTwoGuests("lower-\(vm2Acks)", mode: .iommu, revocationDeadline: 50, vm1: vm1Config(iommu: true), vm2: config) { running, vm1, vm2 in
+                let iommu = try #require(vm1.iommu)
+                let iova = try iommu.map(GuestPhysicalAddress(0xa0_0000), length: 4096, permission: .readWrite, eager: true)
+                #expect(pollUntil { vm2.window?.probeInChild(iova, write: true) == .accessible })
+                #expect(running.bridge.statistics.peer.revocationTimeouts == 0, "a grant does not wait for VM2")
+                // The same IOVA again, read-only.
+                try vm1.frontend.send(.iotlb(IOTLBMessage(iova: iova.rawValue, size: 4096,
+                                                          userAddress: vm1.ram.userAddress(of: GuestPhysicalAddress(0xa0_0000)).rawValue,
+                                                          permission: .read, type: .update)), ack: true)
+                #expect(running.bridge.window.probeInChild(iova, write: true) == .faulted)
+                if vm2Acks {
+                    #expect(vm2.window?.probeInChild(iova, write: true) == .faulted, "VM2 lost write access before VM1's ack")
+                    #expect(vm2.window?.probeInChild(iova) == .accessible, "and kept read access")
+                    #expect(running.bridge.statistics.peer.revocationTimeouts == 0)
+                } else {
+                    #expect(running.bridge.statistics.peer.revocationTimeouts == 1, "the downgrade waited for VM2")
+                    #expect(pollUntil { vm2.isFinished }, "VM2 must be disconnected")
+                }
+            }
+        }
+
         @Test func aVM2ThatNeverAcksIsDisconnectedAndVM1StillCompletes() throws {
             var config = VM2Configuration()
             config.acknowledges = false

@@ -41,3 +41,10 @@ func finishChild(_ p: Process, _ stdin: Pipe) {
     if p.isRunning { p.terminate() }
     p.waitUntilExit()
 }
+
+/// A `KiB` field of /proc/PID/status (VmRSS, RssAnon…); -1 when missing.
+func procStatusKiB(_ pid: Int32, _ field: String) -> Int {
+    let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+    return status.split(separator: "\n").first { $0.hasPrefix(field) }
+        .flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") } ?? -1
+}

@@ -28,17 +28,12 @@ struct ScaleBench: ParsableCommand {
     struct Sample: Codable { var rssKiB: Int; var rssAnonKiB: Int; var vmas: Int }
 
     static func sample(_ pid: Int32) -> Sample {
-        let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
-        func kib(_ field: String) -> Int {
-            status.split(separator: "\n").first { $0.hasPrefix(field) }
-                .flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") } ?? -1
-        }
         // /proc files read whole only by reading to EOF (String(contentsOfFile:) stops early).
         let maps = FileHandle(forReadingAtPath: "/proc/\(pid)/maps").map { h in
             defer { try? h.close() }
             return h.readDataToEndOfFile().reduce(0) { $0 + ($1 == 10 ? 1 : 0) }
         } ?? -1
-        return Sample(rssKiB: kib("VmRSS:"), rssAnonKiB: kib("RssAnon:"), vmas: maps)
+        return Sample(rssKiB: procStatusKiB(pid, "VmRSS:"), rssAnonKiB: procStatusKiB(pid, "RssAnon:"), vmas: maps)
     }
 
     struct Result: Codable {

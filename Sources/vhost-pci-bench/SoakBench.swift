@@ -27,11 +27,7 @@ struct SoakBench: ParsableCommand {
 
     struct Sample: Codable { var t: Int; var rssKiB: Int; var fds: Int; var mappings: Int; var packets: Int }
 
-    static func rssKiB(_ pid: Int32) -> Int {
-        let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
-        return status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") }
-            .flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") } ?? -1
-    }
+    static func rssKiB(_ pid: Int32) -> Int { procStatusKiB(pid, "VmRSS:") }
 
     static func fdCount(_ pid: Int32) -> Int {
         ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []).count

@@ -2,6 +2,7 @@ import BridgeDaemon
 import Foundation
 import LinuxIO
 import Testing
+import TestSupport
 
 /// A fake systemd: a datagram socket that records what is sent to NOTIFY_SOCKET.
 final class FakeNotifySocket {
@@ -91,5 +92,48 @@ final class FakeNotifySocket {
         let plain = JournalLogHandler(label: "vhost-pci-bridged", journald: false)
         let text = plain.line(level: .info, message: "ready", metadata: nil, date: Date(timeIntervalSince1970: 0))
         #expect(text == "1970-01-01T00:00:00Z info vhost-pci-bridged: ready\n")
+    }
+
+    static var daemonBinary: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent(".build/debug/vhost-pci-bridged").path
+    }
+
+    /// The back-end program conventions: `--print-capabilities` prints one
+    /// JSON object naming the device type and exits 0, without a socket.
+    @Test func printCapabilitiesIsOneJSONObject() throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Self.daemonBinary)
+        p.arguments = ["--print-capabilities"]
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        p.waitUntilExit()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        let object = try JSONSerialization.jsonObject(with: data) as? [String: Any]
+        #expect(p.terminationStatus == 0)
+        #expect(object?["type"] as? String == "net")
+        #expect(object?["features"] is [Any])
+    }
+
+    /// SIGINT (Ctrl-C by hand) stops the daemon like SIGTERM: exit 0, its
+    /// sockets removed.
+    @Test func sigintStopsTheDaemonCleanly() throws {
+        let dir = "/tmp/vpb-int-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = "\(dir)/config.yaml"
+        try "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\nbridges:\n  - name: i\n    bar-size: 1G\n"
+            .write(toFile: config, atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Self.daemonBinary)
+        p.arguments = ["--config", config, "--log-level", "error"]
+        try p.run()
+        defer { if p.isRunning { p.terminate() }; p.waitUntilExit() }
+        #expect(pollUntil { FileManager.default.fileExists(atPath: "\(dir)/i-vm1.sock") })
+        kill(p.processIdentifier, SIGINT)
+        p.waitUntilExit()
+        #expect(p.terminationReason == .exit && p.terminationStatus == 0)
+        #expect(!FileManager.default.fileExists(atPath: "\(dir)/i-vm1.sock") && !FileManager.default.fileExists(atPath: "\(dir)/control.sock"))
     }
 }

@@ -139,6 +139,39 @@ extension Integration {
             }
         }
 
+        /// ACKs are cumulative: a VM2 that acknowledges only UNMAPs (each
+        /// with its own, higher sequence) also acknowledges every MAP before
+        /// it; no revocation waits for a MAP's ACK, none times out.
+        @Test func acksAreCumulative() throws {
+            let running = try RunningBridge("cumulative", mode: .iommu, revocationDeadline: 2000)
+            defer { running.stop() }
+            let raw = try RawVM2(running.peerPath)
+            #expect(try raw.greet() != nil)
+            let unmapsAcked = Locked(0)
+            let reader = try JoinableThread(name: "raw-vm2") {
+                while let message = try? raw.receive() {
+                    if case .unmap(let u) = message {
+                        try? raw.send(.ack(u.sequence))
+                        unmapsAcked.withLock { $0 += 1 }
+                    }
+                }
+            }
+            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
+            try vm1.start()
+            let iommu = try #require(vm1.iommu)
+            for i in 0..<20 {
+                let iova = try iommu.map(GuestPhysicalAddress(0x80_0000 + UInt64(i) * 4096), length: 4096, permission: .readWrite, eager: true)
+                try iommu.unmap(iova) // waits for VM2's ACK of this UNMAP, which covers the MAP before it
+            }
+            let s = running.bridge.statistics.peer
+            #expect(s.revocationTimeouts == 0 && s.connected)
+            #expect(unmapsAcked.withLock { $0 } == 20 && s.acks == 20, "one ACK per UNMAP, none for the MAPs: \(s.acks)")
+            #expect(s.mapsSent >= 20)
+            vm1.disconnect()
+            raw.socket.shutdown() // the reader sees EOF
+            reader.join()
+        }
+
         @Test func anOversizeHeaderIsRefusedBeforeItsPayloadIsRead() throws {
             try attack("h-oversize") { running in
                 let raw = try RawVM2(running.peerPath)

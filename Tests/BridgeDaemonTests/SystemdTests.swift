@@ -1,4 +1,5 @@
 import BridgeDaemon
+import ControlClient
 import Foundation
 import LinuxIO
 import Testing
@@ -135,5 +136,34 @@ final class FakeNotifySocket {
         p.waitUntilExit()
         #expect(p.terminationReason == .exit && p.terminationStatus == 0)
         #expect(!FileManager.default.fileExists(atPath: "\(dir)/i-vm1.sock") && !FileManager.default.fileExists(atPath: "\(dir)/control.sock"))
+    }
+
+    /// A reload with a broken config file — including the two texts that
+    /// crashed the daemon inside Yams before (found by fuzz-config) — is
+    /// refused and reported, by SIGHUP and by `reload` on the control socket;
+    /// the daemon keeps running its old bridges.
+    @Test func aBrokenConfigOnReloadKeepsTheRunningOne() throws {
+        let dir = "/tmp/vpb-badreload-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = "\(dir)/config.yaml"
+        try "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\nbridges:\n  - name: keep\n    bar-size: 1G\n"
+            .write(toFile: config, atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Self.daemonBinary)
+        p.arguments = ["--config", config, "--log-level", "critical"]
+        try p.run()
+        defer { if p.isRunning { p.terminate() }; p.waitUntilExit() }
+        #expect(pollUntil { FileManager.default.fileExists(atPath: "\(dir)/control.sock") })
+        for broken in ["{{}}", "bridges:\n  - name: x\n    bar-size: 1G\n    busy-poll-us: 3333333333333333333:3\n", "bridges: [", "log-level: loud\n"] {
+            try broken.write(toFile: config, atomically: true, encoding: .utf8)
+            kill(p.processIdentifier, SIGHUP)
+            let answer = try ControlClient(path: "\(dir)/control.sock").call(["command": "reload"])
+            #expect(answer["ok"] as? Bool == false)
+            #expect((answer["error"] as? [String: Any])?["code"] as? String == "invalid-config", "\(answer)")
+            #expect(p.isRunning, "the daemon survived \(broken.debugDescription)")
+            let list = try ControlClient(path: "\(dir)/control.sock").call(["command": "list"])
+            #expect("\(list)".contains("keep"), "the running bridge stays")
+        }
     }
 }

@@ -277,10 +277,15 @@ public final class Bridge: Sendable {
 
     /// Stops accepting, ends the active session (revoking everything from the
     /// window and VM2) and VM2's connection. Safe from any thread.
+    ///
+    /// VM2's connection is left to the bridge thread: it ends the session
+    /// first — every mapping revoked from VM2 with UNMAPs, whose ACKs the peer
+    /// thread must still read — and stops the peer server after. (Stopping
+    /// it here disconnected VM2 before the revocations were sent; found by
+    /// the SIGTERM fault test.)
     public func stop() {
         state.withLock { $0.stopping = true }
         _ = try? stopSignal.signal()
         listener?.shutdown()
-        peerServer?.stop()
     }
 }

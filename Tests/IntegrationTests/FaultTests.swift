@@ -43,6 +43,44 @@ final class GuestProcess {
     deinit { killHard() }
 }
 
+/// The daemon binary (built by `swift build`) with a config of one bridge.
+final class DaemonProcess {
+    let process = Process()
+    let dir: String
+    var vm1Path: String { "\(dir)/f-vm1.sock" }
+    var vm2Path: String { "\(dir)/f-vm2.sock" }
+
+    init(dir: String, mode: String) throws {
+        self.dir = dir
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\nlog-level: critical\nbridges:\n  - name: f\n    bar-size: 64G\n    mode: \(mode)\n    revocation-deadline-ms: 2000\n"
+            .write(toFile: "\(dir)/config.yaml", atomically: true, encoding: .utf8)
+        process.executableURL = URL(fileURLWithPath: URL(fileURLWithPath: GuestProcess.executable).deletingLastPathComponent()
+            .appendingPathComponent("vhost-pci-bridged").path)
+        process.arguments = ["--config", "\(dir)/config.yaml"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        // Listening, not just present: a killed daemon leaves its socket files.
+        let control = "\(dir)/control.sock"
+        let listening = pollUntil { Self.accepts(control) }
+        #expect(listening)
+    }
+
+    static func accepts(_ path: String) -> Bool {
+        guard let s = try? UnixSocket.connect(path: path) else { return false }
+        try? s.fd.close()
+        return true
+    }
+
+    func signal(_ s: Int32) {
+        if process.isRunning { kill(process.processIdentifier, s) }
+        process.waitUntilExit()
+    }
+
+    deinit { signal(SIGKILL) }
+}
+
 extension Integration {
     /// Faults, each checked for what a daemon guarding memory owes: no crash,
     /// no leaked fd, no stale mapping (in the daemon's window and in VM2's),
@@ -77,6 +115,67 @@ extension Integration {
                 try next.start()
                 #expect(try next.runTraffic(count: 50, sizes: [256]).completed)
             }
+        }
+
+        /// SIGTERM during traffic: the daemon revokes everything from VM2
+        /// (UNMAPs, acknowledged) before it exits, and removes its sockets.
+        @Test func daemonSIGTERMDuringTrafficUnmapsVM2First() throws {
+            let dir = "/tmp/vpb-fault-term-\(getpid())"
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let daemon = try DaemonProcess(dir: dir, mode: "iommu")
+            let vm2 = try EmulatedVM2(peerSocketPath: daemon.vm2Path)
+            defer { vm2.stop() }
+            let vm1 = try EmulatedVM1(socketPath: daemon.vm1Path, configuration: vm1Config(iommu: true))
+            defer { vm1.disconnect() }
+            try vm1.start()
+            #expect(try vm1.runTraffic(count: 200, sizes: [64, 1500]).completed)
+            #expect(vm2.statistics.bytesMapped > 0)
+            var terminated = false
+            _ = try? vm1.runTraffic(count: 100_000, sizes: [64, 1500], idleLimit: 10, progress: { _ in
+                if !terminated { daemon.signal(SIGTERM); terminated = true }
+            })
+            if !terminated { daemon.signal(SIGTERM) }
+            #expect(daemon.process.terminationStatus == 0)
+            #expect(pollUntil { vm2.isFinished })
+            #expect(vm2.statistics.bytesMapped == 0 && vm2.statistics.unmapsApplied > 0 && vm2.statistics.disconnectReason != nil,
+                    "everything was revoked from VM2 before the daemon left: \(vm2.statistics)")
+            #expect(!FileManager.default.fileExists(atPath: daemon.vm1Path) && !FileManager.default.fileExists(atPath: daemon.vm2Path))
+        }
+
+        /// SIGKILL (no cleanup at all), then a restart on the same sockets:
+        /// VM1 and VM2 reconnect as QEMU's `reconnect=` and a VM2 VMM would,
+        /// and traffic flows again; nothing of the first run stays in this
+        /// process (VM2's window is gone with its connection).
+        @Test func daemonSIGKILLAndRestartWithGuestsReconnecting() throws {
+            let dir = "/tmp/vpb-fault-kill-\(getpid())"
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            try GuestProcess.warmUp()
+            let before = settledOpenFileDescriptorCount()
+            do {
+                let first = try DaemonProcess(dir: dir, mode: "identity")
+                let vm2 = try EmulatedVM2(peerSocketPath: first.vm2Path)
+                let vm1 = try EmulatedVM1(socketPath: first.vm1Path)
+                try vm1.start()
+                #expect(try vm1.runTraffic(count: 100, sizes: [64, 1500]).completed)
+                first.signal(SIGKILL)
+                #expect(pollUntil { vm2.isFinished && vm2.window == nil }, "VM2 dropped its BAR with the connection")
+                vm1.disconnect()
+                vm2.stop()
+                #expect(FileManager.default.fileExists(atPath: first.vm1Path), "a killed daemon leaves its sockets")
+            }
+            do {
+                let second = try DaemonProcess(dir: dir, mode: "identity") // takes over the stale sockets
+                let vm2 = try EmulatedVM2(peerSocketPath: second.vm2Path)
+                defer { vm2.stop() }
+                let vm1 = try EmulatedVM1(socketPath: second.vm1Path)
+                defer { vm1.disconnect() }
+                try vm1.start()
+                #expect(try vm1.runTraffic(count: 200, sizes: [64, 1500, 9000]).completed)
+                #expect(vm2.statistics.descriptorsRefused == 0)
+                second.signal(SIGTERM)
+                #expect(second.process.terminationStatus == 0)
+            }
+            #expect(settledOpenFileDescriptorCount() == before, "\(fdTargets())")
         }
 
         /// VM2's VMM dies (SIGKILL) with packets in flight: the daemon drops

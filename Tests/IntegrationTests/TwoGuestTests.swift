@@ -118,6 +118,29 @@ extension Integration {
             }
         }
 
+        /// A write-only IOTLB grant (how a driver maps an RX buffer): VM2 may
+        /// write it, never read it. The MMU cannot express write-only, so the
+        /// checks do: the daemon refuses a read translation, and VM2's device
+        /// refuses a TX chain that points at it (reading a buffer it may only
+        /// write), while RX traffic into write-only buffers flows.
+        @Test func aWriteOnlyGrantIsWrittenNeverRead() throws {
+            try withTwoGuests("wo", mode: .iommu, vm1: vm1Config(iommu: true)) { running, vm1, vm2 in
+                let iommu = try #require(vm1.iommu)
+                let iova = try iommu.map(GuestPhysicalAddress(0xb0_0000), length: 4096, permission: .write, eager: true)
+                let read = vm2.translate(barOffset: iova.rawValue, length: 64, access: .read)
+                #expect(read?.status == .refused, "\(String(describing: read))")
+                #expect(vm2.translate(barOffset: iova.rawValue, length: 64, access: .write)?.status == .granted)
+                // A TX descriptor naming the write-only buffer: refused by the device.
+                let refusedBefore = vm2.statistics.descriptorsRefused
+                vm1.queues[1].add([.init(address: iova.rawValue, length: 64, deviceWritable: false)])
+                try vm1.queues[1].kick.signal()
+                #expect(pollUntil { vm2.statistics.descriptorsRefused > refusedBefore }, "\(vm2.statistics.refusalReasons)")
+                #expect(vm2.statistics.packetsVerified == 0)
+                // RX buffers are write-only grants too: echoes into them work.
+                #expect(try vm1.runTraffic(count: 20, sizes: [64, 1500]).completed)
+            }
+        }
+
         @Test func aVM2ThatNeverAcksIsDisconnectedAndVM1StillCompletes() throws {
             var config = VM2Configuration()
             config.acknowledges = false

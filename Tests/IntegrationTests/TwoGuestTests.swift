@@ -67,6 +67,31 @@ extension Integration {
         @Test func passthroughNotificationsMoveTheSameTraffic() throws { try zeroCopyRun(mode: .identity, notifications: .passthrough) }
         @Test func sqpollRelayMovesTheSameTraffic() throws { try zeroCopyRun(mode: .identity, notifications: .relaySQPoll) }
 
+        /// Passthrough hands VM1's own eventfds to VM2: a VM2 that reconnects
+        /// gets them again (the daemon keeps its copies), and kicks and calls
+        /// work with each new VM2; no fd of a departed VM2 is left.
+        @Test func passthroughFdsReachEveryReconnectingVM2() throws {
+            let running = try RunningBridge("pt-reconnect", mode: .identity, notifications: .passthrough)
+            defer { running.stop() }
+            let vm1 = try EmulatedVM1(socketPath: running.path)
+            defer { vm1.disconnect() }
+            try vm1.start()
+            let first = try connectVM2(running)
+            #expect(try vm1.runTraffic(count: 30, sizes: [64, 1500]).completed)
+            first.stop()
+            #expect(pollUntil { !running.bridge.statistics.peer.connected })
+            let before = settledOpenFileDescriptorCount()
+            for round in 0..<3 {
+                let vm2 = try connectVM2(running)
+                let r = try vm1.runTraffic(count: 30, sizes: [64, 1500])
+                #expect(r.completed, "round \(round): \(r)")
+                #expect(vm2.statistics.kicksReceived > 0 && vm2.statistics.notificationsSent > 0, "VM1's own eventfds, round \(round)")
+                vm2.stop()
+                #expect(pollUntil { !running.bridge.statistics.peer.connected })
+            }
+            #expect(settledOpenFileDescriptorCount() == before, "each VM2's copies of VM1's eventfds were closed")
+        }
+
         @Test func lazyIOTLBThroughTranslationRequests() throws {
             // QEMU-like VM1: no eager updates; VM2 asks, the daemon raises misses, VM1 answers.
             try zeroCopyRun(mode: .iommu, eager: false, count: 40)

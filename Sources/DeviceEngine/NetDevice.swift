@@ -66,8 +66,6 @@ public struct NetDevice {
         for i in queues.indices { queues[i] = nil }
     }
 
-    public var queueIndices: [Int] { queues.indices.filter { queues[$0] != nil } }
-
     /// After a translation for the chain a queue stopped on was refused.
     public mutating func refuseNextFault(on index: Int) {
         guard index >= 0, index < queues.count else { return }
@@ -180,14 +178,6 @@ public struct NetDevice {
         queues[index] = q
         counters[index] = c
         return result.map { ($0.0, call: $0.1) }
-    }
-
-    /// Whether queue `index` has chains waiting (false when it cannot say).
-    public mutating func hasPending(_ index: Int) -> Bool {
-        guard index >= 0, index < queues.count, var q = queues[index] else { return false }
-        let n = memory.burst { a in (try? q.pending(&a).get()) ?? 0 } ?? 0
-        queues[index] = q
-        return n > 0
     }
 
     /// Polling starts: drivers need not kick any queue.

@@ -46,6 +46,16 @@ public struct Segments {
         return copied
     }
 
+    /// `body` with the whole chain as one buffer: in place for a single
+    /// buffer, gathered into a copy for a chain of several.
+    public func withContiguousBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        if parts.count == 1, let only = parts.first { return try body(UnsafeRawBufferPointer(only)) }
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(totalLength)
+        for part in parts { bytes.append(contentsOf: part) }
+        return try bytes.withUnsafeBytes(body)
+    }
+
     /// The first `count` bytes, gathered into `buffer` when they span parts
     /// (the Ethernet and IP headers of a chain); returns how many were there.
     public func prefix(_ count: Int, into buffer: UnsafeMutableRawBufferPointer) -> Int {

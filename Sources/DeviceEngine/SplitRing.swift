@@ -31,16 +31,18 @@ public struct SplitRing: Equatable, Sendable {
     public var availEvent: UInt64 { used + 4 + 8 * UInt64(size) }
 
     /// Bytes of the descriptor table, the avail ring and the used ring (each
-    /// with its trailing event field when `eventIndex`).
-    public var descriptorTableBytes: UInt64 { Descriptor.size * UInt64(size) }
-    public func availBytes(eventIndex: Bool) -> UInt64 { 4 + 2 * UInt64(size) + (eventIndex ? 2 : 0) }
-    public func usedBytes(eventIndex: Bool) -> UInt64 { 4 + 8 * UInt64(size) + (eventIndex ? 2 : 0) }
+    /// with its trailing event field only when `eventIndex`): `VringLayout`'s
+    /// sizes, which always count the event fields.
+    public var descriptorTableBytes: UInt64 { VringLayout.descriptorTableSize(size) }
+    public func availBytes(eventIndex: Bool) -> UInt64 { VringLayout.availRingSize(size) - (eventIndex ? 0 : 2) }
+    public func usedBytes(eventIndex: Bool) -> UInt64 { VringLayout.usedRingSize(size) - (eventIndex ? 0 : 2) }
 
     /// Why this ring cannot be served at all (virtio 1.x §2.7: a power-of-two
     /// size up to 32768, descriptors 16-byte, avail 2-byte and used 4-byte
     /// aligned, nothing wrapping); nil when it can.
     public func defect(eventIndex: Bool) -> String? {
-        guard size >= 1, size <= 32768, size.nonzeroBitCount == 1 else { return "queue size \(size) is not a power of two in 1...32768" }
+        let maximum = VringLayout.maximumQueueSize
+        guard size >= 1, size <= maximum, size.nonzeroBitCount == 1 else { return "queue size \(size) is not a power of two in 1...\(maximum)" }
         guard desc % 16 == 0, avail % 2 == 0, used % 4 == 0 else { return "ring addresses are misaligned" }
         guard desc <= UInt64.max - descriptorTableBytes, avail <= UInt64.max - availBytes(eventIndex: eventIndex),
               used <= UInt64.max - usedBytes(eventIndex: eventIndex) else { return "ring addresses wrap" }

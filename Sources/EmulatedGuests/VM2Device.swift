@@ -82,33 +82,22 @@ extension VM2DeviceThread {
     /// A frame VM1 transmitted, read in place: verified, and copied for the
     /// echo (the test mode's one copy; the other modes copy nothing).
     private func verify(_ frame: borrowing Segments, echoTo rx: Int?) {
-        let verdict: TestPacket.Verdict, plausible: Bool
-        if frame.parts.count == 1, let only = frame.parts.first {
-            let payload = UnsafeRawBufferPointer(rebasing: only[VirtioNetHeader.size...])
-            (verdict, plausible) = (TestPacket.verify(payload), EthernetCheck.isPlausible(payload))
-            if let rx, case .valid = verdict { queueEcho(Array(only), to: rx) }
-        } else {
-            var bytes: [UInt8] = []
-            bytes.reserveCapacity(frame.totalLength)
-            for part in frame.parts { bytes.append(contentsOf: part) }
-            let payload = Array(bytes.dropFirst(VirtioNetHeader.size))
-            verdict = TestPacket.verify(payload)
-            plausible = payload.withUnsafeBytes { EthernetCheck.isPlausible($0) }
-            if let rx, case .valid = verdict { queueEcho(bytes, to: rx) }
-        }
-        switch verdict {
-        case .valid: counters.verified += 1
-        case .corrupt: counters.corrupt += 1
-        case .notATestPacket:
-            if plausible { counters.framesValid += 1 } else { counters.framesInvalid += 1 }
-            // The Linux guest's datagrams are checked byte by byte.
-            let intact: Bool? = frame.parts.count == 1
-                ? GuestDatagram.verify(UnsafeRawBufferPointer(rebasing: frame.parts[0][VirtioNetHeader.size...]))
-                : Array(frame.parts.joined().dropFirst(VirtioNetHeader.size)).withUnsafeBytes { GuestDatagram.verify($0) }
-            switch intact {
-            case true?: counters.verified += 1
-            case false?: counters.corrupt += 1
-            case nil: break
+        frame.withContiguousBytes { whole in
+            let payload = UnsafeRawBufferPointer(rebasing: whole[VirtioNetHeader.size...])
+            switch TestPacket.verify(payload) {
+            case .valid:
+                counters.verified += 1
+                if let rx { queueEcho(Array(whole), to: rx) }
+            case .corrupt:
+                counters.corrupt += 1
+            case .notATestPacket:
+                if EthernetCheck.isPlausible(payload) { counters.framesValid += 1 } else { counters.framesInvalid += 1 }
+                // The Linux guest's datagrams are checked byte by byte.
+                switch GuestDatagram.verify(payload) {
+                case true?: counters.verified += 1
+                case false?: counters.corrupt += 1
+                case nil: break
+                }
             }
         }
     }

@@ -16,8 +16,6 @@ public struct PollSet: ~Copyable {
         for fd in fds { entries.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0)) }
     }
 
-    public var count: Int { entries.count }
-
     /// Waits up to `timeoutMilliseconds` (0: just look, -1: forever); returns
     /// how many fds are ready. EINTR counts as nothing ready.
     public mutating func wait(timeoutMilliseconds: Int32) throws(SystemCallError) -> Int {

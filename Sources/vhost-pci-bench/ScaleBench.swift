@@ -57,12 +57,8 @@ struct ScaleBench: ParsableCommand {
             yaml += "    bar-size: \(barSize)\n    mode: iommu\n    max-mappings: \(i == 0 ? mappings + 1000 : 1024)\n"
         }
         try yaml.write(toFile: "\(dir)/config.yaml", atomically: true, encoding: .utf8)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: daemon)
-        p.arguments = ["--config", "\(dir)/config.yaml"]
-        p.standardError = FileHandle(forWritingAtPath: "/dev/null")
         let clock = ContinuousClock(), t0 = clock.now
-        try p.run()
+        let (p, _) = try launchChild(daemon, ["--config", "\(dir)/config.yaml"], log: "\(dir)/daemon-\(count).log")
         let sockets = (0..<count).map { "\(dir)/b\($0)-vm1.sock" } + ["\(dir)/control.sock"]
         while !sockets.allSatisfy({ FileManager.default.fileExists(atPath: $0) }) {
             guard p.isRunning, t0.duration(to: clock.now) < .seconds(60) else { throw ValidationError("the daemon did not start") }

@@ -228,18 +228,6 @@ extension Integration {
     }
 }
 
-/// What this process's fds point at (for messages when a count is off).
-func fdTargets() -> [String: Int] {
-    var out: [String: Int] = [:]
-    for name in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? [] {
-        let target = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(name)")) ?? "?"
-        let kind = target.hasPrefix("socket:") ? "socket" : target.hasPrefix("pipe:") ? "pipe" : target.hasPrefix("anon_inode:") ? target : target
-        out[kind, default: 0] += 1
-    }
-    return out
-}
-
-
 /// This process's fds: number → what it points at.
 func openFileDescriptorTable() -> [String: String] {
     var out: [String: String] = [:]

@@ -228,11 +228,14 @@ extension Integration {
     }
 }
 
-/// This process's fds: number → what it points at.
+/// This process's fds: number → what it points at. An entry whose link
+/// cannot be read was closed while the directory was read: the listing's own
+/// directory fd always is, and it takes whatever number is lowest free, so
+/// counting it would report a "new" fd whenever an fd below it closed.
 func openFileDescriptorTable() -> [String: String] {
     var out: [String: String] = [:]
     for name in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? [] {
-        out[name] = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(name)")) ?? "?"
+        if let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(name)") { out[name] = target }
     }
     return out
 }

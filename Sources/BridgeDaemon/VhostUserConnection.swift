@@ -86,7 +86,7 @@ final class VhostUserConnection {
 
         let request: FrontendRequest
         do throws(VhostUserError) {
-            if message.fdsTruncated { throw VhostUserError.fdCount(code, got: UnixSocket.defaultMaximumFDs + 1, rule: .none) }
+            if message.fdsTruncated { throw VhostUserError.fdsLost(code) }
             request = try VhostUserCodec.decode(code, payload: message.payload, fdCount: message.fds.count)
         } catch {
             session.noteUndecodable(code, error)

@@ -410,3 +410,19 @@ unsigned int shim_uring_reap(shim_uring *r, uint64_t *user_data,
     io_uring_cq_advance(&r->ring, n);
     return n;
 }
+
+// prlimit(2) needs _GNU_SOURCE, so it does not import: RLIMIT_NOFILE of
+// another process, soft and hard read and written as plain integers.
+#include <sys/resource.h>
+int shim_prlimit_nofile(int pid, unsigned long long *soft, unsigned long long *hard, int set) {
+    struct rlimit old, new_;
+    if (prlimit(pid, RLIMIT_NOFILE, NULL, &old) != 0) return -1;
+    if (set) {
+        new_.rlim_cur = *soft;
+        new_.rlim_max = old.rlim_max;
+        if (prlimit(pid, RLIMIT_NOFILE, &new_, NULL) != 0) return -1;
+    }
+    *soft = old.rlim_cur;
+    *hard = old.rlim_max;
+    return 0;
+}

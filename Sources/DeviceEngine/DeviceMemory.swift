@@ -49,11 +49,15 @@ public struct DeviceMemory {
     }
 
     /// Forgets `[bus, bus+length)` first (from here on the device refuses
-    /// it), then revokes it in the BAR. Never refused.
+    /// it), then revokes it in the BAR. Never refused: if the kernel could
+    /// only revoke the whole window (`vm.max_map_count`), every grant is
+    /// forgotten with it, and later accesses fault as refused chains.
     public mutating func unmap(bus: UInt64, length: UInt64) {
         let (end, overflow) = bus.addingReportingOverflow(length)
         grants.revoke(bus, overflow ? UInt64.max : end)
-        try? window?.revoke(bus: BusAddress(bus), length: length)
+        do { try window?.revoke(bus: BusAddress(bus), length: length) } catch {
+            if case .revokedWholeWindow = error { grants = GrantTable(barSize: grants.barSize, generation: grants.generation &+ 1) }
+        }
     }
 
     /// Runs `body` with checked access to the BAR; nil before the BAR exists.

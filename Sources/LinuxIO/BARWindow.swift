@@ -12,6 +12,10 @@ public enum BARWindowError: Error, Equatable, Sendable, CustomStringConvertible 
     case misaligned(BusAddress, length: UInt64, hostPageSize: UInt64)
     case noFileForRegion(RegionID)
     case system(SystemCallError)
+    /// Revoking part of the window needed a VMA split the kernel refused
+    /// (`vm.max_map_count` reached): the whole window was revoked instead.
+    /// Every grant is gone; the caller must drop them all from its model.
+    case revokedWholeWindow(SystemCallError)
 
     public var description: String {
         switch self {
@@ -22,6 +26,8 @@ public enum BARWindowError: Error, Equatable, Sendable, CustomStringConvertible 
             "\(bus)+\(Hex(length)) is not aligned to the host page size \(page)"
         case .noFileForRegion(let id): "no file descriptor is known for \(id)"
         case .system(let e): e.description
+        case .revokedWholeWindow(let e):
+            "\(e) (a revocation may not fail: the whole BAR window was revoked instead, every grant is gone)"
         }
     }
 }
@@ -106,11 +112,20 @@ public final class BARWindow: SharedMemory, Sendable {
         }
     }
 
+    /// A revocation may not fail. Revoking part of a mapping splits a VMA,
+    /// which the kernel refuses at `vm.max_map_count` (ENOMEM); replacing
+    /// the whole window needs no split (it covers whole VMAs and leaves one),
+    /// so that is the fallback: less access than asked, never more. If even
+    /// that fails, mprotect the whole window PROT_NONE; if that fails too the
+    /// process exits, and the kernel drops every mapping with it.
     private func lockedRevoke(_ bus: BusAddress, _ length: UInt64) throws(BARWindowError) {
         let address = try check(bus, length)
-        guard shim_revoke(address, Int(length)) == address else {
-            throw .system(.current("mmap(revoke \(bus)+\(Hex(length)))"))
+        guard shim_revoke(address, Int(length)) != address else { return }
+        let failure = SystemCallError.current("mmap(revoke \(bus)+\(Hex(length)))")
+        if shim_revoke(baseAddress, Int(size)) != baseAddress, mprotect(baseAddress, Int(size), shim_prot_none()) != 0 {
+            fatalError("vhost-pci-bridged: \(failure), and the whole BAR window could not be revoked either: exiting so the kernel revokes it")
         }
+        throw .revokedWholeWindow(failure)
     }
 
     /// Shows `[fdOffset, fdOffset+length)` of `fd` at BAR offset `bus`.
@@ -149,7 +164,12 @@ public final class BARWindow: SharedMemory, Sendable {
                     count += 1
                 }
             } catch {
-                for op in plan.operations { try? lockedRevoke(op.bus, op.length) }
+                if case .revokedWholeWindow = error { throw error }
+                for op in plan.operations {
+                    do throws(BARWindowError) { try lockedRevoke(op.bus, op.length) } catch {
+                        if case .revokedWholeWindow = error { throw error } // nothing is left to revoke
+                    }
+                }
                 throw error
             }
         }

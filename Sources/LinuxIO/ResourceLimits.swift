@@ -1,3 +1,4 @@
+import CLinuxShim
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -41,6 +42,18 @@ public enum ResourceLimits {
         var limit = try openFilesLimit()
         limit.rlim_cur = rlim_t(min(soft, UInt64(limit.rlim_max)))
         try setOpenFilesLimit(limit)
+    }
+
+    /// Sets another process's soft RLIMIT_NOFILE (prlimit(2)); returns the
+    /// soft limit it had. Fault tests lower a running daemon's limit to see
+    /// sessions refused cleanly, then put it back.
+    @discardableResult
+    public static func setOpenFilesSoftLimit(_ soft: UInt64, process pid: Int32) throws(SystemCallError) -> UInt64 {
+        var current: UInt64 = 0, hard: UInt64 = 0
+        guard shim_prlimit_nofile(pid, &current, &hard, 0) == 0 else { throw .current("prlimit(\(pid), RLIMIT_NOFILE)") }
+        var wanted = min(soft, hard)
+        guard shim_prlimit_nofile(pid, &wanted, &hard, 1) == 0 else { throw .current("prlimit(\(pid), RLIMIT_NOFILE, \(soft))") }
+        return current
     }
 
     /// `vm.max_map_count`: how many VMAs the kernel lets this process have

@@ -210,6 +210,9 @@ public enum VhostUserError: Error, Equatable, Sendable, CustomStringConvertible 
     case payloadTooLarge(RequestCode, size: UInt32, maximum: Int)
     case payloadSize(RequestCode, size: Int, expected: String)
     case fdCount(RequestCode, got: Int, rule: FDRule)
+    /// The kernel dropped the message's fds (MSG_CTRUNC): more were sent
+    /// than a message may carry, or the receiver is out of file descriptors.
+    case fdsLost(RequestCode)
     case tooManyRegions(count: UInt32, maximum: Int)
     case vringFileFlags(RequestCode, raw: UInt64)
     case iotlbType(UInt8)
@@ -224,7 +227,7 @@ public enum VhostUserError: Error, Equatable, Sendable, CustomStringConvertible 
         case .badVersion, .unknownFlags, .unexpectedReplyFlag: "header-flags"
         case .unknownRequest: "unknown-request"
         case .payloadTooLarge, .payloadSize, .configSize: "payload-size"
-        case .fdCount: "fd-count"
+        case .fdCount, .fdsLost: "fd-count"
         case .tooManyRegions: "memory-slots"
         case .vringFileFlags: "vring-file-flags"
         case .iotlbType: "iotlb-type"
@@ -244,6 +247,7 @@ public enum VhostUserError: Error, Equatable, Sendable, CustomStringConvertible 
         case .payloadTooLarge(let code, let size, let max): "\(code) payload of \(size) bytes exceeds its maximum of \(max)"
         case .payloadSize(let code, let size, let expected): "\(code) payload of \(size) bytes, expected \(expected)"
         case .fdCount(let code, let got, let rule): "\(code) came with \(got) fd(s); it takes \(rule)"
+        case .fdsLost(let code): "\(code)'s fds did not arrive: more than \(VhostUserCodec.maxMemTableRegions) were sent, or this process is out of file descriptors (RLIMIT_NOFILE)"
         case .tooManyRegions(let count, let max): "memory table has \(count) regions; at most \(max)"
         case .vringFileFlags(let code, let raw): "\(code) payload \(Hex(raw)) sets bits other than the index (0-7) and no-fd (8)"
         case .iotlbType(let t): "IOTLB message type \(t) is not 1-4"

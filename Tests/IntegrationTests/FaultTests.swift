@@ -180,6 +180,67 @@ extension Integration {
             #expect(pollUntil { fdsOpenedSince(before).isEmpty }, "\(fdsOpenedSince(before))")
         }
 
+        /// The daemon's RLIMIT_NOFILE lowered (prlimit) while VM1 sessions
+        /// connect: each is refused when its fds cannot arrive (MSG_CTRUNC),
+        /// with the reason, nothing of it is left open, VM2 stays connected,
+        /// and once the limit is back a session runs traffic.
+        @Test func openFileLimitLoweredWhileSessionsConnect() throws {
+            let dir = "/tmp/vpb-fault-nofile-\(getpid())"
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let daemon = try DaemonProcess(dir: dir, mode: "identity")
+            let pid = daemon.process.processIdentifier
+            let vm2 = try EmulatedVM2(peerSocketPath: daemon.vm2Path)
+            defer { vm2.stop() }
+            #expect(pollUntil { vm2.window != nil })
+            let idle = settledFDCount(of: pid)
+            let original = try ResourceLimits.setOpenFilesSoftLimit(UInt64(idle + 3), process: pid)
+            var refused = 0
+            for _ in 0..<3 {
+                let vm1 = try EmulatedVM1(socketPath: daemon.vm1Path)
+                do { try vm1.start() } catch { refused += 1 }
+                vm1.disconnect()
+                #expect(pollUntil { fdCount(of: pid) == idle }, "the refused session left fds open in the daemon")
+            }
+            #expect(refused == 3, "a session cannot start with 3 fds to spare")
+            #expect(daemon.process.isRunning && vm2.window != nil, "the daemon and VM2 survived")
+            try ResourceLimits.setOpenFilesSoftLimit(original, process: pid)
+            do {
+                let vm1 = try EmulatedVM1(socketPath: daemon.vm1Path)
+                try vm1.start()
+                #expect(try vm1.runTraffic(count: 100, sizes: [64, 1500]).completed)
+                vm1.disconnect()
+            }
+            #expect(pollUntil { fdCount(of: pid) == idle })
+            daemon.signal(SIGTERM)
+            #expect(daemon.process.terminationStatus == 0)
+        }
+
+        /// `vm.max_map_count` reached, in a process of its own (the filler
+        /// takes every VMA it may have): a grant is refused and shows nothing,
+        /// a partial revocation (which needs a VMA split the kernel refuses)
+        /// revokes the whole window instead of failing, and once VMAs are free
+        /// again grants work.
+        @Test func mapCountLimitRefusesGrantsButNeverARevocation() throws {
+            let output = Pipe()
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: GuestProcess.executable)
+            process.arguments = ["map-limit"]
+            process.standardOutput = output
+            process.standardError = FileHandle.nullDevice
+            try process.run()
+            let data = output.fileHandleForReading.readDataToEndOfFile()
+            process.waitUntilExit()
+            try #require(process.terminationStatus == 0, "\(String(decoding: data, as: UTF8.self))")
+            let report = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+            #expect((report["vmasFilled"] as? Int ?? 0) > 1000, "the filler reached the limit by splitting: \(report)")
+            #expect((report["grantAtLimit"] as? String)?.contains("Cannot allocate memory") == true, "\(report)")
+            #expect(report["grantAtLimitFaults"] as? Bool == true)
+            #expect(report["partialRevokeAtLimit"] as? String == "whole window")
+            #expect(report["pagesAfterRevoke"] as? [String] == ["faulted", "faulted", "faulted"], "nothing of the partly revoked grant stays visible")
+            #expect(report["grantAfterRelease"] as? String == "granted")
+            #expect(report["readAfterRelease"] as? Bool == true)
+        }
+
         /// VM2's VMM dies (SIGKILL) with packets in flight: the daemon drops
         /// it, VM1 stays connected, a new VM2 resumes the rings where the
         /// dead one completed them, and nothing leaks.
@@ -226,6 +287,23 @@ extension Integration {
             }
         }
     }
+}
+
+/// How many fds process `pid` has open.
+func fdCount(of pid: Int32) -> Int {
+    ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []).count
+}
+
+/// `fdCount(of:)` once two readings 50 ms apart agree (bounded).
+func settledFDCount(of pid: Int32) -> Int {
+    var last = fdCount(of: pid)
+    for _ in 0..<100 {
+        usleep(50_000)
+        let now = fdCount(of: pid)
+        if now == last { return now }
+        last = now
+    }
+    return last
 }
 
 /// This process's fds: number → what it points at. An entry whose link

@@ -121,6 +121,8 @@ void *shim_map_fixed_shared(void *addr, size_t len, int prot, int fd, off_t offs
 /// Replaces [addr, addr+len) with a fresh PROT_NONE anonymous NORESERVE
 /// mapping (MADV_DONTDUMP).
 void *shim_revoke(void *addr, size_t len);
+/// RLIMIT_NOFILE of process `pid` (prlimit): reads soft/hard; with `set`, first sets the soft limit to *soft. 0 or -1 (errno).
+int shim_prlimit_nofile(int pid, unsigned long long *soft, unsigned long long *hard, int set);
 int shim_prot_none(void);
 int shim_prot_read(void);
 int shim_prot_write(void);

@@ -100,6 +100,7 @@ let package = Package(
         .executableTarget(
             name: "vhost-pci-bridgectl",
             dependencies: [
+                "BridgeCore",
                 "ControlClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],

@@ -3,7 +3,8 @@
 # (kept between runs), seeds come from Fuzz/corpus/T, crashes to
 # .build-fuzz/crashes/. Prints executions per target; exits 1 if any target
 # found a crash, a leak or a broken invariant.
-#   sh Fuzz/run.sh SECONDS TARGET...     (FUZZ_RUNS=N: stop after N executions instead)
+#   sh Fuzz/run.sh SECONDS TARGET...     (FUZZ_RUNS=N: stop after N executions instead;
+#                                          FUZZ_ARGS: more libFuzzer flags, e.g. -max_len=1024)
 set -u
 seconds=$1; shift
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ for t in "$@"; do
   log=".build-fuzz/$t.log"
   limit="-max_total_time=$seconds"
   [ -n "${FUZZ_RUNS:-}" ] && limit="-runs=$FUZZ_RUNS"
-  SWIFT_BACKTRACE=enable=no ".build-fuzz/release/fuzz-$t" "$limit" -print_final_stats=1 \
+  SWIFT_BACKTRACE=enable=no ".build-fuzz/release/fuzz-$t" "$limit" ${FUZZ_ARGS:-} -print_final_stats=1 \
     -artifact_prefix=".build-fuzz/crashes/$t-" -rss_limit_mb=4096 ".build-fuzz/corpus/$t" "Fuzz/corpus/$t" > "$log" 2>&1
   rc=$?
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)

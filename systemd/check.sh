@@ -7,8 +7,8 @@ binary=${1:?usage: systemd/check.sh PATH-TO-vhost-pci-bridged}
 here=$(cd "$(dirname "$0")" && pwd)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-# verify checks that ExecStart exists: point it at the build.
-sed "s|/usr/local/bin/vhost-pci-bridged|$(cd "$(dirname "$binary")" && pwd)/$(basename "$binary")|" \
+# verify checks that ExecStart and ExecReload exist: point them at the build.
+sed "s|/usr/local/bin/|$(cd "$(dirname "$binary")" && pwd)/|g" \
     "$here/vhost-pci-bridged.service" > "$tmp/vhost-pci-bridged.service"
 out=$(systemd-analyze verify "$tmp/vhost-pci-bridged.service" 2>&1) || { echo "$out"; echo "systemd-analyze verify: FAILED"; exit 1; }
 if [ -n "$out" ]; then echo "$out"; echo "systemd-analyze verify: warnings (must be clean)"; exit 1; fi

@@ -168,6 +168,12 @@ public final class Bridge: Sendable {
         if let path = settings.peerSocketPath { SocketFile.remove(path) }
     }
 
+    /// Whether the bridge thread runs its loop: it answers a ping in `time`.
+    public func answers(within time: Duration) -> Bool {
+        if case .success = commands.call(.ping, deadline: .now.advanced(by: time)) ?? .failure(.timedOut) { return true }
+        return false
+    }
+
     /// Runs an operator command on the bridge thread and waits for its result.
     public func perform(_ command: BridgeCommand) -> Result<String, BridgeCommandError> {
         commands.call(command, deadline: .now.advanced(by: Self.commandDeadline)) ?? .failure(.timedOut)
@@ -175,6 +181,7 @@ public final class Bridge: Sendable {
 
     private func runCommands(_ connection: VhostUserConnection?) {
         for (ticket, command) in commands.take() {
+            if command == .ping { commands.answer(ticket, .success("alive")); continue }
             let result = connection.map { $0.perform(command) } ?? .failure(.noSession)
             if let connection { publish(connection) }
             commands.answer(ticket, result)

@@ -72,7 +72,9 @@ extension DaemonController {
             let all = bridgeNames.compactMap { try? bridge($0).statistics }
             return ["version": ControlProtocol.version, "uptimeSeconds": uptimeSeconds, "bridges": all.count,
                     "vm1Sessions": all.filter(\.activeSession).count, "vm2Connected": all.filter(\.peer.connected).count,
-                    "logLevel": config.logLevel.rawValue, "controlSocket": config.controlSocket, "pid": Int(getpid())] as [String: Any]
+                    "logLevel": config.logLevel.rawValue, "controlSocket": config.controlSocket, "pid": Int(getpid()),
+                    "createdBridges": createdBridgeNames, "stateFile": createdBridges?.path ?? "",
+                    "lastError": lastError ?? "", "buildVersion": BuildInfo.version] as [String: Any]
         case "list":
             return bridgeNames.compactMap { name -> [String: Any]? in
                 guard let c = bridgeConfig(name), let b = try? bridge(name) else { return nil }
@@ -106,8 +108,9 @@ extension DaemonController {
             do { b = try DaemonConfig.bridge(spec, key: "bridge", runtimeDirectory: config.runtimeDirectory) } catch {
                 throw ControlError("invalid", error.description)
             }
-            try createFromClient(b)
-            return ["created": b.name]
+            let json = (try? JSONSerialization.data(withJSONObject: spec, options: [.sortedKeys])).map { String(decoding: $0, as: UTF8.self) }
+            let kept = try createFromClient(b, spec: json)
+            return ["created": b.name, "persistent": kept] as [String: Any]
         case "destroy":
             let name = try string(r, "name")
             try destroy(name)
@@ -150,8 +153,7 @@ extension DaemonController {
         case "metrics":
             return ["text": metricsText()]
         case "reload":
-            let new = try reloadConfig().get()
-            let report = reload(new)
+            let report = try reload(from: reloadConfig).get()
             return ["added": report.added, "removed": report.removed, "needsRestart": report.needsRestart,
                     "failed": report.failed, "logLevel": report.logLevel] as [String: Any]
         case "log-level":
@@ -159,7 +161,7 @@ extension DaemonController {
             guard let level = Logger.Level(rawValue: text) else {
                 throw ControlError("bad-request", "'\(text)' is not one of trace, debug, info, notice, warning, error, critical")
             }
-            JournalLogHandler.level.withLock { $0 = level }
+            setLogLevel(level)
             return ["logLevel": level.rawValue]
         default:
             throw ControlError("unknown-command", "'\(command)' is not one of \(ControlProtocol.commands.joined(separator: ", "))")

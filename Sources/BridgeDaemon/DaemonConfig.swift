@@ -31,6 +31,10 @@ public struct BridgeConfig: Equatable, Sendable {
     public var vm1Access = PeerAccess()
     public var vm2Access = PeerAccess()
     public var vm2DeadlineAction: DeadlineAction = .disconnect
+    /// `--fd N`: serve this already connected vhost-user socket (one session,
+    /// then the daemon exits, the back-end convention) instead of listening
+    /// on `vhostUserSocket`, which then only names it in logs and `list`.
+    public var inheritedConnection: Int32?
 
     public init(name: String, vhostUserSocket: String, peerSocket: String?, vm2: String, addressSpace: AddressSpaceConfiguration) {
         self.name = name
@@ -41,7 +45,7 @@ public struct BridgeConfig: Equatable, Sendable {
     }
 
     public var settings: BridgeSettings {
-        var s = BridgeSettings(name: name, socketPath: vhostUserSocket, peerSocketPath: peerSocket,
+        var s = BridgeSettings(name: name, socketPath: inheritedConnection == nil ? vhostUserSocket : nil, peerSocketPath: peerSocket,
                                backend: BackendConfiguration(bridgeName: name, addressSpace: addressSpace,
                                                              deviceFeatures: deviceFeatures.rawValue, queuePairs: queuePairs),
                                revocationDeadlineMilliseconds: revocationDeadlineMilliseconds,
@@ -67,12 +71,15 @@ public struct DaemonConfig: Equatable, Sendable {
     /// Where bridges made with `create` may put their sockets, besides the
     /// runtime directory (the file's own bridges may use any path: root wrote it).
     public var socketDirectories: [String] = []
+    /// Where the state file of `create`d bridges lives (`CreatedBridges`);
+    /// under systemd `$STATE_DIRECTORY` is used when this is not set.
+    public var stateDirectory: String?
     public var bridges: [BridgeConfig] = []
 
     public init() {}
 
     static let topKeys: Set<String> = ["runtime-directory", "control-socket", "control-group", "control-mode", "log-level", "vm2-budgets",
-                                       "socket-directories", "bridges"]
+                                       "socket-directories", "state-directory", "bridges"]
     static let bridgeKeys: Set<String> = ["name", "vhost-user-socket", "peer-socket", "vm2", "bar-size", "mode", "static-windows",
                                           "dma-window", "notifications", "busy-poll-us", "revocation-deadline-ms", "max-mappings",
                                           "queue-pairs", "device-features", "client", "page-size", "max-pending-translations",
@@ -155,7 +162,10 @@ public struct DaemonConfig: Equatable, Sendable {
         guard let top = root as? [String: Any] else { throw ConfigError("(file)", "the top level must be a mapping of keys") }
         var config = DaemonConfig()
         for key in top.keys.sorted() where !topKeys.contains(key) { throw ConfigError(key, "unknown key") }
-        if let v = top["runtime-directory"] { config.runtimeDirectory = try path(v, "runtime-directory") }
+        if let v = top["runtime-directory"] {
+            config.runtimeDirectory = try path(v, "runtime-directory")
+            config.controlSocket = "\(config.runtimeDirectory)/control.sock" // unless named below
+        }
         if let v = top["control-socket"] { config.controlSocket = try path(v, "control-socket") }
         if let v = top["control-group"] {
             guard let g = scalar(v), !g.isEmpty else { throw ConfigError("control-group", "must be a group name or number") }
@@ -177,6 +187,7 @@ public struct DaemonConfig: Equatable, Sendable {
                 config.vm2Budgets[name] = size
             }
         }
+        if let v = top["state-directory"] { config.stateDirectory = try path(v, "state-directory") }
         if let v = top["socket-directories"] {
             guard let list = v as? [Any] else { throw ConfigError("socket-directories", "must be a list of absolute directories") }
             config.socketDirectories = try list.enumerated().map { i, d throws(ConfigError) in

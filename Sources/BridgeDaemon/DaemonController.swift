@@ -35,20 +35,54 @@ public final class DaemonController: Sendable {
         var config: DaemonConfig
         var bridges: [String: Entry] = [:]
         var order: [String] = []
+        /// Bridges made with `create`, in order: name and the request's
+        /// bridge object as JSON, exactly what the state file keeps.
+        var created: [CreatedBridges.Entry] = []
+        var lastError: String?
     }
     private let state: Locked<State>
     private let logger: Logger
+    /// Where `create`d bridges are kept across reloads and restarts; nil:
+    /// they live until the daemon exits.
+    public let createdBridges: CreatedBridges?
+    private let inheritedSessionEnded: @Sendable () -> Void
+    private let notify: @Sendable ([String]) -> Void
     public let startTime = ContinuousClock.now
     public static let protocolVersion = 1
 
-    public init(config: DaemonConfig, logger: Logger) {
+    /// `inheritedSessionEnded` runs when a bridge serving an inherited
+    /// connection (`--fd`) has finished its one session.
+    /// `notify` receives sd_notify lines (RELOADING=1, READY=1, STATUS=).
+    public init(config: DaemonConfig, logger: Logger, createdBridges: CreatedBridges? = nil,
+                inheritedSessionEnded: @escaping @Sendable () -> Void = {},
+                notify: @escaping @Sendable ([String]) -> Void = { _ in }) {
         state = Locked(State(config: config))
         self.logger = logger
+        self.createdBridges = createdBridges
+        self.inheritedSessionEnded = inheritedSessionEnded
+        self.notify = notify
         JournalLogHandler.level.withLock { $0 = config.logLevel }
     }
 
     public var config: DaemonConfig { state.withLock { $0.config } }
     public var bridgeNames: [String] { state.withLock { $0.order } }
+    /// Names of the bridges made with `create` (kept by reloads).
+    public var createdBridgeNames: [String] { state.withLock { $0.created.map(\.name) } }
+
+    /// The last thing that went wrong at daemon level (a bridge that did not
+    /// start, a refused reload or create), for STATUS= and `status`.
+    public var lastError: String? { state.withLock { $0.lastError } }
+
+    public func noteError(_ text: String) {
+        state.withLock { $0.lastError = text }
+        logger.error("\(text)")
+    }
+
+    /// The running log level (`log-level` changes it until the next reload).
+    public func setLogLevel(_ level: Logger.Level) {
+        JournalLogHandler.level.withLock { $0 = level }
+        state.withLock { $0.config.logLevel = level }
+    }
 
     /// Creates and starts every bridge of the config; returns the failures.
     @discardableResult
@@ -64,7 +98,14 @@ public final class DaemonController: Sendable {
         let bridge: Bridge
         do { bridge = try Bridge(b.settings, logger: logger) } catch { throw ControlError("bridge-failed", "\(error)") }
         let thread: JoinableThread
-        do { thread = try JoinableThread(name: "bridge-\(b.name)") { bridge.serve() } } catch {
+        let inherited = b.inheritedConnection.map { UnixSocket(adopting: OwnedFileDescriptor(adopting: $0), kind: .stream) }
+        let ended = inheritedSessionEnded
+        do {
+            thread = try JoinableThread(name: "bridge-\(b.name)") {
+                bridge.serve(connection: inherited)
+                if inherited != nil { ended() }
+            }
+        } catch {
             bridge.stop()
             throw ControlError("bridge-failed", "\(error)")
         }
@@ -88,8 +129,11 @@ public final class DaemonController: Sendable {
 
     /// `create` from a control client: its sockets must be inside the
     /// runtime directory or `socket-directories` (the config file, written by
-    /// root, may name any path).
-    public func createFromClient(_ b: BridgeConfig) throws(ControlError) {
+    /// root, may name any path). With a state file, `spec` (the request's
+    /// bridge object as JSON) is kept there, so the bridge survives reloads
+    /// and restarts until it is destroyed; returns whether it was kept.
+    @discardableResult
+    public func createFromClient(_ b: BridgeConfig, spec: String? = nil) throws(ControlError) -> Bool {
         let allowed = [config.runtimeDirectory] + config.socketDirectories
         for (key, path) in [("vhost-user-socket", b.vhostUserSocket), ("peer-socket", b.peerSocket)] {
             if let path, let reason = SocketPathPolicy.refusal(path, allowed: allowed) {
@@ -97,10 +141,53 @@ public final class DaemonController: Sendable {
             }
         }
         try create(b)
+        let entries = state.withLock { s -> [CreatedBridges.Entry] in
+            s.created.append(CreatedBridges.Entry(name: b.name, spec: spec ?? "{}"))
+            return s.created
+        }
+        guard let createdBridges, spec != nil else { return false }
+        do { try createdBridges.save(entries) } catch {
+            try? stop(b.name)
+            state.withLock { $0.created.removeAll { $0.name == b.name } }
+            throw ControlError("state", "bridge \(b.name) was not kept: \(error)")
+        }
+        return true
     }
 
-    /// `destroy`: ends the bridge's sessions (revoking everything from VM2) and frees its BAR.
+    /// At start: the bridges of the state file, each parsed like a `create`
+    /// request. Returns the failures (they stay in the file: the operator's
+    /// intent is not dropped because a socket path is busy once).
+    @discardableResult
+    public func startCreatedBridges() -> [String: String] {
+        guard let createdBridges else { return [:] }
+        let entries: [CreatedBridges.Entry]
+        do { entries = try createdBridges.load() } catch {
+            noteError("\(createdBridges.path): \(error)")
+            return [createdBridges.path: "\(error)"]
+        }
+        var failed: [String: String] = [:]
+        for entry in entries {
+            state.withLock { $0.created.append(entry) }
+            do {
+                let b = try createdBridges.bridge(entry, runtimeDirectory: config.runtimeDirectory)
+                try create(b)
+            } catch {
+                failed[entry.name] = "\(error)"
+                noteError("created bridge \(entry.name) did not start: \(error)")
+            }
+        }
+        return failed
+    }
+
+    /// `destroy`: ends the bridge's sessions (revoking everything from VM2)
+    /// and frees its BAR; a created bridge leaves the state file too.
     public func destroy(_ name: String) throws(ControlError) {
+        try stop(name)
+        forgetCreated(name)
+    }
+
+    /// Ends a bridge without touching the state file (shutdown, reload).
+    private func stop(_ name: String) throws(ControlError) {
         guard let entry = state.withLock({ s -> Entry? in
             guard let e = s.bridges.removeValue(forKey: name) else { return nil }
             s.order.removeAll { $0 == name }
@@ -109,7 +196,17 @@ public final class DaemonController: Sendable {
         }) else { throw ControlError("unknown-bridge", "no bridge named \(name)") }
         entry.bridge.stop()
         entry.thread.join()
-        logger.notice("bridge \(name) destroyed")
+        logger.notice("bridge \(name) stopped")
+    }
+
+    private func forgetCreated(_ name: String) {
+        let entries = state.withLock { s -> [CreatedBridges.Entry]? in
+            guard s.created.contains(where: { $0.name == name }) else { return nil }
+            s.created.removeAll { $0.name == name }
+            return s.created
+        }
+        guard let entries, let createdBridges else { return }
+        do { try createdBridges.save(entries) } catch { noteError("\(createdBridges.path): bridge \(name) is destroyed but still listed: \(error)") }
     }
 
     public func bridge(_ name: String) throws(ControlError) -> Bridge {
@@ -121,14 +218,46 @@ public final class DaemonController: Sendable {
 
     /// Applies a new config: new bridges start, missing ones stop, changed ones
     /// are reported (they need a restart), and the log level applies at once.
+    /// One line for systemd's STATUS= (and `status`): bridges, sessions and
+    /// the last error.
+    public var statusLine: String {
+        let all = bridgeNames.compactMap { try? bridge($0).statistics }
+        var line = "\(all.count) bridge(s), \(all.filter(\.activeSession).count) VM1 session(s), \(all.filter(\.peer.connected).count) VM2(s) connected"
+        if let e = lastError { line += "; last error: \(e)" }
+        return line
+    }
+
+    /// Names of the bridges whose thread did not answer a ping in `time`.
+    public func unresponsiveBridges(within time: Duration) -> [String] {
+        bridgeNames.filter { name in (try? bridge(name))?.answers(within: time) == false }
+    }
+
+    /// The one reload path, for SIGHUP and `reload`: re-reads the config
+    /// through `source` and applies it. systemd hears RELOADING=1 before and
+    /// READY=1 with the new STATUS= after; a refused reload changes nothing,
+    /// becomes the last error, and is returned as the failure.
+    public func reload(from source: () -> Result<DaemonConfig, ControlError>) -> Result<ReloadReport, ControlError> {
+        notify(["RELOADING=1", "STATUS=reloading"])
+        defer { notify(["READY=1", "STATUS=" + statusLine]) }
+        switch source() {
+        case .failure(let e):
+            noteError("reload refused, the running config stays: \(e.message)")
+            return .failure(e)
+        case .success(let new):
+            return .success(reload(new))
+        }
+    }
+
+    /// Bridges made with `create` are not the file's: a reload keeps them.
     public func reload(_ new: DaemonConfig) -> ReloadReport {
         let old = config
+        let created = Set(createdBridgeNames)
         JournalLogHandler.level.withLock { $0 = new.logLevel }
         var report = ReloadReport(logLevel: new.logLevel.rawValue)
         let oldByName = Dictionary(uniqueKeysWithValues: old.bridges.map { ($0.name, $0) })
         let newByName = Dictionary(uniqueKeysWithValues: new.bridges.map { ($0.name, $0) })
-        for name in old.bridges.map(\.name) where newByName[name] == nil {
-            try? destroy(name)
+        for name in old.bridges.map(\.name) where newByName[name] == nil && !created.contains(name) {
+            try? stop(name)
             report.removed.append(name)
         }
         state.withLock { s in
@@ -136,18 +265,23 @@ public final class DaemonController: Sendable {
             s.config.vm2Budgets = new.vm2Budgets
         }
         for b in new.bridges {
-            if let before = oldByName[b.name] {
+            if created.contains(b.name) {
+                report.failed[b.name] = "a bridge created at run time has this name; destroy it first"
+            } else if let before = oldByName[b.name] {
                 if before != b { report.needsRestart.append(b.name) }
             } else {
                 do { try create(b); report.added.append(b.name) } catch { report.failed[b.name] = error.message }
             }
         }
         logger.notice("reloaded: added \(report.added), removed \(report.removed), need a restart \(report.needsRestart)")
+        if !report.failed.isEmpty {
+            noteError("reload: " + report.failed.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value)" }.joined(separator: "; "))
+        }
         return report
     }
 
     public func stopAll() {
-        for name in bridgeNames.reversed() { try? destroy(name) }
+        for name in bridgeNames.reversed() { try? stop(name) }
     }
 
     public var uptimeSeconds: Double {

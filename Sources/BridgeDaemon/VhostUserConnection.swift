@@ -346,6 +346,8 @@ final class VhostUserConnection {
             if let error = session.freeze() { return .failure(.refused(error.description, rule: error.rule)) }
             logger.notice("address space frozen by the operator")
             return .success("frozen")
+        case .ping:
+            return .success("alive")
         }
         if let error = outcome.error {
             logger.warning("operator \(command) refused: \(error)")

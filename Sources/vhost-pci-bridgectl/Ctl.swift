@@ -1,4 +1,5 @@
 import ArgumentParser
+import BridgeCore
 import ControlClient
 import Foundation
 
@@ -10,6 +11,7 @@ struct Ctl: ParsableCommand {
         commandName: "vhost-pci-bridgectl",
         abstract: "Operate a running vhost-pci-bridged through its control socket.",
         discussion: "Exit status: 0 done, 1 the daemon refused the request, 2 the daemon could not be reached.",
+        version: BuildInfo.version,
         subcommands: [Status.self, List.self, Show.self, Create.self, Destroy.self, MapCmd.self, UnmapCmd.self, Freeze.self,
                       Stats.self, Metrics.self, Reload.self, LogLevel.self]
     )
@@ -22,8 +24,9 @@ struct Common: ParsableArguments {
     @Flag(help: "Print the daemon's JSON response instead of a table.")
     var json = false
 
-    /// Sends the request; prints errors; returns the result on success.
-    func call(_ request: [String: Any]) throws -> Any? {
+    /// Sends the request; prints errors; returns the result on success (with
+    /// --json, after printing the response, only when `evenWithJSON`).
+    func call(_ request: [String: Any], evenWithJSON: Bool = false) throws -> Any? {
         let response: [String: Any]
         do {
             let client = try ControlClient(path: socket)
@@ -40,7 +43,7 @@ struct Common: ParsableArguments {
             FileHandle.standardError.write(Data("vhost-pci-bridgectl: \(e?["code"] as? String ?? "error"): \(e?["message"] as? String ?? "refused")\n".utf8))
             throw ExitCode(1)
         }
-        return json ? nil : response["result"]
+        return json && !evenWithJSON ? nil : response["result"]
     }
 }
 
@@ -162,10 +165,19 @@ struct Metrics: ParsableCommand {
 }
 
 struct Reload: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Re-read the config file: add and remove bridges, apply the log level; report what needs a restart.")
+    static let configuration = CommandConfiguration(
+        abstract: "Re-read the config file: add and remove bridges, apply the log level; report what needs a restart.",
+        discussion: "Waits for the daemon to finish. Exits 1 when the daemon refused the file (it keeps running the old config) or a new bridge failed to start: the unit's ExecReload runs this, so 'systemctl reload' fails too."
+    )
     @OptionGroup var common: Common
     func run() throws {
-        if let r = try common.call(["command": "reload"]) as? [String: Any] { print(Render.keyValues(r), terminator: "") }
+        let r = try common.call(["command": "reload"], evenWithJSON: true) as? [String: Any]
+        if !common.json, let r { print(Render.keyValues(r), terminator: "") }
+        if let failed = r?["failed"] as? [String: Any], !failed.isEmpty {
+            let text = failed.keys.sorted().map { "\($0): \(failed[$0] ?? "")" }.joined(separator: "; ")
+            FileHandle.standardError.write(Data("vhost-pci-bridgectl: reload: not every bridge started: \(text)\n".utf8))
+            throw ExitCode(1)
+        }
     }
 }
 

@@ -17,28 +17,32 @@ struct Daemon: ParsableCommand {
         'vhost-pci-bridgectl reload' re-reads it; the control socket serves vhost-pci-bridgectl). Or run one bridge from flags, \
         like other vhost-user back ends: vhost-pci-bridged --socket-path VM1.sock --peer-socket VM2.sock --bar-size 64G --mode identity. \
         Flags override the file. SIGTERM or SIGINT stops cleanly (every mapping is revoked from VM2 first).
-        """
+        """,
+        version: BuildInfo.version
     )
 
     @Option(help: "YAML config file (see config/vhost-pci-bridged.yaml).")
     var config: String?
 
-    @Option(help: "Runtime directory (default sockets); overrides the config file.")
+    @Option(help: "Runtime directory (default sockets, the control socket); overrides the config file. With it a daemon started from flags serves a control socket there.")
     var runtimeDirectory: String?
 
-    @Option(help: "Control socket path; overrides the config file. Without --config there is none unless this is given.")
+    @Option(help: "Control socket path; overrides the config file. Without --config there is none unless this or --runtime-directory is given.")
     var controlSocket: String?
+
+    @Option(help: "Directory of the state file that keeps bridges made with 'vhost-pci-bridgectl create' across reloads and restarts (default: $STATE_DIRECTORY under systemd, else state-directory from the file; without either they last until the daemon exits).")
+    var stateDirectory: String?
 
     @Option(help: "Listen for the vhost-user front end (VM1's VMM) on this Unix socket path (one bridge from flags).")
     var socketPath: String?
 
-    @Option(help: "Serve the already connected vhost-user socket inherited as this fd (incompatible with --socket-path).")
+    @Option(help: "Serve the already connected vhost-user socket inherited as this fd, one session, then exit (the vhost-user back-end convention). Takes the same bridge flags as --socket-path.")
     var fd: Int32?
 
     @Flag(help: "Connect to --socket-path (created by the front end, e.g. QEMU server=on) instead of listening; reconnect when it drops.")
     var client = false
 
-    @Flag(help: "Print the back-end capabilities as JSON and exit.")
+    @Flag(help: "Print the back-end capabilities as JSON (QEMU's vhost-user.json convention) and exit.")
     var printCapabilities = false
 
     @Option(help: "Listen for VM2 (the vhost-pci device side, docs/peer-protocol.md) on this Unix socket path.")
@@ -59,23 +63,23 @@ struct Daemon: ParsableCommand {
     @Option(help: "DMA window BASE:LIMIT that VM1's IOMMU must allocate from (iommu/static modes).")
     var dmaWindow: String?
 
-    @Option(help: "Most live mappings in the BAR.")
-    var maxMappings: Int = AddressSpaceConfiguration.defaultMaxMappings
+    @Option(help: "Most live mappings in the BAR (default \(AddressSpaceConfiguration.defaultMaxMappings)).")
+    var maxMappings: Int?
 
-    @Option(help: "Queue pairs offered (GET_QUEUE_NUM), 1-128; above 1, MQ and CTRL_VQ are offered too (the front end serves the control queue).")
-    var queuePairs: Int = BackendConfiguration.defaultQueuePairs
+    @Option(help: "Queue pairs offered (GET_QUEUE_NUM), 1-128 (default \(BackendConfiguration.defaultQueuePairs)); above 1, MQ and CTRL_VQ are offered too (the front end serves the control queue).")
+    var queuePairs: Int?
 
     @Option(help: "Device features offered to VM1, comma-separated: event-idx, mrg-rxbuf (version-1 always). VM2 must declare it serves them, or its HELLO is refused. Default: event-idx,mrg-rxbuf.")
-    var deviceFeatures: String = "event-idx,mrg-rxbuf"
+    var deviceFeatures: String?
 
-    @Option(help: "Milliseconds VM2 has to acknowledge a revocation before it is disconnected.")
-    var revocationDeadline: Int = 100
+    @Option(help: "Milliseconds VM2 has to acknowledge a revocation before it is disconnected (default 100).")
+    var revocationDeadline: Int?
 
     @Option(help: "Vring notifications: relay (io_uring, default), relay-sqpoll, or passthrough (VM1's eventfds handed to VM2).")
-    var notifications: String = "relay"
+    var notifications: String?
 
-    @Option(name: .customLong("busy-poll-us"), help: "Relay modes: microseconds to spin reaping completions before sleeping (0-10000).")
-    var busyPollMicroseconds: Int = 0
+    @Option(name: .customLong("busy-poll-us"), help: "Relay modes: microseconds to spin reaping completions before sleeping (0-10000, default 0).")
+    var busyPollMicroseconds: Int?
 
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical (overrides the config file).")
     var logLevel: String?
@@ -85,24 +89,9 @@ struct Daemon: ParsableCommand {
         if socketPath != nil && fd != nil { throw ValidationError("--socket-path and --fd are incompatible") }
         if socketPath == nil && fd == nil && config == nil { throw ValidationError("give --config FILE, --socket-path PATH or --fd FDNUM") }
         if client && socketPath == nil { throw ValidationError("--client needs --socket-path") }
-        if BridgeMode(rawValue: mode) == nil { throw ValidationError("--mode: '\(mode)' is not identity, iommu or static") }
-        if parseByteSize(barSize) == nil { throw ValidationError("--bar-size: '\(barSize)' is not a size") }
+        if let fd, fd < 0 { throw ValidationError("--fd: \(fd) is not a file descriptor") }
         if let l = logLevel, Logger.Level(rawValue: l) == nil { throw ValidationError("--log-level: '\(l)' is not a level") }
-        if NotificationMode(rawValue: notifications) == nil { throw ValidationError("--notifications: '\(notifications)' is not relay, relay-sqpoll or passthrough") }
-        if busyPollMicroseconds < 0 || busyPollMicroseconds > 10_000 { throw ValidationError("--busy-poll-us: \(busyPollMicroseconds) is not in 0...10000") }
-        if queuePairs < 1 || queuePairs > BackendConfiguration.maximumQueuePairs {
-            throw ValidationError("--queue-pairs: \(queuePairs) is not in 1...\(BackendConfiguration.maximumQueuePairs)")
-        }
-        do {
-            _ = try DaemonConfig.deviceFeatures(commaSeparated: deviceFeatures, "--device-features")
-        } catch { throw ValidationError("\(error)") }
-        if revocationDeadline < 1 || revocationDeadline > 60_000 { throw ValidationError("--revocation-deadline: \(revocationDeadline) ms is not in 1...60000") }
-        for w in staticWindows where BusWindow(parsing: w) == nil {
-            throw ValidationError("--static-window: '\(w)' is not BASE:LIMIT with LIMIT > BASE")
-        }
-        if let w = dmaWindow, BusWindow(parsing: w) == nil {
-            throw ValidationError("--dma-window: '\(w)' is not BASE:LIMIT with LIMIT > BASE")
-        }
+        do { _ = try flagBridge() } catch { throw ValidationError(Self.flagMessage(error)) }
     }
 
     func fail(_ text: String) -> ExitCode {
@@ -110,46 +99,52 @@ struct Daemon: ParsableCommand {
         return ExitCode(1)
     }
 
-    func loadConfig() throws -> DaemonConfig {
+    /// The file's config, or the defaults without one.
+    func loadFile() throws -> DaemonConfig {
         guard let config else { return DaemonConfig() }
         let text: String
         do { text = try String(contentsOfFile: config, encoding: .utf8) } catch { throw fail("cannot read \(config): \(error.localizedDescription)") }
-        var parsed: DaemonConfig
-        do { parsed = try DaemonConfig.parse(text) } catch { throw fail("\(config): \(error)") }
-        if let d = runtimeDirectory {
-            // Bridges whose sockets were defaulted follow the new runtime directory.
-            for i in parsed.bridges.indices {
-                let n = parsed.bridges[i].name
-                if parsed.bridges[i].vhostUserSocket == "\(parsed.runtimeDirectory)/\(n)-vm1.sock" { parsed.bridges[i].vhostUserSocket = "\(d)/\(n)-vm1.sock" }
-                if parsed.bridges[i].peerSocket == "\(parsed.runtimeDirectory)/\(n)-vm2.sock" { parsed.bridges[i].peerSocket = "\(d)/\(n)-vm2.sock" }
-            }
-            if parsed.controlSocket == "\(parsed.runtimeDirectory)/control.sock" { parsed.controlSocket = "\(d)/control.sock" }
-            parsed.runtimeDirectory = d
-        }
-        if let c = controlSocket { parsed.controlSocket = c }
-        if let l = logLevel.flatMap(Logger.Level.init(rawValue:)) { parsed.logLevel = l }
-        return parsed
+        do { return try DaemonConfig.parse(text) } catch { throw fail("\(config): \(error)") }
     }
 
-    func flagBridge() -> BridgeConfig? {
-        guard let socketPath else { return nil }
-        let space = AddressSpaceConfiguration(
-            barSize: parseByteSize(barSize) ?? 0, mode: BridgeMode(rawValue: mode) ?? .identity,
-            dmaWindow: dmaWindow.flatMap { BusWindow(parsing: $0) },
-            staticWindows: staticWindows.compactMap { BusWindow(parsing: $0) }, maxMappings: maxMappings)
-        var b = BridgeConfig(name: name, vhostUserSocket: socketPath, peerSocket: peerSocket, vm2: name, addressSpace: space)
-        b.notifications = NotificationMode(rawValue: notifications) ?? .relay
-        b.busyPollMicroseconds = busyPollMicroseconds
-        b.revocationDeadlineMilliseconds = revocationDeadline
-        b.queuePairs = queuePairs
-        b.deviceFeatures = (try? DaemonConfig.deviceFeatures(commaSeparated: deviceFeatures, "--device-features")) ?? .defaultOffer
-        b.client = client
+    /// The bridge the flags describe, whatever its socket (--socket-path or
+    /// --fd): the flags become the same keys a config file's bridge has and
+    /// go through the same parser, so they are checked and defaulted alike.
+    func flagBridge() throws(ConfigError) -> BridgeConfig? {
+        let socket: String
+        if let fd { socket = "/dev/fd/\(fd)" } else if let socketPath { socket = socketPath } else { return nil }
+        var spec: [String: Any] = ["name": name, "vhost-user-socket": socket, "bar-size": barSize, "mode": mode, "client": client]
+        if let peerSocket { spec["peer-socket"] = peerSocket }
+        if !staticWindows.isEmpty { spec["static-windows"] = staticWindows }
+        if let dmaWindow { spec["dma-window"] = dmaWindow }
+        if let maxMappings { spec["max-mappings"] = String(maxMappings) }
+        if let queuePairs { spec["queue-pairs"] = String(queuePairs) }
+        if let deviceFeatures { spec["device-features"] = deviceFeatures }
+        if let revocationDeadline { spec["revocation-deadline-ms"] = String(revocationDeadline) }
+        if let notifications { spec["notifications"] = notifications }
+        if let busyPollMicroseconds { spec["busy-poll-us"] = String(busyPollMicroseconds) }
+        var b = try DaemonConfig.bridge(spec, key: Self.flagKey, runtimeDirectory: DaemonConfig().runtimeDirectory)
+        if peerSocket == nil { b.peerSocket = nil } // no VM2 socket unless asked for
+        b.inheritedConnection = fd
         return b
+    }
+
+    static let flagKey = "(flags)"
+    /// A config key as the flag that sets it.
+    static let flagNames = ["vhost-user-socket": "--socket-path", "static-windows": "--static-window",
+                            "revocation-deadline-ms": "--revocation-deadline"]
+
+    /// "(flags).bar-size: ..." as "--bar-size: ...".
+    static func flagMessage(_ error: ConfigError) -> String {
+        guard error.key.hasPrefix(flagKey + ".") else { return "\(error)" }
+        var key = String(error.key.dropFirst(flagKey.count + 1))
+        if let bracket = key.firstIndex(of: "[") { key = String(key[..<bracket]) }
+        return "\(flagNames[key] ?? "--" + key): \(error.reason)"
     }
 
     func run() throws {
         if printCapabilities {
-            print(#"{"type": "net", "features": []}"#)
+            print(Capabilities.json)
             return
         }
         // Before any thread starts: a peer's dead pipe or socket must fail a
@@ -157,59 +152,57 @@ struct Daemon: ParsableCommand {
         // several fds, so take the hard RLIMIT_NOFILE.
         Signals.ignoreBrokenPipe()
         _ = try? ResourceLimits.raiseOpenFiles()
-        var daemonConfig = try loadConfig()
-        if let b = flagBridge() {
-            do { try b.addressSpace.validate() } catch { throw fail("--bar-size/--mode/windows: \(error)") }
-            daemonConfig.bridges.append(b)
-            do { try daemonConfig.validate() } catch { throw fail("\(error)") }
-        }
+        let overrides: DaemonOverrides
+        do {
+            overrides = DaemonOverrides(runtimeDirectory: runtimeDirectory, controlSocket: controlSocket,
+                                        logLevel: logLevel.flatMap(Logger.Level.init(rawValue:)), bridge: try flagBridge())
+        } catch { throw fail(Self.flagMessage(error)) }
+        let daemonConfig: DaemonConfig
+        do { daemonConfig = try overrides.applied(to: try loadFile()) } catch let e as ConfigError { throw fail(Self.flagMessage(e)) }
         JournalLogHandler.level.withLock { $0 = daemonConfig.logLevel }
         LoggingSystem.bootstrap { label in JournalLogHandler(label: label) }
         let logger = Logger(label: "vhost-pci-bridged")
         let notifier = SystemdNotifier()
         Signals.block([SIGTERM, SIGINT, SIGHUP])
-        if config != nil || controlSocket != nil {
+        let servesControl = overrides.servesControlSocket(withConfigFile: config != nil)
+        if config != nil || runtimeDirectory != nil {
             try? FileManager.default.createDirectory(atPath: daemonConfig.runtimeDirectory, withIntermediateDirectories: true)
         }
-
-        // --fd: one session on an inherited socket, then exit (back-end convention).
-        if let fd {
-            guard let b = flagBridge() ?? Optional(BridgeConfig(name: name, vhostUserSocket: "/dev/null", peerSocket: peerSocket, vm2: name,
-                                                                 addressSpace: AddressSpaceConfiguration(barSize: parseByteSize(barSize) ?? 0, mode: BridgeMode(rawValue: mode) ?? .identity))) else { return }
-            var settings = b.settings
-            settings.socketPath = nil
-            let bridge: Bridge
-            do { bridge = try Bridge(settings, logger: logger) } catch { throw fail("\(error)") }
-            let socket = UnixSocket(adopting: OwnedFileDescriptor(adopting: fd), kind: .stream)
-            let server = try JoinableThread(name: "bridge") { bridge.serve(connection: socket); kill(getpid(), SIGTERM) }
-            notifier.notify("READY=1", "STATUS=serving fd \(fd)")
-            _ = Signals.wait(for: [SIGTERM, SIGINT])
-            notifier.notify("STOPPING=1")
-            bridge.stop()
-            server.join()
-            return
+        if servesControl {
+            try? FileManager.default.createDirectory(atPath: (daemonConfig.controlSocket as NSString).deletingLastPathComponent,
+                                                     withIntermediateDirectories: true)
         }
-
-        let controller = DaemonController(config: daemonConfig, logger: logger)
+        let environment = ProcessInfo.processInfo.environment
+        let stateDir = stateDirectory ?? environment["STATE_DIRECTORY"].flatMap { $0.split(separator: ":").first.map(String.init) }
+            ?? daemonConfig.stateDirectory
+        let controller = DaemonController(config: daemonConfig, logger: logger, createdBridges: stateDir.map(CreatedBridges.init),
+                                          inheritedSessionEnded: { kill(getpid(), SIGTERM) },
+                                          notify: { lines in _ = lines.isEmpty ? false : notifier.notify(lines.joined(separator: "\n")) })
+        // Every bridge of the file and the flags starts, or the daemon does
+        // not: a config that cannot be carried out is refused whole, as a
+        // reload is. Created bridges are the operator's: one that cannot come
+        // back is reported (STATUS=, `status`) and the others run.
         let failures = controller.startConfiguredBridges()
-        for (bridge, reason) in failures.sorted(by: { $0.key < $1.key }) { logger.error("bridge \(bridge) did not start: \(reason)") }
-        if !daemonConfig.bridges.isEmpty && failures.count == daemonConfig.bridges.count {
+        if !failures.isEmpty {
+            let text = failures.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value)" }.joined(separator: "; ")
+            notifier.notify("STATUS=not started: \(text)")
             controller.stopAll()
-            throw fail("no bridge could start")
+            throw fail("not every bridge could start, so none runs: \(text)")
         }
+        controller.startCreatedBridges()
         let configPath = config
-        let reload: @Sendable () -> Result<DaemonConfig, ControlError> = {
+        let reloadSource: @Sendable () -> Result<DaemonConfig, ControlError> = {
             guard let configPath else { return .failure(ControlError("no-config", "the daemon was not started with --config")) }
             do {
-                return .success(try DaemonConfig.parse(try String(contentsOfFile: configPath, encoding: .utf8)))
+                return .success(try overrides.applied(to: try DaemonConfig.parse(try String(contentsOfFile: configPath, encoding: .utf8))))
             } catch let e as ConfigError {
-                return .failure(ControlError("invalid-config", "\(configPath): \(e)"))
+                return .failure(ControlError("invalid-config", "\(configPath): \(Self.flagMessage(e))"))
             } catch {
                 return .failure(ControlError("invalid-config", "\(configPath): \(error.localizedDescription)"))
             }
         }
         var control: ControlServer?
-        if config != nil || controlSocket != nil {
+        if servesControl {
             let group = daemonConfig.controlGroup.flatMap { SocketPermissions.groupID(named: $0) }
             if daemonConfig.controlGroup != nil && group == nil { logger.warning("control-group \(daemonConfig.controlGroup ?? ""): no such group; root only") }
             // The unit makes the runtime directory root:root 0750: the control
@@ -221,25 +214,32 @@ struct Daemon: ParsableCommand {
             }
             do {
                 control = try ControlServer(path: daemonConfig.controlSocket, mode: daemonConfig.controlMode, group: group,
-                                            controller: controller, logger: logger, reloadConfig: reload)
+                                            controller: controller, logger: logger, reloadConfig: reloadSource)
             } catch {
                 controller.stopAll()
                 throw fail("control socket \(daemonConfig.controlSocket): \(error)")
             }
         }
-        let status = { "STATUS=\(controller.bridgeNames.count) bridge(s): \(controller.bridgeNames.joined(separator: ", "))" }
-        notifier.notify("READY=1", status())
-        logger.notice("ready: \(controller.bridgeNames.count) bridge(s)\(control.map { ", control socket \($0.path)" } ?? "")")
+        notifier.notify("READY=1", "STATUS=" + controller.statusLine)
+        logger.notice("ready (\(BuildInfo.version)): \(controller.bridgeNames.count) bridge(s)\(control.map { ", control socket \($0.path)" } ?? "")")
 
-        // Watchdog keep-alive at half the interval systemd asked for.
+        // Under systemd: STATUS= kept current, and the watchdog pinged only
+        // while every bridge thread answers.
         let running = Atomic<Bool>(true)
-        let stopWatchdog = try EventFD()
-        var watchdog: JoinableThread?
-        if let usec = SystemdNotifier.watchdogMicroseconds() {
-            watchdog = try JoinableThread(name: "watchdog") {
+        let stopHousekeeping = try EventFD()
+        var housekeeping: JoinableThread?
+        if notifier.isActive {
+            let watchdog = SystemdNotifier.watchdogMicroseconds()
+            let interval = Duration.microseconds(Int64(min(watchdog.map { $0 / 2 } ?? 5_000_000, 5_000_000)))
+            housekeeping = try JoinableThread(name: "housekeeping") {
+                var lastStatus = controller.statusLine // sent with READY=1
                 while running.load(ordering: .acquiring) {
-                    notifier.notify("WATCHDOG=1")
-                    _ = stopWatchdog.wait(until: .now.advanced(by: .microseconds(Int64(usec / 2)))) {
+                    let stuck = controller.unresponsiveBridges(within: interval / 2)
+                    var status = controller.statusLine
+                    if !stuck.isEmpty { status += "; not answering: \(stuck.joined(separator: ", "))" }
+                    if watchdog != nil, stuck.isEmpty { notifier.notify("WATCHDOG=1") }
+                    if status != lastStatus { notifier.notify("STATUS=" + status); lastStatus = status }
+                    _ = stopHousekeeping.wait(until: .now.advanced(by: interval)) {
                         running.load(ordering: .acquiring) ? nil : true
                     }
                 }
@@ -249,15 +249,9 @@ struct Daemon: ParsableCommand {
         while true {
             let signal = Signals.wait(for: [SIGTERM, SIGINT, SIGHUP])
             if signal == SIGHUP {
-                notifier.notify("RELOADING=1", "STATUS=reloading")
-                switch reload() {
-                case .success(let new):
-                    let report = controller.reload(new)
-                    if !report.needsRestart.isEmpty { logger.warning("changed bridges keep their old settings until a restart: \(report.needsRestart)") }
-                case .failure(let e):
-                    logger.error("reload refused, keeping the running config: \(e.message)")
+                if case .success(let report) = controller.reload(from: reloadSource), !report.needsRestart.isEmpty {
+                    logger.warning("changed bridges keep their old settings until a restart: \(report.needsRestart)")
                 }
-                notifier.notify("READY=1", status())
                 continue
             }
             logger.notice("signal \(signal): stopping")
@@ -265,8 +259,8 @@ struct Daemon: ParsableCommand {
         }
         notifier.notify("STOPPING=1", "STATUS=stopping: revoking every mapping")
         running.store(false, ordering: .releasing)
-        _ = try? stopWatchdog.signal()
-        watchdog?.join()
+        _ = try? stopHousekeeping.signal()
+        housekeeping?.join()
         control?.stop()
         controller.stopAll()
         logger.notice("stopped")

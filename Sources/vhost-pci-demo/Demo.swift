@@ -1,4 +1,5 @@
 import ArgumentParser
+import BridgeCore
 import Foundation
 
 @main
@@ -6,6 +7,7 @@ struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vhost-pci-demo",
         abstract: "The vhost-pci bridge in action: the daemon, an emulated VM1 and an emulated VM2 as three processes.",
+        version: BuildInfo.version,
         subcommands: [Run.self, Walkthrough.self],
         defaultSubcommand: Run.self
     )

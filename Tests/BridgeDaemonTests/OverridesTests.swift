@@ -1,0 +1,113 @@
+import BridgeCore
+import BridgeDaemon
+import DaemonTestSupport
+import Foundation
+import Logging
+import Testing
+import TestSupport
+
+@Suite struct DaemonOverridesTests {
+    let file = try! DaemonConfig.parse("""
+    runtime-directory: /run/a
+    bridges:
+      - name: defaulted
+        bar-size: 1G
+      - name: named
+        bar-size: 1G
+        vhost-user-socket: /srv/named-vm1.sock
+    """)
+
+    func flagBridge(_ name: String) -> BridgeConfig {
+        BridgeConfig(name: name, vhostUserSocket: "/tmp/\(name)-vm1.sock", peerSocket: nil, vm2: name,
+                     addressSpace: AddressSpaceConfiguration(barSize: 1 << 30, mode: .identity))
+    }
+
+    @Test func theCommandLineIsAppliedOverTheFile() throws {
+        let o = DaemonOverrides(runtimeDirectory: "/run/b", controlSocket: nil, logLevel: .debug, bridge: flagBridge("flag"))
+        let c = try o.applied(to: file)
+        #expect(c.runtimeDirectory == "/run/b" && c.controlSocket == "/run/b/control.sock", "defaulted paths follow the runtime directory")
+        #expect(c.bridges.map(\.vhostUserSocket) == ["/run/b/defaulted-vm1.sock", "/srv/named-vm1.sock", "/tmp/flag-vm1.sock"])
+        #expect(c.bridges[0].peerSocket == "/run/b/defaulted-vm2.sock")
+        #expect(c.logLevel == .debug)
+        #expect(try DaemonOverrides(controlSocket: "/tmp/x.ctl").applied(to: file).controlSocket == "/tmp/x.ctl")
+        // Applied again to the same file (a reload): the same result.
+        #expect(try o.applied(to: file) == c)
+    }
+
+    @Test func aFlagBridgeMayNotShadowAFileBridge() {
+        #expect(throws: ConfigError.self) { try DaemonOverrides(bridge: flagBridge("named")).applied(to: file) }
+        var clash = flagBridge("other")
+        clash.vhostUserSocket = "/srv/named-vm1.sock"
+        #expect((try? DaemonOverrides(bridge: clash).applied(to: file)) == nil, "socket paths stay unique")
+    }
+
+    @Test func aControlSocketOnlyWhenAskedFor() {
+        #expect(!DaemonOverrides(bridge: flagBridge("f")).servesControlSocket(withConfigFile: false))
+        #expect(DaemonOverrides(controlSocket: "/tmp/c").servesControlSocket(withConfigFile: false))
+        #expect(DaemonOverrides(runtimeDirectory: "/tmp/r").servesControlSocket(withConfigFile: false))
+        #expect(DaemonOverrides().servesControlSocket(withConfigFile: true))
+    }
+}
+
+@Suite struct CreatedBridgesTests {
+    let dir = "/tmp/vpb-created-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+
+    @Test func entriesRoundTripAndAreParsedLikeCreate() throws {
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = CreatedBridges(directory: dir)
+        #expect(try store.load().isEmpty, "no file yet: nothing")
+        let entries = [CreatedBridges.Entry(name: "c1", spec: #"{"bar-size":"1G","mode":"iommu","name":"c1"}"#)]
+        try store.save(entries)
+        #expect(try store.load() == entries)
+        let b = try store.bridge(entries[0], runtimeDirectory: "/run/x")
+        #expect(b.addressSpace.mode == .iommu && b.vhostUserSocket == "/run/x/c1-vm1.sock")
+        #expect(throws: ConfigError.self) { try store.bridge(.init(name: "c1", spec: #"{"bar-size":"3G","name":"c1"}"#), runtimeDirectory: "/run/x") }
+        #expect(throws: ConfigError.self) { try store.bridge(.init(name: "c1", spec: #"{"bar-size":"1G","name":"c2"}"#), runtimeDirectory: "/run/x") }
+    }
+
+    @Test func aDamagedFileIsAnErrorNamingIt() throws {
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let store = CreatedBridges(directory: dir)
+        for text in ["{", #"{"version":2,"bridges":[]}"#, #"{"version":1,"bridges":[{"name":"x"}]}"#] {
+            try text.write(toFile: store.path, atomically: true, encoding: .utf8)
+            #expect(throws: ConfigError.self, "\(text)") { try store.load() }
+        }
+    }
+
+    /// In process: a created bridge is kept by a reload that does not name
+    /// it, a file bridge of the same name is refused, and `destroy` drops it
+    /// from the state file.
+    @Test func theControllerKeepsCreatedBridgesAcrossReloads() throws {
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let base = "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\n"
+        let controller = DaemonController(config: try DaemonConfig.parse(base + "bridges:\n  - name: f\n    bar-size: 1G\n"),
+                                          logger: quietLogger(), createdBridges: CreatedBridges(directory: dir))
+        defer { controller.stopAll() }
+        #expect(controller.startConfiguredBridges().isEmpty)
+        let reply = controller.handle(line: #"{"command":"create","bridge":{"name":"c","bar-size":"1G"}}"#)
+        #expect(reply.contains(#""persistent":true"#), "\(reply)")
+        let report = controller.reload(try DaemonConfig.parse(base + "bridges: []\n"))
+        #expect(report.removed == ["f"] && controller.bridgeNames == ["c"])
+        let clash = controller.reload(try DaemonConfig.parse(base + "bridges:\n  - name: c\n    bar-size: 2G\n"))
+        #expect(clash.failed["c"]?.contains("created at run time") == true && controller.lastError?.contains("reload") == true)
+        #expect(try CreatedBridges(directory: dir).load().map(\.name) == ["c"])
+        try controller.destroy("c")
+        #expect(try CreatedBridges(directory: dir).load().isEmpty)
+    }
+}
+
+@Suite struct StatusTests {
+    /// `log-level` changes what `status` reports, not only the logging.
+    @Test func logLevelShowsInStatus() throws {
+        let d = try LiveDaemon("bridges: []\n")
+        defer { d.stop(); JournalLogHandler.level.withLock { $0 = .info } }
+        let c = try d.client()
+        #expect(ok(try c.call(["command": "log-level", "level": "error"])) != nil)
+        #expect((ok(try c.call(["command": "status"])) as? [String: Any])?["logLevel"] as? String == "error")
+        #expect(d.controller.statusLine == "0 bridge(s), 0 VM1 session(s), 0 VM2(s) connected")
+        d.controller.noteError("something broke")
+        #expect(d.controller.statusLine.hasSuffix("; last error: something broke"))
+    }
+}

@@ -1,0 +1,234 @@
+import BridgeCore
+import BridgeDaemon
+import ControlClient
+import EmulatedGuests
+import Foundation
+import LinuxIO
+import SystemPackage
+import Testing
+import TestSupport
+import VhostUser
+
+/// A built binary of this package (`swift build` puts them side by side).
+func builtBinary(_ name: String) -> String {
+    URL(fileURLWithPath: GuestProcess.executable).deletingLastPathComponent().appendingPathComponent(name).path
+}
+
+/// A child started with posix_spawn, stdout and stderr to a log file, and
+/// optionally one of our fds as its fd 3 (Foundation's Process closes every
+/// fd it was not told about, so `--fd` cannot be tested through it).
+final class SpawnedProcess {
+    let pid: pid_t
+    let log: String
+    private var status: Int32?
+
+    init(_ executable: String, _ arguments: [String], environment: [String: String] = [:], fd3: Int32? = nil) throws {
+        log = "/tmp/vpb-spawn-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log"
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        var moved: Int32 = -1
+        if let fd3 {
+            // dup2 onto itself would keep FD_CLOEXEC: go through another number.
+            moved = fcntl(fd3, F_DUPFD_CLOEXEC, 10)
+            posix_spawn_file_actions_adddup2(&actions, moved, 3)
+        }
+        defer { if moved >= 0 { close(moved) } }
+        var env = ProcessInfo.processInfo.environment
+        for (k, v) in environment { env[k] = v }
+        env["NOTIFY_SOCKET"] = environment["NOTIFY_SOCKET"] // never the test runner's
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        let envp = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { for p in argv + envp { free(p) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, executable, &actions, nil, argv, envp)
+        guard rc == 0 else { throw SystemCallError("posix_spawn(\(executable))", errno: Errno(rawValue: rc)) }
+        self.pid = pid
+    }
+
+    var output: String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+
+    /// The exit status once the child ended (waits up to `seconds`); nil if
+    /// it still runs, or was killed by a signal (then -signal).
+    @discardableResult
+    func wait(seconds: Int = 20) -> Int32? {
+        if let status { return status }
+        for _ in 0..<(seconds * 100) {
+            var raw: Int32 = 0
+            if waitpid(pid, &raw, WNOHANG) == pid {
+                status = (raw & 0x7f) == 0 ? (raw >> 8) & 0xff : -(raw & 0x7f)
+                return status
+            }
+            usleep(10_000)
+        }
+        return nil
+    }
+
+    func signal(_ s: Int32) { if status == nil { kill(pid, s) } }
+
+    deinit {
+        if status == nil { kill(pid, SIGKILL); wait() }
+        unlink(log)
+    }
+}
+
+/// The daemon's control socket answering `command` (polls while it starts).
+func control(_ path: String, _ request: [String: Any]) throws -> [String: Any] {
+    #expect(pollUntil { DaemonProcess.accepts(path) }, "control socket \(path)")
+    return try ControlClient(path: path).call(request)
+}
+
+func result(_ r: [String: Any], sourceLocation: SourceLocation = #_sourceLocation) -> [String: Any] {
+    #expect(r["ok"] as? Bool == true, "\(r)", sourceLocation: sourceLocation)
+    return r["result"] as? [String: Any] ?? [:]
+}
+
+func names(_ list: [String: Any]) -> [String] { ((list["result"] as? [[String: Any]]) ?? []).compactMap { $0["name"] as? String }.sorted() }
+
+extension Integration {
+    /// Operating the daemon: flags mean the same however it is started, a
+    /// reload keeps what the command line and the operator added.
+    @Suite(.serialized) struct Operations {
+        let dir = "/tmp/vpb-ops-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        init() throws { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) }
+
+        /// Two daemons started from flags alone, side by side: each serves
+        /// its control socket where --control-socket said (they do not
+        /// collide), in the log level --log-level said.
+        @Test func daemonsStartedFromFlagsHonourControlSocketAndLogLevel() throws {
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            var daemons: [SpawnedProcess] = []
+            for name in ["a", "b"] {
+                daemons.append(try SpawnedProcess(builtBinary("vhost-pci-bridged"), [
+                    "--socket-path", "\(dir)/\(name)-vm1.sock", "--name", name, "--bar-size", "1G",
+                    "--control-socket", "\(dir)/\(name).ctl", "--log-level", "debug"]))
+            }
+            for name in ["a", "b"] {
+                let status = result(try control("\(dir)/\(name).ctl", ["command": "status"]))
+                #expect(status["logLevel"] as? String == "debug" && status["controlSocket"] as? String == "\(dir)/\(name).ctl")
+                #expect(names(try control("\(dir)/\(name).ctl", ["command": "list"])) == [name])
+            }
+            for d in daemons { d.signal(SIGTERM); #expect(d.wait() == 0, "\(d.output)") }
+        }
+
+        /// `--fd`: the inherited connection is served with every bridge flag
+        /// (queue pairs, mode, DMA window, mapping limit, deadline), one
+        /// session, then the daemon exits 0.
+        @Test func anInheritedConnectionGetsEveryBridgeFlag() throws {
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let (ours, theirs) = try UnixSocket.pair(.stream)
+            let daemon = try SpawnedProcess(builtBinary("vhost-pci-bridged"), [
+                "--fd", "3", "--name", "f", "--bar-size", "16G", "--mode", "iommu", "--dma-window", "4G:8G",
+                "--queue-pairs", "2", "--max-mappings", "8", "--revocation-deadline", "500", "--control-socket", "\(dir)/f.ctl"],
+                fd3: theirs.fd.rawValue)
+            try theirs.fd.close()
+            let frontend = VhostUserFrontend(socket: ours)
+            let features = try frontend.getU64(.getFeatures)
+            #expect(features & FeatureBit.protocolFeatures != 0)
+            try frontend.setProtocolFeatures(.mq)
+            #expect(try frontend.getU64(.getQueueNum) == 2, "--queue-pairs reached the --fd bridge")
+            let show = result(try control("\(dir)/f.ctl", ["command": "show", "name": "f"]))
+            let config = show["config"] as? [String: Any] ?? [:]
+            #expect(config["mode"] as? String == "iommu" && config["maxMappings"] as? Int == 8 && config["revocationDeadlineMs"] as? Int == 500,
+                    "\(config)")
+            #expect((config["dmaWindow"] as? String)?.isEmpty == false)
+            frontend.close()
+            #expect(daemon.wait() == 0, "one session, then exit: \(daemon.output)")
+        }
+
+        /// `--fd` with `--mode static` (it used to always fail).
+        @Test func anInheritedConnectionInStaticMode() throws {
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let (ours, theirs) = try UnixSocket.pair(.stream)
+            let daemon = try SpawnedProcess(builtBinary("vhost-pci-bridged"), [
+                "--fd", "3", "--name", "s", "--bar-size", "4G", "--mode", "static", "--static-window", "0:16M",
+                "--control-socket", "\(dir)/s.ctl"], fd3: theirs.fd.rawValue)
+            try theirs.fd.close()
+            let frontend = VhostUserFrontend(socket: ours)
+            #expect(try frontend.getU64(.getFeatures) & FeatureBit.protocolFeatures != 0)
+            let list = try control("\(dir)/s.ctl", ["command": "list"])
+            #expect(((list["result"] as? [[String: Any]])?.first?["mode"] as? String) == "static", "\(list); \(daemon.output)")
+            frontend.close()
+            #expect(daemon.wait() == 0, "\(daemon.output)")
+        }
+
+        /// A reload keeps the flag bridge and --log-level, and bridges made
+        /// with `create` survive reloads and restarts (the state file) until
+        /// destroyed.
+        @Test func reloadsKeepFlagsAndCreatedBridgesRestartsRestoreThem() throws {
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let file = "\(dir)/config.yaml"
+            let ctl = "\(dir)/control.sock"
+            func write(_ bridges: [String], level: String) throws {
+                try ("runtime-directory: \(dir)\ncontrol-socket: \(ctl)\nlog-level: \(level)\nbridges:\n"
+                     + bridges.map { "  - name: \($0)\n    bar-size: 1G\n" }.joined())
+                    .write(toFile: file, atomically: true, encoding: .utf8)
+            }
+            try write(["file1"], level: "info")
+            let arguments = ["--config", file, "--state-directory", "\(dir)/state", "--socket-path", "\(dir)/flagged-vm1.sock",
+                             "--name", "flagged", "--bar-size", "1G", "--log-level", "debug"]
+            do {
+                let daemon = try SpawnedProcess(builtBinary("vhost-pci-bridged"), arguments)
+                #expect(names(try control(ctl, ["command": "list"])) == ["file1", "flagged"], "\(daemon.output)")
+                let created = result(try control(ctl, ["command": "create", "bridge": ["name": "made", "bar-size": "1G"]]))
+                #expect(created["persistent"] as? Bool == true)
+                try write(["file1", "file2"], level: "info")
+                let reload = result(try control(ctl, ["command": "reload"]))
+                #expect(reload["added"] as? [String] == ["file2"] && (reload["removed"] as? [String])?.isEmpty == true, "\(reload)")
+                #expect(names(try control(ctl, ["command": "list"])) == ["file1", "file2", "flagged", "made"])
+                #expect(result(try control(ctl, ["command": "status"]))["logLevel"] as? String == "debug", "--log-level survives a reload")
+                daemon.signal(SIGTERM)
+                #expect(daemon.wait() == 0, "\(daemon.output)")
+            }
+            let state = try String(contentsOfFile: "\(dir)/state/\(CreatedBridges.fileName)", encoding: .utf8)
+            #expect(state.contains("\"made\"") && !state.contains("file1"), "\(state)")
+            do {
+                let daemon = try SpawnedProcess(builtBinary("vhost-pci-bridged"), arguments)
+                #expect(names(try control(ctl, ["command": "list"])) == ["file1", "file2", "flagged", "made"], "a restart brings created bridges back")
+                #expect(result(try control(ctl, ["command": "destroy", "name": "made"]))["destroyed"] as? String == "made")
+                daemon.signal(SIGTERM)
+                #expect(daemon.wait() == 0, "\(daemon.output)")
+            }
+            do {
+                let daemon = try SpawnedProcess(builtBinary("vhost-pci-bridged"), arguments)
+                #expect(names(try control(ctl, ["command": "list"])) == ["file1", "file2", "flagged"], "destroyed is gone for good")
+                daemon.signal(SIGTERM)
+                #expect(daemon.wait() == 0, "\(daemon.output)")
+            }
+        }
+
+        /// A config whose bridges cannot all start is refused whole: exit 1
+        /// naming the bridge, nothing left listening, no READY=1.
+        @Test func aBridgeThatCannotStartStopsTheStart() throws {
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let file = "\(dir)/config.yaml"
+            try "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\nbridges:\n  - name: good\n    bar-size: 1G\n  - name: bad\n    bar-size: 1G\n    vhost-user-socket: /nonexistent-dir/bad.sock\n"
+                .write(toFile: file, atomically: true, encoding: .utf8)
+            let daemon = try SpawnedProcess(builtBinary("vhost-pci-bridged"), ["--config", file])
+            #expect(daemon.wait() == 1)
+            #expect(daemon.output.contains("bad:") && daemon.output.contains("none runs"), "\(daemon.output)")
+            #expect(!FileManager.default.fileExists(atPath: "\(dir)/good-vm1.sock"), "the bridge that started was stopped again")
+        }
+
+        /// Bad flags are named as flags.
+        @Test func badBridgeFlagsAreNamedAsFlags() throws {
+            let daemon = try SpawnedProcess(builtBinary("vhost-pci-bridged"), ["--socket-path", "/tmp/x.sock", "--bar-size", "3G"])
+            #expect(daemon.wait() != 0)
+            #expect(daemon.output.contains("--bar-size"), "\(daemon.output)")
+            let windows = try SpawnedProcess(builtBinary("vhost-pci-bridged"), ["--socket-path", "/tmp/x.sock", "--mode", "static", "--static-window", "5:1"])
+            #expect(windows.wait() != 0)
+            #expect(windows.output.contains("--static-window"), "\(windows.output)")
+        }
+
+        /// `--version` on every binary this package installs or ships.
+        @Test func everyBinaryAnswersVersion() throws {
+            for name in ["vhost-pci-bridged", "vhost-pci-bridgectl", "vhost-pci-guest", "vhost-pci-demo", "vhost-pci-bench"] {
+                let p = try SpawnedProcess(builtBinary(name), ["--version"])
+                #expect(p.wait() == 0)
+                #expect(p.output.trimmingCharacters(in: .whitespacesAndNewlines) == BuildInfo.version, "\(name): \(p.output)")
+            }
+        }
+    }
+}

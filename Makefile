@@ -6,11 +6,13 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 BINDIR  := $(DESTDIR)$(PREFIX)/bin
 APT_PACKAGES := liburing-dev
+# make deb / deb-check (run by make test): dpkg-shlibdeps and lintian.
+PACKAGING_PACKAGES := dpkg-dev lintian fakeroot
 # Real vhost-user front ends for `make interop` (DPDK testpmd, QEMU with iPXE,
 # and a Linux guest built from Debian's kernel and busybox with gcc).
 INTEROP_PACKAGES := dpdk-dev qemu-system-x86 gcc libc6-dev
 
-.PHONY: all deps interop-deps build release test interop demo bench install uninstall clean fuzz fuzz-build fuzz-seeds test-asan test-tsan soak
+.PHONY: all deps interop-deps build release test interop demo bench install install-files install-tools uninstall deb deb-check clean fuzz fuzz-build fuzz-seeds test-asan test-tsan soak
 
 all: build
 
@@ -30,7 +32,7 @@ endef
 
 # The system packages the build needs.
 deps:
-	$(call install-missing,$(APT_PACKAGES),deps,)
+	$(call install-missing,$(APT_PACKAGES) $(PACKAGING_PACKAGES),deps,--no-install-recommends)
 
 interop-deps:
 	$(call install-missing,$(INTEROP_PACKAGES),interop-deps,--no-install-recommends)
@@ -49,6 +51,7 @@ test: deps
 	@if command -v systemd-analyze >/dev/null 2>&1; then sh systemd/check.sh .build/debug/vhost-pci-bridged; \
 	else echo "systemd-analyze is not installed: unit checks SKIPPED (apt-get install systemd)"; fi
 	$(MAKE) fuzz FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS)
+	$(MAKE) deb-check
 	$(SWIFT) test --no-parallel --skip InteropTests
 
 # The suite under AddressSanitizer (with LeakSanitizer) and ThreadSanitizer,
@@ -123,21 +126,66 @@ bench: deps
 SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 DOCDIR ?= $(PREFIX)/share/doc/vhost-pci-bridge
+MANDIR ?= $(PREFIX)/share/man
+DATADIR ?= $(PREFIX)/share
+# Where install-files takes the binaries from (deb: the static build).
+RELEASE_DIR ?= .build/release
+OPERATOR_BINARIES := vhost-pci-bridged vhost-pci-bridgectl
+TOOL_BINARIES := vhost-pci-guest vhost-pci-demo vhost-pci-bench
 
-# Binaries, the systemd unit (ExecStart pointing at $(PREFIX)/bin), the config
-# (kept if one is already there), and the docs. DESTDIR is honoured.
+# What operators run: the daemon and its CLI, the systemd unit (paths under
+# $(PREFIX)), QEMU's discovery file, man pages and bash/zsh/fish completions
+# generated from the argument parser, the production config template (no
+# bridges; an existing /etc/vhost-pci-bridged.yaml is kept) and the docs.
+# DESTDIR is honoured. The demo, bench and guest tools: make install-tools.
 install: release
-	install -d $(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(DOCDIR)
-	for b in vhost-pci-bridged vhost-pci-bridgectl vhost-pci-guest vhost-pci-demo vhost-pci-bench; do \
-	  install -m 0755 .build/release/$$b $(BINDIR)/$$b; done
+	$(SWIFT) build -c release --product generate-manual
+	$(MAKE) install-files RELEASE_DIR=.build/release MANUAL_TOOL=.build/release/generate-manual
+
+MANUAL_TOOL ?= .build/release/generate-manual
+install-files:
+	install -d $(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(MANDIR)/man1 \
+	  $(DESTDIR)$(DATADIR)/qemu/vhost-user $(DESTDIR)$(DATADIR)/bash-completion/completions \
+	  $(DESTDIR)$(DATADIR)/zsh/vendor-completions $(DESTDIR)$(DATADIR)/fish/vendor_completions.d
+	for b in $(OPERATOR_BINARIES); do install -m 0755 $(RELEASE_DIR)/$$b $(BINDIR)/$$b; done
 	sed -e 's|/usr/local/bin/|$(PREFIX)/bin/|g' -e 's|/etc/vhost-pci-bridged.yaml|$(SYSCONFDIR)/vhost-pci-bridged.yaml|' \
 	  -e 's|/usr/local/share/doc/vhost-pci-bridge|$(DOCDIR)|' systemd/vhost-pci-bridged.service > $(DESTDIR)$(UNITDIR)/vhost-pci-bridged.service
-	[ -e $(DESTDIR)$(SYSCONFDIR)/vhost-pci-bridged.yaml ] || install -m 0644 config/vhost-pci-bridged.yaml $(DESTDIR)$(SYSCONFDIR)/vhost-pci-bridged.yaml
+	chmod 0644 $(DESTDIR)$(UNITDIR)/vhost-pci-bridged.service
+	sed -e 's|/usr/local/bin/|$(PREFIX)/bin/|' packaging/qemu/50-vhost-pci-bridged.json > $(DESTDIR)$(DATADIR)/qemu/vhost-user/50-vhost-pci-bridged.json
+	chmod 0644 $(DESTDIR)$(DATADIR)/qemu/vhost-user/50-vhost-pci-bridged.json
+	[ -e $(DESTDIR)$(SYSCONFDIR)/vhost-pci-bridged.yaml ] || install -m 0644 config/production.yaml $(DESTDIR)$(SYSCONFDIR)/vhost-pci-bridged.yaml
 	install -m 0644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
+	install -m 0644 config/vhost-pci-bridged.yaml $(DESTDIR)$(DOCDIR)/example-config.yaml
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && for b in $(OPERATOR_BINARIES); do \
+	  $(MANUAL_TOOL) $(RELEASE_DIR)/$$b --date 2026-11-27 --output-directory $$tmp >/dev/null || exit 1; \
+	  gzip -9n -c $$tmp/$$b.1 > $(DESTDIR)$(MANDIR)/man1/$$b.1.gz; chmod 0644 $(DESTDIR)$(MANDIR)/man1/$$b.1.gz; \
+	  $(RELEASE_DIR)/$$b --generate-completion-script bash | sed '1{/^#!/d}' > $(DESTDIR)$(DATADIR)/bash-completion/completions/$$b; \
+	  $(RELEASE_DIR)/$$b --generate-completion-script zsh > $(DESTDIR)$(DATADIR)/zsh/vendor-completions/_$$b; \
+	  $(RELEASE_DIR)/$$b --generate-completion-script fish > $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/$$b.fish; \
+	  chmod 0644 $(DESTDIR)$(DATADIR)/bash-completion/completions/$$b $(DESTDIR)$(DATADIR)/zsh/vendor-completions/_$$b \
+	    $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/$$b.fish; done
+
+# The demo, benchmark and emulated-guest tools, for a development machine.
+install-tools: release
+	install -d $(BINDIR)
+	for b in $(TOOL_BINARIES); do install -m 0755 .build/release/$$b $(BINDIR)/$$b; done
 
 uninstall:
-	rm -f $(BINDIR)/vhost-pci-bridged $(BINDIR)/vhost-pci-bridgectl $(BINDIR)/vhost-pci-guest $(BINDIR)/vhost-pci-demo $(BINDIR)/vhost-pci-bench
-	rm -f $(DESTDIR)$(UNITDIR)/vhost-pci-bridged.service
+	for b in $(OPERATOR_BINARIES) $(TOOL_BINARIES); do rm -f $(BINDIR)/$$b $(DESTDIR)$(MANDIR)/man1/$$b.1.gz \
+	  $(DESTDIR)$(DATADIR)/bash-completion/completions/$$b $(DESTDIR)$(DATADIR)/zsh/vendor-completions/_$$b \
+	  $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/$$b.fish; done
+	rm -f $(DESTDIR)$(UNITDIR)/vhost-pci-bridged.service $(DESTDIR)$(DATADIR)/qemu/vhost-user/50-vhost-pci-bridged.json
+	rm -rf $(DESTDIR)$(DOCDIR)
+
+# A Debian package of what `make install` installs, from a build with the
+# Swift runtime linked in statically (it runs without a Swift toolchain):
+# dist/vhost-pci-bridge_VERSION_ARCH.deb. deb-check runs lintian on it,
+# installs it into a scratch root and checks the file list and the unit.
+deb: deps
+	sh packaging/deb/build.sh dist
+
+deb-check: deb
+	sh packaging/deb/check.sh dist
 
 clean:
-	rm -rf .build
+	rm -rf .build .build-static dist

@@ -45,6 +45,23 @@ func configError(_ text: String) -> ConfigError? {
         #expect(!config.bridges.isEmpty)
     }
 
+    /// What `make install` and the package put in /etc: valid, no bridge,
+    /// the paths the unit and the CLI expect.
+    @Test func theProductionTemplateParsesWithNoBridge() throws {
+        let url = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("config/production.yaml")
+        let config = try DaemonConfig.parse(try String(contentsOf: url, encoding: .utf8))
+        #expect(config.bridges.isEmpty)
+        #expect(config.controlSocket == "/run/vhost-pci-bridged/control.sock" && config.runtimeDirectory == "/run/vhost-pci-bridged")
+    }
+
+    /// A runtime directory moves the control socket with it unless the
+    /// file names one.
+    @Test func theControlSocketFollowsTheRuntimeDirectory() throws {
+        #expect(try DaemonConfig.parse("runtime-directory: /run/x\n").controlSocket == "/run/x/control.sock")
+        #expect(try DaemonConfig.parse("runtime-directory: /run/x\ncontrol-socket: /run/c.sock\n").controlSocket == "/run/c.sock")
+    }
+
     @Test func aFullConfigParses() throws {
         let c = try DaemonConfig.parse(goodConfig)
         #expect(c.controlMode == 0o660 && c.controlGroup == "kvm" && c.logLevel == .notice)

@@ -1,0 +1,55 @@
+#!/bin/sh
+# Checks the package `make deb` built in DIR: lintian reports no error or
+# warning; it installs into a scratch root with dpkg (no chroot, no
+# maintainer scripts); the installed files are exactly packaging/deb/files.txt;
+# the installed unit passes `systemd-analyze verify` and the security check;
+# the installed binaries run (--version) without a Swift toolchain on the
+# library path; the discovery file names the installed daemon.
+#   sh packaging/deb/check.sh DIR
+set -eu
+dir=${1:?usage: packaging/deb/check.sh DIR}
+cd "$(dirname "$0")/../.."
+deb=$(ls "$dir"/vhost-pci-bridge_*.deb | tail -1)
+version=$(sed -n 's/.*static let version = "\(.*\)".*/\1/p' Sources/BridgeCore/BuildInfo.swift)
+fail() { echo "deb-check: FAILED: $*"; exit 1; }
+
+lintian --allow-root --fail-on error,warning --tag-display-limit 0 "$deb" || fail "lintian"
+echo "deb-check: lintian clean (no errors, no warnings)"
+
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root/var/lib/dpkg/info" "$root/var/lib/dpkg/updates"
+: > "$root/var/lib/dpkg/status"
+: > "$root/var/lib/dpkg/available"
+# --force-depends: the scratch root has no libc; dpkg still unpacks and
+# configures, and the binaries run with the host's libraries.
+dpkg --root="$root" --log=/dev/null --force-depends --force-not-root -i "$deb" > "$root/dpkg.log" 2>&1 || { cat "$root/dpkg.log"; fail "dpkg -i into a scratch root"; }
+dpkg --root="$root" -L vhost-pci-bridge | while read -r f; do [ -d "$root$f" ] || echo "$f"; done | LC_ALL=C sort > "$root/files"
+diff -u packaging/deb/files.txt "$root/files" || fail "the installed files differ from packaging/deb/files.txt"
+echo "deb-check: installed $(wc -l < "$root/files") files, as listed"
+
+for b in vhost-pci-bridged vhost-pci-bridgectl; do
+  got=$(env -u LD_LIBRARY_PATH "$root/usr/bin/$b" --version) || fail "$b --version"
+  [ "$got" = "$version" ] || fail "$b --version printed '$got', not $version"
+  ldd "$root/usr/bin/$b" | grep -q libswiftCore && fail "$b links the Swift runtime dynamically"
+done
+echo "deb-check: both binaries run and print $version"
+
+[ "$("$root/usr/bin/vhost-pci-bridged" --print-capabilities)" = '{"type": "net"}' ] || fail "--print-capabilities"
+grep -q '"binary": "/usr/bin/vhost-pci-bridged"' "$root/usr/share/qemu/vhost-user/50-vhost-pci-bridged.json" || fail "discovery file binary path"
+grep -q '"type": "net"' "$root/usr/share/qemu/vhost-user/50-vhost-pci-bridged.json" || fail "discovery file type"
+"$root/usr/bin/vhost-pci-bridged" --config "$root/etc/vhost-pci-bridged.yaml" --runtime-directory "$root/run" --control-socket "$root/run/c.sock" 2> "$root/daemon.log" &
+pid=$!
+for _ in $(seq 100); do [ -S "$root/run/c.sock" ] && break; sleep 0.1; done
+listed=$("$root/usr/bin/vhost-pci-bridgectl" list --socket "$root/run/c.sock" --json) || { kill $pid; fail "the installed CLI reaching the installed daemon"; }
+kill -TERM $pid; wait $pid || { cat "$root/daemon.log"; fail "the daemon did not stop cleanly"; }
+echo "$listed" | tr -d ' \n' | grep -q '"result":\[\]' || fail "the production config starts bridges: $listed"
+echo "deb-check: the production config runs with no bridge; the CLI reaches the daemon"
+
+unit="$root/lib/systemd/system/vhost-pci-bridged.service"
+grep -q "^ExecStart=/usr/bin/vhost-pci-bridged --config /etc/vhost-pci-bridged.yaml$" "$unit" || fail "ExecStart in the installed unit"
+grep -q "^ExecReload=/usr/bin/vhost-pci-bridgectl reload$" "$unit" || fail "ExecReload in the installed unit"
+sed "s|/usr/bin/|$root/usr/bin/|g" "$unit" > "$root/check.service"
+out=$(systemd-analyze verify "$root/check.service" 2>&1) || fail "systemd-analyze verify: $out"
+[ -z "$out" ] || fail "systemd-analyze verify: $out"
+echo "deb-check: the installed unit verifies clean"

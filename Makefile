@@ -6,8 +6,9 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 BINDIR  := $(DESTDIR)$(PREFIX)/bin
 APT_PACKAGES := liburing-dev
-# make deb / deb-check (run by make test): dpkg-shlibdeps and lintian.
-PACKAGING_PACKAGES := dpkg-dev lintian fakeroot
+# make deb / deb-check (run by make test): dpkg-shlibdeps and lintian; the
+# metrics test checks the exposition with promtool (package prometheus).
+PACKAGING_PACKAGES := dpkg-dev lintian fakeroot prometheus
 # Real vhost-user front ends for `make interop` (DPDK testpmd, QEMU with iPXE,
 # and a Linux guest built from Debian's kernel and busybox with gcc).
 INTEROP_PACKAGES := dpdk-dev qemu-system-x86 gcc libc6-dev
@@ -132,6 +133,7 @@ DATADIR ?= $(PREFIX)/share
 RELEASE_DIR ?= .build/release
 OPERATOR_BINARIES := vhost-pci-bridged vhost-pci-bridgectl
 TOOL_BINARIES := vhost-pci-guest vhost-pci-demo vhost-pci-bench
+UNITS := vhost-pci-bridged.service vhost-pci-bridged-metrics.service vhost-pci-bridged-metrics.timer
 
 # What operators run: the daemon and its CLI, the systemd unit (paths under
 # $(PREFIX)), QEMU's discovery file, man pages and bash/zsh/fish completions
@@ -148,9 +150,8 @@ install-files:
 	  $(DESTDIR)$(DATADIR)/qemu/vhost-user $(DESTDIR)$(DATADIR)/bash-completion/completions \
 	  $(DESTDIR)$(DATADIR)/zsh/vendor-completions $(DESTDIR)$(DATADIR)/fish/vendor_completions.d
 	for b in $(OPERATOR_BINARIES); do install -m 0755 $(RELEASE_DIR)/$$b $(BINDIR)/$$b; done
-	sed -e 's|/usr/local/bin/|$(PREFIX)/bin/|g' -e 's|/etc/vhost-pci-bridged.yaml|$(SYSCONFDIR)/vhost-pci-bridged.yaml|' \
-	  -e 's|/usr/local/share/doc/vhost-pci-bridge|$(DOCDIR)|' systemd/vhost-pci-bridged.service > $(DESTDIR)$(UNITDIR)/vhost-pci-bridged.service
-	chmod 0644 $(DESTDIR)$(UNITDIR)/vhost-pci-bridged.service
+	for u in $(UNITS); do sed -e 's|/usr/local/bin/|$(PREFIX)/bin/|g' -e 's|/etc/vhost-pci-bridged.yaml|$(SYSCONFDIR)/vhost-pci-bridged.yaml|' \
+	  -e 's|/usr/local/share/doc/vhost-pci-bridge|$(DOCDIR)|' systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u || exit 1; done
 	sed -e 's|/usr/local/bin/|$(PREFIX)/bin/|' packaging/qemu/50-vhost-pci-bridged.json > $(DESTDIR)$(DATADIR)/qemu/vhost-user/50-vhost-pci-bridged.json
 	chmod 0644 $(DESTDIR)$(DATADIR)/qemu/vhost-user/50-vhost-pci-bridged.json
 	[ -e $(DESTDIR)$(SYSCONFDIR)/vhost-pci-bridged.yaml ] || install -m 0644 config/production.yaml $(DESTDIR)$(SYSCONFDIR)/vhost-pci-bridged.yaml
@@ -174,7 +175,8 @@ uninstall:
 	for b in $(OPERATOR_BINARIES) $(TOOL_BINARIES); do rm -f $(BINDIR)/$$b $(DESTDIR)$(MANDIR)/man1/$$b.1.gz \
 	  $(DESTDIR)$(DATADIR)/bash-completion/completions/$$b $(DESTDIR)$(DATADIR)/zsh/vendor-completions/_$$b \
 	  $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/$$b.fish; done
-	rm -f $(DESTDIR)$(UNITDIR)/vhost-pci-bridged.service $(DESTDIR)$(DATADIR)/qemu/vhost-user/50-vhost-pci-bridged.json
+	for u in $(UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
+	rm -f $(DESTDIR)$(DATADIR)/qemu/vhost-user/50-vhost-pci-bridged.json
 	rm -rf $(DESTDIR)$(DOCDIR)
 
 # A Debian package of what `make install` installs, from a build with the

@@ -190,7 +190,8 @@ extension DaemonController {
         let all = bridgeNames.compactMap { n in (try? bridge(n).statistics).map { (n, $0) } }
         func per(_ value: (BridgeStatistics) -> String) -> [String] { all.map { "{bridge=\"\($0.0)\"} \(value($0.1))" } }
         family("bridge_mappings", "Live mappings in the bridge's BAR.", "gauge", per { "\($0.session?.mappings ?? 0)" })
-        family("bridge_bytes_mapped", "Bytes of VM1 memory visible in the BAR.", "gauge", per { "\($0.session?.mappedBytes ?? 0)" })
+        family("build_info", "The daemon's version (value always 1).", "gauge", ["{version=\"\(BuildInfo.version)\"} 1"])
+        family("bridge_mapped_bytes", "Bytes of VM1 memory visible in the BAR.", "gauge", per { "\($0.session?.mappedBytes ?? 0)" })
         family("bridge_vm1_connected", "1 while a VM1 front end is connected.", "gauge", per { $0.activeSession ? "1" : "0" })
         family("bridge_vm2_connected", "1 while a VM2 is connected.", "gauge", per { $0.peer.connected ? "1" : "0" })
         family("bridge_sessions_total", "VM1 sessions that ended.", "counter", per { "\($0.sessionsServed)" })
@@ -206,10 +207,12 @@ extension DaemonController {
         family("bridge_revocation_timeouts_total", "VM2s disconnected for missing the revocation deadline.", "counter", per { "\($0.peer.revocationTimeouts)" })
         family("bridge_accept_failures_total", "accept() failures for lack of fds or memory (each pauses accepting).", "counter", per { "\($0.acceptFailures)" })
         family("mapping_budget_used", "Mappings held by all bridges of the process.", "gauge", [" \(MappingBudget.process.used)"])
-        family("mapping_budget_total", "Mappings all bridges may hold together (from vm.max_map_count).", "gauge", [" \(MappingBudget.process.total)"])
+        family("mapping_budget_limit", "Mappings all bridges may hold together (from vm.max_map_count).", "gauge", [" \(MappingBudget.process.total)"])
         family("bridge_vm2_protocol_errors_total", "VM2 connections ended for a protocol error.", "counter", per { "\($0.peer.protocolErrors)" })
-        family("bridge_revocation_latency_max_seconds", "Slowest acknowledged revocation (VM2 ack wait).", "gauge",
-               per { String(format: "%.6f", Double($0.peer.slowestRevocationMicroseconds) / 1e6) })
+        family("bridge_revocation_duration_seconds", "Wait for VM2's acknowledgement of each revocation.", "histogram",
+               all.flatMap { (n, s) in s.peer.revocationLatency.samples(labels: "bridge=\"\(n)\"") })
+        family("bridge_iotlb_handling_duration_seconds", "Each IOTLB message from VM1, received to answered (an invalidate includes VM2's ack).", "histogram",
+               all.flatMap { (n, s) in s.peer.iotlbLatency.samples(labels: "bridge=\"\(n)\"") })
         family("bridge_translations_total", "VM2 translation requests, by result.", "counter",
                all.flatMap { (n, s) in ["{bridge=\"\(n)\",result=\"granted\"} \(s.peer.translationsGranted)", "{bridge=\"\(n)\",result=\"refused\"} \(s.peer.translationsRefused)"] })
         var out = ""

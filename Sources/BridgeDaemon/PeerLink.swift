@@ -26,6 +26,12 @@ public struct PeerStatistics: Sendable, Equatable {
     public var refusals: [String: Int] = [:]
     /// Longest wait for a revocation ack, in microseconds.
     public var slowestRevocationMicroseconds: UInt64 = 0
+    /// Every acknowledged revocation's wait for VM2's ack.
+    public var revocationLatency = LatencyHistogram()
+    /// Every IOTLB message from VM1, received to answered: the window change
+    /// and, for an invalidate, VM2's ack; kept here because it is mostly the
+    /// round trip to VM2, and with the peer counters it outlives sessions.
+    public var iotlbLatency = LatencyHistogram()
     public init() {}
 
     /// A connection ended for a protocol error, counted under its rule.
@@ -253,8 +259,12 @@ final class PeerLink: Sendable {
         let start = ContinuousClock.now
         switch wait(on: ticket.generation, { $0.acked >= ticket.sequence ? true : nil }) {
         case .done:
-            let us = UInt64(max(0, (start.duration(to: .now) / .microseconds(1)).rounded(.down)))
-            count { $0.slowestRevocationMicroseconds = max($0.slowestRevocationMicroseconds, us) }
+            let waited = start.duration(to: .now)
+            let us = UInt64(max(0, (waited / .microseconds(1)).rounded(.down)))
+            count {
+                $0.slowestRevocationMicroseconds = max($0.slowestRevocationMicroseconds, us)
+                $0.revocationLatency.record(waited)
+            }
             return true
         case .gone:
             return true // that VM2 is gone: nothing to wait for

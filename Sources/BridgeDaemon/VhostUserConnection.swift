@@ -101,6 +101,13 @@ final class VhostUserConnection {
             stopRingAtPeer(Int(state.index))
         }
 
+        guard case .iotlb = request else { return handleDecoded(request, code: code, header: header, message: message) }
+        let received = ContinuousClock.now
+        defer { peer.count { $0.iotlbLatency.record(received.duration(to: .now)) } }
+        return handleDecoded(request, code: code, header: header, message: message)
+    }
+
+    private func handleDecoded(_ request: FrontendRequest, code: RequestCode, header: MessageHeader, message: FramedMessage) -> String? {
         let files = message.fds.enumerated().map { i, fd in ReceivedFile(index: i, size: try? fd.fileSize(), kind: fd.kind(), hugePageSize: fd.hugePageSize()) }
         let outcome = withMappingBudget { $0.handle(request, needReply: header.needsReply, files: files) }
         if let error = outcome.error {

@@ -157,10 +157,23 @@ struct Stats: ParsableCommand {
 }
 
 struct Metrics: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Prometheus text exposition of every bridge's metrics.")
+    static let configuration = CommandConfiguration(
+        abstract: "Prometheus text exposition of every bridge's metrics.",
+        discussion: "With --output, the file is replaced atomically (a temporary file renamed over it), as node_exporter's textfile collector needs; the shipped vhost-pci-bridged-metrics.timer runs this every 15 s."
+    )
     @OptionGroup var common: Common
+    @Option(help: "Write the exposition to this file (atomically) instead of standard output, e.g. /var/lib/prometheus/node-exporter/vhost-pci-bridged.prom.")
+    var output: String?
     func run() throws {
-        if let r = try common.call(["command": "metrics"]) as? [String: Any] { print(r["text"] as? String ?? "", terminator: "") }
+        guard let r = try common.call(["command": "metrics"]) as? [String: Any] else { return }
+        let text = r["text"] as? String ?? ""
+        guard let output else { print(text, terminator: ""); return }
+        do {
+            try Data(text.utf8).write(to: URL(fileURLWithPath: output), options: .atomic)
+        } catch {
+            FileHandle.standardError.write(Data("vhost-pci-bridgectl: cannot write \(output): \(error.localizedDescription)\n".utf8))
+            throw ExitCode(1)
+        }
     }
 }
 

@@ -25,10 +25,10 @@ import VhostUser
         let metrics = try #require(ok(try c.call(["command": "metrics"])) as? [String: Any])
         let text = metrics["text"] as? String ?? ""
         #expect(text.contains("# TYPE vhost_pci_bridge_mappings gauge"))
-        #expect(text.contains("vhost_pci_bridge_bytes_mapped{bridge=\"a\"} 0"))
+        #expect(text.contains("vhost_pci_bridge_mapped_bytes{bridge=\"a\"} 0"))
         #expect(text.contains("vhost_pci_bridge_notifications_relayed_total{bridge=\"b\",direction=\"kick\"} 0"))
         #expect(text.contains("vhost_pci_bridge_accept_failures_total{bridge=\"a\"} 0"))
-        #expect(text.contains("vhost_pci_mapping_budget_total \(MappingBudget.process.total)\n"))
+        #expect(text.contains("vhost_pci_mapping_budget_limit \(MappingBudget.process.total)\n"))
         // Every sample line is "name[{labels}] value".
         for line in text.split(separator: "\n") where !line.hasPrefix("#") {
             #expect(line.split(separator: " ").count == 2, "malformed sample: \(line)")

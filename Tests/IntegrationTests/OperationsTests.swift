@@ -222,6 +222,52 @@ extension Integration {
             #expect(windows.output.contains("--static-window"), "\(windows.output)")
         }
 
+        /// After IOMMU traffic the exposition has the revocation and IOTLB
+        /// latency histograms filled (cumulative buckets ending in +Inf =
+        /// count), build_info, and passes `promtool check metrics` — the
+        /// Prometheus project's own parser and naming linter — with no
+        /// complaint.
+        @Test func metricsPassPromtoolWithLatencyHistograms() throws {
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let daemon = try DaemonProcess(dir: dir, mode: "iommu")
+            let vm2 = try EmulatedVM2(peerSocketPath: daemon.vm2Path)
+            defer { vm2.stop() }
+            do {
+                let vm1 = try EmulatedVM1(socketPath: daemon.vm1Path, configuration: vm1Config(iommu: true, eager: false))
+                defer { vm1.disconnect() }
+                try vm1.start()
+                #expect(try vm1.runTraffic(count: 100, sizes: [64, 1500]).completed)
+            }
+            let text = result(try control("\(dir)/control.sock", ["command": "metrics"]))["text"] as? String ?? ""
+            func samples(_ prefix: String) -> [UInt64] {
+                text.split(separator: "\n").filter { $0.hasPrefix(prefix) }.compactMap { $0.split(separator: " ").last.flatMap { UInt64($0) } }
+            }
+            for family in ["vhost_pci_bridge_revocation_duration_seconds", "vhost_pci_bridge_iotlb_handling_duration_seconds"] {
+                let buckets = samples("\(family)_bucket{bridge=\"f\"")
+                let count = samples("\(family)_count{bridge=\"f\"}").first ?? 0
+                #expect(count > 0, "\(family) recorded the traffic's revocations: \(text)")
+                #expect(buckets.count == LatencyHistogram.bounds.count + 1 && buckets == buckets.sorted() && buckets.last == count, "\(family): \(buckets)")
+                #expect(text.contains("# TYPE \(family) histogram"))
+            }
+            #expect(text.contains("vhost_pci_build_info{version=\"\(BuildInfo.version)\"} 1"))
+            let promtool = "/usr/bin/promtool"
+            try #require(FileManager.default.isExecutableFile(atPath: promtool), "promtool is missing: make deps installs it (Debian package prometheus)")
+            let check = Process()
+            check.executableURL = URL(fileURLWithPath: promtool)
+            check.arguments = ["check", "metrics"]
+            let input = Pipe(), output = Pipe()
+            check.standardInput = input
+            check.standardOutput = output
+            check.standardError = output
+            try check.run()
+            input.fileHandleForWriting.write(Data(text.utf8))
+            try input.fileHandleForWriting.close()
+            let said = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            check.waitUntilExit()
+            #expect(check.terminationStatus == 0 && said.isEmpty, "promtool check metrics: \(said)")
+            daemon.signal(SIGTERM)
+        }
+
         /// `--version` on every binary this package installs or ships.
         @Test func everyBinaryAnswersVersion() throws {
             for name in ["vhost-pci-bridged", "vhost-pci-bridgectl", "vhost-pci-guest", "vhost-pci-demo", "vhost-pci-bench"] {

@@ -192,6 +192,8 @@ public final class Bridge: Sendable {
         let (admitted, creds) = admission.admits(socket, settings.vm1Access, "vhost-user")
         guard admitted else { try? socket.fd.close(); return nil }
         let who = creds.map { "pid \($0.pid) uid \($0.uid)" } ?? "unknown peer"
+        var logger = logger
+        logger[metadataKey: "peer"] = "vm1 \(who)" // journald PEER=
         logger.info("front end connected (\(who))")
         // Messages are read once the socket is readable; a front end that then
         // stalls in the middle of one is dropped instead of holding the bridge.

@@ -25,6 +25,8 @@ final class PeerServer: Sendable {
         self.peer = peer
         self.settings = settings
         self.admission = admission
+        var logger = logger
+        logger[metadataKey: "peer"] = "vm2" // journald PEER=vm2
         self.logger = logger
     }
 
@@ -80,6 +82,7 @@ final class PeerServer: Sendable {
                 }
                 if let generation = peer.attach(socket, process: process) {
                     active = (socket, generation, false)
+                    logger.info("VM2 connected (\(creds.map { "pid \($0.pid) uid \($0.uid)" } ?? "unknown peer"))")
                 } else {
                     Self.sendError(socket, .busy, "bridge \(settings.name) already has a VM2")
                     try? socket.fd.close()

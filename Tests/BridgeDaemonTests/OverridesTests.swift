@@ -3,6 +3,7 @@ import BridgeDaemon
 import DaemonTestSupport
 import Foundation
 import Logging
+import LinuxIO
 import Testing
 import TestSupport
 
@@ -99,6 +100,23 @@ import TestSupport
 }
 
 @Suite struct StatusTests {
+    /// The watchdog's question: a bridge whose thread does not run its loop
+    /// does not answer a ping; once it runs, it does.
+    @Test func onlyARunningBridgeThreadAnswers() throws {
+        let dir = "/tmp/vpb-ping-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = BridgeConfig(name: "w", vhostUserSocket: "\(dir)/w.sock", peerSocket: nil, vm2: "w",
+                                  addressSpace: AddressSpaceConfiguration(barSize: 1 << 30, mode: .identity))
+        let bridge = try Bridge(config.settings, logger: quietLogger())
+        #expect(!bridge.answers(within: .milliseconds(50)))
+        let thread = try JoinableThread(name: "w") { bridge.serve() }
+        #expect(bridge.answers(within: .seconds(10)))
+        bridge.stop()
+        thread.join()
+        #expect(!bridge.answers(within: .milliseconds(50)), "a stopped bridge is not alive")
+    }
+
     /// `log-level` changes what `status` reports, not only the logging.
     @Test func logLevelShowsInStatus() throws {
         let d = try LiveDaemon("bridges: []\n")

@@ -2,6 +2,7 @@ import BridgeDaemon
 import ControlClient
 import Foundation
 import LinuxIO
+import Logging
 import Testing
 import TestSupport
 
@@ -114,6 +115,33 @@ final class FakeNotifySocket {
         let plain = JournalLogHandler(label: "vhost-pci-bridged", journald: false)
         let text = plain.line(level: .info, message: "ready", metadata: nil, date: Date(timeIntervalSince1970: 0))
         #expect(text == "1970-01-01T00:00:00Z info vhost-pci-bridged: ready\n")
+    }
+
+    /// The native journal protocol: structured fields (BRIDGE=, RULE=,
+    /// PEER=) to a journald socket, a multi-line message in the binary form,
+    /// and nothing to stderr when the journal took the entry.
+    @Test func entriesGoToTheJournalSocketWithStructuredFields() throws {
+        let journald = try FakeNotifySocket() // a datagram listener, like journald's socket
+        let journal = try #require(JournalSocket.available(path: journald.path))
+        var h = JournalLogHandler(label: "bridge", journald: true, journal: journal)
+        h[metadataKey: "bridge"] = "net0"
+        h[metadataKey: "peer"] = "vm1 pid 7 uid 0"
+        h.log(event: LogEvent(level: .warning, message: "refused IOTLB_MSG", metadata: ["rule": "iotlb-permission", "_hidden": "x", "9lives": "y"],
+                              source: "t", file: #fileID, function: #function, line: #line))
+        let got = journald.collect { $0.count == 1 }
+        let fields = Dictionary(uniqueKeysWithValues: (got.first ?? "").split(separator: "\n").compactMap { line -> (String, String)? in
+            guard let eq = line.firstIndex(of: "=") else { return nil }
+            return (String(line[..<eq]), String(line[line.index(after: eq)...]))
+        })
+        #expect(fields["MESSAGE"] == "refused IOTLB_MSG" && fields["PRIORITY"] == "4" && fields["SYSLOG_IDENTIFIER"] == "vhost-pci-bridged")
+        #expect(fields["BRIDGE"] == "net0" && fields["RULE"] == "iotlb-permission" && fields["PEER"] == "vm1 pid 7 uid 0", "\(fields)")
+        #expect(fields["HIDDEN"] == "x" && fields["LIVES"] == "y", "no trusted (_) or digit-led field names: \(fields)")
+        // A value with a newline: name, newline, 64-bit little-endian length, bytes, newline.
+        let bytes = h.entry(level: .error, message: "two\nlines", metadata: nil)
+        let expected: [UInt8] = Array("MESSAGE\n".utf8) + [9, 0, 0, 0, 0, 0, 0, 0] + Array("two\nlines\n".utf8)
+        #expect(Array(bytes.prefix(expected.count)) == expected)
+        #expect(JournalSocket.available(path: "/nonexistent/socket") == nil)
+        #expect(JournalSocket.available(path: "/etc/hostname") == nil, "a file is not a journal")
     }
 
     static var daemonBinary: String {

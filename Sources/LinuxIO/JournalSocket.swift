@@ -1,0 +1,35 @@
+import CLinuxShim
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// journald's native protocol endpoint: one datagram per entry to
+/// /run/systemd/journal/socket (systemd.journal-fields(7), "Native Journal
+/// Protocol"). `available` is nil when there is no journal to talk to.
+public final class JournalSocket: Sendable {
+    public static let defaultPath = "/run/systemd/journal/socket"
+    public let path: String
+    private let socket: UnixSocket
+
+    private init(path: String, socket: UnixSocket) {
+        self.path = path
+        self.socket = socket
+    }
+
+    /// A sender to `path` if a datagram can be addressed to it (the socket
+    /// exists and is a socket); nil otherwise.
+    public static func available(path: String = defaultPath) -> JournalSocket? {
+        var st = stat()
+        guard stat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFSOCK else { return nil }
+        let raw = shim_socket_unix(shim_sock_dgram())
+        guard raw >= 0 else { return nil }
+        return JournalSocket(path: path, socket: UnixSocket(adopting: OwnedFileDescriptor(adopting: raw), kind: .datagram))
+    }
+
+    /// Sends one encoded entry; false when the journal did not take it (the
+    /// caller then writes the line to stderr instead).
+    public func send(_ entry: [UInt8]) -> Bool {
+        let n = entry.withUnsafeBytes { shim_sendto_unix(socket.fd.rawValue, path, $0.baseAddress, $0.count) }
+        return n == entry.count
+    }
+}

@@ -92,6 +92,7 @@ public final class Bridge: Sendable {
         s.acceptFailures = admission.acceptFailures
         s.accessDenied = admission.accessDenied
         s.notificationMode = settings.notifications
+        s.relayEngine = relay?.engine
         if let view = s.session {
             add(relayStatistics(view), to: &s)
             s.add(view.statistics) // the live session's counters, on top of the finished sessions'

@@ -18,6 +18,8 @@ public struct BridgeStatistics: Sendable, Equatable {
     public var peer = PeerStatistics()
     // Notifications (relay modes), summed over every vring since start.
     public var notificationMode: NotificationMode = .relay
+    /// What the relay runs on (nil in passthrough mode).
+    public var relayEngine: NotificationRelay.Engine?
     public var kicksRelayed: UInt64 = 0
     public var callsRelayed: UInt64 = 0
     public var notificationsDropped: UInt64 = 0

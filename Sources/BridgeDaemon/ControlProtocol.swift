@@ -176,7 +176,7 @@ extension DaemonController {
          "vm2ProtocolErrors": s.peer.protocolErrors, "acceptFailures": s.acceptFailures,
          "slowestRevocationMicroseconds": s.peer.slowestRevocationMicroseconds, "translationsGranted": s.peer.translationsGranted,
          "translationsRefused": s.peer.translationsRefused, "vm2Refusals": s.peer.refusals,
-         "notifications": s.notificationMode.rawValue, "kicksRelayed": s.kicksRelayed, "callsRelayed": s.callsRelayed,
+         "notifications": s.notificationMode.rawValue, "relayEngine": s.relayEngine?.rawValue ?? "", "kicksRelayed": s.kicksRelayed, "callsRelayed": s.callsRelayed,
          "notificationsDropped": s.notificationsDropped, "notificationsCoalesced": s.notificationsCoalesced,
          "mappings": s.session?.mappings ?? 0, "bytesMapped": s.session?.mappedBytes ?? 0]
     }

@@ -97,8 +97,20 @@ public final class NotificationRelay: Sendable {
         var nextID: UInt32 = 1
         var stopped = false
         var started = false
+        var engine: Engine = .ioUring
         var failure: String?
     }
+
+    /// What moves the notifications: io_uring, or epoll when io_uring is
+    /// not available to this process.
+    public enum Engine: String, Sendable {
+        case ioUring = "io_uring"
+        case ioUringSQPoll = "io_uring-sqpoll"
+        case epoll
+    }
+
+    /// One warning per process, not one per bridge, when io_uring is missing.
+    private static let warnedNoIOURing = Atomic<Bool>(false)
 
     public let mode: NotificationMode
     public let busyPollMicroseconds: Int
@@ -130,13 +142,34 @@ public final class NotificationRelay: Sendable {
         let t: JoinableThread
         do {
             t = try JoinableThread(name: "relay") { [self] in
-                let ring: URing
-                do { ring = try URing(entries: entries, sqpoll: sqpoll, singleIssuer: !sqpoll) } catch {
-                    self.fail("\(error)")
+                // io_uring with SQPOLL if asked, else plain; if the kernel or a
+                // seccomp policy refuses io_uring, epoll: slower, never a
+                // failed bridge.
+                var ring: URing?
+                var refusal: URingError?
+                if sqpoll {
+                    do { ring = try URing(entries: entries, sqpoll: true, singleIssuer: false) } catch {
+                        self.logger.warning("io_uring SQPOLL is not available (\(error)): relaying without it")
+                    }
+                }
+                if ring == nil {
+                    do throws(URingError) { ring = try URing(entries: entries, sqpoll: false, singleIssuer: true) } catch { refusal = error }
+                }
+                if let ring {
+                    self.markStarted(ring.sqpoll ? .ioUringSQPoll : .ioUring)
+                    RelayEngine(ring: ring, relay: self).run()
                     return
                 }
-                self.markStarted()
-                RelayEngine(ring: ring, relay: self).run()
+                if !Self.warnedNoIOURing.exchange(true, ordering: .relaxed) {
+                    self.logger.warning("io_uring is not available (\(refusal.map { "\($0)" } ?? "?")): vring notifications are relayed with epoll instead (slower, same counters); this is logged once")
+                }
+                let epoll: Epoll
+                do { epoll = try Epoll() } catch {
+                    self.fail("epoll: \(error)")
+                    return
+                }
+                self.markStarted(.epoll)
+                EpollRelayEngine(epoll: epoll, relay: self).run()
             }
         } catch { throw .system(error) }
         thread.withLock { $0 = t }
@@ -159,8 +192,11 @@ public final class NotificationRelay: Sendable {
         changed.wait(until: deadline) { shared.withLock { done($0) } ? true : nil } ?? false
     }
 
-    func markStarted() {
-        shared.withLock { $0.started = true }
+    /// The engine the relay thread runs.
+    public var engine: Engine { shared.withLock { $0.engine } }
+
+    func markStarted(_ engine: Engine) {
+        shared.withLock { $0.started = true; $0.engine = engine }
         _ = try? changed.signal()
     }
 

@@ -426,3 +426,43 @@ int shim_prlimit_nofile(int pid, unsigned long long *soft, unsigned long long *h
     *hard = old.rlim_max;
     return 0;
 }
+
+// A read that never blocks, whatever the fd's O_NONBLOCK (an eventfd VM1
+// passed is shared with VM1, so its flags are not ours to change):
+// preadv2(RWF_NOWAIT) at the current position; EAGAIN when nothing is there.
+#include <sys/uio.h>
+ssize_t shim_read_nowait(int fd, void *buf, size_t len) {
+    struct iovec io = { buf, len };
+    return preadv2(fd, &io, 1, -1, RWF_NOWAIT);
+}
+int shim_epoll_del(int ep, int fd) { return epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL); }
+
+// Fault injection for tests: a seccomp filter making io_uring_setup fail with
+// EPERM in this process and what it executes, as a container's policy does.
+#include <linux/seccomp.h>
+#include <linux/filter.h>
+#include <linux/audit.h>
+#include <sys/prctl.h>
+#include <stddef.h>
+int shim_deny_io_uring_setup(void) {
+#if defined(__x86_64__)
+    const unsigned arch = AUDIT_ARCH_X86_64;
+#elif defined(__aarch64__)
+    const unsigned arch = AUDIT_ARCH_AARCH64;
+#else
+    errno = ENOTSUP;
+    return -1;
+#endif
+    struct sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, arch, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = { (unsigned short)(sizeof filter / sizeof filter[0]), filter };
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return -1;
+    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0);
+}

@@ -16,6 +16,12 @@ public final class Epoll: Sendable {
         _ = try retryingInterrupts("epoll_ctl(ADD \(target))") { shim_epoll_add(raw, target, data) }
     }
 
+    /// Stops watching `target` (before it is closed: another fd on the same
+    /// open file would otherwise keep it registered).
+    public func remove(_ target: Int32) {
+        _ = shim_epoll_del(fd.rawValue, target)
+    }
+
     /// Waits for up to `max` (≤ 64) ready fds; returns their `data`.
     public func wait(max: Int = 64, timeoutMilliseconds: Int32 = -1) throws(SystemCallError) -> [UInt64] {
         var out = [UInt64](repeating: 0, count: min(64, Swift.max(1, max)))

@@ -30,6 +30,20 @@ extension EventFD {
         return value
     }
 
+    /// Reads the eventfd counter behind the raw fd `source` without ever
+    /// blocking, even on a blocking fd another process can drain first: nil
+    /// when it is zero (or the read failed: then `failed` says why).
+    public static func take(from source: Int32) -> (value: UInt64?, failed: Errno?) {
+        var value: UInt64 = 0
+        while true {
+            let n = shim_read_nowait(source, &value, 8)
+            if n == 8 { return (value, nil) }
+            let e = Errno(rawValue: errno)
+            if n < 0, e == .interrupted { continue }
+            return (nil, n < 0 && e != .resourceTemporarilyUnavailable ? e : nil)
+        }
+    }
+
     public enum AddResult: Equatable, Sendable { case added, full, failed(Errno) }
 
     /// Adds `value` to the eventfd counter behind the raw fd `target`.

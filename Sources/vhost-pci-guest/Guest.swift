@@ -10,7 +10,7 @@ struct Guest: ParsableCommand {
         commandName: "vhost-pci-guest",
         abstract: "Run an emulated guest as its own process: VM1 (a virtio-net driver behind a vhost-user front end) or VM2 (the vhost-pci device side).",
         version: BuildInfo.version,
-        subcommands: [VM1Command.self, VM2Command.self, MapLimitCommand.self]
+        subcommands: [VM1Command.self, VM2Command.self, MapLimitCommand.self, WithoutIOURingCommand.self]
     )
 }
 

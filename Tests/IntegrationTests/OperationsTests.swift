@@ -268,6 +268,36 @@ extension Integration {
             daemon.signal(SIGTERM)
         }
 
+        /// io_uring refused (a seccomp filter makes io_uring_setup fail with
+        /// EPERM, as a container policy does): both relay modes fall back to
+        /// epoll with one warning for the process, and notifications flow.
+        @Test func withoutIOURingTheRelayFallsBackToEpoll() throws {
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let file = "\(dir)/config.yaml"
+            try "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\nlog-level: warning\nbridges:\n  - name: a\n    bar-size: 64G\n    notifications: relay\n  - name: b\n    bar-size: 1G\n    notifications: relay-sqpoll\n"
+                .write(toFile: file, atomically: true, encoding: .utf8)
+            let daemon = try SpawnedProcess(GuestProcess.executable, ["without-io-uring", "--", builtBinary("vhost-pci-bridged"), "--config", file])
+            let ctl = "\(dir)/control.sock"
+            #expect(names(try control(ctl, ["command": "list"])) == ["a", "b"], "the bridges started: \(daemon.output)")
+            let vm2 = try EmulatedVM2(peerSocketPath: "\(dir)/a-vm2.sock")
+            defer { vm2.stop() }
+            do {
+                let vm1 = try EmulatedVM1(socketPath: "\(dir)/a-vm1.sock")
+                defer { vm1.disconnect() }
+                try vm1.start()
+                #expect(try vm1.runTraffic(count: 200, sizes: [64, 1500]).completed)
+            }
+            for name in ["a", "b"] {
+                let stats = result(try control(ctl, ["command": "stats", "name": name]))
+                #expect(stats["relayEngine"] as? String == "epoll", "\(name): \(stats)")
+            }
+            #expect((result(try control(ctl, ["command": "stats", "name": "a"]))["kicksRelayed"] as? Int ?? 0) > 0)
+            daemon.signal(SIGTERM)
+            #expect(daemon.wait() == 0)
+            let warnings = daemon.output.components(separatedBy: "io_uring is not available").count - 1
+            #expect(warnings == 1, "one warning for the process: \(daemon.output)")
+        }
+
         /// `--version` on every binary this package installs or ships.
         @Test func everyBinaryAnswersVersion() throws {
             for name in ["vhost-pci-bridged", "vhost-pci-bridgectl", "vhost-pci-guest", "vhost-pci-demo", "vhost-pci-bench"] {

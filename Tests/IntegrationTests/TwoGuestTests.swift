@@ -256,10 +256,11 @@ extension Integration {
             try vm1.start()
             let vm2 = try connectVM2(running)
             defer { vm2.stop() }
-            #expect(vm2.statistics.bytesMapped == 256 * MiB)
+            // The state follows HELLO's reply: wait for it, do not race it.
+            #expect(pollUntil { vm2.statistics.bytesMapped == 256 * MiB }, "\(vm2.statistics)")
             let second = try EmulatedVM2(peerSocketPath: running.peerPath)
             #expect(pollUntil { second.isFinished })
-            #expect(second.statistics.disconnectReason?.contains("busy") == true || second.statistics.disconnectReason?.contains("2") == true)
+            #expect(second.statistics.disconnectReason?.contains("already has a VM2") == true, "\(String(describing: second.statistics.disconnectReason))")
             second.stop()
             let result = try vm1.runTraffic(count: 30, sizes: [512])
             #expect(result.completed)

@@ -122,6 +122,11 @@ void *shim_map_fixed_shared(void *addr, size_t len, int prot, int fd, off_t offs
 /// mapping (MADV_DONTDUMP).
 void *shim_revoke(void *addr, size_t len);
 /// RLIMIT_NOFILE of process `pid` (prlimit): reads soft/hard; with `set`, first sets the soft limit to *soft. 0 or -1 (errno).
+/// read(2) that never blocks (preadv2 RWF_NOWAIT): -1/EAGAIN when nothing is ready.
+ssize_t shim_read_nowait(int fd, void *buf, size_t len);
+int shim_epoll_del(int ep, int fd);
+/// Installs a seccomp filter: io_uring_setup fails with EPERM from now on (tests). 0 or -1.
+int shim_deny_io_uring_setup(void);
 int shim_prlimit_nofile(int pid, unsigned long long *soft, unsigned long long *hard, int set);
 int shim_prot_none(void);
 int shim_prot_read(void);

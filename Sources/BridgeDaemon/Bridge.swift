@@ -61,7 +61,7 @@ public final class Bridge: Sendable {
         } else {
             do {
                 relay = try NotificationRelay(mode: settings.notifications, busyPollMicroseconds: settings.busyPollMicroseconds,
-                                              logger: logger)
+                                              cpus: settings.cpuAffinity, logger: logger)
             } catch { throw .relay(settings.name, error) }
         }
         if let path = settings.socketPath, !settings.client {

@@ -37,6 +37,9 @@ public struct BridgeSettings: Sendable, Equatable {
     /// always disconnected; `kill` also sends its VMM SIGKILL (through a
     /// pidfd taken when it connected).
     public var vm2DeadlineAction: DeadlineAction = .disconnect
+    /// CPUs the relay thread (and, in relay-sqpoll mode, the SQPOLL kernel
+    /// thread: the first of them) may run on; empty: wherever the daemon may.
+    public var cpuAffinity: [Int] = []
 
     public init(name: String, socketPath: String?, peerSocketPath: String? = nil, backend: BackendConfiguration,
                 revocationDeadlineMilliseconds: Int = 100, notifications: NotificationMode = .relay,

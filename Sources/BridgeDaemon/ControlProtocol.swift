@@ -94,7 +94,7 @@ extension DaemonController {
                              "staticWindows": c.addressSpace.staticWindows.map(\.description),
                              "notifications": c.notifications.rawValue, "revocationDeadlineMs": c.revocationDeadlineMilliseconds,
                              "maxMappings": c.addressSpace.maxMappings, "vhostUserSocket": c.vhostUserSocket,
-                             "peerSocket": c.peerSocket ?? "", "vm2": c.vm2, "client": c.client] as [String: Any]
+                             "peerSocket": c.peerSocket ?? "", "vm2": c.vm2, "client": c.client, "cpuAffinity": c.cpuAffinity] as [String: Any]
             if let v = s.session {
                 out["session"] = ["regions": v.regions, "mappings": v.mappings, "bytesMapped": v.mappedBytes,
                                   "startedRings": v.startedRings, "enabledRings": v.enabledRings, "frozen": v.frozen,

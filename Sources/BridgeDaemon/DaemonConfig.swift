@@ -35,6 +35,8 @@ public struct BridgeConfig: Equatable, Sendable {
     /// then the daemon exits, the back-end convention) instead of listening
     /// on `vhostUserSocket`, which then only names it in logs and `list`.
     public var inheritedConnection: Int32?
+    /// `cpu-affinity`: CPUs of the relay (and SQPOLL) threads.
+    public var cpuAffinity: [Int] = []
 
     public init(name: String, vhostUserSocket: String, peerSocket: String?, vm2: String, addressSpace: AddressSpaceConfiguration) {
         self.name = name
@@ -55,6 +57,7 @@ public struct BridgeConfig: Equatable, Sendable {
         s.vm1Access = vm1Access
         s.vm2Access = vm2Access
         s.vm2DeadlineAction = vm2DeadlineAction
+        s.cpuAffinity = cpuAffinity
         return s
     }
 }
@@ -83,7 +86,8 @@ public struct DaemonConfig: Equatable, Sendable {
     static let bridgeKeys: Set<String> = ["name", "vhost-user-socket", "peer-socket", "vm2", "bar-size", "mode", "static-windows",
                                           "dma-window", "notifications", "busy-poll-us", "revocation-deadline-ms", "max-mappings",
                                           "queue-pairs", "device-features", "client", "page-size", "max-pending-translations",
-                                          "vm1-access", "vm2-access", "vm2-deadline-action", "round-out-huge-pages"]
+                                          "vm1-access", "vm2-access", "vm2-deadline-action", "round-out-huge-pages",
+                                          "cpu-affinity"]
 
     /// Most YAML nodes a config may hold (aliases count each time they are
     /// used, so an alias bomb is refused, not expanded), and how deep.
@@ -303,6 +307,25 @@ public struct DaemonConfig: Equatable, Sendable {
         }
     }
 
+    /// `[0, 2]` or `"0-3,6"`: CPU numbers below 1024, at most 1024 of them.
+    static func cpuList(_ v: Any, _ key: String) throws(ConfigError) -> [Int] {
+        let items: [String]
+        if let list = v as? [Any] { items = list.map { scalar($0) ?? "?" } } else if let text = scalar(v) {
+            items = text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+        } else { throw ConfigError(key, "must be a list of CPU numbers or a string such as 0-3,6") }
+        var cpus: Set<Int> = []
+        for item in items {
+            let bounds = item.split(separator: "-", omittingEmptySubsequences: false)
+            guard bounds.count <= 2, let first = Int(bounds[0]), let last = bounds.count == 2 ? Int(bounds[1]) : first,
+                  first >= 0, last >= first, last < 1024 else {
+                throw ConfigError(key, "'\(item)' is not a CPU number or range below 1024 (e.g. 0-3,6)")
+            }
+            cpus.formUnion(first...last)
+        }
+        guard !cpus.isEmpty else { throw ConfigError(key, "names no CPU") }
+        return cpus.sorted()
+    }
+
     static func mode(_ v: Any, _ key: String) throws(ConfigError) -> UInt32 {
         guard let text = scalar(v), let mode = UInt32(text.hasPrefix("0o") ? String(text.dropFirst(2)) : text, radix: 8), mode <= 0o777 else {
             throw ConfigError(key, "'\(scalar(v) ?? "?")' is not an octal mode such as 0660")
@@ -381,6 +404,7 @@ public struct DaemonConfig: Equatable, Sendable {
         if let raw = b["max-pending-translations"] {
             config.maxPendingTranslations = try int(raw, "\(key).max-pending-translations", 1...65_536)
         }
+        if let raw = b["cpu-affinity"] { config.cpuAffinity = try cpuList(raw, "\(key).cpu-affinity") }
         if let raw = b["client"] {
             guard let v = raw as? Bool else { throw ConfigError("\(key).client", "must be true or false") }
             config.client = v

@@ -125,7 +125,9 @@ public final class NotificationRelay: Sendable {
 
     /// Starts the relay thread. `busyPollMicroseconds` > 0 spins that long
     /// reaping completions before it blocks (lower latency, more CPU).
-    public init(mode: NotificationMode = .relay, busyPollMicroseconds: Int = 0, entries: UInt32 = 1024,
+    /// `cpus`: pin the relay thread there (and bind the SQPOLL thread to the
+    /// first); a pinning the kernel refuses fails the relay, with the reason.
+    public init(mode: NotificationMode = .relay, busyPollMicroseconds: Int = 0, entries: UInt32 = 1024, cpus: [Int] = [],
                 logger: Logger = Logger(label: "relay"), forceLinkedWrites: Bool = false) throws(RelayError) {
         precondition(mode != .passthrough, "passthrough needs no relay")
         self.mode = mode
@@ -145,10 +147,16 @@ public final class NotificationRelay: Sendable {
                 // io_uring with SQPOLL if asked, else plain; if the kernel or a
                 // seccomp policy refuses io_uring, epoll: slower, never a
                 // failed bridge.
+                if !cpus.isEmpty {
+                    do { try CPUAffinity.pinCallingThread(to: cpus) } catch {
+                        self.fail("cpu-affinity \(cpus): \(error)")
+                        return
+                    }
+                }
                 var ring: URing?
                 var refusal: URingError?
                 if sqpoll {
-                    do { ring = try URing(entries: entries, sqpoll: true, singleIssuer: false) } catch {
+                    do { ring = try URing(entries: entries, sqpoll: true, singleIssuer: false, sqpollCPU: cpus.first) } catch {
                         self.logger.warning("io_uring SQPOLL is not available (\(error)): relaying without it")
                     }
                 }

@@ -332,12 +332,16 @@ int shim_wexitstatus(int status) { return WEXITSTATUS(status); }
 
 struct shim_uring { struct io_uring ring; };
 
-shim_uring *shim_uring_create(unsigned int entries, int sqpoll, unsigned int sq_idle_ms, int *err) {
+shim_uring *shim_uring_create(unsigned int entries, int sqpoll, unsigned int sq_idle_ms, int sq_cpu, int *err) {
     shim_uring *r = calloc(1, sizeof *r);
     if (!r) { *err = -ENOMEM; return NULL; }
     struct io_uring_params p;
     memset(&p, 0, sizeof p);
-    if (sqpoll == 1) { p.flags |= IORING_SETUP_SQPOLL; p.sq_thread_idle = sq_idle_ms; }
+    if (sqpoll == 1) {
+        p.flags |= IORING_SETUP_SQPOLL;
+        p.sq_thread_idle = sq_idle_ms;
+        if (sq_cpu >= 0) { p.flags |= IORING_SETUP_SQ_AFF; p.sq_thread_cpu = (unsigned)sq_cpu; }
+    }
     if (sqpoll == 2) {
         /* One submitter thread; task work runs when it waits (kernel >= 6.1):
            COOP_TASKRUN (1<<8) | SINGLE_ISSUER (1<<12) | DEFER_TASKRUN (1<<13). */
@@ -465,4 +469,16 @@ int shim_deny_io_uring_setup(void) {
     struct sock_fprog prog = { (unsigned short)(sizeof filter / sizeof filter[0]), filter };
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return -1;
     return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0);
+}
+
+// Pins the calling thread to `cpus` (sched_setaffinity). 0 or -1 (errno).
+#include <sched.h>
+int shim_pin_thread(const int *cpus, int count) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int i = 0; i < count; i++) {
+        if (cpus[i] < 0 || cpus[i] >= CPU_SETSIZE) { errno = EINVAL; return -1; }
+        CPU_SET(cpus[i], &set);
+    }
+    return sched_setaffinity(0, sizeof set, &set);
 }

@@ -80,3 +80,15 @@ public enum ThreadCPUClock {
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 }
+
+/// Where a thread may run.
+public enum CPUAffinity {
+    /// Pins the calling thread to `cpus` (sched_setaffinity); EINVAL when
+    /// none of them is online or allowed.
+    public static func pinCallingThread(to cpus: [Int]) throws(SystemCallError) {
+        let list = cpus.map { Int32(clamping: $0) }
+        guard list.withUnsafeBufferPointer({ shim_pin_thread($0.baseAddress, Int32($0.count)) }) == 0 else {
+            throw .current("sched_setaffinity(\(cpus))")
+        }
+    }
+}

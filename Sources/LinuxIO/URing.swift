@@ -42,10 +42,12 @@ public final class URing {
     /// `singleIssuer`: only the creating thread submits and waits; the kernel
     /// then defers completion work to its waits (DEFER_TASKRUN), which is
     /// cheaper. Ignored with `sqpoll`; falls back where unsupported.
+    /// `sqpollCPU`: the CPU the SQPOLL kernel thread is bound to (IORING_SETUP_SQ_AFF).
     public init(entries: UInt32 = 256, sqpoll: Bool = false, sqpollIdleMilliseconds: UInt32 = 50,
-                singleIssuer: Bool = false) throws(URingError) {
+                singleIssuer: Bool = false, sqpollCPU: Int? = nil) throws(URingError) {
         var err: Int32 = 0
-        guard let ring = shim_uring_create(entries, sqpoll ? 1 : (singleIssuer ? 2 : 0), sqpollIdleMilliseconds, &err) else {
+        guard let ring = shim_uring_create(entries, sqpoll ? 1 : (singleIssuer ? 2 : 0), sqpollIdleMilliseconds,
+                                           Int32(sqpollCPU ?? -1), &err) else {
             throw .system(SystemCallError("io_uring_queue_init(\(entries)\(sqpoll ? ", SQPOLL" : ""))", errno: Errno(rawValue: -err)))
         }
         self.ring = ring

@@ -78,6 +78,9 @@ struct Daemon: ParsableCommand {
     @Option(help: "Vring notifications: relay (io_uring, default), relay-sqpoll, or passthrough (VM1's eventfds handed to VM2).")
     var notifications: String?
 
+    @Option(help: "CPUs for this bridge's relay thread (and the SQPOLL thread, bound to the first), e.g. 2-3 or 0,4.")
+    var cpuAffinity: String?
+
     @Option(name: .customLong("busy-poll-us"), help: "Relay modes: microseconds to spin reaping completions before sleeping (0-10000, default 0).")
     var busyPollMicroseconds: Int?
 
@@ -123,6 +126,7 @@ struct Daemon: ParsableCommand {
         if let revocationDeadline { spec["revocation-deadline-ms"] = String(revocationDeadline) }
         if let notifications { spec["notifications"] = notifications }
         if let busyPollMicroseconds { spec["busy-poll-us"] = String(busyPollMicroseconds) }
+        if let cpuAffinity { spec["cpu-affinity"] = cpuAffinity }
         var b = try DaemonConfig.bridge(spec, key: Self.flagKey, runtimeDirectory: DaemonConfig().runtimeDirectory)
         if peerSocket == nil { b.peerSocket = nil } // no VM2 socket unless asked for
         b.inheritedConnection = fd

@@ -55,6 +55,18 @@ func configError(_ text: String) -> ConfigError? {
         #expect(config.controlSocket == "/run/vhost-pci-bridged/control.sock" && config.runtimeDirectory == "/run/vhost-pci-bridged")
     }
 
+    @Test func cpuAffinityListsAndRanges() throws {
+        func cpus(_ v: String) throws -> [Int] {
+            try DaemonConfig.parse("bridges:\n  - name: a\n    bar-size: 1G\n    cpu-affinity: \(v)\n").bridges[0].cpuAffinity
+        }
+        #expect(try cpus("[3, 1, 1]") == [1, 3])
+        #expect(try cpus("\"0-2,6\"") == [0, 1, 2, 6])
+        #expect(try cpus("5") == [5])
+        for bad in ["\"2-1\"", "\"-1\"", "1024", "\"a\"", "[]", "\"0-\""] {
+            #expect(configError("bridges:\n  - name: a\n    bar-size: 1G\n    cpu-affinity: \(bad)\n")?.key == "bridges[0].cpu-affinity", "\(bad)")
+        }
+    }
+
     /// A runtime directory moves the control socket with it unless the
     /// file names one.
     @Test func theControlSocketFollowsTheRuntimeDirectory() throws {

@@ -298,6 +298,33 @@ extension Integration {
             #expect(warnings == 1, "one warning for the process: \(daemon.output)")
         }
 
+        /// cpu-affinity pins each bridge's relay thread, and binds the SQPOLL
+        /// kernel thread of a relay-sqpoll bridge, as the kernel reports them.
+        @Test func cpuAffinityPinsRelayAndSQPollThreads() throws {
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let file = "\(dir)/config.yaml"
+            try "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\nbridges:\n  - name: a\n    bar-size: 1G\n    cpu-affinity: \"0\"\n  - name: b\n    bar-size: 1G\n    notifications: relay-sqpoll\n    cpu-affinity: [0]\n"
+                .write(toFile: file, atomically: true, encoding: .utf8)
+            let daemon = try SpawnedProcess(builtBinary("vhost-pci-bridged"), ["--config", file])
+            let show = result(try control("\(dir)/control.sock", ["command": "show", "name": "b"]))
+            #expect((show["config"] as? [String: Any])?["cpuAffinity"] as? [Int] == [0], "\(show)")
+            func tasks(_ prefix: String) -> [String] {
+                let dir = "/proc/\(daemon.pid)/task"
+                return ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).compactMap { tid in
+                    guard let comm = try? String(contentsOfFile: "\(dir)/\(tid)/comm", encoding: .utf8), comm.hasPrefix(prefix),
+                          let status = try? String(contentsOfFile: "\(dir)/\(tid)/status", encoding: .utf8) else { return nil }
+                    return status.split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") }
+                        .map { $0.split(separator: "\t").last.map(String.init) ?? "" }
+                }
+            }
+            #expect(tasks("relay") == ["0", "0"], "both relay threads pinned: \(tasks("relay")); \(daemon.output)")
+            #expect(tasks("iou-sqp") == ["0"], "the SQPOLL thread bound: \(tasks("iou-sqp"))")
+            #expect(tasks("bridge-").allSatisfy { $0 != "0" } || ProcessInfo.processInfo.activeProcessorCount == 1,
+                    "only the relay threads are pinned")
+            daemon.signal(SIGTERM)
+            #expect(daemon.wait() == 0)
+        }
+
         /// `--version` on every binary this package installs or ships.
         @Test func everyBinaryAnswersVersion() throws {
             for name in ["vhost-pci-bridged", "vhost-pci-bridgectl", "vhost-pci-guest", "vhost-pci-demo", "vhost-pci-bench"] {

@@ -127,6 +127,8 @@ ssize_t shim_read_nowait(int fd, void *buf, size_t len);
 int shim_epoll_del(int ep, int fd);
 /// Installs a seccomp filter: io_uring_setup fails with EPERM from now on (tests). 0 or -1.
 int shim_deny_io_uring_setup(void);
+/// Pins the calling thread to the CPUs listed (sched_setaffinity). 0 or -1 (errno).
+int shim_pin_thread(const int *cpus, int count);
 int shim_prlimit_nofile(int pid, unsigned long long *soft, unsigned long long *hard, int set);
 int shim_prot_none(void);
 int shim_prot_read(void);
@@ -157,7 +159,7 @@ typedef struct shim_uring shim_uring;
 /// Creates a ring. `sqpoll`: 0 plain, 1 SQPOLL, 2 single-issuer with deferred
 /// task work (falls back to plain where the kernel lacks it). On failure
 /// returns NULL and stores -errno in *err.
-shim_uring *shim_uring_create(unsigned int entries, int sqpoll, unsigned int sq_idle_ms, int *err);
+shim_uring *shim_uring_create(unsigned int entries, int sqpoll, unsigned int sq_idle_ms, int sq_cpu, int *err);
 void shim_uring_destroy(shim_uring *ring);
 int shim_uring_fd(shim_uring *ring);
 unsigned int shim_uring_sq_space_left(shim_uring *ring);

@@ -6,9 +6,10 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 BINDIR  := $(DESTDIR)$(PREFIX)/bin
 APT_PACKAGES := liburing-dev
-# make deb / deb-check (run by make test): dpkg-shlibdeps and lintian; the
-# metrics test checks the exposition with promtool (package prometheus).
-PACKAGING_PACKAGES := dpkg-dev lintian fakeroot prometheus
+# What make test checks with: dpkg-shlibdeps, fakeroot and lintian (make deb,
+# deb-check), promtool (package prometheus: the metrics exposition),
+# virt-xml-validate (the libvirt recipe in docs/examples).
+CHECK_PACKAGES := dpkg-dev lintian fakeroot prometheus libvirt-clients libxml2-utils
 # Real vhost-user front ends for `make interop` (DPDK testpmd, QEMU with iPXE,
 # and a Linux guest built from Debian's kernel and busybox with gcc).
 INTEROP_PACKAGES := dpdk-dev qemu-system-x86 gcc libc6-dev
@@ -33,7 +34,7 @@ endef
 
 # The system packages the build needs.
 deps:
-	$(call install-missing,$(APT_PACKAGES) $(PACKAGING_PACKAGES),deps,--no-install-recommends)
+	$(call install-missing,$(APT_PACKAGES) $(CHECK_PACKAGES),deps,--no-install-recommends)
 
 interop-deps:
 	$(call install-missing,$(INTEROP_PACKAGES),interop-deps,--no-install-recommends)
@@ -51,6 +52,7 @@ test: deps
 	$(SWIFT) build
 	@if command -v systemd-analyze >/dev/null 2>&1; then sh systemd/check.sh .build/debug/vhost-pci-bridged; \
 	else echo "systemd-analyze is not installed: unit checks SKIPPED (apt-get install systemd)"; fi
+	sh docs/examples/check.sh xml
 	$(MAKE) fuzz FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS)
 	$(MAKE) deb-check
 	$(SWIFT) test --no-parallel --skip InteropTests
@@ -98,6 +100,7 @@ fuzz-seeds: fuzz-build
 # not installed makes its tests skip, saying what to install.
 interop: deps
 	$(SWIFT) test --no-parallel --filter InteropTests
+	sh docs/examples/check.sh qemu .build/debug/vhost-pci-bridged
 
 # The demo runs release builds: the numbers it prints mean something.
 demo: deps
@@ -157,6 +160,8 @@ install-files:
 	[ -e $(DESTDIR)$(SYSCONFDIR)/vhost-pci-bridged.yaml ] || install -m 0644 config/production.yaml $(DESTDIR)$(SYSCONFDIR)/vhost-pci-bridged.yaml
 	install -m 0644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
 	install -m 0644 config/vhost-pci-bridged.yaml $(DESTDIR)$(DOCDIR)/example-config.yaml
+	install -d $(DESTDIR)$(DOCDIR)/examples
+	install -m 0644 docs/examples/libvirt-vm1.xml docs/examples/qemu-vm1.sh $(DESTDIR)$(DOCDIR)/examples/
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && for b in $(OPERATOR_BINARIES); do \
 	  $(MANUAL_TOOL) $(RELEASE_DIR)/$$b --date 2026-11-27 --output-directory $$tmp >/dev/null || exit 1; \
 	  gzip -9n -c $$tmp/$$b.1 > $(DESTDIR)$(MANDIR)/man1/$$b.1.gz; chmod 0644 $(DESTDIR)$(MANDIR)/man1/$$b.1.gz; \

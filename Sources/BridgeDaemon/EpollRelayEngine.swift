@@ -11,7 +11,7 @@ import SystemPackage
 /// targets. Same commands, same counters; one syscall pair per notification
 /// instead of a batch, which is the price of the fallback.
 final class EpollRelayEngine {
-    final class Link {
+    final class Link: CountedLink {
         let id: NotificationRelay.LinkID
         var source: OwnedFileDescriptor
         var target: OwnedFileDescriptor?
@@ -32,28 +32,16 @@ final class EpollRelayEngine {
     unowned let relay: NotificationRelay
     var links: [UInt32: Link] = [:]
     var running = true
-    var dirtyLinks: [Link] = []
+    var batch = StatisticsBatch<Link>()
 
     init(epoll: Epoll, relay: NotificationRelay) {
         self.epoll = epoll
         self.relay = relay
     }
 
-    func touch(_ link: Link) {
-        if !link.dirty { link.dirty = true; dirtyLinks.append(link) }
-    }
+    func touch(_ link: Link) { batch.touch(link) }
 
-    func flushStatistics() {
-        guard !dirtyLinks.isEmpty else { return }
-        var changes: [NotificationRelay.LinkID: RelayLinkStatistics] = [:]
-        for link in dirtyLinks {
-            changes[link.id] = link.delta
-            link.delta = RelayLinkStatistics()
-            link.dirty = false
-        }
-        dirtyLinks.removeAll(keepingCapacity: true)
-        relay.updateMany(changes)
-    }
+    func flushStatistics() { batch.flush(to: relay) }
 
     func run() {
         do { try epoll.add(relay.controlFD, data: Self.controlData) } catch {

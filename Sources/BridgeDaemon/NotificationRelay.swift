@@ -58,6 +58,38 @@ public enum RelayError: Error, CustomStringConvertible {
     }
 }
 
+/// A relay engine's link as far as counting goes.
+protocol CountedLink: AnyObject {
+    var id: NotificationRelay.LinkID { get }
+    /// Counters since the last flush to the shared statistics.
+    var delta: RelayLinkStatistics { get set }
+    var dirty: Bool { get set }
+}
+
+/// The links whose counters changed in the current batch, flushed to the
+/// relay's shared statistics once per batch (one lock, not one per event).
+/// Both engines (io_uring, epoll) count through it.
+struct StatisticsBatch<Link: CountedLink> {
+    private var links: [Link] = []
+
+    mutating func touch(_ link: Link) {
+        if !link.dirty { link.dirty = true; links.append(link) }
+    }
+
+    mutating func flush(to relay: NotificationRelay) {
+        guard !links.isEmpty else { return }
+        var changes: [NotificationRelay.LinkID: RelayLinkStatistics] = [:]
+        changes.reserveCapacity(links.count)
+        for link in links {
+            changes[link.id] = link.delta
+            link.delta = RelayLinkStatistics()
+            link.dirty = false
+        }
+        links.removeAll(keepingCapacity: true)
+        relay.updateMany(changes)
+    }
+}
+
 /// Relays eventfd notifications on its own thread with io_uring: for each
 /// link, an armed read on the source eventfd, linked (IOSQE_IO_LINK) to a
 /// write of the same 8 bytes to the target when the target is non-blocking

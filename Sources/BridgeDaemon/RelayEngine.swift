@@ -12,7 +12,7 @@ final class RelayEngine {
     static let controlData: UInt64 = 0
     enum Op: UInt64 { case read = 1, write = 2, cancel = 3 }
 
-    final class Link {
+    final class Link: CountedLink {
         let id: NotificationRelay.LinkID
         var source: OwnedFileDescriptor
         var target: OwnedFileDescriptor?
@@ -42,24 +42,11 @@ final class RelayEngine {
     var controlBuffer = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
     var running = true
     /// Links whose `delta` changed in the current batch.
-    var dirtyLinks: [Link] = []
+    var batch = StatisticsBatch<Link>()
 
-    @inline(__always) func touch(_ link: Link) {
-        if !link.dirty { link.dirty = true; dirtyLinks.append(link) }
-    }
+    @inline(__always) func touch(_ link: Link) { batch.touch(link) }
 
-    func flushStatistics() {
-        guard !dirtyLinks.isEmpty else { return }
-        var changes: [NotificationRelay.LinkID: RelayLinkStatistics] = [:]
-        changes.reserveCapacity(dirtyLinks.count)
-        for link in dirtyLinks {
-            changes[link.id] = link.delta
-            link.delta = RelayLinkStatistics()
-            link.dirty = false
-        }
-        dirtyLinks.removeAll(keepingCapacity: true)
-        relay.updateMany(changes)
-    }
+    func flushStatistics() { batch.flush(to: relay) }
 
     init(ring: URing, relay: NotificationRelay) {
         self.ring = ring

@@ -88,7 +88,9 @@ extension Integration {
                 #expect(ack == 0)
                 #expect(running.bridge.window.probeInChild(iova) == .faulted)
                 #expect(vm2.window?.probeInChild(BusAddress(iova.rawValue + 0x3000)) == .faulted)
-                #expect(running.bridge.statistics.iotlbInvalidates >= 1)
+                // Counters are published after the message is handled, which is
+                // after VM1's ack: wait for them rather than race them.
+                #expect(pollUntil { running.bridge.statistics.iotlbInvalidates >= 1 })
                 #expect(running.bridge.statistics.refusals.isEmpty, "\(running.bridge.statistics.refusals)")
             }
         }

@@ -94,6 +94,14 @@ extension Integration {
         let dir = "/tmp/vpb-ops-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         init() throws { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) }
 
+        /// Writes `dir/config.yaml`: the runtime directory and control socket
+        /// in `dir`, then `rest` (top-level keys and the bridges); returns its path.
+        func writeConfig(_ rest: String) throws -> String {
+            let file = "\(dir)/config.yaml"
+            try "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\n\(rest)".write(toFile: file, atomically: true, encoding: .utf8)
+            return file
+        }
+
         /// Two daemons started from flags alone, side by side: each serves
         /// its control socket where --control-socket said (they do not
         /// collide), in the log level --log-level said.
@@ -203,9 +211,7 @@ extension Integration {
         /// naming the bridge, nothing left listening, no READY=1.
         @Test func aBridgeThatCannotStartStopsTheStart() throws {
             defer { try? FileManager.default.removeItem(atPath: dir) }
-            let file = "\(dir)/config.yaml"
-            try "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\nbridges:\n  - name: good\n    bar-size: 1G\n  - name: bad\n    bar-size: 1G\n    vhost-user-socket: /nonexistent-dir/bad.sock\n"
-                .write(toFile: file, atomically: true, encoding: .utf8)
+            let file = try writeConfig("bridges:\n  - name: good\n    bar-size: 1G\n  - name: bad\n    bar-size: 1G\n    vhost-user-socket: /nonexistent-dir/bad.sock\n")
             let daemon = try SpawnedProcess(builtBinary("vhost-pci-bridged"), ["--config", file])
             #expect(daemon.wait() == 1)
             #expect(daemon.output.contains("bad:") && daemon.output.contains("none runs"), "\(daemon.output)")
@@ -273,9 +279,7 @@ extension Integration {
         /// epoll with one warning for the process, and notifications flow.
         @Test func withoutIOURingTheRelayFallsBackToEpoll() throws {
             defer { try? FileManager.default.removeItem(atPath: dir) }
-            let file = "\(dir)/config.yaml"
-            try "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\nlog-level: warning\nbridges:\n  - name: a\n    bar-size: 64G\n    notifications: relay\n  - name: b\n    bar-size: 1G\n    notifications: relay-sqpoll\n"
-                .write(toFile: file, atomically: true, encoding: .utf8)
+            let file = try writeConfig("log-level: warning\nbridges:\n  - name: a\n    bar-size: 64G\n    notifications: relay\n  - name: b\n    bar-size: 1G\n    notifications: relay-sqpoll\n")
             let daemon = try SpawnedProcess(GuestProcess.executable, ["without-io-uring", "--", builtBinary("vhost-pci-bridged"), "--config", file])
             let ctl = "\(dir)/control.sock"
             #expect(names(try control(ctl, ["command": "list"])) == ["a", "b"], "the bridges started: \(daemon.output)")
@@ -302,9 +306,7 @@ extension Integration {
         /// kernel thread of a relay-sqpoll bridge, as the kernel reports them.
         @Test func cpuAffinityPinsRelayAndSQPollThreads() throws {
             defer { try? FileManager.default.removeItem(atPath: dir) }
-            let file = "\(dir)/config.yaml"
-            try "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\nbridges:\n  - name: a\n    bar-size: 1G\n    cpu-affinity: \"0\"\n  - name: b\n    bar-size: 1G\n    notifications: relay-sqpoll\n    cpu-affinity: [0]\n"
-                .write(toFile: file, atomically: true, encoding: .utf8)
+            let file = try writeConfig("bridges:\n  - name: a\n    bar-size: 1G\n    cpu-affinity: \"0\"\n  - name: b\n    bar-size: 1G\n    notifications: relay-sqpoll\n    cpu-affinity: [0]\n")
             let daemon = try SpawnedProcess(builtBinary("vhost-pci-bridged"), ["--config", file])
             let show = result(try control("\(dir)/control.sock", ["command": "show", "name": "b"]))
             #expect((show["config"] as? [String: Any])?["cpuAffinity"] as? [Int] == [0], "\(show)")

@@ -9,7 +9,7 @@ APT_PACKAGES := liburing-dev
 # What make test checks with: dpkg-shlibdeps, fakeroot and lintian (make deb,
 # deb-check), promtool (package prometheus: the metrics exposition),
 # virt-xml-validate (the libvirt recipe in docs/examples).
-CHECK_PACKAGES := dpkg-dev lintian fakeroot prometheus libvirt-clients libxml2-utils
+CHECK_PACKAGES := dpkg-dev lintian fakeroot man-db prometheus libvirt-clients libxml2-utils
 # Real vhost-user front ends for `make interop` (DPDK testpmd, QEMU with iPXE,
 # and a Linux guest built from Debian's kernel and busybox with gcc).
 INTEROP_PACKAGES := dpdk-dev qemu-system-x86 gcc libc6-dev

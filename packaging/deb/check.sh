@@ -35,6 +35,16 @@ for b in vhost-pci-bridged vhost-pci-bridgectl; do
 done
 echo "deb-check: both binaries run and print $version"
 
+# Man pages and completions come from the argument parser: they name the
+# options --help names.
+zcat "$root/usr/share/man/man1/vhost-pci-bridged.1.gz" | grep -q -- "-cpu-affinity" || fail "the daemon's man page lacks --cpu-affinity"
+zcat "$root/usr/share/man/man1/vhost-pci-bridgectl.1.gz" | grep -q "reload" || fail "the CLI's man page lacks reload"
+grep -q -- "--state-directory" "$root/usr/share/bash-completion/completions/vhost-pci-bridged" || fail "bash completion"
+grep -q "state-directory" "$root/usr/share/zsh/vendor-completions/_vhost-pci-bridged" || fail "zsh completion"
+grep -q "state-directory" "$root/usr/share/fish/vendor_completions.d/vhost-pci-bridged.fish" || fail "fish completion"
+man -l "$root/usr/share/man/man1/vhost-pci-bridged.1.gz" > /dev/null 2>&1 || fail "man cannot render the daemon's page"
+echo "deb-check: man pages and completions name the current options"
+
 [ "$("$root/usr/bin/vhost-pci-bridged" --print-capabilities)" = '{"type": "net"}' ] || fail "--print-capabilities"
 grep -q '"binary": "/usr/bin/vhost-pci-bridged"' "$root/usr/share/qemu/vhost-user/50-vhost-pci-bridged.json" || fail "discovery file binary path"
 grep -q '"type": "net"' "$root/usr/share/qemu/vhost-user/50-vhost-pci-bridged.json" || fail "discovery file type"

@@ -134,12 +134,7 @@ public final class DaemonController: Sendable {
     /// and restarts until it is destroyed; returns whether it was kept.
     @discardableResult
     public func createFromClient(_ b: BridgeConfig, spec: String? = nil) throws(ControlError) -> Bool {
-        let allowed = [config.runtimeDirectory] + config.socketDirectories
-        for (key, path) in [("vhost-user-socket", b.vhostUserSocket), ("peer-socket", b.peerSocket)] {
-            if let path, let reason = SocketPathPolicy.refusal(path, allowed: allowed) {
-                throw ControlError("invalid", "bridge.\(key): \(reason)")
-            }
-        }
+        try checkClientSockets(b)
         try create(b)
         let entries = state.withLock { s -> [CreatedBridges.Entry] in
             s.created.append(CreatedBridges.Entry(name: b.name, spec: spec ?? "{}"))
@@ -152,6 +147,17 @@ public final class DaemonController: Sendable {
             throw ControlError("state", "bridge \(b.name) was not kept: \(error)")
         }
         return true
+    }
+
+    /// A control client's bridge may put its sockets only in the runtime
+    /// directory or `socket-directories`.
+    private func checkClientSockets(_ b: BridgeConfig) throws(ControlError) {
+        let allowed = [config.runtimeDirectory] + config.socketDirectories
+        for (key, path) in [("vhost-user-socket", b.vhostUserSocket), ("peer-socket", b.peerSocket)] {
+            if let path, let reason = SocketPathPolicy.refusal(path, allowed: allowed) {
+                throw ControlError("invalid", "bridge.\(key): \(reason)")
+            }
+        }
     }
 
     /// At start: the bridges of the state file, each parsed like a `create`
@@ -170,6 +176,7 @@ public final class DaemonController: Sendable {
             state.withLock { $0.created.append(entry) }
             do {
                 let b = try createdBridges.bridge(entry, runtimeDirectory: config.runtimeDirectory)
+                try checkClientSockets(b) // checked like the create that made it
                 try create(b)
             } catch {
                 failed[entry.name] = "\(error)"
@@ -227,10 +234,18 @@ public final class DaemonController: Sendable {
         return line
     }
 
-    /// Names of the bridges whose thread did not answer a ping in `time`.
-    public func unresponsiveBridges(within time: Duration) -> [String] {
-        bridgeNames.filter { name in (try? bridge(name))?.answers(within: time) == false }
+    /// One watchdog round: pings every bridge thread (waiting at most `time`
+    /// for each) and returns the bridges that have not answered for longer
+    /// than their revocation deadline plus `Liveness.grace`.
+    public func stuckBridges(pingWithin time: Duration) -> [String] {
+        var answered: [String: Bool] = [:]
+        for name in bridgeNames { answered[name] = (try? bridge(name))?.answers(within: time) ?? true }
+        let deadlines = Dictionary(uniqueKeysWithValues: config.bridges.map { ($0.name, $0.revocationDeadlineMilliseconds) })
+        return liveness.withLock { l in
+            l.round(answered, now: .now) { .milliseconds(deadlines[$0] ?? 0) + Liveness.grace }
+        }
     }
+    private let liveness = Locked(Liveness())
 
     /// The one reload path, for SIGHUP and `reload`: re-reads the config
     /// through `source` and applies it. systemd hears RELOADING=1 before and

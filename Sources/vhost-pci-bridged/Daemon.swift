@@ -238,7 +238,7 @@ struct Daemon: ParsableCommand {
             housekeeping = try JoinableThread(name: "housekeeping") {
                 var lastStatus = controller.statusLine // sent with READY=1
                 while running.load(ordering: .acquiring) {
-                    let stuck = controller.unresponsiveBridges(within: interval / 2)
+                    let stuck = controller.stuckBridges(pingWithin: interval / 2)
                     var status = controller.statusLine
                     if !stuck.isEmpty { status += "; not answering: \(stuck.joined(separator: ", "))" }
                     if watchdog != nil, stuck.isEmpty { notifier.notify("WATCHDOG=1") }

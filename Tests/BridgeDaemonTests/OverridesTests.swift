@@ -66,6 +66,23 @@ import TestSupport
         #expect(throws: ConfigError.self) { try store.bridge(.init(name: "c1", spec: #"{"bar-size":"1G","name":"c2"}"#), runtimeDirectory: "/run/x") }
     }
 
+    /// A restored bridge is checked like the `create` that made it: an entry
+    /// whose socket lies outside the allowed directories (an edited file) is
+    /// reported and not started; the others are.
+    @Test func restoredBridgesAreCheckedLikeCreate() throws {
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = CreatedBridges(directory: dir)
+        try store.save([.init(name: "good", spec: #"{"bar-size":"1G","name":"good"}"#),
+                        .init(name: "evil", spec: #"{"bar-size":"1G","name":"evil","vhost-user-socket":"/etc/evil.sock"}"#)])
+        let controller = DaemonController(config: try DaemonConfig.parse("runtime-directory: \(dir)\n"), logger: quietLogger(),
+                                          createdBridges: store)
+        defer { controller.stopAll() }
+        let failed = controller.startCreatedBridges()
+        #expect(failed.keys.sorted() == ["evil"] && controller.bridgeNames == ["good"], "\(failed)")
+        #expect(controller.lastError?.contains("evil") == true)
+        #expect(try store.load().map(\.name) == ["good", "evil"], "the entry stays for the operator to fix")
+    }
+
     @Test func aDamagedFileIsAnErrorNamingIt() throws {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
@@ -96,6 +113,23 @@ import TestSupport
         #expect(try CreatedBridges(directory: dir).load().map(\.name) == ["c"])
         try controller.destroy("c")
         #expect(try CreatedBridges(directory: dir).load().isEmpty)
+    }
+}
+
+@Suite struct LivenessTests {
+    /// A missed ping is not a stuck bridge: only silence longer than the
+    /// allowance (a bridge may wait out a revocation deadline) is.
+    @Test func onlySilenceLongerThanTheAllowanceIsStuck() {
+        var l = Liveness()
+        let t0 = ContinuousClock.now
+        let allowance: (String) -> Duration = { $0 == "slow" ? .seconds(65) : .seconds(5) }
+        #expect(l.round(["a": true, "slow": false], now: t0, allowance: allowance).isEmpty, "first sight starts the clock")
+        #expect(l.round(["a": false, "slow": false], now: t0 + .seconds(4), allowance: allowance).isEmpty)
+        #expect(l.round(["a": false, "slow": false], now: t0 + .seconds(6), allowance: allowance) == ["a"])
+        #expect(l.round(["a": true, "slow": false], now: t0 + .seconds(7), allowance: allowance).isEmpty, "an answer clears it")
+        #expect(l.round(["a": true, "slow": false], now: t0 + .seconds(66), allowance: allowance) == ["slow"])
+        #expect(l.round(["a": true], now: t0 + .seconds(67), allowance: allowance).isEmpty, "a destroyed bridge is forgotten")
+        #expect(l.round(["a": true, "slow": false], now: t0 + .seconds(68), allowance: allowance).isEmpty, "and starts afresh if it returns")
     }
 }
 

@@ -6,15 +6,15 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 BINDIR  := $(DESTDIR)$(PREFIX)/bin
 APT_PACKAGES := liburing-dev
-# What make test checks with: dpkg-shlibdeps, fakeroot and lintian (make deb,
-# deb-check), promtool (package prometheus: the metrics exposition),
+# What make test checks with (make check-deps): dpkg-shlibdeps, fakeroot and
+# lintian (make deb, deb-check), promtool (package prometheus: the metrics exposition),
 # virt-xml-validate (the libvirt recipe in docs/examples).
 CHECK_PACKAGES := dpkg-dev lintian fakeroot man-db prometheus libvirt-clients libxml2-utils
 # Real vhost-user front ends for `make interop` (DPDK testpmd, QEMU with iPXE,
 # and a Linux guest built from Debian's kernel and busybox with gcc).
 INTEROP_PACKAGES := dpdk-dev qemu-system-x86 gcc libc6-dev
 
-.PHONY: all deps interop-deps build release test interop demo bench install install-files install-tools uninstall deb deb-check clean fuzz fuzz-build fuzz-seeds test-asan test-tsan soak
+.PHONY: all deps check-deps interop-deps build release test interop demo bench install install-files install-tools uninstall deb deb-check clean fuzz fuzz-build fuzz-seeds test-asan test-tsan soak
 
 all: build
 
@@ -34,7 +34,11 @@ endef
 
 # The system packages the build needs.
 deps:
-	$(call install-missing,$(APT_PACKAGES) $(CHECK_PACKAGES),deps,--no-install-recommends)
+	$(call install-missing,$(APT_PACKAGES),deps,)
+
+# The tools make test checks with (not needed to build or install).
+check-deps:
+	$(call install-missing,$(CHECK_PACKAGES),check-deps,--no-install-recommends)
 
 interop-deps:
 	$(call install-missing,$(INTEROP_PACKAGES),interop-deps,--no-install-recommends)
@@ -48,7 +52,7 @@ release: deps
 
 # The whole suite except the real-front-end scenarios (those are `make interop`),
 # then a short run of every fuzz target.
-test: deps
+test: deps check-deps
 	$(SWIFT) build
 	@if command -v systemd-analyze >/dev/null 2>&1; then sh systemd/check.sh .build/debug/vhost-pci-bridged; \
 	else echo "systemd-analyze is not installed: unit checks SKIPPED (apt-get install systemd)"; fi
@@ -98,7 +102,7 @@ fuzz-seeds: fuzz-build
 
 # DPDK testpmd and QEMU against the daemon and an emulated VM2. A peer that is
 # not installed makes its tests skip, saying what to install.
-interop: deps
+interop: deps check-deps
 	$(SWIFT) test --no-parallel --filter InteropTests
 	sh docs/examples/check.sh qemu .build/debug/vhost-pci-bridged
 
@@ -188,7 +192,7 @@ uninstall:
 # Swift runtime linked in statically (it runs without a Swift toolchain):
 # dist/vhost-pci-bridge_VERSION_ARCH.deb. deb-check runs lintian on it,
 # installs it into a scratch root and checks the file list and the unit.
-deb: deps
+deb: deps check-deps
 	sh packaging/deb/build.sh dist
 
 deb-check: deb

@@ -1,6 +1,7 @@
 import BridgeCore
 import LinuxIO
 import Logging
+import Synchronization
 import PeerProtocol
 import VhostUser
 #if canImport(Glibc)
@@ -50,6 +51,13 @@ public final class Bridge: Sendable {
         logger[metadataKey: "bridge"] = "\(settings.name)"
         self.logger = logger
         admission = ConnectionAdmission(logger: logger)
+        // The model's pages must be whole host pages, or a revocation of one
+        // model page could not be carried out exactly (e.g. 4 KiB pages on a
+        // 64 KiB-page host).
+        guard settings.backend.addressSpace.pageSize >= BARWindow.hostPageSize,
+              settings.backend.addressSpace.pageSize % BARWindow.hostPageSize == 0 else {
+            throw .window(settings.name, .misaligned(BusAddress(0), length: settings.backend.addressSpace.pageSize, hostPageSize: BARWindow.hostPageSize))
+        }
         do { window = try BARWindow(size: settings.backend.addressSpace.barSize) } catch { throw .window(settings.name, error) }
         do {
             peer = try PeerLink(logger: logger, revocationDeadlineMilliseconds: settings.revocationDeadlineMilliseconds)
@@ -112,6 +120,7 @@ public final class Bridge: Sendable {
         var pendingConnection = inherited
         var servedInherited = false
         while !stopping {
+            heartbeat.add(1, ordering: .relaxed)
             if connection == nil, let c = pendingConnection {
                 pendingConnection = nil
                 servedInherited = true
@@ -142,7 +151,13 @@ public final class Bridge: Sendable {
                 handlePeerEvents(connection)
                 if let connection { publish(connection) } // translations raise misses and count
             }
-            if ready[2] { runCommands(connection) }
+            if ready[2] {
+                runCommands(connection)
+                if let current = connection, let failure = current.fatalFailure {
+                    close(current, end: .closedByBridge(failure))
+                    connection = nil
+                }
+            }
             if ready.count > 3, ready[3] {
                 if let current = connection {
                     if let end = current.step() {
@@ -169,11 +184,16 @@ public final class Bridge: Sendable {
         if let path = settings.peerSocketPath { SocketFile.remove(path) }
     }
 
-    /// Whether the bridge thread runs its loop: it answers a ping in `time`.
-    public func answers(within time: Duration) -> Bool {
-        if case .success = commands.call(.ping, deadline: .now.advanced(by: time)) ?? .failure(.timedOut) { return true }
-        return false
-    }
+    /// Counts the bridge thread's loop iterations: the watchdog's proof of
+    /// life. `poke()` wakes an idle loop (through the command eventfd it
+    /// already polls: nothing allocated, so it works when fds run out), and
+    /// a live thread then moves the count.
+    private let heartbeat = Atomic<UInt64>(0)
+    public var heartbeatCount: UInt64 { heartbeat.load(ordering: .relaxed) }
+    public func poke() { _ = try? commands.signal.signal() }
+
+    /// True once `stop()` was called (the thread then ends on its own).
+    public var wasStopped: Bool { stopping }
 
     /// Runs an operator command on the bridge thread and waits for its result.
     public func perform(_ command: BridgeCommand) -> Result<String, BridgeCommandError> {
@@ -182,7 +202,6 @@ public final class Bridge: Sendable {
 
     private func runCommands(_ connection: VhostUserConnection?) {
         for (ticket, command) in commands.take() {
-            if command == .ping { commands.answer(ticket, .success("alive")); continue }
             let result = connection.map { $0.perform(command) } ?? .failure(.noSession)
             if let connection { publish(connection) }
             commands.answer(ticket, result)

@@ -5,16 +5,12 @@ public enum BridgeCommand: Sendable, Equatable, CustomStringConvertible {
     case map(bus: BusAddress, gpa: GuestPhysicalAddress, length: UInt64, permission: Permission)
     case unmap(bus: BusAddress, length: UInt64)
     case freeze
-    /// Answered by the bridge thread itself, session or not: the watchdog's
-    /// proof that the thread still runs its loop.
-    case ping
 
     public var description: String {
         switch self {
         case .map(let bus, let gpa, let length, let perm): "map \(bus)+\(Hex(length)) from \(gpa) \(perm)"
         case .unmap(let bus, let length): "unmap \(bus)+\(Hex(length))"
         case .freeze: "freeze"
-        case .ping: "ping"
         }
     }
 }

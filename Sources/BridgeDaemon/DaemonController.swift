@@ -3,6 +3,9 @@ import Foundation
 import LinuxIO
 import Logging
 import VhostUser
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A refused control request.
 public struct ControlError: Error, Equatable, Sendable, CustomStringConvertible {
@@ -38,6 +41,10 @@ public final class DaemonController: Sendable {
         /// Bridges made with `create`, in order: name and the request's
         /// bridge object as JSON, exactly what the state file keeps.
         var created: [CreatedBridges.Entry] = []
+        /// The state file could not be read nor moved aside: never overwrite it.
+        var stateFileSetAside = false
+        /// Inherited connection fds already handed to a bridge.
+        var inheritedServed: Set<Int32> = []
         var lastError: String?
     }
     private let state: Locked<State>
@@ -84,29 +91,50 @@ public final class DaemonController: Sendable {
         state.withLock { $0.config.logLevel = level }
     }
 
+    /// Serialises everything that starts, stops or persists bridges
+    /// (create, destroy, reload, start, stop): control connections run on
+    /// threads of their own, and a name check, a budget check and the start
+    /// must be one step. Never taken inside `state`'s lock.
+    private let operations = Locked(0)
+
     /// Creates and starts every bridge of the config; returns the failures.
     @discardableResult
     public func startConfiguredBridges() -> [String: String] {
-        var failed: [String: String] = [:]
-        for b in config.bridges {
-            do { try start(b) } catch { failed[b.name] = error.message }
+        operations.withLock { _ in
+            var failed: [String: String] = [:]
+            for b in config.bridges {
+                do throws(ControlError) { try start(b) } catch { failed[b.name] = error.message }
+            }
+            return failed
         }
-        return failed
     }
 
     private func start(_ b: BridgeConfig) throws(ControlError) {
+        var inherited: UnixSocket?
+        if let fd = b.inheritedConnection {
+            // The inherited connection is served once: its fd number is not
+            // ours after that session (a reload must not adopt it again).
+            let first = state.withLock { $0.inheritedServed.insert(fd).inserted }
+            guard first else { throw ControlError("inherited-fd", "bridge \(b.name): the inherited connection (fd \(fd)) was already served") }
+            inherited = UnixSocket(adopting: OwnedFileDescriptor(adopting: fd), kind: .stream)
+        }
         let bridge: Bridge
-        do { bridge = try Bridge(b.settings, logger: logger) } catch { throw ControlError("bridge-failed", "\(error)") }
+        do { bridge = try Bridge(b.settings, logger: logger) } catch {
+            try? inherited?.fd.close()
+            throw ControlError("bridge-failed", "\(error)")
+        }
         let thread: JoinableThread
-        let inherited = b.inheritedConnection.map { UnixSocket(adopting: OwnedFileDescriptor(adopting: $0), kind: .stream) }
         let ended = inheritedSessionEnded
         do {
-            thread = try JoinableThread(name: "bridge-\(b.name)") {
+            thread = try JoinableThread(name: "bridge-\(b.name)") { [inherited] in
                 bridge.serve(connection: inherited)
-                if inherited != nil { ended() }
+                // VM1 ended the one session (not an operator's destroy or
+                // the daemon stopping): the back-end convention is to exit.
+                if inherited != nil, !bridge.wasStopped { ended() }
             }
         } catch {
             bridge.stop()
+            try? inherited?.fd.close()
             throw ControlError("bridge-failed", "\(error)")
         }
         state.withLock { s in
@@ -119,6 +147,10 @@ public final class DaemonController: Sendable {
 
     /// `create`: validated against every other bridge (names, sockets, VM2 budget) first.
     public func create(_ b: BridgeConfig) throws(ControlError) {
+        try operations.withLock { (_: inout Int) throws(ControlError) in try createLocked(b) }
+    }
+
+    private func createLocked(_ b: BridgeConfig) throws(ControlError) {
         guard !bridgeNames.contains(b.name) else { throw ControlError("exists", "bridge \(b.name) already exists") }
         var next = config
         next.bridges.removeAll { $0.name == b.name }
@@ -134,19 +166,28 @@ public final class DaemonController: Sendable {
     /// and restarts until it is destroyed; returns whether it was kept.
     @discardableResult
     public func createFromClient(_ b: BridgeConfig, spec: String? = nil) throws(ControlError) -> Bool {
-        try checkClientSockets(b)
-        try create(b)
-        let entries = state.withLock { s -> [CreatedBridges.Entry] in
-            s.created.append(CreatedBridges.Entry(name: b.name, spec: spec ?? "{}"))
-            return s.created
+        try operations.withLock { (_: inout Int) throws(ControlError) -> Bool in
+            try checkClientSockets(b)
+            try createLocked(b)
+            state.withLock { s in
+                s.created.removeAll { $0.name == b.name } // an entry that never came back is replaced
+                s.created.append(CreatedBridges.Entry(name: b.name, spec: spec ?? "{}"))
+            }
+            guard createdBridges != nil, spec != nil else { return false }
+            do { try saveCreated() } catch {
+                try? stop(b.name)
+                state.withLock { $0.created.removeAll { $0.name == b.name } }
+                throw ControlError("state", "bridge \(b.name) was not kept: \(error)")
+            }
+            return true
         }
-        guard let createdBridges, spec != nil else { return false }
-        do { try createdBridges.save(entries) } catch {
-            try? stop(b.name)
-            state.withLock { $0.created.removeAll { $0.name == b.name } }
-            throw ControlError("state", "bridge \(b.name) was not kept: \(error)")
-        }
-        return true
+    }
+
+    /// Writes the current list (callers hold `operations`, so saves never
+    /// interleave and the file always ends as the latest list).
+    private func saveCreated() throws(ConfigError) {
+        guard let createdBridges, !state.withLock({ $0.stateFileSetAside }) else { return }
+        try createdBridges.save(state.withLock { $0.created })
     }
 
     /// A control client's bridge may put its sockets only in the runtime
@@ -160,37 +201,52 @@ public final class DaemonController: Sendable {
         }
     }
 
-    /// At start: the bridges of the state file, each parsed like a `create`
-    /// request. Returns the failures (they stay in the file: the operator's
-    /// intent is not dropped because a socket path is busy once).
+    /// At start: the bridges of the state file, each checked like the
+    /// `create` that made it. Returns the failures; they stay in the file
+    /// (the operator's intent is not dropped because a socket path is busy
+    /// once) until destroyed. A file that cannot be read is moved aside
+    /// (`….unreadable`), so the next `create` does not overwrite it.
     @discardableResult
     public func startCreatedBridges() -> [String: String] {
         guard let createdBridges else { return [:] }
-        let entries: [CreatedBridges.Entry]
-        do { entries = try createdBridges.load() } catch {
-            noteError("\(createdBridges.path): \(error)")
-            return [createdBridges.path: "\(error)"]
-        }
-        var failed: [String: String] = [:]
-        for entry in entries {
-            state.withLock { $0.created.append(entry) }
-            do {
-                let b = try createdBridges.bridge(entry, runtimeDirectory: config.runtimeDirectory)
-                try checkClientSockets(b) // checked like the create that made it
-                try create(b)
-            } catch {
-                failed[entry.name] = "\(error)"
-                noteError("created bridge \(entry.name) did not start: \(error)")
+        return operations.withLock { _ in
+            let entries: [CreatedBridges.Entry]
+            do { entries = try createdBridges.load() } catch {
+                let aside = createdBridges.path + ".unreadable"
+                let moved = rename(createdBridges.path, aside) == 0
+                if !moved { state.withLock { $0.stateFileSetAside = true } } // then never overwrite it
+                noteError("\(error)\(moved ? " (moved to \(aside))" : "; created bridges are not kept until it is fixed")")
+                return [createdBridges.path: "\(error)"]
             }
+            var failed: [String: String] = [:]
+            for entry in entries {
+                state.withLock { $0.created.append(entry) }
+                do {
+                    let b = try createdBridges.bridge(entry, runtimeDirectory: config.runtimeDirectory)
+                    try checkClientSockets(b)
+                    try createLocked(b)
+                } catch {
+                    failed[entry.name] = "\(error)"
+                    noteError("created bridge \(entry.name) did not start: \(error)")
+                }
+            }
+            return failed
         }
-        return failed
     }
 
     /// `destroy`: ends the bridge's sessions (revoking everything from VM2)
-    /// and frees its BAR; a created bridge leaves the state file too.
+    /// and frees its BAR; a created bridge leaves the state file too — also
+    /// one that did not come back at start and so is not running.
     public func destroy(_ name: String) throws(ControlError) {
-        try stop(name)
-        forgetCreated(name)
+        try operations.withLock { (_: inout Int) throws(ControlError) in
+            let listed = state.withLock { $0.created.contains { $0.name == name } }
+            do throws(ControlError) { try stop(name) } catch {
+                guard listed else { throw error }
+            }
+            guard listed else { return }
+            state.withLock { $0.created.removeAll { $0.name == name } }
+            do { try saveCreated() } catch { noteError("bridge \(name) is destroyed but still listed: \(error)") }
+        }
     }
 
     /// Ends a bridge without touching the state file (shutdown, reload).
@@ -206,16 +262,6 @@ public final class DaemonController: Sendable {
         logger.notice("bridge \(name) stopped")
     }
 
-    private func forgetCreated(_ name: String) {
-        let entries = state.withLock { s -> [CreatedBridges.Entry]? in
-            guard s.created.contains(where: { $0.name == name }) else { return nil }
-            s.created.removeAll { $0.name == name }
-            return s.created
-        }
-        guard let entries, let createdBridges else { return }
-        do { try createdBridges.save(entries) } catch { noteError("\(createdBridges.path): bridge \(name) is destroyed but still listed: \(error)") }
-    }
-
     public func bridge(_ name: String) throws(ControlError) -> Bridge {
         guard let b = state.withLock({ $0.bridges[name]?.bridge }) else { throw ControlError("unknown-bridge", "no bridge named \(name)") }
         return b
@@ -223,8 +269,6 @@ public final class DaemonController: Sendable {
 
     public func bridgeConfig(_ name: String) -> BridgeConfig? { state.withLock { $0.bridges[name]?.config } }
 
-    /// Applies a new config: new bridges start, missing ones stop, changed ones
-    /// are reported (they need a restart), and the log level applies at once.
     /// One line for systemd's STATUS= (and `status`): bridges, sessions and
     /// the last error.
     public var statusLine: String {
@@ -234,18 +278,31 @@ public final class DaemonController: Sendable {
         return line
     }
 
-    /// One watchdog round: pings every bridge thread (waiting at most `time`
-    /// for each) and returns the bridges that have not answered for longer
-    /// than their revocation deadline plus `Liveness.grace`.
-    public func stuckBridges(pingWithin time: Duration) -> [String] {
+    /// One watchdog round, never blocking: a bridge whose loop ran since the
+    /// last round answered; one whose did not is poked (woken) so that a
+    /// live one answers by the next round. Returns the bridges silent for
+    /// longer than their revocation deadline plus `Liveness.grace`.
+    public func stuckBridges() -> [String] {
         var answered: [String: Bool] = [:]
-        for name in bridgeNames { answered[name] = (try? bridge(name))?.answers(within: time) ?? true }
-        let deadlines = Dictionary(uniqueKeysWithValues: config.bridges.map { ($0.name, $0.revocationDeadlineMilliseconds) })
-        return liveness.withLock { l in
-            l.round(answered, now: .now) { .milliseconds(deadlines[$0] ?? 0) + Liveness.grace }
+        var beats: [String: UInt64] = [:]
+        for name in bridgeNames {
+            guard let b = try? bridge(name) else { continue }
+            beats[name] = b.heartbeatCount
         }
+        let deadlines = Dictionary(uniqueKeysWithValues: config.bridges.map { ($0.name, $0.revocationDeadlineMilliseconds) })
+        let stuck = liveness.withLock { s -> [String] in
+            for (name, beat) in beats {
+                answered[name] = s.beats[name].map { $0 != beat } ?? true
+                s.beats[name] = beat
+            }
+            s.beats = s.beats.filter { beats[$0.key] != nil }
+            return s.liveness.round(answered, now: .now) { .milliseconds(deadlines[$0] ?? 0) + Liveness.grace }
+        }
+        for (name, ok) in answered where !ok { (try? bridge(name))?.poke() }
+        return stuck
     }
-    private let liveness = Locked(Liveness())
+    private struct WatchdogState { var liveness = Liveness(); var beats: [String: UInt64] = [:] }
+    private let liveness = Locked(WatchdogState())
 
     /// The one reload path, for SIGHUP and `reload`: re-reads the config
     /// through `source` and applies it. systemd hears RELOADING=1 before and
@@ -254,17 +311,33 @@ public final class DaemonController: Sendable {
     public func reload(from source: () -> Result<DaemonConfig, ControlError>) -> Result<ReloadReport, ControlError> {
         notify(["RELOADING=1", "STATUS=reloading"])
         defer { notify(["READY=1", "STATUS=" + statusLine]) }
-        switch source() {
-        case .failure(let e):
-            noteError("reload refused, the running config stays: \(e.message)")
-            return .failure(e)
-        case .success(let new):
-            return .success(reload(new))
+        let outcome = operations.withLock { _ -> Result<ReloadReport, ControlError> in
+            switch source() {
+            case .failure(let e): return .failure(e)
+            case .success(let new):
+                // The file's bridges with the ones made at run time must fit
+                // together (names, sockets, VM2 budgets) before anything changes.
+                var combined = new
+                let created = Set(createdBridgeNames)
+                combined.bridges += config.bridges.filter { created.contains($0.name) && !new.bridges.map(\.name).contains($0.name) }
+                do { try combined.validate() } catch { return .failure(ControlError("invalid-config", "with the bridges made at run time: \(error)")) }
+                return .success(reloadLocked(new))
+            }
         }
+        if case .failure(let e) = outcome { noteError("reload refused, the running config stays: \(e.message)") }
+        return outcome
     }
 
     /// Bridges made with `create` are not the file's: a reload keeps them.
+    /// Settings that only take effect at start (control socket, its group
+    /// and mode, runtime and state directories) are reported under
+    /// `needsRestart` when they changed; `socket-directories`, the log level
+    /// and the VM2 budgets apply at once.
     public func reload(_ new: DaemonConfig) -> ReloadReport {
+        operations.withLock { _ in reloadLocked(new) }
+    }
+
+    private func reloadLocked(_ new: DaemonConfig) -> ReloadReport {
         let old = config
         let created = Set(createdBridgeNames)
         JournalLogHandler.level.withLock { $0 = new.logLevel }
@@ -278,6 +351,14 @@ public final class DaemonController: Sendable {
         state.withLock { s in
             s.config.logLevel = new.logLevel
             s.config.vm2Budgets = new.vm2Budgets
+            s.config.socketDirectories = new.socketDirectories
+        }
+        for (key, changed) in [("control-socket", old.controlSocket != new.controlSocket),
+                               ("control-group", old.controlGroup != new.controlGroup),
+                               ("control-mode", old.controlMode != new.controlMode),
+                               ("runtime-directory", old.runtimeDirectory != new.runtimeDirectory),
+                               ("state-directory", old.stateDirectory != new.stateDirectory)] where changed {
+            report.needsRestart.append(key)
         }
         for b in new.bridges {
             if created.contains(b.name) {
@@ -285,7 +366,7 @@ public final class DaemonController: Sendable {
             } else if let before = oldByName[b.name] {
                 if before != b { report.needsRestart.append(b.name) }
             } else {
-                do { try create(b); report.added.append(b.name) } catch { report.failed[b.name] = error.message }
+                do { try createLocked(b); report.added.append(b.name) } catch { report.failed[b.name] = error.message }
             }
         }
         logger.notice("reloaded: added \(report.added), removed \(report.removed), need a restart \(report.needsRestart)")
@@ -296,7 +377,9 @@ public final class DaemonController: Sendable {
     }
 
     public func stopAll() {
-        for name in bridgeNames.reversed() { try? stop(name) }
+        operations.withLock { _ in
+            for name in bridgeNames.reversed() { try? stop(name) }
+        }
     }
 
     public var uptimeSeconds: Double {

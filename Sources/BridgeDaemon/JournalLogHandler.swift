@@ -3,7 +3,7 @@ import Foundation
 import Logging
 
 /// A swift-log handler for journald and plain stderr. Under systemd
-/// (JOURNAL_STREAM set) with journald's socket there, each entry goes
+/// (stderr is the stream JOURNAL_STREAM names) with journald's socket there, each entry goes
 /// through the native journal protocol with structured fields — MESSAGE,
 /// PRIORITY, SYSLOG_IDENTIFIER and one field per metadata key (`bridge` →
 /// BRIDGE=, `rule` → RULE=, `peer` → PEER=) — so `journalctl RULE=iotlb-perm`
@@ -20,11 +20,14 @@ public struct JournalLogHandler: LogHandler {
     public let journal: JournalSocket?
     public var metadata: Logger.Metadata = [:]
 
-    /// The process's journal connection: only under systemd (JOURNAL_STREAM).
-    public static let processJournal: JournalSocket? =
-        ProcessInfo.processInfo.environment["JOURNAL_STREAM"] != nil ? JournalSocket.available() : nil
+    /// Whether this process's stderr is connected to the journal
+    /// (`$JOURNAL_STREAM` names stderr's device and inode).
+    public static let underJournald = JournalSocket.stderrIsJournal(ProcessInfo.processInfo.environment["JOURNAL_STREAM"])
 
-    public init(label: String, journald: Bool = ProcessInfo.processInfo.environment["JOURNAL_STREAM"] != nil,
+    /// The process's journal connection: only when stderr is the journal.
+    public static let processJournal: JournalSocket? = underJournald ? JournalSocket.available() : nil
+
+    public init(label: String, journald: Bool = JournalLogHandler.underJournald,
                 journal: JournalSocket? = JournalLogHandler.processJournal) {
         self.label = label
         self.journald = journald

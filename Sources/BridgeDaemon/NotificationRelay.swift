@@ -179,8 +179,16 @@ public final class NotificationRelay: Sendable {
                 // io_uring with SQPOLL if asked, else plain; if the kernel or a
                 // seccomp policy refuses io_uring, epoll: slower, never a
                 // failed bridge.
-                if !cpus.isEmpty {
-                    do { try CPUAffinity.pinCallingThread(to: cpus) } catch {
+                // With SQPOLL and two or more CPUs, the SQPOLL thread gets the
+                // last and the relay thread the others: sharing one CPU, the
+                // SQ thread's idle spin would delay the relay.
+                let sqCPU = sqpoll ? cpus.last : nil
+                let relayCPUs = sqpoll && cpus.count > 1 ? Array(cpus.dropLast()) : cpus
+                if sqpoll && cpus.count == 1 {
+                    self.logger.warning("cpu-affinity \(cpus): the relay and SQPOLL threads share one CPU; give two for relay-sqpoll")
+                }
+                if !relayCPUs.isEmpty {
+                    do { try CPUAffinity.pinCallingThread(to: relayCPUs) } catch {
                         self.fail("cpu-affinity \(cpus): \(error)")
                         return
                     }
@@ -188,7 +196,7 @@ public final class NotificationRelay: Sendable {
                 var ring: URing?
                 var refusal: URingError?
                 if sqpoll {
-                    do { ring = try URing(entries: entries, sqpoll: true, singleIssuer: false, sqpollCPU: cpus.first) } catch {
+                    do { ring = try URing(entries: entries, sqpoll: true, singleIssuer: false, sqpollCPU: sqCPU) } catch {
                         self.logger.warning("io_uring SQPOLL is not available (\(error)): relaying without it")
                     }
                 }
@@ -200,8 +208,23 @@ public final class NotificationRelay: Sendable {
                     RelayEngine(ring: ring, relay: self).run()
                     return
                 }
+                // Only "io_uring is not for this process" falls back (ENOSYS:
+                // not built in; EPERM/EACCES: disabled by sysctl or seccomp).
+                // Anything else (out of memory or fds) is a failure to report.
+                guard let refusal, case .system(let e) = refusal,
+                      [Errno.noFunction, Errno.notPermitted, Errno.permissionDenied].contains(e.errno) else {
+                    self.fail("\(refusal.map { "\($0)" } ?? "io_uring setup failed")")
+                    return
+                }
+                // The epoll engine reads shared eventfds with RWF_NOWAIT
+                // (Linux 5.10 and later); without it, fail with the reason
+                // rather than lose notifications.
+                if let unsupported = EventFD.nonBlockingReadRefusal() {
+                    self.fail("io_uring is not available (\(e)) and the epoll fallback cannot read eventfds without blocking: \(unsupported)")
+                    return
+                }
                 if !Self.warnedNoIOURing.exchange(true, ordering: .relaxed) {
-                    self.logger.warning("io_uring is not available (\(refusal.map { "\($0)" } ?? "?")): vring notifications are relayed with epoll instead (slower, same counters); this is logged once")
+                    self.logger.warning("io_uring is not available (\(e)): vring notifications are relayed with epoll instead (slower, same counters); this is logged once")
                 }
                 let epoll: Epoll
                 do { epoll = try Epoll() } catch {

@@ -353,17 +353,24 @@ final class VhostUserConnection {
             if let error = session.freeze() { return .failure(.refused(error.description, rule: error.rule)) }
             logger.notice("address space frozen by the operator")
             return .success("frozen")
-        case .ping:
-            return .success("alive")
         }
         if let error = outcome.error {
             logger.warning("operator \(command) refused: \(error)")
             return .failure(.refused(error.description, rule: error.rule))
         }
-        if let failure = execute(outcome.effects, fds: []) { return .failure(.failed(failure)) }
+        if let failure = execute(outcome.effects, fds: []) {
+            // A window (or reply) failure leaves the model and the window
+            // apart: the session cannot go on, as for a VM1 message.
+            fatalFailure = failure
+            return .failure(.failed(failure))
+        }
         if case .map = command { settleTranslations() } // an operator grant can answer waiting translations
         return .success(outcome.effects.isEmpty ? "no change" : "done")
     }
+
+    /// Set when an operator command failed in a way that ends the session;
+    /// the bridge thread closes it after the command.
+    private(set) var fatalFailure: String?
 
     /// Ends the session: rings stopped, every mapping revoked from the window
     /// and from VM2 (acked), every fd closed.

@@ -119,9 +119,18 @@ public final class BARWindow: SharedMemory, Sendable {
     /// that fails, mprotect the whole window PROT_NONE; if that fails too the
     /// process exits, and the kernel drops every mapping with it.
     private func lockedRevoke(_ bus: BusAddress, _ length: UInt64) throws(BARWindowError) {
-        let address = try check(bus, length)
-        guard shim_revoke(address, Int(length)) != address else { return }
-        let failure = SystemCallError.current("mmap(revoke \(bus)+\(Hex(length)))")
+        // Revoking more than asked is safe, less never: a range not on host
+        // pages is widened to whole host pages (inside the window) instead
+        // of refused.
+        let page = Self.hostPageSize
+        let start = bus.rawValue / page * page
+        let (rawEnd, overflow) = bus.rawValue.addingReportingOverflow(length)
+        // rawEnd < size here, so rounding it up cannot overflow.
+        let end = overflow || rawEnd >= size ? size : min(size, (rawEnd / page + (rawEnd % page == 0 ? 0 : 1)) * page)
+        guard length > 0, start < end else { throw .outsideWindow(bus, length: length, windowSize: size) }
+        let address = try check(BusAddress(start), end - start)
+        guard shim_revoke(address, Int(end - start)) != address else { return }
+        let failure = SystemCallError.current("mmap(revoke \(BusAddress(start))+\(Hex(end - start)))")
         if shim_revoke(baseAddress, Int(size)) != baseAddress, mprotect(baseAddress, Int(size), shim_prot_none()) != 0 {
             fatalError("vhost-pci-bridged: \(failure), and the whole BAR window could not be revoked either: exiting so the kernel revokes it")
         }

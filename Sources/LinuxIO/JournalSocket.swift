@@ -26,6 +26,17 @@ public final class JournalSocket: Sendable {
         return JournalSocket(path: path, socket: UnixSocket(adopting: OwnedFileDescriptor(adopting: raw), kind: .datagram))
     }
 
+    /// Whether stderr is the journal stream `$JOURNAL_STREAM` names
+    /// ("DEVICE:INODE"): systemd's way to tell, since the variable is
+    /// inherited by children whose stderr may go elsewhere.
+    public static func stderrIsJournal(_ journalStream: String?) -> Bool {
+        guard let parts = journalStream?.split(separator: ":"), parts.count == 2,
+              let device = UInt64(parts[0]), let inode = UInt64(parts[1]) else { return false }
+        var st = stat()
+        guard fstat(2, &st) == 0 else { return false }
+        return UInt64(st.st_dev) == device && UInt64(st.st_ino) == inode
+    }
+
     /// Sends one encoded entry; false when the journal did not take it (the
     /// caller then writes the line to stderr instead).
     public func send(_ entry: [UInt8]) -> Bool {

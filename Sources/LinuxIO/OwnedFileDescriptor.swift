@@ -65,9 +65,11 @@ public final class OwnedFileDescriptor: Sendable, CustomStringConvertible {
 
     /// What the kernel says this fd is (fstat's file type, and for anonymous
     /// inodes the name in /proc/self/fd: "anon_inode:[eventfd]").
-    public func kind() -> FileKind {
+    public func kind() -> FileKind { Self.borrowingKind(rawValue) }
+
+    /// `kind()` of a raw fd owned elsewhere.
+    public static func borrowingKind(_ raw: Int32) -> FileKind {
         var st = stat()
-        let raw = rawValue
         guard (try? retryingInterrupts("fstat(\(raw))", { fstat(raw, &st) })) != nil else { return .unknown }
         switch st.st_mode & S_IFMT {
         case S_IFREG: return .regularFile

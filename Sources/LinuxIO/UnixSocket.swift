@@ -57,6 +57,24 @@ public struct UnixSocket: Sendable {
         self.kind = kind
     }
 
+    /// Why `fd`, given to the daemon as an already connected vhost-user
+    /// connection (`--fd`), cannot be one; nil when it is an open stream
+    /// socket (it is then made close-on-exec). Checked before the daemon
+    /// opens any fd of its own, so a number that is not open is never
+    /// confused with one the daemon made.
+    public static func inheritedStreamRefusal(_ fd: Int32) -> String? {
+        guard fcntl(fd, F_GETFD) >= 0 else { return "fd \(fd) is not open" }
+        let kind = OwnedFileDescriptor.borrowingKind(fd)
+        guard kind == .socket else { return "fd \(fd) is \(kind), not a socket" }
+        var type: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        guard getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length) == 0, type == shim_sock_stream() else {
+            return "fd \(fd) is not a stream socket"
+        }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        return nil
+    }
+
     public static func pair(_ kind: Kind = .stream) throws(SystemCallError) -> (UnixSocket, UnixSocket) {
         var sv: [Int32] = [-1, -1]
         _ = try retryingInterrupts("socketpair") { shim_socketpair_unix(kind.raw, &sv) }

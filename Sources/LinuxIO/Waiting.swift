@@ -44,6 +44,17 @@ extension EventFD {
         }
     }
 
+    /// Why `take(from:)` cannot work on this kernel (preadv2 RWF_NOWAIT on
+    /// an eventfd needs Linux 5.10); nil when it can: probed on a fresh
+    /// eventfd, which must answer EAGAIN when empty and the value when not.
+    public static func nonBlockingReadRefusal() -> String? {
+        guard let probe = try? EventFD() else { return "no eventfd to probe with" }
+        let (empty, failedEmpty) = take(from: probe.fd.rawValue)
+        if let failedEmpty { return "preadv2(RWF_NOWAIT) on an eventfd: \(failedEmpty)" }
+        guard empty == nil, (try? probe.signal(3)) != nil else { return "preadv2(RWF_NOWAIT) read an empty eventfd" }
+        return take(from: probe.fd.rawValue).value == 3 ? nil : "preadv2(RWF_NOWAIT) did not read the eventfd's value"
+    }
+
     public enum AddResult: Equatable, Sendable { case added, full, failed(Errno) }
 
     /// Adds `value` to the eventfd counter behind the raw fd `target`.

@@ -92,7 +92,7 @@ struct Daemon: ParsableCommand {
         if socketPath != nil && fd != nil { throw ValidationError("--socket-path and --fd are incompatible") }
         if socketPath == nil && fd == nil && config == nil { throw ValidationError("give --config FILE, --socket-path PATH or --fd FDNUM") }
         if client && socketPath == nil { throw ValidationError("--client needs --socket-path") }
-        if let fd, fd < 0 { throw ValidationError("--fd: \(fd) is not a file descriptor") }
+        if let fd, let reason = UnixSocket.inheritedStreamRefusal(fd) { throw ValidationError("--fd: \(reason)") }
         if let l = logLevel, Logger.Level(rawValue: l) == nil { throw ValidationError("--log-level: '\(l)' is not a level") }
         do { _ = try flagBridge() } catch { throw ValidationError(Self.flagMessage(error)) }
     }
@@ -238,7 +238,7 @@ struct Daemon: ParsableCommand {
             housekeeping = try JoinableThread(name: "housekeeping") {
                 var lastStatus = controller.statusLine // sent with READY=1
                 while running.load(ordering: .acquiring) {
-                    let stuck = controller.stuckBridges(pingWithin: interval / 2)
+                    let stuck = controller.stuckBridges()
                     var status = controller.statusLine
                     if !stuck.isEmpty { status += "; not answering: \(stuck.joined(separator: ", "))" }
                     if watchdog != nil, stuck.isEmpty { notifier.notify("WATCHDOG=1") }

@@ -81,6 +81,32 @@ import TestSupport
         #expect(failed.keys.sorted() == ["evil"] && controller.bridgeNames == ["good"], "\(failed)")
         #expect(controller.lastError?.contains("evil") == true)
         #expect(try store.load().map(\.name) == ["good", "evil"], "the entry stays for the operator to fix")
+        try controller.destroy("evil") // not running, still removable
+        #expect(try store.load().map(\.name) == ["good"])
+        #expect(throws: ControlError.self) { try controller.destroy("evil") }
+    }
+
+    /// Creates and destroys from many control connections at once: one
+    /// bridge per name however they race, and the state file ends as the
+    /// final list (no save overtaken by an older one).
+    @Test func concurrentCreatesAndDestroysKeepTheStateFileExact() throws {
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let store = CreatedBridges(directory: dir)
+        let controller = DaemonController(config: try DaemonConfig.parse("runtime-directory: \(dir)\n"), logger: quietLogger(),
+                                          createdBridges: store)
+        defer { controller.stopAll() }
+        let outcomes = Locked<[String]>([])
+        DispatchQueue.concurrentPerform(iterations: 12) { i in
+            let name = i < 4 ? "same" : "b\(i)"
+            let reply = controller.handle(line: #"{"command":"create","bridge":{"name":"\#(name)","bar-size":"1G"}}"#)
+            outcomes.withLock { $0.append(reply.contains(#""ok":true"#) ? "ok \(name)" : "refused \(name)") }
+        }
+        let all = outcomes.withLock { $0 }
+        #expect(all.filter { $0 == "ok same" }.count == 1 && all.filter { $0 == "refused same" }.count == 3, "\(all)")
+        #expect(controller.bridgeNames.count == 9)
+        DispatchQueue.concurrentPerform(iterations: 4) { i in _ = try? controller.destroy("b\(i + 4)") }
+        #expect(try store.load().map(\.name).sorted() == controller.bridgeNames.sorted(), "the file is the running list")
     }
 
     @Test func aDamagedFileIsAnErrorNamingIt() throws {
@@ -135,7 +161,7 @@ import TestSupport
 
 @Suite struct StatusTests {
     /// The watchdog's question: a bridge whose thread does not run its loop
-    /// does not answer a ping; once it runs, it does.
+    /// does not move its heartbeat when poked; once it runs, it does.
     @Test func onlyARunningBridgeThreadAnswers() throws {
         let dir = "/tmp/vpb-ping-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
@@ -143,12 +169,20 @@ import TestSupport
         let config = BridgeConfig(name: "w", vhostUserSocket: "\(dir)/w.sock", peerSocket: nil, vm2: "w",
                                   addressSpace: AddressSpaceConfiguration(barSize: 1 << 30, mode: .identity))
         let bridge = try Bridge(config.settings, logger: quietLogger())
-        #expect(!bridge.answers(within: .milliseconds(50)))
+        bridge.poke()
+        usleep(50_000)
+        #expect(bridge.heartbeatCount == 0, "no thread, no beat")
         let thread = try JoinableThread(name: "w") { bridge.serve() }
-        #expect(bridge.answers(within: .seconds(10)))
+        #expect(pollUntil { bridge.heartbeatCount > 0 })
+        let idle = bridge.heartbeatCount
+        bridge.poke()
+        #expect(pollUntil { bridge.heartbeatCount > idle }, "an idle loop woken by a poke beats")
         bridge.stop()
         thread.join()
-        #expect(!bridge.answers(within: .milliseconds(50)), "a stopped bridge is not alive")
+        let last = bridge.heartbeatCount
+        bridge.poke()
+        usleep(50_000)
+        #expect(bridge.heartbeatCount == last && bridge.wasStopped, "a stopped bridge does not beat")
     }
 
     /// `log-level` changes what `status` reports, not only the logging.

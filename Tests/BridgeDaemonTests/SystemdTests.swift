@@ -141,6 +141,12 @@ final class FakeNotifySocket {
         let expected: [UInt8] = Array("MESSAGE\n".utf8) + [9, 0, 0, 0, 0, 0, 0, 0] + Array("two\nlines\n".utf8)
         #expect(Array(bytes.prefix(expected.count)) == expected)
         #expect(JournalSocket.available(path: "/nonexistent/socket") == nil)
+        // JOURNAL_STREAM counts only when it names stderr itself.
+        var st = stat()
+        #expect(fstat(2, &st) == 0)
+        #expect(JournalSocket.stderrIsJournal("\(st.st_dev):\(st.st_ino)"))
+        #expect(!JournalSocket.stderrIsJournal("\(st.st_dev):\(st.st_ino + 1)"))
+        #expect(!JournalSocket.stderrIsJournal("8:12345") && !JournalSocket.stderrIsJournal(nil) && !JournalSocket.stderrIsJournal("junk"))
         #expect(JournalSocket.available(path: "/etc/hostname") == nil, "a file is not a journal")
     }
 

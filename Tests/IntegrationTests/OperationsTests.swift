@@ -146,6 +146,45 @@ extension Integration {
             #expect(daemon.wait() == 0, "one session, then exit: \(daemon.output)")
         }
 
+        /// `--fd` must name an open stream socket, checked before the daemon
+        /// opens anything of its own (a number that is not open would
+        /// otherwise be taken by the daemon's first fd, e.g. the journal's).
+        @Test func anInheritedFdMustBeAnOpenStreamSocket() throws {
+            let notOpen = try SpawnedProcess(builtBinary("vhost-pci-bridged"), ["--fd", "987", "--name", "x"])
+            #expect(notOpen.wait() != 0)
+            #expect(notOpen.output.contains("fd 987 is not open"), "\(notOpen.output)")
+            let file = open("/etc/hostname", O_RDONLY | O_CLOEXEC)
+            defer { close(file) }
+            let regular = try SpawnedProcess(builtBinary("vhost-pci-bridged"), ["--fd", "3", "--name", "x"], fd3: file)
+            #expect(regular.wait() != 0)
+            #expect(regular.output.contains("a regular file, not a socket"), "\(regular.output)")
+            let (a, b) = try UnixSocket.pair(.datagram)
+            defer { try? a.fd.close(); try? b.fd.close() }
+            let datagram = try SpawnedProcess(builtBinary("vhost-pci-bridged"), ["--fd", "3", "--name", "x"], fd3: b.fd.rawValue)
+            #expect(datagram.wait() != 0)
+            #expect(datagram.output.contains("not a stream socket"), "\(datagram.output)")
+        }
+
+        /// Destroying the `--fd` bridge leaves the daemon (and its file's
+        /// bridges) running, and a reload does not adopt the served fd again.
+        @Test func destroyingTheInheritedBridgeKeepsTheDaemon() throws {
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let file = try writeConfig("bridges:\n  - name: c\n    bar-size: 1G\n")
+            let (ours, theirs) = try UnixSocket.pair(.stream)
+            defer { try? ours.fd.close() }
+            let daemon = try SpawnedProcess(builtBinary("vhost-pci-bridged"), ["--config", file, "--fd", "3", "--name", "f", "--bar-size", "1G"],
+                                            fd3: theirs.fd.rawValue)
+            try theirs.fd.close()
+            let ctl = "\(dir)/control.sock"
+            #expect(names(try control(ctl, ["command": "list"])) == ["c", "f"], "\(daemon.output)")
+            #expect(result(try control(ctl, ["command": "destroy", "name": "f"]))["destroyed"] as? String == "f")
+            let reload = result(try control(ctl, ["command": "reload"]))
+            #expect(((reload["failed"] as? [String: Any])?["f"] as? String)?.contains("already served") == true, "\(reload)")
+            #expect(names(try control(ctl, ["command": "list"])) == ["c"], "the daemon and the file's bridge run on")
+            daemon.signal(SIGTERM)
+            #expect(daemon.wait() == 0, "\(daemon.output)")
+        }
+
         /// `--fd` with `--mode static` (it used to always fail).
         @Test func anInheritedConnectionInStaticMode() throws {
             defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -290,12 +329,17 @@ extension Integration {
                 defer { vm1.disconnect() }
                 try vm1.start()
                 #expect(try vm1.runTraffic(count: 200, sizes: [64, 1500]).completed)
+                // Notifications went through the epoll relay (while the session
+                // is up: its links' counters are read live).
+                #expect(pollUntil {
+                    let s = (try? control(ctl, ["command": "stats", "name": "a"]))?["result"] as? [String: Any] ?? [:]
+                    return (s["kicksRelayed"] as? Int ?? 0) + (s["callsRelayed"] as? Int ?? 0) > 0
+                })
             }
             for name in ["a", "b"] {
                 let stats = result(try control(ctl, ["command": "stats", "name": name]))
                 #expect(stats["relayEngine"] as? String == "epoll", "\(name): \(stats)")
             }
-            #expect((result(try control(ctl, ["command": "stats", "name": "a"]))["kicksRelayed"] as? Int ?? 0) > 0)
             daemon.signal(SIGTERM)
             #expect(daemon.wait() == 0)
             let warnings = daemon.output.components(separatedBy: "io_uring is not available").count - 1

@@ -80,6 +80,23 @@ extension LinuxIOTests {
             #expect(throws: BARWindowError.invalidSize(100)) { _ = try BARWindow(size: 100) }
         }
 
+        /// A revocation is never refused for its alignment: it widens to
+        /// whole host pages (more revoked than asked, never less), and one
+        /// running past the window's end revokes to the end.
+        @Test func aMisalignedRevocationWidensInsteadOfFailing() throws {
+            let window = try BARWindow(size: 16 * MiB)
+            let m = try Memfd(name: "w", size: MiB)
+            try window.map(bus: BusAddress(0x10_0000), length: 0x4000, permission: .readWrite, fd: m.fd.rawValue, fdOffset: 0)
+            try window.revoke(bus: BusAddress(0x10_1800), length: 0x10)
+            #expect(window.probeInChild(BusAddress(0x10_0000)) == .accessible)
+            #expect(window.probeInChild(BusAddress(0x10_1000)) == .faulted, "the page holding the range is revoked")
+            #expect(window.probeInChild(BusAddress(0x10_2000)) == .accessible)
+            try window.revoke(bus: BusAddress(0x10_2fff), length: UInt64.max)
+            #expect(window.probeInChild(BusAddress(0x10_2000)) == .faulted && window.probeInChild(BusAddress(0x10_3000)) == .faulted)
+            #expect(window.probeInChild(BusAddress(0x10_0000)) == .accessible)
+            #expect(throws: BARWindowError.self) { try window.revoke(bus: BusAddress(16 * MiB), length: 4096) }
+        }
+
         @Test func executesAddressSpacePlans() throws {
             var table = MemoryRegionTable()
             let ram = try Memfd(name: "ram", size: 16 * MiB)

@@ -11,11 +11,16 @@ cd "$(dirname "$0")/../.."
 root=$(pwd)
 version=$(sed -n 's/.*static let version = "\(.*\)".*/\1/p' Sources/BridgeCore/BuildInfo.swift)
 arch=$(dpkg --print-architecture)
-for p in vhost-pci-bridged vhost-pci-bridgectl generate-manual; do
-  swift build -c release --static-swift-stdlib --build-path .build-static --product "$p" 2>&1 | grep -E "error|warning: unre|Compiling|Build of" | tail -1
-done
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
+for p in vhost-pci-bridged vhost-pci-bridgectl generate-manual; do
+  # The exit status, not a pipeline's last command: a failed build must not
+  # package a stale binary.
+  if ! swift build -c release --static-swift-stdlib --build-path .build-static --product "$p" > "$stage/build.log" 2>&1; then
+    cat "$stage/build.log"; echo "make deb: building $p failed"; exit 1
+  fi
+  tail -1 "$stage/build.log"
+done
 pkg="$stage/pkg"
 make -s install-files DESTDIR="$pkg" PREFIX=/usr SYSCONFDIR=/etc UNITDIR=/lib/systemd/system \
   RELEASE_DIR=.build-static/release MANUAL_TOOL=.build-static/release/generate-manual >/dev/null
@@ -28,8 +33,10 @@ install -m 0644 packaging/deb/lintian-overrides "$pkg/usr/share/lintian/override
 # dpkg-shlibdeps wants a debian/control to read: a minimal one.
 mkdir -p "$stage/src/debian"
 printf 'Source: vhost-pci-bridge\n\nPackage: vhost-pci-bridge\nArchitecture: any\n' > "$stage/src/debian/control"
-depends=$(cd "$stage/src" && dpkg-shlibdeps -O -e"$pkg/usr/bin/vhost-pci-bridged" -e"$pkg/usr/bin/vhost-pci-bridgectl" 2>/dev/null \
-  | sed -n 's/^shlibs:Depends=//p')
+(cd "$stage/src" && dpkg-shlibdeps -O -e"$pkg/usr/bin/vhost-pci-bridged" -e"$pkg/usr/bin/vhost-pci-bridgectl") > "$stage/shlibs" 2> "$stage/shlibs.err" \
+  || { cat "$stage/shlibs.err"; echo "make deb: dpkg-shlibdeps failed"; exit 1; }
+depends=$(sed -n 's/^shlibs:Depends=//p' "$stage/shlibs")
+case "$depends" in *libc6*) ;; *) echo "make deb: no libc6 in the computed Depends ('$depends')"; exit 1 ;; esac
 install -d "$pkg/DEBIAN"
 size=$(du -sk --exclude=DEBIAN "$pkg" | cut -f1)
 sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@DEPENDS@/$depends/" -e "s/@SIZE@/$size/" \

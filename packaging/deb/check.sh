@@ -9,8 +9,9 @@
 set -eu
 dir=${1:?usage: packaging/deb/check.sh DIR}
 cd "$(dirname "$0")/../.."
-deb=$(ls "$dir"/vhost-pci-bridge_*.deb | tail -1)
 version=$(sed -n 's/.*static let version = "\(.*\)".*/\1/p' Sources/BridgeCore/BuildInfo.swift)
+deb="$dir/vhost-pci-bridge_${version}_$(dpkg --print-architecture).deb"
+[ -f "$deb" ] || { echo "deb-check: FAILED: no $deb (make deb)"; exit 1; }
 fail() { echo "deb-check: FAILED: $*"; exit 1; }
 
 lintian --allow-root --fail-on error,warning --tag-display-limit 0 "$deb" || fail "lintian"

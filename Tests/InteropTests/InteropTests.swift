@@ -69,13 +69,16 @@ extension Interop {
             defer { vm2.stop() }
             let pmd = try testpmd(b.path, mode: "rxonly", name: "rx")
             let sent = pollUntil(seconds: 60, everyMilliseconds: 10) { vm2.statistics.packetsSent >= 20_000 }
-            usleep(200_000)
+            usleep(1_000_000) // let testpmd poll what is still in its ring (a loaded machine is slow to)
             pmd.stop()
             let received = testpmdCount(pmd.output, "RX-packets") ?? -1
             #expect(sent, "VM2 wrote \(vm2.statistics.packetsSent) frames")
-            // testpmd zeroes its counters when forwarding starts; frames VM2 wrote into
-            // the first posted ring (at most one ring, 256) before that are not counted.
-            #expect(received >= 20_000 - 256, "testpmd counted \(received); output:\n\(pmd.output.suffix(1500))")
+            // Two windows testpmd cannot count, each at most one ring (ethdev's
+            // fallback ring size, 512, as testpmd asks for 0 descriptors): frames
+            // VM2 wrote before testpmd zeroed its counters at forwarding start,
+            // and frames still in the ring when it stopped. A CI run under load
+            // lost 576, more than the one ring (256) this used to allow.
+            #expect(received >= 20_000 - 2 * 512, "testpmd counted \(received); output:\n\(pmd.output.suffix(1500))")
         }
 
         @Test(.enabled(if: Peers.hasTestpmd, Comment(rawValue: Peers.testpmdMissing)))

@@ -64,12 +64,12 @@ test: deps check-deps
 # The suite under AddressSanitizer (with LeakSanitizer) and ThreadSanitizer,
 # each in its own build directory; sanitizers/ holds the few suppressions,
 # each with its reason. Both run in .ci/run.
-test-asan: deps
+test-asan: deps check-deps
 	$(SWIFT) build --build-tests --build-path .build-asan --sanitize=address
 	ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=$(CURDIR)/sanitizers/lsan.supp \
 	  $(SWIFT) test --skip-build --build-path .build-asan --sanitize=address --disable-xctest --no-parallel --skip InteropTests
 
-test-tsan: deps
+test-tsan: deps check-deps
 	$(SWIFT) build --build-tests --build-path .build-tsan --sanitize=thread
 	TSAN_OPTIONS=halt_on_error=1:suppressions=$(CURDIR)/sanitizers/tsan.supp \
 	  $(SWIFT) test --skip-build --build-path .build-tsan --sanitize=thread --disable-xctest --no-parallel --skip InteropTests

@@ -156,6 +156,7 @@ public final class Bridge: Sendable {
                 if let current = connection, let failure = current.fatalFailure {
                     close(current, end: .closedByBridge(failure))
                     connection = nil
+                    continue // ready[3] was that connection's readiness, not the listener's
                 }
             }
             if ready.count > 3, ready[3] {
@@ -202,6 +203,10 @@ public final class Bridge: Sendable {
 
     private func runCommands(_ connection: VhostUserConnection?) {
         for (ticket, command) in commands.take() {
+            if let failure = connection?.fatalFailure {
+                commands.answer(ticket, .failure(.failed("the session ended: \(failure)")))
+                continue
+            }
             let result = connection.map { $0.perform(command) } ?? .failure(.noSession)
             if let connection { publish(connection) }
             commands.answer(ticket, result)

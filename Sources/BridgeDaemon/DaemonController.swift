@@ -173,7 +173,7 @@ public final class DaemonController: Sendable {
                 s.created.removeAll { $0.name == b.name } // an entry that never came back is replaced
                 s.created.append(CreatedBridges.Entry(name: b.name, spec: spec ?? "{}"))
             }
-            guard createdBridges != nil, spec != nil else { return false }
+            guard createdBridges != nil, spec != nil, !state.withLock({ $0.stateFileSetAside }) else { return false }
             do { try saveCreated() } catch {
                 try? stop(b.name)
                 state.withLock { $0.created.removeAll { $0.name == b.name } }
@@ -212,7 +212,7 @@ public final class DaemonController: Sendable {
         return operations.withLock { _ in
             let entries: [CreatedBridges.Entry]
             do { entries = try createdBridges.load() } catch {
-                let aside = createdBridges.path + ".unreadable"
+                let aside = createdBridges.path + ".unreadable-\(Int(Date().timeIntervalSince1970))"
                 let moved = rename(createdBridges.path, aside) == 0
                 if !moved { state.withLock { $0.stateFileSetAside = true } } // then never overwrite it
                 noteError("\(error)\(moved ? " (moved to \(aside))" : "; created bridges are not kept until it is fixed")")
@@ -279,9 +279,10 @@ public final class DaemonController: Sendable {
     }
 
     /// One watchdog round, never blocking: a bridge whose loop ran since the
-    /// last round answered; one whose did not is poked (woken) so that a
-    /// live one answers by the next round. Returns the bridges silent for
-    /// longer than their revocation deadline plus `Liveness.grace`.
+    /// last round answered. Every bridge is then poked (woken), so a live one
+    /// has moved its count by the next round, idle or not. Returns the
+    /// bridges silent for longer than their revocation deadline plus
+    /// `Liveness.grace`.
     public func stuckBridges() -> [String] {
         var answered: [String: Bool] = [:]
         var beats: [String: UInt64] = [:]
@@ -298,7 +299,7 @@ public final class DaemonController: Sendable {
             s.beats = s.beats.filter { beats[$0.key] != nil }
             return s.liveness.round(answered, now: .now) { .milliseconds(deadlines[$0] ?? 0) + Liveness.grace }
         }
-        for (name, ok) in answered where !ok { (try? bridge(name))?.poke() }
+        for name in beats.keys { (try? bridge(name))?.poke() }
         return stuck
     }
     private struct WatchdogState { var liveness = Liveness(); var beats: [String: UInt64] = [:] }
@@ -360,7 +361,11 @@ public final class DaemonController: Sendable {
                                ("state-directory", old.stateDirectory != new.stateDirectory)] where changed {
             report.needsRestart.append(key)
         }
+        let served = state.withLock { $0.inheritedServed }
         for b in new.bridges {
+            if let fd = b.inheritedConnection, served.contains(fd), oldByName[b.name] == nil {
+                continue // the --fd bridge was destroyed: its connection is gone, nothing to start
+            }
             if created.contains(b.name) {
                 report.failed[b.name] = "a bridge created at run time has this name; destroy it first"
             } else if let before = oldByName[b.name] {

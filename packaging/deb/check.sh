@@ -60,7 +60,11 @@ echo "deb-check: the production config runs with no bridge; the CLI reaches the 
 unit="$root/lib/systemd/system/vhost-pci-bridged.service"
 grep -q "^ExecStart=/usr/bin/vhost-pci-bridged --config /etc/vhost-pci-bridged.yaml$" "$unit" || fail "ExecStart in the installed unit"
 grep -q "^ExecReload=/usr/bin/vhost-pci-bridgectl reload$" "$unit" || fail "ExecReload in the installed unit"
-sed "s|/usr/bin/|$root/usr/bin/|g" "$unit" > "$root/check.service"
-out=$(systemd-analyze verify "$root/check.service" 2>&1) || fail "systemd-analyze verify: $out"
-[ -z "$out" ] || fail "systemd-analyze verify: $out"
-echo "deb-check: the installed unit verifies clean"
+if command -v systemd-analyze > /dev/null; then
+  sed "s|/usr/bin/|$root/usr/bin/|g" "$unit" > "$root/check.service"
+  out=$(systemd-analyze verify "$root/check.service" 2>&1) || fail "systemd-analyze verify: $out"
+  [ -z "$out" ] || fail "systemd-analyze verify: $out"
+  echo "deb-check: the installed unit verifies clean"
+else
+  echo "deb-check: systemd-analyze is not installed: the unit's verify SKIPPED (apt-get install systemd)"
+fi

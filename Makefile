@@ -136,6 +136,10 @@ UNITDIR ?= $(PREFIX)/lib/systemd/system
 DOCDIR ?= $(PREFIX)/share/doc/vhost-pci-bridge
 MANDIR ?= $(PREFIX)/share/man
 DATADIR ?= $(PREFIX)/share
+# QEMU looks for vhost-user discovery files in /usr/share/qemu/vhost-user and
+# /etc/qemu/vhost-user (not under /usr/local): the package uses the first,
+# make install the second.
+QEMU_DISCOVERY_DIR ?= $(SYSCONFDIR)/qemu/vhost-user
 # Where install-files takes the binaries from (deb: the static build).
 RELEASE_DIR ?= .build/release
 OPERATOR_BINARIES := vhost-pci-bridged vhost-pci-bridgectl
@@ -154,13 +158,13 @@ install: release
 MANUAL_TOOL ?= .build/release/generate-manual
 install-files:
 	install -d $(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(MANDIR)/man1 \
-	  $(DESTDIR)$(DATADIR)/qemu/vhost-user $(DESTDIR)$(DATADIR)/bash-completion/completions \
+	  $(DESTDIR)$(QEMU_DISCOVERY_DIR) $(DESTDIR)$(DATADIR)/bash-completion/completions \
 	  $(DESTDIR)$(DATADIR)/zsh/vendor-completions $(DESTDIR)$(DATADIR)/fish/vendor_completions.d
 	for b in $(OPERATOR_BINARIES); do install -m 0755 $(RELEASE_DIR)/$$b $(BINDIR)/$$b; done
 	for u in $(UNITS); do sed -e 's|/usr/local/bin/|$(PREFIX)/bin/|g' -e 's|/etc/vhost-pci-bridged.yaml|$(SYSCONFDIR)/vhost-pci-bridged.yaml|' \
 	  -e 's|/usr/local/share/doc/vhost-pci-bridge|$(DOCDIR)|' systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u || exit 1; done
-	sed -e 's|/usr/local/bin/|$(PREFIX)/bin/|' packaging/qemu/50-vhost-pci-bridged.json > $(DESTDIR)$(DATADIR)/qemu/vhost-user/50-vhost-pci-bridged.json
-	chmod 0644 $(DESTDIR)$(DATADIR)/qemu/vhost-user/50-vhost-pci-bridged.json
+	sed -e 's|/usr/local/bin/|$(PREFIX)/bin/|' packaging/qemu/50-vhost-pci-bridged.json > $(DESTDIR)$(QEMU_DISCOVERY_DIR)/50-vhost-pci-bridged.json
+	chmod 0644 $(DESTDIR)$(QEMU_DISCOVERY_DIR)/50-vhost-pci-bridged.json
 	[ -e $(DESTDIR)$(SYSCONFDIR)/vhost-pci-bridged.yaml ] || install -m 0644 config/production.yaml $(DESTDIR)$(SYSCONFDIR)/vhost-pci-bridged.yaml
 	install -m 0644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
 	install -m 0644 config/vhost-pci-bridged.yaml $(DESTDIR)$(DOCDIR)/example-config.yaml
@@ -185,7 +189,7 @@ uninstall:
 	  $(DESTDIR)$(DATADIR)/bash-completion/completions/$$b $(DESTDIR)$(DATADIR)/zsh/vendor-completions/_$$b \
 	  $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/$$b.fish; done
 	for u in $(UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
-	rm -f $(DESTDIR)$(DATADIR)/qemu/vhost-user/50-vhost-pci-bridged.json
+	rm -f $(DESTDIR)$(QEMU_DISCOVERY_DIR)/50-vhost-pci-bridged.json
 	rm -rf $(DESTDIR)$(DOCDIR)
 
 # A Debian package of what `make install` installs, from a build with the

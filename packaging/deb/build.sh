@@ -22,7 +22,7 @@ for p in vhost-pci-bridged vhost-pci-bridgectl generate-manual; do
   tail -1 "$stage/build.log"
 done
 pkg="$stage/pkg"
-make -s install-files DESTDIR="$pkg" PREFIX=/usr SYSCONFDIR=/etc UNITDIR=/lib/systemd/system \
+make -s install-files DESTDIR="$pkg" PREFIX=/usr SYSCONFDIR=/etc UNITDIR=/lib/systemd/system QEMU_DISCOVERY_DIR=/usr/share/qemu/vhost-user \
   RELEASE_DIR=.build-static/release MANUAL_TOOL=.build-static/release/generate-manual >/dev/null
 strip --strip-unneeded --remove-section=.comment --remove-section=.note "$pkg"/usr/bin/*
 doc="$pkg/usr/share/doc/vhost-pci-bridge"

@@ -8,12 +8,11 @@ import Glibc
 /// Protocol"). `available` is nil when there is no journal to talk to.
 public final class JournalSocket: Sendable {
     public static let defaultPath = "/run/systemd/journal/socket"
-    public let path: String
-    private let socket: UnixSocket
+    public var path: String { sender.path }
+    private let sender: DatagramSender
 
-    private init(path: String, socket: UnixSocket) {
-        self.path = path
-        self.socket = socket
+    private init(_ sender: DatagramSender) {
+        self.sender = sender
     }
 
     /// A sender to `path` if a datagram can be addressed to it (the socket
@@ -21,9 +20,7 @@ public final class JournalSocket: Sendable {
     public static func available(path: String = defaultPath) -> JournalSocket? {
         var st = stat()
         guard stat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFSOCK else { return nil }
-        let raw = shim_socket_unix(shim_sock_dgram())
-        guard raw >= 0 else { return nil }
-        return JournalSocket(path: path, socket: UnixSocket(adopting: OwnedFileDescriptor(adopting: raw), kind: .datagram))
+        return DatagramSender(path: path).map(JournalSocket.init)
     }
 
     /// Whether stderr is the journal stream `$JOURNAL_STREAM` names
@@ -39,8 +36,26 @@ public final class JournalSocket: Sendable {
 
     /// Sends one encoded entry; false when the journal did not take it (the
     /// caller then writes the line to stderr instead).
-    public func send(_ entry: [UInt8]) -> Bool {
-        let n = entry.withUnsafeBytes { shim_sendto_unix(socket.fd.rawValue, path, $0.baseAddress, $0.count) }
-        return n == entry.count
+    public func send(_ entry: [UInt8]) -> Bool { sender.send(entry) }
+}
+
+/// One datagram socket that sends whole datagrams to one Unix socket path:
+/// what sd_notify and journald's native protocol both are.
+public final class DatagramSender: Sendable {
+    public let path: String
+    private let socket: UnixSocket
+
+    /// nil when no datagram socket can be made.
+    public init?(path: String) {
+        let raw = shim_socket_unix(shim_sock_dgram())
+        guard raw >= 0 else { return nil }
+        self.path = path
+        socket = UnixSocket(adopting: OwnedFileDescriptor(adopting: raw), kind: .datagram)
+    }
+
+    /// Whether the whole datagram was sent.
+    public func send(_ bytes: [UInt8]) -> Bool {
+        let n = bytes.withUnsafeBytes { shim_sendto_unix(socket.fd.rawValue, path, $0.baseAddress, $0.count) }
+        return n == bytes.count
     }
 }

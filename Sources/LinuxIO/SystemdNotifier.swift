@@ -8,28 +8,21 @@ import Glibc
 /// nothing when the daemon does not run under systemd (no NOTIFY_SOCKET).
 public final class SystemdNotifier: Sendable {
     public let socketPath: String?
-    private let socket: UnixSocket?
+    private let sender: DatagramSender?
 
     /// `environment` is a seam for tests (defaults to the process environment).
     public init(environment: [String: String]? = nil) {
         let env = environment ?? SystemdNotifier.processEnvironment()
         socketPath = env["NOTIFY_SOCKET"].flatMap { $0.isEmpty ? nil : $0 }
-        if socketPath != nil, let raw = Optional(shim_socket_unix(shim_sock_dgram())), raw >= 0 {
-            socket = UnixSocket(adopting: OwnedFileDescriptor(adopting: raw), kind: .datagram)
-        } else {
-            socket = nil
-        }
+        sender = socketPath.flatMap(DatagramSender.init(path:))
     }
 
-    public var isActive: Bool { socket != nil }
+    public var isActive: Bool { sender != nil }
 
     /// Sends state lines such as "READY=1", "STATUS=…", "STOPPING=1".
     @discardableResult
     public func notify(_ lines: String...) -> Bool {
-        guard let socket, let path = socketPath else { return false }
-        let bytes = Array(lines.joined(separator: "\n").utf8)
-        let n = bytes.withUnsafeBytes { shim_sendto_unix(socket.fd.rawValue, path, $0.baseAddress, $0.count) }
-        return n == bytes.count
+        sender?.send(Array(lines.joined(separator: "\n").utf8)) ?? false
     }
 
     /// The watchdog interval from $WATCHDOG_USEC (when $WATCHDOG_PID is unset

@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <malloc.h>
 #include "CLinuxShim.h"
 #include <liburing.h>
 #include <sys/vfs.h>
@@ -275,6 +276,7 @@ int shim_prot_read(void) { return PROT_READ; }
 int shim_prot_write(void) { return PROT_WRITE; }
 void *shim_map_failed(void) { return MAP_FAILED; }
 long shim_page_size(void) { return sysconf(_SC_PAGESIZE); }
+int shim_malloc_fixed_mmap_threshold(int bytes) { return mallopt(M_MMAP_THRESHOLD, bytes); }
 
 int shim_fork_touch(volatile void *addr, int write) {
     pid_t pid = fork();

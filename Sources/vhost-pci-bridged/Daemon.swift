@@ -153,9 +153,11 @@ struct Daemon: ParsableCommand {
         }
         // Before any thread starts: a peer's dead pipe or socket must fail a
         // write with EPIPE, never kill every bridge; and each session holds
-        // several fds, so take the hard RLIMIT_NOFILE.
+        // several fds, so take the hard RLIMIT_NOFILE; and large freed
+        // buffers (mapping tables) go back to the kernel.
         Signals.ignoreBrokenPipe()
         _ = try? ResourceLimits.raiseOpenFiles()
+        MemoryAllocator.returnLargeBuffersToTheKernel()
         let overrides: DaemonOverrides
         do {
             overrides = DaemonOverrides(runtimeDirectory: runtimeDirectory, controlSocket: controlSocket,

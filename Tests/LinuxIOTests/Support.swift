@@ -19,19 +19,24 @@ func expectNoFDLeak(_ what: String, sourceLocation: SourceLocation = #_sourceLoc
     #expect(after == before, "\(what): \(before) fds before, \(after) after", sourceLocation: sourceLocation)
 }
 
-/// Resident set size of this process in KiB (VmRSS from /proc/self/status).
-func residentKiB() -> UInt64 {
+/// Resident set size of this process in KiB (VmRSS from /proc/self/status;
+/// `field: "RssAnon:"` for its anonymous part).
+func residentKiB(field: String = "VmRSS:") -> UInt64 {
     guard let file = fopen("/proc/self/status", "r") else { return 0 }
     defer { fclose(file) }
     var line = [CChar](repeating: 0, count: 256)
     while fgets(&line, Int32(line.count), file) != nil {
         let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        if text.hasPrefix("VmRSS:") {
-            return UInt64(text.dropFirst(6).filter(\.isNumber)) ?? 0
+        if text.hasPrefix(field) {
+            return UInt64(text.dropFirst(field.count).filter(\.isNumber)) ?? 0
         }
     }
     return 0
 }
+
+/// True when a sanitizer's runtime (make test-asan / test-tsan) is linked
+/// in: its allocator replaces glibc's and ignores glibc's tuning.
+let sanitizerAllocator: Bool = dlsym(nil, "__asan_init") != nil || dlsym(nil, "__tsan_init") != nil
 
 func temporaryPath(_ name: String) -> String {
     "/tmp/vpb-test-\(getpid())-\(name)"

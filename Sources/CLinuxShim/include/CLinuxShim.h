@@ -135,6 +135,10 @@ int shim_prot_read(void);
 int shim_prot_write(void);
 void *shim_map_failed(void);
 long shim_page_size(void);
+/// glibc malloc: a fixed mmap threshold of `bytes` (mallopt M_MMAP_THRESHOLD),
+/// which also turns off glibc's raising of it after each large free. Returns
+/// 1 on success. (Wrapped here: <malloc.h> is not part of the Glibc module.)
+int shim_malloc_fixed_mmap_threshold(int bytes);
 
 /// Forks; the child touches one byte at `addr` (read, or write when `write`
 /// is non-zero) and `_exit(0)`s. Returns the raw wait status of the child,

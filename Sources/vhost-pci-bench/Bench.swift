@@ -49,3 +49,23 @@ func procStatusKiB(_ pid: Int32, _ field: String) -> Int {
     return status.split(separator: "\n").first { $0.hasPrefix(field) }
         .flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") } ?? -1
 }
+
+/// Voluntary context switches of every thread of this process so far, by
+/// thread name (/proc/self/task/*/status): each is a thread blocking so that
+/// another can run. Counted around N round trips they give the thread
+/// hand-offs one round trip costs, a figure the machine's load does not move
+/// (involuntary switches, which load does move, are left out).
+func voluntarySwitchesByThread() -> [String: Int] {
+    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
+    var byName: [String: Int] = [:]
+    for task in tasks {
+        guard let status = try? String(contentsOfFile: "/proc/self/task/\(task)/status", encoding: .utf8) else { continue }
+        var name = "?", count = 0
+        for line in status.split(separator: "\n") {
+            if line.hasPrefix("Name:") { name = line.dropFirst(5).trimmingCharacters(in: .whitespaces) }
+            if line.hasPrefix("voluntary_ctxt_switches:") { count = Int(line.split(separator: "\t").last ?? "") ?? 0 }
+        }
+        byName[name, default: 0] += count
+    }
+    return byName
+}

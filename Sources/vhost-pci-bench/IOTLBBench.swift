@@ -37,6 +37,14 @@ struct IOTLBBench: ParsableCommand {
         var invalidateRatio: Double
         var vm2UnmapsApplied: Int
         var revocationTimeouts: Int
+        /// Context switches per round trip over every thread of the run
+        /// (VM1, the bridge and peer threads, VM2), counted in a separate
+        /// untimed pass: the hand-offs each kind costs.
+        var switchesPerPlain: Double
+        var switchesPerUpdate: Double
+        var switchesPerInvalidate: Double
+        /// The same, by thread name (threads under 0.05 per round trip left out).
+        var switchesByThread: [String: [String: Double]]
     }
 
     static func stats(_ samples: [Duration]) -> Stats {
@@ -81,25 +89,51 @@ struct IOTLBBench: ParsableCommand {
             let v = try clock.measure { try iommu.unmap(iova) }
             if i >= warm { plain.append(p); update.append(u); invalidate.append(v) }
         }
+        // Untimed: thread switches per round trip, one kind at a time.
+        let counted = min(rounds, 1000)
+        var byThread: [String: [String: Double]] = [:]
+        func switches(_ kind: String, _ body: () throws -> Void) rethrows -> Double {
+            let before = voluntarySwitchesByThread()
+            try body()
+            let after = voluntarySwitchesByThread()
+            var perThread: [String: Double] = [:]
+            for (name, n) in after { perThread[name] = Double(n - (before[name] ?? 0)) / Double(counted) }
+            byThread[kind] = perThread.filter { $0.value >= 0.05 }
+            return perThread.values.reduce(0, +)
+        }
+        var iovas: [BusAddress] = []
+        let plainSwitches = try switches("plain") { for _ in 0..<counted { _ = try vm1.frontend.getU64(.getFeatures) } }
+        let updateSwitches = try switches("update") {
+            for _ in 0..<counted { iovas.append(try iommu.map(GuestPhysicalAddress(0x200_0000), length: 4096, permission: .readWrite, eager: true)) }
+        }
+        let invalidateSwitches = try switches("invalidate") { for iova in iovas { try iommu.unmap(iova) } }
+
         let base = Self.stats(plain), up = Self.stats(update), inv = Self.stats(invalidate)
         let result = Result(rounds: rounds, plainRequestReply: base, update: up, invalidate: inv,
                             updateRatio: up.p50Microseconds / max(base.p50Microseconds, 0.001),
                             invalidateRatio: inv.p50Microseconds / max(base.p50Microseconds, 0.001),
                             vm2UnmapsApplied: vm2.statistics.unmapsApplied,
-                            revocationTimeouts: bridge.statistics.peer.revocationTimeouts)
+                            revocationTimeouts: bridge.statistics.peer.revocationTimeouts,
+                            switchesPerPlain: plainSwitches, switchesPerUpdate: updateSwitches, switchesPerInvalidate: invalidateSwitches,
+                            switchesByThread: byThread)
         if json {
             try printJSON(result)
             return
         }
-        func row(_ name: String, _ s: Stats, _ ratio: String) -> String {
-            String(format: "| %@ | %.1f | %.1f | %.1f | %@ |", name, s.p50Microseconds, s.p99Microseconds, s.meanMicroseconds, ratio)
+        func row(_ name: String, _ s: Stats, _ ratio: String, _ switches: Double) -> String {
+            String(format: "| %@ | %.1f | %.1f | %.1f | %@ | %.2f |", name, s.p50Microseconds, s.p99Microseconds, s.meanMicroseconds, ratio, switches)
         }
         print("### IOTLB round trips (`vhost-pci-bench iotlb`, \(rounds) each, VM2 connected and acking)\n")
-        print("| round trip | p50 µs | p99 µs | mean µs | p50 / plain |")
-        print("|---|---:|---:|---:|---:|")
-        print(row("plain request/reply (GET_FEATURES)", base, "1.00×"))
-        print(row("IOTLB update → ack (MAP to VM2)", up, String(format: "%.2f×", result.updateRatio)))
-        print(row("IOTLB invalidate → ack (UNMAP, VM2 acks)", inv, String(format: "%.2f×", result.invalidateRatio)))
+        print("Thread switches are the voluntary context switches of every thread of the run (VM1, the bridge thread, the peer thread that reads VM2's socket, VM2's threads), counted in a separate untimed pass of \(counted) round trips per kind: each is a thread blocking so that another can run, the hand-offs a round trip costs.\n")
+        print("| round trip | p50 µs | p99 µs | mean µs | p50 / plain | thread switches per round trip |")
+        print("|---|---:|---:|---:|---:|---:|")
+        print(row("plain request/reply (GET_FEATURES)", base, "1.00×", plainSwitches))
+        print(row("IOTLB update → ack (MAP to VM2)", up, String(format: "%.2f×", result.updateRatio), updateSwitches))
+        print(row("IOTLB invalidate → ack (UNMAP, VM2 acks)", inv, String(format: "%.2f×", result.invalidateRatio), invalidateSwitches))
+        for kind in ["plain", "update", "invalidate"] {
+            let parts = (byThread[kind] ?? [:]).sorted { $0.value > $1.value }.map { String(format: "%@ %.2f", $0.key, $0.value) }
+            print("\(kind == "plain" ? "\nBy thread, per round trip — " : "")\(kind): \(parts.joined(separator: ", "))\(kind == "invalidate" ? "." : ";")")
+        }
         print("\nVM2 applied \(result.vm2UnmapsApplied) UNMAPs; revocation timeouts: \(result.revocationTimeouts).")
     }
 }

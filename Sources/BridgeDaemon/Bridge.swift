@@ -31,6 +31,8 @@ public final class Bridge: Sendable {
     private let budgetID: MappingBudget.ID
     private struct State {
         var stopping = false
+        /// `serve` ran (it gives back the relay and socket files when it ends).
+        var served = false
         var statistics = BridgeStatistics()
     }
     /// Operator commands, carried out on the bridge thread.
@@ -64,6 +66,7 @@ public final class Bridge: Sendable {
             stopSignal = try EventFD()
             commands = try Mailbox()
         } catch { throw .socket(settings.name, "eventfd", error) }
+        let relay: NotificationRelay?
         if settings.notifications == .passthrough {
             relay = nil
         } else {
@@ -72,27 +75,59 @@ public final class Bridge: Sendable {
                                               cpus: settings.cpuAffinity, logger: logger)
             } catch { throw .relay(settings.name, error) }
         }
+        // From here a failure gives back what was started: the relay's
+        // thread holds the relay, so dropping it would not stop it (each
+        // failed start left a thread, an io_uring ring and its eventfds),
+        // and a socket file made here is removed.
+        do {
+            (listener, peerServer) = try Self.listen(settings, peer: peer, admission: admission, logger: logger)
+        } catch {
+            relay?.stop()
+            throw error
+        }
+        self.relay = relay
+        budgetID = mappingBudget.register() // last: a failed init registers nothing
+    }
+
+    /// The vhost-user listener (none for a client or `--fd` bridge) and the
+    /// peer server. On failure no socket file made here is left.
+    private static func listen(_ settings: BridgeSettings, peer: PeerLink, admission: ConnectionAdmission,
+                               logger: Logger) throws(BridgeError) -> (UnixSocket?, PeerServer?) {
+        var listener: UnixSocket?
         if let path = settings.socketPath, !settings.client {
             do {
                 listener = try UnixSocket.listen(path: path)
                 try ConnectionAdmission.applyPermissions(settings.vm1Access, to: path)
-            } catch { throw .socket(settings.name, "vhost-user", error) }
-        } else {
-            listener = nil
+            } catch {
+                if listener != nil { SocketFile.remove(path) }
+                throw .socket(settings.name, "vhost-user", error)
+            }
         }
-        if let path = settings.peerSocketPath {
-            do {
-                let peerListener = try UnixSocket.listen(path: path)
-                try ConnectionAdmission.applyPermissions(settings.vm2Access, to: path)
-                peerServer = PeerServer(listener: peerListener, peer: peer, settings: settings, admission: admission, logger: logger)
-            } catch { throw .socket(settings.name, "peer", error) }
-        } else {
-            peerServer = nil
+        guard let path = settings.peerSocketPath else { return (listener, nil) }
+        var peerListener: UnixSocket?
+        do {
+            peerListener = try UnixSocket.listen(path: path)
+            try ConnectionAdmission.applyPermissions(settings.vm2Access, to: path)
+        } catch {
+            if peerListener != nil { SocketFile.remove(path) }
+            if listener != nil, let vm1 = settings.socketPath { SocketFile.remove(vm1) }
+            throw .socket(settings.name, "peer", error)
         }
-        budgetID = mappingBudget.register() // last: a failed init registers nothing
+        guard let peerListener else { return (listener, nil) }
+        return (listener, PeerServer(listener: peerListener, peer: peer, settings: settings, admission: admission, logger: logger))
     }
 
-    deinit { mappingBudget.unregister(budgetID) }
+    /// A bridge that was never served (its thread could not be started)
+    /// still holds a running relay and its socket files: given back here.
+    /// After `serve`, both are already gone.
+    deinit {
+        if !state.withLock({ $0.served }) {
+            relay?.stop()
+            if let path = settings.socketPath, !settings.client { SocketFile.remove(path) }
+            if let path = settings.peerSocketPath { SocketFile.remove(path) }
+        }
+        mappingBudget.unregister(budgetID)
+    }
 
     public var statistics: BridgeStatistics {
         var s = state.withLock { $0.statistics }
@@ -114,6 +149,7 @@ public final class Bridge: Sendable {
     /// (or serves `connection` only, for `--fd`), and VM2s on a second thread.
     public func serve(connection inherited: UnixSocket? = nil) {
         logger.info("serving \(settings.socketPath ?? "an inherited socket") (\(settings.backend.addressSpace.mode) mode, BAR \(ByteCount(settings.backend.addressSpace.barSize)))\(settings.peerSocketPath.map { ", VM2 on \($0)" } ?? "")")
+        state.withLock { $0.served = true }
         let peerThread = peerServer.flatMap { server in try? JoinableThread(name: "peer-\(settings.name)") { server.run() } }
         var connection: VhostUserConnection?
         var acceptPausedUntil: ContinuousClock.Instant?

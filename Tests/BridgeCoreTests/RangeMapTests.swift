@@ -78,4 +78,45 @@ private struct Tagged: RangeMapElement {
         }
         for i in 0..<256 { #expect(m.element(containing: UInt64(i))?.tag == reference[i], "unit \(i)") }
     }
+
+    /// The search index at sizes where it has one to four levels above the
+    /// ends and lays itself out again (growing past its capacity, shrinking
+    /// under a quarter of it): after every batch of changes it matches the
+    /// elements key for key, and every search agrees with a linear scan.
+    @Test(arguments: [9, 70, 600, 5000])
+    func theSearchIndexAgreesWithALinearScan(elements target: Int) {
+        var rng = SplitMix64(seed: UInt64(target))
+        var m = RangeMap<Tagged>()
+        func checkSearches() -> Bool {
+            if let broken = m.invariantViolation() { Issue.record("\(broken) at \(m.count) elements"); return false }
+            let last = m.elements.last?.end ?? 0
+            for probe in [0, 1, last &- 1, last, last + 1] + (0..<200).map({ _ in rng.next() % (last + 10) }) {
+                let expected = m.elements.firstIndex { $0.end > probe } ?? m.count
+                guard m.firstIndex(endingAbove: probe) == expected else {
+                    Issue.record("first end above \(probe): \(m.firstIndex(endingAbove: probe)), linear scan \(expected), \(m.count) elements")
+                    return false
+                }
+            }
+            return true
+        }
+        // Grow: units of two (one mapped, one gap), in random order, so
+        // changes land in the middle as well as at the end.
+        for unit in (0..<UInt64(target)).shuffled(using: &rng) {
+            _ = put(&m, unit * 2, unit * 2 + 1, Int(unit % 2))
+            if unit % 97 == 0, !checkSearches() { return }
+        }
+        #expect(m.count == target)
+        guard checkSearches() else { return }
+        // Replace runs (splits and joins), then shrink to a few elements.
+        for _ in 0..<(target / 4) {
+            let s = rng.next() % UInt64(2 * target), e = s + 1 + rng.next() % 5
+            _ = put(&m, s, e, rng.next() % 3 == 0 ? nil : Int(rng.next() % 2))
+        }
+        guard checkSearches() else { return }
+        _ = m.removeAll { $0.start > 10 }
+        guard checkSearches() else { return }
+        _ = put(&m, 0, UInt64(2 * target), nil)
+        #expect(m.count == 0)
+        _ = checkSearches()
+    }
 }

@@ -46,7 +46,11 @@ struct LinuxGuestBench: ParsableCommand {
         throw ValidationError("the guest did not report; QEMU said: \((try? String(contentsOfFile: log, encoding: .utf8))?.suffix(800) ?? "")")
     }
 
-    struct BridgeRun: Codable { var report: LinuxGuest.Report; var vm2Verified: Int; var misses: Int; var invalidates: Int }
+    struct BridgeRun: Codable {
+        var report: LinuxGuest.Report; var vm2Verified: Int; var misses: Int; var invalidates: Int
+        /// Seconds the bridge thread spent handling IOTLB messages (receipt to reply), and of those waiting for VM2's acks.
+        var iotlbSeconds: Double; var revocationWaitSeconds: Double; var revocations: UInt64
+    }
 
     /// Through the bridge to VM2 on the engine (verifying every datagram, polling).
     func throughBridge(iommu: Bool, dir: String) throws -> BridgeRun {
@@ -68,7 +72,9 @@ struct LinuxGuestBench: ParsableCommand {
         let report = try runGuest(socket: "\(dir)/vm1.sock", iommu: iommu, log: "\(dir)/bridge-qemu.log")
         usleep(100_000)
         let s = bridge.statistics
-        return BridgeRun(report: report, vm2Verified: vm2.statistics.packetsVerified, misses: s.iotlbMissesSent, invalidates: s.iotlbInvalidates)
+        return BridgeRun(report: report, vm2Verified: vm2.statistics.packetsVerified, misses: s.iotlbMissesSent, invalidates: s.iotlbInvalidates,
+                         iotlbSeconds: s.peer.iotlbLatency.sum, revocationWaitSeconds: s.peer.revocationLatency.sum,
+                         revocations: s.peer.revocationLatency.count)
     }
 
     /// Against DPDK's vhost back end (testpmd rxonly, iommu-support=1 under a vIOMMU).
@@ -94,6 +100,14 @@ struct LinuxGuestBench: ParsableCommand {
         var guestSent: Int
         var bridgeDmarFaults: Int
         var dpdkDmarFaults: Int
+        /// Per datagram the guest sent, through the bridge: µs between datagrams
+        /// (1 / rate), µs the bridge thread spent on IOTLB messages, and µs of
+        /// those waiting for VM2 to acknowledge a revocation.
+        var bridgeMicrosecondsPerDatagram: Double
+        var bridgeIOTLBMicrosecondsPerDatagram: Double
+        var bridgeRevocationWaitMicrosecondsPerDatagram: Double
+        var revocationsPerDatagram: Double
+        var dpdkMicrosecondsPerDatagram: Double
     }
 
     func run() throws {
@@ -114,7 +128,12 @@ struct LinuxGuestBench: ParsableCommand {
                             ratio: d.packetsPerSecond > 0 ? b.report.packetsPerSecond / d.packetsPerSecond : 0,
                             bridgeMissesPerDatagram: b.report.sent > 0 ? Double(b.misses) / Double(b.report.sent) : 0,
                             vm2Verified: b.vm2Verified, guestSent: b.report.sent,
-                            bridgeDmarFaults: b.report.dmarFaults, dpdkDmarFaults: d.dmarFaults))
+                            bridgeDmarFaults: b.report.dmarFaults, dpdkDmarFaults: d.dmarFaults,
+                            bridgeMicrosecondsPerDatagram: b.report.packetsPerSecond > 0 ? 1e6 / b.report.packetsPerSecond : 0,
+                            bridgeIOTLBMicrosecondsPerDatagram: b.report.sent > 0 ? b.iotlbSeconds * 1e6 / Double(b.report.sent) : 0,
+                            bridgeRevocationWaitMicrosecondsPerDatagram: b.report.sent > 0 ? b.revocationWaitSeconds * 1e6 / Double(b.report.sent) : 0,
+                            revocationsPerDatagram: b.report.sent > 0 ? Double(b.revocations) / Double(b.report.sent) : 0,
+                            dpdkMicrosecondsPerDatagram: d.packetsPerSecond > 0 ? 1e6 / d.packetsPerSecond : 0))
         }
         if json {
             try printJSON(["linuxGuest": rows])
@@ -127,6 +146,13 @@ struct LinuxGuestBench: ParsableCommand {
         for r in rows {
             print(String(format: "| %@ | %.0f | %.0f | %.2f× | %.2f | %d / %d | %d, %d |", r.iommu ? "intel-iommu, strict" : "none",
                          r.bridgePps, r.dpdkPps, r.ratio, r.bridgeMissesPerDatagram, r.vm2Verified, r.guestSent, r.bridgeDmarFaults, r.dpdkDmarFaults))
+        }
+        print("\nWhere a datagram's time goes through the bridge: the bridge thread's own clock around each IOTLB message (receipt to reply, the daemon's `iotlb` latency histogram) and, inside it, the wait for VM2 to acknowledge a revocation (`revocation` histogram), per datagram the guest sent.\n")
+        print("| vIOMMU | µs per datagram, bridge | of which handling IOTLB messages | of which waiting for VM2's ack | revocations per datagram | µs per datagram, DPDK |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in rows {
+            print(String(format: "| %@ | %.1f | %.1f | %.1f | %.2f | %.1f |", r.iommu ? "intel-iommu, strict" : "none", r.bridgeMicrosecondsPerDatagram,
+                         r.bridgeIOTLBMicrosecondsPerDatagram, r.bridgeRevocationWaitMicrosecondsPerDatagram, r.revocationsPerDatagram, r.dpdkMicrosecondsPerDatagram))
         }
     }
 }

@@ -32,6 +32,9 @@ public struct PeerStatistics: Sendable, Equatable {
     /// and, for an invalidate, VM2's ack; kept here because it is mostly the
     /// round trip to VM2, and with the peer counters it outlives sessions.
     public var iotlbLatency = LatencyHistogram()
+    /// Replies to VM1 that the peer thread sent the moment VM2 acknowledged
+    /// the revocation they waited for (the rest the bridge thread sends).
+    public var repliesSentOnAck = 0
     public init() {}
 
     /// A connection ended for a protocol error, counted under its rule.
@@ -73,6 +76,33 @@ final class PeerLink: Sendable {
         var stopsReported: [UInt32: UInt16?] = [:]
         var events: [Event] = []
         var statistics = Statistics()
+        /// VM1's reply to a request that revoked access, handed over for
+        /// the time of the bridge thread's wait for VM2's ack.
+        var heldReply = HeldReply.none
+    }
+
+    /// A reply held for VM1 while its revocation waits for VM2's ack. The
+    /// peer thread sends it the moment it reads the ack — VM1 then waits for
+    /// one thread hand-off fewer (VM2 → peer thread → VM1 instead of VM2 →
+    /// peer thread → bridge thread → VM1) — and the bridge thread sends it
+    /// when the wait ends any other way. Sent once, in order: the bridge
+    /// thread sends nothing to VM1 until the peer thread's send is over.
+    enum HeldReply: Sendable {
+        case none
+        case waiting(Ticket, [UInt8], UnixSocket)
+        case sending
+        case sent
+        case failed(String)
+    }
+
+    /// How a held reply went.
+    enum HeldReplyOutcome: Equatable {
+        /// The peer thread sent it when VM2 acknowledged.
+        case sent
+        /// The peer thread's send failed (the session is over).
+        case failed(String)
+        /// Nobody sent it: the caller does.
+        case notSent
     }
 
     private let state = Locked(State())
@@ -145,7 +175,30 @@ final class PeerLink: Sendable {
             s.statistics.acks += 1
             return true
         }
-        if accepted { _ = try? ackSignal.signal() }
+        guard accepted else { return }
+        sendHeldReply(acknowledged: generation)
+        _ = try? ackSignal.signal()
+    }
+
+    /// On the peer thread, after an ack: sends VM1's held reply if that ack
+    /// covers its revocation. The bridge thread is waiting meanwhile, and
+    /// waits until this send is over before it touches VM1's socket again.
+    private func sendHeldReply(acknowledged generation: Int) {
+        let held = state.withLock { s -> (bytes: [UInt8], socket: UnixSocket)? in
+            guard case .waiting(let ticket, let bytes, let socket) = s.heldReply,
+                  ticket.generation == generation, s.acked >= ticket.sequence else { return nil }
+            s.heldReply = .sending
+            return (bytes, socket)
+        }
+        guard let held else { return }
+        // VM1's socket has a send timeout (2 s): a VM1 that does not read
+        // holds this thread no longer than it would hold the bridge thread.
+        let outcome: HeldReply
+        do { try held.socket.send(held.bytes); outcome = .sent } catch { outcome = .failed("reply failed: \(error)") }
+        state.withLock { s in
+            s.heldReply = outcome
+            if case .sent = outcome { s.statistics.repliesSentOnAck += 1 }
+        }
     }
 
     func countProtocolError(rule: String) {
@@ -274,6 +327,29 @@ final class PeerLink: Sendable {
             missedDeadline(generation: generation, reason: "revocation deadline missed")
             return false
         }
+    }
+
+    /// `waitForAck`, with VM1's reply to the revoking request handed to the
+    /// peer thread, which sends it on `socket` as soon as it reads the ack.
+    /// When this returns, nobody is sending: `.notSent` leaves the reply to
+    /// the caller (VM2 left, missed its deadline, or had acked already).
+    func waitForAck(_ ticket: Ticket, replying bytes: [UInt8], on socket: UnixSocket) -> HeldReplyOutcome {
+        state.withLock { s in
+            guard s.socket != nil, s.generation == ticket.generation, s.acked < ticket.sequence else { return }
+            s.heldReply = .waiting(ticket, bytes, socket)
+        }
+        waitForAck(ticket)
+        // The ack may have been read just now, its reply still going out.
+        return ackSignal.wait(until: nil) {
+            state.withLock { s -> HeldReplyOutcome? in
+                switch s.heldReply {
+                case .sending: return nil
+                case .sent: s.heldReply = .none; return .sent
+                case .failed(let reason): s.heldReply = .none; return .failed(reason)
+                case .none, .waiting: s.heldReply = .none; return .notSent
+                }
+            }
+        } ?? .notSent
     }
 
     // MARK: ring stops (peer feature vringStopAck)

@@ -17,7 +17,14 @@ final class PeerMirror {
     /// Mirrors a window plan to VM2 and, when it takes access away, waits for
     /// VM2's ack (or disconnects VM2 at the deadline) — before VM1 is acked.
     func push(_ plan: WindowPlan) {
-        guard peer.isReady, !plan.isEmpty else { return }
+        _ = push(plan, thenReply: nil)
+    }
+
+    /// `push`, with VM1's reply to the request (when it revokes access and
+    /// VM2 must ack) sent by the peer thread as soon as the ack arrives.
+    /// `.notSent`: the caller sends the reply.
+    func push(_ plan: WindowPlan, thenReply reply: (bytes: [UInt8], socket: UnixSocket)?) -> PeerLink.HeldReplyOutcome {
+        guard peer.isReady, !plan.isEmpty else { return .notSent }
         var last: PeerLink.Ticket?
         var revokes = plan.revokesAccess
         func unmap(_ bus: BusAddress, _ length: UInt64) {
@@ -47,7 +54,12 @@ final class PeerMirror {
                 unmap(bus, length)
             }
         }
-        if revokes, let last { peer.waitForAck(last) }
+        guard revokes, let last else { return .notSent }
+        guard let reply else {
+            peer.waitForAck(last)
+            return .notSent
+        }
+        return peer.waitForAck(last, replying: reply.bytes, on: reply.socket)
     }
 
     /// After a failed plan: make sure VM2 has none of its ranges either.

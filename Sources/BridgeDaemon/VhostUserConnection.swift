@@ -165,7 +165,7 @@ final class VhostUserConnection {
             guard index >= 0, index < fds.count, fds[index].isOpen else { return nil }
             return OwnedFileDescriptor(adopting: fds[index].release())
         }
-        for effect in effects {
+        for (i, effect) in effects.enumerated() {
             switch effect {
             case .reply(let bytes):
                 if let failure = send(bytes) { return failure }
@@ -180,6 +180,15 @@ final class VhostUserConnection {
                     logger.error("BAR window operation failed, closing the session: \(error)")
                     mirror.revoke(plan)
                     return "window: \(error)"
+                }
+                // VM1's ack, when it is all that follows, goes out as soon
+                // as VM2 acks the revocation (from the peer thread).
+                if i == effects.count - 2, case .reply(let bytes) = effects[i + 1] {
+                    switch mirror.push(plan, thenReply: (bytes, socket)) {
+                    case .sent: return nil
+                    case .failed(let reason): return reason
+                    case .notSent: continue
+                    }
                 }
                 mirror.push(plan)
             case .releaseRegionFile(let id):

@@ -238,6 +238,49 @@ extension Integration {
             #expect(running.bridge.statistics.peer.revocationTimeouts == 0)
         }
 
+        /// VM1's ack to an invalidate leaves the moment VM2's ACK is read,
+        /// from the peer thread (one thread hand-off fewer than waking the
+        /// bridge thread to send it), never before that ACK, and ahead of
+        /// the answer to a request VM1 sent right behind the invalidate.
+        @Test func vm1sAckLeavesWithVM2sAckAndInOrder() throws {
+            let running = try RunningBridge("h-reply", mode: .iommu, revocationDeadline: 60_000)
+            defer { running.stop() }
+            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
+            defer { vm1.disconnect() }
+            try vm1.start()
+            let raw = try RawVM2(running.peerPath)
+            #expect(try raw.greet() != nil)
+            #expect(pollUntil { running.bridge.statistics.peer.ready })
+            let iommu = try #require(vm1.iommu)
+            let iova = try iommu.map(GuestPhysicalAddress(0x90_0000), length: 4096, permission: .readWrite, eager: true)
+            let sentBefore = running.bridge.statistics.peer.repliesSentOnAck
+            // VM1 pipelines the invalidate (NEED_REPLY) and GET_FEATURES.
+            let invalidate = IOTLBMessage(iova: iova.rawValue, size: 4096, userAddress: 0, permission: .none, type: .invalidate)
+            try vm1.frontend.socket.send(VhostUserCodec.encode(.iotlb(invalidate), needReply: true) + VhostUserCodec.encode(.getFeatures, needReply: false))
+            var unmap: PeerUnmap?
+            while unmap == nil, let m = try raw.receive() { if case .unmap(let u) = m { unmap = u } }
+            let held = try #require(unmap)
+            // VM2 has not acked: VM1 hears nothing (neither reply may pass the ack).
+            let early = try Poll.readable([vm1.frontend.socket.fd.rawValue], timeoutMilliseconds: 300)
+            #expect(early == [false], "VM1 got a reply before VM2 acknowledged the revocation")
+            try raw.send(.ack(held.sequence))
+            func nextReply() throws -> (code: UInt32, payload: [UInt8])? {
+                var code: UInt32 = 0
+                guard let m = try vm1.frontend.socket.receiveFramed(maxFDs: 0, payloadSize: { bytes in
+                    let header = try MessageHeader.decode(bytes)
+                    code = header.request
+                    return Int(header.size)
+                }) else { return nil }
+                return (code, m.payload)
+            }
+            let first = try #require(try nextReply()), second = try #require(try nextReply())
+            #expect(first.code == RequestCode.iotlbMsg.rawValue && first.payload == [UInt8](repeating: 0, count: 8), "the invalidate's ack (0) comes first")
+            #expect(second.code == RequestCode.getFeatures.rawValue, "then GET_FEATURES: \(second.code)")
+            #expect(running.bridge.statistics.peer.repliesSentOnAck == sentBefore + 1, "the peer thread sent the ack")
+            #expect(running.bridge.window.probeInChild(iova) == .faulted)
+            raw.socket.shutdown()
+        }
+
         /// An ACK for a sequence never sent would satisfy a later revocation
         /// before VM2 even saw it: a protocol error, counted.
         @Test func anAckFromTheFutureIsAProtocolError() throws {

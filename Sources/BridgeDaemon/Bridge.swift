@@ -14,7 +14,8 @@ import Glibc
 ///
 /// Threads: the *bridge thread* (`serve`) owns the session and does all the
 /// work, waking on the vhost-user socket, on VM2 events, and on stop; the
-/// *peer thread* only reads VM2's socket and posts events. When a session
+/// *peer thread* reads VM2's socket and posts events, and sends VM1's ack to
+/// a revocation the moment it reads VM2's ACK (`PeerLink`). When a session
 /// ends, everything it mapped (in the window and in VM2) and every fd it held
 /// are released, and the next front end may connect.
 public final class Bridge: Sendable {

@@ -7,8 +7,9 @@ import Synchronization
 /// The VM2 side of a bridge, on its own thread (the *peer thread*): accepts
 /// VM2 connections on the peer socket, one at a time, checks who they are,
 /// and reads their messages. Requests go to the bridge thread through
-/// `PeerLink` (events, acks, ring stops); this type never touches bridge
-/// state, and it owns the listener and the active VM2's socket.
+/// `PeerLink` (events, acks, ring stops; an ack may send VM1's held reply);
+/// this type never touches bridge state, and it owns the listener and the
+/// active VM2's socket.
 ///
 /// Sendable without `@unchecked`: immutable references to Sendable types and
 /// an `Atomic` stop flag.

@@ -252,7 +252,12 @@ final class PeerLink: Sendable {
     }
 
     /// Sends to the attached VM2 (blocking, bounded by SO_SNDTIMEO). Returns
-    /// false — and disconnects VM2 — when that fails. With `onlyIfReady`,
+    /// false when that fails, and VM2 is disconnected. A VM2 that stopped
+    /// reading (the send timed out) is treated as one that missed a
+    /// deadline: with the `kill` action its VMM is killed first, since it
+    /// would otherwise keep every mapping it holds while the revocations it
+    /// never read are acked to VM1. A connection VM2 closed is just gone (as
+    /// when the peer thread sees it end). With `onlyIfReady`,
     /// nothing is sent before the handshake and state replay are done.
     /// With `generation`, only that connection gets it (a reply to a request).
     @discardableResult
@@ -266,7 +271,11 @@ final class PeerLink: Sendable {
             return true
         } catch {
             logger.warning("sending \(message.type) to VM2 failed: \(error); disconnecting VM2")
-            disconnect(generation: generation, reason: "send failed: \(error)")
+            if error.errno == .wouldBlock || error.errno == .resourceTemporarilyUnavailable {
+                missedDeadline(generation: generation, reason: "VM2 stopped reading: sending \(message.type) timed out")
+            } else {
+                disconnect(generation: generation, reason: "send failed: \(error)")
+            }
             return false
         }
     }
@@ -408,9 +417,11 @@ final class PeerLink: Sendable {
         }
     }
 
-    /// A VM2 that ignores a deadline is disconnected, and with a pidfd (the
-    /// `kill` deadline action) its VMM is killed: a VMM that ignores the
-    /// protocol would otherwise keep the mappings it was told to drop.
+    /// A VM2 that ignores a deadline (or stops reading) is disconnected, and
+    /// with a pidfd (the `kill` deadline action) its VMM is killed: a VMM
+    /// that ignores the protocol would otherwise keep the mappings it was
+    /// told to drop. The caller acks VM1 only after the VMM has exited (its
+    /// memory is gone then), waiting at most `killWaitMilliseconds`.
     private func missedDeadline(generation: Int, reason: String) {
         // Killed first, disconnected second: the VMM never gets to act on
         // the disconnection (nor to exit on its own as if nothing happened).
@@ -418,13 +429,17 @@ final class PeerLink: Sendable {
             do {
                 try process.send(signal: SIGKILL)
                 count { $0.killed += 1 }
-                logger.warning("killed VM2's VMM (pid \(process.pid)): \(reason)")
+                let exited = process.waitForExit(milliseconds: Self.killWaitMilliseconds)
+                logger.warning("killed VM2's VMM (pid \(process.pid))\(exited ? "" : ", not yet gone after \(Self.killWaitMilliseconds) ms"): \(reason)")
             } catch {
                 logger.error("could not kill VM2's VMM (pid \(process.pid)): \(error)")
             }
         }
         disconnect(generation: generation, reason: reason)
     }
+
+    /// How long a revocation waits for a killed VM2 VMM to be gone.
+    static let killWaitMilliseconds: Int32 = 1000
 
     /// Drops VM2's connection (the peer thread sees it end and reports `.gone`).
     func disconnect(generation: Int, reason: String) {

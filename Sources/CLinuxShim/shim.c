@@ -296,7 +296,7 @@ int shim_fork_touch(volatile void *addr, int write) {
     return status;
 }
 pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *groups, int ngroups,
-                     const void *hello, size_t hello_len, unsigned int lifetime_s) {
+                     const void *hello, size_t hello_len, unsigned int lifetime_s, int reads) {
     pid_t pid = fork();
     if (pid != 0) return pid; // parent (or -1)
     // Child: only async-signal-safe calls from here on.
@@ -307,12 +307,18 @@ pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *group
         if (setgroups((size_t)n, g) != 0 || setgid((gid_t)gid) != 0) _exit(3);
     }
     if (uid >= 0 && setuid((uid_t)uid) != 0) _exit(3);
+    // The forking thread's mask is inherited: unblock, so the alarm below
+    // ends the child whatever that thread blocked.
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
     alarm(lifetime_s);
     int s = socket(AF_UNIX, SOCK_STREAM, 0);
     struct sockaddr_un a;
     if (s < 0 || fill_sun(&a, path) < 0) _exit(2);
     if (connect(s, (struct sockaddr *)&a, sizeof a) != 0) _exit(2);
     if (hello_len && write(s, hello, hello_len) != (ssize_t)hello_len) _exit(4);
+    if (!reads) for (;;) pause(); // a VMM that stopped reading its socket
     char buf[4096];
     for (;;) {
         ssize_t n = read(s, buf, sizeof buf);

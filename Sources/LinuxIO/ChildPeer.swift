@@ -17,11 +17,11 @@ public struct ChildPeer: Sendable {
     public let pid: Int32
 
     public static func spawn(connectingTo path: String, uid: UInt32? = nil, gid: UInt32? = nil, groups: [UInt32] = [],
-                             hello: [UInt8] = [], lifetimeSeconds: UInt32 = 20) throws(SystemCallError) -> ChildPeer {
+                             hello: [UInt8] = [], lifetimeSeconds: UInt32 = 20, reads: Bool = true) throws(SystemCallError) -> ChildPeer {
         let pid = groups.withUnsafeBufferPointer { g in
             hello.withUnsafeBytes { h in
                 shim_fork_peer(path, uid.map { Int($0) } ?? -1, gid.map { Int($0) } ?? -1, g.baseAddress, Int32(g.count),
-                               h.baseAddress, h.count, lifetimeSeconds)
+                               h.baseAddress, h.count, lifetimeSeconds, reads ? 1 : 0)
             }
         }
         guard pid > 0 else { throw .current("fork") }

@@ -21,6 +21,19 @@ public struct ProcessHandle: Sendable {
         let raw = fd.rawValue
         _ = try retryingInterrupts("pidfd_send_signal(\(pid), \(signal))") { shim_pidfd_send_signal(raw, signal) }
     }
+
+    /// Waits until the process has exited (its pidfd turns readable once its
+    /// memory is gone), at most `milliseconds`. True when it has.
+    public func waitForExit(milliseconds: Int32) -> Bool {
+        let deadline = ContinuousClock.now.advanced(by: .milliseconds(Int(milliseconds)))
+        while true {
+            let now = ContinuousClock.now
+            guard now < deadline else { return false }
+            if let ready = try? Poll.readable([fd.rawValue], timeoutMilliseconds: Poll.timeout(until: deadline, now: now)), ready.first == true {
+                return true
+            }
+        }
+    }
 }
 
 extension OwnedFileDescriptor {

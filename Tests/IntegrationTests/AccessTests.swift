@@ -65,6 +65,34 @@ extension Integration {
             #expect(running.bridge.window.probeInChild(iova) == .faulted)
         }
 
+        /// A VM2 VMM that stops reading its socket is killed (with the
+        /// `kill` action) once a send to it times out, and the daemon waits
+        /// until it is gone: it is not left alive, holding every mapping it
+        /// was granted, while VM1's later invalidates are acked without it.
+        /// (Before, a failed send only disconnected it.)
+        @Test func aVM2ThatStopsReadingIsKilled() throws {
+            let running = try RunningBridge("stops-reading", mode: .iommu, revocationDeadline: 1000) { $0.vm2DeadlineAction = .kill }
+            defer { running.stop() }
+            let hello = PeerCodec.encode(.hello(PeerHello(features: [], deviceFeatures: NetDevice.served)))
+            let vmm = try ChildPeer.spawn(connectingTo: running.peerPath, hello: hello, reads: false)
+            #expect(pollUntil { running.bridge.statistics.peer.ready })
+            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
+            defer { vm1.disconnect() }
+            try vm1.start()
+            let iommu = try #require(vm1.iommu)
+            // Grants until their MAPs no longer fit in the VMM's socket.
+            var granted = 0
+            while granted < 20_000, running.bridge.statistics.peer.ready {
+                _ = try iommu.map(GuestPhysicalAddress(0x80_0000 + UInt64(granted % 64) * 4096), length: 4096, permission: .readWrite, eager: true)
+                granted += 1
+            }
+            let killed = pollUntil(seconds: 30) { running.bridge.statistics.peer.killed == 1 }
+            if !killed { vmm.kill() } // never leave it behind
+            #expect(killed, "the daemon did not kill the VMM after \(granted) grants")
+            #expect(vmm.wait() == .signaled(SIGKILL))
+            #expect(running.bridge.statistics.peer.revocationTimeouts == 0, "killed for not reading, not for a missed deadline")
+        }
+
         /// A read-only grant travels with a read-only fd: even a VM2 VMM that
         /// ignores `prot` cannot map it writable.
         @Test func readOnlyGrantsCarryReadOnlyFds() throws {

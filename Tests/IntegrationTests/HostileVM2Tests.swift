@@ -151,8 +151,10 @@ extension Integration {
             let reader = try JoinableThread(name: "raw-vm2") {
                 while let message = try? raw.receive() {
                     if case .unmap(let u) = message {
-                        try? raw.send(.ack(u.sequence))
+                        // Counted before the ACK goes out: VM1's ack follows
+                        // it at once, and the test reads the count then.
                         unmapsAcked.withLock { $0 += 1 }
+                        try? raw.send(.ack(u.sequence))
                     }
                 }
             }

@@ -146,11 +146,12 @@ int shim_malloc_fixed_mmap_threshold(int bytes);
 int shim_fork_touch(volatile void *addr, int write);
 /// Forks a child that (when `uid`/`gid` >= 0) drops to those ids and
 /// `groups`, connects to the Unix socket `path`, writes `hello`, and reads
-/// until the other end closes (exit 0); connect failure exits 2, and the
-/// child dies of SIGALRM after `lifetime_s`. A test peer with other
-/// credentials, run without Swift code after fork. Returns the pid or -1.
+/// until the other end closes (exit 0) — or, when `reads` is 0, never reads
+/// again; connect failure exits 2, and the child dies of SIGALRM after
+/// `lifetime_s`. A test peer with other credentials, run without Swift code
+/// after fork. Returns the pid or -1.
 pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *groups, int ngroups,
-                     const void *hello, size_t hello_len, unsigned int lifetime_s);
+                     const void *hello, size_t hello_len, unsigned int lifetime_s, int reads);
 /// waitpid, retried on EINTR: the raw status, or -1.
 int shim_wait(pid_t pid);
 int shim_wifsignaled(int status);

@@ -10,6 +10,21 @@ import Testing
 import TestSupport
 import VhostUser
 
+/// An iommu bridge with an emulated VM1 (device started) and a raw VM2
+/// (greeted and ready), torn down after `body`.
+func withRawVM2(_ name: String, revocationDeadline: Int,
+                _ body: (RunningBridge, EmulatedVM1, RawVM2, EmulatedIOMMU) throws -> Void) throws {
+    let running = try RunningBridge(name, mode: .iommu, revocationDeadline: revocationDeadline)
+    defer { running.stop() }
+    let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
+    defer { vm1.disconnect() }
+    try vm1.start()
+    let raw = try RawVM2(running.peerPath)
+    #expect(try raw.greet() != nil)
+    #expect(pollUntil { running.bridge.statistics.peer.ready })
+    try body(running, vm1, raw, try #require(vm1.iommu))
+}
+
 /// A VM2 that speaks raw peer-protocol bytes: whatever a hostile or broken
 /// VM2 VMM could send.
 final class RawVM2: Sendable {
@@ -213,31 +228,24 @@ extension Integration {
         /// A VM2 that answers UNMAP by leaving: the revocation completes as
         /// soon as it is gone, not at the deadline (here two minutes).
         @Test func aRevocationEndsWhenVM2Leaves() throws {
-            let running = try RunningBridge("h-leaves", mode: .iommu, revocationDeadline: 120_000)
-            defer { running.stop() }
-            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
-            defer { vm1.disconnect() }
-            try vm1.start()
-            let raw = try RawVM2(running.peerPath)
-            #expect(try raw.greet() != nil)
-            #expect(pollUntil { running.bridge.statistics.peer.ready })
-            let iommu = try #require(vm1.iommu)
-            let iova = try iommu.map(GuestPhysicalAddress(0x90_0000), length: 4096, permission: .read, eager: true)
-            let done = Atomic<Bool>(false), timely = Atomic<Bool>(false)
-            // VM2: read until the UNMAP, leave without acknowledging, then
-            // watch (a hang guard, far below the deadline) for VM1's ack.
-            let vm2 = try JoinableThread(name: "leaving-vm2") {
-                while let m = try? raw.receive() { if case .unmap = m { break } }
-                raw.socket.shutdown()
-                timely.store(pollUntil(seconds: 30) { done.load(ordering: .acquiring) }, ordering: .releasing)
+            try withRawVM2("h-leaves", revocationDeadline: 120_000) { running, _, raw, iommu in
+                let iova = try iommu.map(GuestPhysicalAddress(0x90_0000), length: 4096, permission: .read, eager: true)
+                let done = Atomic<Bool>(false), timely = Atomic<Bool>(false)
+                // VM2: read until the UNMAP, leave without acknowledging, then
+                // watch (a hang guard, far below the deadline) for VM1's ack.
+                let vm2 = try JoinableThread(name: "leaving-vm2") {
+                    while let m = try? raw.receive() { if case .unmap = m { break } }
+                    raw.socket.shutdown()
+                    timely.store(pollUntil(seconds: 30) { done.load(ordering: .acquiring) }, ordering: .releasing)
+                }
+                try iommu.unmap(iova) // returns once the daemon acked VM1
+                done.store(true, ordering: .releasing)
+                vm2.join()
+                let wasTimely = timely.load(ordering: .acquiring)
+                #expect(wasTimely, "VM1's invalidate waited for the deadline")
+                #expect(running.bridge.window.probeInChild(iova) == .faulted)
+                #expect(running.bridge.statistics.peer.revocationTimeouts == 0)
             }
-            try iommu.unmap(iova) // returns once the daemon acked VM1
-            done.store(true, ordering: .releasing)
-            vm2.join()
-            let wasTimely = timely.load(ordering: .acquiring)
-            #expect(wasTimely, "VM1's invalidate waited for the deadline")
-            #expect(running.bridge.window.probeInChild(iova) == .faulted)
-            #expect(running.bridge.statistics.peer.revocationTimeouts == 0)
         }
 
         /// VM1's ack to an invalidate leaves the moment VM2's ACK is read,
@@ -245,42 +253,35 @@ extension Integration {
         /// bridge thread to send it), never before that ACK, and ahead of
         /// the answer to a request VM1 sent right behind the invalidate.
         @Test func vm1sAckLeavesWithVM2sAckAndInOrder() throws {
-            let running = try RunningBridge("h-reply", mode: .iommu, revocationDeadline: 60_000)
-            defer { running.stop() }
-            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
-            defer { vm1.disconnect() }
-            try vm1.start()
-            let raw = try RawVM2(running.peerPath)
-            #expect(try raw.greet() != nil)
-            #expect(pollUntil { running.bridge.statistics.peer.ready })
-            let iommu = try #require(vm1.iommu)
-            let iova = try iommu.map(GuestPhysicalAddress(0x90_0000), length: 4096, permission: .readWrite, eager: true)
-            let sentBefore = running.bridge.statistics.peer.repliesSentOnAck
-            // VM1 pipelines the invalidate (NEED_REPLY) and GET_FEATURES.
-            let invalidate = IOTLBMessage(iova: iova.rawValue, size: 4096, userAddress: 0, permission: .none, type: .invalidate)
-            try vm1.frontend.socket.send(VhostUserCodec.encode(.iotlb(invalidate), needReply: true) + VhostUserCodec.encode(.getFeatures, needReply: false))
-            var unmap: PeerUnmap?
-            while unmap == nil, let m = try raw.receive() { if case .unmap(let u) = m { unmap = u } }
-            let held = try #require(unmap)
-            // VM2 has not acked: VM1 hears nothing (neither reply may pass the ack).
-            let early = try Poll.readable([vm1.frontend.socket.fd.rawValue], timeoutMilliseconds: 300)
-            #expect(early == [false], "VM1 got a reply before VM2 acknowledged the revocation")
-            try raw.send(.ack(held.sequence))
-            func nextReply() throws -> (code: UInt32, payload: [UInt8])? {
-                var code: UInt32 = 0
-                guard let m = try vm1.frontend.socket.receiveFramed(maxFDs: 0, payloadSize: { bytes in
-                    let header = try MessageHeader.decode(bytes)
-                    code = header.request
-                    return Int(header.size)
-                }) else { return nil }
-                return (code, m.payload)
+            try withRawVM2("h-reply", revocationDeadline: 60_000) { running, vm1, raw, iommu in
+                let iova = try iommu.map(GuestPhysicalAddress(0x90_0000), length: 4096, permission: .readWrite, eager: true)
+                let sentBefore = running.bridge.statistics.peer.repliesSentOnAck
+                // VM1 pipelines the invalidate (NEED_REPLY) and GET_FEATURES.
+                let invalidate = IOTLBMessage(iova: iova.rawValue, size: 4096, userAddress: 0, permission: .none, type: .invalidate)
+                try vm1.frontend.socket.send(VhostUserCodec.encode(.iotlb(invalidate), needReply: true) + VhostUserCodec.encode(.getFeatures, needReply: false))
+                var unmap: PeerUnmap?
+                while unmap == nil, let m = try raw.receive() { if case .unmap(let u) = m { unmap = u } }
+                let held = try #require(unmap)
+                // VM2 has not acked: VM1 hears nothing (neither reply may pass the ack).
+                let early = try Poll.readable([vm1.frontend.socket.fd.rawValue], timeoutMilliseconds: 300)
+                #expect(early == [false], "VM1 got a reply before VM2 acknowledged the revocation")
+                try raw.send(.ack(held.sequence))
+                func nextReply() throws -> (code: UInt32, payload: [UInt8])? {
+                    var code: UInt32 = 0
+                    guard let m = try vm1.frontend.socket.receiveFramed(maxFDs: 0, payloadSize: { bytes in
+                        let header = try MessageHeader.decode(bytes)
+                        code = header.request
+                        return Int(header.size)
+                    }) else { return nil }
+                    return (code, m.payload)
+                }
+                let first = try #require(try nextReply()), second = try #require(try nextReply())
+                #expect(first.code == RequestCode.iotlbMsg.rawValue && first.payload == [UInt8](repeating: 0, count: 8), "the invalidate's ack (0) comes first")
+                #expect(second.code == RequestCode.getFeatures.rawValue, "then GET_FEATURES: \(second.code)")
+                #expect(running.bridge.statistics.peer.repliesSentOnAck == sentBefore + 1, "the peer thread sent the ack")
+                #expect(running.bridge.window.probeInChild(iova) == .faulted)
+                raw.socket.shutdown()
             }
-            let first = try #require(try nextReply()), second = try #require(try nextReply())
-            #expect(first.code == RequestCode.iotlbMsg.rawValue && first.payload == [UInt8](repeating: 0, count: 8), "the invalidate's ack (0) comes first")
-            #expect(second.code == RequestCode.getFeatures.rawValue, "then GET_FEATURES: \(second.code)")
-            #expect(running.bridge.statistics.peer.repliesSentOnAck == sentBefore + 1, "the peer thread sent the ack")
-            #expect(running.bridge.window.probeInChild(iova) == .faulted)
-            raw.socket.shutdown()
         }
 
         /// An ACK for a sequence never sent would satisfy a later revocation

@@ -63,17 +63,21 @@ struct SearchIndex: Sendable {
         let old = count
         ends.removeLast(ends.count - old)
         ends.replaceSubrange(range, with: newEnds)
-        count = ends.count
-        ends.append(contentsOf: repeatElement(UInt64.max, count: Self.wholeBlocks(count) - count))
+        padEnds()
         refreshUpper(from: range.lowerBound, oldCount: old)
     }
 
     /// All ends replaced.
     mutating func rebuild(_ all: [UInt64]) {
         ends = all
-        count = all.count
-        ends.append(contentsOf: repeatElement(UInt64.max, count: Self.wholeBlocks(count) - count))
+        padEnds()
         layOut()
+    }
+
+    /// `ends` holds exactly the live ends: counts them and pads to a whole block.
+    private mutating func padEnds() {
+        count = ends.count
+        ends.append(contentsOf: repeatElement(UInt64.max, count: Self.wholeBlocks(count) - count))
     }
 
     /// Rewrites the upper keys that depend on level-0 keys from `position`

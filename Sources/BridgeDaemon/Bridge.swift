@@ -96,26 +96,28 @@ public final class Bridge: Sendable {
                                logger: Logger) throws(BridgeError) -> (UnixSocket?, PeerServer?) {
         var listener: UnixSocket?
         if let path = settings.socketPath, !settings.client {
-            do {
-                listener = try UnixSocket.listen(path: path)
-                try ConnectionAdmission.applyPermissions(settings.vm1Access, to: path)
-            } catch {
-                if listener != nil { SocketFile.remove(path) }
-                throw .socket(settings.name, "vhost-user", error)
-            }
+            listener = try listening(at: path, settings.vm1Access, bridge: settings.name, role: "vhost-user")
         }
         guard let path = settings.peerSocketPath else { return (listener, nil) }
-        var peerListener: UnixSocket?
-        do {
-            peerListener = try UnixSocket.listen(path: path)
-            try ConnectionAdmission.applyPermissions(settings.vm2Access, to: path)
+        do throws(BridgeError) {
+            let peerListener = try listening(at: path, settings.vm2Access, bridge: settings.name, role: "peer")
+            return (listener, PeerServer(listener: peerListener, peer: peer, settings: settings, admission: admission, logger: logger))
         } catch {
-            if peerListener != nil { SocketFile.remove(path) }
             if listener != nil, let vm1 = settings.socketPath { SocketFile.remove(vm1) }
-            throw .socket(settings.name, "peer", error)
+            throw error
         }
-        guard let peerListener else { return (listener, nil) }
-        return (listener, PeerServer(listener: peerListener, peer: peer, settings: settings, admission: admission, logger: logger))
+    }
+
+    /// A listening socket at `path` with `access` applied; when the
+    /// permissions cannot be set, the socket file made here is removed.
+    private static func listening(at path: String, _ access: PeerAccess, bridge: String, role: String) throws(BridgeError) -> UnixSocket {
+        let socket: UnixSocket
+        do { socket = try UnixSocket.listen(path: path) } catch { throw .socket(bridge, role, error) }
+        do { try ConnectionAdmission.applyPermissions(access, to: path) } catch {
+            SocketFile.remove(path)
+            throw .socket(bridge, role, error)
+        }
+        return socket
     }
 
     /// A bridge that was never served (its thread could not be started)
@@ -124,10 +126,15 @@ public final class Bridge: Sendable {
     deinit {
         if !state.withLock({ $0.served }) {
             relay?.stop()
-            if let path = settings.socketPath, !settings.client { SocketFile.remove(path) }
-            if let path = settings.peerSocketPath { SocketFile.remove(path) }
+            removeSocketFiles()
         }
         mappingBudget.unregister(budgetID)
+    }
+
+    /// Removes the socket files this bridge listens on (a client's path is not its own).
+    private func removeSocketFiles() {
+        if let path = settings.socketPath, !settings.client { SocketFile.remove(path) }
+        if let path = settings.peerSocketPath { SocketFile.remove(path) }
     }
 
     public var statistics: BridgeStatistics {
@@ -218,8 +225,7 @@ public final class Bridge: Sendable {
         peer.shutdownActive()
         peerThread?.join()
         relay?.stop()
-        if let path = settings.socketPath, !settings.client { SocketFile.remove(path) }
-        if let path = settings.peerSocketPath { SocketFile.remove(path) }
+        removeSocketFiles()
     }
 
     /// Counts the bridge thread's loop iterations: the watchdog's proof of

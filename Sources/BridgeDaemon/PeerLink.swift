@@ -271,7 +271,7 @@ final class PeerLink: Sendable {
             return true
         } catch {
             logger.warning("sending \(message.type) to VM2 failed: \(error); disconnecting VM2")
-            if error.errno == .wouldBlock || error.errno == .resourceTemporarilyUnavailable {
+            if error.errno == .resourceTemporarilyUnavailable { // SO_SNDTIMEO ran out (EAGAIN)
                 missedDeadline(generation: generation, reason: "VM2 stopped reading: sending \(message.type) timed out")
             } else {
                 disconnect(generation: generation, reason: "send failed: \(error)")

@@ -37,7 +37,7 @@ struct IOTLBBench: ParsableCommand {
         var invalidateRatio: Double
         var vm2UnmapsApplied: Int
         var revocationTimeouts: Int
-        /// Context switches per round trip over every thread of the run
+        /// Voluntary context switches per round trip over every thread of the run
         /// (VM1, the bridge and peer threads, VM2), counted in a separate
         /// untimed pass: the hand-offs each kind costs.
         var switchesPerPlain: Double
@@ -78,6 +78,11 @@ struct IOTLBBench: ParsableCommand {
         try vm1.start()
         guard let iommu = vm1.iommu else { throw ValidationError("VM1 has no IOMMU") }
 
+        // The three round trips, timed below and counted after.
+        func plainRequest() throws { _ = try vm1.frontend.getU64(.getFeatures) }
+        func grant() throws -> BusAddress {
+            try iommu.map(GuestPhysicalAddress(0x200_0000), length: 4096, permission: .readWrite, eager: true)
+        }
         let warm = max(1, rounds / 10)
         let clock = ContinuousClock()
         var plain: [Duration] = [], update: [Duration] = [], invalidate: [Duration] = []
@@ -86,14 +91,14 @@ struct IOTLBBench: ParsableCommand {
         // state the same kind left (interleaved, a plain request found the
         // bridge thread still awake after an invalidate and looked cheaper).
         for i in 0..<(warm + rounds) {
-            let p = try clock.measure { _ = try vm1.frontend.getU64(.getFeatures) }
+            let p = try clock.measure { try plainRequest() }
             if i >= warm { plain.append(p) }
         }
         var mapped: [BusAddress] = []
         mapped.reserveCapacity(warm + rounds)
         for i in 0..<(warm + rounds) {
             var iova = BusAddress(0)
-            let u = try clock.measure { iova = try iommu.map(GuestPhysicalAddress(0x200_0000), length: 4096, permission: .readWrite, eager: true) }
+            let u = try clock.measure { iova = try grant() }
             mapped.append(iova)
             if i >= warm { update.append(u) }
         }
@@ -114,10 +119,8 @@ struct IOTLBBench: ParsableCommand {
             return perThread.values.reduce(0, +)
         }
         var iovas: [BusAddress] = []
-        let plainSwitches = try switches("plain") { for _ in 0..<counted { _ = try vm1.frontend.getU64(.getFeatures) } }
-        let updateSwitches = try switches("update") {
-            for _ in 0..<counted { iovas.append(try iommu.map(GuestPhysicalAddress(0x200_0000), length: 4096, permission: .readWrite, eager: true)) }
-        }
+        let plainSwitches = try switches("plain") { for _ in 0..<counted { try plainRequest() } }
+        let updateSwitches = try switches("update") { for _ in 0..<counted { iovas.append(try grant()) } }
         let invalidateSwitches = try switches("invalidate") { for iova in iovas { try iommu.unmap(iova) } }
 
         let base = Self.stats(plain), up = Self.stats(update), inv = Self.stats(invalidate)

@@ -285,11 +285,8 @@ public final class DaemonController: Sendable {
     /// `Liveness.grace`.
     public func stuckBridges() -> [String] {
         var answered: [String: Bool] = [:]
-        var beats: [String: UInt64] = [:]
-        for name in bridgeNames {
-            guard let b = try? bridge(name) else { continue }
-            beats[name] = b.heartbeatCount
-        }
+        let live = state.withLock { $0.bridges.mapValues(\.bridge) }
+        let beats = live.mapValues(\.heartbeatCount)
         let deadlines = Dictionary(uniqueKeysWithValues: config.bridges.map { ($0.name, $0.revocationDeadlineMilliseconds) })
         let stuck = liveness.withLock { s -> [String] in
             for (name, beat) in beats {
@@ -299,7 +296,7 @@ public final class DaemonController: Sendable {
             s.beats = s.beats.filter { beats[$0.key] != nil }
             return s.liveness.round(answered, now: .now) { .milliseconds(deadlines[$0] ?? 0) + Liveness.grace }
         }
-        for name in beats.keys { (try? bridge(name))?.poke() }
+        for b in live.values { b.poke() }
         return stuck
     }
     private struct WatchdogState { var liveness = Liveness(); var beats: [String: UInt64] = [:] }

@@ -158,13 +158,20 @@ public final class Bridge: Sendable {
     public func serve(connection inherited: UnixSocket? = nil) {
         logger.info("serving \(settings.socketPath ?? "an inherited socket") (\(settings.backend.addressSpace.mode) mode, BAR \(ByteCount(settings.backend.addressSpace.barSize)))\(settings.peerSocketPath.map { ", VM2 on \($0)" } ?? "")")
         state.withLock { $0.served = true }
+        if settings.vm2DeadlineAction == .kill, settings.peerSocketPath != nil {
+            if ProcessHandle.peerPidfdSupported {
+                logger.info("vm2-deadline-action kill: a VM2 that misses a deadline is killed through the pidfd the kernel took when it connected (SO_PEERPIDFD); a process it handed its socket to is not")
+            } else {
+                logger.warning("vm2-deadline-action kill: this kernel has no SO_PEERPIDFD (Linux 6.5+): the VMM is found by the pid recorded at connect, which another process may hold by then if the VMM exited before it was accepted; a process it handed its socket to is never killed")
+            }
+        }
         let peerThread = peerServer.flatMap { server in try? JoinableThread(name: "peer-\(settings.name)") { server.run() } }
         var connection: VhostUserConnection?
         var acceptPausedUntil: ContinuousClock.Instant?
         var pendingConnection = inherited
         var servedInherited = false
         while !stopping {
-            heartbeat.add(1, ordering: .relaxed)
+            peer.heartbeat.beat()
             if connection == nil, let c = pendingConnection {
                 pendingConnection = nil
                 servedInherited = true
@@ -228,12 +235,11 @@ public final class Bridge: Sendable {
         removeSocketFiles()
     }
 
-    /// Counts the bridge thread's loop iterations: the watchdog's proof of
-    /// life. `poke()` wakes an idle loop (through the command eventfd it
-    /// already polls: nothing allocated, so it works when fds run out), and
-    /// a live thread then moves the count.
-    private let heartbeat = Atomic<UInt64>(0)
-    public var heartbeatCount: UInt64 { heartbeat.load(ordering: .relaxed) }
+    /// Counts the bridge thread's loop iterations and bounded peer waits:
+    /// the watchdog's proof of life. `poke()` wakes an idle loop (through the
+    /// command eventfd it already polls: nothing allocated, so it works when
+    /// fds run out), and a live thread then moves the count.
+    public var heartbeatCount: UInt64 { peer.heartbeat.value }
     public func poke() { _ = try? commands.signal.signal() }
 
     /// True once `stop()` was called (the thread then ends on its own).
@@ -263,10 +269,10 @@ public final class Bridge: Sendable {
         var logger = logger
         logger[metadataKey: "peer"] = "vm1 \(who)" // journald PEER=
         logger.info("front end connected (\(who))")
-        // Messages are read once the socket is readable; a front end that then
-        // stalls in the middle of one is dropped instead of holding the bridge.
-        try? socket.setReceiveTimeout(milliseconds: 2000)
-        try? socket.setSendTimeout(milliseconds: 2000)
+        // Messages are read once the socket is readable, and each one (and
+        // each reply) must be whole within `VhostUserConnectionTuning.
+        // messageDeadline`: a front end that stalls or drips in the middle of
+        // one is dropped instead of holding the bridge.
         do {
             let opened = try VhostUserConnection(socket: socket, configuration: settings.backend, window: window,
                                                   peer: peer, relay: relay, logger: logger,

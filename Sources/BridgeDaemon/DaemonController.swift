@@ -281,8 +281,8 @@ public final class DaemonController: Sendable {
     /// One watchdog round, never blocking: a bridge whose loop ran since the
     /// last round answered. Every bridge is then poked (woken), so a live one
     /// has moved its count by the next round, idle or not. Returns the
-    /// bridges silent for longer than their revocation deadline plus
-    /// `Liveness.grace`.
+    /// bridges silent for longer than `Liveness.allowance` (their longest
+    /// bounded wait on a peer, plus a grace period).
     public func stuckBridges() -> [String] {
         var answered: [String: Bool] = [:]
         let live = state.withLock { $0.bridges.mapValues(\.bridge) }
@@ -294,7 +294,7 @@ public final class DaemonController: Sendable {
                 s.beats[name] = beat
             }
             s.beats = s.beats.filter { beats[$0.key] != nil }
-            return s.liveness.round(answered, now: .now) { .milliseconds(deadlines[$0] ?? 0) + Liveness.grace }
+            return s.liveness.round(answered, now: .now) { Liveness.allowance(revocationDeadlineMilliseconds: deadlines[$0] ?? 0) }
         }
         for b in live.values { b.poke() }
         return stuck

@@ -74,6 +74,12 @@ final class PeerLink: Sendable {
         var features: PeerFeatures = []
         var stopsRequested: Set<UInt32> = []
         var stopsReported: [UInt32: UInt16?] = [:]
+        /// The sequence of the last UNMAP meant for this connection, taken
+        /// before it is sent: while `acked` is below it, VM2 holds access it
+        /// was told (or is being told) to drop.
+        var lastRevocation: UInt64 = 0
+        /// SIGKILL was sent to this connection's VMM (counted once).
+        var killSent = false
         var events: [Event] = []
         var statistics = Statistics()
         /// VM1's reply to a request that revoked access, handed over for
@@ -110,12 +116,23 @@ final class PeerLink: Sendable {
     let ackSignal: EventFD
     let logger: Logger
     let revocationDeadlineMilliseconds: Int
+    /// The bridge thread's proof of life: moved after every bounded wait
+    /// it does here (a send, an ack or ring-stop wait), so a thread that
+    /// works through many slow but punctual peer operations in one loop pass
+    /// is never taken for a stuck one.
+    let heartbeat: Heartbeat
 
-    init(logger: Logger, revocationDeadlineMilliseconds: Int) throws(SystemCallError) {
+    /// How long one whole message to or from VM2 may take: a VM2 that does
+    /// not read (or write) a message within this is treated as one that
+    /// stopped — however it drips the bytes.
+    var messageDeadline: Duration { .milliseconds(max(1000, revocationDeadlineMilliseconds)) }
+
+    init(logger: Logger, revocationDeadlineMilliseconds: Int, heartbeat: Heartbeat = Heartbeat()) throws(SystemCallError) {
         eventSignal = try EventFD()
         ackSignal = try EventFD()
         self.logger = logger
         self.revocationDeadlineMilliseconds = revocationDeadlineMilliseconds
+        self.heartbeat = heartbeat
     }
 
     var statistics: Statistics { state.withLock { $0.statistics } }
@@ -136,6 +153,8 @@ final class PeerLink: Sendable {
             s.features = []
             s.stopsRequested = []
             s.stopsReported = [:]
+            s.lastRevocation = 0
+            s.killSent = false
             s.statistics.connections += 1
             s.statistics.connected = true
             return s.generation
@@ -191,10 +210,13 @@ final class PeerLink: Sendable {
             return (bytes, socket)
         }
         guard let held else { return }
-        // VM1's socket has a send timeout (2 s): a VM1 that does not read
-        // holds this thread no longer than it would hold the bridge thread.
+        // The whole reply within VM1's message deadline: a VM1 that does not
+        // read holds this thread no longer than it would hold the bridge thread.
         let outcome: HeldReply
-        do { try held.socket.send(held.bytes); outcome = .sent } catch { outcome = .failed("reply failed: \(error)") }
+        do {
+            try held.socket.send(held.bytes, deadline: .now.advanced(by: VhostUserConnectionTuning.messageDeadline))
+            outcome = .sent
+        } catch { outcome = .failed("reply failed: \(error)") }
         state.withLock { s in
             s.heldReply = outcome
             if case .sent = outcome { s.statistics.repliesSentOnAck += 1 }
@@ -210,7 +232,21 @@ final class PeerLink: Sendable {
     /// the last holder lets go — the peer thread that owns it, or a bridge
     /// thread still inside a send — never under a sender's feet, so a new
     /// VM2 can never receive the tail of a message meant for the old one.
+    ///
+    /// A VM2 that leaves — hangs up, breaks the protocol, or cannot be sent
+    /// to — while it holds a revocation it has not acknowledged has missed
+    /// that revocation's deadline: with the `kill` action its VMM is killed
+    /// and gone *before* the connection counts as gone, so the revocation
+    /// (and VM1's ack) cannot complete while the process still maps the range.
     func detach(generation: Int, reason: String) {
+        let holder = state.withLock { s -> ProcessHandle? in
+            guard s.generation == generation, s.socket != nil, s.acked < s.lastRevocation else { return nil }
+            return s.process
+        }
+        if let holder {
+            kill(holder, generation: generation,
+                 reason: "VM2 left (\(reason)) holding revocation \(state.withLock { $0.lastRevocation }) unacknowledged")
+        }
         let socket = state.withLock { s -> UnixSocket? in
             guard s.generation == generation, let socket = s.socket else { return nil }
             s.socket = nil
@@ -228,13 +264,22 @@ final class PeerLink: Sendable {
 
     // MARK: bridge thread
 
-    func drainEvents() -> [Event] {
+    /// Takes at most `limit` queued events, oldest first: one loop pass of
+    /// the bridge thread does a bounded amount of VM2's work (each event may
+    /// send a reply), and what is left keeps the signal raised for the next.
+    func drainEvents(limit: Int = PeerLink.eventsPerPass) -> [Event] {
         _ = try? eventSignal.read()
-        return state.withLock { s in
-            defer { s.events = [] }
-            return s.events
+        let (taken, more) = state.withLock { s -> ([Event], Bool) in
+            let taken = Array(s.events.prefix(limit))
+            s.events.removeFirst(taken.count)
+            return (taken, !s.events.isEmpty)
         }
+        if more { _ = try? eventSignal.signal() }
+        return taken
     }
+
+    /// Events the bridge thread handles per loop pass.
+    static let eventsPerPass = 32
 
     var currentGeneration: Int? { state.withLock { $0.socket == nil ? nil : $0.generation } }
 
@@ -264,16 +309,24 @@ final class PeerLink: Sendable {
     func send(_ message: PeerMessage, fds: [Int32] = [], onlyIfReady: Bool = true, generation only: Int? = nil) -> Bool {
         guard let (socket, generation) = state.withLock({ s -> (UnixSocket, Int)? in
             guard let socket = s.socket, !onlyIfReady || s.ready, only == nil || only == s.generation else { return nil }
+            // An UNMAP counts as held from now: should VM2 be lost before
+            // it acknowledges, even before this send completes, it is lost
+            // holding the range.
+            if case .unmap(let u) = message { s.lastRevocation = max(s.lastRevocation, u.sequence) }
             return (socket, s.generation)
         }) else { return false }
+        defer { heartbeat.beat() }
         do {
-            try socket.send(PeerCodec.encode(message), fds: fds)
+            try socket.send(PeerCodec.encode(message), fds: fds, deadline: .now.advanced(by: messageDeadline))
             return true
         } catch {
-            logger.warning("sending \(message.type) to VM2 failed: \(error); disconnecting VM2")
-            if error.errno == .resourceTemporarilyUnavailable { // SO_SNDTIMEO ran out (EAGAIN)
+            if error.errno == .timedOut { // the whole message did not go out in time: VM2 stopped reading
+                logger.warning("sending \(message.type) to VM2 failed: \(error); disconnecting VM2")
                 missedDeadline(generation: generation, reason: "VM2 stopped reading: sending \(message.type) timed out")
             } else {
+                // A VM2 that closed its end is gone: an ordinary event
+                // (detach logs it), unless it held a revocation — then detach kills.
+                logger.info("VM2 went away while \(message.type) was sent to it (\(error.errno)); disconnecting it")
                 disconnect(generation: generation, reason: "send failed: \(error)")
             }
             return false
@@ -300,6 +353,7 @@ final class PeerLink: Sendable {
     /// value for the state of connection `generation`. Ends early when that
     /// connection is gone: a newer one never satisfies an older wait.
     private func wait<T>(on generation: Int, _ satisfied: (State) -> T?) -> WaitOutcome<T> {
+        defer { heartbeat.beat() }
         let deadline = ContinuousClock.now.advanced(by: .milliseconds(revocationDeadlineMilliseconds))
         let outcome = ackSignal.wait(until: deadline) {
             state.withLock { s -> WaitOutcome<T>? in
@@ -363,20 +417,41 @@ final class PeerLink: Sendable {
 
     // MARK: ring stops (peer feature vringStopAck)
 
-    /// Sends VRING_STOP for ring `index` to the ready VM2. Every VRING_STOP
-    /// is answered by a VM2 that negotiated `vringStopAck`, so each one is
-    /// registered before it goes out (the answer may come at once). Returns
-    /// the connection that will answer, nil when none will.
-    @discardableResult
-    func sendVringStop(_ index: UInt32) -> Int? {
-        let answering = state.withLock { s -> Int? in
-            guard s.socket != nil, s.ready, s.features.contains(.vringStopAck) else { return nil }
-            s.stopsRequested.insert(index)
-            s.stopsReported[index] = nil
-            return s.generation
+    /// Where a VRING_STOP went.
+    enum RingStopSent: Equatable {
+        /// No ready VM2 (or the send failed: it is being disconnected).
+        case notSent
+        /// Sent to connection `generation`, which answers with VRING_STOPPED
+        /// (it negotiated `vringStopAck`).
+        case awaitingAnswer(generation: Int)
+        /// Sent to connection `generation`, a version-1 peer: no answer.
+        case sent(generation: Int)
+
+        var generation: Int? {
+            switch self {
+            case .notSent: nil
+            case .awaitingAnswer(let g), .sent(let g): g
+            }
         }
-        guard send(.vringStop(index), generation: answering) else { return nil }
-        return answering
+    }
+
+    /// Sends VRING_STOP for ring `index` to the ready VM2, whatever it
+    /// negotiated: every VM2 must stop a ring VM1 stopped. One that
+    /// negotiated `vringStopAck` answers each VRING_STOP, so the stop is
+    /// registered before it goes out (the answer may come at once).
+    @discardableResult
+    func sendVringStop(_ index: UInt32) -> RingStopSent {
+        guard let (generation, answers) = state.withLock({ s -> (Int, Bool)? in
+            guard s.socket != nil, s.ready else { return nil }
+            let answers = s.features.contains(.vringStopAck)
+            if answers {
+                s.stopsRequested.insert(index)
+                s.stopsReported[index] = nil
+            }
+            return (s.generation, answers)
+        }) else { return .notSent }
+        guard send(.vringStop(index), generation: generation) else { return .notSent }
+        return answers ? .awaitingAnswer(generation: generation) : .sent(generation: generation)
     }
 
     enum RingStopError: Error, Equatable, CustomStringConvertible {
@@ -426,20 +501,39 @@ final class PeerLink: Sendable {
         // Killed first, disconnected second: the VMM never gets to act on
         // the disconnection (nor to exit on its own as if nothing happened).
         if let process = state.withLock({ s in s.generation == generation ? s.process : nil }) {
-            do {
-                try process.send(signal: SIGKILL)
-                count { $0.killed += 1 }
-                let exited = process.waitForExit(milliseconds: Self.killWaitMilliseconds)
-                logger.warning("killed VM2's VMM (pid \(process.pid))\(exited ? "" : ", not yet gone after \(Self.killWaitMilliseconds) ms"): \(reason)")
-            } catch {
-                logger.error("could not kill VM2's VMM (pid \(process.pid)): \(error)")
-            }
+            kill(process, generation: generation, reason: reason)
         }
         disconnect(generation: generation, reason: reason)
     }
 
+    /// SIGKILL to connection `generation`'s VMM through its pidfd, then a
+    /// wait (at most `killWaitMilliseconds`) until it is gone. The bridge
+    /// thread (a missed deadline) and the peer thread (VM2 left holding a
+    /// revocation) may both get here for one connection: the signal is
+    /// counted and logged once, and both wait for the exit.
+    private func kill(_ process: ProcessHandle, generation: Int, reason: String) {
+        let first = state.withLock { s -> Bool in
+            guard s.generation == generation, !s.killSent else { return false }
+            s.killSent = true
+            return true
+        }
+        do {
+            try process.send(signal: SIGKILL)
+        } catch where error.errno == .noSuchProcess {
+            // Already gone (reaped): nothing holds the memory any more.
+        } catch {
+            if first { logger.error("could not kill VM2's VMM (pid \(process.pid)): \(error)") }
+            return
+        }
+        let exited = process.waitForExit(milliseconds: Self.killWaitMilliseconds)
+        heartbeat.beat()
+        guard first else { return }
+        count { $0.killed += 1 }
+        logger.warning("killed VM2's VMM (pid \(process.pid))\(exited ? "" : ", not yet gone after \(Self.killWaitMilliseconds) ms"): \(reason)")
+    }
+
     /// How long a revocation waits for a killed VM2 VMM to be gone.
-    static let killWaitMilliseconds: Int32 = 1000
+    static var killWaitMilliseconds: Int32 { Liveness.killWaitMilliseconds }
 
     /// Drops VM2's connection (the peer thread sees it end and reports `.gone`).
     func disconnect(generation: Int, reason: String) {

@@ -73,15 +73,17 @@ final class PeerServer: Sendable {
                     try? socket.fd.close()
                     continue
                 }
-                // A VM2 that stops reading for a second (or the revocation
-                // deadline, if longer) is disconnected at its next message:
-                // it holds the bridge thread (and so VM1) that long, once.
-                try? socket.setSendTimeout(milliseconds: max(1000, settings.revocationDeadlineMilliseconds))
-                var process: ProcessHandle?
-                if settings.vm2DeadlineAction == .kill, let pid = creds?.pid {
-                    do { process = try ProcessHandle(pid: pid) } catch { logger.warning("no pidfd for VM2 pid \(pid): \(error); it can only be disconnected") }
+                // Every message to and from VM2 has a deadline (PeerLink's
+                // `messageDeadline`): one that stops reading, or drips a
+                // message, is disconnected at its next message.
+                let process = settings.vm2DeadlineAction == .kill ? processToKill(socket, creds) : nil
+                var attached = peer.attach(socket, process: process)
+                // A VM2 that reconnects the instant it closed: its old
+                // connection's end may not have been read yet.
+                if attached == nil, finishIfEnded(&active) {
+                    attached = peer.attach(socket, process: process)
                 }
-                if let generation = peer.attach(socket, process: process) {
+                if let generation = attached {
                     active = (socket, generation, false)
                     logger.info("VM2 connected (\(creds.map { "pid \($0.pid) uid \($0.uid)" } ?? "unknown peer"))")
                 } else {
@@ -103,6 +105,45 @@ final class PeerServer: Sendable {
         if let active { peer.detach(generation: active.generation, reason: "bridge stopping") }
     }
 
+    /// The VMM a `kill` would hit: the process that connected (SO_PEERPIDFD,
+    /// taken by the kernel at connect). Without it (Linux < 6.5) the pid
+    /// SO_PEERCRED recorded at connect is opened now, which can name another
+    /// process if the VMM exited meanwhile — said at start-up and in
+    /// docs/security.md. Either way it is the process that connected, not
+    /// one it handed the socket to.
+    private func processToKill(_ socket: UnixSocket, _ creds: PeerCredentials?) -> ProcessHandle? {
+        do {
+            return try ProcessHandle(peerOf: socket)
+        } catch where error.errno == .protocolNotAvailable {
+            guard let pid = creds?.pid, pid > 0 else { return nil }
+            do { return try ProcessHandle(pid: pid) } catch {
+                logger.warning("no pidfd for VM2 pid \(pid): \(error); it can only be disconnected")
+                return nil
+            }
+        } catch {
+            logger.warning("no pidfd for the VM2 that connected: \(error); it can only be disconnected")
+            return nil
+        }
+    }
+
+    /// Reads what the active VM2 left before it closed; true when its
+    /// connection is over (detached). Bounded: a VM2 still talking is left
+    /// to the loop.
+    private func finishIfEnded(_ active: inout (socket: UnixSocket, generation: Int, greeted: Bool)?) -> Bool {
+        for _ in 0..<64 {
+            guard let current = active,
+                  let ready = try? Poll.readable([current.socket.fd.rawValue], timeoutMilliseconds: 0), ready[0] else { return false }
+            var greeted = current.greeted
+            if let reason = read(current.socket, generation: current.generation, greeted: &greeted) {
+                peer.detach(generation: current.generation, reason: reason)
+                active = nil
+                return true
+            }
+            active?.greeted = greeted
+        }
+        return false
+    }
+
     /// ERROR to a VM2 that is about to be closed (best effort, never blocks).
     private static func sendError(_ socket: UnixSocket, _ code: PeerErrorCode, _ text: String) {
         try? socket.send(PeerCodec.encode(.error(PeerError(code: code, text: text))), nonBlocking: true)
@@ -113,7 +154,8 @@ final class PeerServer: Sendable {
         let message: PeerMessage
         do {
             var parsed: (PeerCodec.Header, PeerMessageType)?
-            guard let framed = try socket.receiveFramed(payloadSize: { bytes in
+            let within = Int(peer.messageDeadline / .milliseconds(1))
+            guard let framed = try socket.receiveFramed(within: within, payloadSize: { bytes in
                 let v = try PeerCodec.validate(header: bytes)
                 parsed = v
                 return Int(v.0.size)
@@ -126,6 +168,13 @@ final class PeerServer: Sendable {
                 Self.sendError(socket, .protocolError, text)
                 return "protocol error: \(text)"
             }
+        } catch let error as FramingError {
+            if stopping { return "bridge stopping" }
+            let rule = if case .tooSlow = error { "message-deadline" } else { "peer-protocol" }
+            peer.countProtocolError(rule: rule)
+            logger.warning("VM2 protocol error: \(error)", metadata: ["rule": "\(rule)"])
+            Self.sendError(socket, .protocolError, "\(error)")
+            return "protocol error: \(error)"
         } catch {
             if stopping { return "bridge stopping" }
             peer.countProtocolError(rule: "peer-protocol")

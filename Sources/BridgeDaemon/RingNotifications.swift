@@ -14,7 +14,9 @@ final class RingNotifications {
     private struct RelayedRing {
         var vm2Kick: EventFD        // the daemon writes (VM1 kicked), VM2 reads
         var vm2Call: EventFD        // VM2 writes (doorbell), the daemon reads
-        var kickLink: NotificationRelay.LinkID
+        /// nil while VM1 polls the ring (SET_VRING_KICK with the no-fd bit):
+        /// no kicks come, and VM2 gets no kick fd (it polls too).
+        var kickLink: NotificationRelay.LinkID?
         var callLink: NotificationRelay.LinkID
     }
     private var relayed: [Int: RelayedRing] = [:]
@@ -28,7 +30,7 @@ final class RingNotifications {
 
     /// Live links per vring: (kick, call).
     var links: [Int: (kick: NotificationRelay.LinkID, call: NotificationRelay.LinkID)] {
-        relayed.mapValues { ($0.kickLink, $0.callLink) }
+        relayed.compactMapValues { r in r.kickLink.map { ($0, r.callLink) } }
     }
 
     /// Replaces vring `index`'s `kind` fd (nil: none); the old one is closed.
@@ -40,7 +42,7 @@ final class RingNotifications {
     /// The kick and call eventfds VM2 gets for ring `index`: the relay's in
     /// relay modes, VM1's own in passthrough.
     func eventfdsForVM2(_ index: Int) -> (kick: Int32?, call: Int32?) {
-        if let r = relayed[index] { return (r.vm2Kick.fd.rawValue, r.vm2Call.fd.rawValue) }
+        if let r = relayed[index] { return (r.kickLink == nil ? nil : r.vm2Kick.fd.rawValue, r.vm2Call.fd.rawValue) }
         return (files[index]?[.kick]?.rawValue, files[index]?[.call]?.rawValue)
     }
 
@@ -64,7 +66,7 @@ final class RingNotifications {
 
     func stopRelay(_ index: Int) {
         guard let relay, let r = relayed.removeValue(forKey: index) else { return }
-        if let k = relay.remove(r.kickLink) { retired.kick.add(k) }
+        if let link = r.kickLink, let k = relay.remove(link) { retired.kick.add(k) }
         if let c = relay.remove(r.callLink) { retired.call.add(c) }
         try? r.vm2Kick.fd.close()
         try? r.vm2Call.fd.close()
@@ -81,11 +83,15 @@ final class RingNotifications {
             // VM1 wrote to the new fd before the link reads it is still
             // counted in that eventfd; one spurious kick to VM2 covers the
             // instant of the swap (virtio tolerates spurious notifications).
+            if let link = r.kickLink, let old = relay.remove(link) { retired.kick.add(old) }
+            relayed[index]?.kickLink = nil
+            // Polling now (no fd): the call link stays, VM2 is told it gets
+            // no kicks (the caller re-sends the ring).
+            guard files[index]?[.kick] != nil else { return }
             guard let newKick = try? files[index]?[.kick]?.duplicate(), let target = try? r.vm2Kick.fd.duplicate() else {
                 stopRelay(index)
                 return
             }
-            if let old = relay.remove(r.kickLink) { retired.kick.add(old) }
             do {
                 relayed[index]?.kickLink = try relay.add(source: newKick, target: target)
                 _ = try? r.vm2Kick.signal()

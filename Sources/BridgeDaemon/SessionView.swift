@@ -23,6 +23,11 @@ public enum VhostUserConnectionTuning {
     public static let translationDeadline: Duration = .seconds(2)
     /// How long a miss stays unanswered before it is raised again.
     public static let missRetryInterval: Duration = .seconds(1)
+    /// How long one whole vhost-user message from VM1 (header and payload),
+    /// and one whole reply to it, may take once its first byte is there: a
+    /// front end that drips a message is disconnected after this, instead
+    /// of holding the bridge thread (and its watchdog heartbeat) for minutes.
+    public static let messageDeadline: Duration = .seconds(2)
 }
 
 /// What a live session looks like from outside (status output, tests).

@@ -25,8 +25,12 @@ final class VhostUserConnection {
     /// Carries window plans to VM2 and waits for its acks.
     private let mirror: PeerMirror
     private var backendChannel: UnixSocket?
-    /// Rings VM2 already stopped (and reported) for a GET_VRING_BASE.
-    private var stoppedAtPeer: Set<Int> = []
+    /// Rings VRING_STOP already went out for while the current message is
+    /// handled (GET_VRING_BASE stops the ring at VM2 before the session
+    /// sees it), with the VM2 connection it went to: that connection is not
+    /// told twice, any other is told. Emptied after every message, so it can
+    /// never swallow a later stop.
+    private var stoppedAtPeer: [Int: Int] = [:]
 
     private let budget: MappingBudget
     private let budgetID: MappingBudget.ID
@@ -64,8 +68,10 @@ final class VhostUserConnection {
     /// connection ended, or nil while it goes on.
     func step() -> ConnectionSummary.End? {
         var parsed: (MessageHeader, RequestCode)?
+        defer { peer.heartbeat.beat() }
         do {
-            guard let message = try socket.receiveFramed(payloadSize: { bytes in
+            let within = Int(VhostUserConnectionTuning.messageDeadline / .milliseconds(1))
+            guard let message = try socket.receiveFramed(within: within, payloadSize: { bytes in
                 let header = try MessageHeader.decode(bytes)
                 parsed = (header, try VhostUserCodec.validate(header))
                 return Int(header.size)
@@ -73,6 +79,7 @@ final class VhostUserConnection {
             return handle(message, header: header, code: code).map { .closedByBridge($0) }
         } catch {
             if let error = error as? VhostUserError { session.noteUndecodable(parsed?.1, error) }
+            if let error = error as? FramingError, case .tooSlow = error { session.noteRefusal(rule: "message-deadline") }
             logger.warning("closing the vhost-user connection: \(error)")
             return .closedByBridge("\(error)")
         }
@@ -81,7 +88,10 @@ final class VhostUserConnection {
     /// Handles one message whose header was validated while it was read;
     /// returns a reason when the connection must close.
     private func handle(_ message: FramedMessage, header: MessageHeader, code: RequestCode) -> String? {
-        defer { for fd in message.fds { try? fd.close() } } // whatever no effect claimed
+        defer {
+            for fd in message.fds { try? fd.close() } // whatever no effect claimed
+            stoppedAtPeer = [:]
+        }
         let replyAck = session.ackedProtocolFeatures.contains(.replyAck)
 
         let request: FrontendRequest
@@ -146,16 +156,29 @@ final class VhostUserConnection {
     /// deadline); VM1 is answered from that. Without it, the used index read
     /// above (or SET_VRING_BASE's value) is the answer.
     private func stopRingAtPeer(_ index: Int) {
-        guard session.vrings.indices.contains(index), session.vrings[index].started, peer.isReady else { return }
-        stoppedAtPeer.insert(index)
-        guard let generation = peer.sendVringStop(UInt32(index)) else { return }
-        if let reached = peer.waitForRingStop(UInt32(index), generation: generation) {
+        guard session.vrings.indices.contains(index), session.vrings[index].started else { return }
+        let sent = peer.sendVringStop(UInt32(index))
+        if let generation = sent.generation { stoppedAtPeer[index] = generation }
+        if case .awaitingAnswer(let generation) = sent, let reached = peer.waitForRingStop(UInt32(index), generation: generation) {
             session.noteDeviceProgress(ring: index, lastAvail: reached)
         }
     }
 
+    /// Ring `index` stopped: VM2 is told, unless VRING_STOP already went to
+    /// the very connection that is attached now (GET_VRING_BASE, above).
+    private func ringStoppedAtPeer(_ index: Int) {
+        let told = stoppedAtPeer.removeValue(forKey: index)
+        if told == nil || told != peer.currentGeneration { peer.sendVringStop(UInt32(index)) }
+    }
+
+    /// A whole reply within VM1's message deadline (a VM1 that reads a byte
+    /// now and then cannot hold the bridge thread longer).
     private func send(_ bytes: [UInt8]) -> String? {
-        do { try socket.send(bytes); return nil } catch { return "reply failed: \(error)" }
+        defer { peer.heartbeat.beat() }
+        do {
+            try socket.send(bytes, deadline: .now.advanced(by: VhostUserConnectionTuning.messageDeadline))
+            return nil
+        } catch { return "reply failed: \(error)" }
     }
 
     /// Carries out effects in order. Fds named by an effect are moved out of
@@ -194,10 +217,17 @@ final class VhostUserConnection {
             case .releaseRegionFile(let id):
                 files.release(id)
             case .setVringFile(let kind, let index, let fdIndex):
+                let hadKick = rings.eventfdsForVM2(index).kick != nil
                 rings.set(kind, index: index, fdIndex.flatMap(take))
                 if kind != .err, session.vrings.indices.contains(index), session.vrings[index].started {
                     if relay != nil {
                         rings.updateRelay(index, kind) // VM2 keeps its eventfds
+                        // VM1 switched the ring's kick to polling (no-fd bit), or
+                        // back: VM2 must know whether kicks will come.
+                        if kind == .kick, hadKick != (rings.eventfdsForVM2(index).kick != nil) {
+                            logger.notice("vring \(index): VM1 \(hadKick ? "stopped kicking (polling)" : "kicks again"); VM2 told")
+                            sendVring(index)
+                        }
                     } else {
                         sendVring(index) // passthrough: VM2 needs the new fd (QEMU swaps call fds when masking)
                     }
@@ -221,7 +251,7 @@ final class VhostUserConnection {
                 sendVring(index)
             case .ringStopped(let index):
                 logger.info("vring \(index) stopped")
-                if stoppedAtPeer.remove(index) == nil { peer.sendVringStop(UInt32(index)) }
+                ringStoppedAtPeer(index)
                 rings.stopRelay(index)
             case .ringEnabled(let index, let enabled):
                 logger.debug("vring \(index) \(enabled ? "enabled" : "disabled")")

@@ -193,6 +193,30 @@ int shim_pidfd_send_signal(int pidfd, int sig) {
 #endif
 }
 
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
+
+int shim_peer_pidfd(int sock) {
+    int pidfd = -1;
+    socklen_t len = sizeof pidfd;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) < 0) return -1;
+    return pidfd;
+}
+
+int shim_pidfd_pid(int pidfd) {
+    char path[64], line[128];
+    snprintf(path, sizeof path, "/proc/self/fdinfo/%d", pidfd);
+    FILE *f = fopen(path, "re");
+    if (!f) return -2;
+    int pid = -2;
+    while (fgets(line, sizeof line, f)) {
+        if (sscanf(line, "Pid: %d", &pid) == 1) break;
+    }
+    fclose(f);
+    return pid;
+}
+
 int shim_open_readonly_via_proc(int fd) {
     char path[64];
     snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
@@ -295,6 +319,18 @@ int shim_fork_touch(volatile void *addr, int write) {
     }
     return status;
 }
+/// read() until `n` bytes or EOF/error; async-signal-safe.
+static ssize_t read_full(int fd, void *buf, size_t n) {
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = read(fd, (char *)buf + got, n - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return (ssize_t)got;
+        got += (size_t)r;
+    }
+    return (ssize_t)got;
+}
+
 pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *groups, int ngroups,
                      const void *hello, size_t hello_len, unsigned int lifetime_s, int reads) {
     pid_t pid = fork();
@@ -319,6 +355,28 @@ pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *group
     if (connect(s, (struct sockaddr *)&a, sizeof a) != 0) _exit(2);
     if (hello_len && write(s, hello, hello_len) != (ssize_t)hello_len) _exit(4);
     if (!reads) for (;;) pause(); // a VMM that stopped reading its socket
+    if (reads >= 2) {
+        // A VMM that reads peer-protocol frames and, at its first UNMAP (type
+        // 3), leaves the protocol while its process lives on: 2 hangs up,
+        // 3 acknowledges a sequence far beyond the UNMAP's (from the future).
+        unsigned char h[12], p[4096];
+        for (;;) {
+            if (read_full(s, h, 12) != 12) _exit(0);
+            uint32_t type, size;
+            memcpy(&type, h, 4);
+            memcpy(&size, h + 8, 4);
+            if (size > sizeof p || read_full(s, p, size) != (ssize_t)size) _exit(0);
+            if (type != 3 || size < 8) continue;
+            if (reads == 2) { close(s); for (;;) pause(); }
+            uint64_t seq;
+            memcpy(&seq, p, 8);
+            seq += 1000;
+            unsigned char ack[20] = {4, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0}; // ACK, version 1, 8 bytes
+            memcpy(ack + 12, &seq, 8);
+            if (write(s, ack, sizeof ack) != (ssize_t)sizeof ack) _exit(6);
+            for (;;) if (read(s, p, sizeof p) <= 0) for (;;) pause(); // lives on after the daemon drops it
+        }
+    }
     char buf[4096];
     for (;;) {
         ssize_t n = read(s, buf, sizeof buf);
@@ -331,6 +389,13 @@ int shim_wait(pid_t pid) {
     int status = 0;
     while (waitpid(pid, &status, 0) < 0) { if (errno != EINTR) return -1; }
     return status;
+}
+
+int shim_wait_nohang(pid_t pid) {
+    int status = 0;
+    pid_t r;
+    while ((r = waitpid(pid, &status, WNOHANG)) < 0) { if (errno != EINTR) return -1; }
+    return r == 0 ? -2 : status;
 }
 
 int shim_wifsignaled(int status) { return WIFSIGNALED(status); }

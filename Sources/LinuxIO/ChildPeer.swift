@@ -16,12 +16,32 @@ public struct ChildPeer: Sendable {
 
     public let pid: Int32
 
+    /// What the child does with what it reads.
+    public enum Reading: Int32, Sendable {
+        /// Never reads (a VMM that stopped reading its socket).
+        case nothing = 0
+        /// Reads (and drops) everything until the other end closes.
+        case everything = 1
+        /// Reads peer-protocol frames; at the first UNMAP it closes its
+        /// socket and lives on (a VMM that hangs up to dodge a revocation).
+        case hangsUpAtUnmap = 2
+        /// Reads peer-protocol frames; answers the first UNMAP with an ACK
+        /// far beyond its sequence (a protocol error) and lives on.
+        case acksFromTheFutureAtUnmap = 3
+    }
+
     public static func spawn(connectingTo path: String, uid: UInt32? = nil, gid: UInt32? = nil, groups: [UInt32] = [],
                              hello: [UInt8] = [], lifetimeSeconds: UInt32 = 20, reads: Bool = true) throws(SystemCallError) -> ChildPeer {
+        try spawn(connectingTo: path, uid: uid, gid: gid, groups: groups, hello: hello, lifetimeSeconds: lifetimeSeconds,
+                  reading: reads ? .everything : .nothing)
+    }
+
+    public static func spawn(connectingTo path: String, uid: UInt32? = nil, gid: UInt32? = nil, groups: [UInt32] = [],
+                             hello: [UInt8] = [], lifetimeSeconds: UInt32 = 20, reading: Reading) throws(SystemCallError) -> ChildPeer {
         let pid = groups.withUnsafeBufferPointer { g in
             hello.withUnsafeBytes { h in
                 shim_fork_peer(path, uid.map { Int($0) } ?? -1, gid.map { Int($0) } ?? -1, g.baseAddress, Int32(g.count),
-                               h.baseAddress, h.count, lifetimeSeconds, reads ? 1 : 0)
+                               h.baseAddress, h.count, lifetimeSeconds, reading.rawValue)
             }
         }
         guard pid > 0 else { throw .current("fork") }
@@ -38,4 +58,15 @@ public struct ChildPeer: Sendable {
     }
 
     public func kill() { _ = Glibc.kill(pid, SIGKILL) }
+
+    /// How the child ended, if it has (WNOHANG); nil while it runs. A child
+    /// reported here is reaped.
+    public func ended() -> Termination? {
+        let status = shim_wait_nohang(pid)
+        if status == -2 { return nil }
+        if status < 0 { return .unknown(status) }
+        if shim_wifexited(status) != 0 { return .exited(shim_wexitstatus(status)) }
+        if shim_wifsignaled(status) != 0 { return .signaled(shim_wtermsig(status)) }
+        return .unknown(status)
+    }
 }

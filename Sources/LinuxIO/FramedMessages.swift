@@ -11,9 +11,12 @@ public struct FramedMessage: Sendable {
 public enum FramingError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The peer closed the connection in the middle of a message.
     case truncated(expected: Int, got: Int)
+    /// The message was not complete by its deadline (a peer that drips).
+    case tooSlow(expected: Int, got: Int, milliseconds: Int)
     public var description: String {
         switch self {
         case .truncated(let expected, let got): "connection closed mid-message: \(got) of \(expected) bytes"
+        case .tooSlow(let expected, let got, let ms): "message not complete within \(ms) ms: \(got) of \(expected) bytes"
         }
     }
 }
@@ -26,13 +29,21 @@ extension UnixSocket {
     /// how many payload bytes the header announces — it validates the header
     /// and may throw *before* any payload is read — then reads exactly that
     /// many. Returns nil on an orderly close before the first byte.
-    public func receiveFramed(maxFDs: Int = UnixSocket.defaultMaximumFDs,
+    ///
+    /// With `within`, the whole message — header and payload — must arrive
+    /// within that many milliseconds of the call (`FramingError.tooSlow`
+    /// otherwise): a receive timeout per `recv` would let a peer that sends
+    /// one byte at a time hold the reading thread for minutes.
+    public func receiveFramed(maxFDs: Int = UnixSocket.defaultMaximumFDs, within milliseconds: Int? = nil,
                               payloadSize: ([UInt8]) throws -> Int) throws -> FramedMessage? {
+        let deadline = milliseconds.map { ContinuousClock.now.advanced(by: .milliseconds($0)) }
         var header: [UInt8] = []
         var fds: [OwnedFileDescriptor] = []
         var truncated = false
         while header.count < Self.framedHeaderSize {
-            let part = try receive(maxBytes: Self.framedHeaderSize - header.count, maxFDs: fds.isEmpty ? maxFDs : 0)
+            let part = try within(deadline, milliseconds, expected: Self.framedHeaderSize, got: header.count) { () throws(SystemCallError) in
+                try receive(maxBytes: Self.framedHeaderSize - header.count, maxFDs: fds.isEmpty ? maxFDs : 0, deadline: deadline)
+            }
             if part.bytes.isEmpty && part.fds.isEmpty {
                 if header.isEmpty { return nil }
                 throw FramingError.truncated(expected: Self.framedHeaderSize, got: header.count)
@@ -42,8 +53,22 @@ extension UnixSocket {
             truncated = truncated || part.truncated
         }
         let size = try payloadSize(header)
-        let payload = try receiveExactly(size)
+        let payload = try within(deadline, milliseconds, expected: Self.framedHeaderSize + size, got: Self.framedHeaderSize) { () throws(SystemCallError) in
+            try receiveExactly(size, deadline: deadline)
+        }
         guard payload.count == size else { throw FramingError.truncated(expected: size, got: payload.count) }
         return FramedMessage(header: header, payload: payload, fds: fds, fdsTruncated: truncated)
+    }
+
+    /// Runs a receive, turning its deadline running out into `tooSlow`.
+    /// (Fds already received close with their owners.)
+    private func within<T>(_ deadline: ContinuousClock.Instant?, _ milliseconds: Int?, expected: Int, got: Int,
+                           _ body: () throws(SystemCallError) -> T) throws -> T {
+        do {
+            return try body()
+        } catch {
+            guard deadline != nil, error.errno == .timedOut else { throw error }
+            throw FramingError.tooSlow(expected: expected, got: got, milliseconds: milliseconds ?? 0)
+        }
     }
 }

@@ -28,6 +28,22 @@ extension Poll {
         return Int32(max(1, min(Double(cap), ms)))
     }
 
+    public enum Readiness: Sendable { case readable, writable }
+
+    /// Waits until `fd` is readable (or writable), hung up or in error;
+    /// throws ETIMEDOUT (naming `operation`) once `deadline` has passed.
+    public static func wait(_ fd: Int32, for readiness: Readiness, until deadline: ContinuousClock.Instant,
+                            operation: String) throws(SystemCallError) {
+        let events = Int16(readiness == .readable ? POLLIN : POLLOUT)
+        while true {
+            let now = ContinuousClock.now
+            guard now < deadline else { throw SystemCallError("\(operation) (deadline)", errno: .timedOut) }
+            var entry = pollfd(fd: fd, events: events, revents: 0)
+            let ready = try retryingInterrupts("poll") { poll(&entry, 1, timeout(until: deadline, now: now)) }
+            if ready > 0 { return }
+        }
+    }
+
     /// Whether `fd` is writable right now (POLLOUT, zero timeout).
     public static func writable(_ fd: Int32) throws(SystemCallError) -> Bool {
         var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)

@@ -16,6 +16,29 @@ public struct ProcessHandle: Sendable {
         self.pid = pid
     }
 
+    /// The process that connected `socket` (SO_PEERPIDFD, Linux 6.5+): the
+    /// kernel took the pidfd when that process called connect(), so it names
+    /// that process even when it exited in the backlog and its pid number was
+    /// given to another — unlike `init(pid:)` with SO_PEERCRED's pid, which
+    /// opens whatever holds the number *now*. ENOPROTOOPT on older kernels.
+    public init(peerOf socket: UnixSocket) throws(SystemCallError) {
+        let sock = socket.fd.rawValue
+        let raw = try retryingInterrupts("getsockopt(SO_PEERPIDFD)") { shim_peer_pidfd(sock) }
+        fd = OwnedFileDescriptor(adopting: raw)
+        pid = shim_pidfd_pid(raw)
+    }
+
+    /// Whether this kernel gives a connecting process's pidfd
+    /// (SO_PEERPIDFD): probed once on a socket pair.
+    public static let peerPidfdSupported: Bool = {
+        guard let (a, b) = try? UnixSocket.pair() else { return false }
+        defer { try? a.fd.close(); try? b.fd.close() }
+        return (try? ProcessHandle(peerOf: a)) != nil
+    }()
+
+    /// Whether the process is still there (not yet reaped).
+    public var isAlive: Bool { shim_pidfd_pid(fd.rawValue) > 0 }
+
     /// Sends `signal` to the process (ESRCH once it is gone).
     public func send(signal: Int32) throws(SystemCallError) {
         let raw = fd.rawValue

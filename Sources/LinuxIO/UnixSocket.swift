@@ -143,22 +143,48 @@ public struct UnixSocket: Sendable {
     /// sockets a short send of the payload is completed without fds.
     /// With `nonBlocking`, a full socket buffer is EAGAIN instead of a wait.
     public func send(_ bytes: [UInt8], fds: [Int32] = [], nonBlocking: Bool = false) throws(SystemCallError) {
+        try sendAll(bytes, fds: fds, flags: nonBlocking ? shim_msg_dontwait() : 0) { error throws(SystemCallError) in throw error }
+    }
+
+    /// Sends the whole message by `deadline` or not at all: each piece goes
+    /// out without blocking, and a full socket buffer is waited on only until
+    /// the deadline — so a peer that reads a byte now and then cannot stretch
+    /// one message over minutes (SO_SNDTIMEO restarts with every byte it
+    /// reads). Past the deadline: ETIMEDOUT (part of the message may be gone:
+    /// the connection cannot go on).
+    public func send(_ bytes: [UInt8], fds: [Int32] = [], deadline: ContinuousClock.Instant) throws(SystemCallError) {
         let raw = fd.rawValue
-        let flags = nonBlocking ? shim_msg_dontwait() : 0
-        var sent = try retryingInterrupts("sendmsg") {
-            bytes.withUnsafeBytes { buffer in
-                fds.withUnsafeBufferPointer { fdBuffer in
-                    shim_send_with_fds(raw, buffer.baseAddress, buffer.count, fdBuffer.baseAddress, fdBuffer.count, flags)
-                }
-            }
+        try sendAll(bytes, fds: fds, flags: shim_msg_dontwait()) { _ throws(SystemCallError) in
+            try Poll.wait(raw, for: .writable, until: deadline, operation: "sendmsg")
         }
-        while sent < bytes.count {
+    }
+
+    /// sendmsg until every byte is out; `wouldBlock` gets each EAGAIN (it
+    /// waits for the next try, or throws to give up).
+    private func sendAll(_ bytes: [UInt8], fds: [Int32], flags: Int32,
+                         wouldBlock: (SystemCallError) throws(SystemCallError) -> Void) throws(SystemCallError) {
+        let raw = fd.rawValue
+        var sent = 0
+        var fdsSent = false
+        while !fdsSent || sent < bytes.count {
             let offset = sent
-            sent += try retryingInterrupts("sendmsg") {
-                bytes.withUnsafeBytes { buffer in
-                    shim_send_with_fds(raw, buffer.baseAddress.map { $0 + offset }, buffer.count - offset, nil, 0, flags)
+            let attach = fdsSent ? [] : fds
+            let n: Int
+            do {
+                n = try retryingInterrupts("sendmsg") {
+                    bytes.withUnsafeBytes { buffer in
+                        attach.withUnsafeBufferPointer { fdBuffer in
+                            shim_send_with_fds(raw, buffer.baseAddress.map { $0 + offset }, buffer.count - offset,
+                                               fdBuffer.baseAddress, fdBuffer.count, flags)
+                        }
+                    }
                 }
+            } catch where error.errno == .resourceTemporarilyUnavailable {
+                try wouldBlock(error)
+                continue
             }
+            fdsSent = true
+            sent += n
         }
     }
 
@@ -188,15 +214,30 @@ public struct UnixSocket: Sendable {
 
     /// Reads exactly `count` bytes from a stream (no fds expected: any that
     /// arrive are closed). Returns fewer only when the peer closed.
-    public func receiveExactly(_ count: Int) throws(SystemCallError) -> [UInt8] {
+    /// With a `deadline`, the bytes must all have arrived by then
+    /// (ETIMEDOUT otherwise), however they trickle in.
+    public func receiveExactly(_ count: Int, deadline: ContinuousClock.Instant? = nil) throws(SystemCallError) -> [UInt8] {
         var result: [UInt8] = []
         result.reserveCapacity(count)
         while result.count < count {
-            let message = try receive(maxBytes: count - result.count, maxFDs: 0)
+            let message = try receive(maxBytes: count - result.count, maxFDs: 0, deadline: deadline)
             if message.bytes.isEmpty { break }
             result += message.bytes
         }
         return result
+    }
+
+    /// `receive`, bounded by `deadline` (nil: a plain blocking receive):
+    /// it tries without blocking and waits for more only until the deadline.
+    public func receive(maxBytes: Int, maxFDs: Int, deadline: ContinuousClock.Instant?) throws(SystemCallError) -> ReceivedMessage {
+        guard let deadline else { return try receive(maxBytes: maxBytes, maxFDs: maxFDs) }
+        while true {
+            do {
+                return try receive(maxBytes: maxBytes, maxFDs: maxFDs, nonBlocking: true)
+            } catch where error.errno == .resourceTemporarilyUnavailable {
+                try Poll.wait(fd.rawValue, for: .readable, until: deadline, operation: "recvmsg")
+            }
+        }
     }
 
     public func peerCredentials() throws(SystemCallError) -> PeerCredentials {

@@ -115,6 +115,13 @@ public struct BackendSession: Sendable {
         statistics.refusals[error.rule, default: 0] += 1
     }
 
+    /// The connection was refused for something outside any one request
+    /// (e.g. `message-deadline`: a message that did not arrive in time),
+    /// counted under `rule`.
+    public mutating func noteRefusal(rule: String) {
+        statistics.refusals[rule, default: 0] += 1
+    }
+
     // MARK: dispatch
 
     func requireOwner(_ code: RequestCode) throws(SessionError) {

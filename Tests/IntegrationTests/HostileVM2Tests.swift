@@ -66,8 +66,8 @@ final class RawVM2: Sendable {
     }
 
     /// HELLO, then everything up to the reply (the daemon's BAR info).
-    func greet() throws -> PeerBARInfo? {
-        try send(.hello(PeerHello(features: .all, deviceFeatures: NetDevice.served)))
+    func greet(features: PeerFeatures = .all) throws -> PeerBARInfo? {
+        try send(.hello(PeerHello(features: features, deviceFeatures: NetDevice.served)))
         while let message = try receive() {
             if case .helloReply(let info) = message { return info }
         }

@@ -85,6 +85,13 @@ int shim_peergroups(int sock, uint32_t *groups, int max);
 /// pidfd_open(pid, 0) and pidfd_send_signal(pidfd, sig, NULL, 0).
 int shim_pidfd_open(pid_t pid);
 int shim_pidfd_send_signal(int pidfd, int sig);
+/// SO_PEERPIDFD (Linux 6.5+): a pidfd of the process that called connect(),
+/// taken by the kernel at connect time (never a recycled pid); -1 with
+/// errno ENOPROTOOPT on older kernels. Close-on-exec.
+int shim_peer_pidfd(int sock);
+/// The pid a pidfd names (the "Pid:" line of /proc/self/fdinfo/N): -1 once
+/// the process was reaped, -2 when it cannot be read.
+int shim_pidfd_pid(int pidfd);
 /// A new read-only open file description of the file behind `fd`
 /// (open("/proc/self/fd/N", O_RDONLY)): a MAP_SHARED PROT_WRITE mapping of
 /// it fails, whoever holds it.
@@ -154,6 +161,9 @@ pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *group
                      const void *hello, size_t hello_len, unsigned int lifetime_s, int reads);
 /// waitpid, retried on EINTR: the raw status, or -1.
 int shim_wait(pid_t pid);
+/// waitpid(pid, WNOHANG): the status once the child ended (it is reaped),
+/// -2 while it runs, -1 on error.
+int shim_wait_nohang(pid_t pid);
 int shim_wifsignaled(int status);
 int shim_wtermsig(int status);
 int shim_wifexited(int status);

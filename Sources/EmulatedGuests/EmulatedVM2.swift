@@ -234,7 +234,8 @@ final class VM2DeviceThread {
             // chain may have come while kicks were off).
             if !busy, device.requestKicks(receiving: !pendingFrames.isEmpty) { busy = true }
             if !busy, polling { polling = false }
-            guard let n = try? pollSet.wait(timeoutMilliseconds: busy ? 0 : 200) else { continue }
+            let kickless = notifiers.values.contains { $0.enabled && $0.kick == nil }
+            guard let n = try? pollSet.wait(timeoutMilliseconds: busy ? 0 : kickless ? 1 : 200) else { continue }
             if n > 0 {
                 if pollSet.isReady(0) { stopReason = "stopped"; break }
                 if pollSet.isReady(1) { runCommands() }
@@ -324,8 +325,11 @@ final class VM2DeviceThread {
             let index = Int(v.index)
             var n = notifiers[index] ?? Notifiers()
             var next = 0
+            // No kick fd: VM1 does not kick this ring (it polls): neither
+            // does VM2 wait for one (`run` looks at kick-less rings often).
+            try? n.kick?.fd.close()
+            n.kick = nil
             if v.hasKick {
-                try? n.kick?.fd.close()
                 n.kick = next < fds.count ? EventFD(adopting: OwnedFileDescriptor(adopting: fds[next].release())) : nil
                 next += 1
             }

@@ -63,6 +63,69 @@ extension Integration {
             try next.start()
         }
 
+        /// Hole 1, under systemd: the daemon process with a fake
+        /// NOTIFY_SOCKET and WATCHDOG_USEC keeps pinging while a VM1 and a
+        /// VM2 drip messages at it (one byte every 1.5 s), and never reports
+        /// its bridge as not answering. Before, the bridge thread sat in the
+        /// VM1 message for as long as VM1 dripped, its heartbeat stopped, and
+        /// the watchdog — and with it systemd — gave up on the whole daemon.
+        @Test func theWatchdogKeepsPingingWhileVM1AndVM2Drip() throws {
+            let binary = URL(fileURLWithPath: GuestProcess.executable).deletingLastPathComponent()
+                .appendingPathComponent("vhost-pci-bridged").path
+            let dir = "/tmp/vpb-wd-\(getpid())"
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let notify = try UnixSocket.listen(path: "\(dir)/notify.sock", kind: .datagram)
+            defer { try? notify.fd.close() }
+            try "runtime-directory: \(dir)\ncontrol-socket: \(dir)/control.sock\nbridges:\n  - name: wd\n    bar-size: 1G\n"
+                .write(toFile: "\(dir)/config.yaml", atomically: true, encoding: .utf8)
+            let daemon = Process()
+            daemon.executableURL = URL(fileURLWithPath: binary)
+            daemon.arguments = ["--config", "\(dir)/config.yaml", "--log-level", "critical"]
+            daemon.environment = ["NOTIFY_SOCKET": "\(dir)/notify.sock", "WATCHDOG_USEC": "1000000"]
+            try daemon.run()
+            defer { if daemon.isRunning { daemon.terminate() }; daemon.waitUntilExit() }
+            /// Every datagram for about `seconds` (or until `until` holds).
+            func collect(seconds: Int, until: (String) -> Bool = { _ in false }) -> [String] {
+                var got: [String] = []
+                for _ in 0..<(seconds * 20) {
+                    if let ready = try? Poll.readable([notify.fd.rawValue], timeoutMilliseconds: 50), ready[0],
+                       let m = try? notify.receive(maxBytes: 4096, maxFDs: 0) {
+                        got.append(String(decoding: m.bytes, as: UTF8.self))
+                        if until(got[got.count - 1]) { break }
+                    }
+                }
+                return got
+            }
+            #expect(collect(seconds: 20) { $0.hasPrefix("READY=1") }.last?.hasPrefix("READY=1") == true)
+            let vm1 = try UnixSocket.connect(path: "\(dir)/wd-vm1.sock")
+            let vm2 = try UnixSocket.connect(path: "\(dir)/wd-vm2.sock")
+            defer { try? vm1.fd.close(); try? vm2.fd.close() }
+            let vm1Message = [2, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0] + [UInt8](repeating: 0, count: 8)
+            let vm2Message = PeerCodec.encode(.hello(PeerHello(features: .all, deviceFeatures: NetDevice.served)))
+            let sent = Mutex((vm1: 0, vm2: 0))
+            let drippers = [
+                try JoinableThread(name: "drip-vm1") { let n = Self.drip(vm1Message, on: vm1, every: .milliseconds(1500)); sent.withLock { $0.vm1 = n } },
+                try JoinableThread(name: "drip-vm2") { let n = Self.drip(vm2Message, on: vm2, every: .milliseconds(1500)); sent.withLock { $0.vm2 = n } },
+            ]
+            // Longer than the watchdog's allowance ever was (revocation
+            // deadline + 5 s): a stalled bridge thread would show here.
+            let during = collect(seconds: 12)
+            for d in drippers { d.join() }
+            let counts = sent.withLock { $0 }
+            #expect(counts.vm1 < vm1Message.count && counts.vm2 < vm2Message.count, "dripped \(counts) bytes: not cut off")
+            #expect(!during.contains { $0.contains("not answering") }, "\(during.filter { $0.hasPrefix("STATUS") })")
+            #expect(during.filter { $0 == "WATCHDOG=1" }.count >= 4, "\(during)")
+            // Still pinging after both were cut off, and the bridge serves.
+            #expect(collect(seconds: 10) { $0 == "WATCHDOG=1" }.contains("WATCHDOG=1"))
+            let next = try EmulatedVM1(socketPath: "\(dir)/wd-vm1.sock", configuration: vm1Config(iommu: false))
+            defer { next.disconnect() }
+            try next.start()
+            kill(daemon.processIdentifier, SIGTERM)
+            daemon.waitUntilExit()
+            #expect(daemon.terminationStatus == 0)
+        }
+
         /// Hole 3 (last part): a VM2 that drips a frame is disconnected at its
         /// message deadline (1 s) instead of parking the peer thread, counted
         /// under `message-deadline`; the next VM2 gets in.

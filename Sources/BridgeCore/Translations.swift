@@ -13,7 +13,9 @@ public struct TranslationRequest: Equatable, Sendable {
 /// Translations VM2 asked for that wait on VM1 (an IOTLB miss is out), with
 /// their deadlines. Bounded: at most `capacity` requests wait at once, per
 /// bridge (one VM2 at a time), and identical requests of one connection share
-/// one entry (and so one miss). Pure: the caller passes the time.
+/// one entry (and so one miss) — but each keeps its own deadline: a request
+/// merged into an older one times out when its own time is up, not the
+/// older one's. Pure: the caller passes the time.
 public struct PendingTranslations: Sendable {
     public struct Entry: Equatable, Sendable {
         public var bus: BusAddress
@@ -21,12 +23,23 @@ public struct PendingTranslations: Sendable {
         public var access: Permission
         /// The VM2 connection that asked; answers go to it only.
         public var owner: Int
+        /// Every request waiting on this range, oldest first, each with its deadline.
+        public var waiters: [Waiter]
+
         /// Every request id waiting on this range, oldest first.
-        public var ids: [UInt64]
-        public var deadline: ContinuousClock.Instant
+        public var ids: [UInt64] { waiters.map(\.id) }
+        /// The earliest deadline of its requests.
+        public var deadline: ContinuousClock.Instant? { waiters.map(\.deadline).min() }
 
         /// The range and access every request of this entry asked for.
         public var request: TranslationRequest { TranslationRequest(id: 0, bus: bus, length: length, access: access) }
+    }
+
+    /// One request waiting in an entry.
+    public struct Waiter: Equatable, Sendable {
+        public var id: UInt64
+        public var deadline: ContinuousClock.Instant
+        public init(id: UInt64, deadline: ContinuousClock.Instant) { self.id = id; self.deadline = deadline }
     }
 
     public enum Admission: Equatable, Sendable {
@@ -51,11 +64,11 @@ public struct PendingTranslations: Sendable {
         guard count < capacity else { return .full(capacity: capacity) }
         count += 1
         if let i = entries.firstIndex(where: { $0.owner == owner && $0.bus == request.bus && $0.length == request.length && $0.access == request.access }) {
-            entries[i].ids.append(request.id)
+            entries[i].waiters.append(Waiter(id: request.id, deadline: deadline))
             return .merged
         }
         entries.append(Entry(bus: request.bus, length: request.length, access: request.access, owner: owner,
-                             ids: [request.id], deadline: deadline))
+                             waiters: [Waiter(id: request.id, deadline: deadline)]))
         return .queued
     }
 
@@ -74,13 +87,26 @@ public struct PendingTranslations: Sendable {
             if let result = decide(entry) { done.append((entry, result)) } else { kept.append(entry) }
         }
         entries = kept
-        count -= done.reduce(0) { $0 + $1.entry.ids.count }
+        count -= done.reduce(0) { $0 + $1.entry.waiters.count }
         return done
     }
 
-    /// Removes and returns the entries whose deadline passed.
+    /// Removes and returns the requests whose deadline passed, grouped by
+    /// entry (each returned entry holds just those); the requests of an
+    /// entry whose deadline has not passed keep waiting in it.
     public mutating func expire(now: ContinuousClock.Instant) -> [Entry] {
-        settle { $0.deadline <= now }
+        var expired: [Entry] = []
+        var kept: [Entry] = []
+        for entry in entries {
+            var late = entry, waiting = entry
+            late.waiters = entry.waiters.filter { $0.deadline <= now }
+            waiting.waiters = entry.waiters.filter { $0.deadline > now }
+            if !late.waiters.isEmpty { expired.append(late) }
+            if !waiting.waiters.isEmpty { kept.append(waiting) }
+        }
+        entries = kept
+        count -= expired.reduce(0) { $0 + $1.waiters.count }
+        return expired
     }
 
     /// Removes and returns the entries of connection `owner` (it went away:
@@ -89,7 +115,7 @@ public struct PendingTranslations: Sendable {
         settle { owner == nil || $0.owner == owner }
     }
 
-    public var nextDeadline: ContinuousClock.Instant? { entries.map(\.deadline).min() }
+    public var nextDeadline: ContinuousClock.Instant? { entries.compactMap(\.deadline).min() }
 }
 
 /// The IOTLB misses raised toward VM1 and not answered yet. A front end

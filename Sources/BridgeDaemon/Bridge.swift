@@ -24,6 +24,8 @@ public final class Bridge: Sendable {
     private let logger: Logger
     private let listener: UnixSocket?
     private let peerServer: PeerServer?
+    /// The socket files this bridge bound (removed only while still those files).
+    private let socketFiles: [BoundSocketFile]
     private let admission: ConnectionAdmission
     private let peer: PeerLink
     private let relay: NotificationRelay?
@@ -81,7 +83,7 @@ public final class Bridge: Sendable {
         // failed start left a thread, an io_uring ring and its eventfds),
         // and a socket file made here is removed.
         do {
-            (listener, peerServer) = try Self.listen(settings, peer: peer, admission: admission, logger: logger)
+            (listener, peerServer, socketFiles) = try Self.listen(settings, peer: peer, admission: admission, logger: logger)
         } catch {
             relay?.stop()
             throw error
@@ -93,17 +95,18 @@ public final class Bridge: Sendable {
     /// The vhost-user listener (none for a client or `--fd` bridge) and the
     /// peer server. On failure no socket file made here is left.
     private static func listen(_ settings: BridgeSettings, peer: PeerLink, admission: ConnectionAdmission,
-                               logger: Logger) throws(BridgeError) -> (UnixSocket?, PeerServer?) {
+                               logger: Logger) throws(BridgeError) -> (UnixSocket?, PeerServer?, [BoundSocketFile]) {
         var listener: UnixSocket?
         if let path = settings.socketPath, !settings.client {
             listener = try listening(at: path, settings.vm1Access, bridge: settings.name, role: "vhost-user")
         }
-        guard let path = settings.peerSocketPath else { return (listener, nil) }
+        guard let path = settings.peerSocketPath else { return (listener, nil, [listener?.boundFile].compactMap { $0 }) }
         do throws(BridgeError) {
             let peerListener = try listening(at: path, settings.vm2Access, bridge: settings.name, role: "peer")
-            return (listener, PeerServer(listener: peerListener, peer: peer, settings: settings, admission: admission, logger: logger))
+            return (listener, PeerServer(listener: peerListener, peer: peer, settings: settings, admission: admission, logger: logger),
+                    [listener?.boundFile, peerListener.boundFile].compactMap { $0 })
         } catch {
-            if listener != nil, let vm1 = settings.socketPath { SocketFile.remove(vm1) }
+            listener?.boundFile?.remove()
             throw error
         }
     }
@@ -112,9 +115,10 @@ public final class Bridge: Sendable {
     /// permissions cannot be set, the socket file made here is removed.
     private static func listening(at path: String, _ access: PeerAccess, bridge: String, role: String) throws(BridgeError) -> UnixSocket {
         let socket: UnixSocket
-        do { socket = try UnixSocket.listen(path: path) } catch { throw .socket(bridge, role, error) }
-        do { try ConnectionAdmission.applyPermissions(access, to: path) } catch {
-            SocketFile.remove(path)
+        do { socket = try UnixSocket.listen(path: path, requireSafeDirectory: true) } catch { throw .socket(bridge, role, error) }
+        guard let file = socket.boundFile else { return socket }
+        do { try ConnectionAdmission.applyPermissions(access, to: file) } catch {
+            file.remove()
             throw .socket(bridge, role, error)
         }
         return socket
@@ -131,10 +135,9 @@ public final class Bridge: Sendable {
         mappingBudget.unregister(budgetID)
     }
 
-    /// Removes the socket files this bridge listens on (a client's path is not its own).
+    /// Removes the socket files this bridge bound (a client's path is not its own).
     private func removeSocketFiles() {
-        if let path = settings.socketPath, !settings.client { SocketFile.remove(path) }
-        if let path = settings.peerSocketPath { SocketFile.remove(path) }
+        for file in socketFiles { file.remove() }
     }
 
     public var statistics: BridgeStatistics {

@@ -16,10 +16,11 @@ final class ConnectionAdmission: Sendable {
     var acceptFailures: Int { counters.withLock { $0.acceptFailures } }
     var accessDenied: Int { counters.withLock { $0.accessDenied } }
 
-    /// Owner, group and mode of a socket file (when the access sets any).
-    static func applyPermissions(_ access: PeerAccess, to path: String) throws(SystemCallError) {
+    /// Owner, group and mode of a socket file the bridge bound (when the
+    /// access sets any): on that very file, never through a symlink.
+    static func applyPermissions(_ access: PeerAccess, to file: BoundSocketFile) throws(SystemCallError) {
         guard access.setsPermissions else { return }
-        try SocketPermissions.apply(path: path, mode: access.mode ?? (access.group != nil ? 0o660 : 0o600),
+        try SocketPermissions.apply(to: file, mode: access.mode ?? (access.group != nil ? 0o660 : 0o600),
                                     group: access.group, owner: access.owner)
     }
 

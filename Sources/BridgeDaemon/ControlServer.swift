@@ -37,8 +37,10 @@ public final class ControlServer: Sendable {
                 reloadConfig: @escaping @Sendable () -> Result<DaemonConfig, ControlError> = { .failure(ControlError("no-config", "the daemon was not started with --config")) }) throws(SystemCallError) {
         self.path = path
         connectionEnded = try EventFD()
-        listener = try UnixSocket.listen(path: path)
-        try SocketPermissions.apply(path: path, mode: mode, group: group)
+        listener = try UnixSocket.listen(path: path, requireSafeDirectory: true)
+        if let file = listener.boundFile {
+            do { try SocketPermissions.apply(to: file, mode: mode, group: group) } catch { file.remove(); throw error }
+        }
         self.controller = controller
         self.logger = logger
         self.authorize = authorize ?? ControlServer.policy(group: group)
@@ -118,7 +120,7 @@ public final class ControlServer: Sendable {
         let t = acceptThread.withLock { t -> JoinableThread? in defer { t = nil }; return t }
         t?.join()
         _ = connectionEnded.wait(until: .now.advanced(by: .seconds(2))) { state.withLock { $0.connections.isEmpty } ? true : nil }
-        SocketFile.remove(path)
+        listener.boundFile?.remove()
     }
 }
 

@@ -157,8 +157,6 @@ ssize_t shim_sendto_unix(int sock, const char *path, const void *buf, size_t len
     do { r = sendto(sock, buf, len, MSG_NOSIGNAL, (struct sockaddr *)&a, alen); } while (r < 0 && errno == EINTR);
     return r;
 }
-int shim_chown_group(const char *path, gid_t gid) { return chown(path, (uid_t)-1, gid); }
-int shim_chmod(const char *path, unsigned int mode) { return chmod(path, (mode_t)mode); }
 int shim_peergroups(int sock, uint32_t *groups, int max) {
 #ifndef SO_PEERGROUPS
 #define SO_PEERGROUPS 59
@@ -173,8 +171,37 @@ long shim_user_id(const char *name) {
     return p ? (long)p->pw_uid : -1;
 }
 
-int shim_chown(const char *path, long uid, long gid) {
-    return chown(path, uid < 0 ? (uid_t)-1 : (uid_t)uid, gid < 0 ? (gid_t)-1 : (gid_t)gid);
+int shim_open_directory_nofollow(const char *path) {
+    return open(path, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+}
+int shim_open_path_nofollow(const char *path) {
+    return open(path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+}
+int shim_open_directory_readonly_nofollow(const char *path) {
+    return open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+}
+int shim_stat_at_nofollow(int dirfd, const char *name, uint32_t *mode, uint32_t *uid,
+                          uint64_t *dev, uint64_t *ino) {
+    struct stat st;
+    int flags = AT_SYMLINK_NOFOLLOW | (name[0] == 0 ? AT_EMPTY_PATH : 0);
+    if (fstatat(dirfd, name, &st, flags) != 0) return -1;
+    *mode = (uint32_t)st.st_mode;
+    *uid = (uint32_t)st.st_uid;
+    *dev = (uint64_t)st.st_dev;
+    *ino = (uint64_t)st.st_ino;
+    return 0;
+}
+uint32_t shim_s_ifsock(void) { return (uint32_t)S_IFSOCK; }
+int shim_chown_at_nofollow(int dirfd, const char *name, long uid, long gid) {
+    return fchownat(dirfd, name, uid < 0 ? (uid_t)-1 : (uid_t)uid, gid < 0 ? (gid_t)-1 : (gid_t)gid,
+                    AT_SYMLINK_NOFOLLOW);
+}
+int shim_chmod_at_nofollow(int dirfd, const char *name, unsigned int mode) {
+    return fchmodat(dirfd, name, (mode_t)mode, AT_SYMLINK_NOFOLLOW);
+}
+int shim_fchown_fchmod(int fd, long gid, unsigned int mode) {
+    if (gid >= 0 && fchown(fd, (uid_t)-1, (gid_t)gid) != 0) return -1;
+    return fchmod(fd, (mode_t)mode);
 }
 
 int shim_pidfd_open(pid_t pid) {

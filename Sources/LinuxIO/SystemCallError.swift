@@ -7,10 +7,14 @@ import Glibc
 public struct SystemCallError: Error, Equatable, Sendable, CustomStringConvertible {
     public let operation: String
     public let errno: Errno
+    /// Why, when the call was refused by a check of the daemon's own (e.g.
+    /// a socket directory others can write) rather than by the kernel.
+    public let detail: String?
 
-    public init(_ operation: String, errno: Errno) {
+    public init(_ operation: String, errno: Errno, detail: String? = nil) {
         self.operation = operation
         self.errno = errno
+        self.detail = detail
     }
 
     /// Captures the calling thread's current errno.
@@ -18,7 +22,10 @@ public struct SystemCallError: Error, Equatable, Sendable, CustomStringConvertib
         SystemCallError(operation, errno: Errno(rawValue: Glibc.errno))
     }
 
-    public var description: String { "\(operation) failed: \(errno) (errno \(errno.rawValue))" }
+    public var description: String {
+        if let detail { return "\(operation): \(detail)" }
+        return "\(operation) failed: \(errno) (errno \(errno.rawValue))"
+    }
 
     /// Out of fds or kernel memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): an
     /// accept loop must back off instead of retrying at once — the listener

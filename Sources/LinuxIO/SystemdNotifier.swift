@@ -45,26 +45,3 @@ public final class SystemdNotifier: Sendable {
         return out
     }
 }
-
-/// File-system helpers for the control socket.
-public enum SocketPermissions {
-    public static func groupID(named name: String) -> UInt32? {
-        if let n = UInt32(name) { return n }
-        let id = shim_group_id(name)
-        return id >= 0 ? UInt32(id) : nil
-    }
-
-    public static func userID(named name: String) -> UInt32? {
-        if let n = UInt32(name) { return n }
-        let id = shim_user_id(name)
-        return id >= 0 ? UInt32(id) : nil
-    }
-
-    public static func apply(path: String, mode: UInt32, group: UInt32?, owner: UInt32? = nil) throws(SystemCallError) {
-        if owner != nil || group != nil {
-            let uid = owner.map { Int($0) } ?? -1, gid = group.map { Int($0) } ?? -1
-            _ = try retryingInterrupts("chown(\(path))") { shim_chown(path, uid, gid) }
-        }
-        _ = try retryingInterrupts("chmod(\(path))") { shim_chmod(path, mode) }
-    }
-}

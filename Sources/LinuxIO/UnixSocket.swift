@@ -51,10 +51,18 @@ public struct UnixSocket: Sendable {
 
     public let fd: OwnedFileDescriptor
     public let kind: Kind
+    /// The socket file `listen` bound (its device and inode as of the
+    /// bind); nil for any other socket.
+    public let boundFile: BoundSocketFile?
 
     public init(adopting fd: OwnedFileDescriptor, kind: Kind) {
+        self.init(adopting: fd, kind: kind, boundFile: nil)
+    }
+
+    private init(adopting fd: OwnedFileDescriptor, kind: Kind, boundFile: BoundSocketFile?) {
         self.fd = fd
         self.kind = kind
+        self.boundFile = boundFile
     }
 
     /// Why `fd`, given to the daemon as an already connected vhost-user
@@ -87,12 +95,18 @@ public struct UnixSocket: Sendable {
         return UnixSocket(adopting: OwnedFileDescriptor(adopting: raw), kind: kind)
     }
 
-    /// Binds and listens on `path`. A stale socket file at `path` (nobody
-    /// accepting on it) is removed first; a live one is left alone (EADDRINUSE).
-    public static func listen(path: String, kind: Kind = .stream, backlog: Int32 = 16) throws(SystemCallError) -> UnixSocket {
+    /// Binds and listens on `path`, and records the socket file it made
+    /// (`boundFile`: what to remove later, and only that). A stale socket
+    /// file at `path` (nobody accepting on it) is removed first; a live one
+    /// is left alone (EADDRINUSE). With `requireSafeDirectory` (the daemon's
+    /// own sockets), a directory others could change the entries of is
+    /// refused before anything is bound (`SocketDirectoryRule`).
+    public static func listen(path: String, kind: Kind = .stream, backlog: Int32 = 16,
+                              requireSafeDirectory: Bool = false) throws(SystemCallError) -> UnixSocket {
         guard path.utf8.count <= shim_sun_path_max() else {
             throw SystemCallError("bind(\(path))", errno: .fileNameTooLong)
         }
+        if requireSafeDirectory { try SocketDirectory.checkHolding(path, operation: "bind(\(path))") }
         let socket = try make(kind)
         let raw = socket.fd.rawValue
         if shim_bind_unix(raw, path) < 0 {
@@ -101,10 +115,16 @@ public struct UnixSocket: Sendable {
             unlink(path)
             _ = try retryingInterrupts("bind(\(path))") { shim_bind_unix(raw, path) }
         }
+        let file = try BoundSocketFile.record(path) // right after bind: the file this socket made
         if kind != .datagram {
-            _ = try retryingInterrupts("listen(\(path))") { Glibc.listen(raw, backlog) }
+            do throws(SystemCallError) {
+                _ = try retryingInterrupts("listen(\(path))") { Glibc.listen(raw, backlog) }
+            } catch {
+                file.remove()
+                throw error
+            }
         }
-        return socket
+        return UnixSocket(adopting: socket.fd, kind: kind, boundFile: file)
     }
 
     /// A socket file nobody accepts on. Only a socket is ever called stale:

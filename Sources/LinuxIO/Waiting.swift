@@ -81,22 +81,6 @@ public enum Sleep {
     }
 }
 
-/// A file system path the daemon created for a socket.
-public enum SocketFile {
-    /// Removes `path` if — and only if — it is a socket: a daemon that
-    /// cleans up after itself never unlinks a file that replaced its socket.
-    @discardableResult
-    public static func remove(_ path: String) -> Bool {
-        isSocket(path) && unlink(path) == 0
-    }
-
-    /// Whether `path` itself (not what a symlink there points to) is a socket.
-    public static func isSocket(_ path: String) -> Bool {
-        var st = stat()
-        return lstat(path, &st) == 0 && st.st_mode & S_IFMT == S_IFSOCK
-    }
-}
-
 /// Requests from any thread to one server thread, each answered: the
 /// server polls `signal`, `take`s the requests and `answer`s them; a caller
 /// waits for its answer until a deadline. Each request has its own eventfd,

@@ -214,7 +214,7 @@ struct Daemon: ParsableCommand {
             // The unit makes the runtime directory root:root 0750: the control
             // group must be able to traverse it to reach the socket.
             if let group, (daemonConfig.controlSocket as NSString).deletingLastPathComponent == daemonConfig.runtimeDirectory {
-                do { try SocketPermissions.apply(path: daemonConfig.runtimeDirectory, mode: 0o750, group: group) } catch {
+                do { try SocketPermissions.applyToDirectory(path: daemonConfig.runtimeDirectory, mode: 0o750, group: group) } catch {
                     logger.warning("cannot give group \(group) access to \(daemonConfig.runtimeDirectory): \(error)")
                 }
             }

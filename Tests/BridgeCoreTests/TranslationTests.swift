@@ -59,6 +59,27 @@ private func request(_ id: UInt64, _ bus: UInt64, length: UInt64 = 0x1000, acces
     }
 }
 
+extension PendingTranslationTests {
+    /// Issue 20, hole 9: merged requests keep their own deadlines. A later
+    /// identical request shares the first one's entry (and miss) but is not
+    /// timed out with it.
+    @Test func mergedRequestsKeepTheirOwnDeadlines() {
+        var p = PendingTranslations(capacity: 8)
+        _ = p.admit(request(1, 0x1000), owner: 1, deadline: t0.advanced(by: .seconds(2)))
+        let merged = p.admit(request(2, 0x1000), owner: 1, deadline: t0.advanced(by: .seconds(3)))
+        #expect(merged == .merged)
+        #expect(p.nextDeadline == t0.advanced(by: .seconds(2)))
+        let first = p.expire(now: t0.advanced(by: .seconds(2)))
+        #expect(first.map(\.ids) == [[1]])
+        #expect(p.count == 1 && p.entries.map(\.ids) == [[2]])
+        #expect(p.nextDeadline == t0.advanced(by: .seconds(3)))
+        #expect(p.expire(now: t0.advanced(by: .milliseconds(2999))).isEmpty)
+        let second = p.expire(now: t0.advanced(by: .seconds(3)))
+        #expect(second.map(\.ids) == [[2]])
+        #expect(p.isEmpty && p.count == 0 && p.nextDeadline == nil)
+    }
+}
+
 @Suite struct OutstandingMissTests {
     /// One miss per page and access; raised again only once the retry
     /// interval passed — not because something else happened meanwhile.
@@ -206,6 +227,37 @@ private func request(_ id: UInt64, _ bus: UInt64, length: UInt64 = 0x1000, acces
         #expect(late.actions == [.answer(ids: [1], request: ask(0, 4 * GiB), owner: 1, .timedOut)])
         _ = b.request(ask(9, 6 * GiB), owner: 3, space: space, canRaiseMisses: true, now: t0)
         #expect(b.endSession() == [.answer(ids: [9], request: ask(0, 6 * GiB), owner: 3, .refused(reason: "the VM1 session ended", rule: "session-ended"))])
+    }
+
+    private func answers(_ actions: [TranslationBroker.Action]) -> [TranslationBroker.Action] {
+        actions.filter { if case .answer = $0 { true } else { false } }
+    }
+
+    /// Issue 20, hole 9: a request merged into one that waits already is
+    /// timed out at its own deadline (its arrival + the deadline), not the
+    /// first one's — and VM1's update in between still grants it.
+    @Test(arguments: [false, true])
+    func aMergedRequestWaitsItsOwnDeadline(vm1Answers: Bool) throws {
+        var space = iommuSpace()
+        var b = broker() // deadline 2 s
+        let later = t0.advanced(by: .milliseconds(1500))
+        _ = b.request(ask(1, 4 * GiB), owner: 1, space: space, canRaiseMisses: true, now: t0)
+        #expect(answers(b.request(ask(2, 4 * GiB), owner: 1, space: space, canRaiseMisses: true, now: later)).isEmpty)
+        #expect(b.pending.entries.count == 1, "merged")
+        let first = b.expire(space: space, ringNeeds: [], now: t0.advanced(by: .seconds(2)))
+        #expect(answers(first.actions) == [.answer(ids: [1], request: ask(0, 4 * GiB), owner: 1, .timedOut)])
+        #expect(b.pending.entries.map(\.ids) == [[2]] && b.pending.count == 1)
+        #expect(first.next.map { $0 <= later.advanced(by: .seconds(2)) } == true)
+        if vm1Answers {
+            _ = try space.update(bus: BusAddress(4 * GiB), length: page, source: user(Fixture.ramUser), permission: .read, regions: f.table)
+            #expect(answers(b.settle(space: space, ringNeeds: [], now: t0.advanced(by: .milliseconds(2500))))
+                    == [.answer(ids: [2], request: ask(0, 4 * GiB), owner: 1, .granted)])
+        } else {
+            #expect(answers(b.expire(space: space, ringNeeds: [], now: later.advanced(by: .milliseconds(1999))).actions).isEmpty)
+            #expect(answers(b.expire(space: space, ringNeeds: [], now: later.advanced(by: .seconds(2))).actions)
+                    == [.answer(ids: [2], request: ask(0, 4 * GiB), owner: 1, .timedOut)])
+        }
+        #expect(b.pending.isEmpty)
     }
 
     @Test func theCapacityRefusesWithItsRule() {

@@ -65,4 +65,40 @@ func threadsNamed(_ name: String) -> Int {
         #expect(!FileManager.default.fileExists(atPath: "\(dir)/vm1.sock") && !FileManager.default.fileExists(atPath: "\(dir)/vm2.sock"),
                 "its socket files are removed")
     }
+
+    /// Issue 20, hole 8: a socket directory others can write (not sticky
+    /// and root's) stops the bridge from starting, naming the path and why;
+    /// nothing is bound there.
+    @Test func aBridgeDoesNotStartInADirectoryOthersCanWrite() throws {
+        let dir = "/tmp/vpb-test-\(getpid())-writable"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        #expect(chmod(dir, 0o777) == 0)
+        do {
+            _ = try Bridge(settings(socket: "\(dir)/vm1.sock", peer: nil), logger: Self.logger)
+            Issue.record("the bridge started")
+        } catch {
+            #expect("\(error)".contains("vhost-user socket: bind(\(dir)/vm1.sock): refused: socket directory \(dir) is writable by its group and others"), "\(error)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: "\(dir)/vm1.sock"))
+    }
+
+    /// Issue 20, hole 9: a bridge removes the socket files it bound, and
+    /// leaves alone a socket someone else bound at one of its paths since.
+    @Test func aBridgeRemovesOnlyTheSocketFilesItBound() throws {
+        let dir = "/tmp/vpb-test-\(getpid())-rebound"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let someoneElse: UnixSocket
+        do {
+            let bridge = try Bridge(settings(socket: "\(dir)/vm1.sock", peer: "\(dir)/vm2.sock"), logger: Self.logger)
+            #expect(unlink("\(dir)/vm1.sock") == 0)
+            someoneElse = try UnixSocket.listen(path: "\(dir)/vm1.sock")
+            bridge.stop()
+        }
+        #expect(FileManager.default.fileExists(atPath: "\(dir)/vm1.sock"), "the other socket is still there")
+        #expect(!FileManager.default.fileExists(atPath: "\(dir)/vm2.sock"), "its own is removed")
+        try UnixSocket.connect(path: "\(dir)/vm1.sock").fd.close()
+        try someoneElse.fd.close()
+    }
 }

@@ -156,6 +156,27 @@ import VhostUser
         #expect(d.controller.bridgeNames == ["ok"])
     }
 
+    /// Issue 20, hole 8: `create` in a socket directory others can write is
+    /// refused with the path and the reason; a sticky root-owned one (/tmp)
+    /// is accepted.
+    @Test func createIsRefusedInASocketDirectoryOthersCanWrite() throws {
+        let writable = "/tmp/vpb-ctl-writable-\(getpid())"
+        try FileManager.default.createDirectory(atPath: writable, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: writable) }
+        #expect(chmod(writable, 0o777) == 0)
+        let d = try LiveDaemon("socket-directories: [\(writable), /tmp]\nbridges: []\n")
+        defer { d.stop() }
+        let c = try d.client()
+        let r = try c.call(["command": "create", "bridge": ["name": "w", "bar-size": "1G", "vhost-user-socket": "\(writable)/w.sock"]])
+        #expect(errorCode(r) != nil)
+        #expect(errorMessage(r).contains("socket directory \(writable) is writable by its group and others (mode 0777) and is not both sticky and owned by root"), "\(r)")
+        #expect(!FileManager.default.fileExists(atPath: "\(writable)/w.sock"))
+        let inTmp = "/tmp/vpb-ctl-sticky-\(getpid()).sock"
+        #expect(ok(try c.call(["command": "create", "bridge": ["name": "t", "bar-size": "1G", "vhost-user-socket": inTmp]])) != nil)
+        #expect(ok(try c.call(["command": "destroy", "name": "t"])) != nil)
+        #expect(!FileManager.default.fileExists(atPath: inTmp))
+    }
+
     @Test func socketPathPolicy() {
         #expect(SocketPathPolicy.refusal("/run/v/a.sock", allowed: ["/run/v"]) == nil)
         #expect(SocketPathPolicy.refusal("/run/v/sub/a.sock", allowed: ["/run/v/"]) == nil)

@@ -87,12 +87,12 @@ extension LinuxIOTests {
             let path = temporaryPath("socketfile")
             defer { unlink(path) }
             #expect(FileManager.default.createFile(atPath: path, contents: Data("x".utf8)))
-            #expect(!SocketFile.remove(path))
-            #expect(FileManager.default.fileExists(atPath: path))
+            #expect(!SocketFile.isSocket(path))
+            #expect(throws: SystemCallError.self) { _ = try BoundSocketFile.record(path) }
             unlink(path)
             let s = try UnixSocket.listen(path: path)
             try s.fd.close()
-            #expect(SocketFile.remove(path))
+            #expect(try #require(s.boundFile).remove())
             #expect(!FileManager.default.fileExists(atPath: path))
         }
     }

@@ -70,15 +70,32 @@ int shim_accept(int sock);                  // accept4 CLOEXEC
 size_t shim_sun_path_max(void);
 /// sendto a Unix datagram socket by path; a leading '@' names an abstract socket.
 ssize_t shim_sendto_unix(int sock, const char *path, const void *buf, size_t len);
-/// chown/chmod of a socket path (control socket group and mode).
-int shim_chown_group(const char *path, gid_t gid);
-int shim_chmod(const char *path, unsigned int mode);
 /// Group id of a name, or -1.
 long shim_group_id(const char *name);
 /// User id of a name, or -1.
 long shim_user_id(const char *name);
-/// chown; -1 leaves that id unchanged.
-int shim_chown(const char *path, long uid, long gid);
+/// open(path, O_PATH|O_DIRECTORY|O_NOFOLLOW|O_CLOEXEC): a directory to work
+/// in by fd (fails with ENOTDIR when `path` is a symlink).
+int shim_open_directory_nofollow(const char *path);
+/// open(path, O_PATH|O_NOFOLLOW|O_CLOEXEC): holds a file (a socket file
+/// too) without opening it for I/O; a symlink is held as itself.
+int shim_open_path_nofollow(const char *path);
+/// open(path, O_RDONLY|O_DIRECTORY|O_NOFOLLOW|O_CLOEXEC): a directory whose
+/// own owner and mode are then set with fchown/fchmod.
+int shim_open_directory_readonly_nofollow(const char *path);
+/// fstatat(dirfd, name, AT_SYMLINK_NOFOLLOW), or of `dirfd` itself when
+/// `name` is "" (AT_EMPTY_PATH): st_mode (type and permission bits), owner,
+/// device and inode.
+int shim_stat_at_nofollow(int dirfd, const char *name, uint32_t *mode, uint32_t *uid,
+                          uint64_t *dev, uint64_t *ino);
+/// The S_IFMT type bits of a socket (S_IFSOCK).
+uint32_t shim_s_ifsock(void);
+/// fchownat(dirfd, name, uid, gid, AT_SYMLINK_NOFOLLOW); -1 leaves that id unchanged.
+int shim_chown_at_nofollow(int dirfd, const char *name, long uid, long gid);
+/// fchmodat(dirfd, name, mode, AT_SYMLINK_NOFOLLOW) (glibc: EOPNOTSUPP on a symlink).
+int shim_chmod_at_nofollow(int dirfd, const char *name, unsigned int mode);
+/// fchown(fd, -1, gid) when gid >= 0, then fchmod(fd, mode).
+int shim_fchown_fchmod(int fd, long gid, unsigned int mode);
 /// SO_PEERGROUPS: the peer's supplementary groups (up to `max`); returns
 /// the count or -1 (ERANGE when `max` is too small).
 int shim_peergroups(int sock, uint32_t *groups, int max);

@@ -280,7 +280,7 @@ public final class Bridge: Sendable {
             let opened = try VhostUserConnection(socket: socket, configuration: settings.backend, window: window,
                                                   peer: peer, relay: relay, logger: logger,
                                                   maxPendingTranslations: settings.maxPendingTranslations,
-                                                  budget: mappingBudget, budgetID: budgetID)
+                                                  budget: mappingBudget, budgetID: budgetID, unsealedRegions: settings.unsealedRegions)
             state.withLock { $0.statistics.activeSession = true }
             publish(opened)
             return opened
@@ -342,7 +342,7 @@ public final class Bridge: Sendable {
                 let info = PeerBARInfo(mode: space.mode, features: hello.features.intersection(.all), barSize: space.barSize,
                                        pageSize: UInt32(space.pageSize), vringCount: UInt32(settings.backend.vringCount))
                 guard peer.send(.helloReply(info), onlyIfReady: false, generation: generation) else { continue }
-                connection?.replayState(to: generation)
+                connection?.replayState(to: generation, features: info.features)
                 peer.markReady(generation: generation, features: info.features)
                 logger.info("VM2 ready (generation \(generation))")
             case .translate(let request, let generation):

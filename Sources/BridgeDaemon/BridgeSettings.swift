@@ -6,6 +6,19 @@ public enum DeadlineAction: String, Sendable, Equatable {
     case disconnect, kill
 }
 
+/// What VM2 gets of VM1 memory that is not sealed against shrinking (QEMU
+/// `seal=off`, hugetlbfs files, DPDK's memory): VM1 can truncate it, and a
+/// VM2 touching it afterwards takes SIGBUS.
+public enum UnsealedRegionPolicy: String, Sendable, Equatable, CaseIterable {
+    /// Never sent to VM2: its ranges are in the daemon's window (what VM2
+    /// may have) but no MAP carries them (rule `unsealed-region`).
+    case refuse
+    /// Sent with MAP's unsealed flag to a VM2 that negotiated the peer
+    /// feature `unsealedMaps` (it guards its accesses); to any other VM2, as
+    /// with `refuse`. The default: DPDK's memory is never sealed.
+    case mark
+}
+
 /// Everything that defines one bridge (flags and the config file mean the
 /// same thing).
 public struct BridgeSettings: Sendable, Equatable {
@@ -37,6 +50,8 @@ public struct BridgeSettings: Sendable, Equatable {
     /// always disconnected; `kill` also sends its VMM SIGKILL (through a
     /// pidfd taken when it connected).
     public var vm2DeadlineAction: DeadlineAction = .disconnect
+    /// Unsealed VM1 memory: `mark` (the default) or `refuse`.
+    public var unsealedRegions: UnsealedRegionPolicy = .mark
     /// CPUs the relay thread (and, in relay-sqpoll mode, the SQPOLL kernel
     /// thread: the first of them) may run on; empty: wherever the daemon may.
     public var cpuAffinity: [Int] = []

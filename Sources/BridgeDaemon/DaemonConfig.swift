@@ -31,6 +31,8 @@ public struct BridgeConfig: Equatable, Sendable {
     public var vm1Access = PeerAccess()
     public var vm2Access = PeerAccess()
     public var vm2DeadlineAction: DeadlineAction = .disconnect
+    /// `unsealed-regions`: what VM2 gets of VM1 memory that can shrink.
+    public var unsealedRegions: UnsealedRegionPolicy = .mark
     /// `--fd N`: serve this already connected vhost-user socket (one session,
     /// then the daemon exits, the back-end convention) instead of listening
     /// on `vhostUserSocket`, which then only names it in logs and `list`.
@@ -57,6 +59,7 @@ public struct BridgeConfig: Equatable, Sendable {
         s.vm1Access = vm1Access
         s.vm2Access = vm2Access
         s.vm2DeadlineAction = vm2DeadlineAction
+        s.unsealedRegions = unsealedRegions
         s.cpuAffinity = cpuAffinity
         return s
     }
@@ -87,7 +90,7 @@ public struct DaemonConfig: Equatable, Sendable {
                                           "dma-window", "notifications", "busy-poll-us", "revocation-deadline-ms", "max-mappings",
                                           "queue-pairs", "device-features", "client", "page-size", "max-pending-translations",
                                           "vm1-access", "vm2-access", "vm2-deadline-action", "round-out-huge-pages",
-                                          "cpu-affinity"]
+                                          "cpu-affinity", "unsealed-regions"]
 
     /// Most YAML nodes a config may hold (aliases count each time they are
     /// used, so an alias bomb is refused, not expanded), and how deep.
@@ -400,6 +403,12 @@ public struct DaemonConfig: Equatable, Sendable {
                 throw ConfigError("\(key).vm2-deadline-action", "'\(scalar(raw) ?? "?")' is not disconnect or kill")
             }
             config.vm2DeadlineAction = action
+        }
+        if let raw = b["unsealed-regions"] {
+            guard let text = scalar(raw), let policy = UnsealedRegionPolicy(rawValue: text) else {
+                throw ConfigError("\(key).unsealed-regions", "'\(scalar(raw) ?? "?")' is not refuse or mark")
+            }
+            config.unsealedRegions = policy
         }
         if let raw = b["max-pending-translations"] {
             config.maxPendingTranslations = try int(raw, "\(key).max-pending-translations", 1...65_536)

@@ -137,6 +137,8 @@ final class PeerLink: Sendable {
 
     var statistics: Statistics { state.withLock { $0.statistics } }
     var isReady: Bool { state.withLock { $0.ready } }
+    /// Peer features the ready VM2 negotiated ([] before it is ready).
+    var features: PeerFeatures { state.withLock { $0.features } }
 
     // MARK: peer thread
 

@@ -1,5 +1,6 @@
 import BridgeCore
 import LinuxIO
+import Logging
 import PeerProtocol
 
 /// Carries window plans to VM2 (MAP, UNMAP) and, when a plan takes access
@@ -8,10 +9,23 @@ import PeerProtocol
 final class PeerMirror {
     private let peer: PeerLink
     private let files: RegionFiles
+    private let unsealedRegions: UnsealedRegionPolicy
+    private let logger: Logger
 
-    init(peer: PeerLink, files: RegionFiles) {
+    init(peer: PeerLink, files: RegionFiles, unsealedRegions: UnsealedRegionPolicy = .mark, logger: Logger) {
         self.peer = peer
         self.files = files
+        self.unsealedRegions = unsealedRegions
+        self.logger = logger
+    }
+
+    /// Whether ranges of `region` are kept from VM2: it is not sealed
+    /// against shrinking (VM1 could truncate it under VM2, a SIGBUS there),
+    /// and the policy is `refuse` or VM2 did not negotiate `unsealedMaps`.
+    /// `features`: VM2's negotiated peer features (nil: the ready VM2's).
+    func withholds(_ region: RegionID, features: PeerFeatures? = nil) -> Bool {
+        guard !files.isSealed(region) else { return false }
+        return unsealedRegions == .refuse || !(features ?? peer.features).contains(.unsealedMaps)
     }
 
     /// Mirrors a window plan to VM2 and, when it takes access away, waits for
@@ -73,12 +87,25 @@ final class PeerMirror {
         if let last { peer.waitForAck(last) }
     }
 
+    /// One MAP; nil when it was not sent (no read-only fd, the send failed,
+    /// or the region is withheld: see `withholds`, counted under the rule
+    /// `unsealed-region` and logged once per region).
     func sendMap(bus: BusAddress, length: UInt64, permission: Permission, region: RegionID, fdOffset: UInt64,
-                         onlyIfReady: Bool = true, generation: Int? = nil) -> PeerLink.Ticket? {
+                         onlyIfReady: Bool = true, generation: Int? = nil, features: PeerFeatures? = nil) -> PeerLink.Ticket? {
+        let unsealed = !files.isSealed(region)
+        if withholds(region, features: features) {
+            peer.count { $0.refusals["unsealed-region", default: 0] += 1 }
+            if files.firstWithheld(region) {
+                let why = unsealedRegions == .refuse ? "unsealed-regions is refuse" : "VM2 did not negotiate the peer feature unsealedMaps"
+                logger.warning("\(region) is not sealed against shrinking (VM1 could truncate it under VM2): its ranges are not sent to VM2 (\(why))",
+                               metadata: ["rule": "unsealed-region"])
+            }
+            return nil
+        }
         guard let fd = permission.contains(.write) ? files.fd(region) : files.readOnly(region) else { return nil }
         let ticket = peer.takeSequence()
         guard peer.send(.map(PeerMap(sequence: ticket.sequence, barOffset: bus.rawValue, length: length, fdOffset: fdOffset,
-                                     permission: permission)), fds: [fd.rawValue], onlyIfReady: onlyIfReady,
+                                     permission: permission, unsealed: unsealed)), fds: [fd.rawValue], onlyIfReady: onlyIfReady,
                         generation: generation) else { return nil }
         peer.count { $0.mapsSent += 1 }
         return ticket

@@ -4,13 +4,25 @@ import Logging
 
 /// The memory fds VM1 sent, one per region, owned here until the region
 /// goes: whether each is sealed against shrinking (so reading it cannot
-/// SIGBUS the daemon), and its read-only reopening, made on the first
+/// SIGBUS the daemon or VM2), and its read-only reopening, made on the first
 /// read-only grant. Used by the bridge thread only.
+///
+/// A read-only fd only protects while nobody can reopen the file read-write
+/// through `/proc/self/fd`: a memfd is created mode 0777, so on adoption a
+/// file without a name (memfd, unlinked file: nobody opens it by a path)
+/// loses its group and other write bits. A read-only grant then holds
+/// against a VM2 VMM of another uid than the file's owner, without
+/// CAP_DAC_OVERRIDE or CAP_FOWNER; against one of the owner's uid, or root,
+/// nothing can (it may change the mode back). Named files keep their mode:
+/// they belong to VM1's owner, and whoever may open them by name does not
+/// need the fd.
 final class RegionFiles {
     private var files: [RegionID: OwnedFileDescriptor] = [:]
     private var sealed: [RegionID: Bool] = [:]
     /// A read grant travels with an fd that cannot be mapped writable.
     private var readOnlyFiles: [RegionID: OwnedFileDescriptor] = [:]
+    /// Unsealed regions whose withholding from VM2 was logged.
+    private var withheldLogged: Set<RegionID> = []
     private let logger: Logger
 
     init(logger: Logger) { self.logger = logger }
@@ -18,10 +30,31 @@ final class RegionFiles {
     func adopt(_ id: RegionID, _ fd: OwnedFileDescriptor) {
         files[id] = fd
         sealed[id] = (try? Memfd(adopting: fd).seals.contains(.shrink)) ?? false
+        tightenMode(id, fd)
+    }
+
+    /// Group and other write bits off a file without a name (see above).
+    private func tightenMode(_ id: RegionID, _ fd: OwnedFileDescriptor) {
+        guard let file = try? fd.ownership() else { return }
+        let othersWrite: UInt32 = 0o022
+        guard file.mode & othersWrite != 0 else { return }
+        guard file.links == 0 else {
+            logger.notice("\(id): its file has a name and mode \(String(file.mode, radix: 8)) (left as VM1's owner set it): read-only grants of it do not hold against a VM2 VMM that may open it by name")
+            return
+        }
+        do {
+            try fd.changeMode(to: file.mode & ~othersWrite)
+        } catch {
+            logger.warning("\(id): cannot take group/other write off its file (mode \(String(file.mode, radix: 8)), owner uid \(file.uid)): read-only grants of it do not hold against a VM2 VMM of any uid: \(error)")
+        }
     }
 
     func fd(_ id: RegionID) -> OwnedFileDescriptor? { files[id] }
     func isSealed(_ id: RegionID) -> Bool { sealed[id] == true }
+
+    /// True the first time it is asked for `id` (while the region lives):
+    /// a withheld region is logged once.
+    func firstWithheld(_ id: RegionID) -> Bool { withheldLogged.insert(id).inserted }
 
     /// The read-only fd of `id`, reopened once. Where Linux refuses the
     /// reopen there is none (nil): the grant is not sent (see PeerMirror).
@@ -42,6 +75,7 @@ final class RegionFiles {
         try? files.removeValue(forKey: id)?.close()
         try? readOnlyFiles.removeValue(forKey: id)?.close()
         sealed[id] = nil
+        withheldLogged.remove(id)
     }
 
     func closeAll() {

@@ -40,10 +40,11 @@ final class VhostUserConnection {
 
     init(socket: UnixSocket, configuration: BackendConfiguration, window: BARWindow, peer: PeerLink,
          relay: NotificationRelay?, logger: Logger, maxPendingTranslations: Int,
-         budget: MappingBudget, budgetID: MappingBudget.ID) throws(ConfigurationError) {
+         budget: MappingBudget, budgetID: MappingBudget.ID,
+         unsealedRegions: UnsealedRegionPolicy = .mark) throws(ConfigurationError) {
         self.socket = socket
         files = RegionFiles(logger: logger)
-        mirror = PeerMirror(peer: peer, files: files)
+        mirror = PeerMirror(peer: peer, files: files, unsealedRegions: unsealedRegions, logger: logger)
         self.budget = budget
         self.budgetID = budgetID
         self.session = try BackendSession(configuration)
@@ -292,11 +293,12 @@ final class VhostUserConnection {
     /// A (re)connected VM2 gets the full current state.
     /// Everything goes to connection `generation` only, and the replay stops
     /// as soon as that connection is gone (a newer VM2 gets its own replay).
-    func replayState(to generation: Int) {
+    /// `features`: what that VM2 negotiated (it is not ready yet).
+    func replayState(to generation: Int, features: PeerFeatures = []) {
         for m in session.addressSpace.mappings {
             guard peer.currentGeneration == generation else { return }
             _ = mirror.sendMap(bus: m.bus, length: m.length, permission: m.permission, region: m.region, fdOffset: m.fdOffset,
-                        onlyIfReady: false, generation: generation)
+                        onlyIfReady: false, generation: generation, features: features)
         }
         if session.vrings.contains(where: \.started) {
             guard peer.send(.device(PeerDevice(event: .start, features: session.ackedFeatures ?? 0)), onlyIfReady: false,
@@ -335,14 +337,19 @@ final class VhostUserConnection {
     }
 
     private func carryOut(_ actions: [TranslationBroker.Action], now: ContinuousClock.Instant) {
+        var withheld: [(start: UInt64, end: UInt64)] = [] // unsealed memory VM2 is not sent
         for action in actions {
             switch action {
             case .sendMaps(let pieces, let owner):
                 for p in pieces {
+                    if mirror.withholds(p.region) { withheld.append((p.bus.rawValue, p.bus.rawValue &+ p.length)) }
                     _ = mirror.sendMap(bus: p.bus, length: p.length, permission: p.permission, region: p.region, fdOffset: p.fdOffset,
                                 generation: owner)
                 }
-            case .answer(let ids, let request, let owner, let verdict):
+            case .answer(let ids, let request, let owner, var verdict):
+                if case .granted = verdict, withheld.contains(where: { $0.start < request.bus.rawValue &+ request.length && request.bus.rawValue < $0.end }) {
+                    verdict = .refused(reason: "[unsealed-region] VM1's memory there is not sealed against shrinking (see unsealed-regions)", rule: "unsealed-region")
+                }
                 answer(ids, request, owner: owner, verdict, now: now)
             case .raiseMiss(let bus, let permission):
                 if case .sendBackend(let bytes)? = session.missMessage(bus: bus, permission: permission) { sendBackend(bytes) }

@@ -412,6 +412,77 @@ pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *group
     }
 }
 
+static int read_full(int s, void *buf, size_t n, int *fds, int *nfds) {
+    size_t done = 0;
+    while (done < n) {
+        struct iovec iov = { (char *)buf + done, n - done };
+        union { char buf[CMSG_SPACE(sizeof(int) * 4)]; struct cmsghdr align; } control;
+        struct msghdr m;
+        memset(&m, 0, sizeof m);
+        m.msg_iov = &iov;
+        m.msg_iovlen = 1;
+        if (fds) { m.msg_control = control.buf; m.msg_controllen = sizeof control.buf; }
+        ssize_t r = recvmsg(s, &m, 0);
+        if (r == 0) return 0;
+        if (r < 0) { if (errno == EINTR) continue; return -1; }
+        if (fds) {
+            for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+                if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+                int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+                for (int i = 0; i < k && *nfds < 4; i++) memcpy(&fds[(*nfds)++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+            }
+        }
+        done += (size_t)r;
+    }
+    return 1;
+}
+
+pid_t shim_fork_read_only_prober(const char *path, long uid, long gid, const void *hello, size_t hello_len,
+                                 unsigned char marker, unsigned int lifetime_s) {
+    pid_t pid = fork();
+    if (pid != 0) return pid;
+    if (gid >= 0 && (setgroups(0, NULL) != 0 || setgid((gid_t)gid) != 0)) _exit(3);
+    if (uid >= 0 && setuid((uid_t)uid) != 0) _exit(3);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    alarm(lifetime_s);
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un a;
+    if (s < 0 || fill_sun(&a, path) < 0) _exit(2);
+    if (connect(s, (struct sockaddr *)&a, sizeof a) != 0) _exit(2);
+    if (hello_len && write(s, hello, hello_len) != (ssize_t)hello_len) _exit(4);
+    for (;;) {
+        uint32_t header[3];
+        int fds[4], nfds = 0;
+        int r = read_full(s, header, sizeof header, fds, &nfds);
+        if (r == 0) _exit(0);
+        if (r < 0 || header[2] > 4096) _exit(5);
+        unsigned char payload[4096];
+        if (header[2] && read_full(s, payload, header[2], NULL, NULL) != 1) _exit(5);
+        uint32_t prot = 0;
+        uint64_t fd_offset = 0;
+        if (header[0] == 2 && header[2] == 40 && nfds == 1) {
+            memcpy(&fd_offset, payload + 24, 8);
+            memcpy(&prot, payload + 32, 4);
+        }
+        if (!(header[0] == 2 && prot == 1 && nfds == 1)) {
+            for (int i = 0; i < nfds; i++) close(fds[i]);
+            continue;
+        }
+        char link[64];
+        snprintf(link, sizeof link, "/proc/self/fd/%d", fds[0]);
+        int code = 20;
+        int rw = open(link, O_RDWR);
+        if (rw < 0) {
+            code = 21;
+            if (fchmod(fds[0], 0666) != 0 || (rw = open(link, O_RDWR)) < 0) _exit(22);
+        }
+        if (pwrite(rw, &marker, 1, (off_t)fd_offset) != 1) _exit(23);
+        _exit(code);
+    }
+}
+
 int shim_wait(pid_t pid) {
     int status = 0;
     while (waitpid(pid, &status, 0) < 0) { if (errno != EINTR) return -1; }
@@ -581,4 +652,87 @@ int shim_pin_thread(const int *cpus, int count) {
         CPU_SET(cpus[i], &set);
     }
     return sched_setaffinity(0, sizeof set, &set);
+}
+
+#include <stdatomic.h>
+
+static _Atomic uintptr_t guard_low[SHIM_GUARD_SLOTS];
+static _Atomic uintptr_t guard_high[SHIM_GUARD_SLOTS];
+static _Atomic int guard_used[SHIM_GUARD_SLOTS];
+static _Atomic uint64_t guard_trip_count[SHIM_GUARD_SLOTS];
+static _Atomic uintptr_t guard_last[SHIM_GUARD_SLOTS];
+static struct sigaction guard_previous;
+static pthread_once_t guard_once = PTHREAD_ONCE_INIT;
+static int guard_install_errno;
+
+static void guard_handler(int sig, siginfo_t *info, void *context) {
+    uintptr_t address = (uintptr_t)info->si_addr;
+    for (int i = 0; i < SHIM_GUARD_SLOTS; i++) {
+        uintptr_t low = atomic_load(&guard_low[i]), high = atomic_load(&guard_high[i]);
+        if (!(low < high && address >= low && address < high)) continue;
+        int saved = errno;
+        static const uintptr_t sizes[] = { 4096, (uintptr_t)2 << 20, (uintptr_t)1 << 30 };
+        for (int k = 0; k < 3; k++) {
+            uintptr_t page = address & ~(sizes[k] - 1);
+            if (page < low || page + sizes[k] > high) continue;
+            void *p = mmap((void *)page, sizes[k], PROT_READ | PROT_WRITE,
+                           MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (p == MAP_FAILED) continue;
+            atomic_store(&guard_last[i], address);
+            atomic_fetch_add(&guard_trip_count[i], 1);
+            errno = saved;
+            return;
+        }
+        errno = saved;
+        break; // could not replace it: the fault is fatal after all
+    }
+    if ((guard_previous.sa_flags & SA_SIGINFO) && guard_previous.sa_sigaction) {
+        guard_previous.sa_sigaction(sig, info, context);
+        return;
+    }
+    if (!(guard_previous.sa_flags & SA_SIGINFO) && guard_previous.sa_handler != SIG_DFL && guard_previous.sa_handler != SIG_IGN) {
+        guard_previous.sa_handler(sig);
+        return;
+    }
+    signal(SIGBUS, SIG_DFL); // the access is retried and kills the process, as without a guard
+}
+
+static void guard_install(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = guard_handler;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGBUS, &sa, &guard_previous) != 0) guard_install_errno = errno ? errno : EINVAL;
+}
+
+int shim_guard_add(void *start, size_t length) {
+    pthread_once(&guard_once, guard_install);
+    if (guard_install_errno) { errno = guard_install_errno; return -1; }
+    for (int i = 0; i < SHIM_GUARD_SLOTS; i++) {
+        int expected = 0;
+        if (!atomic_compare_exchange_strong(&guard_used[i], &expected, 1)) continue;
+        atomic_store(&guard_trip_count[i], 0);
+        atomic_store(&guard_last[i], 0);
+        atomic_store(&guard_low[i], (uintptr_t)start);
+        atomic_store(&guard_high[i], (uintptr_t)start + length);
+        return i;
+    }
+    errno = ENOSPC;
+    return -1;
+}
+
+void shim_guard_remove(int slot) {
+    if (slot < 0 || slot >= SHIM_GUARD_SLOTS) return;
+    atomic_store(&guard_high[slot], 0);
+    atomic_store(&guard_low[slot], 0);
+    atomic_store(&guard_used[slot], 0);
+}
+
+uint64_t shim_guard_trips(int slot) {
+    return slot < 0 || slot >= SHIM_GUARD_SLOTS ? 0 : atomic_load(&guard_trip_count[slot]);
+}
+
+uintptr_t shim_guard_last_address(int slot) {
+    return slot < 0 || slot >= SHIM_GUARD_SLOTS ? 0 : atomic_load(&guard_last[slot]);
 }

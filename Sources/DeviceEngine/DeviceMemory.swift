@@ -7,11 +7,16 @@ public enum AccessFault: Error, Equatable, Sendable, CustomStringConvertible {
     case missing(address: UInt64, length: UInt64, access: Permission)
     /// Never accessible: outside the BAR, or wrapping around.
     case outside(address: UInt64, length: UInt64)
+    /// In unsealed memory (MAP's unsealed flag) after VM1 truncated memory
+    /// under the BAR: the device no longer touches it (a translation would
+    /// not help).
+    case truncated(address: UInt64, length: UInt64)
 
     public var description: String {
         switch self {
         case .missing(let a, let l, let p): "\(Hex(a))+\(Hex(l)) is not granted \(p)"
         case .outside(let a, let l): "\(Hex(a))+\(Hex(l)) is outside the BAR"
+        case .truncated(let a, let l): "\(Hex(a))+\(Hex(l)) is in unsealed memory VM1 truncated"
         }
     }
 }
@@ -21,31 +26,79 @@ public enum AccessFault: Error, Equatable, Sendable, CustomStringConvertible {
 /// burst, and grants change (revocations are applied) only between bursts —
 /// never under a packet being read. A value type: the one `NetDevice` (or
 /// device thread) that holds it is its owner.
+///
+/// Unsealed memory (MAP's unsealed flag, peer feature `unsealedMaps`) can be
+/// truncated by VM1 at any time, and touching it afterwards is a SIGBUS. The
+/// first unsealed grant puts a `FaultGuard` over the whole BAR: such a fault
+/// replaces the page with zeros and the access goes on; after the burst,
+/// every unsealed grant (and the grant the fault hit) is withdrawn, and from
+/// then on descriptors in them are refused (`ChainRefusal.truncated`),
+/// rings in them disable their queue, and later unsealed MAPs are mapped
+/// but never used. The device reads zeros for at most the rest of the burst
+/// in which VM1 truncated its memory; it never dies of it.
 public struct DeviceMemory {
     public private(set) var window: BARWindow?
     public private(set) var grants: GrantTable
+    /// Unsealed ranges now granted.
+    private var unsealed = PeerMappingTable()
+    /// Unsealed ranges withdrawn after a truncation (refused, never touched).
+    private var lost = PeerMappingTable()
+    private var faultGuard: FaultGuard?
+    private var tripsSeen: UInt64 = 0
+    /// VM1 truncated memory under the BAR: unsealed MAPs are not used any more.
+    public private(set) var distrustsUnsealed = false
+    /// SIGBUS faults absorbed (each replaced a page with zeros).
+    public private(set) var faultsAbsorbed: UInt64 = 0
 
     public init() { grants = GrantTable(barSize: 0) }
 
     /// The BAR the daemon described (HELLO reply); forgets every grant.
     public mutating func attach(_ window: BARWindow) {
+        forgetUnsealed()
         self.window = window
         grants = GrantTable(barSize: window.size, generation: grants.generation &+ 1)
     }
 
     public mutating func detach() {
+        forgetUnsealed() // the guard goes before the window it covers
         window = nil
         grants = GrantTable(barSize: 0, generation: grants.generation &+ 1)
+    }
+
+    private mutating func forgetUnsealed() {
+        faultGuard = nil
+        tripsSeen = 0
+        unsealed = PeerMappingTable()
+        lost = PeerMappingTable()
+        distrustsUnsealed = false
     }
 
     public var barSize: UInt64 { grants.barSize }
 
     /// Maps `[bus, bus+length)` of `fd` at `fdOffset` into the BAR and
-    /// records the grant.
-    public mutating func map(bus: UInt64, length: UInt64, permission: Permission, fd: Int32, fdOffset: UInt64) throws(BARWindowError) {
+    /// records the grant. `unsealed`: MAP's flag (VM1 can truncate the file).
+    public mutating func map(bus: UInt64, length: UInt64, permission: Permission, fd: Int32, fdOffset: UInt64,
+                             unsealed isUnsealed: Bool = false) throws(BARWindowError) {
         guard let window else { throw .invalidSize(0) }
+        if isUnsealed, faultGuard == nil {
+            do { faultGuard = try window.guardFaults() } catch { throw .system(error) } // unguarded: not mapped at all
+            tripsSeen = 0
+        }
         try window.map(bus: BusAddress(bus), length: length, permission: permission, fd: fd, fdOffset: fdOffset)
-        grants.grant(bus, bus + length, permission)
+        guard isUnsealed else {
+            unsealed.remove(bus, bus + length)
+            lost.remove(bus, bus + length)
+            grants.grant(bus, bus + length, permission)
+            return
+        }
+        if distrustsUnsealed {
+            grants.revoke(bus, bus + length)
+            lost.add(bus, bus + length, permission)
+        } else {
+            lost.remove(bus, bus + length)
+            unsealed.add(bus, bus + length, permission)
+            grants.grant(bus, bus + length, permission)
+        }
     }
 
     /// Forgets `[bus, bus+length)` first (from here on the device refuses
@@ -55,6 +108,8 @@ public struct DeviceMemory {
     public mutating func unmap(bus: UInt64, length: UInt64) {
         let (end, overflow) = bus.addingReportingOverflow(length)
         grants.revoke(bus, overflow ? UInt64.max : end)
+        unsealed.remove(bus, overflow ? UInt64.max : end)
+        lost.remove(bus, overflow ? UInt64.max : end)
         do { try window?.revoke(bus: BusAddress(bus), length: length) } catch {
             if case .revokedWholeWindow = error { grants = GrantTable(barSize: grants.barSize, generation: grants.generation &+ 1) }
         }
@@ -63,15 +118,37 @@ public struct DeviceMemory {
     /// Runs `body` with checked access to the BAR; nil before the BAR exists.
     public mutating func burst<R>(_ body: (inout BurstAccess) -> R) -> R? {
         guard let window else { return nil }
-        let granted = grants
+        let granted = grants, lost = lost
         var kept: GrantTable? = nil
         let result: R? = window.withBytes(at: 0, length: Int(window.size)) { bar in
-            var access = BurstAccess(bar: bar, grants: granted)
+            var access = BurstAccess(bar: bar, grants: granted, lost: lost)
             defer { kept = access.grants }
             return body(&access)
         }
         if let kept { grants = kept }
+        noteTruncations()
         return result
+    }
+
+    /// After a burst: a fault the guard absorbed means VM1 truncated memory
+    /// under the BAR. Every unsealed grant, and the one the fault hit, is
+    /// withdrawn (refused from now on, never touched again).
+    public mutating func noteTruncations() {
+        guard let faultGuard, let window else { return }
+        let trips = faultGuard.trips
+        guard trips != tripsSeen else { return }
+        faultsAbsorbed &+= trips &- tripsSeen
+        tripsSeen = trips
+        distrustsUnsealed = true
+        var withdrawn = unsealed.ranges
+        if let at = window.offset(ofHostAddress: faultGuard.lastAddress), let hit = grants.table.range(containing: at) {
+            withdrawn.append(hit)
+        }
+        for r in withdrawn {
+            grants.revoke(r.start, r.end)
+            lost.add(r.start, r.end, r.permission)
+        }
+        unsealed = PeerMappingTable()
     }
 }
 
@@ -82,10 +159,13 @@ public struct DeviceMemory {
 public struct BurstAccess {
     let bar: UnsafeMutableRawBufferPointer
     var grants: GrantTable
+    /// Unsealed memory withdrawn after a truncation (refused as `.truncated`).
+    let lost: PeerMappingTable
 
-    init(bar: UnsafeMutableRawBufferPointer, grants: GrantTable) {
+    init(bar: UnsafeMutableRawBufferPointer, grants: GrantTable, lost: PeerMappingTable = PeerMappingTable()) {
         self.bar = bar
         self.grants = grants
+        self.lost = lost
     }
 
     public var generation: UInt64 { grants.generation }
@@ -99,6 +179,7 @@ public struct BurstAccess {
             // Granted implies inside the BAR (grants never exceed it).
             return .success(UnsafeMutableRawBufferPointer(rebasing: bar[Int(address)..<Int(address + n)]))
         case .notMapped?, .denied?:
+            if lost.touches(address, n) { return .failure(.truncated(address: address, length: n)) }
             return .failure(.missing(address: address, length: n, access: needed))
         case .wraps?, .outsideBAR?:
             return .failure(.outside(address: address, length: n))
@@ -109,7 +190,8 @@ public struct BurstAccess {
     func areaFault(_ address: UInt64, _ length: UInt64, _ needed: Permission) -> AccessFault? {
         switch grants.checkOnce(address, length, needed) {
         case nil: nil
-        case .notMapped?, .denied?: .missing(address: address, length: length, access: needed)
+        case .notMapped?, .denied?: lost.touches(address, length) ? .truncated(address: address, length: length)
+            : .missing(address: address, length: length, access: needed)
         case .wraps?, .outsideBAR?: .outside(address: address, length: length)
         }
     }

@@ -4,7 +4,7 @@ import LinuxIO
 /// Why the device refused a chain. A refused chain is completed with length
 /// 0 (the driver gets its buffers back); nothing in it is touched.
 public enum ChainRefusal: Int, CaseIterable, Sendable, CustomStringConvertible {
-    case nextOutOfRange, loop, indirect, wrongDirection, outsideBAR, notGranted, tooShort
+    case nextOutOfRange, loop, indirect, wrongDirection, outsideBAR, notGranted, tooShort, truncated
 
     public var description: String {
         switch self {
@@ -15,6 +15,7 @@ public enum ChainRefusal: Int, CaseIterable, Sendable, CustomStringConvertible {
         case .outsideBAR: "a buffer outside the BAR"
         case .notGranted: "a buffer VM1 did not grant (the translation was refused)"
         case .tooShort: "shorter than the 12-byte virtio-net header"
+        case .truncated: "a buffer in unsealed memory VM1 truncated (never touched again)"
         }
     }
 }
@@ -126,6 +127,7 @@ public struct DeviceQueue: Sendable {
                     segments.append(bytes)
                 case .failure(let fault):
                     if case .outside = fault { return refuse(&a, head, .outsideBAR) }
+                    if case .truncated = fault { return refuse(&a, head, .truncated) }
                     if refuseNextFault { return refuse(&a, head, .notGranted) }
                     return .fault(fault)
                 }

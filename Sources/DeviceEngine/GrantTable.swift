@@ -41,6 +41,17 @@ public struct PeerMappingTable: Sendable {
 
     public var bytesMapped: UInt64 { map.elements.reduce(0) { $0 + $1.end - $1.start } }
 
+    /// Every range, in order.
+    public var ranges: [Range] { Array(map.elements) }
+
+    /// Whether any range overlaps `[address, address+length)` (a scan: for
+    /// small tables off the fast path).
+    public func touches(_ address: UInt64, _ length: UInt64) -> Bool {
+        let (end, overflow) = address.addingReportingOverflow(max(length, 1))
+        let last = overflow ? UInt64.max : end
+        return map.elements.contains { $0.start < last && address < $0.end }
+    }
+
     public enum Failure: Equatable, Sendable { case wraps, outsideBAR, notMapped(at: UInt64), denied(at: UInt64, granted: Permission) }
 
     /// nil when all of `[address, address+length)` is mapped with `needed`.

@@ -38,6 +38,10 @@ public struct VM2Configuration: Sendable {
     /// Answer VRING_STOP with VRING_STOPPED and the index reached (peer
     /// feature `vringStopAck`); off, VM2 behaves like a version-1 peer.
     public var acknowledgesRingStops = true
+    /// Negotiate `unsealedMaps`: take MAPs of unsealed VM1 memory and guard
+    /// the device's accesses to them (`DeviceMemory`); off, the daemon never
+    /// sends such memory.
+    public var guardsUnsealedMemory = true
     public init() {}
 }
 
@@ -48,6 +52,10 @@ public struct VM2Statistics: Sendable, Equatable, Codable {
     public var barSize: UInt64 = 0
     public var mode = ""
     public var mapsApplied = 0
+    /// MAPs that carried the unsealed flag.
+    public var unsealedMapsApplied = 0
+    /// SIGBUS faults the device's guard absorbed (VM1 truncated unsealed memory).
+    public var faultsAbsorbed: UInt64 = 0
     public var unmapsApplied = 0
     public var bytesMapped: UInt64 = 0
     public var packetsReceived = 0
@@ -107,6 +115,7 @@ public final class EmulatedVM2: Sendable {
         var features: PeerFeatures = []
         if configuration.translates { features.insert(.translate) }
         if configuration.acknowledgesRingStops { features.insert(.vringStopAck) }
+        if configuration.guardsUnsealedMemory { features.insert(.unsealedMaps) }
         try? socket.send(PeerCodec.encode(.hello(PeerHello(features: features, deviceFeatures: configuration.deviceFeatures))))
         let t = try JoinableThread(name: "vm2") { [self] in
             let device = VM2DeviceThread(socket: socket, configuration: configuration, owner: self)
@@ -188,6 +197,7 @@ final class VM2DeviceThread {
     var counters = Counters()
     /// The engine's totals already folded.
     var folded = (tx: QueueCounters(), rx: QueueCounters(), implausible: 0)
+    var foldedFaults: UInt64 = 0
 
     /// A virtio-net header (num_buffers = 1) and a broadcast IPv4/UDP
     /// Ethernet frame of `size` bytes.
@@ -306,9 +316,10 @@ final class VM2DeviceThread {
         case .map(let m):
             guard device.memory.window != nil, let fd = fds.first else { stopReason = "MAP before HELLO reply"; return }
             do {
-                try device.memory.map(bus: m.barOffset, length: m.length, permission: m.permission, fd: fd.rawValue, fdOffset: m.fdOffset)
+                try device.memory.map(bus: m.barOffset, length: m.length, permission: m.permission, fd: fd.rawValue, fdOffset: m.fdOffset,
+                                      unsealed: m.unsealed)
                 let mapped = device.memory.grants.bytesMapped
-                owner.update { $0.mapsApplied += 1; $0.bytesMapped = mapped }
+                owner.update { $0.mapsApplied += 1; $0.bytesMapped = mapped; if m.unsealed { $0.unsealedMapsApplied += 1 } }
             } catch {
                 owner.update { $0.lastError = "MAP: \(error)" }
             }

@@ -51,6 +51,8 @@ extension VM2DeviceThread {
             }
         case .fault(.outside):
             disable(queue, "a ring area is outside the BAR")
+        case .fault(.truncated):
+            disable(queue, "a ring area is in unsealed memory VM1 truncated")
         case .defect(let why):
             disable(queue, why)
         }
@@ -161,6 +163,11 @@ extension VM2DeviceThread {
         }
         let implausible = device.implausibleFrames
         let c = counters
+        let absorbed = device.memory.faultsAbsorbed
+        if absorbed != foldedFaults {
+            foldedFaults = absorbed
+            owner.update { $0.faultsAbsorbed = absorbed }
+        }
         guard tx != folded.tx || rx != folded.rx || implausible != folded.implausible || c.verified + c.corrupt + c.framesValid + c.framesInvalid + c.sent > 0 else { return }
         let old = folded
         folded = (tx, rx, implausible)

@@ -76,6 +76,19 @@ public final class BARWindow: SharedMemory, Sendable {
         UnsafeMutableRawPointer(bitPattern: base).unsafelyUnwrapped
     }
 
+    /// A guard over the whole window: a SIGBUS in it (a mapped file that its
+    /// owner truncated) replaces the faulting page with zeros instead of
+    /// killing the process (`FaultGuard`). The guard ends with its value.
+    public func guardFaults() throws(SystemCallError) -> FaultGuard {
+        try FaultGuard(start: baseAddress, length: size)
+    }
+
+    /// The BAR offset of a host address inside the window (a guard's
+    /// `lastAddress`), or nil.
+    public func offset(ofHostAddress address: UInt) -> UInt64? {
+        address >= base && UInt64(address - base) < size ? UInt64(address - base) : nil
+    }
+
     /// Number of window syscalls carried out so far (map, protect, revoke).
     public var operationCount: UInt64 { changes.withLock { $0 } }
 

@@ -48,6 +48,33 @@ public struct ChildPeer: Sendable {
         return ChildPeer(pid: pid)
     }
 
+    /// How a VM2 VMM running as `uid` fared against the read-only promise
+    /// (see `shim_fork_read_only_prober`).
+    public enum ReadOnlyProbe: Int32, Sendable {
+        /// It reopened the read-only fd read-write at once and wrote VM1's memory.
+        case reopened = 20
+        /// It reopened it after changing the file's mode (it owns the file) and wrote.
+        case reopenedAfterChmod = 21
+        /// Neither: the read-only grant held.
+        case refused = 22
+        case writeFailed = 23
+        /// The daemon closed the connection before any read-only MAP.
+        case noReadOnlyMap = 0
+    }
+
+    /// A VM2 VMM as `uid`/`gid` that, on the first read-only MAP, tries to
+    /// reopen its fd read-write (see `shim_fork_read_only_prober`);
+    /// `marker` is what it writes at the MAP's fd offset when it can.
+    public static func spawnReadOnlyProber(connectingTo path: String, uid: UInt32?, gid: UInt32?, hello: [UInt8],
+                                           marker: UInt8, lifetimeSeconds: UInt32 = 20) throws(SystemCallError) -> ChildPeer {
+        let pid = hello.withUnsafeBytes { h in
+            shim_fork_read_only_prober(path, uid.map { Int($0) } ?? -1, gid.map { Int($0) } ?? -1, h.baseAddress, h.count,
+                                       marker, lifetimeSeconds)
+        }
+        guard pid > 0 else { throw .current("fork") }
+        return ChildPeer(pid: pid)
+    }
+
     /// Waits for the child to end.
     public func wait() -> Termination {
         let status = shim_wait(pid)

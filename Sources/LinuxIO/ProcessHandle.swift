@@ -70,3 +70,28 @@ extension OwnedFileDescriptor {
     /// Whether the fd was opened read-only (O_ACCMODE == O_RDONLY).
     public var isReadOnly: Bool { shim_access_mode(rawValue) == O_RDONLY }
 }
+
+/// Who owns a file, its permission bits and how many names it has (fstat).
+public struct FileOwnership: Sendable, Equatable {
+    public var uid: UInt32
+    /// The permission bits (st_mode & 07777).
+    public var mode: UInt32
+    /// Names in directories: 0 for a memfd or an unlinked file, which nobody
+    /// can open by a path (only through an fd, or /proc/PID/fd).
+    public var links: UInt64
+}
+
+extension OwnedFileDescriptor {
+    public func ownership() throws(SystemCallError) -> FileOwnership {
+        var st = stat()
+        let raw = rawValue
+        _ = try retryingInterrupts("fstat(\(raw))") { fstat(raw, &st) }
+        return FileOwnership(uid: st.st_uid, mode: UInt32(st.st_mode) & 0o7777, links: UInt64(st.st_nlink))
+    }
+
+    /// Changes the file's permission bits (fchmod; the owner, or CAP_FOWNER).
+    public func changeMode(to mode: UInt32) throws(SystemCallError) {
+        let raw = rawValue
+        _ = try retryingInterrupts("fchmod(\(raw), \(String(mode, radix: 8)))") { fchmod(raw, mode_t(mode)) }
+    }
+}

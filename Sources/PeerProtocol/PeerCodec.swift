@@ -84,7 +84,10 @@ public enum PeerCodec {
             try exact(type, payload, 40)
             let seq = try r.u64(), off = try r.u64(), len = try r.u64(), fdOff = try r.u64()
             let perm = try permission(type, "prot", try r.u32())
-            message = .map(PeerMap(sequence: seq, barOffset: off, length: len, fdOffset: fdOff, permission: perm))
+            let flags = try r.u32()
+            guard flags & ~PeerMap.flagUnsealed == 0 else { throw .badValue(type, field: "flags", value: UInt64(flags)) }
+            message = .map(PeerMap(sequence: seq, barOffset: off, length: len, fdOffset: fdOff, permission: perm,
+                                   unsealed: flags & PeerMap.flagUnsealed != 0))
         case .unmap:
             try exact(type, payload, 24)
             message = .unmap(PeerUnmap(sequence: try r.u64(), barOffset: try r.u64(), length: try r.u64()))
@@ -147,7 +150,7 @@ public enum PeerCodec {
             w.u64(b.features.rawValue); w.u64(b.barSize); w.u32(b.pageSize); w.u32(b.vringCount); w.u64(0)
         case .map(let m):
             w.u64(m.sequence); w.u64(m.barOffset); w.u64(m.length); w.u64(m.fdOffset)
-            w.u32(UInt32(m.permission.rawValue)); w.u32(0)
+            w.u32(UInt32(m.permission.rawValue)); w.u32(m.unsealed ? PeerMap.flagUnsealed : 0)
         case .unmap(let u):
             w.u64(u.sequence); w.u64(u.barOffset); w.u64(u.length)
         case .ack(let seq):

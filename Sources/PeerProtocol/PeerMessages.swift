@@ -31,7 +31,13 @@ public struct PeerFeatures: OptionSet, Sendable, Hashable {
     public static let vringStopAck = PeerFeatures(rawValue: 2)
     /// HELLO carries the virtio device features VM2 can serve (24 bytes).
     public static let deviceFeatures = PeerFeatures(rawValue: 4)
-    public static let all: PeerFeatures = [.translate, .vringStopAck, .deviceFeatures]
+    /// MAP's flags bit 0 marks a range of VM1 memory that is not sealed
+    /// against shrinking: VM1 can truncate it, and an access after that is
+    /// a SIGBUS in VM2. Only a VM2 that negotiated this gets such ranges
+    /// (with `unsealed-regions: mark`); it must guard its accesses to them
+    /// (or not touch them). Without it the daemon never sends them.
+    public static let unsealedMaps = PeerFeatures(rawValue: 8)
+    public static let all: PeerFeatures = [.translate, .vringStopAck, .deviceFeatures, .unsealedMaps]
 }
 
 public struct PeerHello: Equatable, Sendable {
@@ -80,9 +86,13 @@ public struct PeerMap: Equatable, Sendable {
     public var length: UInt64
     public var fdOffset: UInt64
     public var permission: Permission
-    public init(sequence: UInt64, barOffset: UInt64, length: UInt64, fdOffset: UInt64, permission: Permission) {
+    /// flags bit 0 (peer feature `unsealedMaps` only): VM1 can truncate the
+    /// file under this range, so an access to it can SIGBUS.
+    public var unsealed: Bool
+    public static let flagUnsealed: UInt32 = 1
+    public init(sequence: UInt64, barOffset: UInt64, length: UInt64, fdOffset: UInt64, permission: Permission, unsealed: Bool = false) {
         self.sequence = sequence; self.barOffset = barOffset; self.length = length
-        self.fdOffset = fdOffset; self.permission = permission
+        self.fdOffset = fdOffset; self.permission = permission; self.unsealed = unsealed
     }
 }
 

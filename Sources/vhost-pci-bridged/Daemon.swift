@@ -81,6 +81,9 @@ struct Daemon: ParsableCommand {
     @Option(help: "CPUs for this bridge's relay thread (and the SQPOLL thread, bound to the first), e.g. 2-3 or 0,4.")
     var cpuAffinity: String?
 
+    @Option(help: "VM1 memory not sealed against shrinking (DPDK's, QEMU seal=off, hugetlbfs files): mark (default: sent flagged to a VM2 that negotiated unsealedMaps and guards its accesses, never to another) or refuse (never sent to VM2).")
+    var unsealedRegions: String?
+
     @Option(name: .customLong("busy-poll-us"), help: "Relay modes: microseconds to spin reaping completions before sleeping (0-10000, default 0).")
     var busyPollMicroseconds: Int?
 
@@ -127,6 +130,7 @@ struct Daemon: ParsableCommand {
         if let notifications { spec["notifications"] = notifications }
         if let busyPollMicroseconds { spec["busy-poll-us"] = String(busyPollMicroseconds) }
         if let cpuAffinity { spec["cpu-affinity"] = cpuAffinity }
+        if let unsealedRegions { spec["unsealed-regions"] = unsealedRegions }
         var b = try DaemonConfig.bridge(spec, key: Self.flagKey, runtimeDirectory: DaemonConfig().runtimeDirectory)
         if peerSocket == nil { b.peerSocket = nil } // no VM2 socket unless asked for
         b.inheritedConnection = fd

@@ -173,6 +173,18 @@ func configError(_ text: String) -> ConfigError? {
         #expect(b.settings.vm1Access == b.vm1Access)
     }
 
+    /// `unsealed-regions`: mark by default (DPDK's memory is never sealed),
+    /// refuse when asked; anything else names the key.
+    @Test func unsealedRegionsPolicy() throws {
+        let base = "bridges:\n  - name: a\n    bar-size: 1G\n"
+        #expect(try DaemonConfig.parse(base).bridges[0].settings.unsealedRegions == .mark)
+        #expect(try DaemonConfig.parse(base + "    unsealed-regions: refuse\n").bridges[0].settings.unsealedRegions == .refuse)
+        #expect(try DaemonConfig.parse(base + "    unsealed-regions: mark\n").bridges[0].settings.unsealedRegions == .mark)
+        let error = configError(base + "    unsealed-regions: allow\n")
+        #expect(error?.key == "bridges[0].unsealed-regions")
+        #expect(error?.description.contains("is not refuse or mark") == true)
+    }
+
     @Test func badAccessKeysNameTheKey() {
         let base = "bridges:\n  - name: a\n    bar-size: 1G\n"
         #expect(configError(base + "    vm1-access: {mode: \"999\"}\n")?.key == "bridges[0].vm1-access.mode")

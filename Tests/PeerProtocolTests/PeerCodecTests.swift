@@ -21,6 +21,7 @@ let samples: [PeerMessage] = [
     .error(PeerError(code: .busy, text: "another VM2 is connected")),
     .vringStopped(index: 1, lastAvail: 0xfffe),
     .vringStopped(index: 3, lastAvail: nil),
+    .map(PeerMap(sequence: 11, barOffset: 0x4000_0000, length: 0x20_0000, fdOffset: 0, permission: .readWrite, unsealed: true)),
 ]
 
 
@@ -77,6 +78,26 @@ func docExample(_ name: String) throws -> [UInt8] {
         #expect(PeerCodec.encode(.vringStopped(index: 1, lastAvail: 0x1234)) == (try docExample("vring-stopped")))
     }
 
+    /// MAP's flags word (once reserved): bit 0 marks unsealed memory (peer
+    /// feature `unsealedMaps`); any other bit is a protocol error, so a
+    /// future flag is never silently ignored.
+    @Test func mapCarriesTheUnsealedFlagAndRefusesOtherBits() throws {
+        let marked = PeerMap(sequence: 7, barOffset: 1 << 32, length: 64 << 10, fdOffset: 1 << 20, permission: .read, unsealed: true)
+        var bytes = PeerCodec.encode(.map(marked))
+        #expect(Array(bytes[(12 + 36)..<(12 + 40)]) == [1, 0, 0, 0])
+        #expect(try roundTrip(bytes, fds: 1) == .map(marked))
+        #expect(try roundTrip(docExample("map-unsealed"), fds: 1) == .map(marked))
+        #expect(bytes == (try docExample("map-unsealed")))
+        var plain = marked
+        plain.unsealed = false
+        #expect(Array(PeerCodec.encode(.map(plain))[(12 + 36)..<(12 + 40)]) == [0, 0, 0, 0])
+        bytes[12 + 36] = 2
+        #expect(peerError { try roundTrip(bytes, fds: 1) } == .badValue(.map, field: "flags", value: 2))
+        bytes[12 + 36] = 1; bytes[12 + 39] = 0x80
+        #expect(peerError { try roundTrip(bytes, fds: 1) } == .badValue(.map, field: "flags", value: 0x8000_0001))
+        #expect(PeerFeatures.all.contains(.unsealedMaps) && PeerFeatures.unsealedMaps.rawValue == 8)
+    }
+
     @Test func helloCarriesDeviceFeaturesOnlyWithItsPeerFeature() throws {
         let hello = PeerHello(features: [.translate], deviceFeatures: [.version1, .eventIdx, .mrgRxbuf])
         #expect(hello.features.contains(.deviceFeatures))
@@ -90,7 +111,7 @@ func docExample(_ name: String) throws -> [UInt8] {
         var withoutBit = bytes
         withoutBit[12 + 8] &= ~4
         #expect(throws: PeerProtocolError.self) { try roundTrip(withoutBit, fds: 0) }
-        #expect(PeerHello(features: .all).features == [.translate, .vringStopAck], "no declaration, no bit")
+        #expect(PeerHello(features: .all).features == [.translate, .vringStopAck, .unsealedMaps], "no declaration, no bit")
     }
 
     @Test func whatVM2MustServeIsEveryOfferedBitButTheControlQueue() {

@@ -176,6 +176,18 @@ int shim_fork_touch(volatile void *addr, int write);
 /// after fork. Returns the pid or -1.
 pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *groups, int ngroups,
                      const void *hello, size_t hello_len, unsigned int lifetime_s, int reads);
+/// Forks a VM2 VMM that ignores the protocol's read-only promise: like
+/// `shim_fork_peer` (ids dropped, connects, writes `hello`), then reads peer
+/// messages; on the first MAP whose prot is read-only (1) it tries to reopen
+/// the fd read-write through /proc/self/fd, and, refused, makes itself the
+/// file's mode 0666 with fchmod through the read-only fd and tries again
+/// (what the file's owner can do). When a reopen works it writes `marker`
+/// at the MAP's fd offset. Exit codes: 20 reopened at once (and wrote), 21
+/// reopened after the fchmod (and wrote), 22 refused both ways, 23 reopened
+/// but the write failed, 0 the daemon closed before a read-only MAP came,
+/// 2 connect failed, 3 could not drop privileges, 5 read error.
+pid_t shim_fork_read_only_prober(const char *path, long uid, long gid, const void *hello, size_t hello_len,
+                                 unsigned char marker, unsigned int lifetime_s);
 /// waitpid, retried on EINTR: the raw status, or -1.
 int shim_wait(pid_t pid);
 /// waitpid(pid, WNOHANG): the status once the child ended (it is reaped),
@@ -185,6 +197,22 @@ int shim_wifsignaled(int status);
 int shim_wtermsig(int status);
 int shim_wifexited(int status);
 int shim_wexitstatus(int status);
+
+/// Fault guards: a SIGBUS inside a guarded range (a shared file mapping
+/// whose file another process truncated) does not kill the process. The
+/// handler (installed on the first guard, process-wide, chaining to the
+/// previous one for every other fault) maps private anonymous memory over
+/// the faulting page (4 KiB, else the 2 MiB or 1 GiB page holding it, for
+/// hugetlbfs), counts the trip and records the address, and returns: the
+/// access is retried and reads zeros. At most SHIM_GUARD_SLOTS ranges.
+#define SHIM_GUARD_SLOTS 64
+/// Guards `[start, start+length)`; returns the slot, or -1 (none free, or
+/// the handler could not be installed: errno).
+int shim_guard_add(void *start, size_t length);
+void shim_guard_remove(int slot);
+/// Faults absorbed in `slot` since it was added, and the last one's address.
+uint64_t shim_guard_trips(int slot);
+uintptr_t shim_guard_last_address(int slot);
 
 // ---- io_uring: an opaque ring; liburing's types never reach Swift ----
 typedef struct shim_uring shim_uring;

@@ -347,7 +347,7 @@ int shim_fork_touch(volatile void *addr, int write) {
     return status;
 }
 /// read() until `n` bytes or EOF/error; async-signal-safe.
-static ssize_t read_full(int fd, void *buf, size_t n) {
+static ssize_t read_all(int fd, void *buf, size_t n) {
     size_t got = 0;
     while (got < n) {
         ssize_t r = read(fd, (char *)buf + got, n - got);
@@ -388,11 +388,11 @@ pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *group
         // 3 acknowledges a sequence far beyond the UNMAP's (from the future).
         unsigned char h[12], p[4096];
         for (;;) {
-            if (read_full(s, h, 12) != 12) _exit(0);
+            if (read_all(s, h, 12) != 12) _exit(0);
             uint32_t type, size;
             memcpy(&type, h, 4);
             memcpy(&size, h + 8, 4);
-            if (size > sizeof p || read_full(s, p, size) != (ssize_t)size) _exit(0);
+            if (size > sizeof p || read_all(s, p, size) != (ssize_t)size) _exit(0);
             if (type != 3 || size < 8) continue;
             if (reads == 2) { close(s); for (;;) pause(); }
             uint64_t seq;

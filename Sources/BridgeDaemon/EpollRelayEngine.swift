@@ -6,10 +6,17 @@ import SystemPackage
 /// it disabled, or a container's seccomp policy refuses io_uring_setup): one
 /// epoll set over the links' source eventfds and the control eventfd; a
 /// ready source is read without blocking (it is shared with the peer, which
-/// may drain it first) and its value added to the target after a
-/// zero-timeout POLLOUT check, as the io_uring engine does for blocking
-/// targets. Same commands, same counters; one syscall pair per notification
-/// instead of a batch, which is the price of the fallback.
+/// may drain it first) and one notification (the value 1) is written to the
+/// target after a zero-timeout POLLOUT check, which promises room for 1.
+/// Same commands, same counters; one syscall pair per notification instead
+/// of a batch, which is the price of the fallback.
+///
+/// What this engine cannot promise (docs/security.md): Linux has no
+/// per-write "never wait" for an eventfd (`pwritev2(RWF_NOWAIT)` is
+/// EOPNOTSUPP on 6.18), so a peer that clears `O_NONBLOCK` on its target and
+/// refills the counter between the POLLOUT check and the write(2) — a race
+/// it must win on purpose — holds the relay thread until it reads its
+/// counter. The io_uring engine has no such window.
 final class EpollRelayEngine {
     final class Link: CountedLink {
         let id: NotificationRelay.LinkID
@@ -90,7 +97,7 @@ final class EpollRelayEngine {
             link.delta.coalesced.addSaturating(value) // a full counter already has a wakeup pending
             return
         }
-        switch EventFD.add(value, to: target.rawValue) {
+        switch EventFD.add(1, to: target.rawValue) { // POLLOUT promised room for 1, never for the value read
         case .added: link.delta.relayed.addSaturating(1)
         case .full: link.delta.coalesced.addSaturating(value)
         case .failed:

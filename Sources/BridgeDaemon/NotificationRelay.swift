@@ -24,7 +24,7 @@ public struct RelayLinkStatistics: Sendable, Equatable {
     public var notifications: UInt64 = 0
     /// Reads that returned something (wakeups of the relay for this link).
     public var wakeups: UInt64 = 0
-    /// Writes delivered to the target.
+    /// Writes delivered to the target (each carries the value 1: one wakeup).
     public var relayed: UInt64 = 0
     /// Notifications folded into an earlier wakeup (eventfd counter semantics).
     public var coalesced: UInt64 = 0
@@ -92,14 +92,15 @@ struct StatisticsBatch<Link: CountedLink> {
 
 /// Relays eventfd notifications on its own thread with io_uring: for each
 /// link, an armed read on the source eventfd, linked (IOSQE_IO_LINK) to a
-/// write of the same 8 bytes to the target when the target is non-blocking
-/// (a write to a blocking eventfd would be punted to io-wq workers: ~7×
-/// slower); otherwise the read completes and a plain write(2) delivers, after
-/// a zero-timeout POLLOUT check so a full counter can never block the thread.
-/// The value read is the value written: kicks in = kicks out. A non-blocking
-/// target whose counter is full keeps its write armed until the reader drains
-/// it (eventfd semantics: the wakeup is already pending); other links go on.
-/// Completions are reaped in batches and all re-arms go out in one submit.
+/// write of the value 1 to the target with RWF_NOWAIT. Every write carries 1
+/// (one notification), never the value read: the target's counter belongs to
+/// a peer and only room for 1 is ever known. No write waits on a peer's fd
+/// whatever its `O_NONBLOCK` (the peer shares the file description and can
+/// clear it at any time): a refused RWF_NOWAIT write is a full counter (the
+/// reader has a wakeup pending: coalesced) or a blocking target, which gets
+/// one write of 1 bounded by a linked timeout (see `RelayEngine`). Counted:
+/// notifications = the sum of the values read. Completions are reaped in
+/// batches and all re-arms go out in one submit.
 ///
 /// Links are added, retargeted and removed while it runs (commands through a
 /// control eventfd the ring also reads). A removed link's fds are closed
@@ -146,8 +147,8 @@ public final class NotificationRelay: Sendable {
 
     public let mode: NotificationMode
     public let busyPollMicroseconds: Int
-    /// Benchmark only: link writes to *blocking* targets too, to show the
-    /// io-wq slow path the relay normally avoids.
+    /// Benchmark only: linked writes without RWF_NOWAIT, so a *blocking*
+    /// target's write goes to an io-wq worker unbounded, to show that path.
     public let forceLinkedWrites: Bool
     private let shared = Locked(Shared())
     private let control: EventFD

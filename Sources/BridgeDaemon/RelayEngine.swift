@@ -8,18 +8,44 @@ import Glibc
 #endif
 
 /// The relay thread's private state.
+///
+/// Every write to a target carries the value 1 (one notification), never the
+/// value read: a target's counter is the peer's, and only room for 1 is ever
+/// known (POLLOUT). And no write may wait on a peer's fd, whatever its
+/// `O_NONBLOCK` says now (the file description is shared with the peer, which
+/// can clear it at any time): on Linux 6.18 neither `pwritev2(RWF_NOWAIT)`
+/// (EOPNOTSUPP) nor an eventfd's own flags help, so a link's write is, in
+/// order:
+/// 1. linked to the read, with RWF_NOWAIT: done for a non-blocking target
+///    with room (QEMU's eventfds, the daemon's own: the hot path); EAGAIN for
+///    a full counter or a blocking file.
+/// 2. After EAGAIN: a zero-timeout POLLOUT check. No room: the reader has a
+///    wakeup pending (coalesced). Room: the target is blocking; the write of 1
+///    goes out again without RWF_NOWAIT (io_uring runs it in an io-wq worker)
+///    bounded by a linked timeout, so a worker the peer traps by refilling its
+///    counter in between is interrupted (EINTR) within
+///    `deliveryTimeoutMilliseconds`, and the write is retried while there is
+///    room. Removal and stop cancel every operation of a link, whichever
+///    state it is in, so they always complete.
 final class RelayEngine {
     static let controlData: UInt64 = 0
-    enum Op: UInt64 { case read = 1, write = 2, cancel = 3 }
+    enum Op: UInt64 { case read = 1, write = 2, cancel = 3, deliver = 4, timeout = 5 }
+    /// How long a write to a blocking target may wait (step 2 above).
+    static let deliveryTimeoutMilliseconds: UInt32 = 100
 
     final class Link: CountedLink {
         let id: NotificationRelay.LinkID
         var source: OwnedFileDescriptor
         var target: OwnedFileDescriptor?
-        var targetNonBlocking = false
+        /// The value the last read took from the source.
         let buffer: UnsafeMutablePointer<UInt64>
         var pending = 0
+        /// Whether the armed read has a write linked to it.
+        var linked = false
         var removing = false
+        /// The source failed (EBADF, EINVAL): it is not re-armed, so a broken
+        /// fd cannot spin the thread; a removal follows.
+        var sourceBroken = false
         var pendingTarget: OwnedFileDescriptor??
         /// Counters since the last flush to the shared statistics.
         var delta = RelayLinkStatistics()
@@ -30,16 +56,18 @@ final class RelayEngine {
             self.target = target
             buffer = .allocate(capacity: 1)
             buffer.initialize(to: 0)
-            targetNonBlocking = (try? target?.isNonBlocking) ?? false
         }
         deinit { buffer.deallocate() }
-        var linked: Bool { target != nil && targetNonBlocking }
+        /// Whether a notification read now can still go to the current target.
+        var deliverable: Bool { !removing && pendingTarget == nil && target != nil }
     }
 
     let ring: URing
     unowned let relay: NotificationRelay
     var links: [UInt32: Link] = [:]
     var controlBuffer = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
+    /// What every write carries: one notification.
+    let one = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
     var running = true
     /// Links whose `delta` changed in the current batch.
     var batch = StatisticsBatch<Link>()
@@ -51,9 +79,13 @@ final class RelayEngine {
     init(ring: URing, relay: NotificationRelay) {
         self.ring = ring
         self.relay = relay
+        one.initialize(to: 1)
     }
 
-    deinit { controlBuffer.deallocate() }
+    deinit {
+        controlBuffer.deallocate()
+        one.deallocate()
+    }
 
     static func userData(_ id: UInt32, _ op: Op) -> UInt64 { UInt64(id) << 8 | op.rawValue }
 
@@ -78,20 +110,34 @@ final class RelayEngine {
 
     func arm(_ link: Link) {
         let id = link.id.rawValue
-        if let target = link.target, link.targetNonBlocking {
+        if let target = link.target {
+            // Benchmark only (`forceLinkedWrites`): without RWF_NOWAIT, to
+            // show the io-wq path a blocking target would otherwise take.
+            let noWait = !relay.forceLinkedWrites
             prepare(2) { () throws(URingError) in
                 try ring.prepareRead(fd: link.source.rawValue, buffer: UnsafeMutableRawPointer(link.buffer), length: 8,
                                      userData: Self.userData(id, .read), linkNext: true)
-                try ring.prepareWrite(fd: target.rawValue, buffer: UnsafeRawPointer(link.buffer), length: 8,
-                                      userData: Self.userData(id, .write))
+                try ring.prepareWrite(fd: target.rawValue, buffer: UnsafeRawPointer(one), length: 8,
+                                      userData: Self.userData(id, .write), noWait: noWait)
             }
+            link.linked = true
             link.pending += 2
         } else {
             prepare { () throws(URingError) in
                 try ring.prepareRead(fd: link.source.rawValue, buffer: UnsafeMutableRawPointer(link.buffer), length: 8,
                                      userData: Self.userData(id, .read))
             }
+            link.linked = false
             link.pending += 1
+        }
+    }
+
+    /// Cancels whatever of `link` is in flight: the read (and the write
+    /// linked to it), and a bounded write to a blocking target.
+    func cancel(_ link: Link) {
+        let id = link.id.rawValue
+        for op in [Op.read, .write, .deliver] {
+            prepare { () throws(URingError) in try ring.prepareCancel(target: Self.userData(id, op), userData: Self.userData(id, .cancel)) }
         }
     }
 
@@ -123,10 +169,11 @@ final class RelayEngine {
             relay.cpu.store(ThreadCPUClock.nanoseconds(), ordering: .relaxed)
         }
         // Cancel everything and wait for the completions so no buffer is freed
-        // under an in-flight operation, then close every fd exactly once.
-        for link in links.values where link.pending > 0 {
-            prepare { () throws(URingError) in try ring.prepareCancel(target: Self.userData(link.id.rawValue, .read), userData: Self.userData(link.id.rawValue, .cancel)) }
-        }
+        // under an in-flight operation, then close every fd exactly once. No
+        // operation can wait on a peer: every one is cancellable (a write
+        // blocked in an io-wq worker is interrupted), and the bounded writes
+        // end on their own.
+        for link in links.values where link.pending > 0 { cancel(link) }
         var guardRounds = 0
         while links.values.contains(where: { $0.pending > 0 }), guardRounds < 1000 {
             guardRounds += 1
@@ -148,52 +195,90 @@ final class RelayEngine {
     }
 
     func handle(_ c: URingCompletion) {
-        do {
-            if c.userData == Self.controlData {
-                for command in relay.drainControl() { apply(command) }
-                if running { armControl() }
-                return
+        if c.userData == Self.controlData {
+            for command in relay.drainControl() { apply(command) }
+            if running { armControl() }
+            return
+        }
+        let id = UInt32(c.userData >> 8)
+        guard let link = links[id], let op = Op(rawValue: c.userData & 0xff) else { return }
+        if op == .cancel { return }
+        link.pending -= 1
+        touch(link)
+        let value = link.buffer.pointee
+        switch op {
+        case .read:
+            if c.result == 8 {
+                link.delta.notifications.addSaturating(value)
+                link.delta.wakeups.addSaturating(1)
+                link.delta.coalesced.addSaturating(value > 0 ? value - 1 : 0)
+                // No write was linked: there was no target when it was armed.
+                if !link.linked, !link.removing, link.pendingTarget == nil { link.delta.dropped.addSaturating(value) }
+            } else if let e = c.errno, e != .canceled, e != .resourceTemporarilyUnavailable {
+                link.delta.errors.addSaturating(1)
+                if e == .badFileDescriptor || e == .invalidArgument { link.sourceBroken = true }
             }
-            let id = UInt32(c.userData >> 8)
-            guard let link = links[id], let op = Op(rawValue: c.userData & 0xff) else { return }
-            if op == .cancel { return }
-            link.pending -= 1
-            touch(link)
-            switch op {
-            case .read:
-                if c.result == 8 {
-                    let value = link.buffer.pointee
-                    link.delta.notifications.addSaturating(value)
-                    link.delta.wakeups.addSaturating(1)
-                    link.delta.coalesced.addSaturating(value > 0 ? value - 1 : 0)
-                    if !link.removing, link.pendingTarget == nil, !(link.target != nil && link.targetNonBlocking) {
-                        deliverBySyscall(link, value)
-                    }
-                } else if let e = c.errno, e != .canceled, e != .resourceTemporarilyUnavailable {
+        case .write:
+            if c.result == 8 {
+                link.delta.relayed.addSaturating(1)
+            } else if let e = c.errno {
+                if e == .canceled {
+                    // The read failed or was cancelled; nothing was read.
+                } else if e == .resourceTemporarilyUnavailable || e == .notSupported {
+                    deliverWithoutNoWait(link, value)
+                } else {
+                    link.delta.dropped.addSaturating(value)
                     link.delta.errors.addSaturating(1)
                 }
-            case .write:
-                if c.result == 8 {
-                    link.delta.relayed.addSaturating(1)
-                } else if let e = c.errno {
-                    if e == .canceled {
-                        // The read failed or was cancelled; nothing was read.
-                    } else if e == .resourceTemporarilyUnavailable {
-                        link.delta.coalesced.addSaturating(link.buffer.pointee) // counter full: the reader has a wakeup pending
-                    } else {
-                        link.delta.dropped.addSaturating(link.buffer.pointee)
-                        link.delta.errors.addSaturating(1)
-                    }
-                }
-            case .cancel:
-                break
             }
-            if link.pending == 0 { settle(link, lastError: c.errno) }
+        case .deliver:
+            if c.result == 8 {
+                link.delta.relayed.addSaturating(1)
+            } else if let e = c.errno {
+                if e == .resourceTemporarilyUnavailable {
+                    link.delta.coalesced.addSaturating(value) // a non-blocking target filled up meanwhile
+                } else if e == .canceled || e == .interrupted {
+                    // Timed out (the counter filled up between the check and
+                    // the write), or cancelled by a removal, retarget or stop.
+                    if running, link.deliverable {
+                        deliverWithoutNoWait(link, value)
+                    } else {
+                        link.delta.dropped.addSaturating(value)
+                    }
+                } else {
+                    link.delta.dropped.addSaturating(value)
+                    link.delta.errors.addSaturating(1)
+                }
+            }
+        case .timeout, .cancel:
+            break
         }
+        if link.pending == 0 { settle(link) }
+    }
+
+    /// The RWF_NOWAIT write was refused: a full counter (the reader has a
+    /// wakeup pending) or a blocking file (the peer cleared `O_NONBLOCK`).
+    /// POLLOUT tells them apart; with room, one bounded write of 1.
+    func deliverWithoutNoWait(_ link: Link, _ value: UInt64) {
+        guard running, link.deliverable, let target = link.target else {
+            link.delta.dropped.addSaturating(value)
+            return
+        }
+        guard (try? Poll.writable(target.rawValue)) == true else {
+            link.delta.coalesced.addSaturating(value)
+            return
+        }
+        let id = link.id.rawValue
+        prepare(2) { () throws(URingError) in
+            try ring.prepareWrite(fd: target.rawValue, buffer: UnsafeRawPointer(one), length: 8,
+                                  userData: Self.userData(id, .deliver), linkNext: true)
+            try ring.prepareLinkTimeout(milliseconds: Self.deliveryTimeoutMilliseconds, userData: Self.userData(id, .timeout))
+        }
+        link.pending += 2
     }
 
     /// A link with nothing in flight: remove it, apply a retarget, or re-arm.
-    func settle(_ link: Link, lastError: Errno?) {
+    func settle(_ link: Link) {
         if link.removing {
             links[link.id.rawValue] = nil
             close(link)
@@ -202,63 +287,30 @@ final class RelayEngine {
         if case .some(let newTarget) = link.pendingTarget {
             try? link.target?.close()
             link.target = newTarget
-            link.targetNonBlocking = (try? newTarget?.isNonBlocking) ?? false
             link.pendingTarget = nil
             relay.retargeted(link.id)
         }
-        // A source that broke (EBADF, EINVAL) is not re-armed in a busy loop:
-        // the link waits for a retarget or removal; its counters show errors.
-        if let e = lastError, e == .badFileDescriptor || e == .invalidArgument { return }
+        // A source that broke is not re-armed in a busy loop: the link waits
+        // for its removal; its counters show errors.
+        if link.sourceBroken { return }
         if running { arm(link) }
-    }
-
-    func deliverBySyscall(_ link: Link, _ value: UInt64) {
-        touch(link)
-        guard let target = link.target else {
-            link.delta.dropped.addSaturating(value)
-            return
-        }
-        // A blocking target must never block the relay: write only when the
-        // counter has room (POLLOUT); a full counter already has a wakeup pending.
-        guard (try? Poll.writable(target.rawValue)) == true else {
-            link.delta.coalesced.addSaturating(value)
-            return
-        }
-        switch EventFD.add(value, to: target.rawValue) {
-        case .added:
-            link.delta.relayed.addSaturating(1)
-        case .full:
-            link.delta.coalesced.addSaturating(value)
-        case .failed:
-            link.delta.dropped.addSaturating(value)
-            link.delta.errors.addSaturating(1)
-        }
     }
 
     func apply(_ command: NotificationRelay.Command) {
         switch command {
         case .add(let id, let source, let target):
             let link = Link(id: id, source: source, target: target)
-            if relay.forceLinkedWrites, target != nil { link.targetNonBlocking = true }
             links[id.rawValue] = link
             arm(link)
         case .retarget(let id, let target):
             guard let link = links[id.rawValue] else { try? target?.close(); relay.retargeted(id); return }
             if case .some(let old) = link.pendingTarget { try? old?.close() }
             link.pendingTarget = .some(target)
-            if link.pending > 0 {
-                prepare { () throws(URingError) in try ring.prepareCancel(target: Self.userData(id.rawValue, .read), userData: Self.userData(id.rawValue, .cancel)) }
-            } else {
-                settle(link, lastError: nil)
-            }
+            if link.pending > 0 { cancel(link) } else { settle(link) }
         case .remove(let id):
             guard let link = links[id.rawValue] else { return }
             link.removing = true
-            if link.pending > 0 {
-                prepare { () throws(URingError) in try ring.prepareCancel(target: Self.userData(id.rawValue, .read), userData: Self.userData(id.rawValue, .cancel)) }
-            } else {
-                settle(link, lastError: nil)
-            }
+            if link.pending > 0 { cancel(link) } else { settle(link) }
         case .stop:
             running = false
         }

@@ -15,6 +15,7 @@
 #include <poll.h>
 #include <sys/epoll.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <grp.h>
 
 int shim_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
@@ -501,7 +502,12 @@ int shim_wtermsig(int status) { return WTERMSIG(status); }
 int shim_wifexited(int status) { return WIFEXITED(status); }
 int shim_wexitstatus(int status) { return WEXITSTATUS(status); }
 
-struct shim_uring { struct io_uring ring; };
+struct shim_uring {
+    struct io_uring ring;
+    /* The kernel reads a link timeout's timespec when the SQE is submitted,
+       not when it is prepared: it lives here, one per ring. */
+    struct __kernel_timespec link_timeout;
+};
 
 shim_uring *shim_uring_create(unsigned int entries, int sqpoll, unsigned int sq_idle_ms, int sq_cpu, int *err) {
     shim_uring *r = calloc(1, sizeof *r);
@@ -539,12 +545,22 @@ int shim_uring_prep_read(shim_uring *r, int fd, void *buf, unsigned int len, uin
     if (link) io_uring_sqe_set_flags(s, IOSQE_IO_LINK);
     return 0;
 }
-int shim_uring_prep_write(shim_uring *r, int fd, const void *buf, unsigned int len, uint64_t ud, int link) {
+int shim_uring_prep_write(shim_uring *r, int fd, const void *buf, unsigned int len, uint64_t ud, int link, int nowait) {
     struct io_uring_sqe *s = io_uring_get_sqe(&r->ring);
     if (!s) return -EBUSY;
     io_uring_prep_write(s, fd, buf, len, 0);
+    if (nowait) s->rw_flags = RWF_NOWAIT;
     io_uring_sqe_set_data64(s, ud);
     if (link) io_uring_sqe_set_flags(s, IOSQE_IO_LINK);
+    return 0;
+}
+int shim_uring_prep_link_timeout(shim_uring *r, unsigned int ms, uint64_t ud) {
+    struct io_uring_sqe *s = io_uring_get_sqe(&r->ring);
+    if (!s) return -EBUSY;
+    r->link_timeout.tv_sec = ms / 1000;
+    r->link_timeout.tv_nsec = (long long)(ms % 1000) * 1000000;
+    io_uring_prep_link_timeout(s, &r->link_timeout, 0);
+    io_uring_sqe_set_data64(s, ud);
     return 0;
 }
 int shim_uring_prep_poll_in(shim_uring *r, int fd, uint64_t ud) {

@@ -78,9 +78,23 @@ public final class URing {
         try Self.check(shim_uring_prep_read(ring, fd, buffer, length, userData, linkNext ? 1 : 0))
     }
 
-    /// Writes `length` bytes from `buffer` to `fd`.
-    public func prepareWrite(fd: Int32, buffer: UnsafeRawPointer, length: UInt32, userData: UInt64, linkNext: Bool = false) throws(URingError) {
-        try Self.check(shim_uring_prep_write(ring, fd, buffer, length, userData, linkNext ? 1 : 0))
+    /// Writes `length` bytes from `buffer` to `fd`. `noWait` (RWF_NOWAIT):
+    /// the write completes with EAGAIN instead of waiting for room or being
+    /// handed to an io-wq worker, whatever the file's `O_NONBLOCK`. On an
+    /// eventfd (Linux 6.18) that means: EAGAIN when the counter has no room
+    /// *or* the file is blocking, so it is only a first attempt.
+    public func prepareWrite(fd: Int32, buffer: UnsafeRawPointer, length: UInt32, userData: UInt64, linkNext: Bool = false,
+                             noWait: Bool = false) throws(URingError) {
+        try Self.check(shim_uring_prep_write(ring, fd, buffer, length, userData, linkNext ? 1 : 0, noWait ? 1 : 0))
+    }
+
+    /// Bounds the SQE prepared just before (prepared with `linkNext`): the
+    /// kernel cancels it after `milliseconds` — a poll it waits in is
+    /// removed (ECANCELED), an io-wq worker blocked in it is interrupted
+    /// (EINTR). Its own completion is ETIME when it fired, ECANCELED when
+    /// the request finished first.
+    public func prepareLinkTimeout(milliseconds: UInt32, userData: UInt64) throws(URingError) {
+        try Self.check(shim_uring_prep_link_timeout(ring, milliseconds, userData))
     }
 
     /// One-shot poll for readability.

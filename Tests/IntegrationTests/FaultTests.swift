@@ -143,6 +143,64 @@ extension Integration {
             #expect(!FileManager.default.fileExists(atPath: daemon.vm1Path) && !FileManager.default.fileExists(atPath: daemon.vm2Path))
         }
 
+        /// Issue 20, hole 7: VM1 clears `O_NONBLOCK` on its kick and call
+        /// eventfds (file descriptions it shares with the daemon) after the
+        /// rings started, and fills its call counters, while VM2 rings
+        /// doorbells. Traffic flows once VM1 drains them, the session's end
+        /// removes its relay links and closes their fds, and SIGTERM ends
+        /// the daemon, with a doorbell waiting for a full counter each time.
+        @Test func vm1WithBlockingFullEventfdsCannotStallTheRelayOrSIGTERM() throws {
+            let dir = "/tmp/vpb-fault-blocking-\(getpid())"
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let daemon = try DaemonProcess(dir: dir, mode: "identity")
+            let pid = daemon.process.processIdentifier
+            let vm2 = try EmulatedVM2(peerSocketPath: daemon.vm2Path)
+            defer { vm2.stop() }
+            #expect(pollUntil { vm2.statistics.ready })
+            let idle = settledFDCount(of: pid)
+            /// Blocking eventfds, call counters full, and doorbells VM2 rang since.
+            func blockAndFill(_ vm1: EmulatedVM1) throws {
+                for q in vm1.queues {
+                    // Filled while non-blocking, so the test itself never waits.
+                    try q.call.fd.setNonBlocking(true)
+                    _ = EventFD.take(from: q.call.fd.rawValue)
+                    _ = try q.call.signal(0xffff_ffff_ffff_fffe)
+                    try q.kick.fd.setNonBlocking(false)
+                    try q.call.fd.setNonBlocking(false)
+                }
+                let rung = vm2.statistics.notificationsSent
+                try vm1.postReceiveBuffers(8)
+                for i in 0..<8 { _ = try vm1.send(TestPacket.make(sequence: UInt32(i), size: 64)) }
+                #expect(pollUntil { vm2.statistics.notificationsSent > rung }, "VM2 rang doorbells: \(vm2.statistics)")
+            }
+            do {
+                let vm1 = try EmulatedVM1(socketPath: daemon.vm1Path)
+                try vm1.start()
+                #expect(try vm1.runTraffic(count: 100, sizes: [64, 1500]).completed)
+                try blockAndFill(vm1)
+                // runTraffic reads the call counters when it idles: VM1 drains.
+                let after = try vm1.runTraffic(count: 200, sizes: [64, 1500])
+                #expect(after.received >= 200 && after.corrupt == 0, "traffic flows after VM1 drained: \(after)")
+                try blockAndFill(vm1)
+                vm1.disconnect()
+            }
+            #expect(pollUntil(seconds: 60) { fdCount(of: pid) == idle }, "the session's links were removed and their fds closed")
+            let vm1 = try EmulatedVM1(socketPath: daemon.vm1Path)
+            defer { vm1.disconnect() }
+            try vm1.start()
+            #expect(try vm1.runTraffic(count: 100, sizes: [64, 1500]).completed)
+            try blockAndFill(vm1)
+            kill(pid, SIGTERM)
+            let ended = pollUntil(seconds: 60) { !daemon.process.isRunning }
+            #expect(ended, "SIGTERM ended the daemon")
+            if !ended {
+                for q in vm1.queues { _ = EventFD.take(from: q.call.fd.rawValue) } // let it go
+                daemon.signal(SIGKILL)
+            }
+            daemon.process.waitUntilExit()
+            #expect(daemon.process.terminationReason == .exit && daemon.process.terminationStatus == 0)
+        }
+
         /// SIGKILL (no cleanup at all), then a restart on the same sockets:
         /// VM1 and VM2 reconnect as QEMU's `reconnect=` and a VM2 VMM would,
         /// and traffic flows again; nothing of the first run stays in this

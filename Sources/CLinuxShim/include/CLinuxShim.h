@@ -226,7 +226,15 @@ unsigned int shim_uring_sq_space_left(shim_uring *ring);
 /// The prep functions return 0, or -EBUSY when the submission queue is full.
 /// `link` non-zero sets IOSQE_IO_LINK (the next SQE runs only after this one).
 int shim_uring_prep_read(shim_uring *ring, int fd, void *buf, unsigned int len, uint64_t user_data, int link);
-int shim_uring_prep_write(shim_uring *ring, int fd, const void *buf, unsigned int len, uint64_t user_data, int link);
+/// `nowait` non-zero sets RWF_NOWAIT: the write completes with -EAGAIN rather
+/// than wait (poll or io-wq). Linux 6.18 answers -EAGAIN for any eventfd
+/// whose file lacks O_NONBLOCK (eventfd has no ->write_iter), so it never
+/// blocks, but it never writes to a blocking eventfd either.
+int shim_uring_prep_write(shim_uring *ring, int fd, const void *buf, unsigned int len, uint64_t user_data, int link, int nowait);
+/// IORING_OP_LINK_TIMEOUT for the SQE prepared just before (which must have
+/// `link` set): cancels it after `ms` milliseconds. Every link timeout of a
+/// ring shares one duration (the last one given before a submit).
+int shim_uring_prep_link_timeout(shim_uring *ring, unsigned int ms, uint64_t user_data);
 int shim_uring_prep_poll_in(shim_uring *ring, int fd, uint64_t user_data);
 int shim_uring_prep_cancel(shim_uring *ring, uint64_t target, uint64_t user_data);
 int shim_uring_prep_nop(shim_uring *ring, uint64_t user_data);

@@ -347,72 +347,6 @@ int shim_fork_touch(volatile void *addr, int write) {
     }
     return status;
 }
-/// read() until `n` bytes or EOF/error; async-signal-safe.
-static ssize_t read_all(int fd, void *buf, size_t n) {
-    size_t got = 0;
-    while (got < n) {
-        ssize_t r = read(fd, (char *)buf + got, n - got);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) return (ssize_t)got;
-        got += (size_t)r;
-    }
-    return (ssize_t)got;
-}
-
-pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *groups, int ngroups,
-                     const void *hello, size_t hello_len, unsigned int lifetime_s, int reads) {
-    pid_t pid = fork();
-    if (pid != 0) return pid; // parent (or -1)
-    // Child: only async-signal-safe calls from here on.
-    if (gid >= 0) {
-        gid_t g[64];
-        int n = ngroups < 64 ? ngroups : 64;
-        for (int i = 0; i < n; i++) g[i] = (gid_t)groups[i];
-        if (setgroups((size_t)n, g) != 0 || setgid((gid_t)gid) != 0) _exit(3);
-    }
-    if (uid >= 0 && setuid((uid_t)uid) != 0) _exit(3);
-    // The forking thread's mask is inherited: unblock, so the alarm below
-    // ends the child whatever that thread blocked.
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
-    alarm(lifetime_s);
-    int s = socket(AF_UNIX, SOCK_STREAM, 0);
-    struct sockaddr_un a;
-    if (s < 0 || fill_sun(&a, path) < 0) _exit(2);
-    if (connect(s, (struct sockaddr *)&a, sizeof a) != 0) _exit(2);
-    if (hello_len && write(s, hello, hello_len) != (ssize_t)hello_len) _exit(4);
-    if (!reads) for (;;) pause(); // a VMM that stopped reading its socket
-    if (reads >= 2) {
-        // A VMM that reads peer-protocol frames and, at its first UNMAP (type
-        // 3), leaves the protocol while its process lives on: 2 hangs up,
-        // 3 acknowledges a sequence far beyond the UNMAP's (from the future).
-        unsigned char h[12], p[4096];
-        for (;;) {
-            if (read_all(s, h, 12) != 12) _exit(0);
-            uint32_t type, size;
-            memcpy(&type, h, 4);
-            memcpy(&size, h + 8, 4);
-            if (size > sizeof p || read_all(s, p, size) != (ssize_t)size) _exit(0);
-            if (type != 3 || size < 8) continue;
-            if (reads == 2) { close(s); for (;;) pause(); }
-            uint64_t seq;
-            memcpy(&seq, p, 8);
-            seq += 1000;
-            unsigned char ack[20] = {4, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0}; // ACK, version 1, 8 bytes
-            memcpy(ack + 12, &seq, 8);
-            if (write(s, ack, sizeof ack) != (ssize_t)sizeof ack) _exit(6);
-            for (;;) if (read(s, p, sizeof p) <= 0) for (;;) pause(); // lives on after the daemon drops it
-        }
-    }
-    char buf[4096];
-    for (;;) {
-        ssize_t n = read(s, buf, sizeof buf);
-        if (n == 0) _exit(0);   // the daemon closed the connection
-        if (n < 0) _exit(5);
-    }
-}
-
 static int read_full(int s, void *buf, size_t n, int *fds, int *nfds) {
     size_t done = 0;
     while (done < n) {
@@ -438,12 +372,21 @@ static int read_full(int s, void *buf, size_t n, int *fds, int *nfds) {
     return 1;
 }
 
-pid_t shim_fork_read_only_prober(const char *path, long uid, long gid, const void *hello, size_t hello_len,
-                                 unsigned char marker, unsigned int lifetime_s) {
-    pid_t pid = fork();
-    if (pid != 0) return pid;
-    if (gid >= 0 && (setgroups(0, NULL) != 0 || setgid((gid_t)gid) != 0)) _exit(3);
+/// In a forked test child: drop to `uid`/`gid` (and `groups`), unblock
+/// signals, arm the lifetime alarm, connect to `path` and write `hello`.
+/// Returns the socket; exits the child (2 connect, 3 credentials, 4 write)
+/// on failure. Async-signal-safe only.
+static int child_connect(const char *path, long uid, long gid, const uint32_t *groups, int ngroups,
+                         const void *hello, size_t hello_len, unsigned int lifetime_s) {
+    if (gid >= 0) {
+        gid_t g[64];
+        int n = ngroups < 64 ? ngroups : 64;
+        for (int i = 0; i < n; i++) g[i] = (gid_t)groups[i];
+        if (setgroups((size_t)n, g) != 0 || setgid((gid_t)gid) != 0) _exit(3);
+    }
     if (uid >= 0 && setuid((uid_t)uid) != 0) _exit(3);
+    // The forking thread's mask is inherited: unblock, so the alarm below
+    // ends the child whatever that thread blocked.
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
@@ -453,6 +396,51 @@ pid_t shim_fork_read_only_prober(const char *path, long uid, long gid, const voi
     if (s < 0 || fill_sun(&a, path) < 0) _exit(2);
     if (connect(s, (struct sockaddr *)&a, sizeof a) != 0) _exit(2);
     if (hello_len && write(s, hello, hello_len) != (ssize_t)hello_len) _exit(4);
+    return s;
+}
+
+pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *groups, int ngroups,
+                     const void *hello, size_t hello_len, unsigned int lifetime_s, int reads) {
+    pid_t pid = fork();
+    if (pid != 0) return pid; // parent (or -1)
+    // Child: only async-signal-safe calls from here on.
+    int s = child_connect(path, uid, gid, groups, ngroups, hello, hello_len, lifetime_s);
+    if (!reads) for (;;) pause(); // a VMM that stopped reading its socket
+    if (reads >= 2) {
+        // A VMM that reads peer-protocol frames and, at its first UNMAP (type
+        // 3), leaves the protocol while its process lives on: 2 hangs up,
+        // 3 acknowledges a sequence far beyond the UNMAP's (from the future).
+        unsigned char h[12], p[4096];
+        for (;;) {
+            if (read_full(s, h, 12, NULL, NULL) != 1) _exit(0);
+            uint32_t type, size;
+            memcpy(&type, h, 4);
+            memcpy(&size, h + 8, 4);
+            if (size > sizeof p || (size && read_full(s, p, size, NULL, NULL) != 1)) _exit(0);
+            if (type != 3 || size < 8) continue;
+            if (reads == 2) { close(s); for (;;) pause(); }
+            uint64_t seq;
+            memcpy(&seq, p, 8);
+            seq += 1000;
+            unsigned char ack[20] = {4, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0}; // ACK, version 1, 8 bytes
+            memcpy(ack + 12, &seq, 8);
+            if (write(s, ack, sizeof ack) != (ssize_t)sizeof ack) _exit(6);
+            for (;;) if (read(s, p, sizeof p) <= 0) for (;;) pause(); // lives on after the daemon drops it
+        }
+    }
+    char buf[4096];
+    for (;;) {
+        ssize_t n = read(s, buf, sizeof buf);
+        if (n == 0) _exit(0);   // the daemon closed the connection
+        if (n < 0) _exit(5);
+    }
+}
+
+pid_t shim_fork_read_only_prober(const char *path, long uid, long gid, const void *hello, size_t hello_len,
+                                 unsigned char marker, unsigned int lifetime_s) {
+    pid_t pid = fork();
+    if (pid != 0) return pid;
+    int s = child_connect(path, uid, gid, NULL, 0, hello, hello_len, lifetime_s);
     for (;;) {
         uint32_t header[3];
         int fds[4], nfds = 0;

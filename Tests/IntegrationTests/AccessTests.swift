@@ -11,6 +11,28 @@ import TestSupport
 import Glibc
 #endif
 
+/// An iommu bridge with `vm2-deadline-action: kill`, VM2's VMM a forked
+/// child that greets and then behaves as `reading` says, and an emulated VM1
+/// that grants one page and revokes it: `after` runs once VM1's invalidate
+/// was acknowledged, with the VMM and the revoked IOVA. The VMM never
+/// outlives the call.
+func revokeFromAChildVMM(_ name: String, revocationDeadline: Int, reading: ChildPeer.Reading, lifetimeSeconds: UInt32 = 20,
+                         _ after: (RunningBridge, ChildPeer, BusAddress) throws -> Void) throws {
+    let running = try RunningBridge(name, mode: .iommu, revocationDeadline: revocationDeadline) { $0.vm2DeadlineAction = .kill }
+    defer { running.stop() }
+    let hello = PeerCodec.encode(.hello(PeerHello(features: [], deviceFeatures: NetDevice.served)))
+    let vmm = try ChildPeer.spawn(connectingTo: running.peerPath, hello: hello, lifetimeSeconds: lifetimeSeconds, reading: reading)
+    defer { if vmm.ended() == nil { vmm.kill(); _ = vmm.wait() } }
+    #expect(pollUntil { running.bridge.statistics.peer.ready })
+    let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
+    defer { vm1.disconnect() }
+    try vm1.start()
+    let iommu = try #require(vm1.iommu)
+    let iova = try iommu.map(GuestPhysicalAddress(0x90_0000), length: 4096, permission: .readWrite, eager: true)
+    try iommu.unmap(iova) // returns with VM1's ack
+    try after(running, vmm, iova)
+}
+
 extension Integration {
     @Suite struct Access {
         private let nobody: UInt32 = 65534
@@ -48,21 +70,13 @@ extension Integration {
         /// `vm2-deadline-action: kill`: a VM2 VMM that never acknowledges a
         /// revocation is disconnected *and* killed through its pidfd.
         @Test func aVM2ThatIgnoresRevocationIsKilled() throws {
-            let running = try RunningBridge("kill", mode: .iommu, revocationDeadline: 50) { $0.vm2DeadlineAction = .kill }
-            defer { running.stop() }
-            let hello = PeerCodec.encode(.hello(PeerHello(features: [], deviceFeatures: NetDevice.served)))
-            let vmm = try ChildPeer.spawn(connectingTo: running.peerPath, hello: hello)
-            #expect(pollUntil { running.bridge.statistics.peer.ready })
-            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
-            defer { vm1.disconnect() }
-            try vm1.start()
-            let iommu = try #require(vm1.iommu)
-            let iova = try iommu.map(GuestPhysicalAddress(0x90_0000), length: 4096, permission: .readWrite, eager: true)
-            try iommu.unmap(iova) // acked once VM2 is disconnected (and killed)
-            #expect(vmm.wait() == .signaled(SIGKILL))
-            let s = running.bridge.statistics
-            #expect(s.peer.revocationTimeouts >= 1 && s.peer.killed >= 1)
-            #expect(running.bridge.window.probeInChild(iova) == .faulted)
+            // Acked once VM2 is disconnected (and killed).
+            try revokeFromAChildVMM("kill", revocationDeadline: 50, reading: .everything) { running, vmm, iova in
+                #expect(vmm.wait() == .signaled(SIGKILL))
+                let s = running.bridge.statistics
+                #expect(s.peer.revocationTimeouts >= 1 && s.peer.killed >= 1)
+                #expect(running.bridge.window.probeInChild(iova) == .faulted)
+            }
         }
 
         /// A VM2 VMM that stops reading its socket is killed (with the

@@ -152,27 +152,15 @@ extension Integration {
         /// once and the process lived on with the mapping.
         @Test(arguments: [ChildPeer.Reading.hangsUpAtUnmap, .acksFromTheFutureAtUnmap])
         func aVM2ThatLeavesHoldingARevocationIsKilledBeforeVM1IsAcked(_ how: ChildPeer.Reading) throws {
-            let running = try RunningBridge("dodge-\(how.rawValue)", mode: .iommu, revocationDeadline: 60_000) {
-                $0.vm2DeadlineAction = .kill
+            try revokeFromAChildVMM("dodge-\(how.rawValue)", revocationDeadline: 60_000, reading: how, lifetimeSeconds: 60) { running, vmm, iova in
+                // The VMM is gone by the time VM1 is acked: its exit status is
+                // there to collect without waiting.
+                #expect(vmm.ended() == .signaled(SIGKILL), "VM1 was acked while the VMM that held the range lived on")
+                let s = running.bridge.statistics.peer
+                #expect(s.killed == 1 && s.revocationTimeouts == 0, "killed \(s.killed), timeouts \(s.revocationTimeouts)")
+                if how == .acksFromTheFutureAtUnmap { #expect(s.refusals["ack-sequence"] == 1, "\(s.refusals), \(s.protocolErrors) protocol errors") }
+                #expect(running.bridge.window.probeInChild(iova) == .faulted)
             }
-            defer { running.stop() }
-            let hello = PeerCodec.encode(.hello(PeerHello(features: [], deviceFeatures: NetDevice.served)))
-            let vmm = try ChildPeer.spawn(connectingTo: running.peerPath, hello: hello, lifetimeSeconds: 60, reading: how)
-            defer { if vmm.ended() == nil { vmm.kill(); _ = vmm.wait() } }
-            #expect(pollUntil { running.bridge.statistics.peer.ready })
-            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
-            defer { vm1.disconnect() }
-            try vm1.start()
-            let iommu = try #require(vm1.iommu)
-            let iova = try iommu.map(GuestPhysicalAddress(0x90_0000), length: 4096, permission: .readWrite, eager: true)
-            try iommu.unmap(iova) // VM1's ack
-            // The VMM is gone by the time VM1 is acked: its exit status is
-            // there to collect without waiting.
-            #expect(vmm.ended() == .signaled(SIGKILL), "VM1 was acked while the VMM that held the range lived on")
-            let s = running.bridge.statistics.peer
-            #expect(s.killed == 1 && s.revocationTimeouts == 0, "killed \(s.killed), timeouts \(s.revocationTimeouts)")
-            if how == .acksFromTheFutureAtUnmap { #expect(s.refusals["ack-sequence"] == 1, "\(s.refusals), \(s.protocolErrors) protocol errors") }
-            #expect(running.bridge.window.probeInChild(iova) == .faulted)
         }
 
         /// A VM2 that leaves with nothing outstanding is not killed (the

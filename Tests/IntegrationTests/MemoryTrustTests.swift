@@ -11,6 +11,22 @@ import TestSupport
 import Glibc
 #endif
 
+/// An identity bridge, an emulated VM2 (`vm2`) and an emulated VM1 whose
+/// RAM is not sealed against shrinking (QEMU `seal=off`), started.
+func withUnsealedVM1(_ name: String, vm2 configuration: VM2Configuration,
+                     _ body: (RunningBridge, EmulatedVM1, EmulatedVM2) throws -> Void) throws {
+    let running = try RunningBridge(name, mode: .identity)
+    defer { running.stop() }
+    let vm2 = try connectVM2(running, configuration)
+    defer { vm2.stop() }
+    var c1 = vm1Config(iommu: false)
+    c1.sealedRAM = false
+    let vm1 = try EmulatedVM1(socketPath: running.path, configuration: c1)
+    defer { vm1.disconnect() }
+    try vm1.start()
+    try body(running, vm1, vm2)
+}
+
 /// Issue 20, holes 5 and 6: what a read-only grant means for a memfd, and
 /// what VM2 gets of memory VM1 can truncate.
 extension Integration {
@@ -71,18 +87,10 @@ extension Integration {
         /// a VM2 that negotiated `unsealedMaps`, never to one that did not.
         @Test(arguments: [true, false])
         func markFlagsUnsealedMapsOnlyForAVM2ThatGuards(guards: Bool) throws {
-            let running = try RunningBridge("unsealed-mark-\(guards)", mode: .identity)
-            defer { running.stop() }
-            #expect(running.bridge.settings.unsealedRegions == .mark)
             var c2 = VM2Configuration()
             c2.guardsUnsealedMemory = guards
-            let vm2 = try connectVM2(running, c2)
-            defer { vm2.stop() }
-            var c1 = vm1Config(iommu: false)
-            c1.sealedRAM = false
-            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: c1)
-            defer { vm1.disconnect() }
-            try vm1.start()
+            try withUnsealedVM1("unsealed-mark-\(guards)", vm2: c2) { running, vm1, vm2 in
+            #expect(running.bridge.settings.unsealedRegions == .mark)
             if guards {
                 #expect(pollUntil { vm2.statistics.unsealedMapsApplied > 0 })
                 #expect(vm2.statistics.mapsApplied == vm2.statistics.unsealedMapsApplied)
@@ -93,6 +101,7 @@ extension Integration {
                 #expect(pollUntil { running.bridge.statistics.peer.refusals["unsealed-region", default: 0] > 0 })
                 #expect(vm2.statistics.mapsApplied == 0)
             }
+            }
         }
 
         /// Hole 6: VM1 truncates its unsealed memory under a polling VM2.
@@ -101,17 +110,9 @@ extension Integration {
         /// there out of service; the device thread lives on, and so does the
         /// daemon. (Without the guard this test dies of SIGBUS.)
         @Test func aTruncateDoesNotKillVM2() throws {
-            let running = try RunningBridge("unsealed-trunc", mode: .identity)
-            defer { running.stop() }
             var c2 = VM2Configuration()
             c2.pollFor = .seconds(60) // VM2 reads VM1's avail rings all the time
-            let vm2 = try connectVM2(running, c2)
-            defer { vm2.stop() }
-            var c1 = vm1Config(iommu: false)
-            c1.sealedRAM = false
-            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: c1)
-            defer { vm1.disconnect() }
-            try vm1.start()
+            try withUnsealedVM1("unsealed-trunc", vm2: c2) { running, vm1, vm2 in
             let result = try vm1.runTraffic(count: 20, sizes: [64])
             #expect(result.completed, "\(result)")
             #expect(vm2.statistics.unsealedMapsApplied > 0)
@@ -131,6 +132,7 @@ extension Integration {
             #expect(vm2.statistics.faultsAbsorbed == faults)
             #expect(!vm2.isFinished && vm2.statistics.connected, "\(String(describing: vm2.statistics.disconnectReason))")
             #expect(running.bridge.statistics.peer.connected)
+            }
         }
     }
 }

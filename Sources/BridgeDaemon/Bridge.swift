@@ -65,7 +65,11 @@ public final class Bridge: Sendable {
         }
         do { window = try BARWindow(size: settings.backend.addressSpace.barSize) } catch { throw .window(settings.name, error) }
         do {
-            peer = try PeerLink(logger: logger, revocationDeadlineMilliseconds: settings.revocationDeadlineMilliseconds)
+            let policy = PeerSession.Policy(
+                offeredDeviceFeatures: VirtioNetFeatures(rawValue: settings.backend.offeredFeatures).intersection(.allDevice),
+                killOnMissedDeadline: settings.vm2DeadlineAction == .kill,
+                revocationDeadline: .milliseconds(settings.revocationDeadlineMilliseconds))
+            peer = try PeerLink(logger: logger, policy: policy)
             stopSignal = try EventFD()
             commands = try Mailbox()
         } catch { throw .socket(settings.name, "eventfd", error) }
@@ -336,14 +340,14 @@ public final class Bridge: Sendable {
     private func handlePeerEvents(_ connection: VhostUserConnection?) {
         for event in peer.drainEvents() {
             switch event {
-            case .hello(let hello, let generation):
+            case .greet(_, let features, let generation):
                 guard peer.currentGeneration == generation else { continue }
                 let space = settings.backend.addressSpace
-                let info = PeerBARInfo(mode: space.mode, features: hello.features.intersection(.all), barSize: space.barSize,
+                let info = PeerBARInfo(mode: space.mode, features: features, barSize: space.barSize,
                                        pageSize: UInt32(space.pageSize), vringCount: UInt32(settings.backend.vringCount))
-                guard peer.send(.helloReply(info), onlyIfReady: false, generation: generation) else { continue }
-                connection?.replayState(to: generation, features: info.features)
-                peer.markReady(generation: generation, features: info.features)
+                guard peer.send(.helloReply(info), duringReplay: true, generation: generation) else { continue }
+                connection?.replayState(to: generation, features: features)
+                peer.replayed(generation: generation)
                 logger.info("VM2 ready (generation \(generation))")
             case .translate(let request, let generation):
                 guard peer.currentGeneration == generation, peer.isReady else { continue }

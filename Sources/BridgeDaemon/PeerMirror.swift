@@ -42,7 +42,7 @@ final class PeerMirror {
         var last: PeerLink.Ticket?
         var revokes = plan.revokesAccess
         func unmap(_ bus: BusAddress, _ length: UInt64) {
-            let ticket = peer.takeSequence()
+            let ticket = peer.takeSequence(revoking: true)
             if peer.send(.unmap(PeerUnmap(sequence: ticket.sequence, barOffset: bus.rawValue, length: length))) {
                 peer.count { $0.unmapsSent += 1 }
                 last = ticket
@@ -81,7 +81,7 @@ final class PeerMirror {
         guard peer.isReady else { return }
         var last: PeerLink.Ticket?
         for op in plan.operations {
-            let ticket = peer.takeSequence()
+            let ticket = peer.takeSequence(revoking: true)
             if peer.send(.unmap(PeerUnmap(sequence: ticket.sequence, barOffset: op.bus.rawValue, length: op.length))) { last = ticket }
         }
         if let last { peer.waitForAck(last) }
@@ -91,7 +91,7 @@ final class PeerMirror {
     /// or the region is withheld: see `withholds`, counted under the rule
     /// `unsealed-region` and logged once per region).
     func sendMap(bus: BusAddress, length: UInt64, permission: Permission, region: RegionID, fdOffset: UInt64,
-                         onlyIfReady: Bool = true, generation: Int? = nil, features: PeerFeatures? = nil) -> PeerLink.Ticket? {
+                         duringReplay: Bool = false, generation: Int? = nil, features: PeerFeatures? = nil) -> PeerLink.Ticket? {
         let unsealed = !files.isSealed(region)
         if withholds(region, features: features) {
             peer.count { $0.refusals["unsealed-region", default: 0] += 1 }
@@ -103,9 +103,9 @@ final class PeerMirror {
             return nil
         }
         guard let fd = permission.contains(.write) ? files.fd(region) : files.readOnly(region) else { return nil }
-        let ticket = peer.takeSequence()
+        let ticket = peer.takeSequence(revoking: false)
         guard peer.send(.map(PeerMap(sequence: ticket.sequence, barOffset: bus.rawValue, length: length, fdOffset: fdOffset,
-                                     permission: permission, unsealed: unsealed)), fds: [fd.rawValue], onlyIfReady: onlyIfReady,
+                                     permission: permission, unsealed: unsealed)), fds: [fd.rawValue], duringReplay: duringReplay,
                         generation: generation) else { return nil }
         peer.count { $0.mapsSent += 1 }
         return ticket

@@ -41,7 +41,7 @@ final class PeerServer: Sendable {
 
     /// Runs until `stop()`.
     func run() {
-        var active: (socket: UnixSocket, generation: Int, greeted: Bool)?
+        var active: (socket: UnixSocket, generation: Int)?
         var acceptPausedUntil: ContinuousClock.Instant?
         while !stopping {
             var fds: [Int32] = []
@@ -69,7 +69,7 @@ final class PeerServer: Sendable {
             if let socket = accepted {
                 let (admitted, creds) = admission.admits(socket, settings.vm2Access, "peer")
                 guard admitted else {
-                    Self.sendError(socket, .protocolError, "bridge \(settings.name): this user may not connect as VM2")
+                    PeerLink.sendError(socket, .protocolError, "bridge \(settings.name): this user may not connect as VM2")
                     try? socket.fd.close()
                     continue
                 }
@@ -84,22 +84,18 @@ final class PeerServer: Sendable {
                     attached = peer.attach(socket, process: process)
                 }
                 if let generation = attached {
-                    active = (socket, generation, false)
+                    active = (socket, generation)
                     logger.info("VM2 connected (\(creds.map { "pid \($0.pid) uid \($0.uid)" } ?? "unknown peer"))")
                 } else {
-                    Self.sendError(socket, .busy, "bridge \(settings.name) already has a VM2")
+                    PeerLink.sendError(socket, .busy, "bridge \(settings.name) already has a VM2")
                     try? socket.fd.close()
                     logger.warning("refused a second VM2 connection")
                 }
             }
-            if ready.count > 1, ready[1], let current = active {
-                var greeted = current.greeted
-                if let reason = read(current.socket, generation: current.generation, greeted: &greeted) {
-                    peer.detach(generation: current.generation, reason: reason)
-                    active = nil
-                } else {
-                    active?.greeted = greeted
-                }
+            if ready.count > 1, ready[1], let current = active,
+               let reason = read(current.socket, generation: current.generation) {
+                peer.detach(generation: current.generation, reason: reason)
+                active = nil
             }
         }
         if let active { peer.detach(generation: active.generation, reason: "bridge stopping") }
@@ -129,29 +125,23 @@ final class PeerServer: Sendable {
     /// Reads what the active VM2 left before it closed; true when its
     /// connection is over (detached). Bounded: a VM2 still talking is left
     /// to the loop.
-    private func finishIfEnded(_ active: inout (socket: UnixSocket, generation: Int, greeted: Bool)?) -> Bool {
+    private func finishIfEnded(_ active: inout (socket: UnixSocket, generation: Int)?) -> Bool {
         for _ in 0..<64 {
             guard let current = active,
                   let ready = try? Poll.readable([current.socket.fd.rawValue], timeoutMilliseconds: 0), ready[0] else { return false }
-            var greeted = current.greeted
-            if let reason = read(current.socket, generation: current.generation, greeted: &greeted) {
+            if let reason = read(current.socket, generation: current.generation) {
                 peer.detach(generation: current.generation, reason: reason)
                 active = nil
                 return true
             }
-            active?.greeted = greeted
         }
         return false
     }
 
-    /// ERROR to a VM2 that is about to be closed (best effort, never blocks).
-    private static func sendError(_ socket: UnixSocket, _ code: PeerErrorCode, _ text: String) {
-        try? socket.send(PeerCodec.encode(.error(PeerError(code: code, text: text))), nonBlocking: true)
-    }
-
-    /// Reads one message from VM2; returns a reason when the connection is over.
-    private func read(_ socket: UnixSocket, generation: Int, greeted: inout Bool) -> String? {
-        let message: PeerMessage
+    /// Reads one message from VM2 and hands it to the connection's session
+    /// (through `PeerLink`, which carries out what follows); returns a reason
+    /// when the connection is over.
+    private func read(_ socket: UnixSocket, generation: Int) -> String? {
         do {
             var parsed: (PeerCodec.Header, PeerMessageType)?
             let within = Int(peer.messageDeadline / .milliseconds(1))
@@ -160,73 +150,12 @@ final class PeerServer: Sendable {
                 parsed = v
                 return Int(v.0.size)
             }), let (header, type) = parsed else { return "closed" }
-            message = try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count)
-            // REPLY is the daemon's flag (HELLO's reply): VM2 never sets it.
-            if header.isReply {
-                peer.countProtocolError(rule: "peer-protocol")
-                let text = "\(type) from VM2 with the REPLY flag set"
-                Self.sendError(socket, .protocolError, text)
-                return "protocol error: \(text)"
-            }
-        } catch let error as FramingError {
-            if stopping { return "bridge stopping" }
-            let rule = if case .tooSlow = error { "message-deadline" } else { "peer-protocol" }
-            peer.countProtocolError(rule: rule)
-            logger.warning("VM2 protocol error: \(error)", metadata: ["rule": "\(rule)"])
-            Self.sendError(socket, .protocolError, "\(error)")
-            return "protocol error: \(error)"
+            let message = try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count)
+            return peer.received(message, replyFlag: header.isReply, generation: generation, on: socket)
         } catch {
             if stopping { return "bridge stopping" }
-            peer.countProtocolError(rule: "peer-protocol")
-            logger.warning("VM2 protocol error: \(error)")
-            Self.sendError(socket, .protocolError, "\(error)")
-            return "protocol error: \(error)"
+            let rule = if let e = error as? FramingError, case .tooSlow = e { "message-deadline" } else { "peer-protocol" }
+            return peer.unreadable("\(error)", rule: rule, generation: generation, on: socket)
         }
-        switch message {
-        case .hello(let hello) where !greeted:
-            guard hello.version == PeerCodec.version else {
-                peer.countProtocolError(rule: "peer-version")
-                Self.sendError(socket, .version, "peer protocol version \(hello.version) is not 1")
-                return "version \(hello.version)"
-            }
-            let offered = VirtioNetFeatures(rawValue: settings.backend.offeredFeatures).intersection(.allDevice)
-            let missing = hello.missing(offered: offered)
-            guard missing.isEmpty else {
-                peer.countProtocolError(rule: "device-features")
-                let text = "VM2 cannot serve device features this bridge offers VM1: \(missing) (VM2 serves \(hello.served))"
-                logger.warning("VM2 refused: \(text)", metadata: ["rule": "device-features"])
-                Self.sendError(socket, .features, text)
-                return text
-            }
-            greeted = true
-            peer.post(.hello(hello, generation: generation))
-        case .ack(let seq) where greeted:
-            do {
-                try peer.acknowledge(seq, generation: generation)
-            } catch {
-                logger.warning("VM2 protocol error: \(error)", metadata: ["rule": "ack-sequence"])
-                Self.sendError(socket, .protocolError, "\(error)")
-                return "protocol error: \(error)"
-            }
-        case .translate(let t) where greeted:
-            peer.post(.translate(t, generation: generation))
-        case .vringStopped(let index, let lastAvail) where greeted:
-            do {
-                try peer.reportRingStop(index, lastAvail: lastAvail, generation: generation)
-            } catch {
-                logger.warning("VM2 protocol error: \(error)", metadata: ["rule": "ring-stop"])
-                Self.sendError(socket, .protocolError, "\(error)")
-                return "protocol error: \(error)"
-            }
-        case .error(let e):
-            return "VM2 reported error \(e.code): \(e.text)"
-        default:
-            let text = "\(message.type) is not allowed \(greeted ? "from VM2" : "before HELLO")"
-            peer.countProtocolError(rule: "peer-state")
-            logger.warning("VM2 protocol error: \(text)")
-            Self.sendError(socket, .protocolError, text)
-            return text
-        }
-        return nil
     }
 }

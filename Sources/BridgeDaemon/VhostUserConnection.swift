@@ -275,7 +275,7 @@ final class VhostUserConnection {
 
     // MARK: VM2
 
-    private func sendVring(_ index: Int, onlyIfReady: Bool = true, generation: Int? = nil) {
+    private func sendVring(_ index: Int, duringReplay: Bool = false, generation: Int? = nil) {
         guard let layout = session.vrings[index].layout else { return }
         // A (re)connected VM2 resumes where the device got to (used index).
         noteDeviceProgress(index)
@@ -287,7 +287,7 @@ final class VhostUserConnection {
         peer.send(.vring(PeerVring(index: UInt32(index), num: layout.queueSize, desc: layout.descriptorTable.rawValue,
                                    avail: layout.availRing.rawValue, used: layout.usedRing.rawValue,
                                    lastAvail: UInt16(truncatingIfNeeded: session.vrings[index].base), flags: flags)),
-                  fds: fds, onlyIfReady: onlyIfReady, generation: generation)
+                  fds: fds, duringReplay: duringReplay, generation: generation)
     }
 
     /// A (re)connected VM2 gets the full current state.
@@ -298,12 +298,12 @@ final class VhostUserConnection {
         for m in session.addressSpace.mappings {
             guard peer.currentGeneration == generation else { return }
             _ = mirror.sendMap(bus: m.bus, length: m.length, permission: m.permission, region: m.region, fdOffset: m.fdOffset,
-                        onlyIfReady: false, generation: generation, features: features)
+                        duringReplay: true, generation: generation, features: features)
         }
         if session.vrings.contains(where: \.started) {
-            guard peer.send(.device(PeerDevice(event: .start, features: session.ackedFeatures ?? 0)), onlyIfReady: false,
+            guard peer.send(.device(PeerDevice(event: .start, features: session.ackedFeatures ?? 0)), duringReplay: true,
                             generation: generation) else { return }
-            for i in session.vrings.indices where session.vrings[i].started { sendVring(i, onlyIfReady: false, generation: generation) }
+            for i in session.vrings.indices where session.vrings[i].started { sendVring(i, duringReplay: true, generation: generation) }
         }
     }
 

@@ -39,6 +39,9 @@ public struct ProcessHandle: Sendable {
     /// Whether the process is still there (not yet reaped).
     public var isAlive: Bool { shim_pidfd_pid(fd.rawValue) > 0 }
 
+    /// SIGKILL to the process (ESRCH once it is gone).
+    public func kill() throws(SystemCallError) { try send(signal: SIGKILL) }
+
     /// Sends `signal` to the process (ESRCH once it is gone).
     public func send(signal: Int32) throws(SystemCallError) {
         let raw = fd.rawValue

@@ -107,11 +107,6 @@ final class VhostUserConnection {
             }
             return "\(code): \(error)"
         }
-        if case .getVringBase(let state) = request {
-            noteDeviceProgress(Int(state.index))
-            stopRingAtPeer(Int(state.index))
-        }
-
         guard case .iotlb = request else { return handleDecoded(request, code: code, header: header, message: message) }
         let received = ContinuousClock.now
         defer { peer.count { $0.iotlbLatency.record(received.duration(to: .now)) } }
@@ -144,6 +139,10 @@ final class VhostUserConnection {
     /// the memory cannot shrink under us (a SIGBUS would kill the daemon).
     private func noteDeviceProgress(_ index: Int) {
         guard session.vrings.indices.contains(index), let layout = session.vrings[index].layout else { return }
+        noteDeviceProgress(index, layout)
+    }
+
+    private func noteDeviceProgress(_ index: Int, _ layout: VringLayout) {
         let at = BusAddress(layout.usedRing.rawValue + 2)
         guard let pieces = try? session.addressSpace.checkAccess(at, length: 2, needed: .read),
               pieces.allSatisfy({ files.isSealed($0.region) }) else { return }
@@ -152,12 +151,14 @@ final class VhostUserConnection {
         }
     }
 
-    /// GET_VRING_BASE on a started ring: a VM2 with `vringStopAck` stops
-    /// the ring first and says how far it got (within the revocation
-    /// deadline); VM1 is answered from that. Without it, the used index read
-    /// above (or SET_VRING_BASE's value) is the answer.
-    private func stopRingAtPeer(_ index: Int) {
-        guard session.vrings.indices.contains(index), session.vrings[index].started else { return }
+    /// GET_VRING_BASE on a running ring (the session's `stopRingAtDevice`):
+    /// the used index read through the window is how far the device got,
+    /// unless a VM2 with `vringStopAck` says so itself — it stops the ring
+    /// first and answers within the revocation deadline. Without either, the
+    /// session keeps SET_VRING_BASE's value.
+    private func stopRingAtDevice(_ index: Int, _ layout: VringLayout?) {
+        if let layout { noteDeviceProgress(index, layout) }
+        guard layout != nil else { return }
         let sent = peer.sendVringStop(UInt32(index))
         if let generation = sent.generation { stoppedAtPeer[index] = generation }
         if case .awaitingAnswer(let generation) = sent, let reached = peer.waitForRingStop(UInt32(index), generation: generation) {
@@ -189,31 +190,29 @@ final class VhostUserConnection {
             guard index >= 0, index < fds.count, fds[index].isOpen else { return nil }
             return OwnedFileDescriptor(adopting: fds[index].release())
         }
-        for (i, effect) in effects.enumerated() {
+        for effect in effects {
             switch effect {
             case .reply(let bytes):
                 if let failure = send(bytes) { return failure }
+            case .replyVringBase(let index):
+                if case .reply(let bytes) = session.vringBaseReply(index), let failure = send(bytes) { return failure }
+            case .stopRingAtDevice(let index, let layout):
+                stopRingAtDevice(index, layout)
+            case .windowThenReply(let plan, let bytes):
+                if let failure = applyWindow(plan) { return failure }
+                // VM1's ack goes out as soon as VM2 acks the revocation
+                // (from the peer thread), or from here when nobody sent it.
+                switch mirror.push(plan, thenReply: (bytes, socket)) {
+                case .sent: break
+                case .failed(let reason): return reason
+                case .notSent: if let failure = send(bytes) { return failure }
+                }
             case .adoptRegionFile(let id, let index):
                 if let fd = take(index) {
                     files.adopt(id, fd)
                 }
             case .window(let plan):
-                do {
-                    try window.apply(plan) { [files] id in files.fd(id)?.rawValue }
-                } catch {
-                    logger.error("BAR window operation failed, closing the session: \(error)")
-                    mirror.revoke(plan)
-                    return "window: \(error)"
-                }
-                // VM1's ack, when it is all that follows, goes out as soon
-                // as VM2 acks the revocation (from the peer thread).
-                if i == effects.count - 2, case .reply(let bytes) = effects[i + 1] {
-                    switch mirror.push(plan, thenReply: (bytes, socket)) {
-                    case .sent: return nil
-                    case .failed(let reason): return reason
-                    case .notSent: continue
-                    }
-                }
+                if let failure = applyWindow(plan) { return failure }
                 mirror.push(plan)
             case .releaseRegionFile(let id):
                 files.release(id)
@@ -260,6 +259,19 @@ final class VhostUserConnection {
             }
         }
         return nil
+    }
+
+    /// Carries a plan into the BAR window; on failure VM2 loses the plan's
+    /// ranges too and the session must end (the reason is returned).
+    private func applyWindow(_ plan: WindowPlan) -> String? {
+        do {
+            try window.apply(plan) { [files] id in files.fd(id)?.rawValue }
+            return nil
+        } catch {
+            logger.error("BAR window operation failed, closing the session: \(error)")
+            mirror.revoke(plan)
+            return "window: \(error)"
+        }
     }
 
     private func sendBackend(_ bytes: [UInt8]) {

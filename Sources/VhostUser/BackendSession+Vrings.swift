@@ -83,14 +83,24 @@ extension BackendSession {
         try requireOwner(code)
         let i = try vringIndex(code, state.index)
         var effects: [SessionEffect] = []
-        if vrings[i].active {
+        let running = vrings[i].active
+        if running {
+            // How far the device got is known only once it stopped: the
+            // reply is made after that (`replyVringBase`).
+            effects.append(.stopRingAtDevice(index: i, vrings[i].layout))
             effects.append(.ringStopped(index: i))
         }
         vrings[i].phase = .configuring
         if vrings[i].kick == .fd { effects.append(.setVringFile(.kick, index: i, fdIndex: nil)) }
         vrings[i].kick = .unset
-        effects.append(reply(code, .vringState(VringState(index: UInt32(i), num: vrings[i].base))))
+        effects.append(running ? .replyVringBase(index: i) : vringBaseReply(i))
         return effects
+    }
+
+    /// GET_VRING_BASE's answer for ring `index`: its base as it is now.
+    public func vringBaseReply(_ index: Int) -> SessionEffect {
+        let base = vrings.indices.contains(index) ? vrings[index].base : 0
+        return reply(.getVringBase, .vringState(VringState(index: UInt32(index), num: base)))
     }
 
     mutating func setVringFile(_ ref: VringFileRef, code: RequestCode, files: [ReceivedFile]) throws(SessionError) -> [SessionEffect] {

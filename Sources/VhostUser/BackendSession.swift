@@ -86,7 +86,13 @@ public struct BackendSession: Sendable {
         do {
             var effects = deviceTransitions(try apply(request, files: files))
             if wantsAck && !request.code.hasReply {
-                effects.append(.reply(VhostUserCodec.encodeReply(to: request.code, .u64(0))))
+                let ack = VhostUserCodec.encodeReply(to: request.code, .u64(0))
+                // The ack to a request that took access away follows VM2's ack.
+                if case .window(let plan)? = effects.last, plan.revokesAccess {
+                    effects[effects.count - 1] = .windowThenReply(plan, reply: ack)
+                } else {
+                    effects.append(.reply(ack))
+                }
             }
             return Outcome(effects: effects, error: nil, closeConnection: false)
         } catch {

@@ -21,6 +21,17 @@ public enum VringFileKind: String, Sendable, Equatable { case kick, call, err }
 /// is closed by the connection.
 public enum SessionEffect: Equatable, Sendable {
     case reply([UInt8])
+    /// Carry out `plan`, which takes access away, then send `reply` — the
+    /// front end's ack to the request — only once VM2 gave that access up
+    /// (whichever thread sees VM2's acknowledgement first may send it).
+    case windowThenReply(WindowPlan, reply: [UInt8])
+    /// GET_VRING_BASE on a running ring: stop it at the device (VM2) and
+    /// learn how far it got — `noteDeviceProgress` — before the reply
+    /// (`replyVringBase`). `layout` is the ring's, as it ran.
+    case stopRingAtDevice(index: Int, VringLayout?)
+    /// Answer GET_VRING_BASE with ring `index`'s base as it is when this
+    /// effect is carried out (`vringBaseReply`), after `stopRingAtDevice`.
+    case replyVringBase(index: Int)
     /// Take ownership of the message's fd as the backing of `region`.
     /// Always comes before the window plan that maps it.
     case adoptRegionFile(RegionID, fdIndex: Int)

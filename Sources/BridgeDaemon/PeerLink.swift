@@ -23,7 +23,7 @@ final class PeerLink: Sendable {
 
     typealias Statistics = PeerStatistics
 
-    private struct State {
+    struct State {
         var socket: UnixSocket?
         /// The VMM at the other end, when the deadline action is `kill`.
         var process: ProcessHandle?
@@ -39,34 +39,7 @@ final class PeerLink: Sendable {
         var heldReply = HeldReply.none
     }
 
-    /// A reply held for VM1 while its revocation waits for VM2's ack. The
-    /// peer thread sends it the moment it reads the ack (the session says
-    /// so: `releaseHeldReply`) — VM1 then waits for one thread hand-off
-    /// fewer — and the bridge thread sends it when the wait ends any other
-    /// way. Sent once, in order: the bridge thread sends nothing to VM1 until
-    /// the peer thread's send is over.
-    enum HeldReply: Sendable {
-        case none
-        case waiting([UInt8], UnixSocket)
-        /// Released by the ack, under the same lock the ack was recorded
-        /// with: the peer thread sends it next (the bridge thread waits).
-        case released([UInt8], UnixSocket)
-        case sending
-        case sent
-        case failed(String)
-    }
-
-    /// How a held reply went.
-    enum HeldReplyOutcome: Equatable {
-        /// The peer thread sent it when VM2 acknowledged.
-        case sent
-        /// The peer thread's send failed (the session is over).
-        case failed(String)
-        /// Nobody sent it: the caller does.
-        case notSent
-    }
-
-    private let state = Locked(State())
+    let state = Locked(State())
     let eventSignal: EventFD
     let ackSignal: EventFD
     let logger: Logger
@@ -218,29 +191,6 @@ final class PeerLink: Sendable {
         try? socket.send(PeerCodec.encode(.error(PeerError(code: code, text: text))), nonBlocking: true)
     }
 
-    /// On the peer thread, after the ack VM1's held reply waited for: sends
-    /// it. The bridge thread is waiting meanwhile, and waits until this send
-    /// is over before it touches VM1's socket again.
-    private func sendHeldReply() {
-        let held = state.withLock { s -> (bytes: [UInt8], socket: UnixSocket)? in
-            guard case .released(let bytes, let socket) = s.heldReply else { return nil }
-            s.heldReply = .sending
-            return (bytes, socket)
-        }
-        guard let held else { return }
-        // The whole reply within VM1's message deadline: a VM1 that does not
-        // read holds this thread no longer than it would hold the bridge thread.
-        let outcome: HeldReply
-        do {
-            try held.socket.send(held.bytes, deadline: .now.advanced(by: VhostUserConnectionTuning.messageDeadline))
-            outcome = .sent
-        } catch { outcome = .failed("reply failed: \(error)") }
-        state.withLock { s in
-            s.heldReply = outcome
-            if case .sent = outcome { s.statistics.repliesSentOnAck += 1 }
-        }
-    }
-
     // MARK: bridge thread
 
     /// Takes at most `limit` queued events, oldest first: one loop pass of
@@ -319,12 +269,12 @@ final class PeerLink: Sendable {
         }
     }
 
-    private enum WaitOutcome<T> { case done(T), gone, timedOut }
+    enum WaitOutcome<T> { case done(T), gone, timedOut }
 
     /// Waits until `satisfied` returns a value for connection `generation`'s
     /// session, at most until `deadline(session)`. Ends early when that
     /// connection is gone: a newer one never satisfies an older wait.
-    private func wait<T>(on generation: Int, until deadline: (PeerSession) -> ContinuousClock.Instant?,
+    func wait<T>(on generation: Int, until deadline: (PeerSession) -> ContinuousClock.Instant?,
                          _ satisfied: (inout PeerSession) -> T?) -> WaitOutcome<T> {
         defer { heartbeat.beat() }
         let end = state.withLock { s in s.generation == generation ? s.session.flatMap(deadline) : nil }
@@ -355,7 +305,7 @@ final class PeerLink: Sendable {
     /// A wait on connection `generation` ran out: the session decides (an
     /// UNMAP or ring stop past its deadline: disconnect, and kill with the
     /// policy). Either way the caller's revocation is complete.
-    private func expired(generation: Int, what: String) {
+    func expired(generation: Int, what: String) {
         count { $0.revocationTimeouts += 1 }
         logger.warning("VM2 did not answer \(what) within \(revocationDeadlineMilliseconds) ms; disconnecting VM2")
         let alreadyEnding = state.withLock { s in s.generation == generation && s.session?.isClosed == true }
@@ -392,78 +342,6 @@ final class PeerLink: Sendable {
         case .timedOut:
             expired(generation: ticket.generation, what: "revocation \(ticket.sequence)")
             return false
-        }
-    }
-
-    /// `waitForAck`, with VM1's reply to the revoking request handed to the
-    /// peer thread, which sends it on `socket` as soon as it reads the ack.
-    /// When this returns, nobody is sending: `.notSent` leaves the reply to
-    /// the caller (VM2 left, missed its deadline, or had acked already).
-    func waitForAck(_ ticket: Ticket, replying bytes: [UInt8], on socket: UnixSocket) -> HeldReplyOutcome {
-        state.withLock { s in
-            guard s.generation == ticket.generation, s.session?.holdReply(for: ticket.sequence) == true else { return }
-            s.heldReply = .waiting(bytes, socket)
-        }
-        waitForAck(ticket)
-        // The ack may have been read just now, its reply still going out.
-        return ackSignal.wait(until: nil) {
-            state.withLock { s -> HeldReplyOutcome? in
-                switch s.heldReply {
-                case .released, .sending: return nil
-                case .sent: s.heldReply = .none; return .sent
-                case .failed(let reason): s.heldReply = .none; return .failed(reason)
-                case .none, .waiting:
-                    s.heldReply = .none
-                    if s.generation == ticket.generation { _ = s.session?.dropHeldReply() }
-                    return .notSent
-                }
-            }
-        } ?? .notSent
-    }
-
-    // MARK: ring stops
-
-    /// Where a VRING_STOP went.
-    enum RingStopSent: Equatable {
-        /// No ready VM2 (or the send failed: it is being disconnected).
-        case notSent
-        /// Sent to connection `generation`, which answers with VRING_STOPPED
-        /// (it negotiated `vringStopAck`).
-        case awaitingAnswer(generation: Int)
-        /// Sent to connection `generation`, a version-1 peer: no answer.
-        case sent(generation: Int)
-
-        var generation: Int? {
-            switch self {
-            case .notSent: nil
-            case .awaitingAnswer(let g), .sent(let g): g
-            }
-        }
-    }
-
-    /// Sends VRING_STOP for ring `index` to the ready VM2, whatever it
-    /// negotiated: every VM2 must stop a ring VM1 stopped. One that
-    /// negotiated `vringStopAck` answers each VRING_STOP, so the stop is
-    /// registered before it goes out (the answer may come at once).
-    @discardableResult
-    func sendVringStop(_ index: UInt32) -> RingStopSent {
-        guard let (generation, answers) = state.withLock({ s -> (Int, Bool)? in
-            guard s.socket != nil, s.session?.isReady == true else { return nil }
-            return (s.generation, s.session?.requestRingStop(index, now: .now) == true)
-        }) else { return .notSent }
-        guard send(.vringStop(index), generation: generation) else { return .notSent }
-        return answers ? .awaitingAnswer(generation: generation) : .sent(generation: generation)
-    }
-
-    /// The avail index VM2 reached on ring `index` (nil: VM2 did not run it,
-    /// is gone, or missed the deadline — then it is disconnected).
-    func waitForRingStop(_ index: UInt32, generation: Int) -> UInt16? {
-        switch wait(on: generation, until: { $0.deadline(ofRingStop: index) }, { $0.takeRingStopAnswer(index) }) {
-        case .done(let lastAvail): return lastAvail
-        case .gone: return nil
-        case .timedOut:
-            expired(generation: generation, what: "the stop of vring \(index)")
-            return nil
         }
     }
 

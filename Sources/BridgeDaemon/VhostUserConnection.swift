@@ -13,17 +13,17 @@ import VhostUser
 /// Used by the bridge thread only.
 final class VhostUserConnection {
     let socket: UnixSocket
-    private(set) var session: BackendSession
+    var session: BackendSession
     private let window: BARWindow
-    private let peer: PeerLink
+    let peer: PeerLink
     private let relay: NotificationRelay?
-    private let logger: Logger
+    let logger: Logger
     /// VM1's kick/call/err fds and the relay links of each vring.
     private let rings: RingNotifications
     /// The memory fds VM1 sent, shared with `mirror`.
     private let files: RegionFiles
     /// Carries window plans to VM2 and waits for its acks.
-    private let mirror: PeerMirror
+    let mirror: PeerMirror
     private var backendChannel: UnixSocket?
     /// Rings VRING_STOP already went out for while the current message is
     /// handled (GET_VRING_BASE stops the ring at VM2 before the session
@@ -35,8 +35,8 @@ final class VhostUserConnection {
     private let budget: MappingBudget
     private let budgetID: MappingBudget.ID
     /// VM2 translations waiting on VM1, and the misses raised for them.
-    private var translations: TranslationBroker
-    private var refusalLog = LogThrottle(interval: .seconds(10))
+    var translations: TranslationBroker
+    var refusalLog = LogThrottle(interval: .seconds(10))
 
     init(socket: UnixSocket, configuration: BackendConfiguration, window: BARWindow, peer: PeerLink,
          relay: NotificationRelay?, logger: Logger, maxPendingTranslations: Int,
@@ -274,7 +274,7 @@ final class VhostUserConnection {
         }
     }
 
-    private func sendBackend(_ bytes: [UInt8]) {
+    func sendBackend(_ bytes: [UInt8]) {
         do {
             try backendChannel?.send(bytes, nonBlocking: true)
         } catch {
@@ -316,86 +316,6 @@ final class VhostUserConnection {
             guard peer.send(.device(PeerDevice(event: .start, features: session.ackedFeatures ?? 0)), duringReplay: true,
                             generation: generation) else { return }
             for i in session.vrings.indices where session.vrings[i].started { sendVring(i, duringReplay: true, generation: generation) }
-        }
-    }
-
-    /// VM2 asks for a translation (like ATS); `TranslationBroker` decides.
-    func translate(_ request: PeerTranslate, generation: Int, now: ContinuousClock.Instant = .now) {
-        let asked = TranslationRequest(id: request.requestID, bus: BusAddress(request.barOffset), length: request.length,
-                                       access: request.access)
-        carryOut(translations.request(asked, owner: generation, space: session.addressSpace,
-                                      canRaiseMisses: session.hasBackendChannel && session.iommuPlatform, now: now), now: now)
-    }
-
-    /// After a grant (IOTLB update, operator map): answer what it satisfied.
-    private func settleTranslations(now: ContinuousClock.Instant = .now) {
-        carryOut(translations.settle(space: session.addressSpace, ringNeeds: session.ringTranslationsNeeded(), now: now), now: now)
-    }
-
-    /// Refuses translations whose deadline passed, raises again the misses
-    /// whose retry interval passed; returns when to call again.
-    /// `changed`: something was answered or raised (the live view is stale).
-    func expireTranslations(now: ContinuousClock.Instant) -> (changed: Bool, next: ContinuousClock.Instant?) {
-        let (actions, next) = translations.expire(space: session.addressSpace, ringNeeds: session.ringTranslationsNeeded(), now: now)
-        carryOut(actions, now: now)
-        return (!actions.isEmpty, next)
-    }
-
-    /// VM2 connection `generation` is gone: its waiting translations have
-    /// nobody to answer.
-    func dropTranslations(of generation: Int) {
-        carryOut(translations.drop(owner: generation, space: session.addressSpace, ringNeeds: session.ringTranslationsNeeded(),
-                                   now: .now), now: .now)
-    }
-
-    private func carryOut(_ actions: [TranslationBroker.Action], now: ContinuousClock.Instant) {
-        var withheld: [(start: UInt64, end: UInt64)] = [] // unsealed memory VM2 is not sent
-        for action in actions {
-            switch action {
-            case .sendMaps(let pieces, let owner):
-                for p in pieces {
-                    if mirror.withholds(p.region) { withheld.append((p.bus.rawValue, p.bus.rawValue &+ p.length)) }
-                    _ = mirror.sendMap(bus: p.bus, length: p.length, permission: p.permission, region: p.region, fdOffset: p.fdOffset,
-                                generation: owner)
-                }
-            case .answer(let ids, let request, let owner, var verdict):
-                if case .granted = verdict, withheld.contains(where: { $0.start < request.bus.rawValue &+ request.length && request.bus.rawValue < $0.end }) {
-                    verdict = .refused(reason: "[unsealed-region] VM1's memory there is not sealed against shrinking (see unsealed-regions)", rule: "unsealed-region")
-                }
-                answer(ids, request, owner: owner, verdict, now: now)
-            case .raiseMiss(let bus, let permission):
-                if case .sendBackend(let bytes)? = session.missMessage(bus: bus, permission: permission) { sendBackend(bytes) }
-            }
-        }
-    }
-
-    /// Answers request `ids` (all for the same range) on VM2 connection
-    /// `owner` only: a reply never reaches a VM2 that did not ask. Refusals
-    /// are counted by rule and logged through the throttle.
-    private func answer(_ ids: [UInt64], _ request: TranslationRequest, owner: Int, _ verdict: TranslationBroker.Verdict,
-                        now: ContinuousClock.Instant) {
-        let status: TranslateStatus, reason: String
-        switch verdict {
-        case .granted:
-            (status, reason) = (.granted, "")
-            peer.count { $0.translationsGranted += ids.count }
-        case .refused(let why, let rule):
-            (status, reason) = (.refused, why)
-            noteRefusal(ids.count, request, rule: rule, reason: why, now: now)
-        case .timedOut:
-            (status, reason) = (.timedOut, "VM1 did not answer the IOTLB miss in time")
-            noteRefusal(ids.count, request, rule: "translation-timeout", reason: reason, now: now)
-        }
-        for id in ids {
-            peer.send(.translateReply(PeerTranslateReply(requestID: id, status: status, reason: reason)), generation: owner)
-        }
-    }
-
-    private func noteRefusal(_ count: Int, _ request: TranslationRequest, rule: String, reason: String, now: ContinuousClock.Instant) {
-        peer.count { $0.translationsRefused += count; $0.refusals[rule, default: 0] += count }
-        if let held = refusalLog.admit(rule, now: now) {
-            logger.info("VM2 translation \(request.bus)+\(Hex(request.length)) \(request.access) refused: \(reason)\(held > 0 ? " (\(held) more [\(rule)] refusals not logged)" : "")",
-                        metadata: ["rule": "\(rule)"])
         }
     }
 

@@ -264,7 +264,7 @@ final class PeerLink: Sendable {
     func takeSequence(revoking: Bool) -> Ticket {
         state.withLock { s in
             let now = ContinuousClock.now
-            let sequence = (revoking ? s.session?.takeUnmapSequence(now: now) : s.session?.takeMapSequence()) ?? 0
+            let sequence = (revoking ? s.session?.takeRevocationSequence(now: now) : s.session?.takeMapSequence()) ?? 0
             return Ticket(sequence: sequence, generation: s.generation)
         }
     }

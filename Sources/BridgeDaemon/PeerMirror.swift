@@ -50,8 +50,11 @@ final class PeerMirror {
         }
         /// A MAP that cannot be sent (no read-only fd could be made) must not
         /// leave VM2 with what was there before: revoke the range instead.
+        /// In a plan that takes access away (a lower permission, a range moved
+        /// elsewhere) a MAP is a revocation too: VM2 holds it until it acks.
         func map(_ bus: BusAddress, _ length: UInt64, _ permission: Permission, _ region: RegionID, _ fdOffset: UInt64) {
-            if let ticket = sendMap(bus: bus, length: length, permission: permission, region: region, fdOffset: fdOffset) {
+            if let ticket = sendMap(bus: bus, length: length, permission: permission, region: region, fdOffset: fdOffset,
+                                    revoking: plan.revokesAccess) {
                 last = ticket
             } else if peer.isReady {
                 unmap(bus, length)
@@ -91,7 +94,8 @@ final class PeerMirror {
     /// or the region is withheld: see `withholds`, counted under the rule
     /// `unsealed-region` and logged once per region).
     func sendMap(bus: BusAddress, length: UInt64, permission: Permission, region: RegionID, fdOffset: UInt64,
-                         duringReplay: Bool = false, generation: Int? = nil, features: PeerFeatures? = nil) -> PeerLink.Ticket? {
+                         duringReplay: Bool = false, generation: Int? = nil, features: PeerFeatures? = nil,
+                         revoking: Bool = false) -> PeerLink.Ticket? {
         let unsealed = !files.isSealed(region)
         if withholds(region, features: features) {
             peer.count { $0.refusals["unsealed-region", default: 0] += 1 }
@@ -103,7 +107,7 @@ final class PeerMirror {
             return nil
         }
         guard let fd = permission.contains(.write) ? files.fd(region) : files.readOnly(region) else { return nil }
-        let ticket = peer.takeSequence(revoking: false)
+        let ticket = peer.takeSequence(revoking: revoking)
         guard peer.send(.map(PeerMap(sequence: ticket.sequence, barOffset: bus.rawValue, length: length, fdOffset: fdOffset,
                                      permission: permission, unsealed: unsealed)), fds: [fd.rawValue], duringReplay: duringReplay,
                         generation: generation) else { return nil }

@@ -409,14 +409,31 @@ pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *group
     if (reads >= 2) {
         // A VMM that reads peer-protocol frames and, at its first UNMAP (type
         // 3), leaves the protocol while its process lives on: 2 hangs up,
-        // 3 acknowledges a sequence far beyond the UNMAP's (from the future).
+        // 3 acknowledges a sequence far beyond the UNMAP's (from the future);
+        // 4 hangs up at a MAP (type 2) that takes away a permission an
+        // earlier MAP of the same offset gave (a revoking MAP).
         unsigned char h[12], p[4096];
+        int maps = 0;
+        uint64_t map_offsets[256];
+        uint32_t map_prots[256];
         for (;;) {
             if (read_full(s, h, 12, NULL, NULL) != 1) _exit(0);
             uint32_t type, size;
             memcpy(&type, h, 4);
             memcpy(&size, h + 8, 4);
             if (size > sizeof p || (size && read_full(s, p, size, NULL, NULL) != 1)) _exit(0);
+            if (reads == 4 && type == 2 && size >= 36) {
+                // MAP: u64 sequence, barOffset, length, fdOffset; u32 prot.
+                uint64_t offset;
+                uint32_t prot;
+                memcpy(&offset, p + 8, 8);
+                memcpy(&prot, p + 32, 4);
+                int known = -1;
+                for (int i = 0; i < maps; i++) if (map_offsets[i] == offset) known = i;
+                if (known >= 0 && (map_prots[known] & ~prot) != 0) { close(s); for (;;) pause(); }
+                if (known < 0 && maps < 256) { map_offsets[maps] = offset; map_prots[maps] = prot; maps++; }
+                else if (known >= 0) map_prots[known] = prot;
+            }
             if (type != 3 || size < 8) continue;
             if (reads == 2) { close(s); for (;;) pause(); }
             uint64_t seq;

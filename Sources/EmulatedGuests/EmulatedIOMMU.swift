@@ -84,6 +84,16 @@ public final class EmulatedIOMMU {
         allocator.release(iova, length: entry.length)
     }
 
+    /// Changes a mapping's permission in place and sends the update (acked):
+    /// lowering it is a revocation, as in QEMU's `iommu_notify` of a
+    /// narrower entry.
+    public func update(_ iova: BusAddress, permission: Permission) throws {
+        guard var entry = entries[iova.rawValue] else { return }
+        entry.permission = permission
+        entries[iova.rawValue] = entry
+        try sendUpdate(entry)
+    }
+
     func sendUpdate(_ entry: Entry) throws {
         try frontend.send(.iotlb(IOTLBMessage(iova: entry.iova.rawValue, size: entry.length,
                                               userAddress: ram.userAddress(of: entry.gpa).rawValue,

@@ -28,6 +28,9 @@ public struct ChildPeer: Sendable {
         /// Reads peer-protocol frames; answers the first UNMAP with an ACK
         /// far beyond its sequence (a protocol error) and lives on.
         case acksFromTheFutureAtUnmap = 3
+        /// Reads peer-protocol frames; hangs up (and lives on) at a MAP that
+        /// takes away a permission an earlier MAP of the same offset gave.
+        case hangsUpAtRevokingMap = 4
     }
 
     public static func spawn(connectingTo path: String, uid: UInt32? = nil, gid: UInt32? = nil, groups: [UInt32] = [],

@@ -18,6 +18,16 @@ public enum Poll {
 }
 
 extension Poll {
+    /// One loop's wait over typed sources: each registration is a value
+    /// (what the fd is to the loop), never a position in a `poll` array.
+    /// Returns the sources that are readable, hung up or in error, in
+    /// registration order; none once `deadline` passed (nil: no deadline).
+    public static func ready<Source>(_ registrations: [(Source, Int32)], until deadline: ContinuousClock.Instant?,
+                                     now: ContinuousClock.Instant = .now) throws(SystemCallError) -> [Source] {
+        let flags = try readable(registrations.map(\.1), timeoutMilliseconds: timeout(until: deadline, now: now))
+        return zip(registrations, flags).compactMap { $1 ? $0.0 : nil }
+    }
+
     /// The timeout that wakes a poll at or after `deadline`: -1 (no
     /// deadline: forever), else the milliseconds left rounded up, at least 1
     /// (never a busy 0) and at most `cap`.

@@ -129,13 +129,34 @@ public final class Mailbox<Request: Sendable, Response: Sendable>: Sendable {
         return response
     }
 
-    /// The server takes every waiting request (and resets `signal`).
-    public func take() -> [(Ticket, Request)] {
-        _ = try? signal.read()
-        return state.withLock { s in
-            defer { s.requests = [] }
-            return s.requests
+    /// Posts `request` without waiting for an answer (an event: the server
+    /// takes it like a call, and its answer goes nowhere). False once closed.
+    @discardableResult
+    public func post(_ request: Request) -> Bool {
+        let posted = state.withLock { s -> Bool in
+            guard s.closedWith == nil else { return false }
+            s.requests.append((Ticket(id: s.next), request))
+            s.next += 1
+            return true
         }
+        if posted { _ = try? signal.signal() }
+        return posted
+    }
+
+    /// Requests posted and not taken yet.
+    public var pending: Int { state.withLock { $0.requests.count } }
+
+    /// The server takes the waiting requests, oldest first — at most `limit`
+    /// (what is left keeps `signal` raised for the next round).
+    public func take(limit: Int = .max) -> [(Ticket, Request)] {
+        _ = try? signal.read()
+        let (taken, more) = state.withLock { s -> ([(Ticket, Request)], Bool) in
+            let taken = Array(s.requests.prefix(limit))
+            s.requests.removeFirst(taken.count)
+            return (taken, !s.requests.isEmpty)
+        }
+        if more { _ = try? signal.signal() }
+        return taken
     }
 
     /// The server is gone: every waiting caller, and every later one, gets

@@ -205,15 +205,17 @@ public struct PeerSession: Sendable, Equatable {
         }
     }
 
-    /// The sequence of the next MAP.
+    /// The sequence of the next MAP that gives access (and takes none away).
     public mutating func takeMapSequence() -> UInt64 {
         defer { nextSequence += 1 }
         return nextSequence
     }
 
-    /// The sequence of the next UNMAP; from now VM2 holds a revocation until
-    /// it acknowledges it, at the latest by `now` + the revocation deadline.
-    public mutating func takeUnmapSequence(now: ContinuousClock.Instant) -> UInt64 {
+    /// The sequence of the next message that takes access away — an UNMAP,
+    /// or a MAP that lowers a permission or moves a range (it replaces what
+    /// VM2 had) — from now VM2 holds a revocation until it acknowledges it,
+    /// at the latest by `now` + the revocation deadline.
+    public mutating func takeRevocationSequence(now: ContinuousClock.Instant) -> UInt64 {
         defer { nextSequence += 1 }
         revocations.append((nextSequence, now.advanced(by: policy.revocationDeadline)))
         return nextSequence

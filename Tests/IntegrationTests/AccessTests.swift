@@ -13,10 +13,12 @@ import Glibc
 
 /// An iommu bridge with `vm2-deadline-action: kill`, VM2's VMM a forked
 /// child that greets and then behaves as `reading` says, and an emulated VM1
-/// that grants one page and revokes it: `after` runs once VM1's invalidate
-/// was acknowledged, with the VMM and the revoked IOVA. The VMM never
+/// that grants one page (read-write) and revokes it (`revoke`: an
+/// invalidate unless said otherwise): `after` runs once VM1's message was
+/// acknowledged, with the VMM and the revoked IOVA. The VMM never
 /// outlives the call.
 func revokeFromAChildVMM(_ name: String, revocationDeadline: Int, reading: ChildPeer.Reading, lifetimeSeconds: UInt32 = 20,
+                         revoke: (EmulatedIOMMU, BusAddress) throws -> Void = { try $0.unmap($1) },
                          _ after: (RunningBridge, ChildPeer, BusAddress) throws -> Void) throws {
     let running = try RunningBridge(name, mode: .iommu, revocationDeadline: revocationDeadline) { $0.vm2DeadlineAction = .kill }
     defer { running.stop() }
@@ -29,7 +31,7 @@ func revokeFromAChildVMM(_ name: String, revocationDeadline: Int, reading: Child
     try vm1.start()
     let iommu = try #require(vm1.iommu)
     let iova = try iommu.map(GuestPhysicalAddress(0x90_0000), length: 4096, permission: .readWrite, eager: true)
-    try iommu.unmap(iova) // returns with VM1's ack
+    try revoke(iommu, iova) // returns with VM1's ack
     try after(running, vmm, iova)
 }
 

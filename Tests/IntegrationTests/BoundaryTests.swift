@@ -163,6 +163,21 @@ extension Integration {
             }
         }
 
+        /// The attack round's find: a revocation can be a MAP — VM1 lowers a
+        /// page's permission (or moves it), and VM2 gets the new MAP — and a
+        /// VM2 that hangs up on that MAP is killed before VM1 is acked, like
+        /// one that hangs up on an UNMAP. (Before, only UNMAPs counted as
+        /// held revocations, and the VMM kept writing through its old mapping.)
+        @Test func aVM2ThatLeavesOnARevokingMapIsKilledBeforeVM1IsAcked() throws {
+            try revokeFromAChildVMM("dodge-map", revocationDeadline: 60_000, reading: .hangsUpAtRevokingMap, lifetimeSeconds: 60,
+                                    revoke: { try $0.update($1, permission: .read) }) { running, vmm, iova in
+                #expect(vmm.ended() == .signaled(SIGKILL), "VM1 was acked while the VMM that held write access lived on")
+                let s = running.bridge.statistics.peer
+                #expect(s.killed == 1 && s.revocationTimeouts == 0, "killed \(s.killed), timeouts \(s.revocationTimeouts)")
+                #expect(running.bridge.window.probeInChild(iova, write: true) == .faulted)
+            }
+        }
+
         /// A VM2 that leaves with nothing outstanding is not killed (the
         /// `kill` action is for missed revocations, not for hanging up).
         @Test func aVM2ThatLeavesWithNothingOutstandingIsNotKilled() throws {

@@ -111,7 +111,7 @@ import Testing
         var s = Self.ready()
         let v3 = s.takeMapSequence()
         #expect(v3 == 1)
-        let v4 = s.takeUnmapSequence(now: Self.t0)
+        let v4 = s.takeRevocationSequence(now: Self.t0)
         #expect(v4 == 2)
         let v5 = s.takeMapSequence()
         #expect(v5 == 3)
@@ -132,7 +132,7 @@ import Testing
 
     @Test func theHeldReplyIsReleasedByTheAckThatCoversIt() {
         var s = Self.ready()
-        let seq = s.takeUnmapSequence(now: Self.t0)
+        let seq = s.takeRevocationSequence(now: Self.t0)
         let v8 = s.holdReply(for: seq)
         #expect(v8)
         let v9 = s.received(.ack(seq))
@@ -142,7 +142,7 @@ import Testing
         let v10 = s.holdReply(for: seq)
         #expect(!v10)
         // Held and never acknowledged: the caller takes it back once.
-        let next = s.takeUnmapSequence(now: Self.t0)
+        let next = s.takeRevocationSequence(now: Self.t0)
         let v11 = s.holdReply(for: next)
         #expect(v11)
         let v12 = s.dropHeldReply()
@@ -189,8 +189,8 @@ import Testing
 
     @Test func deadlinesExpireAtTheirTime() {
         var s = Self.ready()
-        let first = s.takeUnmapSequence(now: Self.t0)
-        _ = s.takeUnmapSequence(now: Self.t0.advanced(by: .milliseconds(50)))
+        let first = s.takeRevocationSequence(now: Self.t0)
+        _ = s.takeRevocationSequence(now: Self.t0.advanced(by: .milliseconds(50)))
         #expect(s.deadline(ofRevocation: first) == Self.t0.advanced(by: Self.deadline))
         #expect(s.nextDeadline == Self.t0.advanced(by: Self.deadline))
         let v23 = s.expire(now: Self.t0.advanced(by: .milliseconds(99)))
@@ -207,7 +207,7 @@ import Testing
 
     @Test func withKillAMissedDeadlineKillsFirst() {
         var s = Self.ready(kill: true)
-        _ = s.takeUnmapSequence(now: Self.t0)
+        _ = s.takeRevocationSequence(now: Self.t0)
         let effects = s.expire(now: Self.t0.advanced(by: .seconds(1)))
         #expect(effects.count == 2)
         guard case .kill? = effects.first, case .close? = effects.last else {
@@ -221,21 +221,21 @@ import Testing
     @Test func leavingHoldingARevocationIsKilledOnlyWithThePolicy() {
         for kill in [false, true] {
             var hangUp = Self.ready(kill: kill)
-            _ = hangUp.takeUnmapSequence(now: Self.t0)
+            _ = hangUp.takeRevocationSequence(now: Self.t0)
             let a = hangUp.ended("closed")
             #expect(a.last == .close(reason: "closed"))
             #expect(a.count == (kill ? 2 : 1), "\(a)")
             if kill { #expect(a.first == .kill(reason: "VM2 left (closed) holding revocation 1 unacknowledged")) }
 
             var future = Self.ready(kill: kill)
-            _ = future.takeUnmapSequence(now: Self.t0)
+            _ = future.takeRevocationSequence(now: Self.t0)
             let b = future.received(.ack(99))
             #expect(Self.isRefusal(b, rule: "ack-sequence"))
             #expect(b.count == (kill ? 2 : 1), "\(b)")
         }
         // Nothing outstanding: leaving is just leaving.
         var clean = Self.ready(kill: true)
-        let seq = clean.takeUnmapSequence(now: Self.t0)
+        let seq = clean.takeRevocationSequence(now: Self.t0)
         _ = clean.received(.ack(seq))
         let v26 = clean.ended("closed")
         #expect(v26 == [.close(reason: "closed")])
@@ -252,7 +252,7 @@ import Testing
 
     @Test func closingForgetsEveryWait() {
         var s = Self.ready()
-        let seq = s.takeUnmapSequence(now: Self.t0)
+        let seq = s.takeRevocationSequence(now: Self.t0)
         let v29 = s.requestRingStop(0, now: Self.t0)
         #expect(v29)
         _ = s.ended("gone")

@@ -361,7 +361,10 @@ final class PeerLink: Sendable {
         do {
             try process.kill()
         } catch where error.errno == .noSuchProcess {
-            // Already gone (reaped): nothing holds the memory any more.
+            // Already gone (reaped): nothing holds the memory any more, and
+            // nobody was killed.
+            if first { logger.info("VM2's VMM, the process that connected, was already gone: \(reason)") }
+            return
         } catch {
             if first { logger.error("could not kill VM2's VMM (pid \(process.pid)): \(error)") }
             return

@@ -10,6 +10,7 @@ import PackageDescription
 //   DeviceEngine   - VM2's data plane: virtqueues served in bursts from the BAR (imports BridgeCore, LinuxIO).
 //   BridgeDaemon   - carries out the pure decisions: threads, sockets, fds (imports all of the above).
 //   EmulatedGuests - emulated VM1 and VM2 for tests, the demo and the benchmarks.
+//   FaultInjection - (Tests/) fault injectors for the fault scenarios: VMAs to the limit, io_uring refused.
 //   executables    - thin: argument parsing and printing (bench also holds its baselines).
 let swiftSettings: [SwiftSetting] = [
     .swiftLanguageMode(.v6),
@@ -109,7 +110,7 @@ let package = Package(
         .executableTarget(
             name: "vhost-pci-guest",
             dependencies: [
-                "EmulatedGuests", "BridgeCore", "LinuxIO", "DeviceEngine",
+                "EmulatedGuests", "BridgeCore", "LinuxIO", "DeviceEngine", "FaultInjection",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings
@@ -137,6 +138,15 @@ let package = Package(
             name: "TestSupport",
             dependencies: [.product(name: "Logging", package: "swift-log")],
             path: "Tests/TestSupport",
+            swiftSettings: swiftSettings
+        ),
+        // Fault injectors (MapCountFiller, Seccomp) for the fault scenarios
+        // vhost-pci-guest runs in processes of their own; not in LinuxIO,
+        // so nothing the daemon links can reach them.
+        .target(
+            name: "FaultInjection",
+            dependencies: ["LinuxIO", "CLinuxShim", .product(name: "SystemPackage", package: "swift-system")],
+            path: "Tests/FaultInjection",
             swiftSettings: swiftSettings
         ),
         .target(

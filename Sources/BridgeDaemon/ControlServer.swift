@@ -123,7 +123,3 @@ public final class ControlServer: Sendable {
         listener.boundFile?.remove()
     }
 }
-
-#if canImport(Glibc)
-import Glibc
-#endif

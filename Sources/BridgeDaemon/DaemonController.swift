@@ -3,9 +3,6 @@ import Foundation
 import LinuxIO
 import Logging
 import VhostUser
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// A refused control request.
 public struct ControlError: Error, Equatable, Sendable, CustomStringConvertible {
@@ -213,7 +210,7 @@ public final class DaemonController: Sendable {
             let entries: [CreatedBridges.Entry]
             do { entries = try createdBridges.load() } catch {
                 let aside = createdBridges.path + ".unreadable-\(Int(Date().timeIntervalSince1970))"
-                let moved = rename(createdBridges.path, aside) == 0
+                let moved = (try? Files.rename(createdBridges.path, to: aside)) != nil
                 if !moved { state.withLock { $0.stateFileSetAside = true } } // then never overwrite it
                 noteError("\(error)\(moved ? " (moved to \(aside))" : "; created bridges are not kept until it is fixed")")
                 return [createdBridges.path: "\(error)"]

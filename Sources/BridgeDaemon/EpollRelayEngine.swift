@@ -18,15 +18,14 @@ import SystemPackage
 /// it must win on purpose — holds the relay thread until it reads its
 /// counter. The io_uring engine has no such window.
 final class EpollRelayEngine {
-    final class Link: CountedLink {
+    final class Link: RelayLink {
         let id: NotificationRelay.LinkID
-        var source: OwnedFileDescriptor
+        let source: OwnedFileDescriptor
         var target: OwnedFileDescriptor?
+        var life: RelayLinkLife<OwnedFileDescriptor> = .active
+        var sourceBroken = false
         var delta = RelayLinkStatistics()
         var dirty = false
-        /// The source failed (not EAGAIN): it is no longer watched, so a
-        /// broken fd cannot spin the thread; a retarget or removal follows.
-        var broken = false
         init(id: NotificationRelay.LinkID, source: OwnedFileDescriptor, target: OwnedFileDescriptor?) {
             self.id = id
             self.source = source
@@ -45,10 +44,6 @@ final class EpollRelayEngine {
         self.epoll = epoll
         self.relay = relay
     }
-
-    func touch(_ link: Link) { batch.touch(link) }
-
-    func flushStatistics() { batch.flush(to: relay) }
 
     func run() {
         do { try epoll.add(relay.controlFD, data: Self.controlData) } catch {
@@ -69,71 +64,49 @@ final class EpollRelayEngine {
                 }
             }
             flushStatistics()
-            relay.cpu.store(ThreadCPUClock.nanoseconds(), ordering: .relaxed)
         }
         for link in links.values { close(link) }
         links = [:]
     }
 
     func relayOnce(_ link: Link) {
-        touch(link)
+        batch.touch(link)
         let (value, failure) = EventFD.take(from: link.source.rawValue)
         guard let value else {
             if failure != nil {
-                link.delta.errors.addSaturating(1)
+                count(.sourceFailed, on: link)
                 epoll.remove(link.source.rawValue)
-                link.broken = true
+                link.sourceBroken = true
             }
             return // the peer drained it first: nothing to relay
         }
-        link.delta.notifications.addSaturating(value)
-        link.delta.wakeups.addSaturating(1)
-        link.delta.coalesced.addSaturating(value > 0 ? value - 1 : 0)
-        guard let target = link.target else {
-            link.delta.dropped.addSaturating(value)
-            return
-        }
-        guard (try? Poll.writable(target.rawValue)) == true else {
-            link.delta.coalesced.addSaturating(value) // a full counter already has a wakeup pending
-            return
-        }
+        count(.took(value), on: link)
+        guard let target = writableTarget(of: link, for: value) else { return }
         switch EventFD.add(1, to: target.rawValue) { // POLLOUT promised room for 1, never for the value read
-        case .added: link.delta.relayed.addSaturating(1)
-        case .full: link.delta.coalesced.addSaturating(value)
-        case .failed:
-            link.delta.dropped.addSaturating(value)
-            link.delta.errors.addSaturating(1)
+        case .added: count(.relayed, on: link)
+        case .full: count(.coalesced(value), on: link)
+        case .failed: count(.writeFailed(dropping: value), on: link)
         }
     }
+}
 
-    func close(_ link: Link) {
-        flushStatistics()
-        if !link.broken { epoll.remove(link.source.rawValue) }
-        try? link.source.close()
-        try? link.target?.close()
-        relay.finished(link.id)
+/// The shared link bookkeeping (`RelayLinkEngine`): nothing is ever in
+/// flight here, so a retarget or removal settles at once; a source stays in
+/// the epoll set until its link is closed.
+extension EpollRelayEngine: RelayLinkEngine {
+    func makeLink(id: NotificationRelay.LinkID, source: OwnedFileDescriptor, target: OwnedFileDescriptor?) -> Link {
+        Link(id: id, source: source, target: target)
     }
-
-    func apply(_ command: NotificationRelay.Command) {
-        switch command {
-        case .add(let id, let source, let target):
-            let link = Link(id: id, source: source, target: target)
-            links[id.rawValue] = link
-            do { try epoll.add(source.rawValue, data: UInt64(id.rawValue)) } catch {
-                link.broken = true
-                link.delta.errors.addSaturating(1)
-                touch(link)
-            }
-        case .retarget(let id, let target):
-            guard let link = links[id.rawValue] else { try? target?.close(); relay.retargeted(id); return }
-            try? link.target?.close()
-            link.target = target
-            relay.retargeted(id)
-        case .remove(let id):
-            guard let link = links.removeValue(forKey: id.rawValue) else { return }
-            close(link)
-        case .stop:
-            running = false
+    func watch(_ link: Link) {
+        do { try epoll.add(link.source.rawValue, data: UInt64(link.id.rawValue)) } catch {
+            link.sourceBroken = true
+            count(.sourceFailed, on: link)
         }
+    }
+    func hasInFlight(_ link: Link) -> Bool { false }
+    func cancelInFlight(_ link: Link) {}
+    func resume(_ link: Link) {}
+    func unwatch(_ link: Link) {
+        if !link.sourceBroken { epoll.remove(link.source.rawValue) }
     }
 }

@@ -3,9 +3,6 @@ import LinuxIO
 import Logging
 import Synchronization
 import SystemPackage
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// How a bridge moves vring notifications between VM1 and VM2.
 public enum NotificationMode: String, Sendable, CaseIterable, Codable {
@@ -55,38 +52,6 @@ public enum RelayError: Error, CustomStringConvertible {
         case .system(let e): "notification relay: \(e)"
         case .stopped: "notification relay is stopped"
         }
-    }
-}
-
-/// A relay engine's link as far as counting goes.
-protocol CountedLink: AnyObject {
-    var id: NotificationRelay.LinkID { get }
-    /// Counters since the last flush to the shared statistics.
-    var delta: RelayLinkStatistics { get set }
-    var dirty: Bool { get set }
-}
-
-/// The links whose counters changed in the current batch, flushed to the
-/// relay's shared statistics once per batch (one lock, not one per event).
-/// Both engines (io_uring, epoll) count through it.
-struct StatisticsBatch<Link: CountedLink> {
-    private var links: [Link] = []
-
-    mutating func touch(_ link: Link) {
-        if !link.dirty { link.dirty = true; links.append(link) }
-    }
-
-    mutating func flush(to relay: NotificationRelay) {
-        guard !links.isEmpty else { return }
-        var changes: [NotificationRelay.LinkID: RelayLinkStatistics] = [:]
-        changes.reserveCapacity(links.count)
-        for link in links {
-            changes[link.id] = link.delta
-            link.delta = RelayLinkStatistics()
-            link.dirty = false
-        }
-        links.removeAll(keepingCapacity: true)
-        relay.updateMany(changes)
     }
 }
 
@@ -147,9 +112,6 @@ public final class NotificationRelay: Sendable {
 
     public let mode: NotificationMode
     public let busyPollMicroseconds: Int
-    /// Benchmark only: linked writes without RWF_NOWAIT, so a *blocking*
-    /// target's write goes to an io-wq worker unbounded, to show that path.
-    public let forceLinkedWrites: Bool
     private let shared = Locked(Shared())
     private let control: EventFD
     private let changed: EventFD
@@ -161,10 +123,9 @@ public final class NotificationRelay: Sendable {
     /// `cpus`: pin the relay thread there (and bind the SQPOLL thread to the
     /// first); a pinning the kernel refuses fails the relay, with the reason.
     public init(mode: NotificationMode = .relay, busyPollMicroseconds: Int = 0, entries: UInt32 = 1024, cpus: [Int] = [],
-                logger: Logger = Logger(label: "relay"), forceLinkedWrites: Bool = false) throws(RelayError) {
+                logger: Logger = Logger(label: "relay")) throws(RelayError) {
         precondition(mode != .passthrough, "passthrough needs no relay")
         self.mode = mode
-        self.forceLinkedWrites = forceLinkedWrites
         self.busyPollMicroseconds = max(0, min(busyPollMicroseconds, 10_000))
         self.logger = logger
         do {
@@ -321,9 +282,9 @@ public final class NotificationRelay: Sendable {
 
     public func statistics(_ id: LinkID) -> RelayLinkStatistics? { shared.withLock { $0.statistics[id] } }
     public var liveLinks: Int { shared.withLock { $0.live.count } }
-    /// CPU time the relay thread has used so far (ns), for the benchmark.
-    public var threadCPUNanoseconds: UInt64 { cpu.load(ordering: .relaxed) }
-    let cpu = Atomic<UInt64>(0)
+    /// CPU time the relay thread has used so far (ns), for the benchmark:
+    /// read from its clock when asked, never by the relay loop; 0 once stopped.
+    public var threadCPUNanoseconds: UInt64 { thread.withLock { $0?.cpuTimeNanoseconds } ?? 0 }
     public var failure: String? { shared.withLock { $0.failure } }
 
     /// Stops the thread; every link's fds are closed.

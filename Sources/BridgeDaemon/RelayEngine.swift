@@ -3,9 +3,6 @@ import LinuxIO
 import Logging
 import Synchronization
 import SystemPackage
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The relay thread's private state.
 ///
@@ -33,23 +30,20 @@ final class RelayEngine {
     /// How long a write to a blocking target may wait (step 2 above).
     static let deliveryTimeoutMilliseconds: UInt32 = 100
 
-    final class Link: CountedLink {
+    final class Link: RelayLink {
         let id: NotificationRelay.LinkID
-        var source: OwnedFileDescriptor
+        let source: OwnedFileDescriptor
         var target: OwnedFileDescriptor?
+        var life: RelayLinkLife<OwnedFileDescriptor> = .active
+        var sourceBroken = false
+        var delta = RelayLinkStatistics()
+        var dirty = false
         /// The value the last read took from the source.
         let buffer: UnsafeMutablePointer<UInt64>
+        /// Operations in flight (a cancel's own completion is not counted).
         var pending = 0
         /// Whether the armed read has a write linked to it.
         var linked = false
-        var removing = false
-        /// The source failed (EBADF, EINVAL): it is not re-armed, so a broken
-        /// fd cannot spin the thread; a removal follows.
-        var sourceBroken = false
-        var pendingTarget: OwnedFileDescriptor??
-        /// Counters since the last flush to the shared statistics.
-        var delta = RelayLinkStatistics()
-        var dirty = false
         init(id: NotificationRelay.LinkID, source: OwnedFileDescriptor, target: OwnedFileDescriptor?) {
             self.id = id
             self.source = source
@@ -58,8 +52,6 @@ final class RelayEngine {
             buffer.initialize(to: 0)
         }
         deinit { buffer.deallocate() }
-        /// Whether a notification read now can still go to the current target.
-        var deliverable: Bool { !removing && pendingTarget == nil && target != nil }
     }
 
     let ring: URing
@@ -71,10 +63,6 @@ final class RelayEngine {
     var running = true
     /// Links whose `delta` changed in the current batch.
     var batch = StatisticsBatch<Link>()
-
-    @inline(__always) func touch(_ link: Link) { batch.touch(link) }
-
-    func flushStatistics() { batch.flush(to: relay) }
 
     init(ring: URing, relay: NotificationRelay) {
         self.ring = ring
@@ -111,14 +99,11 @@ final class RelayEngine {
     func arm(_ link: Link) {
         let id = link.id.rawValue
         if let target = link.target {
-            // Benchmark only (`forceLinkedWrites`): without RWF_NOWAIT, to
-            // show the io-wq path a blocking target would otherwise take.
-            let noWait = !relay.forceLinkedWrites
             prepare(2) { () throws(URingError) in
                 try ring.prepareRead(fd: link.source.rawValue, buffer: UnsafeMutableRawPointer(link.buffer), length: 8,
                                      userData: Self.userData(id, .read), linkNext: true)
                 try ring.prepareWrite(fd: target.rawValue, buffer: UnsafeRawPointer(one), length: 8,
-                                      userData: Self.userData(id, .write), noWait: noWait)
+                                      userData: Self.userData(id, .write), noWait: true)
             }
             link.linked = true
             link.pending += 2
@@ -166,7 +151,6 @@ final class RelayEngine {
                 break
             }
             flushStatistics()
-            relay.cpu.store(ThreadCPUClock.nanoseconds(), ordering: .relaxed)
         }
         // Cancel everything and wait for the completions so no buffer is freed
         // under an in-flight operation, then close every fd exactly once. No
@@ -186,14 +170,6 @@ final class RelayEngine {
         links = [:]
     }
 
-    func close(_ link: Link) {
-        flushStatistics()
-        try? link.source.close()
-        try? link.target?.close()
-        if case .some(let t) = link.pendingTarget { try? t?.close() }
-        relay.finished(link.id)
-    }
-
     func handle(_ c: URingCompletion) {
         if c.userData == Self.controlData {
             for command in relay.drainControl() { apply(command) }
@@ -204,50 +180,43 @@ final class RelayEngine {
         guard let link = links[id], let op = Op(rawValue: c.userData & 0xff) else { return }
         if op == .cancel { return }
         link.pending -= 1
-        touch(link)
+        batch.touch(link)
         let value = link.buffer.pointee
         switch op {
         case .read:
             if c.result == 8 {
-                link.delta.notifications.addSaturating(value)
-                link.delta.wakeups.addSaturating(1)
-                link.delta.coalesced.addSaturating(value > 0 ? value - 1 : 0)
+                count(.took(value), on: link)
                 // No write was linked: there was no target when it was armed.
-                if !link.linked, !link.removing, link.pendingTarget == nil { link.delta.dropped.addSaturating(value) }
+                if !link.linked, link.life.isActive { count(.dropped(value), on: link) }
             } else if let e = c.errno, e != .canceled, e != .resourceTemporarilyUnavailable {
-                link.delta.errors.addSaturating(1)
+                count(.sourceFailed, on: link)
                 if e == .badFileDescriptor || e == .invalidArgument { link.sourceBroken = true }
             }
         case .write:
             if c.result == 8 {
-                link.delta.relayed.addSaturating(1)
+                count(.relayed, on: link)
             } else if let e = c.errno {
                 if e == .canceled {
                     // The read failed or was cancelled; nothing was read.
                 } else if e == .resourceTemporarilyUnavailable || e == .notSupported {
                     deliverWithoutNoWait(link, value)
                 } else {
-                    link.delta.dropped.addSaturating(value)
-                    link.delta.errors.addSaturating(1)
+                    count(.writeFailed(dropping: value), on: link)
                 }
             }
         case .deliver:
             if c.result == 8 {
-                link.delta.relayed.addSaturating(1)
+                count(.relayed, on: link)
             } else if let e = c.errno {
                 if e == .resourceTemporarilyUnavailable {
-                    link.delta.coalesced.addSaturating(value) // a non-blocking target filled up meanwhile
+                    count(.coalesced(value), on: link) // a non-blocking target filled up meanwhile
                 } else if e == .canceled || e == .interrupted {
                     // Timed out (the counter filled up between the check and
-                    // the write), or cancelled by a removal, retarget or stop.
-                    if running, link.deliverable {
-                        deliverWithoutNoWait(link, value)
-                    } else {
-                        link.delta.dropped.addSaturating(value)
-                    }
+                    // the write): retried while there is room. Cancelled by a
+                    // removal, retarget or stop: dropped.
+                    deliverWithoutNoWait(link, value)
                 } else {
-                    link.delta.dropped.addSaturating(value)
-                    link.delta.errors.addSaturating(1)
+                    count(.writeFailed(dropping: value), on: link)
                 }
             }
         case .timeout, .cancel:
@@ -260,14 +229,11 @@ final class RelayEngine {
     /// wakeup pending) or a blocking file (the peer cleared `O_NONBLOCK`).
     /// POLLOUT tells them apart; with room, one bounded write of 1.
     func deliverWithoutNoWait(_ link: Link, _ value: UInt64) {
-        guard running, link.deliverable, let target = link.target else {
-            link.delta.dropped.addSaturating(value)
+        guard running else {
+            count(.dropped(value), on: link)
             return
         }
-        guard (try? Poll.writable(target.rawValue)) == true else {
-            link.delta.coalesced.addSaturating(value)
-            return
-        }
+        guard let target = writableTarget(of: link, for: value) else { return }
         let id = link.id.rawValue
         prepare(2) { () throws(URingError) in
             try ring.prepareWrite(fd: target.rawValue, buffer: UnsafeRawPointer(one), length: 8,
@@ -276,43 +242,18 @@ final class RelayEngine {
         }
         link.pending += 2
     }
+}
 
-    /// A link with nothing in flight: remove it, apply a retarget, or re-arm.
-    func settle(_ link: Link) {
-        if link.removing {
-            links[link.id.rawValue] = nil
-            close(link)
-            return
-        }
-        if case .some(let newTarget) = link.pendingTarget {
-            try? link.target?.close()
-            link.target = newTarget
-            link.pendingTarget = nil
-            relay.retargeted(link.id)
-        }
-        // A source that broke is not re-armed in a busy loop: the link waits
-        // for its removal; its counters show errors.
-        if link.sourceBroken { return }
-        if running { arm(link) }
+/// The shared link bookkeeping (`RelayLinkEngine`): a link has operations in
+/// flight until every completion of it came back; a retarget or removal
+/// cancels them, and a settled link is re-armed.
+extension RelayEngine: RelayLinkEngine {
+    func makeLink(id: NotificationRelay.LinkID, source: OwnedFileDescriptor, target: OwnedFileDescriptor?) -> Link {
+        Link(id: id, source: source, target: target)
     }
-
-    func apply(_ command: NotificationRelay.Command) {
-        switch command {
-        case .add(let id, let source, let target):
-            let link = Link(id: id, source: source, target: target)
-            links[id.rawValue] = link
-            arm(link)
-        case .retarget(let id, let target):
-            guard let link = links[id.rawValue] else { try? target?.close(); relay.retargeted(id); return }
-            if case .some(let old) = link.pendingTarget { try? old?.close() }
-            link.pendingTarget = .some(target)
-            if link.pending > 0 { cancel(link) } else { settle(link) }
-        case .remove(let id):
-            guard let link = links[id.rawValue] else { return }
-            link.removing = true
-            if link.pending > 0 { cancel(link) } else { settle(link) }
-        case .stop:
-            running = false
-        }
-    }
+    func watch(_ link: Link) { arm(link) }
+    func hasInFlight(_ link: Link) -> Bool { link.pending > 0 }
+    func cancelInFlight(_ link: Link) { cancel(link) }
+    func resume(_ link: Link) { arm(link) }
+    func unwatch(_ link: Link) {}
 }

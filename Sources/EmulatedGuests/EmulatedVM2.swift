@@ -159,10 +159,6 @@ public final class EmulatedVM2: Sendable {
     var commandFD: Int32 { translations.signal.fd.rawValue }
 }
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// The device thread's state. Never leaves that thread.
 final class VM2DeviceThread {
     /// A queue's notification fds and whether VM1 enabled it.

@@ -32,6 +32,16 @@ public final class JoinableThread: Sendable {
         _ = shim_set_thread_name(handle, String(name.prefix(15)))
     }
 
+    /// CPU time the thread has used so far (ns), read from outside through
+    /// its CPU-time clock (pthread_getcpuclockid), so the thread itself
+    /// spends nothing on it; nil once it ended. Not after `join` or `detach`.
+    public var cpuTimeNanoseconds: UInt64? {
+        var clock = clockid_t()
+        var ts = timespec()
+        guard pthread_getcpuclockid(thread, &clock) == 0, clock_gettime(clock, &ts) == 0 else { return nil }
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
     /// Waits for the thread to finish. Call at most once (and not after `detach`).
     public func join() {
         pthread_join(thread, nil)
@@ -69,15 +79,6 @@ public enum Signals {
         var received: Int32 = 0
         while sigwait(&set, &received) != 0 {}
         return received
-    }
-}
-
-/// CPU time consumed by the calling thread (CLOCK_THREAD_CPUTIME_ID), in ns.
-public enum ThreadCPUClock {
-    public static func nanoseconds() -> UInt64 {
-        var ts = timespec()
-        guard clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0 else { return 0 }
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 }
 

@@ -20,16 +20,6 @@ extension EventFD {
         }
     }
 
-    /// Reads one 8-byte eventfd counter value from `source` and adds it to
-    /// `target` (raw fds owned elsewhere: a relay's links). Returns the value
-    /// moved, or nil when there was none or `target` refused it.
-    public static func move(from source: Int32, to target: Int32) -> UInt64? {
-        var value: UInt64 = 0
-        guard (try? retryingInterrupts("eventfd read(\(source))", { Glibc.read(source, &value, 8) })) == 8 else { return nil }
-        guard add(value, to: target) == .added else { return nil }
-        return value
-    }
-
     /// Reads the eventfd counter behind the raw fd `source` without ever
     /// blocking, even on a blocking fd another process can drain first: nil
     /// when it is zero (or the read failed: then `failed` says why).

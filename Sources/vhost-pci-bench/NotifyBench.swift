@@ -66,9 +66,26 @@ func wire(_ path: Path, vrings: Int) throws -> Wiring {
         w.stop = { relay.stop() }
         w.relayWakeups = { relay.wakeups }
         w.relayCPU = { relay.threadCPUNanoseconds }
-    case .uring, .uringSQPoll, .uringBlocking, .uringIOWQ:
-        let blocking = path == .uringBlocking || path == .uringIOWQ
-        let relay = try NotificationRelay(mode: path == .uringSQPoll ? .relaySQPoll : .relay, forceLinkedWrites: path == .uringIOWQ)
+    case .uringIOWQ:
+        // Not the daemon's relay (which never takes this path): its own
+        // linked writes without RWF_NOWAIT, to blocking targets.
+        var pairs: [(source: OwnedFileDescriptor, target: OwnedFileDescriptor)] = []
+        for _ in 0..<vrings {
+            let ks = try EventFD(), kt = try EventFD(nonBlocking: false)
+            let cs = try EventFD(), ct = try EventFD(nonBlocking: false)
+            w.kickWrite.append(ks); w.kickWait.append(kt); w.callWrite.append(cs); w.callWait.append(ct)
+            pairs.append((try ks.fd.duplicate(), try kt.fd.duplicate()))
+            pairs.append((try cs.fd.duplicate(), try ct.fd.duplicate()))
+        }
+        let relay = try LinkedWriteRelay(pairs)
+        w.stop = { relay.stop() }
+        w.relayWakeups = { relay.wakeups }
+        let kickPairs = Array(stride(from: 0, to: pairs.count, by: 2))
+        w.kicksTaken = { relay.taken(kickPairs) }
+        w.relayCPU = { relay.threadCPUNanoseconds }
+    case .uring, .uringSQPoll, .uringBlocking:
+        let blocking = path == .uringBlocking
+        let relay = try NotificationRelay(mode: path == .uringSQPoll ? .relaySQPoll : .relay)
         var ids: [NotificationRelay.LinkID] = []
         for _ in 0..<vrings {
             let ks = try EventFD(), kt = try EventFD(nonBlocking: !blocking)
@@ -163,7 +180,7 @@ func measureThroughput(_ path: Path, vrings: Int, kicks: Int) throws -> Throughp
     let seconds = start.duration(to: clock.now) / .seconds(1)
     producer.join()
     let relayWakeups = w.relayWakeups()
-    usleep(20_000) // let the relay thread publish its last CPU sample
+    usleep(20_000) // let the relay thread finish its last batch
     let cpu = w.relayCPU() &- cpuBefore
     return ThroughputResult(notificationsPerSecond: Double(kicks) / seconds,
                             wakeupsPerSecond: Double(relayWakeups > 0 ? relayWakeups : consumerWakeups) / seconds,

@@ -1,5 +1,6 @@
 import ArgumentParser
 import BridgeCore
+import FaultInjection
 import Foundation
 import LinuxIO
 

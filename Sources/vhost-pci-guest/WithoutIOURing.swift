@@ -1,4 +1,5 @@
 import ArgumentParser
+import FaultInjection
 import Foundation
 import LinuxIO
 

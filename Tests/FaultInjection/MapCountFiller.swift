@@ -1,4 +1,6 @@
 import CLinuxShim
+import LinuxIO
+import SystemPackage
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -20,13 +22,13 @@ public final class MapCountFiller {
         let page = Int(BARWindow.hostPageSize)
         let pages = 2 * (ResourceLimits.maxMapCount() ?? 65530) + 64
         length = pages * page
-        guard let start = shim_reserve(length, page), start != shim_map_failed() else { throw .current("mmap(reserve \(pages) pages)") }
+        guard let start = shim_reserve(length, page), start != shim_map_failed() else { throw systemCallFailure("mmap(reserve \(pages) pages)") }
         base = UInt(bitPattern: start)
         var splits = 0
         var index = 1
         while index < pages - 1 {
             if mprotect(start + index * page, page, shim_prot_read()) != 0 {
-                let failure = SystemCallError.current("mprotect(page \(index))")
+                let failure = systemCallFailure("mprotect(page \(index))")
                 guard failure.errno == .noMemory else { munmap(start, length); throw failure }
                 self.splits = splits
                 return

@@ -1,4 +1,6 @@
 import CLinuxShim
+import LinuxIO
+import SystemPackage
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -9,6 +11,9 @@ public enum Seccomp {
     /// whatever it executes (a filter cannot be removed), as under a
     /// container's seccomp policy. Sets no_new_privs.
     public static func denyIOURingSetup() throws(SystemCallError) {
-        guard shim_deny_io_uring_setup() == 0 else { throw .current("seccomp(deny io_uring_setup)") }
+        guard shim_deny_io_uring_setup() == 0 else { throw systemCallFailure("seccomp(deny io_uring_setup)") }
     }
 }
+
+/// The error of the system call that just failed (errno), for this target's throws.
+func systemCallFailure(_ operation: String) -> SystemCallError { SystemCallError(operation, errno: Errno(rawValue: errno)) }

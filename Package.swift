@@ -6,6 +6,7 @@ import PackageDescription
 //   BridgeCore     - pure Swift, imports nothing: addresses, regions, AddressSpace, decisions, wire format.
 //   VhostUser      - pure: vhost-user codec + BackendSession (imports BridgeCore).
 //   PeerProtocol   - pure: the VM2 peer protocol codec (imports BridgeCore).
+//   ControlWire    - the control socket's Codable requests and results (imports BridgeCore).
 //   LinuxIO        - the only target that makes syscalls; executes BridgeCore's plans.
 //   DeviceEngine   - VM2's data plane: virtqueues served in bursts from the BAR (imports BridgeCore, LinuxIO).
 //   BridgeDaemon   - carries out the pure decisions: threads, sockets, fds (imports all of the above).
@@ -57,6 +58,11 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "ControlWire",
+            dependencies: ["BridgeCore"],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "LinuxIO",
             dependencies: [
                 "CLinuxShim",
@@ -68,7 +74,7 @@ let package = Package(
         .target(
             name: "BridgeDaemon",
             dependencies: [
-                "BridgeCore", "VhostUser", "PeerProtocol", "LinuxIO",
+                "BridgeCore", "VhostUser", "PeerProtocol", "LinuxIO", "ControlWire",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
             ],
@@ -95,7 +101,7 @@ let package = Package(
         ),
         .target(
             name: "ControlClient",
-            dependencies: ["LinuxIO"],
+            dependencies: ["LinuxIO", "ControlWire"],
             swiftSettings: swiftSettings
         ),
         .executableTarget(

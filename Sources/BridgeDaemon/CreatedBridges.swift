@@ -20,31 +20,38 @@ public struct CreatedBridges: Sendable {
 
     public init(directory: String) { path = "\(directory)/\(Self.fileName)" }
 
+    /// The file as written: `{"version": 1, "bridges": [{"name": …, "bridge": {…}}]}`.
+    struct File: Encodable {
+        var version = 1
+        var bridges: [Item]
+        struct Item: Encodable { var name: String; var bridge: ConfigValue }
+    }
+
     /// The entries; none when the file does not exist yet.
     public func load() throws(ConfigError) -> [Entry] {
         guard FileManager.default.fileExists(atPath: path) else { return [] }
-        let object: Any
-        do { object = try JSONSerialization.jsonObject(with: try Data(contentsOf: URL(fileURLWithPath: path))) } catch {
+        let top: ConfigValue
+        do { top = try JSONDecoder().decode(ConfigValue.self, from: try Data(contentsOf: URL(fileURLWithPath: path))) } catch {
             throw ConfigError(path, "not readable JSON: \(error.localizedDescription)")
         }
-        guard let top = object as? [String: Any], top["version"] as? Int == 1, let list = top["bridges"] as? [Any] else {
+        guard case .mapping(let file) = top, file["version"] == .int(1), case .list(let list)? = file["bridges"] else {
             throw ConfigError(path, "must be {\"version\": 1, \"bridges\": [...]}")
         }
         return try list.enumerated().map { i, item throws(ConfigError) in
-            guard let e = item as? [String: Any], let name = e["name"] as? String, let bridge = e["bridge"] as? [String: Any],
-                  let data = try? JSONSerialization.data(withJSONObject: bridge, options: [.sortedKeys]) else {
+            guard case .mapping(let e) = item, case .string(let name)? = e["name"], case .mapping(let bridge)? = e["bridge"],
+                  let spec = ControlProtocol.encode(bridge) else {
                 throw ConfigError("\(path): bridges[\(i)]", "must be {\"name\": ..., \"bridge\": {...}}")
             }
-            return Entry(name: name, spec: String(decoding: data, as: UTF8.self))
+            return Entry(name: name, spec: spec)
         }
     }
 
     public func save(_ entries: [Entry]) throws(ConfigError) {
-        let list: [[String: Any]] = entries.map { e in
-            ["name": e.name, "bridge": (try? JSONSerialization.jsonObject(with: Data(e.spec.utf8))) ?? [:]]
-        }
+        let file = File(bridges: entries.map { e in .init(name: e.name, bridge: Self.object(e.spec) ?? .mapping([:])) })
         do {
-            let data = try JSONSerialization.data(withJSONObject: ["version": 1, "bridges": list], options: [.sortedKeys, .prettyPrinted])
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+            let data = try encoder.encode(file)
             let directory = (path as NSString).deletingLastPathComponent
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
             try data.write(to: URL(fileURLWithPath: path), options: .atomic)
@@ -55,11 +62,15 @@ public struct CreatedBridges: Sendable {
 
     /// The bridge an entry describes, checked as a `create` request is.
     public func bridge(_ entry: Entry, runtimeDirectory: String) throws(ConfigError) -> BridgeConfig {
-        guard let spec = try? JSONSerialization.jsonObject(with: Data(entry.spec.utf8)) else {
+        guard let spec = Self.object(entry.spec) else {
             throw ConfigError("\(path): \(entry.name)", "the bridge object is not JSON")
         }
         let b = try DaemonConfig.bridge(spec, key: "\(path): \(entry.name)", runtimeDirectory: runtimeDirectory)
         guard b.name == entry.name else { throw ConfigError("\(path): \(entry.name)", "names bridge '\(b.name)'") }
         return b
+    }
+
+    static func object(_ json: String) -> ConfigValue? {
+        try? JSONDecoder().decode(ConfigValue.self, from: Data(json.utf8))
     }
 }

@@ -2,6 +2,7 @@ import BridgeCore
 import LinuxIO
 import Logging
 import VhostUser
+import ControlWire
 import Yams
 
 /// A refused configuration: the key (e.g. `bridges[1].bar-size`) and why.
@@ -97,66 +98,9 @@ public struct DaemonConfig: Equatable, Sendable {
     static let maximumNodes = 100_000
     static let maximumDepth = 32
 
-    /// A composed YAML node as plain values (mappings with string keys,
-    /// arrays, scalars), with every limit checked. Yams' own `load` traps on
-    /// a mapping whose key is not a string (`{{}: 1}`, found by fuzzing), so
-    /// the config never goes through it.
-    static func plain(_ node: Node, path: String, depth: Int, budget: inout Int) throws(ConfigError) -> Any {
-        let at = path.isEmpty ? "(file)" : path
-        budget -= 1
-        guard budget >= 0 else { throw ConfigError(at, "the file has more than \(maximumNodes) YAML nodes") }
-        guard depth < maximumDepth else { throw ConfigError(at, "nested deeper than \(maximumDepth) levels") }
-        switch node {
-        case .scalar(let scalar):
-            return plainScalar(scalar)
-        case .alias:
-            throw ConfigError(at, "YAML aliases are not supported")
-        case .sequence(let items):
-            var out: [Any] = []
-            for (i, item) in items.enumerated() { out.append(try plain(item, path: "\(path)[\(i)]", depth: depth + 1, budget: &budget)) }
-            return out
-        case .mapping(let pairs):
-            var out: [String: Any] = [:]
-            for (key, value) in pairs {
-                guard case .scalar(let k) = key else { throw ConfigError(at, "a mapping key is not a plain name") }
-                let child = path.isEmpty ? k.string : "\(path).\(k.string)"
-                guard out[k.string] == nil else { throw ConfigError(child, "is given twice") }
-                out[k.string] = try plain(value, path: child, depth: depth + 1, budget: &budget)
-            }
-            return out
-        }
-    }
-
-    /// A scalar as the config reads it: Int, Bool, Double or String, parsed
-    /// here — Yams' own constructors trap on some YAML 1.1 forms (a
-    /// sexagesimal integer such as `3333333333333333333:3` overflows; found by
-    /// fuzz-config). What does not parse stays a string, and the key's own
-    /// check then says what it expected.
-    static func plainScalar(_ scalar: Node.Scalar) -> Any {
-        let text = scalar.string
-        switch Tag.Name(rawValue: scalar.tag.rawValue) {
-        case .int:
-            let digits = text.replacingOccurrences(of: "_", with: "")
-            if let v = Int(digits) { return v }
-            if digits.hasPrefix("0x"), let v = Int(digits.dropFirst(2), radix: 16) { return v }
-            if digits.hasPrefix("0o"), let v = Int(digits.dropFirst(2), radix: 8) { return v }
-            return text
-        case .bool:
-            switch text.lowercased() {
-            case "true", "yes", "on", "y": return true
-            case "false", "no", "off", "n": return false
-            default: return text
-            }
-        case .float:
-            return Double(text) ?? text
-        default:
-            return text
-        }
-    }
-
     /// Parses and validates YAML text. Every error names its key.
     public static func parse(_ text: String) throws(ConfigError) -> DaemonConfig {
-        let root: Any?
+        let root: ConfigValue?
         do {
             let node = try Yams.compose(yaml: text)
             var budget = maximumNodes
@@ -166,7 +110,7 @@ public struct DaemonConfig: Equatable, Sendable {
         } catch {
             throw ConfigError("(file)", "not valid YAML: \(error)")
         }
-        guard let top = root as? [String: Any] else { throw ConfigError("(file)", "the top level must be a mapping of keys") }
+        guard case .mapping(let top)? = root else { throw ConfigError("(file)", "the top level must be a mapping of keys") }
         var config = DaemonConfig()
         for key in top.keys.sorted() where !topKeys.contains(key) { throw ConfigError(key, "unknown key") }
         if let v = top["runtime-directory"] {
@@ -180,13 +124,10 @@ public struct DaemonConfig: Equatable, Sendable {
         }
         if let v = top["control-mode"] { config.controlMode = try mode(v, "control-mode") }
         if let v = top["log-level"] {
-            guard let text = scalar(v), let level = Logger.Level(rawValue: text) else {
-                throw ConfigError("log-level", "'\(scalar(v) ?? "?")' is not one of trace, debug, info, notice, warning, error, critical")
-            }
-            config.logLevel = level
+            config.logLevel = try choice(v, "log-level", Logger.Level.self, "one of trace, debug, info, notice, warning, error, critical")
         }
         if let v = top["vm2-budgets"] {
-            guard let map = v as? [String: Any] else { throw ConfigError("vm2-budgets", "must map VM2 names to sizes") }
+            guard case .mapping(let map) = v else { throw ConfigError("vm2-budgets", "must map VM2 names to sizes") }
             for (name, raw) in map {
                 guard let size = scalar(raw).flatMap(parseByteSize), size > 0 else {
                     throw ConfigError("vm2-budgets.\(name)", "'\(scalar(raw) ?? "?")' is not a size such as 2T")
@@ -196,7 +137,7 @@ public struct DaemonConfig: Equatable, Sendable {
         }
         if let v = top["state-directory"] { config.stateDirectory = try path(v, "state-directory") }
         if let v = top["socket-directories"] {
-            guard let list = v as? [Any] else { throw ConfigError("socket-directories", "must be a list of absolute directories") }
+            guard case .list(let list) = v else { throw ConfigError("socket-directories", "must be a list of absolute directories") }
             config.socketDirectories = try list.enumerated().map { i, d throws(ConfigError) in
                 let dir = try path(d, "socket-directories[\(i)]")
                 guard SocketPathPolicy.isPlain(dir) else { throw ConfigError("socket-directories[\(i)]", "'\(dir)' must not contain '.', '..' or '//'") }
@@ -204,7 +145,7 @@ public struct DaemonConfig: Equatable, Sendable {
             }
         }
         if let v = top["bridges"] {
-            guard let list = v as? [Any] else { throw ConfigError("bridges", "must be a list of bridges") }
+            guard case .list(let list) = v else { throw ConfigError("bridges", "must be a list of bridges") }
             for (i, item) in list.enumerated() {
                 config.bridges.append(try bridge(item, key: "bridges[\(i)]", runtimeDirectory: config.runtimeDirectory))
             }
@@ -231,17 +172,9 @@ public struct DaemonConfig: Equatable, Sendable {
         } catch { throw ConfigError("vm2-budgets", "\(error)") }
     }
 
-    static func scalar(_ v: Any) -> String? {
-        switch v {
-        case let s as String: s
-        case let i as Int: String(i)
-        case let b as Bool: b ? "true" : "false"
-        case let d as Double: String(d)
-        default: nil
-        }
-    }
+    static func scalar(_ v: ConfigValue) -> String? { v.scalarText }
 
-    static func path(_ v: Any, _ key: String) throws(ConfigError) -> String {
+    static func path(_ v: ConfigValue, _ key: String) throws(ConfigError) -> String {
         guard let s = scalar(v), s.hasPrefix("/"), s.utf8.count <= 107 else {
             throw ConfigError(key, "must be an absolute path of at most 107 bytes (a Unix socket limit)")
         }
@@ -251,24 +184,24 @@ public struct DaemonConfig: Equatable, Sendable {
     static let accessKeys: Set<String> = ["owner", "group", "mode", "allow-users", "allow-groups"]
 
     /// `{owner, group, mode, allow-users, allow-groups}`: names or numbers.
-    static func access(_ v: Any, _ key: String) throws(ConfigError) -> PeerAccess {
-        guard let map = v as? [String: Any] else { throw ConfigError(key, "must be a mapping of owner, group, mode, allow-users, allow-groups") }
+    static func access(_ v: ConfigValue, _ key: String) throws(ConfigError) -> PeerAccess {
+        guard case .mapping(let map) = v else { throw ConfigError(key, "must be a mapping of owner, group, mode, allow-users, allow-groups") }
         for k in map.keys.sorted() where !accessKeys.contains(k) { throw ConfigError("\(key).\(k)", "unknown key") }
-        func user(_ raw: Any, _ at: String) throws(ConfigError) -> UInt32 {
+        func user(_ raw: ConfigValue, _ at: String) throws(ConfigError) -> UInt32 {
             guard let name = scalar(raw), let id = SocketPermissions.userID(named: name) else {
                 throw ConfigError(at, "'\(scalar(raw) ?? "?")' is not a user name or number")
             }
             return id
         }
-        func group(_ raw: Any, _ at: String) throws(ConfigError) -> UInt32 {
+        func group(_ raw: ConfigValue, _ at: String) throws(ConfigError) -> UInt32 {
             guard let name = scalar(raw), let id = SocketPermissions.groupID(named: name) else {
                 throw ConfigError(at, "'\(scalar(raw) ?? "?")' is not a group name or number")
             }
             return id
         }
-        func list(_ k: String) throws(ConfigError) -> [Any] {
+        func list(_ k: String) throws(ConfigError) -> [ConfigValue] {
             guard let raw = map[k] else { return [] }
-            guard let items = raw as? [Any] else { throw ConfigError("\(key).\(k)", "must be a list") }
+            guard case .list(let items) = raw else { throw ConfigError("\(key).\(k)", "must be a list") }
             return items
         }
         var a = PeerAccess()
@@ -282,9 +215,9 @@ public struct DaemonConfig: Equatable, Sendable {
 
     /// `[event-idx, mrg-rxbuf]` or `"event-idx,mrg-rxbuf"` (or `[]`):
     /// VERSION_1 is always added; MQ and CTRL_VQ come from `queue-pairs`.
-    static func deviceFeatures(_ v: Any, _ key: String) throws(ConfigError) -> VirtioNetFeatures {
+    static func deviceFeatures(_ v: ConfigValue, _ key: String) throws(ConfigError) -> VirtioNetFeatures {
         let names: [String]
-        if let items = v as? [Any] {
+        if case .list(let items) = v {
             names = items.map { scalar($0) ?? "?" }
         } else if let text = scalar(v) {
             return try deviceFeatures(commaSeparated: text, key)
@@ -311,9 +244,9 @@ public struct DaemonConfig: Equatable, Sendable {
     }
 
     /// `[0, 2]` or `"0-3,6"`: CPU numbers below 1024, at most 1024 of them.
-    static func cpuList(_ v: Any, _ key: String) throws(ConfigError) -> [Int] {
+    static func cpuList(_ v: ConfigValue, _ key: String) throws(ConfigError) -> [Int] {
         let items: [String]
-        if let list = v as? [Any] { items = list.map { scalar($0) ?? "?" } } else if let text = scalar(v) {
+        if case .list(let list) = v { items = list.map { scalar($0) ?? "?" } } else if let text = scalar(v) {
             items = text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
         } else { throw ConfigError(key, "must be a list of CPU numbers or a string such as 0-3,6") }
         var cpus: Set<Int> = []
@@ -329,21 +262,31 @@ public struct DaemonConfig: Equatable, Sendable {
         return cpus.sorted()
     }
 
-    static func mode(_ v: Any, _ key: String) throws(ConfigError) -> UInt32 {
+    static func mode(_ v: ConfigValue, _ key: String) throws(ConfigError) -> UInt32 {
         guard let text = scalar(v), let mode = UInt32(text.hasPrefix("0o") ? String(text.dropFirst(2)) : text, radix: 8), mode <= 0o777 else {
             throw ConfigError(key, "'\(scalar(v) ?? "?")' is not an octal mode such as 0660")
         }
         return mode
     }
 
-    static func int(_ v: Any, _ key: String, _ range: ClosedRange<Int>) throws(ConfigError) -> Int {
+    static func int(_ v: ConfigValue, _ key: String, _ range: ClosedRange<Int>) throws(ConfigError) -> Int {
         guard let s = scalar(v), let n = Int(s), range.contains(n) else {
             throw ConfigError(key, "'\(scalar(v) ?? "?")' is not a whole number in \(range.lowerBound)...\(range.upperBound)")
         }
         return n
     }
 
-    static func window(_ v: Any, _ key: String) throws(ConfigError) -> BusWindow {
+    /// A key whose value is one of an enum's names (`mode`, `notifications`,
+    /// `vm2-deadline-action`, ...); `expected` lists them for the error.
+    static func choice<Choice: RawRepresentable<String>>(_ v: ConfigValue, _ key: String, _: Choice.Type,
+                                                          _ expected: String) throws(ConfigError) -> Choice {
+        guard let text = scalar(v), let value = Choice(rawValue: text) else {
+            throw ConfigError(key, "'\(scalar(v) ?? "?")' is not \(expected)")
+        }
+        return value
+    }
+
+    static func window(_ v: ConfigValue, _ key: String) throws(ConfigError) -> BusWindow {
         guard let s = scalar(v), let w = BusWindow(parsing: s) else {
             throw ConfigError(key, "'\(scalar(v) ?? "?")' is not BASE:LIMIT with LIMIT above BASE (e.g. 4G:16G)")
         }
@@ -351,8 +294,8 @@ public struct DaemonConfig: Equatable, Sendable {
     }
 
     /// One bridge from a mapping (the config file's `bridges[i]`, or `create`).
-    public static func bridge(_ item: Any, key: String, runtimeDirectory: String) throws(ConfigError) -> BridgeConfig {
-        guard let b = item as? [String: Any] else { throw ConfigError(key, "each bridge must be a mapping") }
+    public static func bridge(_ item: ConfigValue, key: String, runtimeDirectory: String) throws(ConfigError) -> BridgeConfig {
+        guard case .mapping(let b) = item else { throw ConfigError(key, "each bridge must be a mapping") }
         for k in b.keys.sorted() where !bridgeKeys.contains(k) { throw ConfigError("\(key).\(k)", "unknown key") }
         guard let rawName = b["name"], let name = scalar(rawName), !name.isEmpty else { throw ConfigError("\(key).name", "is required") }
         guard name.count <= 32, name.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" }) else {
@@ -364,13 +307,11 @@ public struct DaemonConfig: Equatable, Sendable {
             ?? "\(runtimeDirectory)/\(name)-vm2.sock"
         guard let barText = b["bar-size"].flatMap(scalar) else { throw ConfigError("\(key).bar-size", "is required (e.g. 64G)") }
         guard let bar = parseByteSize(barText) else { throw ConfigError("\(key).bar-size", "'\(barText)' is not a size such as 64G") }
-        let modeText = b["mode"].flatMap(scalar) ?? "identity"
-        guard let mode = BridgeMode(rawValue: modeText) else {
-            throw ConfigError("\(key).mode", "'\(modeText)' is not identity, iommu or static")
-        }
+        let mode = try b["mode"].map { v throws(ConfigError) in try choice(v, "\(key).mode", BridgeMode.self, "identity, iommu or static") }
+            ?? .identity
         var windows: [BusWindow] = []
         if let raw = b["static-windows"] {
-            guard let list = raw as? [Any] else { throw ConfigError("\(key).static-windows", "must be a list of BASE:LIMIT") }
+            guard case .list(let list) = raw else { throw ConfigError("\(key).static-windows", "must be a list of BASE:LIMIT") }
             for (j, w) in list.enumerated() { windows.append(try window(w, "\(key).static-windows[\(j)]")) }
         }
         let dma = try b["dma-window"].map { v throws(ConfigError) in try window(v, "\(key).dma-window") }
@@ -380,17 +321,14 @@ public struct DaemonConfig: Equatable, Sendable {
         var space = AddressSpaceConfiguration(barSize: bar, pageSize: pageSize, mode: mode, dmaWindow: dma,
                                               staticWindows: windows, maxMappings: maxMappings)
         if let raw = b["round-out-huge-pages"] {
-            guard let v = raw as? Bool else { throw ConfigError("\(key).round-out-huge-pages", "must be true or false") }
+            guard case .bool(let v) = raw else { throw ConfigError("\(key).round-out-huge-pages", "must be true or false") }
             space.roundOutHugePages = v
         }
         do { try space.validate() } catch { throw ConfigError("\(key).\(error.key)", "\(error)".replacingPrefix("\(error.key): ")) }
         var config = BridgeConfig(name: name, vhostUserSocket: vhost, peerSocket: peer, vm2: b["vm2"].flatMap(scalar) ?? name,
                                   addressSpace: space)
         if let raw = b["notifications"] {
-            guard let text = scalar(raw), let n = NotificationMode(rawValue: text) else {
-                throw ConfigError("\(key).notifications", "'\(scalar(raw) ?? "?")' is not relay, relay-sqpoll or passthrough")
-            }
-            config.notifications = n
+            config.notifications = try choice(raw, "\(key).notifications", NotificationMode.self, "relay, relay-sqpoll or passthrough")
         }
         if let raw = b["busy-poll-us"] { config.busyPollMicroseconds = try int(raw, "\(key).busy-poll-us", 0...10_000) }
         if let raw = b["revocation-deadline-ms"] { config.revocationDeadlineMilliseconds = try int(raw, "\(key).revocation-deadline-ms", 1...60_000) }
@@ -399,23 +337,17 @@ public struct DaemonConfig: Equatable, Sendable {
         if let raw = b["vm1-access"] { config.vm1Access = try access(raw, "\(key).vm1-access") }
         if let raw = b["vm2-access"] { config.vm2Access = try access(raw, "\(key).vm2-access") }
         if let raw = b["vm2-deadline-action"] {
-            guard let text = scalar(raw), let action = DeadlineAction(rawValue: text) else {
-                throw ConfigError("\(key).vm2-deadline-action", "'\(scalar(raw) ?? "?")' is not disconnect or kill")
-            }
-            config.vm2DeadlineAction = action
+            config.vm2DeadlineAction = try choice(raw, "\(key).vm2-deadline-action", DeadlineAction.self, "disconnect or kill")
         }
         if let raw = b["unsealed-regions"] {
-            guard let text = scalar(raw), let policy = UnsealedRegionPolicy(rawValue: text) else {
-                throw ConfigError("\(key).unsealed-regions", "'\(scalar(raw) ?? "?")' is not refuse or mark")
-            }
-            config.unsealedRegions = policy
+            config.unsealedRegions = try choice(raw, "\(key).unsealed-regions", UnsealedRegionPolicy.self, "refuse or mark")
         }
         if let raw = b["max-pending-translations"] {
             config.maxPendingTranslations = try int(raw, "\(key).max-pending-translations", 1...65_536)
         }
         if let raw = b["cpu-affinity"] { config.cpuAffinity = try cpuList(raw, "\(key).cpu-affinity") }
         if let raw = b["client"] {
-            guard let v = raw as? Bool else { throw ConfigError("\(key).client", "must be true or false") }
+            guard case .bool(let v) = raw else { throw ConfigError("\(key).client", "must be true or false") }
             config.client = v
         }
         return config

@@ -4,25 +4,6 @@ import LinuxIO
 import Logging
 import VhostUser
 
-/// A refused control request.
-public struct ControlError: Error, Equatable, Sendable, CustomStringConvertible {
-    public var code: String
-    public var message: String
-    public init(_ code: String, _ message: String) { self.code = code; self.message = message }
-    public var description: String { "\(code): \(message)" }
-}
-
-/// What a reload changed.
-public struct ReloadReport: Sendable, Equatable {
-    public var added: [String] = []
-    public var removed: [String] = []
-    /// Bridges whose settings changed: they keep running with the old ones
-    /// until the daemon restarts (a live bridge's BAR cannot be resized).
-    public var needsRestart: [String] = []
-    public var logLevel: String
-    public var failed: [String: String] = [:]
-}
-
 /// All the bridges of one daemon, created from the config or at run time,
 /// and everything the control socket can ask about them.
 public final class DaemonController: Sendable {

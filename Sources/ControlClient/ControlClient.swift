@@ -1,3 +1,4 @@
+@_exported import ControlWire
 import Foundation
 import LinuxIO
 
@@ -23,14 +24,14 @@ public final class ControlClient {
         do { socket = try UnixSocket.connect(path: path) } catch { throw .connect(path, error) }
     }
 
-    /// Sends `request` (a JSON object) and returns the parsed response object.
-    public func call(_ request: [String: Any]) throws(Failure) -> [String: Any] {
-        guard let data = try? JSONSerialization.data(withJSONObject: request, options: [.sortedKeys]) else {
-            throw .io("cannot encode the request")
-        }
-        let line = try callRaw(String(decoding: data, as: UTF8.self))
-        guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else { throw .badResponse(line) }
-        return object
+    /// Sends `request` and returns the daemon's reply, its result decoded as
+    /// `Result`, with the response line as it came (what `--json` prints).
+    public func call<Result: Decodable>(_ request: ControlRequest, expecting _: Result.Type = Result.self)
+        throws(Failure) -> (reply: ControlReply<Result>, line: String) {
+        guard let text = ControlProtocol.encode(request) else { throw .io("cannot encode the request") }
+        let line = try callRaw(text)
+        guard let reply = ControlReply<Result>(line: line) else { throw .badResponse(line) }
+        return (reply, line)
     }
 
     /// Sends one raw line and returns the raw response line.
@@ -63,54 +64,62 @@ public enum Render {
         return ([line(header)] + rows.map(line)).joined(separator: "\n") + "\n"
     }
 
-    /// `key: value` lines, keys aligned, sorted.
-    public static func keyValues(_ object: [String: Any]) -> String {
+    /// `key: value` lines, keys aligned, sorted: every key of a result
+    /// object (`status`, `show`, one bridge's `stats`, `reload`).
+    public static func keyValues(_ result: some Encodable) -> String {
+        guard case .mapping(let object)? = tree(result) else { return "" }
+        return keyValues(object)
+    }
+
+    public static func keyValues(_ object: [String: ConfigValue]) -> String {
         let keys = object.keys.sorted()
         let width = keys.map(\.count).max() ?? 0
-        return keys.map { k in "\(k.padding(toLength: width, withPad: " ", startingAt: 0))  \(scalar(object[k] as Any))" }
+        return keys.map { k in "\(k.padding(toLength: width, withPad: " ", startingAt: 0))  \(scalar(object[k] ?? .null))" }
             .joined(separator: "\n") + "\n"
     }
 
-    public static func scalar(_ v: Any) -> String {
+    /// A typed result as the JSON value it is on the wire.
+    static func tree(_ value: some Encodable) -> ConfigValue? {
+        guard let data = try? JSONEncoder().encode(value) else { return nil }
+        return try? JSONDecoder().decode(ConfigValue.self, from: data)
+    }
+
+    public static func scalar(_ v: ConfigValue) -> String {
         switch v {
-        case let n as NSNumber:
-            // JSONSerialization's booleans are NSNumbers of type char.
-            if String(cString: n.objCType) == "c" { return n.boolValue ? "yes" : "no" }
-            return n.stringValue
-        case let b as Bool: return b ? "yes" : "no"
-        case let s as String: return s.isEmpty ? "-" : s
-        case let a as [Any]: return a.isEmpty ? "-" : a.map(scalar).joined(separator: ",")
-        case let d as [String: Any]:
-            return d.isEmpty ? "-" : d.keys.sorted().map { "\($0)=\(scalar(d[$0] as Any))" }.joined(separator: " ")
-        default: return "-"
+        case .bool(let b): b ? "yes" : "no"
+        case .int(let i): String(i)
+        case .double(let d): String(d)
+        case .string(let s): s.isEmpty ? "-" : s
+        case .list(let a): a.isEmpty ? "-" : a.map(scalar).joined(separator: ",")
+        case .mapping(let d): d.isEmpty ? "-" : d.keys.sorted().map { "\($0)=\(scalar(d[$0] ?? .null))" }.joined(separator: " ")
+        case .null: "-"
         }
     }
 
     /// Bytes as people read them (exact binary units, or plain bytes).
-    public static func bytes(_ v: Any?) -> String {
-        guard let n = (v as? NSNumber)?.uint64Value else { return "-" }
+    public static func bytes(_ n: UInt64) -> String {
         for (size, unit) in [(UInt64(1) << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")] where n >= size && n % size == 0 {
             return "\(n / size)\(unit)"
         }
         return "\(n)"
     }
 
+    static func upDown(_ connected: Bool) -> String { connected ? "up" : "down" }
+
     /// The `list` table.
-    public static func list(_ bridges: [[String: Any]]) -> String {
+    public static func list(_ bridges: [BridgeSummary]) -> String {
         table(["NAME", "MODE", "BAR", "VM1", "VM2", "MAPPINGS", "MAPPED", "VHOST-USER SOCKET"], bridges.map { b in
-            [scalar(b["name"] as Any), scalar(b["mode"] as Any), bytes(b["barSize"]),
-             scalar(b["vm1Connected"] as Any) == "yes" ? "up" : "down", scalar(b["vm2Connected"] as Any) == "yes" ? "up" : "down",
-             scalar(b["mappings"] as Any), bytes(b["bytesMapped"]), scalar(b["vhostUserSocket"] as Any)]
+            [scalar(.string(b.name)), scalar(.string(b.mode)), bytes(b.barSize), upDown(b.vm1Connected), upDown(b.vm2Connected),
+             String(b.mappings), bytes(b.bytesMapped), scalar(.string(b.vhostUserSocket))]
         })
     }
 
     /// The `stats` table (one row per bridge).
-    public static func stats(_ bridges: [[String: Any]]) -> String {
+    public static func stats(_ bridges: [BridgeCounters]) -> String {
         table(["NAME", "SESSIONS", "REQUESTS", "IOTLB UPD", "IOTLB INV", "MISSES", "REFUSED", "KICKS", "CALLS", "REVOKE TIMEOUTS"], bridges.map { b in
-            let refused = (b["refusals"] as? [String: Any])?.values.compactMap { ($0 as? NSNumber)?.intValue }.reduce(0, +) ?? 0
-            return [scalar(b["name"] as Any), scalar(b["sessionsServed"] as Any), scalar(b["requests"] as Any),
-                    scalar(b["iotlbUpdates"] as Any), scalar(b["iotlbInvalidates"] as Any), scalar(b["iotlbMisses"] as Any),
-                    "\(refused)", scalar(b["kicksRelayed"] as Any), scalar(b["callsRelayed"] as Any), scalar(b["revocationTimeouts"] as Any)]
+            [scalar(.string(b.name)), String(b.sessionsServed), String(b.requests), String(b.iotlbUpdates), String(b.iotlbInvalidates),
+             String(b.iotlbMisses), String(b.refusals.values.reduce(0, +)), String(b.kicksRelayed), String(b.callsRelayed),
+             String(b.revocationTimeouts)]
         })
     }
 }

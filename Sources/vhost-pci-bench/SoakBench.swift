@@ -35,9 +35,8 @@ struct SoakBench: ParsableCommand {
 
     func mappings(_ dir: String) -> Int {
         guard let c = try? ControlClient(path: "\(dir)/control.sock"),
-              let r = try? c.call(["command": "show", "name": "soak"]),
-              let result = r["result"] as? [String: Any], let stats = result["statistics"] as? [String: Any] ?? result as [String: Any]? else { return -1 }
-        return (stats["mappings"] as? Int) ?? (result["mappings"] as? Int) ?? -1
+              case .ok(let details)? = try? c.call(.show(name: "soak"), expecting: BridgeDetails.self).reply else { return -1 }
+        return details.counters.mappings
     }
 
     func run() throws {
@@ -70,7 +69,7 @@ struct SoakBench: ParsableCommand {
             packets += r.verified
             if !r.completed { incomplete += 1 }
             let elapsed = Int(start.duration(to: clock.now) / .seconds(1))
-            if let c = try? ControlClient(path: "\(dir)/control.sock"), (try? c.call(["command": "status"])) != nil { queries += 1 }
+            if let c = try? ControlClient(path: "\(dir)/control.sock"), (try? c.call(.status, expecting: DaemonStatus.self)) != nil { queries += 1 }
             if elapsed >= nextSample {
                 samples.append(Sample(t: elapsed, rssKiB: Self.rssKiB(pid), fds: Self.fdCount(pid), mappings: mappings(dir), packets: packets))
                 nextSample = elapsed + 1

@@ -26,24 +26,26 @@ struct Common: ParsableArguments {
 
     /// Sends the request; prints errors; returns the result on success (with
     /// --json, after printing the response, only when `evenWithJSON`).
-    func call(_ request: [String: Any], evenWithJSON: Bool = false) throws -> Any? {
-        let response: [String: Any]
+    func call<Result: Decodable>(_ request: ControlRequest, _: Result.Type = Result.self, evenWithJSON: Bool = false) throws -> Result? {
+        let reply: ControlReply<Result>, line: String
         do {
             let client = try ControlClient(path: socket)
-            response = try client.call(request)
+            (reply, line) = try client.call(request, expecting: Result.self)
         } catch {
             FileHandle.standardError.write(Data("vhost-pci-bridgectl: \(error)\n".utf8))
             throw ExitCode(2)
         }
-        if json, let data = try? JSONSerialization.data(withJSONObject: response, options: [.sortedKeys, .prettyPrinted]) {
-            print(String(decoding: data, as: UTF8.self))
+        if json, let response = try? JSONDecoder().decode(ConfigValue.self, from: Data(line.utf8)),
+           let text = ControlProtocol.encode(response, pretty: true) {
+            print(text)
         }
-        guard response["ok"] as? Bool == true else {
-            let e = response["error"] as? [String: Any]
-            FileHandle.standardError.write(Data("vhost-pci-bridgectl: \(e?["code"] as? String ?? "error"): \(e?["message"] as? String ?? "refused")\n".utf8))
+        switch reply {
+        case .refused(let e):
+            FileHandle.standardError.write(Data("vhost-pci-bridgectl: \(e.code): \(e.message)\n".utf8))
             throw ExitCode(1)
+        case .ok(let result):
+            return json && !evenWithJSON ? nil : result
         }
-        return json && !evenWithJSON ? nil : response["result"]
     }
 }
 
@@ -51,7 +53,7 @@ struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Daemon status: uptime, bridges, sessions.")
     @OptionGroup var common: Common
     func run() throws {
-        if let r = try common.call(["command": "status"]) as? [String: Any] { print(Render.keyValues(r), terminator: "") }
+        if let r = try common.call(.status, DaemonStatus.self) { print(Render.keyValues(r), terminator: "") }
     }
 }
 
@@ -59,7 +61,7 @@ struct List: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "One line per bridge.")
     @OptionGroup var common: Common
     func run() throws {
-        if let r = try common.call(["command": "list"]) as? [[String: Any]] { print(Render.list(r), terminator: "") }
+        if let r = try common.call(.list, [BridgeSummary].self) { print(Render.list(r), terminator: "") }
     }
 }
 
@@ -68,12 +70,10 @@ struct Show: ParsableCommand {
     @OptionGroup var common: Common
     @Argument(help: "Bridge name.") var name: String
     func run() throws {
-        guard var r = try common.call(["command": "show", "name": name]) as? [String: Any] else { return }
-        let config = r.removeValue(forKey: "config") as? [String: Any]
-        let session = r.removeValue(forKey: "session") as? [String: Any]
-        print(Render.keyValues(r), terminator: "")
-        if let config { print("\nconfig:\n" + Render.keyValues(config), terminator: "") }
-        if let session { print("\nsession:\n" + Render.keyValues(session), terminator: "") }
+        guard let r = try common.call(.show(name: name), BridgeDetails.self) else { return }
+        print(Render.keyValues(r.counters), terminator: "")
+        print("\nconfig:\n" + Render.keyValues(r.config), terminator: "")
+        if let session = r.session { print("\nsession:\n" + Render.keyValues(session), terminator: "") }
     }
 }
 
@@ -90,14 +90,14 @@ struct Create: ParsableCommand {
     @Option(name: .customLong("static-window"), help: "Static window BASE:LIMIT (repeatable).") var staticWindows: [String] = []
     @Option(help: "relay, relay-sqpoll or passthrough.") var notifications: String?
     func run() throws {
-        var spec: [String: Any] = ["name": name, "bar-size": barSize, "mode": mode]
-        if let vhostUserSocket { spec["vhost-user-socket"] = vhostUserSocket }
-        if let peerSocket { spec["peer-socket"] = peerSocket }
-        if let vm2 { spec["vm2"] = vm2 }
-        if let dmaWindow { spec["dma-window"] = dmaWindow }
-        if !staticWindows.isEmpty { spec["static-windows"] = staticWindows }
-        if let notifications { spec["notifications"] = notifications }
-        if try common.call(["command": "create", "bridge": spec]) != nil { print("created \(name)") }
+        var spec: [String: ConfigValue] = ["name": .string(name), "bar-size": .string(barSize), "mode": .string(mode)]
+        if let vhostUserSocket { spec["vhost-user-socket"] = .string(vhostUserSocket) }
+        if let peerSocket { spec["peer-socket"] = .string(peerSocket) }
+        if let vm2 { spec["vm2"] = .string(vm2) }
+        if let dmaWindow { spec["dma-window"] = .string(dmaWindow) }
+        if !staticWindows.isEmpty { spec["static-windows"] = .list(staticWindows.map(ConfigValue.string)) }
+        if let notifications { spec["notifications"] = .string(notifications) }
+        if try common.call(.create(bridge: spec), CreatedBridge.self) != nil { print("created \(name)") }
     }
 }
 
@@ -105,7 +105,7 @@ struct Destroy: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Stop a bridge: revoke everything from VM2, end the sessions, free the BAR.")
     @OptionGroup var common: Common
     @Argument(help: "Bridge name.") var name: String
-    func run() throws { if try common.call(["command": "destroy", "name": name]) != nil { print("destroyed \(name)") } }
+    func run() throws { if try common.call(.destroy(name: name), DestroyedBridge.self) != nil { print("destroyed \(name)") } }
 }
 
 struct MapCmd: ParsableCommand {
@@ -117,9 +117,8 @@ struct MapCmd: ParsableCommand {
     @Option(help: "Length, e.g. 2M.") var length: String
     @Option(help: "r, w or rw.") var perm: String = "rw"
     func run() throws {
-        if let r = try common.call(["command": "map", "name": name, "bus": bus, "gpa": gpa, "length": length, "perm": perm]) as? [String: Any] {
-            print("\(name): \(r["result"] as? String ?? "done")")
-        }
+        let arguments = MapArguments(bus: .text(bus), gpa: .text(gpa), length: .text(length), permission: perm)
+        if let r = try common.call(.map(name: name, arguments), BridgeOperation.self) { print("\(name): \(r.result)") }
     }
 }
 
@@ -130,8 +129,8 @@ struct UnmapCmd: ParsableCommand {
     @Option(help: "Bus address.") var bus: String
     @Option(help: "Length.") var length: String
     func run() throws {
-        if let r = try common.call(["command": "unmap", "name": name, "bus": bus, "length": length]) as? [String: Any] {
-            print("\(name): \(r["result"] as? String ?? "done")")
+        if let r = try common.call(.unmap(name: name, UnmapArguments(bus: .text(bus), length: .text(length))), BridgeOperation.self) {
+            print("\(name): \(r.result)")
         }
     }
 }
@@ -140,7 +139,7 @@ struct Freeze: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Static mode: freeze the BAR; every later change is refused and counted.")
     @OptionGroup var common: Common
     @Argument(help: "Bridge name.") var name: String
-    func run() throws { if try common.call(["command": "freeze", "name": name]) != nil { print("\(name): frozen") } }
+    func run() throws { if try common.call(.freeze(name: name), BridgeOperation.self) != nil { print("\(name): frozen") } }
 }
 
 struct Stats: ParsableCommand {
@@ -148,11 +147,11 @@ struct Stats: ParsableCommand {
     @OptionGroup var common: Common
     @Argument(help: "Bridge name (all when omitted).") var name: String?
     func run() throws {
-        var request: [String: Any] = ["command": "stats"]
-        if let name { request["name"] = name }
-        guard let r = try common.call(request) else { return }
-        if let one = r as? [String: Any] { print(Render.keyValues(one), terminator: "") }
-        if let all = r as? [[String: Any]] { print(Render.stats(all), terminator: "") }
+        if let name {
+            if let one = try common.call(.stats(name: name), BridgeCounters.self) { print(Render.keyValues(one), terminator: "") }
+        } else if let all = try common.call(.stats(name: nil), [BridgeCounters].self) {
+            print(Render.stats(all), terminator: "")
+        }
     }
 }
 
@@ -165,8 +164,7 @@ struct Metrics: ParsableCommand {
     @Option(help: "Write the exposition to this file (atomically) instead of standard output, e.g. /var/lib/prometheus/node-exporter/vhost-pci-bridged.prom.")
     var output: String?
     func run() throws {
-        guard let r = try common.call(["command": "metrics"]) as? [String: Any] else { return }
-        let text = r["text"] as? String ?? ""
+        guard let text = try common.call(.metrics, MetricsText.self)?.text else { return }
         guard let output else { print(text, terminator: ""); return }
         do {
             try Data(text.utf8).write(to: URL(fileURLWithPath: output), options: .atomic)
@@ -184,9 +182,9 @@ struct Reload: ParsableCommand {
     )
     @OptionGroup var common: Common
     func run() throws {
-        let r = try common.call(["command": "reload"], evenWithJSON: true) as? [String: Any]
+        let r = try common.call(.reload, ReloadReport.self, evenWithJSON: true)
         if !common.json, let r { print(Render.keyValues(r), terminator: "") }
-        if let failed = r?["failed"] as? [String: Any], !failed.isEmpty {
+        if let failed = r?.failed, !failed.isEmpty {
             let text = failed.keys.sorted().map { "\($0): \(failed[$0] ?? "")" }.joined(separator: "; ")
             FileHandle.standardError.write(Data("vhost-pci-bridgectl: reload: not every bridge started: \(text)\n".utf8))
             throw ExitCode(1)
@@ -199,6 +197,6 @@ struct LogLevel: ParsableCommand {
     @OptionGroup var common: Common
     @Argument(help: "trace, debug, info, notice, warning, error or critical.") var level: String
     func run() throws {
-        if let r = try common.call(["command": "log-level", "level": level]) as? [String: Any] { print("log level: \(r["logLevel"] as? String ?? level)") }
+        if let r = try common.call(.logLevel(level), LogLevelSet.self) { print("log level: \(r.logLevel)") }
     }
 }

@@ -119,19 +119,20 @@ struct Daemon: ParsableCommand {
     func flagBridge() throws(ConfigError) -> BridgeConfig? {
         let socket: String
         if let fd { socket = "/dev/fd/\(fd)" } else if let socketPath { socket = socketPath } else { return nil }
-        var spec: [String: Any] = ["name": name, "vhost-user-socket": socket, "bar-size": barSize, "mode": mode, "client": client]
-        if let peerSocket { spec["peer-socket"] = peerSocket }
-        if !staticWindows.isEmpty { spec["static-windows"] = staticWindows }
-        if let dmaWindow { spec["dma-window"] = dmaWindow }
-        if let maxMappings { spec["max-mappings"] = String(maxMappings) }
-        if let queuePairs { spec["queue-pairs"] = String(queuePairs) }
-        if let deviceFeatures { spec["device-features"] = deviceFeatures }
-        if let revocationDeadline { spec["revocation-deadline-ms"] = String(revocationDeadline) }
-        if let notifications { spec["notifications"] = notifications }
-        if let busyPollMicroseconds { spec["busy-poll-us"] = String(busyPollMicroseconds) }
-        if let cpuAffinity { spec["cpu-affinity"] = cpuAffinity }
-        if let unsealedRegions { spec["unsealed-regions"] = unsealedRegions }
-        var b = try DaemonConfig.bridge(spec, key: Self.flagKey, runtimeDirectory: DaemonConfig().runtimeDirectory)
+        var spec: [String: ConfigValue] = ["name": .string(name), "vhost-user-socket": .string(socket), "bar-size": .string(barSize),
+                                           "mode": .string(mode), "client": .bool(client)]
+        if let peerSocket { spec["peer-socket"] = .string(peerSocket) }
+        if !staticWindows.isEmpty { spec["static-windows"] = .list(staticWindows.map(ConfigValue.string)) }
+        if let dmaWindow { spec["dma-window"] = .string(dmaWindow) }
+        if let maxMappings { spec["max-mappings"] = .string(String(maxMappings)) }
+        if let queuePairs { spec["queue-pairs"] = .string(String(queuePairs)) }
+        if let deviceFeatures { spec["device-features"] = .string(deviceFeatures) }
+        if let revocationDeadline { spec["revocation-deadline-ms"] = .string(String(revocationDeadline)) }
+        if let notifications { spec["notifications"] = .string(notifications) }
+        if let busyPollMicroseconds { spec["busy-poll-us"] = .string(String(busyPollMicroseconds)) }
+        if let cpuAffinity { spec["cpu-affinity"] = .string(cpuAffinity) }
+        if let unsealedRegions { spec["unsealed-regions"] = .string(unsealedRegions) }
+        var b = try DaemonConfig.bridge(.mapping(spec), key: Self.flagKey, runtimeDirectory: DaemonConfig().runtimeDirectory)
         if peerSocket == nil { b.peerSocket = nil } // no VM2 socket unless asked for
         b.inheritedConnection = fd
         return b

@@ -239,11 +239,11 @@ import VhostUser
 
 @Suite struct CLIRenderTests {
     @Test func listTable() {
-        let rows: [[String: Any]] = [
-            ["name": "net0", "mode": "identity", "barSize": NSNumber(value: UInt64(1) << 36), "vm1Connected": true, "vm2Connected": false,
-             "mappings": 1, "bytesMapped": NSNumber(value: UInt64(256) << 20), "vhostUserSocket": "/run/vhost-pci-bridged/net0-vm1.sock"],
-            ["name": "storage-backend", "mode": "iommu", "barSize": NSNumber(value: UInt64(1) << 40), "vm1Connected": false, "vm2Connected": false,
-             "mappings": 0, "bytesMapped": 0, "vhostUserSocket": "/run/x.sock"],
+        let rows = [
+            BridgeSummary(name: "net0", mode: "identity", barSize: 1 << 36, vhostUserSocket: "/run/vhost-pci-bridged/net0-vm1.sock",
+                          peerSocket: "", vm2: "net0", vm1Connected: true, vm2Connected: false, mappings: 1, bytesMapped: 256 << 20),
+            BridgeSummary(name: "storage-backend", mode: "iommu", barSize: 1 << 40, vhostUserSocket: "/run/x.sock",
+                          peerSocket: "", vm2: "storage-backend", vm1Connected: false, vm2Connected: false, mappings: 0, bytesMapped: 0),
         ]
         #expect(Render.list(rows) == """
         NAME             MODE      BAR  VM1   VM2   MAPPINGS  MAPPED  VHOST-USER SOCKET
@@ -261,10 +261,10 @@ import VhostUser
         vm1Sessions    1
 
         """)
-        let s: [[String: Any]] = [["name": "a", "sessionsServed": 3, "requests": 120, "iotlbUpdates": 7, "iotlbInvalidates": 2,
-                                   "iotlbMisses": 4, "refusals": ["frozen": 2, "bar-bounds": 1], "kicksRelayed": 900,
-                                   "callsRelayed": 880, "revocationTimeouts": 0]]
-        #expect(Render.stats(s) == """
+        var a = BridgeCounters(name: "a")
+        (a.sessionsServed, a.requests, a.iotlbUpdates, a.iotlbInvalidates, a.iotlbMisses) = (3, 120, 7, 2, 4)
+        (a.refusals, a.kicksRelayed, a.callsRelayed, a.revocationTimeouts) = (["frozen": 2, "bar-bounds": 1], 900, 880, 0)
+        #expect(Render.stats([a]) == """
         NAME  SESSIONS  REQUESTS  IOTLB UPD  IOTLB INV  MISSES  REFUSED  KICKS  CALLS  REVOKE TIMEOUTS
         a     3         120       7          2          4       3        900    880    0
 
@@ -278,6 +278,7 @@ import VhostUser
         #expect(ControlProtocol.response(ok: ["created": "net1"]) == #"{"ok":true,"result":{"created":"net1"},"version":1}"#)
         #expect(ControlProtocol.response(error: ControlError("unknown-bridge", "no bridge named x"))
                 == #"{"error":{"code":"unknown-bridge","message":"no bridge named x"},"ok":false,"version":1}"#)
-        #expect(ControlProtocol.response(ok: [["name": "a", "mappings": 2]]) == #"{"ok":true,"result":[{"mappings":2,"name":"a"}],"version":1}"#)
+        struct Row: Encodable { var name = "a"; var mappings = 2 }
+        #expect(ControlProtocol.response(ok: [Row()]) == #"{"ok":true,"result":[{"mappings":2,"name":"a"}],"version":1}"#)
     }
 }

@@ -1,5 +1,6 @@
 import BridgeDaemon
 import ControlClient
+import DaemonTestSupport
 import Foundation
 import LinuxIO
 import Logging

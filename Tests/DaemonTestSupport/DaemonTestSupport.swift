@@ -42,3 +42,16 @@ public func ok(_ r: [String: Any], sourceLocation: SourceLocation = #_sourceLoca
 
 public func errorCode(_ r: [String: Any]) -> String? { (r["error"] as? [String: Any])?["code"] as? String }
 public func errorMessage(_ r: [String: Any]) -> String { (r["error"] as? [String: Any])?["message"] as? String ?? "" }
+
+extension ControlClient {
+    /// Any JSON object as a request (malformed ones too: tests of the wire
+    /// need what no `ControlRequest` encodes) and the response as a JSON object.
+    public func call(_ request: [String: Any]) throws(Failure) -> [String: Any] {
+        guard let data = try? JSONSerialization.data(withJSONObject: request, options: [.sortedKeys]) else {
+            throw .io("cannot encode the request")
+        }
+        let line = try callRaw(String(decoding: data, as: UTF8.self))
+        guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else { throw .badResponse(line) }
+        return object
+    }
+}

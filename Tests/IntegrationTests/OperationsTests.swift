@@ -1,6 +1,7 @@
 import BridgeCore
 import BridgeDaemon
 import ControlClient
+import DaemonTestSupport
 import EmulatedGuests
 import Foundation
 import LinuxIO

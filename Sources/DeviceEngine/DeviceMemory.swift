@@ -153,10 +153,12 @@ public struct DeviceMemory {
 }
 
 /// Checked access to the BAR during one burst. Every buffer a descriptor
-/// names goes through `bytes`, which checks the grant (last-hit first) and
+/// names goes through `part`, which checks the grant (last-hit first) and
 /// the BAR's bounds; ring fields are reached through `ring…` accessors only
 /// after `DeviceQueue` checked the ring's areas for this grant generation.
-public struct BurstAccess {
+/// Non-copyable, made only by `DeviceMemory.burst` and lent as `inout`: the
+/// BAR pointer it holds cannot leave the burst.
+public struct BurstAccess: ~Copyable {
     let bar: UnsafeMutableRawBufferPointer
     var grants: GrantTable
     /// Unsealed memory withdrawn after a truncation (refused as `.truncated`).
@@ -172,12 +174,12 @@ public struct BurstAccess {
 
     /// `[address, address+length)` when granted with `needed`, else the fault.
     @inline(__always)
-    public mutating func bytes(_ address: UInt64, _ length: UInt32, _ needed: Permission) -> Result<UnsafeMutableRawBufferPointer, AccessFault> {
+    public mutating func part(_ address: UInt64, _ length: UInt32, _ needed: Permission) -> Result<Segments.Part, AccessFault> {
         let n = UInt64(length)
         switch grants.check(address, n, needed) {
         case nil:
             // Granted implies inside the BAR (grants never exceed it).
-            return .success(UnsafeMutableRawBufferPointer(rebasing: bar[Int(address)..<Int(address + n)]))
+            return .success(Segments.Part(offset: Int(address), count: Int(length)))
         case .notMapped?, .denied?:
             if lost.touches(address, n) { return .failure(.truncated(address: address, length: n)) }
             return .failure(.missing(address: address, length: n, access: needed))
@@ -208,5 +210,9 @@ public struct BurstAccess {
     }
     @inline(__always) func store<T: FixedWidthInteger>(_ value: T, _ offset: UInt64) {
         bar.storeBytes(of: value.littleEndian, toByteOffset: Int(offset), as: T.self)
+    }
+    /// Descriptor `index` of `ring`, decoded once.
+    @inline(__always) func descriptor(_ ring: SplitRing, _ index: UInt16) -> Descriptor {
+        Descriptor(unchecked: UnsafeRawPointer(bar.baseAddress.unsafelyUnwrapped + Int(ring.descriptor(index))))
     }
 }

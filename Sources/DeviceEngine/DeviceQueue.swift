@@ -3,7 +3,7 @@ import LinuxIO
 
 /// Why the device refused a chain. A refused chain is completed with length
 /// 0 (the driver gets its buffers back); nothing in it is touched.
-public enum ChainRefusal: Int, CaseIterable, Sendable, CustomStringConvertible {
+public enum ChainRefusal: Int, Error, CaseIterable, Sendable, CustomStringConvertible {
     case nextOutOfRange, loop, indirect, wrongDirection, outsideBAR, notGranted, tooShort, truncated
 
     public var description: String {
@@ -99,7 +99,8 @@ public struct DeviceQueue: Sendable {
     }
 
     /// Takes the next available chain (call only after `pending` > 0 in the
-    /// same burst): its buffers, checked, replace `segments`. A faulting chain
+    /// same burst): its buffers, checked, replace `segments` (as BAR
+    /// offsets: `ChainBytes` reaches them, inside this burst only). A faulting chain
     /// stays in the ring (translate, then serve again); a refused one is
     /// completed with length 0.
     public mutating func popChain(_ a: inout BurstAccess, _ direction: Direction, into segments: inout Segments) -> Chain {
@@ -113,18 +114,15 @@ public struct DeviceQueue: Sendable {
         let needed: Permission = direction == .deviceReads ? .read : .write
         var i = head
         var steps: UInt32 = 0
-        while true {
+        chain: while true {
             steps += 1
             if steps > ring.size { return refuse(&a, head, .loop) }
-            let at = ring.descriptor(i)
-            let flags = a.load(UInt16.self, at + 12)
-            if flags & Descriptor.flagIndirect != 0 { return refuse(&a, head, .indirect) }
-            if (flags & Descriptor.flagWrite != 0) != (direction == .deviceWrites) { return refuse(&a, head, .wrongDirection) }
-            let length = a.load(UInt32.self, at + 8)
-            if length > 0 {
-                switch a.bytes(a.load(UInt64.self, at), length, needed) {
-                case .success(let bytes):
-                    segments.append(bytes)
+            let d = a.descriptor(ring, i)
+            if let why = d.refusal(serving: direction) { return refuse(&a, head, why) }
+            if d.length > 0 {
+                switch a.part(d.address, d.length, needed) {
+                case .success(let part):
+                    segments.append(part)
                 case .failure(let fault):
                     if case .outside = fault { return refuse(&a, head, .outsideBAR) }
                     if case .truncated = fault { return refuse(&a, head, .truncated) }
@@ -132,10 +130,11 @@ public struct DeviceQueue: Sendable {
                     return .fault(fault)
                 }
             }
-            if flags & Descriptor.flagNext == 0 { break }
-            let next = a.load(UInt16.self, at + 14)
-            guard UInt32(next) < ring.size else { return refuse(&a, head, .nextOutOfRange) }
-            i = next
+            switch d.link(ringSize: ring.size) {
+            case .success(.end): break chain
+            case .success(.next(let next)): i = next
+            case .failure(let why): return refuse(&a, head, why)
+            }
         }
         refuseNextFault = false
         lastAvail &+= 1
@@ -151,9 +150,8 @@ public struct DeviceQueue: Sendable {
 
     /// Completes chain `head` with `length` bytes written (not yet published).
     public mutating func push(_ a: inout BurstAccess, head: UInt16, length: UInt32) {
-        let element = ring.usedElement(usedIndex)
-        a.store(UInt32(head), element)
-        a.store(length, element + 4)
+        a.store(UInt32(head), ring.usedElement(usedIndex))
+        a.store(length, ring.usedElementLength(usedIndex))
         usedIndex &+= 1
     }
 
@@ -180,7 +178,7 @@ public struct DeviceQueue: Sendable {
             decidedUsed = usedIndex
             return Self.needEvent(event, new: usedIndex, old: old)
         }
-        return a.load(UInt16.self, ring.avail) & 1 == 0 // VRING_AVAIL_F_NO_INTERRUPT
+        return !VirtqAvailFlags(rawValue: a.load(UInt16.self, ring.availFlags)).contains(.noInterrupt)
     }
 
     /// vring_need_event (virtio 1.x §2.7.10): whether moving an index from
@@ -194,7 +192,7 @@ public struct DeviceQueue: Sendable {
     public mutating func suppressKicks(_ a: inout BurstAccess) {
         guard kicksWanted, defect == nil, checkAreas(&a) == nil else { return }
         kicksWanted = false
-        if !eventIndex { a.store(UInt16(1), ring.used) }
+        if !eventIndex { a.store(VirtqUsedFlags.noNotify.rawValue, ring.usedFlags) }
     }
 
     /// Before the device sleeps: asks for a kick on the next chain, then
@@ -202,7 +200,7 @@ public struct DeviceQueue: Sendable {
     public mutating func requestKicks(_ a: inout BurstAccess) -> Bool {
         guard defect == nil, checkAreas(&a) == nil else { return false }
         kicksWanted = true
-        if eventIndex { a.store(lastAvail, ring.availEvent) } else { a.store(UInt16(0), ring.used) }
+        if eventIndex { a.store(lastAvail, ring.availEvent) } else { a.store(VirtqUsedFlags().rawValue, ring.usedFlags) }
         RingOrdering.fullFence()
         return a.loadAcquire(ring.availIndex) != lastAvail
     }

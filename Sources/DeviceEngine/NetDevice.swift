@@ -94,7 +94,7 @@ public struct NetDevice {
     /// mode (its queue and its buffers, header included, valid only inside
     /// the call; it may deliver into a receive queue through the access).
     public mutating func pass(_ mode: Mode,
-                              inspect: (Int, inout BurstAccess, borrowing Segments) -> Void = { _, _, _ in }) -> Pass? {
+                              inspect: (Int, inout BurstAccess, borrowing ChainBytes) -> Void = { _, _, _ in }) -> Pass? {
         // Take the state out so the burst closure owns it uniquely (no
         // copy-on-write copies, no overlapping access to self).
         var memory = DeviceMemory(), queues: [DeviceQueue?] = [], counters: [QueueCounters] = []
@@ -170,9 +170,8 @@ public struct NetDevice {
         var rx = Segments()
         swap(&rx, &rxScratch)
         defer { swap(&rx, &rxScratch) }
-        let source = Segments(frame)
         let result = memory.burst { a -> (DeviceQueue.Delivery, Bool) in
-            let d = q.deliver(&a, frame: source, mergeable: mergeable, scratch: &rx, counters: &c)
+            let d = q.deliver(&a, frame: frame, mergeable: mergeable, scratch: &rx, counters: &c)
             return (d, q.publish(&a))
         }
         queues[index] = q
@@ -207,9 +206,9 @@ public struct NetDevice {
 
     /// An Ethernet header with a known EtherType after the virtio-net header,
     /// read in place (gathered into a small stack buffer when it spans buffers).
-    static func plausible(_ frame: borrowing Segments) -> Bool {
+    static func plausible(_ frame: borrowing ChainBytes) -> Bool {
         let need = VirtioNetHeader.size + 14
-        if let first = frame.parts.first, first.count >= need {
+        if frame.partCount > 0, case let first = frame[0], first.count >= need {
             return EthernetCheck.isPlausible(UnsafeRawBufferPointer(rebasing: first[VirtioNetHeader.size...]))
         }
         return withUnsafeTemporaryAllocation(byteCount: need, alignment: 8) { buffer in

@@ -44,7 +44,7 @@ extension DeviceQueue {
     /// `call` says whether the driver asked to be called.
     public mutating func transmitBurst(_ a: inout BurstAccess, budget: Int, scratch: inout Segments,
                                        counters: inout QueueCounters, call: inout Bool,
-                                       _ frame: (inout BurstAccess, borrowing Segments) -> Void) -> BurstEnd {
+                                       _ frame: (inout BurstAccess, borrowing ChainBytes) -> Void) -> BurstEnd {
         var end = BurstEnd.budgetSpent
         var left = budget
         outer: while left > 0 {
@@ -63,7 +63,7 @@ extension DeviceQueue {
                     } else {
                         counters.chains += 1
                         counters.bytes += UInt64(scratch.totalLength - VirtioNetHeader.size)
-                        frame(&a, scratch)
+                        scratch.withBytes(in: a.bar) { chain in frame(&a, chain) }
                     }
                     push(&a, head: head, length: 0)
                 case .refused(let why):
@@ -88,16 +88,25 @@ extension DeviceQueue {
         case stopped(QueueStop)
     }
 
+    /// `deliver` for one contiguous frame the caller holds.
+    public mutating func deliver(_ a: inout BurstAccess, frame: UnsafeRawBufferPointer, mergeable: Bool,
+                                 scratch: inout Segments, counters: inout QueueCounters) -> Delivery {
+        ChainBytes.withFrame(frame) { chain in
+            deliver(&a, frame: chain, mergeable: mergeable, scratch: &scratch, counters: &counters)
+        }
+    }
+
     /// Writes `frame` (virtio-net header first) into the RX buffers of a
     /// queue the device writes (VM1's RX), across several chains with
     /// `mergeable` (MRG_RXBUF), setting `num_buffers`. Not published: call
     /// `publish` once after a burst of deliveries.
-    public mutating func deliver(_ a: inout BurstAccess, frame: borrowing Segments, mergeable: Bool,
+    public mutating func deliver(_ a: inout BurstAccess, frame: borrowing ChainBytes, mergeable: Bool,
                                  scratch: inout Segments, counters: inout QueueCounters) -> Delivery {
         let total = frame.totalLength
         var start = mark
         var copied = 0, chains = 0
-        var header: UnsafeMutableRawBufferPointer?
+        /// Where `num_buffers` goes: in the first chain's first buffer.
+        var numBuffers: UInt64?
         while copied < total || chains == 0 {
             switch pending(&a) {
             case .failure(let stop): rollBack(to: start); return .stopped(stop)
@@ -113,9 +122,9 @@ extension DeviceQueue {
                         start = mark
                         continue
                     }
-                    header = first
+                    numBuffers = UInt64(first.offset + VirtioNetHeader.numBuffersOffset)
                 }
-                let n = scratch.fill(from: frame, sourceOffset: copied)
+                let n = scratch.fill(in: a.bar, from: frame, sourceOffset: copied)
                 push(&a, head: head, length: UInt32(n))
                 copied += n
                 chains += 1
@@ -127,7 +136,7 @@ extension DeviceQueue {
                 // truncated in the chains it already has (the refused one is
                 // completed empty after them); the driver drops both.
                 counters.dropped += 1
-                header?.storeBytes(of: UInt16(chains).littleEndian, toByteOffset: VirtioNetHeader.numBuffersOffset, as: UInt16.self)
+                if let numBuffers { a.store(UInt16(chains), numBuffers) }
                 return .delivered(chains: chains)
             case .fault(let f):
                 rollBack(to: start); return .stopped(.fault(f))
@@ -135,7 +144,7 @@ extension DeviceQueue {
                 rollBack(to: start); return .stopped(.defect(d))
             }
         }
-        header?.storeBytes(of: UInt16(chains).littleEndian, toByteOffset: VirtioNetHeader.numBuffersOffset, as: UInt16.self)
+        if let numBuffers { a.store(UInt16(chains), numBuffers) }
         counters.chains += 1
         counters.bytes += UInt64(total - min(total, VirtioNetHeader.size))
         return .delivered(chains: chains)

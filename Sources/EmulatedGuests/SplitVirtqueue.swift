@@ -74,9 +74,10 @@ public final class SplitVirtqueueDriver {
         for (i, b) in buffers.enumerated() {
             let last = i == buffers.count - 1
             let next = nextFree[Int(d)]
-            Descriptor(address: b.address, length: b.length,
-                       flags: (b.deviceWritable ? Descriptor.flagWrite : 0) | (last ? 0 : Descriptor.flagNext),
-                       next: last ? 0 : next).store(to: m, at: ring.descriptor(d))
+            var flags: VirtqDescriptorFlags = b.deviceWritable ? .write : []
+            if !last { flags.insert(.next) }
+            Descriptor(address: b.address, length: b.length, flags: flags, next: last ? 0 : next)
+                .store(to: m, at: ring.descriptor(d))
             if !last { d = next } else { freeHead = next }
         }
         freeCount -= buffers.count

@@ -83,7 +83,7 @@ extension VM2DeviceThread {
 
     /// A frame VM1 transmitted, read in place: verified, and copied for the
     /// echo (the test mode's one copy; the other modes copy nothing).
-    private func verify(_ frame: borrowing Segments, echoTo rx: Int?) {
+    private func verify(_ frame: borrowing ChainBytes, echoTo rx: Int?) {
         frame.withContiguousBytes { whole in
             let payload = UnsafeRawBufferPointer(rebasing: whole[VirtioNetHeader.size...])
             switch TestPacket.verify(payload) {

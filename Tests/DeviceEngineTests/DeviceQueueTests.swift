@@ -13,7 +13,7 @@ import Testing
         var scratch = Segments()
         let end = f.memory.burst { a in
             q.transmitBurst(&a, budget: budget, scratch: &scratch, counters: &counters, call: &call) { _, frame in
-                frames.append(frame.parts.flatMap { Array($0) })
+                frames.append(frame.bytes)
             }
         }
         return (frames, end, call, counters)
@@ -105,14 +105,14 @@ import Testing
         var f = try RingFixture()
         var q = DeviceQueue(index: 1, ring: f.ring, start: 0, eventIndex: false)
         let buf = RingFixture.buffers
-        f.setDescriptor(0, address: buf, length: 64, flags: Descriptor.flagNext, next: 1) // loop 0 → 1 → 0
-        f.setDescriptor(1, address: buf, length: 64, flags: Descriptor.flagNext, next: 0)
+        f.setDescriptor(0, address: buf, length: 64, flags: .next, next: 1) // loop 0 → 1 → 0
+        f.setDescriptor(1, address: buf, length: 64, flags: .next, next: 0)
         f.makeAvailable(0)
-        f.setDescriptor(2, address: buf, length: 64, flags: Descriptor.flagIndirect)
+        f.setDescriptor(2, address: buf, length: 64, flags: .indirect)
         f.makeAvailable(2)
-        f.setDescriptor(3, address: buf, length: 64, flags: Descriptor.flagWrite) // device-writable in TX
+        f.setDescriptor(3, address: buf, length: 64, flags: .write) // device-writable in TX
         f.makeAvailable(3)
-        f.setDescriptor(4, address: buf, length: 64, flags: Descriptor.flagNext, next: 200) // next past the ring
+        f.setDescriptor(4, address: buf, length: 64, flags: .next, next: 200) // next past the ring
         f.makeAvailable(4)
         f.setDescriptor(5, address: RingFixture.barSize - 8, length: 64) // past the BAR
         f.makeAvailable(5)
@@ -195,7 +195,7 @@ import Testing
         var counters = QueueCounters(), scratch = Segments()
         let frame = RingFixture.frame(payload: 30)
         let d = frame.withUnsafeBytes { bytes in
-            f.memory.burst { a in q.deliver(&a, frame: Segments(bytes), mergeable: false, scratch: &scratch, counters: &counters) }
+            f.memory.burst { a in q.deliver(&a, frame: bytes, mergeable: false, scratch: &scratch, counters: &counters) }
         }
         #expect(d == .stopped(.fault(.missing(address: RingFixture.buffers, length: 2048, access: .write))))
         // Revoke the ring itself: the next burst faults on the ring area.
@@ -211,7 +211,7 @@ import Testing
         var counters = QueueCounters(), scratch = Segments()
         let d = frame.withUnsafeBytes { bytes in
             f.memory.burst { a -> DeviceQueue.Delivery in
-                let d = q.deliver(&a, frame: Segments(bytes), mergeable: mergeable, scratch: &scratch, counters: &counters)
+                let d = q.deliver(&a, frame: bytes, mergeable: mergeable, scratch: &scratch, counters: &counters)
                 _ = q.publish(&a)
                 return d
             }

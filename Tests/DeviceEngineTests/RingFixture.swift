@@ -36,13 +36,8 @@ struct RingFixture {
     func peek16(_ offset: UInt64) -> UInt16 { let b = peek(2, at: offset); return UInt16(b[0]) | UInt16(b[1]) << 8 }
     func peek32(_ offset: UInt64) -> UInt32 { let b = peek(4, at: offset); return b.reversed().reduce(0) { $0 << 8 | UInt32($1) } }
 
-    func setDescriptor(_ i: UInt16, address: UInt64, length: UInt32, flags: UInt16 = 0, next: UInt16 = 0) {
-        var b: [UInt8] = []
-        b += withUnsafeBytes(of: address.littleEndian, Array.init)
-        b += withUnsafeBytes(of: length.littleEndian, Array.init)
-        b += withUnsafeBytes(of: flags.littleEndian, Array.init)
-        b += withUnsafeBytes(of: next.littleEndian, Array.init)
-        poke(b, at: ring.descriptor(i))
+    func setDescriptor(_ i: UInt16, address: UInt64, length: UInt32, flags: VirtqDescriptorFlags = [], next: UInt16 = 0) {
+        poke(Descriptor(address: address, length: length, flags: flags, next: next).bytes, at: ring.descriptor(i))
     }
 
     /// Publishes chain `head` in the avail ring.
@@ -62,7 +57,7 @@ struct RingFixture {
 
     /// A one-buffer RX chain of `length` bytes in descriptor `i`.
     mutating func postReceive(_ i: UInt16, length: UInt32 = 2048) {
-        setDescriptor(i, address: Self.buffers + UInt64(i) * 2048, length: length, flags: Descriptor.flagWrite)
+        setDescriptor(i, address: Self.buffers + UInt64(i) * 2048, length: length, flags: .write)
         makeAvailable(i)
     }
 

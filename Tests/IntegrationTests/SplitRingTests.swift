@@ -18,7 +18,7 @@ extension Integration {
 
         @Test func descriptorsRoundTripThroughSharedMemory() throws {
             let ram = try GuestRAM(size: 1 << 20)
-            let d = Descriptor(address: 0x1122_3344_5566_7788, length: 1500, flags: Descriptor.flagNext | Descriptor.flagWrite, next: 7)
+            let d = Descriptor(address: 0x1122_3344_5566_7788, length: 1500, flags: [.next, .write], next: 7)
             #expect(d.store(to: ram.mapping, at: 0x100))
             #expect(ram.read(16, at: GuestPhysicalAddress(0x100)) == [0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11,
                                                                       0xdc, 0x05, 0, 0, 3, 0, 7, 0])

@@ -13,6 +13,10 @@ public struct DeadlineHeap<Timer: Hashable & Sendable>: Sendable {
     /// Timers scheduled and not fired or cancelled.
     public var count: Int { live.count }
 
+    /// Entries in the heap, stale ones included (tests: re-arming a timer
+    /// at the time it already has adds nothing).
+    public var storage: Int { heap.count }
+
     /// When `timer` is due (nil: not scheduled).
     public func due(_ timer: Timer) -> ContinuousClock.Instant? { live[timer]?.due }
 
@@ -26,6 +30,7 @@ public struct DeadlineHeap<Timer: Hashable & Sendable>: Sendable {
 
     /// Schedules `timer` at `due`, replacing an earlier schedule of it.
     public mutating func schedule(_ timer: Timer, at due: ContinuousClock.Instant) {
+        if live[timer]?.due == due { return } // a loop re-arms the same timer every pass: nothing to add
         nextGeneration += 1
         live[timer] = (due, nextGeneration)
         heap.append((due, timer, nextGeneration))

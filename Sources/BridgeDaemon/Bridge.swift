@@ -4,9 +4,6 @@ import Logging
 import Synchronization
 import PeerProtocol
 import VhostUser
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// One bridge: a BAR window reserved once for the bridge's lifetime, a
 /// vhost-user socket with one front-end session at a time, and a peer socket
@@ -38,8 +35,9 @@ public final class Bridge: Sendable {
         var served = false
         var statistics = BridgeStatistics()
     }
-    /// Operator commands, carried out on the bridge thread.
-    private let commands: Mailbox<BridgeCommand, Result<String, BridgeCommandError>>
+    /// The bridge thread's one mailbox: operator commands (answered) and
+    /// VM2's events from the peer thread (posted).
+    private let inbox: BridgeInbox
     /// How long `perform` waits for the bridge thread.
     public static let commandDeadline: Duration = .seconds(10)
     private let state = Locked(State())
@@ -69,9 +67,10 @@ public final class Bridge: Sendable {
                 offeredDeviceFeatures: VirtioNetFeatures(rawValue: settings.backend.offeredFeatures).intersection(.allDevice),
                 killOnMissedDeadline: settings.vm2DeadlineAction == .kill,
                 revocationDeadline: .milliseconds(settings.revocationDeadlineMilliseconds))
-            peer = try PeerLink(logger: logger, policy: policy)
+            let inbox = try BridgeInbox()
+            self.inbox = inbox
+            peer = try PeerLink(logger: logger, policy: policy, inbox: inbox)
             stopSignal = try EventFD()
-            commands = try Mailbox()
         } catch { throw .socket(settings.name, "eventfd", error) }
         let relay: NotificationRelay?
         if settings.notifications == .passthrough {
@@ -174,10 +173,11 @@ public final class Bridge: Sendable {
         }
         let peerThread = peerServer.flatMap { server in try? JoinableThread(name: "peer-\(settings.name)") { server.run() } }
         var connection: VhostUserConnection?
-        var acceptPausedUntil: ContinuousClock.Instant?
+        var accepting = AcceptGate("vhost-user")
+        var timers = DeadlineHeap<LoopTimer>()
         var pendingConnection = inherited
         var servedInherited = false
-        while !stopping {
+        loop: while !stopping {
             peer.heartbeat.beat()
             if connection == nil, let c = pendingConnection {
                 pendingConnection = nil
@@ -185,52 +185,53 @@ public final class Bridge: Sendable {
                 connection = open(c)
             }
             if connection == nil, inherited != nil, servedInherited { break } // --fd: one connection only
-            var retryMilliseconds: Int32?
-            if connection == nil, inherited == nil, settings.client, let path = settings.socketPath {
+            let now = ContinuousClock.now
+            if connection == nil, inherited == nil, settings.client, let path = settings.socketPath, timers.due(.frontEndRetry) == nil {
                 if let c = try? UnixSocket.connect(path: path) {
                     connection = open(c)
                 } else {
-                    retryMilliseconds = 200 // the front end is not there (yet): try again
+                    timers.schedule(.frontEndRetry, at: now.advanced(by: .milliseconds(200))) // the front end is not there (yet)
                 }
             }
-            var fds = [stopSignal.fd.rawValue, peer.eventSignal.fd.rawValue, commands.signal.fd.rawValue]
-            let now = ContinuousClock.now
-            if let until = acceptPausedUntil, now >= until { acceptPausedUntil = nil }
-            if let connection { fds.append(connection.socket.fd.rawValue) } else if let listener, acceptPausedUntil == nil { fds.append(listener.fd.rawValue) }
-            let expired = connection?.expireTranslations(now: now)
-            if let connection, expired?.changed == true { publish(connection) }
-            var next = expired?.next
-            if let until = acceptPausedUntil { next = min(next ?? until, until) }
-            var timeout = Poll.timeout(until: next, now: now)
-            if let retry = retryMilliseconds { timeout = timeout < 0 ? retry : min(timeout, retry) }
-            guard let ready = try? Poll.readable(fds, timeoutMilliseconds: timeout) else { continue }
-            if ready[0] { break }
-            if ready[1] {
-                handlePeerEvents(connection)
-                if let connection { publish(connection) } // translations raise misses and count
+            // Translations past their deadline are answered, misses raised again.
+            if let connection {
+                let expired = connection.expireTranslations(now: now)
+                if expired.changed { publish(connection) }
+                if let next = expired.next { timers.schedule(.translations, at: next) } else { timers.cancel(.translations) }
             }
-            if ready[2] {
-                runCommands(connection)
-                if let current = connection, let failure = current.fatalFailure {
-                    close(current, end: .closedByBridge(failure))
-                    connection = nil
-                    continue // ready[3] was that connection's readiness, not the listener's
-                }
+            var sources: [(LoopSource, Int32)] = [(.stop, stopSignal.fd.rawValue), (.mailbox, inbox.signal.fd.rawValue)]
+            if let connection {
+                sources.append((.vhostUser, connection.socket.fd.rawValue))
+            } else if let listener {
+                if accepting.isOpen(now: now) { sources.append((.listener, listener.fd.rawValue)) }
+                if let until = accepting.pausedUntil { timers.schedule(.acceptResumes, at: until) }
             }
-            if ready.count > 3, ready[3] {
-                if let current = connection {
+            guard let ready = try? Poll.ready(sources, until: timers.next, now: now) else { continue }
+            _ = timers.expired(now: .now) // each timer's work is done at the top of the next pass
+            for source in ready {
+                switch source {
+                case .stop:
+                    break loop
+                case .mailbox:
+                    runMailbox(connection)
+                    if let current = connection, let failure = current.fatalFailure {
+                        // An operator command ended the session: its socket's
+                        // readiness below is not the listener's.
+                        close(current, end: .closedByBridge(failure))
+                        connection = nil
+                        continue loop
+                    }
+                case .vhostUser:
+                    guard let current = connection else { continue }
                     if let end = current.step() {
                         close(current, end: end)
                         connection = nil
                     } else {
                         publish(current)
                     }
-                } else if let listener {
-                    do {
-                        connection = open(try listener.accept())
-                    } catch {
-                        if error.isResourceExhaustion { acceptPausedUntil = admission.pauseAccepting("vhost-user", error) }
-                    }
+                case .listener:
+                    guard connection == nil, let listener, let accepted = accepting.accept(listener, admission: admission) else { continue }
+                    connection = open(accepted)
                 }
             }
         }
@@ -247,25 +248,38 @@ public final class Bridge: Sendable {
     /// command eventfd it already polls: nothing allocated, so it works when
     /// fds run out), and a live thread then moves the count.
     public var heartbeatCount: UInt64 { peer.heartbeat.value }
-    public func poke() { _ = try? commands.signal.signal() }
+    public func poke() { _ = try? inbox.signal.signal() }
 
     /// True once `stop()` was called (the thread then ends on its own).
     public var wasStopped: Bool { stopping }
 
     /// Runs an operator command on the bridge thread and waits for its result.
     public func perform(_ command: BridgeCommand) -> Result<String, BridgeCommandError> {
-        commands.call(command, deadline: .now.advanced(by: Self.commandDeadline)) ?? .failure(.timedOut)
+        inbox.call(.command(command), deadline: .now.advanced(by: Self.commandDeadline)) ?? .failure(.timedOut)
     }
 
-    private func runCommands(_ connection: VhostUserConnection?) {
-        for (ticket, command) in commands.take() {
-            if let failure = connection?.fatalFailure {
-                commands.answer(ticket, .failure(.failed("the session ended: \(failure)")))
-                continue
+    /// What the bridge thread waits on: values, not positions in a poll array.
+    private enum LoopSource { case stop, mailbox, vhostUser, listener }
+    /// What the bridge thread's wait ends for besides its sources.
+    private enum LoopTimer: Hashable, Sendable { case translations, acceptResumes, frontEndRetry }
+
+    /// Operator commands (answered) and VM2's events, oldest first, at most
+    /// `PeerLink.eventsPerPass` a pass (the rest wait for the next).
+    private func runMailbox(_ connection: VhostUserConnection?) {
+        for (ticket, message) in inbox.take(limit: PeerLink.eventsPerPass) {
+            switch message {
+            case .command(let command):
+                if let failure = connection?.fatalFailure {
+                    inbox.answer(ticket, .failure(.failed("the session ended: \(failure)")))
+                    continue
+                }
+                let result = connection.map { $0.perform(command) } ?? .failure(.noSession)
+                if let connection { publish(connection) }
+                inbox.answer(ticket, result)
+            case .peer(let event):
+                handle(event, connection)
+                if let connection { publish(connection) } // translations raise misses and count
             }
-            let result = connection.map { $0.perform(command) } ?? .failure(.noSession)
-            if let connection { publish(connection) }
-            commands.answer(ticket, result)
         }
     }
 
@@ -337,31 +351,29 @@ public final class Bridge: Sendable {
         logger.info("front end session ended: \(end); \(summary.requests) requests, \(summary.refusals.values.reduce(0, +)) refused")
     }
 
-    private func handlePeerEvents(_ connection: VhostUserConnection?) {
-        for event in peer.drainEvents() {
-            switch event {
-            case .greet(_, let features, let generation):
-                guard peer.currentGeneration == generation else { continue }
-                let space = settings.backend.addressSpace
-                let info = PeerBARInfo(mode: space.mode, features: features, barSize: space.barSize,
-                                       pageSize: UInt32(space.pageSize), vringCount: UInt32(settings.backend.vringCount))
-                guard peer.send(.helloReply(info), duringReplay: true, generation: generation) else { continue }
-                connection?.replayState(to: generation, features: features)
-                peer.replayed(generation: generation)
-                logger.info("VM2 ready (generation \(generation))")
-            case .translate(let request, let generation):
-                guard peer.currentGeneration == generation, peer.isReady else { continue }
-                if let connection {
-                    connection.translate(request, generation: generation)
-                } else {
-                    peer.count { $0.translationsRefused += 1; $0.refusals["no-session", default: 0] += 1 }
-                    peer.send(.translateReply(PeerTranslateReply(requestID: request.requestID, status: .refused,
-                                                                 reason: "no VM1 session is connected")))
-                }
-            case .gone(let generation, let reason):
-                logger.info("VM2 disconnected (generation \(generation)): \(reason)")
-                connection?.dropTranslations(of: generation)
+    private func handle(_ event: PeerLink.Event, _ connection: VhostUserConnection?) {
+        switch event {
+        case .greet(_, let features, let generation):
+            guard peer.currentGeneration == generation else { return }
+            let space = settings.backend.addressSpace
+            let info = PeerBARInfo(mode: space.mode, features: features, barSize: space.barSize,
+                                   pageSize: UInt32(space.pageSize), vringCount: UInt32(settings.backend.vringCount))
+            guard peer.send(.helloReply(info), duringReplay: true, generation: generation) else { return }
+            connection?.replayState(to: generation, features: features)
+            peer.replayed(generation: generation)
+            logger.info("VM2 ready (generation \(generation))")
+        case .translate(let request, let generation):
+            guard peer.currentGeneration == generation, peer.isReady else { return }
+            if let connection {
+                connection.translate(request, generation: generation)
+            } else {
+                peer.count { $0.translationsRefused += 1; $0.refusals["no-session", default: 0] += 1 }
+                peer.send(.translateReply(PeerTranslateReply(requestID: request.requestID, status: .refused,
+                                                             reason: "no VM1 session is connected")))
             }
+        case .gone(let generation, let reason):
+            logger.info("VM2 disconnected (generation \(generation)): \(reason)")
+            connection?.dropTranslations(of: generation)
         }
     }
 

@@ -8,7 +8,7 @@ import PeerProtocol
 /// does all sending). Every decision is the connection's `PeerSession`'s
 /// (pure, in PeerProtocol); this type only carries out its effects: sends,
 /// waits, kills, closes, counts. The peer thread never touches bridge state:
-/// it posts events and wakes the bridge thread through `eventSignal`; acks
+/// it posts events to the bridge thread's mailbox (`inbox`); acks
 /// and ring stops wake a wait through `ackSignal`.
 ///
 /// Sendable without `@unchecked`: all mutable state is behind a `Locked` (pthread mutex); the
@@ -32,7 +32,6 @@ final class PeerLink: Sendable {
         var session: PeerSession?
         /// SIGKILL was sent to this connection's VMM (counted once).
         var killSent = false
-        var events: [Event] = []
         var statistics = Statistics()
         /// VM1's reply to a request that revoked access, handed over for
         /// the time of the bridge thread's wait for VM2's ack.
@@ -40,7 +39,8 @@ final class PeerLink: Sendable {
     }
 
     let state = Locked(State())
-    let eventSignal: EventFD
+    /// The bridge thread's mailbox: VM2's events are posted there.
+    let inbox: BridgeInbox
     let ackSignal: EventFD
     let logger: Logger
     let policy: PeerSession.Policy
@@ -56,8 +56,8 @@ final class PeerLink: Sendable {
     /// stopped — however it drips the bytes.
     var messageDeadline: Duration { max(.seconds(1), policy.revocationDeadline) }
 
-    init(logger: Logger, policy: PeerSession.Policy, heartbeat: Heartbeat = Heartbeat()) throws(SystemCallError) {
-        eventSignal = try EventFD()
+    init(logger: Logger, policy: PeerSession.Policy, inbox: BridgeInbox, heartbeat: Heartbeat = Heartbeat()) throws(SystemCallError) {
+        self.inbox = inbox
         ackSignal = try EventFD()
         self.logger = logger
         self.policy = policy
@@ -92,12 +92,11 @@ final class PeerLink: Sendable {
         }
     }
 
-    /// Events the bridge thread has not taken yet.
-    var queuedEvents: Int { state.withLock { $0.events.count } }
+    /// Messages the bridge thread has not taken yet (VM2's and commands).
+    var queuedEvents: Int { inbox.pending }
 
     private func post(_ event: Event) {
-        state.withLock { $0.events.append(event) }
-        _ = try? eventSignal.signal()
+        inbox.post(.peer(event))
     }
 
     /// A message VM2 sent on connection `generation` (peer thread). Returns
@@ -193,21 +192,9 @@ final class PeerLink: Sendable {
 
     // MARK: bridge thread
 
-    /// Takes at most `limit` queued events, oldest first: one loop pass of
-    /// the bridge thread does a bounded amount of VM2's work (each event may
-    /// send a reply), and what is left keeps the signal raised for the next.
-    func drainEvents(limit: Int = PeerLink.eventsPerPass) -> [Event] {
-        _ = try? eventSignal.read()
-        let (taken, more) = state.withLock { s -> ([Event], Bool) in
-            let taken = Array(s.events.prefix(limit))
-            s.events.removeFirst(taken.count)
-            return (taken, !s.events.isEmpty)
-        }
-        if more { _ = try? eventSignal.signal() }
-        return taken
-    }
-
-    /// Events the bridge thread handles per loop pass.
+    /// Messages the bridge thread takes per loop pass: one pass does a
+    /// bounded amount of VM2's work (each event may send a reply); what is
+    /// left keeps the mailbox raised for the next.
     static let eventsPerPass = 32
 
     /// The greeting and the replay to connection `generation` are done.

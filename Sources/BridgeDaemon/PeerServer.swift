@@ -39,66 +39,71 @@ final class PeerServer: Sendable {
         listener.shutdown()
     }
 
+    /// What the peer thread waits on.
+    private enum LoopSource { case listener, vm2 }
+
     /// Runs until `stop()`.
     func run() {
         var active: (socket: UnixSocket, generation: Int)?
-        var acceptPausedUntil: ContinuousClock.Instant?
+        var accepting = AcceptGate("peer")
         while !stopping {
-            var fds: [Int32] = []
             let now = ContinuousClock.now
-            if let until = acceptPausedUntil, now >= until { acceptPausedUntil = nil }
-            if acceptPausedUntil == nil { fds.append(listener.fd.rawValue) }
+            var sources: [(LoopSource, Int32)] = []
+            if accepting.isOpen(now: now) { sources.append((.listener, listener.fd.rawValue)) }
             // A VM2 that sends faster than the bridge thread takes its
             // requests is not read until the queue drains: its messages wait
             // in its socket, not in the daemon's memory.
             let throttled = peer.queuedEvents >= settings.maxPendingTranslations
-            if let active, !throttled { fds.append(active.socket.fd.rawValue) }
-            var timeout = Poll.timeout(until: acceptPausedUntil, now: now, atMost: 1000)
-            if throttled { timeout = timeout < 0 ? 5 : min(timeout, 5) }
-            guard let polled = try? Poll.readable(fds, timeoutMilliseconds: timeout) else { continue }
+            if let active, !throttled { sources.append((.vm2, active.socket.fd.rawValue)) }
+            let polled = active?.generation // a VM2 attached below was not polled
+            // Woken by `stop()` (the listener's shutdown); a pause or the
+            // throttle is looked at again when it may have ended.
+            let wake = throttled ? now.advanced(by: .milliseconds(5)) : accepting.pausedUntil ?? now.advanced(by: .seconds(1))
+            guard let ready = try? Poll.ready(sources, until: wake, now: now) else { continue }
             if stopping { break }
-            // Index 0 is the listener (false while paused), index 1 the VM2 (false while throttled).
-            var ready = acceptPausedUntil == nil ? polled : [false] + polled
-            if throttled, active != nil { ready.append(false) }
-            var accepted: UnixSocket?
-            if ready[0] {
-                do { accepted = try listener.accept() } catch {
-                    if error.isResourceExhaustion { acceptPausedUntil = admission.pauseAccepting("peer", error) }
+            for source in ready {
+                switch source {
+                case .listener:
+                    guard let socket = accepting.accept(listener, admission: admission) else { continue }
+                    admit(socket, replacing: &active)
+                case .vm2:
+                    guard let current = active, current.generation == polled,
+                          let reason = read(current.socket, generation: current.generation) else { continue }
+                    peer.detach(generation: current.generation, reason: reason)
+                    active = nil
                 }
-            }
-            if let socket = accepted {
-                let (admitted, creds) = admission.admits(socket, settings.vm2Access, "peer")
-                guard admitted else {
-                    PeerLink.sendError(socket, .protocolError, "bridge \(settings.name): this user may not connect as VM2")
-                    try? socket.fd.close()
-                    continue
-                }
-                // Every message to and from VM2 has a deadline (PeerLink's
-                // `messageDeadline`): one that stops reading, or drips a
-                // message, is disconnected at its next message.
-                let process = settings.vm2DeadlineAction == .kill ? processToKill(socket, creds) : nil
-                var attached = peer.attach(socket, process: process)
-                // A VM2 that reconnects the instant it closed: its old
-                // connection's end may not have been read yet.
-                if attached == nil, finishIfEnded(&active) {
-                    attached = peer.attach(socket, process: process)
-                }
-                if let generation = attached {
-                    active = (socket, generation)
-                    logger.info("VM2 connected (\(creds.map { "pid \($0.pid) uid \($0.uid)" } ?? "unknown peer"))")
-                } else {
-                    PeerLink.sendError(socket, .busy, "bridge \(settings.name) already has a VM2")
-                    try? socket.fd.close()
-                    logger.warning("refused a second VM2 connection")
-                }
-            }
-            if ready.count > 1, ready[1], let current = active,
-               let reason = read(current.socket, generation: current.generation) {
-                peer.detach(generation: current.generation, reason: reason)
-                active = nil
             }
         }
         if let active { peer.detach(generation: active.generation, reason: "bridge stopping") }
+    }
+
+    /// A new VM2 connection: checked against the allow-lists, attached (it
+    /// becomes `active`), or refused as busy while another one is attached.
+    private func admit(_ socket: UnixSocket, replacing active: inout (socket: UnixSocket, generation: Int)?) {
+        let (admitted, creds) = admission.admits(socket, settings.vm2Access, "peer")
+        guard admitted else {
+            PeerLink.sendError(socket, .protocolError, "bridge \(settings.name): this user may not connect as VM2")
+            try? socket.fd.close()
+            return
+        }
+        // Every message to and from VM2 has a deadline (PeerLink's
+        // `messageDeadline`): one that stops reading, or drips a message,
+        // is disconnected at its next message.
+        let process = settings.vm2DeadlineAction == .kill ? processToKill(socket, creds) : nil
+        var attached = peer.attach(socket, process: process)
+        // A VM2 that reconnects the instant it closed: its old connection's
+        // end may not have been read yet.
+        if attached == nil, finishIfEnded(&active) {
+            attached = peer.attach(socket, process: process)
+        }
+        if let generation = attached {
+            active = (socket, generation)
+            logger.info("VM2 connected (\(creds.map { "pid \($0.pid) uid \($0.uid)" } ?? "unknown peer"))")
+        } else {
+            PeerLink.sendError(socket, .busy, "bridge \(settings.name) already has a VM2")
+            try? socket.fd.close()
+            logger.warning("refused a second VM2 connection")
+        }
     }
 
     /// The VMM a `kill` would hit: the process that connected (SO_PEERPIDFD,

@@ -33,6 +33,12 @@ import Testing
         #expect(h.count == 0 && h.next == nil)
     }
 
+    @Test func reArmingAtTheSameTimeAddsNothing() {
+        var h = DeadlineHeap<T>()
+        for _ in 0..<1000 { h.schedule(.a, at: t0.advanced(by: .seconds(1))) }
+        #expect(h.storage == 1 && h.count == 1)
+    }
+
     /// Against a sorted list, for many interleaved schedules and cancels.
     @Test func matchesASortedModel() {
         var h = DeadlineHeap<T>()

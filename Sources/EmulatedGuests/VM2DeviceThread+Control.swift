@@ -1,0 +1,161 @@
+import BridgeCore
+import DeviceEngine
+import LinuxIO
+import PeerProtocol
+
+/// The device thread's control side: the daemon's peer-protocol messages
+/// (MAP, UNMAP, VRING, VRING_STOP, DEVICE, TRANSLATE_REPLY) and the
+/// translations other threads ask for.
+extension VM2DeviceThread {
+    func readControl() {
+        let message: PeerMessage
+        let fds: [OwnedFileDescriptor]
+        do {
+            var parsed: (PeerCodec.Header, PeerMessageType)?
+            guard let framed = try socket.receiveFramed(payloadSize: { bytes in
+                let v = try PeerCodec.validate(header: bytes); parsed = v; return Int(v.0.size)
+            }), let (header, type) = parsed else { stopReason = "daemon closed the connection"; return }
+            fds = framed.fds
+            message = try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count)
+        } catch {
+            stopReason = "protocol error: \(error)"
+            owner.update { $0.lastError = "\(error)" }
+            return
+        }
+        handle(message, fds: fds)
+    }
+
+    func ack(_ seq: UInt64) {
+        guard configuration.acknowledges else { return }
+        try? socket.send(PeerCodec.encode(.ack(seq)))
+    }
+
+    func handle(_ message: PeerMessage, fds: [OwnedFileDescriptor]) {
+        switch message {
+        case .helloReply(let info):
+            features = info.features
+            do {
+                let w = try BARWindow(size: info.barSize)
+                device.memory.attach(w)
+                owner.setWindow(w)
+                owner.update { $0.ready = true; $0.barSize = info.barSize; $0.mode = info.mode.rawValue }
+            } catch {
+                stopReason = "cannot reserve a BAR of \(info.barSize) bytes: \(error)"
+            }
+        case .map(let m):
+            guard device.memory.window != nil, let fd = fds.first else { stopReason = "MAP before HELLO reply"; return }
+            do {
+                try device.memory.map(bus: m.barOffset, length: m.length, permission: m.permission, fd: fd.rawValue, fdOffset: m.fdOffset,
+                                      unsealed: m.unsealed)
+                let mapped = device.memory.grants.bytesMapped
+                owner.update { $0.mapsApplied += 1; $0.bytesMapped = mapped; if m.unsealed { $0.unsealedMapsApplied += 1 } }
+            } catch {
+                owner.update { $0.lastError = "MAP: \(error)" }
+            }
+            try? fd.close()
+            ack(m.sequence)
+        case .unmap(let u):
+            guard device.memory.window != nil else { return }
+            // Forgotten first: from here on the device refuses the range.
+            device.memory.unmap(bus: u.barOffset, length: u.length)
+            let mapped = device.memory.grants.bytesMapped
+            owner.update { $0.unmapsApplied += 1; $0.bytesMapped = mapped }
+            ack(u.sequence)
+        case .vring(let v):
+            let index = Int(v.index)
+            var n = notifiers[index] ?? Notifiers()
+            var next = 0
+            // No kick fd: VM1 does not kick this ring (it polls): neither
+            // does VM2 wait for one (`run` looks at kick-less rings often).
+            try? n.kick?.fd.close()
+            n.kick = nil
+            if v.hasKick {
+                n.kick = next < fds.count ? EventFD(adopting: OwnedFileDescriptor(adopting: fds[next].release())) : nil
+                next += 1
+            }
+            if v.hasCall {
+                try? n.call?.fd.close()
+                n.call = next < fds.count ? EventFD(adopting: OwnedFileDescriptor(adopting: fds[next].release())) : nil
+            }
+            n.enabled = v.enabled
+            notifiers[index] = n
+            pollSetDirty = true
+            // An in-order device resumes where it was (its used index equals
+            // its last avail index); a new queue starts where VM1 says.
+            let was = device.queue(index) ?? parked.removeValue(forKey: index)
+            device.removeQueue(index)
+            if v.enabled {
+                let ring = SplitRing(size: v.num, desc: v.desc, avail: v.avail, used: v.used)
+                if let defect = device.setQueue(index, ring: ring, start: was?.lastAvail ?? v.lastAvail, usedIndex: was?.usedIndex) {
+                    if let q = device.removeQueue(index) { parked[index] = q }
+                    refuse(defect)
+                }
+            } else if let was {
+                parked[index] = was
+            }
+        case .vringStop(let index):
+            let stopped = device.removeQueue(Int(index)) ?? parked.removeValue(forKey: Int(index))
+            parked[Int(index)] = nil
+            if let n = notifiers.removeValue(forKey: Int(index)) { try? n.kick?.fd.close(); try? n.call?.fd.close() }
+            pollSetDirty = true
+            if features.contains(.vringStopAck) {
+                try? socket.send(PeerCodec.encode(.vringStopped(index: index, lastAvail: stopped?.lastAvail)))
+            }
+        case .device(let d):
+            if d.event == .start {
+                device.start(features: d.features)
+            } else {
+                for n in notifiers.values { try? n.kick?.fd.close(); try? n.call?.fd.close() }
+                notifiers = [:]
+                device.removeAllQueues()
+                parked = [:]
+                pollSetDirty = true
+            }
+        case .translateReply(let r):
+            if awaiting.keys.contains(r.requestID) {
+                awaiting[r.requestID] = .some(r)
+            } else {
+                if let ticket = inFlight.removeValue(forKey: r.requestID) { owner.translations.answer(ticket, r) }
+            }
+            owner.update { r.status == .granted ? ($0.translationsGranted += 1) : ($0.translationsRefused += 1) }
+        case .error(let e):
+            stopReason = "daemon error \(e.code): \(e.text)"
+        case .hello, .ack, .translate, .vringStopped:
+            stopReason = "unexpected \(message.type) from the daemon"
+        }
+        for fd in fds { try? fd.close() }
+    }
+
+    /// Translations other threads asked for: sent now, answered when the
+    /// daemon replies (`inFlight`).
+    func runCommands() {
+        for (ticket, t) in owner.translations.take() {
+            owner.update { $0.translationsRequested += 1 }
+            inFlight[t.requestID] = ticket
+            try? socket.send(PeerCodec.encode(.translate(t)))
+        }
+    }
+
+    /// Asks for a translation and handles control traffic until the reply
+    /// comes (MAPs arrive before it). Returns whether it was granted.
+    func translateAndWait(_ address: UInt64, length: UInt64, access: Permission) -> Bool {
+        guard configuration.translates else { return false }
+        let id = nextRequest
+        nextRequest += 1
+        awaiting[id] = .some(nil)
+        owner.update { $0.translationsRequested += 1 }
+        guard (try? socket.send(PeerCodec.encode(.translate(PeerTranslate(requestID: id, barOffset: address, length: length, access: access))))) != nil else {
+            return false
+        }
+        while stopReason == nil {
+            if case .some(.some(let reply)) = awaiting[id] {
+                awaiting[id] = nil
+                return reply.status == .granted
+            }
+            guard let ready = try? Poll.readable([owner.stopFD, socket.fd.rawValue], timeoutMilliseconds: 5000) else { return false }
+            if ready[0] { stopReason = "stopped"; return false }
+            if ready[1] { readControl() } else { awaiting[id] = nil; return false }
+        }
+        return false
+    }
+}

@@ -2,26 +2,27 @@
 /// binary heap ordered by due time. Scheduling a timer again moves it;
 /// cancelled and moved entries are dropped lazily when they reach the top.
 /// Pure: the caller passes the time.
-public struct DeadlineHeap<Timer: Hashable & Sendable>: Sendable {
-    private var heap: [(due: ContinuousClock.Instant, timer: Timer, generation: UInt64)] = []
-    /// The live generation of each scheduled timer (older heap entries are stale).
-    private var live: [Timer: (due: ContinuousClock.Instant, generation: UInt64)] = [:]
-    private var nextGeneration: UInt64 = 0
 
-    public init() {}
+public struct DeadlineHeap<Timer: Hashable & Sendable>: Sendable {
+    @usableFromInline var heap: [(due: ContinuousClock.Instant, timer: Timer, generation: UInt64)] = []
+    /// The live generation of each scheduled timer (older heap entries are stale).
+    @usableFromInline var live: [Timer: (due: ContinuousClock.Instant, generation: UInt64)] = [:]
+    @usableFromInline var nextGeneration: UInt64 = 0
+
+    @inlinable public init() {}
 
     /// Timers scheduled and not fired or cancelled.
-    public var count: Int { live.count }
+    @inlinable public var count: Int { live.count }
 
     /// Entries in the heap, stale ones included (tests: re-arming a timer
     /// at the time it already has adds nothing).
-    public var storage: Int { heap.count }
+    @inlinable public var storage: Int { heap.count }
 
     /// When `timer` is due (nil: not scheduled).
-    public func due(_ timer: Timer) -> ContinuousClock.Instant? { live[timer]?.due }
+    @inlinable public func due(_ timer: Timer) -> ContinuousClock.Instant? { live[timer]?.due }
 
     /// The earliest due time (nil: no timer): what the loop's wait ends at.
-    public var next: ContinuousClock.Instant? {
+    @inlinable public var next: ContinuousClock.Instant? {
         mutating get {
             dropStale()
             return heap.first?.due
@@ -29,7 +30,7 @@ public struct DeadlineHeap<Timer: Hashable & Sendable>: Sendable {
     }
 
     /// Schedules `timer` at `due`, replacing an earlier schedule of it.
-    public mutating func schedule(_ timer: Timer, at due: ContinuousClock.Instant) {
+    @inlinable public mutating func schedule(_ timer: Timer, at due: ContinuousClock.Instant) {
         if live[timer]?.due == due { return } // a loop re-arms the same timer every pass: nothing to add
         nextGeneration += 1
         live[timer] = (due, nextGeneration)
@@ -37,12 +38,12 @@ public struct DeadlineHeap<Timer: Hashable & Sendable>: Sendable {
         siftUp(heap.count - 1)
     }
 
-    public mutating func cancel(_ timer: Timer) {
+    @inlinable public mutating func cancel(_ timer: Timer) {
         live[timer] = nil
     }
 
     /// Takes every timer due at `now`, earliest first.
-    public mutating func expired(now: ContinuousClock.Instant) -> [Timer] {
+    @inlinable public mutating func expired(now: ContinuousClock.Instant) -> [Timer] {
         var fired: [Timer] = []
         while true {
             dropStale()
@@ -55,17 +56,17 @@ public struct DeadlineHeap<Timer: Hashable & Sendable>: Sendable {
 
     // MARK: heap
 
-    private mutating func dropStale() {
+    @inlinable mutating func dropStale() {
         while let top = heap.first, live[top.timer]?.generation != top.generation { popTop() }
     }
 
-    private mutating func popTop() {
+    @inlinable mutating func popTop() {
         heap.swapAt(0, heap.count - 1)
         heap.removeLast()
         siftDown(0)
     }
 
-    private mutating func siftUp(_ start: Int) {
+    @inlinable mutating func siftUp(_ start: Int) {
         var i = start
         while i > 0 {
             let parent = (i - 1) / 2
@@ -75,7 +76,7 @@ public struct DeadlineHeap<Timer: Hashable & Sendable>: Sendable {
         }
     }
 
-    private mutating func siftDown(_ start: Int) {
+    @inlinable mutating func siftDown(_ start: Int) {
         var i = start
         while true {
             let l = 2 * i + 1, r = l + 1

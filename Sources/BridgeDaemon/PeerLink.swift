@@ -153,6 +153,11 @@ final class PeerLink: Sendable {
     @discardableResult
     private func execute(_ effects: [PeerSession.Effect], generation: Int, replyingOn socket: UnixSocket?) -> String? {
         var closing: String?
+        // Who waits is woken once, after everything: VM1's held ack goes out
+        // first, so the bridge thread wakes to find it sent (one hand-off,
+        // not two).
+        var wake = false
+        defer { if wake { _ = try? ackSignal.signal() } }
         for effect in effects {
             switch effect {
             case .greet(let hello, let features):
@@ -161,12 +166,12 @@ final class PeerLink: Sendable {
                 post(.translate(t, generation: generation))
             case .acknowledged:
                 count { $0.acks += 1 }
-                _ = try? ackSignal.signal()
+                wake = true
             case .releaseHeldReply:
                 sendHeldReply()
-                _ = try? ackSignal.signal()
+                wake = true
             case .ringStopped:
-                _ = try? ackSignal.signal()
+                wake = true
             case .kill(let reason):
                 if let process = state.withLock({ s in s.generation == generation ? s.process : nil }) {
                     kill(process, generation: generation, reason: reason)

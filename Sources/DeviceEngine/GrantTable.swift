@@ -26,7 +26,7 @@ public struct PeerMappingTable: Sendable {
 
     /// Removes `[start, end)` from every range (splitting).
     public mutating func remove(_ start: UInt64, _ end: UInt64) {
-        guard start < end else { return }
+        guard start < end, !map.elements.isEmpty else { return } // the common case of the unsealed and lost tables: nothing to do
         map.apply(map.change(replacing: start, end, with: nil))
     }
 

@@ -22,10 +22,16 @@ extension Poll {
     /// (what the fd is to the loop), never a position in a `poll` array.
     /// Returns the sources that are readable, hung up or in error, in
     /// registration order; none once `deadline` passed (nil: no deadline).
+    @inlinable
     public static func ready<Source>(_ registrations: [(Source, Int32)], until deadline: ContinuousClock.Instant?,
                                      now: ContinuousClock.Instant = .now) throws(SystemCallError) -> [Source] {
-        let flags = try readable(registrations.map(\.1), timeoutMilliseconds: timeout(until: deadline, now: now))
-        return zip(registrations, flags).compactMap { $1 ? $0.0 : nil }
+        var fds: [Int32] = []
+        fds.reserveCapacity(registrations.count)
+        for r in registrations { fds.append(r.1) }
+        let flags = try readable(fds, timeoutMilliseconds: timeout(until: deadline, now: now))
+        var ready: [Source] = []
+        for (i, flag) in flags.enumerated() where flag { ready.append(registrations[i].0) }
+        return ready
     }
 
     /// The timeout that wakes a poll at or after `deadline`: -1 (no

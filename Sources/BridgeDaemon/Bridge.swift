@@ -179,6 +179,7 @@ public final class Bridge: Sendable {
         var servedInherited = false
         loop: while !stopping {
             peer.heartbeat.beat()
+            peer.beginPass() // this pass's TRANSLATE replies: one message deadline in all
             if connection == nil, let c = pendingConnection {
                 pendingConnection = nil
                 servedInherited = true

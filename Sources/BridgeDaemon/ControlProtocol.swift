@@ -24,7 +24,7 @@ extension DaemonController {
             return ControlProtocol.response(ok: DaemonStatus(
                 version: ControlProtocol.version, uptimeSeconds: uptimeSeconds, bridges: all.count,
                 vm1Sessions: all.filter(\.activeSession).count, vm2Connected: all.filter(\.peer.connected).count,
-                logLevel: config.logLevel.rawValue, controlSocket: config.controlSocket, pid: Int(getpid()),
+                logLevel: config.logLevel.rawValue, controlSocket: config.controlSocket, pid: Int(Signals.processID),
                 createdBridges: createdBridgeNames, stateFile: createdBridges?.path ?? "",
                 lastError: lastError ?? "", buildVersion: BuildInfo.version))
         case .list:

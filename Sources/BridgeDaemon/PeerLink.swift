@@ -36,6 +36,9 @@ final class PeerLink: Sendable {
         /// VM1's reply to a request that revoked access, handed over for
         /// the time of the bridge thread's wait for VM2's ack.
         var heldReply = HeldReply.none
+        /// When the bridge thread's current pass must be done sending
+        /// TRANSLATE replies (`beginPass`).
+        var replyBudgetEnds: ContinuousClock.Instant?
     }
 
     let state = Locked(State())
@@ -200,7 +203,16 @@ final class PeerLink: Sendable {
     /// Messages the bridge thread takes per loop pass: one pass does a
     /// bounded amount of VM2's work (each event may send a reply); what is
     /// left keeps the mailbox raised for the next.
-    static let eventsPerPass = 32
+    static let eventsPerPass = 256
+
+    /// A bridge loop pass starts: the TRANSLATE replies it sends must all be
+    /// out within one message deadline. A VM2 that reads its answers just
+    /// fast enough for each to make its own deadline still cannot hold the
+    /// bridge thread (and VM1) longer than that per pass: past it, it counts
+    /// as a VM2 that stopped reading.
+    func beginPass(now: ContinuousClock.Instant = .now) {
+        state.withLock { $0.replyBudgetEnds = now.advanced(by: messageDeadline) }
+    }
 
     /// The greeting and the replay to connection `generation` are done.
     func replayed(generation: Int) {
@@ -227,8 +239,10 @@ final class PeerLink: Sendable {
             return (socket, s.generation)
         }) else { return false }
         defer { heartbeat.beat() }
+        var deadline = ContinuousClock.now.advanced(by: messageDeadline)
+        if case .translateReply = message, let budget = state.withLock({ $0.replyBudgetEnds }) { deadline = min(deadline, budget) }
         do {
-            try socket.send(PeerCodec.encode(message), fds: fds, deadline: .now.advanced(by: messageDeadline))
+            try socket.send(PeerCodec.encode(message), fds: fds, deadline: deadline)
             return true
         } catch {
             if error.errno == .timedOut { // the whole message did not go out in time: VM2 stopped reading

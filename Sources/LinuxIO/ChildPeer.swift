@@ -34,13 +34,7 @@ public struct ChildPeer: Sendable {
     }
 
     public static func spawn(connectingTo path: String, uid: UInt32? = nil, gid: UInt32? = nil, groups: [UInt32] = [],
-                             hello: [UInt8] = [], lifetimeSeconds: UInt32 = 20, reads: Bool = true) throws(SystemCallError) -> ChildPeer {
-        try spawn(connectingTo: path, uid: uid, gid: gid, groups: groups, hello: hello, lifetimeSeconds: lifetimeSeconds,
-                  reading: reads ? .everything : .nothing)
-    }
-
-    public static func spawn(connectingTo path: String, uid: UInt32? = nil, gid: UInt32? = nil, groups: [UInt32] = [],
-                             hello: [UInt8] = [], lifetimeSeconds: UInt32 = 20, reading: Reading) throws(SystemCallError) -> ChildPeer {
+                             hello: [UInt8] = [], lifetimeSeconds: UInt32 = 20, reading: Reading = .everything) throws(SystemCallError) -> ChildPeer {
         let pid = groups.withUnsafeBufferPointer { g in
             hello.withUnsafeBytes { h in
                 shim_fork_peer(path, uid.map { Int($0) } ?? -1, gid.map { Int($0) } ?? -1, g.baseAddress, Int32(g.count),

@@ -56,6 +56,13 @@ public final class JoinableThread: Sendable {
 /// Process-wide signal handling the thread-safe way: block the signals in
 /// every thread (call before starting any), then wait for them on one thread.
 public enum Signals {
+    /// This process's id.
+    public static var processID: Int32 { getpid() }
+
+    /// SIGTERM to this process: a stop asked from inside takes the same path
+    /// as one from outside (`wait(for:)` sees it).
+    public static func terminateSelf() { _ = kill(getpid(), SIGTERM) }
+
     public static func block(_ signals: [Int32]) {
         var set = sigset_t()
         sigemptyset(&set)

@@ -187,7 +187,7 @@ struct Daemon: ParsableCommand {
         let stateDir = stateDirectory ?? environment["STATE_DIRECTORY"].flatMap { $0.split(separator: ":").first.map(String.init) }
             ?? daemonConfig.stateDirectory
         let controller = DaemonController(config: daemonConfig, logger: logger, createdBridges: stateDir.map(CreatedBridges.init),
-                                          inheritedSessionEnded: { kill(getpid(), SIGTERM) },
+                                          inheritedSessionEnded: { Signals.terminateSelf() },
                                           notify: { lines in _ = lines.isEmpty ? false : notifier.notify(lines.joined(separator: "\n")) })
         // Every bridge of the file and the flags starts, or the daemon does
         // not: a config that cannot be carried out is refused whole, as a

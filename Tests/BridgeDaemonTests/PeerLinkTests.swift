@@ -42,6 +42,13 @@ import TestSupport
             #expect(link.isReady)
         }
 
+        /// An UNMAP sent to VM2 (its ticket): a revocation VM2 now holds.
+        func revoke() -> PeerLink.Ticket {
+            let ticket = link.takeSequence(revoking: true)
+            #expect(link.send(.unmap(PeerUnmap(sequence: ticket.sequence, barOffset: 0, length: 4096))))
+            return ticket
+        }
+
         func close() {
             try? daemonEnd.fd.close()
             try? vm2.fd.close()
@@ -57,8 +64,7 @@ import TestSupport
         try rig.greet()
         let (vm1Daemon, vm1) = try UnixSocket.pair()
         defer { try? vm1Daemon.fd.close(); try? vm1.fd.close() }
-        let ticket = rig.link.takeSequence(revoking: true)
-        #expect(rig.link.send(.unmap(PeerUnmap(sequence: ticket.sequence, barOffset: 0, length: 4096))))
+        let ticket = rig.revoke()
         let peerThread = try JoinableThread(name: "peer") {
             // The bridge thread has handed the reply over: VM2 acks now.
             _ = pollUntil { rig.link.state.withLock { if case .waiting = $0.heldReply { true } else { false } } }
@@ -81,8 +87,7 @@ import TestSupport
         try rig.greet()
         let (vm1Daemon, vm1) = try UnixSocket.pair()
         defer { try? vm1Daemon.fd.close(); try? vm1.fd.close() }
-        let ticket = rig.link.takeSequence(revoking: true)
-        #expect(rig.link.send(.unmap(PeerUnmap(sequence: ticket.sequence, barOffset: 0, length: 4096))))
+        let ticket = rig.revoke()
         _ = rig.link.received(.ack(ticket.sequence), replyFlag: false, generation: rig.generation, on: rig.daemonEnd)
         #expect(rig.link.waitForAck(ticket, replying: [1], on: vm1Daemon) == .notSent)
         #expect(throws: SystemCallError.self) { try vm1.receive(maxBytes: 16, maxFDs: 0, nonBlocking: true) }
@@ -94,8 +99,7 @@ import TestSupport
         let rig = try Rig()
         defer { rig.close() }
         try rig.greet()
-        let ticket = rig.link.takeSequence(revoking: true)
-        #expect(rig.link.send(.unmap(PeerUnmap(sequence: ticket.sequence, barOffset: 0, length: 4096))))
+        let ticket = rig.revoke()
         let peerThread = try JoinableThread(name: "peer") {
             rig.link.detach(generation: rig.generation, reason: "closed")
         }
@@ -116,8 +120,7 @@ import TestSupport
         let rig = try Rig(revocationDeadline: .milliseconds(50))
         defer { rig.close() }
         try rig.greet()
-        let ticket = rig.link.takeSequence(revoking: true)
-        #expect(rig.link.send(.unmap(PeerUnmap(sequence: ticket.sequence, barOffset: 0, length: 4096))))
+        let ticket = rig.revoke()
         #expect(!rig.link.waitForAck(ticket))
         #expect(rig.link.statistics.revocationTimeouts == 1)
         #expect(!rig.link.isReady)
@@ -145,15 +148,31 @@ import TestSupport
         #expect(rig.link.statistics.refusals["ack-sequence"] == 1 && rig.link.statistics.protocolErrors == 1)
     }
 
+    /// A pass's TRANSLATE replies share one message deadline: once it is
+    /// spent, a reply that finds VM2's socket full is not waited for — VM2
+    /// counts as stopped reading; one that fits still goes out.
+    @Test func aPassSpendsAtMostOneDeadlineOnTranslateReplies() throws {
+        let rig = try Rig()
+        defer { rig.close() }
+        try rig.greet()
+        let reply = PeerMessage.translateReply(PeerTranslateReply(requestID: 1, status: .refused, reason: "no"))
+        rig.link.beginPass(now: .now.advanced(by: .seconds(-5))) // this pass's budget is spent
+        #expect(rig.link.send(reply), "room in the socket: it goes out at once")
+        while (try? rig.daemonEnd.send([UInt8](repeating: 0, count: 4096), nonBlocking: true)) != nil {} // VM2 stops reading
+        #expect(!rig.link.send(reply))
+        #expect(!rig.link.isReady, "disconnected as a VM2 that stopped reading")
+    }
+
     /// One mailbox: commands and VM2's events, oldest first, at most a
     /// pass's worth at a time, the rest keeping the signal raised.
     @Test func theMailboxHandsOutABoundedPassInOrder() throws {
         let inbox = try BridgeInbox()
-        for i in 0..<40 { inbox.post(.peer(.gone(generation: i, reason: ""))) }
-        let first = inbox.take(limit: PeerLink.eventsPerPass)
-        #expect(first.count == 32)
-        guard case .peer(.gone(let g, _)) = first[31].1 else { Issue.record("\(first[31].1)"); return }
-        #expect(g == 31)
+        let pass = PeerLink.eventsPerPass
+        for i in 0..<(pass + 8) { inbox.post(.peer(.gone(generation: i, reason: ""))) }
+        let first = inbox.take(limit: pass)
+        #expect(first.count == pass)
+        guard case .peer(.gone(let g, _)) = first[pass - 1].1 else { Issue.record("\(first[pass - 1].1)"); return }
+        #expect(g == pass - 1)
         #expect(try Poll.readable([inbox.signal.fd.rawValue], timeoutMilliseconds: 0) == [true], "the rest wait for the next pass")
         #expect(inbox.take(limit: PeerLink.eventsPerPass).count == 8 && inbox.pending == 0)
     }

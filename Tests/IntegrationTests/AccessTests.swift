@@ -90,7 +90,7 @@ extension Integration {
             let running = try RunningBridge("stops-reading", mode: .iommu, revocationDeadline: 1000) { $0.vm2DeadlineAction = .kill }
             defer { running.stop() }
             let hello = PeerCodec.encode(.hello(PeerHello(features: [], deviceFeatures: NetDevice.served)))
-            let vmm = try ChildPeer.spawn(connectingTo: running.peerPath, hello: hello, reads: false)
+            let vmm = try ChildPeer.spawn(connectingTo: running.peerPath, hello: hello, reading: .nothing)
             #expect(pollUntil { running.bridge.statistics.peer.ready })
             let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: true))
             defer { vm1.disconnect() }

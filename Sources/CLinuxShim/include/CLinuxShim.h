@@ -171,7 +171,9 @@ int shim_fork_touch(volatile void *addr, int write);
 /// Forks a child that (when `uid`/`gid` >= 0) drops to those ids and
 /// `groups`, connects to the Unix socket `path`, writes `hello`, and reads
 /// until the other end closes (exit 0) — or, when `reads` is 0, never reads
-/// again; connect failure exits 2, and the child dies of SIGALRM after
+/// again; 2, 3 and 4 read peer-protocol frames and leave the protocol at an
+/// UNMAP (hang up; ACK from the future) or at a MAP that takes a permission
+/// away (hang up), living on (`ChildPeer.Reading`); connect failure exits 2, and the child dies of SIGALRM after
 /// `lifetime_s`. A test peer with other credentials, run without Swift code
 /// after fork. Returns the pid or -1.
 pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *groups, int ngroups,

@@ -233,14 +233,14 @@ final class PeerLink: Sendable {
     /// that connection gets it (a reply to a request).
     @discardableResult
     func send(_ message: PeerMessage, fds: [Int32] = [], duringReplay: Bool = false, generation only: Int? = nil) -> Bool {
+        var deadline = ContinuousClock.now.advanced(by: messageDeadline)
         guard let (socket, generation) = state.withLock({ s -> (UnixSocket, Int)? in
             guard let socket = s.socket, s.session?.maySend(duringReplay: duringReplay) == true,
                   only == nil || only == s.generation else { return nil }
+            if case .translateReply = message, let budget = s.replyBudgetEnds { deadline = min(deadline, budget) }
             return (socket, s.generation)
         }) else { return false }
         defer { heartbeat.beat() }
-        var deadline = ContinuousClock.now.advanced(by: messageDeadline)
-        if case .translateReply = message, let budget = state.withLock({ $0.replyBudgetEnds }) { deadline = min(deadline, budget) }
         do {
             try socket.send(PeerCodec.encode(message), fds: fds, deadline: deadline)
             return true

@@ -12,6 +12,19 @@ public struct ChildPeer: Sendable {
         case exited(Int32)
         case signaled(Int32)
         case unknown(Int32)
+
+        /// A raw waitpid status (negative: waitpid failed).
+        init(waitStatus status: Int32) {
+            if status < 0 {
+                self = .unknown(status)
+            } else if shim_wifexited(status) != 0 {
+                self = .exited(shim_wexitstatus(status))
+            } else if shim_wifsignaled(status) != 0 {
+                self = .signaled(shim_wtermsig(status))
+            } else {
+                self = .unknown(status)
+            }
+        }
     }
 
     public let pid: Int32
@@ -74,11 +87,7 @@ public struct ChildPeer: Sendable {
 
     /// Waits for the child to end.
     public func wait() -> Termination {
-        let status = shim_wait(pid)
-        if status < 0 { return .unknown(status) }
-        if shim_wifexited(status) != 0 { return .exited(shim_wexitstatus(status)) }
-        if shim_wifsignaled(status) != 0 { return .signaled(shim_wtermsig(status)) }
-        return .unknown(status)
+        Termination(waitStatus: shim_wait(pid))
     }
 
     public func kill() { _ = Glibc.kill(pid, SIGKILL) }
@@ -87,10 +96,6 @@ public struct ChildPeer: Sendable {
     /// reported here is reaped.
     public func ended() -> Termination? {
         let status = shim_wait_nohang(pid)
-        if status == -2 { return nil }
-        if status < 0 { return .unknown(status) }
-        if shim_wifexited(status) != 0 { return .exited(shim_wexitstatus(status)) }
-        if shim_wifsignaled(status) != 0 { return .signaled(shim_wtermsig(status)) }
-        return .unknown(status)
+        return status == -2 ? nil : Termination(waitStatus: status)
     }
 }

@@ -52,13 +52,7 @@ public struct ProcessHandle: Sendable {
     /// memory is gone), at most `milliseconds`. True when it has.
     public func waitForExit(milliseconds: Int32) -> Bool {
         let deadline = ContinuousClock.now.advanced(by: .milliseconds(Int(milliseconds)))
-        while true {
-            let now = ContinuousClock.now
-            guard now < deadline else { return false }
-            if let ready = try? Poll.readable([fd.rawValue], timeoutMilliseconds: Poll.timeout(until: deadline, now: now)), ready.first == true {
-                return true
-            }
-        }
+        return (try? Poll.wait(fd.rawValue, for: .readable, until: deadline, operation: "poll(pidfd \(pid))")) != nil
     }
 }
 

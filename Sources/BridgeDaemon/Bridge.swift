@@ -66,7 +66,8 @@ public final class Bridge: Sendable {
             let policy = PeerSession.Policy(
                 offeredDeviceFeatures: VirtioNetFeatures(rawValue: settings.backend.offeredFeatures).intersection(.allDevice),
                 killOnMissedDeadline: settings.vm2DeadlineAction == .kill,
-                revocationDeadline: .milliseconds(settings.revocationDeadlineMilliseconds))
+                revocationDeadline: .milliseconds(settings.revocationDeadlineMilliseconds),
+                revocationSpin: .microseconds(max(0, settings.revocationSpinMicroseconds)))
             let inbox = try BridgeInbox()
             self.inbox = inbox
             peer = try PeerLink(logger: logger, policy: policy, inbox: inbox)
@@ -360,6 +361,7 @@ public final class Bridge: Sendable {
             let info = PeerBARInfo(mode: space.mode, features: features, barSize: space.barSize,
                                    pageSize: UInt32(space.pageSize), vringCount: UInt32(settings.backend.vringCount))
             guard peer.send(.helloReply(info), duringReplay: true, generation: generation) else { return }
+            if features.contains(.sharedRevocations), !peer.openChannel(generation: generation) { return }
             connection?.replayState(to: generation, features: features)
             peer.replayed(generation: generation)
             logger.info("VM2 ready (generation \(generation))")

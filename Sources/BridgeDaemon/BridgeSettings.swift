@@ -30,6 +30,9 @@ public struct BridgeSettings: Sendable, Equatable {
     public var backend: BackendConfiguration
     /// How long VM2 has to acknowledge a revocation before it is disconnected.
     public var revocationDeadlineMilliseconds: Int
+    /// How long the bridge thread spins on VM2's ack in the revocation
+    /// channel (peer feature `sharedRevocations`) before it sleeps on it.
+    public var revocationSpinMicroseconds = 50
     /// How vring notifications travel between VM1 and VM2.
     public var notifications: NotificationMode
     /// Relay modes: spin this long reaping completions before blocking.

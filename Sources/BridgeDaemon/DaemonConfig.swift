@@ -23,6 +23,9 @@ public struct BridgeConfig: Equatable, Sendable {
     public var notifications: NotificationMode = .relay
     public var busyPollMicroseconds = 0
     public var revocationDeadlineMilliseconds = 100
+    /// How long the bridge thread spins on VM2's ack in the revocation
+    /// channel before it sleeps (`revocation-spin-us`).
+    public var revocationSpinMicroseconds = 50
     public var queuePairs = BackendConfiguration.defaultQueuePairs
     /// Device features offered to VM1 (VERSION_1 always; MQ and CTRL_VQ
     /// added when `queuePairs` > 1). VM2 must serve them all.
@@ -60,6 +63,7 @@ public struct BridgeConfig: Equatable, Sendable {
         s.vm1Access = vm1Access
         s.vm2Access = vm2Access
         s.vm2DeadlineAction = vm2DeadlineAction
+        s.revocationSpinMicroseconds = revocationSpinMicroseconds
         s.unsealedRegions = unsealedRegions
         s.cpuAffinity = cpuAffinity
         return s
@@ -88,7 +92,7 @@ public struct DaemonConfig: Equatable, Sendable {
     static let topKeys: Set<String> = ["runtime-directory", "control-socket", "control-group", "control-mode", "log-level", "vm2-budgets",
                                        "socket-directories", "state-directory", "bridges"]
     static let bridgeKeys: Set<String> = ["name", "vhost-user-socket", "peer-socket", "vm2", "bar-size", "mode", "static-windows",
-                                          "dma-window", "notifications", "busy-poll-us", "revocation-deadline-ms", "max-mappings",
+                                          "dma-window", "notifications", "busy-poll-us", "revocation-deadline-ms", "revocation-spin-us", "max-mappings",
                                           "queue-pairs", "device-features", "client", "page-size", "max-pending-translations",
                                           "vm1-access", "vm2-access", "vm2-deadline-action", "round-out-huge-pages",
                                           "cpu-affinity", "unsealed-regions"]
@@ -332,6 +336,7 @@ public struct DaemonConfig: Equatable, Sendable {
         }
         if let raw = b["busy-poll-us"] { config.busyPollMicroseconds = try int(raw, "\(key).busy-poll-us", 0...10_000) }
         if let raw = b["revocation-deadline-ms"] { config.revocationDeadlineMilliseconds = try int(raw, "\(key).revocation-deadline-ms", 1...60_000) }
+        if let raw = b["revocation-spin-us"] { config.revocationSpinMicroseconds = try int(raw, "\(key).revocation-spin-us", 0...10_000) }
         if let raw = b["queue-pairs"] { config.queuePairs = try int(raw, "\(key).queue-pairs", 1...BackendConfiguration.maximumQueuePairs) }
         if let raw = b["device-features"] { config.deviceFeatures = try deviceFeatures(raw, "\(key).device-features") }
         if let raw = b["vm1-access"] { config.vm1Access = try access(raw, "\(key).vm1-access") }

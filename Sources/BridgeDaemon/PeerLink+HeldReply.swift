@@ -59,6 +59,12 @@ extension PeerLink {
     /// When this returns, nobody is sending: `.notSent` leaves the reply to
     /// the caller (VM2 left, missed its deadline, or had acked already).
     func waitForAck(_ ticket: Ticket, replying bytes: [UInt8], on socket: UnixSocket) -> HeldReplyOutcome {
+        // Through the channel the bridge thread reads the ack itself: it
+        // sends the reply, no hand-off.
+        if let channel = state.withLock({ s in s.generation == ticket.generation ? s.channel : nil }) {
+            waitForChannelAck(ticket, channel)
+            return .notSent
+        }
         state.withLock { s in
             guard s.generation == ticket.generation, s.session?.holdReply(for: ticket.sequence) == true else { return }
             s.heldReply = .waiting(bytes, socket)

@@ -39,6 +39,11 @@ final class PeerLink: Sendable {
         /// When the bridge thread's current pass must be done sending
         /// TRANSLATE replies (`beginPass`).
         var replyBudgetEnds: ContinuousClock.Instant?
+        /// The revocation channel of the attached connection (with
+        /// `sharedRevocations`), and the REGION fds it sent VM2.
+        var channel: Channel?
+        var slots: [ObjectIdentifier: Slot] = [:]
+        var nextSlot: UInt32 = 0
     }
 
     let state = Locked(State())
@@ -122,23 +127,25 @@ final class PeerLink: Sendable {
     /// meant for the old one.
     func detach(generation: Int, reason: String) {
         _ = execute(withSession(generation) { $0.ended(reason) }, generation: generation, replyingOn: nil)
-        let socket = state.withLock { s -> UnixSocket? in
-            guard s.generation == generation, let socket = s.socket else { return nil }
+        let (socket, channel) = state.withLock { s -> (UnixSocket?, Channel?) in
+            guard s.generation == generation, let socket = s.socket else { return (nil, nil) }
             s.socket = nil
             s.session = nil
             s.process = nil // its pidfd closes with the last reference
             s.statistics.connected = false
             s.statistics.ready = false
-            return socket
+            defer { s.channel = nil; s.slots = [:]; s.nextSlot = 0 } // unmapped and closed with the last reference
+            return (socket, s.channel)
         }
         guard let socket else { return }
         socket.shutdown()
+        channel?.interrupt() // a wait on its ack ends now
         post(.gone(generation: generation, reason: reason))
         _ = try? ackSignal.signal() // a revocation or ring-stop wait on this connection ends now, not at its deadline
     }
 
     /// Runs `change` on connection `generation`'s session (none: no effects).
-    private func withSession(_ generation: Int, _ change: (inout PeerSession) -> [PeerSession.Effect]) -> [PeerSession.Effect] {
+    func withSession(_ generation: Int, _ change: (inout PeerSession) -> [PeerSession.Effect]) -> [PeerSession.Effect] {
         state.withLock { s in
             guard s.generation == generation, var session = s.session.take() else { return [] }
             defer { s.session = session }
@@ -154,7 +161,7 @@ final class PeerLink: Sendable {
     /// order. Returns why the connection must close, if it must.
     /// `replyingOn`: the socket an ERROR goes to (the peer thread's).
     @discardableResult
-    private func execute(_ effects: [PeerSession.Effect], generation: Int, replyingOn socket: UnixSocket?) -> String? {
+    func execute(_ effects: [PeerSession.Effect], generation: Int, replyingOn socket: UnixSocket?) -> String? {
         var closing: String?
         // Who waits is woken once, after everything: VM1's held ack goes out
         // first, so the bridge thread wakes to find it sent (one hand-off,
@@ -332,6 +339,9 @@ final class PeerLink: Sendable {
     /// for, and a newer connection's acks never satisfy it.
     @discardableResult
     func waitForAck(_ ticket: Ticket) -> Bool {
+        if let channel = state.withLock({ s in s.generation == ticket.generation ? s.channel : nil }) {
+            return waitForChannelAck(ticket, channel)
+        }
         let start = ContinuousClock.now
         switch wait(on: ticket.generation, until: { $0.deadline(ofRevocation: ticket.sequence) },
                     { $0.isAcknowledged(ticket.sequence) ? true : nil }) {

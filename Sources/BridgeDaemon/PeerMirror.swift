@@ -42,8 +42,7 @@ final class PeerMirror {
         var last: PeerLink.Ticket?
         var revokes = plan.revokesAccess
         func unmap(_ bus: BusAddress, _ length: UInt64) {
-            let ticket = peer.takeSequence(revoking: true)
-            if peer.send(.unmap(PeerUnmap(sequence: ticket.sequence, barOffset: bus.rawValue, length: length))) {
+            if let ticket = peer.sendUnmap(barOffset: bus.rawValue, length: length) {
                 peer.count { $0.unmapsSent += 1 }
                 last = ticket
             }
@@ -84,10 +83,16 @@ final class PeerMirror {
         guard peer.isReady else { return }
         var last: PeerLink.Ticket?
         for op in plan.operations {
-            let ticket = peer.takeSequence(revoking: true)
-            if peer.send(.unmap(PeerUnmap(sequence: ticket.sequence, barOffset: op.bus.rawValue, length: op.length))) { last = ticket }
+            if let ticket = peer.sendUnmap(barOffset: op.bus.rawValue, length: op.length) { last = ticket }
         }
         if let last { peer.waitForAck(last) }
+    }
+
+    /// Region `id`'s files are about to close: a VM2 that holds them as
+    /// channel REGIONs closes its copies too.
+    func forget(_ region: RegionID) {
+        let held = files.held(region)
+        if !held.isEmpty { peer.forget(held) }
     }
 
     /// One MAP; nil when it was not sent (no read-only fd, the send failed,
@@ -107,10 +112,9 @@ final class PeerMirror {
             return nil
         }
         guard let fd = permission.contains(.write) ? files.fd(region) : files.readOnly(region) else { return nil }
-        let ticket = peer.takeSequence(revoking: revoking)
-        guard peer.send(.map(PeerMap(sequence: ticket.sequence, barOffset: bus.rawValue, length: length, fdOffset: fdOffset,
-                                     permission: permission, unsealed: unsealed)), fds: [fd.rawValue], duringReplay: duringReplay,
-                        generation: generation) else { return nil }
+        guard let ticket = peer.sendMap(PeerMap(sequence: 0, barOffset: bus.rawValue, length: length, fdOffset: fdOffset,
+                                                permission: permission, unsealed: unsealed),
+                                        fd: fd, revoking: revoking, duringReplay: duringReplay, generation: generation) else { return nil }
         peer.count { $0.mapsSent += 1 }
         return ticket
     }

@@ -29,6 +29,10 @@ public struct PeerStatistics: Sendable, Equatable {
     /// Replies to VM1 that the peer thread sent the moment VM2 acknowledged
     /// the revocation they waited for (the rest the bridge thread sends).
     public var repliesSentOnAck = 0
+    /// Revocation channel: WAKEs sent to a VM2 that said it sleeps, and
+    /// waits for its ack that outlasted the spin and slept on the futex.
+    public var channelWakes = 0
+    public var channelSleeps = 0
     public init() {}
 
     /// A connection ended for a protocol error, counted under its rule.

@@ -50,6 +50,8 @@ final class RegionFiles {
     }
 
     func fd(_ id: RegionID) -> OwnedFileDescriptor? { files[id] }
+    /// Every fd held for `id` (its file, and a read-only one if made).
+    func held(_ id: RegionID) -> [OwnedFileDescriptor] { [files[id], readOnlyFiles[id]].compactMap { $0 } }
     func isSealed(_ id: RegionID) -> Bool { sealed[id] == true }
 
     /// True the first time it is asked for `id` (while the region lives):

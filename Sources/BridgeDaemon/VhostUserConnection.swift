@@ -215,6 +215,7 @@ final class VhostUserConnection {
                 if let failure = applyWindow(plan) { return failure }
                 mirror.push(plan)
             case .releaseRegionFile(let id):
+                mirror.forget(id)
                 files.release(id)
             case .setVringFile(let kind, let index, let fdIndex):
                 let hadKick = rings.eventfdsForVM2(index).kick != nil

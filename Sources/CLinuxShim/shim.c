@@ -2,6 +2,8 @@
 #include <malloc.h>
 #include "CLinuxShim.h"
 #include <liburing.h>
+#include <linux/futex.h>
+#include <linux/falloc.h>
 #include <sys/vfs.h>
 #include <stdio.h>
 #include <sys/syscall.h>
@@ -271,6 +273,32 @@ int shim_sock_dgram(void) { return SOCK_DGRAM; }
 void shim_store_release_u16(void *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE); }
 uint16_t shim_load_acquire_u16(const void *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE); }
 void shim_full_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+void shim_store_release_u64(void *p, uint64_t v) { __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELEASE); }
+uint64_t shim_load_acquire_u64(const void *p) { return __atomic_load_n((const uint64_t *)p, __ATOMIC_ACQUIRE); }
+void shim_store_release_u32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE); }
+uint32_t shim_load_acquire_u32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE); }
+uint32_t shim_fetch_add_u32(void *p, uint32_t v) { return __atomic_fetch_add((uint32_t *)p, v, __ATOMIC_SEQ_CST); }
+int shim_futex_wait(void *p, uint32_t expected, int64_t timeout_ns) {
+    if (timeout_ns < 0) timeout_ns = 0;
+    struct timespec ts = { .tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000 };
+    long r = syscall(SYS_futex, (uint32_t *)p, FUTEX_WAIT, expected, &ts, NULL, 0);
+    if (r == 0) return 0;
+    return errno == EAGAIN ? 0 : -errno;
+}
+int shim_futex_wake(void *p, int n) {
+    long r = syscall(SYS_futex, (uint32_t *)p, FUTEX_WAKE, n, NULL, NULL, 0);
+    return r < 0 ? -errno : (int)r;
+}
+int shim_punch_hole(int fd, uint64_t offset, uint64_t length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
+}
+void shim_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 
 int shim_epoll_create(void) { return epoll_create1(EPOLL_CLOEXEC); }
 int shim_epoll_add(int ep, int fd, uint64_t data) {

@@ -42,6 +42,10 @@ public struct VM2Configuration: Sendable {
     /// the device's accesses to them (`DeviceMemory`); off, the daemon never
     /// sends such memory.
     public var guardsUnsealedMemory = true
+    /// Negotiate `sharedRevocations`: take MAP/UNMAP from the revocation
+    /// channel in shared memory and ack there (off: the socket, as a
+    /// version-1 peer does).
+    public var sharedRevocations = true
     public init() {}
 }
 
@@ -57,6 +61,9 @@ public struct VM2Statistics: Sendable, Equatable, Codable {
     /// SIGBUS faults the device's guard absorbed (VM1 truncated unsealed memory).
     public var faultsAbsorbed: UInt64 = 0
     public var unmapsApplied = 0
+    /// Records taken from the revocation channel, and WAKEs received.
+    public var channelRecords = 0
+    public var wakesReceived = 0
     public var bytesMapped: UInt64 = 0
     public var packetsReceived = 0
     /// Frames VM1 transmitted, by queue pair (index k: transmit queue 2k+1).
@@ -116,6 +123,7 @@ public final class EmulatedVM2: Sendable {
         if configuration.translates { features.insert(.translate) }
         if configuration.acknowledgesRingStops { features.insert(.vringStopAck) }
         if configuration.guardsUnsealedMemory { features.insert(.unsealedMaps) }
+        if configuration.sharedRevocations { features.insert(.sharedRevocations) }
         try? socket.send(PeerCodec.encode(.hello(PeerHello(features: features, deviceFeatures: configuration.deviceFeatures))))
         let t = try JoinableThread(name: "vm2") { [self] in
             let device = VM2DeviceThread(socket: socket, configuration: configuration, owner: self)
@@ -209,6 +217,11 @@ final class VM2DeviceThread {
         f += ip
         return header + f
     }
+    /// The revocation channel (with `sharedRevocations`): its memory and
+    /// capacity, the last record applied, and the REGION fds by slot.
+    var channel: (memory: ChannelMemory, capacity: UInt32)?
+    var channelApplied: UInt64 = 0
+    var regionSlots: [UInt32: OwnedFileDescriptor] = [:]
     var nextRequest: UInt64 = 1
     var awaiting: [UInt64: PeerTranslateReply?] = [:]
     var inFlight: [UInt64: Mailbox<PeerTranslate, PeerTranslateReply?>.Ticket] = [:]
@@ -233,7 +246,7 @@ final class VM2DeviceThread {
 
     func run() {
         owner.update { $0.connected = true }
-        var busy = false, polling = false
+        var busy = false, polling = false, revoking = false
         while stopReason == nil {
             if pollSetDirty { rebuildPollSet() }
             // Before sleeping, ask for kicks again and look once more (a
@@ -241,7 +254,19 @@ final class VM2DeviceThread {
             if !busy, device.requestKicks(receiving: !pendingFrames.isEmpty) { busy = true }
             if !busy, polling { polling = false }
             let kickless = notifiers.values.contains { $0.enabled && $0.kick == nil }
-            guard let n = try? pollSet.wait(timeoutMilliseconds: busy ? 0 : kickless ? 1 : 200) else { continue }
+            var timeout: Int32 = busy ? 0 : kickless ? 1 : 200
+            // Before sleeping: tell the daemon (it sends WAKE after posting),
+            // then look at the channel once more.
+            if timeout != 0, !announceSleep() { timeout = 0 }
+            let polled = try? pollSet.wait(timeoutMilliseconds: timeout)
+            if timeout != 0 { endSleep() }
+            // Revocations are work too: a polling engine keeps polling
+            // after one, so the next finds it awake (no WAKE, no sleep).
+            if drainChannel() > 0, configuration.pollFor > .zero {
+                policy.noteWork()
+                revoking = true
+            }
+            guard let n = polled else { continue }
             if n > 0 {
                 if pollSet.isReady(0) { stopReason = "stopped"; break }
                 if pollSet.isReady(1) { runCommands() }
@@ -259,9 +284,12 @@ final class VM2DeviceThread {
                 policy.noteWork()
                 if configuration.pollFor > .zero, !polling { device.suppressKicks(); polling = true }
             }
-            busy = more || worked || (polling && policy.keepPolling(now: .now))
+            busy = more || worked || ((polling || revoking) && policy.keepPolling(now: .now))
+            if !busy { revoking = false }
         }
         try? socket.fd.close()
+        channel = nil
+        regionSlots = [:]
         for n in notifiers.values { try? n.kick?.fd.close(); try? n.call?.fd.close() }
         notifiers = [:]
         device.removeAllQueues()

@@ -45,6 +45,8 @@ extension VM2DeviceThread {
     private func resolve(_ queue: Int, _ reason: QueueStop) {
         switch reason {
         case .fault(.missing(let address, let length, let access)):
+            // A MAP may be waiting in the channel: the next round sees it.
+            if drainChannel() > 0 { return }
             if !translateAndWait(address, length: length, access: access) {
                 device.refuseNextFault(on: queue)
                 parkIfRingFault(queue, address)

@@ -31,6 +31,9 @@ extension VM2DeviceThread {
     }
 
     func handle(_ message: PeerMessage, fds: [OwnedFileDescriptor]) {
+        // Channel records posted before this message take effect before it
+        // (a TRANSLATE_REPLY after its MAP, a DEVICE stop after an UNMAP).
+        if case .region = message {} else { drainChannel() }
         switch message {
         case .helloReply(let info):
             features = info.features
@@ -120,6 +123,14 @@ extension VM2DeviceThread {
             owner.update { r.status == .granted ? ($0.translationsGranted += 1) : ($0.translationsRefused += 1) }
         case .error(let e):
             stopReason = "daemon error \(e.code): \(e.text)"
+        case .channel(let c):
+            openChannel(c, fds.first)
+        case .region(let r):
+            if let fd = fds.first { regionSlots[r.slot] = OwnedFileDescriptor(adopting: fd.release()) }
+            drainChannel() // a record that named this slot may be waiting
+        case .wake:
+            owner.update { $0.wakesReceived += 1 }
+            drainChannel()
         case .hello, .ack, .translate, .vringStopped:
             stopReason = "unexpected \(message.type) from the daemon"
         }
@@ -152,7 +163,14 @@ extension VM2DeviceThread {
                 awaiting[id] = nil
                 return reply.status == .granted
             }
-            guard let ready = try? Poll.readable([owner.stopFD, socket.fd.rawValue], timeoutMilliseconds: 5000) else { return false }
+            // Asleep here too: the daemon may post a revocation meanwhile
+            // and wait for it (WAKE comes on the socket).
+            let asleep = announceSleep()
+            let polled = try? Poll.readable([owner.stopFD, socket.fd.rawValue], timeoutMilliseconds: asleep ? 5000 : 0)
+            if asleep { endSleep() }
+            drainChannel()
+            guard let ready = polled else { return false }
+            if !asleep, !ready[0], !ready[1] { continue }
             if ready[0] { stopReason = "stopped"; return false }
             if ready[1] { readControl() } else { awaiting[id] = nil; return false }
         }

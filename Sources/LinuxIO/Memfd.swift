@@ -51,6 +51,13 @@ public struct Memfd: Sendable {
         _ = try retryingInterrupts("fcntl(\(raw), F_ADD_SEALS)") { shim_add_seals(raw, seals.rawValue) }
     }
 
+    /// Frees `[offset, offset+length)` (it reads back as zeros; the size
+    /// stays): what another holder of the file can do to it at any time.
+    public func punchHole(offset: UInt64, length: UInt64) throws(SystemCallError) {
+        let raw = fd.rawValue
+        _ = try retryingInterrupts("fallocate(\(raw), PUNCH_HOLE)") { shim_punch_hole(raw, offset, length) }
+    }
+
     public var seals: Seals {
         get throws(SystemCallError) {
             let raw = fd.rawValue

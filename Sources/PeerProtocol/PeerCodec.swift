@@ -126,6 +126,22 @@ public enum PeerCodec {
             guard let status = TranslateStatus(rawValue: raw) else { throw .badValue(type, field: "status", value: UInt64(raw)) }
             message = .translateReply(PeerTranslateReply(requestID: id, status: status,
                                                          reason: try text(type, &r, maximum: PeerTranslateReply.maximumReason)))
+        case .channel:
+            try exact(type, payload, 16)
+            let capacity = try r.u32(), recordSize = try r.u32(), size = try r.u64()
+            guard capacity > 0, capacity <= RevocationChannel.maximumCapacity else { throw .badValue(type, field: "capacity", value: UInt64(capacity)) }
+            guard recordSize == UInt32(RevocationChannel.recordSize) else { throw .badValue(type, field: "recordSize", value: UInt64(recordSize)) }
+            guard size == RevocationChannel.size(capacity: capacity) else { throw .badValue(type, field: "size", value: size) }
+            message = .channel(PeerChannel(capacity: capacity, recordSize: recordSize, size: size))
+        case .region:
+            try exact(type, payload, 16)
+            let slot = try r.u32()
+            let perm = try permission(type, "prot", try r.u32())
+            guard perm.contains(.read) else { throw .badValue(type, field: "prot", value: UInt64(perm.rawValue)) }
+            message = .region(PeerRegion(slot: slot, permission: perm, size: try r.u64()))
+        case .wake:
+            try exact(type, payload, 0)
+            message = .wake
         case .error:
             let raw = try r.u32()
             let code = PeerErrorCode(rawValue: raw) ?? .protocolError
@@ -169,6 +185,12 @@ public enum PeerCodec {
         case .translateReply(let t):
             let reason = Array(t.reason.utf8.prefix(PeerTranslateReply.maximumReason))
             w.u64(t.requestID); w.u32(t.status.rawValue); w.u32(UInt32(reason.count)); w.append(reason)
+        case .channel(let c):
+            w.u32(c.capacity); w.u32(c.recordSize); w.u64(c.size)
+        case .region(let r):
+            w.u32(r.slot); w.u32(UInt32(r.permission.rawValue)); w.u64(r.size)
+        case .wake:
+            break
         case .error(let e):
             let text = Array(e.text.utf8.prefix(PeerError.maximumText))
             w.u32(e.code.rawValue); w.u32(UInt32(text.count)); w.append(text)

@@ -4,6 +4,7 @@ import BridgeCore
 public enum PeerMessageType: UInt32, Sendable, CaseIterable, CustomStringConvertible {
     case hello = 1, map = 2, unmap = 3, ack = 4, vring = 5, vringStop = 6, device = 7
     case translate = 8, translateReply = 9, error = 10, vringStopped = 11
+    case channel = 12, region = 13, wake = 14
 
     public var description: String {
         switch self {
@@ -18,6 +19,9 @@ public enum PeerMessageType: UInt32, Sendable, CaseIterable, CustomStringConvert
         case .translateReply: "TRANSLATE_REPLY"
         case .error: "ERROR"
         case .vringStopped: "VRING_STOPPED"
+        case .channel: "CHANNEL"
+        case .region: "REGION"
+        case .wake: "WAKE"
         }
     }
 }
@@ -37,7 +41,12 @@ public struct PeerFeatures: OptionSet, Sendable, Hashable {
     /// (with `unsealed-regions: mark`); it must guard its accesses to them
     /// (or not touch them). Without it the daemon never sends them.
     public static let unsealedMaps = PeerFeatures(rawValue: 8)
-    public static let all: PeerFeatures = [.translate, .vringStopAck, .deviceFeatures, .unsealedMaps]
+    /// MAP and UNMAP travel through a ring in memory shared with VM2 (the
+    /// revocation channel: CHANNEL, REGION, WAKE), and VM2 acknowledges by
+    /// storing its cumulative ack there instead of sending ACK
+    /// (docs/peer-protocol.md, "The revocation channel").
+    public static let sharedRevocations = PeerFeatures(rawValue: 16)
+    public static let all: PeerFeatures = [.translate, .vringStopAck, .deviceFeatures, .unsealedMaps, .sharedRevocations]
 }
 
 public struct PeerHello: Equatable, Sendable {
@@ -165,6 +174,30 @@ public struct PeerError: Equatable, Sendable {
     public init(code: PeerErrorCode, text: String) { self.code = code; self.text = text }
 }
 
+/// CHANNEL: the revocation channel's memory (one fd: a sealed memfd of
+/// `size` bytes holding `capacity` records of `recordSize` bytes after the
+/// header page).
+public struct PeerChannel: Equatable, Sendable {
+    public var capacity: UInt32
+    public var recordSize: UInt32
+    public var size: UInt64
+    public init(capacity: UInt32, recordSize: UInt32 = UInt32(RevocationChannel.recordSize), size: UInt64) {
+        self.capacity = capacity; self.recordSize = recordSize; self.size = size
+    }
+}
+
+/// REGION: one fd of VM1 memory, which channel MAP records name by `slot`
+/// (sent once, before the first record that names it; `permission` is what
+/// the fd allows: read, or read/write).
+public struct PeerRegion: Equatable, Sendable {
+    public var slot: UInt32
+    public var permission: Permission
+    public var size: UInt64
+    public init(slot: UInt32, permission: Permission, size: UInt64) {
+        self.slot = slot; self.permission = permission; self.size = size
+    }
+}
+
 /// One decoded peer message.
 public enum PeerMessage: Equatable, Sendable {
     case hello(PeerHello)
@@ -182,6 +215,12 @@ public enum PeerMessage: Equatable, Sendable {
     /// is `lastAvail` (what GET_VRING_BASE returns to VM1), nil when VM2 was
     /// not running that ring (the daemon then answers from what it knows).
     case vringStopped(index: UInt32, lastAvail: UInt16?)
+    /// The revocation channel (sharedRevocations), once, before any MAP.
+    case channel(PeerChannel)
+    /// A VM1 memory fd that channel records name by slot.
+    case region(PeerRegion)
+    /// Channel records wait and VM2 said it sleeps: look at the ring.
+    case wake
 
     public var type: PeerMessageType {
         switch self {
@@ -196,13 +235,16 @@ public enum PeerMessage: Equatable, Sendable {
         case .translateReply: .translateReply
         case .error: .error
         case .vringStopped: .vringStopped
+        case .channel: .channel
+        case .region: .region
+        case .wake: .wake
         }
     }
 
     /// How many fds travel with this message.
     public var fdCount: Int {
         switch self {
-        case .map: 1
+        case .map, .channel, .region: 1
         case .vring(let v): v.fdCount
         default: 0
         }

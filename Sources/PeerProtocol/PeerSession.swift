@@ -20,13 +20,20 @@ public struct PeerSession: Sendable, Equatable {
         public var revocationDeadline: Duration
         /// Peer features the daemon supports.
         public var supported: PeerFeatures
+        /// Records in the revocation channel (`sharedRevocations`).
+        public var channelCapacity: UInt32
+        /// How long the daemon spins on the channel's ack before it sleeps.
+        public var revocationSpin: Duration
 
         public init(offeredDeviceFeatures: VirtioNetFeatures, killOnMissedDeadline: Bool = false,
-                    revocationDeadline: Duration = .milliseconds(100), supported: PeerFeatures = .all) {
+                    revocationDeadline: Duration = .milliseconds(100), supported: PeerFeatures = .all,
+                    channelCapacity: UInt32 = RevocationChannel.defaultCapacity, revocationSpin: Duration = .microseconds(50)) {
             self.offeredDeviceFeatures = offeredDeviceFeatures
             self.killOnMissedDeadline = killOnMissedDeadline
             self.revocationDeadline = revocationDeadline
             self.supported = supported
+            self.channelCapacity = max(1, min(channelCapacity, RevocationChannel.maximumCapacity))
+            self.revocationSpin = revocationSpin
         }
     }
 
@@ -99,6 +106,17 @@ public struct PeerSession: Sendable, Equatable {
     }
 
     public var isReady: Bool { if case .ready = state { true } else { false } }
+
+    /// MAP and UNMAP go through the revocation channel, and acks come from
+    /// it (VM2 negotiated `sharedRevocations`).
+    public var usesChannel: Bool { features.contains(.sharedRevocations) }
+
+    /// Records posted to the channel that VM2 has not acknowledged: every
+    /// sequence taken is a record there once the channel is in use.
+    public var recordsInFlight: UInt64 { (nextSequence &- 1) &- acknowledged }
+
+    /// Whether one more record fits in the channel now.
+    public var channelHasRoom: Bool { recordsInFlight < UInt64(policy.channelCapacity) }
     public var isClosed: Bool { if case .closed = state { true } else { false } }
 
     /// Whether VM2 holds access it was told (or is being told) to drop.
@@ -137,6 +155,9 @@ public struct PeerSession: Sendable, Equatable {
             state = .greeted(features)
             return [.greet(hello, features: features)]
         case (.greeted, .ack(let sequence)), (.ready, .ack(let sequence)):
+            guard !usesChannel else {
+                return protocolError("ACK \(sequence) on the socket: with sharedRevocations acks go through the channel", rule: "peer-state")
+            }
             return acknowledge(sequence)
         case (.greeted, .translate(let t)), (.ready, .translate(let t)):
             return [.translate(t)]
@@ -152,6 +173,19 @@ public struct PeerSession: Sendable, Equatable {
             let text = "\(message.type) is not allowed \(state == .awaitingHello ? "before HELLO" : "from VM2")"
             return protocolError(text, rule: "peer-state")
         }
+    }
+
+    /// VM2's `acked` word in the channel, as just read. Acks are cumulative
+    /// and only grow: a value past the last record posted (an ack from the
+    /// future) or below the last one seen (torn, wrapped, or a hole punched
+    /// in the channel) is a protocol error, with the same consequences as on
+    /// the socket — a kill first while VM2 holds a revocation.
+    public mutating func observeChannelAck(_ value: UInt64) -> [Effect] {
+        guard usesChannel, !isClosed, value != acknowledged else { return [] }
+        guard value > acknowledged else {
+            return protocolError("the channel's ack went back from \(acknowledged) to \(value)", rule: "channel-ack")
+        }
+        return acknowledge(value)
     }
 
     /// A message from VM2 could not be read: bad framing, an undecodable

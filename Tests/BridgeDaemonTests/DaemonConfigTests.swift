@@ -23,6 +23,7 @@ bridges:
     notifications: relay-sqpoll
     busy-poll-us: 20
     revocation-deadline-ms: 50
+    revocation-spin-us: 200
     max-mappings: 4096
     queue-pairs: 2
     device-features: [event-idx]
@@ -83,6 +84,7 @@ func configError(_ text: String) -> ConfigError? {
         #expect(a.addressSpace.barSize == 1 << 40 && a.addressSpace.mode == .iommu)
         #expect(a.addressSpace.dmaWindow == BusWindow(base: BusAddress(4 << 30), limit: 16 << 30))
         #expect(a.notifications == .relaySQPoll && a.busyPollMicroseconds == 20 && a.revocationDeadlineMilliseconds == 50)
+        #expect(a.revocationSpinMicroseconds == 200 && a.settings.revocationSpinMicroseconds == 200)
         #expect(a.addressSpace.maxMappings == 4096 && a.queuePairs == 2)
         #expect(a.deviceFeatures == [.version1, .eventIdx])
         #expect(a.settings.backend.offeredFeatures & VirtioNetFeatures.mrgRxbuf.rawValue == 0)
@@ -121,6 +123,7 @@ func configError(_ text: String) -> ConfigError? {
         ("bridges:\n  - name: a\n    bar-size: 1G\n    mode: iommu\n    dma-window: 0:2G", "bridges[0].dma-window: window [0x0, 0x80000000) does not fit in a BAR of 1 GiB"),
         ("bridges:\n  - name: a\n    bar-size: 1G\n    notifications: carrier-pigeon", "bridges[0].notifications: 'carrier-pigeon' is not relay"),
         ("bridges:\n  - name: a\n    bar-size: 1G\n    revocation-deadline-ms: 0", "bridges[0].revocation-deadline-ms: '0' is not a whole number in 1...60000"),
+        ("bridges:\n  - name: a\n    bar-size: 1G\n    revocation-spin-us: 20000", "bridges[0].revocation-spin-us: '20000' is not a whole number in 0...10000"),
         ("bridges:\n  - name: a\n    bar-size: 1G\n    busy-poll-us: 99999", "bridges[0].busy-poll-us: '99999' is not a whole number"),
         ("bridges:\n  - name: a\n    bar-size: 1G\n    queue-pairs: many", "bridges[0].queue-pairs: 'many' is not a whole number"),
         ("bridges:\n  - name: a\n    bar-size: 1G\n    speed: fast", "bridges[0].speed: unknown key"),

@@ -28,7 +28,7 @@ import TestSupport
 
         /// HELLO as the peer thread hands it over, the greeting the bridge
         /// thread takes from its mailbox, and the end of the replay.
-        func greet(_ features: PeerFeatures = .all) throws {
+        func greet(_ features: PeerFeatures = PeerFeatures.all.subtracting(.sharedRevocations)) throws {
             #expect(link.received(.hello(PeerHello(features: features, deviceFeatures: .version1)), replyFlag: false,
                                   generation: generation, on: daemonEnd) == nil)
             let taken = inbox.take()

@@ -102,7 +102,7 @@ extension Integration {
             let vm2 = try UnixSocket.connect(path: "\(dir)/wd-vm2.sock")
             defer { try? vm1.fd.close(); try? vm2.fd.close() }
             let vm1Message = [2, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0] + [UInt8](repeating: 0, count: 8)
-            let vm2Message = PeerCodec.encode(.hello(PeerHello(features: .all, deviceFeatures: NetDevice.served)))
+            let vm2Message = PeerCodec.encode(.hello(PeerHello(features: PeerFeatures.all.subtracting(.sharedRevocations), deviceFeatures: NetDevice.served)))
             let sent = Mutex((vm1: 0, vm2: 0))
             let drippers = [
                 try JoinableThread(name: "drip-vm1") { let n = Self.drip(vm1Message, on: vm1, every: .milliseconds(1500)); sent.withLock { $0.vm1 = n } },
@@ -135,7 +135,7 @@ extension Integration {
             let vm2 = try UnixSocket.connect(path: running.peerPath)
             defer { try? vm2.fd.close() }
             #expect(pollUntil { running.bridge.statistics.peer.connected })
-            let hello = PeerCodec.encode(.hello(PeerHello(features: .all, deviceFeatures: NetDevice.served)))
+            let hello = PeerCodec.encode(.hello(PeerHello(features: PeerFeatures.all.subtracting(.sharedRevocations), deviceFeatures: NetDevice.served)))
             let sent = Self.drip(hello, on: vm2, every: .milliseconds(300))
             #expect(sent < hello.count, "the daemon read the whole dripped HELLO (\(sent) bytes)")
             #expect(pollUntil { !running.bridge.statistics.peer.connected })
@@ -292,7 +292,7 @@ extension Integration {
             var busy = 0
             for _ in 0..<150 {
                 let raw = try RawVM2(running.peerPath)
-                try raw.send(.hello(PeerHello(features: .all, deviceFeatures: NetDevice.served)))
+                try raw.send(.hello(PeerHello(features: PeerFeatures.all.subtracting(.sharedRevocations), deviceFeatures: NetDevice.served)))
                 var greeted = false
                 while !greeted, let m = try raw.receive() {
                     if case .helloReply = m { greeted = true }

@@ -66,7 +66,7 @@ final class RawVM2: Sendable {
     }
 
     /// HELLO, then everything up to the reply (the daemon's BAR info).
-    func greet(features: PeerFeatures = .all) throws -> PeerBARInfo? {
+    func greet(features: PeerFeatures = PeerFeatures.all.subtracting(.sharedRevocations)) throws -> PeerBARInfo? {
         try send(.hello(PeerHello(features: features, deviceFeatures: NetDevice.served)))
         while let message = try receive() {
             if case .helloReply(let info) = message { return info }
@@ -112,7 +112,7 @@ extension Integration {
         @Test func anotherVersionIsRefused() throws {
             try attack("h-version") { running in
                 let raw = try RawVM2(running.peerPath)
-                try raw.send(.hello(PeerHello(version: 2, features: .all, deviceFeatures: NetDevice.served)))
+                try raw.send(.hello(PeerHello(version: 2, features: PeerFeatures.all.subtracting(.sharedRevocations), deviceFeatures: NetDevice.served)))
                 let e = try raw.expectErrorThenClose()
                 #expect(e?.code == .version && e?.text == "peer protocol version 2 is not 1")
             }
@@ -122,7 +122,7 @@ extension Integration {
             try attack("h-second") { running in
                 let raw = try RawVM2(running.peerPath)
                 #expect(try raw.greet() != nil)
-                try raw.send(.hello(PeerHello(features: .all, deviceFeatures: NetDevice.served)))
+                try raw.send(.hello(PeerHello(features: PeerFeatures.all.subtracting(.sharedRevocations), deviceFeatures: NetDevice.served)))
                 let e = try raw.expectErrorThenClose()
                 #expect(e?.code == .protocolError && e?.text == "HELLO is not allowed from VM2")
                 let again = try RawVM2(running.peerPath)
@@ -141,7 +141,7 @@ extension Integration {
         func aVM2ThatCannotServeTheOfferedFeaturesIsRefusedAtHello(_ served: VirtioNetFeatures?) throws {
             try attack("h-feat") { running in
                 let raw = try RawVM2(running.peerPath)
-                try raw.send(.hello(PeerHello(features: .all, deviceFeatures: served)))
+                try raw.send(.hello(PeerHello(features: PeerFeatures.all.subtracting(.sharedRevocations), deviceFeatures: served)))
                 let e = try raw.expectErrorThenClose()
                 #expect(e?.code == .features)
                 let missing = e?.text.components(separatedBy: " (VM2 serves").first ?? ""

@@ -22,6 +22,10 @@ let samples: [PeerMessage] = [
     .vringStopped(index: 1, lastAvail: 0xfffe),
     .vringStopped(index: 3, lastAvail: nil),
     .map(PeerMap(sequence: 11, barOffset: 0x4000_0000, length: 0x20_0000, fdOffset: 0, permission: .readWrite, unsealed: true)),
+    .channel(PeerChannel(capacity: 256, size: RevocationChannel.size(capacity: 256))),
+    .region(PeerRegion(slot: 3, permission: .read, size: 1 << 30)),
+    .region(PeerRegion(slot: 0, permission: .readWrite, size: 4096)),
+    .wake,
 ]
 
 
@@ -111,7 +115,7 @@ func docExample(_ name: String) throws -> [UInt8] {
         var withoutBit = bytes
         withoutBit[12 + 8] &= ~4
         #expect(throws: PeerProtocolError.self) { try roundTrip(withoutBit, fds: 0) }
-        #expect(PeerHello(features: .all).features == [.translate, .vringStopAck, .unsealedMaps], "no declaration, no bit")
+        #expect(PeerHello(features: .all).features == [.translate, .vringStopAck, .unsealedMaps, .sharedRevocations], "no declaration, no bit")
     }
 
     @Test func whatVM2MustServeIsEveryOfferedBitButTheControlQueue() {

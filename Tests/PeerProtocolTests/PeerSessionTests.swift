@@ -18,7 +18,10 @@ import Testing
     static let hello = PeerHello(features: .all, deviceFeatures: served)
 
     /// A session in `ready` with `features`.
-    static func ready(_ features: PeerFeatures = .all, kill: Bool = false) -> PeerSession {
+    /// Everything but the channel: acks come on the socket.
+    static let socketFeatures = PeerFeatures.all.subtracting(.sharedRevocations)
+
+    static func ready(_ features: PeerFeatures = socketFeatures, kill: Bool = false) -> PeerSession {
         var s = session(kill: kill)
         _ = s.received(.hello(PeerHello(features: features, deviceFeatures: served)))
         s.replayed()
@@ -260,5 +263,58 @@ import Testing
         #expect(!s.maySend(duringReplay: true) && s.features == [])
         let v30 = s.holdReply(for: seq)
         #expect(!v30)
+    }
+
+    // MARK: the revocation channel
+
+    @Test func withTheChannelAcksComeFromMemoryAndOnlyGrow() {
+        var s = Self.ready(.all)
+        #expect(s.usesChannel)
+        let m = s.takeMapSequence()
+        let u = s.takeRevocationSequence(now: Self.t0)
+        #expect(m == 1 && u == 2 && s.recordsInFlight == 2 && s.holdsRevocation)
+        #expect(s.observeChannelAck(0) == [], "nothing new")
+        let a1 = s.observeChannelAck(1)
+        #expect(a1 == [.acknowledged(through: 1)] && s.holdsRevocation)
+        let a2 = s.observeChannelAck(2)
+        #expect(a2 == [.acknowledged(through: 2)] && !s.holdsRevocation && s.recordsInFlight == 0)
+        #expect(s.observeChannelAck(2) == [], "the same value again is nothing")
+        // An ACK on the socket is not how this VM2 acknowledges.
+        let socket = s.received(.ack(2))
+        #expect(Self.isRefusal(socket, rule: "peer-state"), "\(socket)")
+    }
+
+    @Test(arguments: [(UInt64(5), "ack-sequence"), (UInt64.max, "ack-sequence"), (UInt64(0), "channel-ack")])
+    func aChannelAckFromTheFutureOrThePastIsAProtocolError(value: UInt64, rule: String) {
+        var s = Self.ready(.all, kill: true)
+        _ = s.takeRevocationSequence(now: Self.t0)
+        _ = s.takeRevocationSequence(now: Self.t0)
+        _ = s.observeChannelAck(1)
+        let effects = s.observeChannelAck(value)
+        #expect(Self.isRefusal(effects, rule: rule), "\(effects)")
+        // Holding revocation 2 with the kill policy: killed first.
+        guard case .kill? = effects.first else { Issue.record("no kill before the refusal: \(effects)"); return }
+        #expect(s.isClosed)
+        #expect(s.observeChannelAck(2) == [], "nothing after the end")
+    }
+
+    @Test func theChannelHasRoomForItsCapacityOfUnacknowledgedRecords() {
+        var s = PeerSession(policy: .init(offeredDeviceFeatures: Self.offered, channelCapacity: 3))
+        _ = s.received(.hello(PeerHello(features: .all, deviceFeatures: Self.served)))
+        s.replayed()
+        for _ in 0..<3 { #expect(s.channelHasRoom); _ = s.takeMapSequence() }
+        #expect(!s.channelHasRoom && s.recordsInFlight == 3)
+        _ = s.observeChannelAck(1)
+        #expect(s.channelHasRoom)
+        #expect(PeerSession.Policy(offeredDeviceFeatures: .version1, channelCapacity: 0).channelCapacity == 1)
+        #expect(PeerSession.Policy(offeredDeviceFeatures: .version1, channelCapacity: .max).channelCapacity == RevocationChannel.maximumCapacity)
+    }
+
+    @Test func withoutTheFeatureTheChannelIsNotReadAndSocketAcksWork() {
+        var s = Self.ready()
+        #expect(!s.usesChannel)
+        _ = s.takeRevocationSequence(now: Self.t0)
+        #expect(s.observeChannelAck(1) == [], "a channel this VM2 did not negotiate is never read")
+        #expect(s.received(.ack(1)) == [.acknowledged(through: 1)])
     }
 }

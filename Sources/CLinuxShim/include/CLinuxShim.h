@@ -125,6 +125,21 @@ int shim_sock_dgram(void);
 void shim_store_release_u16(void *p, uint16_t v);
 uint16_t shim_load_acquire_u16(const void *p);
 void shim_full_fence(void);
+/* The revocation channel's words (shared with another process). */
+void shim_store_release_u64(void *p, uint64_t v);
+uint64_t shim_load_acquire_u64(const void *p);
+void shim_store_release_u32(void *p, uint32_t v);
+uint32_t shim_load_acquire_u32(const void *p);
+uint32_t shim_fetch_add_u32(void *p, uint32_t v);
+/* FUTEX_WAIT (shared) on *p while it holds `expected`, at most timeout_ns:
+   0 when woken (or the value differed), -errno otherwise (-ETIMEDOUT). */
+int shim_futex_wait(void *p, uint32_t expected, int64_t timeout_ns);
+/* FUTEX_WAKE (shared): wakes up to n waiters; -errno on failure. */
+int shim_futex_wake(void *p, int n);
+/* fallocate(PUNCH_HOLE|KEEP_SIZE): 0 or -1 with errno. */
+int shim_punch_hole(int fd, uint64_t offset, uint64_t length);
+/* A CPU relax hint for a spin loop. */
+void shim_cpu_relax(void);
 
 // ---- epoll (struct epoll_event is packed on x86-64: kept on the C side) ----
 int shim_epoll_create(void);                                 // CLOEXEC

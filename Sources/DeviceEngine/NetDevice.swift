@@ -179,6 +179,34 @@ public struct NetDevice {
         return result.map { ($0.0, call: $0.1) }
     }
 
+    /// Delivers `frame` up to `times` times into receive queue `index` in
+    /// one burst and publishes once (a generator's burst): stops at the
+    /// first frame that is not delivered. Returns how many were, that
+    /// outcome (nil: all were), and whether VM1 wants a call; nil before the
+    /// BAR exists.
+    public mutating func deliver(_ frame: UnsafeRawBufferPointer, times: Int, to index: Int)
+        -> (delivered: Int, stop: DeviceQueue.Delivery?, call: Bool)? {
+        guard index >= 0, index < queues.count, var q = queues[index] else { return (0, .noRoom, false) }
+        var c = counters[index]
+        let mergeable = mergeable
+        var rx = Segments()
+        swap(&rx, &rxScratch)
+        defer { swap(&rx, &rxScratch) }
+        let result = memory.burst { a -> (Int, DeviceQueue.Delivery?, Bool) in
+            var n = 0
+            var stop: DeviceQueue.Delivery?
+            while n < times {
+                let d = q.deliver(&a, frame: frame, mergeable: mergeable, scratch: &rx, counters: &c)
+                guard case .delivered = d else { stop = d; break }
+                n += 1
+            }
+            return (n, stop, q.publish(&a))
+        }
+        queues[index] = q
+        counters[index] = c
+        return result.map { (delivered: $0.0, stop: $0.1, call: $0.2) }
+    }
+
     /// Polling starts: drivers need not kick any queue.
     public mutating func suppressKicks() {
         var queues: [DeviceQueue?] = []

@@ -189,6 +189,8 @@ final class VM2DeviceThread {
     /// Frames waiting for RX buffers: (receive queue, bytes with header).
     var pendingFrames: [(Int, [UInt8])] = []
     var generated = 0
+    /// The frame the generator delivers (built once per size).
+    var generatorTemplate: [UInt8] = []
     var pollSet = PollSet()
     var pollSetDirty = true
     var policy: PollPolicy
@@ -251,7 +253,7 @@ final class VM2DeviceThread {
             if pollSetDirty { rebuildPollSet() }
             // Before sleeping, ask for kicks again and look once more (a
             // chain may have come while kicks were off).
-            if !busy, device.requestKicks(receiving: !pendingFrames.isEmpty) { busy = true }
+            if !busy, device.requestKicks(receiving: !pendingFrames.isEmpty || generated < configuration.generateFrames) { busy = true }
             if !busy, polling { polling = false }
             let kickless = notifiers.values.contains { $0.enabled && $0.kick == nil }
             var timeout: Int32 = busy ? 0 : kickless ? 1 : 200

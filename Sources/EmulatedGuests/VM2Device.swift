@@ -113,10 +113,7 @@ extension VM2DeviceThread {
     /// Echoes (and generated frames) into VM1's RX buffers, in order, until
     /// a queue has no room. Returns whether any was delivered.
     func deliverPending() -> Bool {
-        if pendingFrames.isEmpty, generated < configuration.generateFrames, device.queue(0) != nil {
-            pendingFrames.append((0, Self.frame(number: generated, size: configuration.frameSize)))
-            generated += 1
-        }
+        if pendingFrames.isEmpty, generated < configuration.generateFrames, let burst = deliverGenerated() { return burst }
         var delivered = false
         var calls: Set<Int> = []
         while let (rx, bytes) = pendingFrames.first, stopReason == nil {
@@ -129,10 +126,6 @@ extension VM2DeviceThread {
                 counters.sent += 1
                 counters.bytesSent += UInt64(bytes.count - VirtioNetHeader.size)
                 delivered = true
-                if pendingFrames.isEmpty, generated < configuration.generateFrames {
-                    pendingFrames.append((0, Self.frame(number: generated, size: configuration.frameSize)))
-                    generated += 1
-                }
                 continue
             case .noRoom:
                 break
@@ -148,6 +141,35 @@ extension VM2DeviceThread {
             break
         }
         signal(calls.sorted())
+        foldCounters()
+        return delivered
+    }
+
+    /// Generated frames (`generateFrames`), a burst per receive queue, each
+    /// queue published once: returns whether any was delivered (nil: no
+    /// receive queue runs yet).
+    private func deliverGenerated() -> Bool? {
+        var pairs = 0
+        while device.queue(pairs * 2) != nil { pairs += 1 }
+        guard pairs > 0 else { return nil }
+        if generatorTemplate.count != configuration.frameSize + VirtioNetHeader.size {
+            generatorTemplate = Self.frame(number: 0, size: configuration.frameSize)
+        }
+        var delivered = false
+        var calls: [Int] = []
+        for pair in 0..<pairs where stopReason == nil {
+            let rx = pair * 2
+            let want = min(device.burst, configuration.generateFrames - generated)
+            guard want > 0 else { break }
+            guard let (n, stop, call) = generatorTemplate.withUnsafeBytes({ device.deliver($0, times: want, to: rx) }) else { break }
+            if call { calls.append(rx) }
+            generated += n
+            counters.sent += n
+            counters.bytesSent += UInt64(n * (generatorTemplate.count - VirtioNetHeader.size))
+            if n > 0 { delivered = true }
+            if case .stopped(let reason)? = stop { resolve(rx, reason) }
+        }
+        signal(calls)
         foldCounters()
         return delivered
     }

@@ -10,8 +10,19 @@ import VhostUser
 struct DPDKBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dpdk",
-        abstract: "testpmd txonly → vhost-pci-bridged → emulated VM2, versus the testpmd ↔ testpmd pair, in one run (needs dpdk-testpmd)."
+        abstract: "testpmd txonly → vhost-pci-bridged → emulated VM2 (transmit), and VM2 → bridge → testpmd rxonly (receive), each versus the same testpmd pair on DPDK's vhost back end, in one run (needs dpdk-testpmd)."
     )
+
+    enum Direction: String, ExpressibleByArgument, CaseIterable {
+        /// VM1 (testpmd) transmits, VM2 receives.
+        case transmit
+        /// VM2 writes frames into VM1's receive buffers, VM1 (testpmd) receives.
+        case receive
+        case both
+    }
+
+    @Option(help: "transmit (VM1 → VM2), receive (VM2 → VM1) or both.")
+    var direction: Direction = .both
 
     @Option(help: "Seconds per measurement.")
     var seconds: Double = 5
@@ -82,6 +93,62 @@ struct DPDKBench: ParsableCommand {
                          vm2Implausible: s.framesInvalid, refused: s.descriptorsRefused, kicks: s.kicksReceived)
     }
 
+    /// VM2 generates frames into testpmd's receive buffers (rxonly,
+    /// virtio-user) through the bridge (identity); Mpps VM2 delivered.
+    func receiveThroughBridge(size: Int, queues: Int) throws -> BridgeRun {
+        let dir = "/tmp/vpb-bench-rx-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var logger = Logger(label: "bench")
+        logger.logLevel = .critical
+        let bridge = try Bridge(BridgeSettings(name: "bench-rx", socketPath: "\(dir)/vm1.sock", peerSocketPath: "\(dir)/vm2.sock",
+                                               backend: BackendConfiguration(bridgeName: "bench-rx",
+                                                                             addressSpace: AddressSpaceConfiguration(barSize: 1 << 36, mode: .identity),
+                                                                             queuePairs: queues)),
+                                logger: logger)
+        let server = try JoinableThread(name: "bench-bridge") { bridge.serve() }
+        defer { bridge.stop(); server.join() }
+        var config = VM2Configuration()
+        config.dataPath = .count
+        config.echo = false
+        config.pollFor = .milliseconds(pollMs)
+        config.generateFrames = Int.max
+        config.frameSize = size
+        let vm2 = try EmulatedVM2(peerSocketPath: "\(dir)/vm2.sock", configuration: config)
+        defer { vm2.stop() }
+        let (p, stdin) = try launchChild(Self.testpmd, frontEnd("\(dir)/vm1.sock", size: size, name: "bench-rx", server: false, mode: "rxonly", queues: queues), log: "\(dir)/rx.log")
+        for _ in 0..<300 where vm2.statistics.packetsSent == 0 { usleep(10_000) }
+        let clock = ContinuousClock()
+        let start = clock.now, first = vm2.statistics.packetsSent
+        usleep(UInt32(seconds * 1_000_000))
+        let n = vm2.statistics.packetsSent - first
+        let mpps = Double(n) / (start.duration(to: clock.now) / .seconds(1)) / 1e6
+        finishChild(p, stdin)
+        let s = vm2.statistics
+        return BridgeRun(mpps: mpps, testpmdSent: counter("\(dir)/rx.log", "RX-packets") ?? -1, vm2Received: s.packetsSent,
+                         vm2Implausible: 0, refused: s.descriptorsRefused, kicks: s.kicksReceived)
+    }
+
+    /// testpmd txonly on DPDK's vhost back end → testpmd rxonly (virtio-user);
+    /// Mpps counted by the receiver.
+    func receivePair(size: Int, queues: Int) throws -> Double {
+        let dir = "/tmp/vpb-bench-rxpair-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let sock = "\(dir)/pair.sock"
+        let (tx, txIn) = try launchChild(Self.testpmd, frontEnd(sock, size: size, name: "bench-rptx", server: true, mode: "txonly", queues: queues), log: "\(dir)/tx.log")
+        for _ in 0..<300 where !FileManager.default.fileExists(atPath: sock) { usleep(10_000) }
+        let (rx, rxIn) = try launchChild(Self.testpmd, frontEnd(sock, size: size, name: "bench-rprx", server: false, mode: "rxonly", queues: queues), log: "\(dir)/rx.log")
+        let clock = ContinuousClock()
+        let start = clock.now
+        usleep(UInt32(seconds * 1_000_000))
+        finishChild(rx, rxIn)
+        let elapsed = start.duration(to: clock.now) / .seconds(1)
+        finishChild(tx, txIn)
+        let n = counter("\(dir)/rx.log", "RX-packets") ?? 0
+        return Double(n) / elapsed / 1e6
+    }
+
     struct BridgeRun: Codable {
         var mpps: Double
         var testpmdSent: Int
@@ -111,7 +178,7 @@ struct DPDKBench: ParsableCommand {
     }
 
     struct Row: Codable {
-        var size: Int; var queues: Int; var bridgeMpps: Double; var pairMpps: Double; var ratio: Double
+        var direction: String; var size: Int; var queues: Int; var bridgeMpps: Double; var pairMpps: Double; var ratio: Double
         var testpmdSent: Int; var vm2Received: Int; var vm2Implausible: Int; var refused: Int; var kicks: Int
     }
 
@@ -122,19 +189,34 @@ struct DPDKBench: ParsableCommand {
         var rows: [Row] = []
         for q in queues.split(separator: ",").compactMap({ Int($0) }) {
             for size in sizes.split(separator: ",").compactMap({ Int($0) }) {
-                FileHandle.standardError.write(Data("dpdk: \(size) B, \(q) queue pair(s), through the bridge…\n".utf8))
-                let b = try throughBridge(size: size, queues: q)
-                FileHandle.standardError.write(Data("dpdk: \(size) B, \(q) queue pair(s), testpmd pair…\n".utf8))
-                let p = try pair(size: size, queues: q)
-                // testpmd counts a frame as sent when it puts it on its TX
-                // ring; what is still there when it quits is never handed
-                // over. Anything beyond a full ring per queue pair was lost.
-                let unconsumed = b.testpmdSent - b.vm2Received
-                guard (0...(Self.virtioUserRingSize * q)).contains(unconsumed), b.vm2Implausible == 0, b.refused == 0 else {
-                    throw ValidationError("\(size) B, \(q) queue pair(s): testpmd sent \(b.testpmdSent), VM2 received \(b.vm2Received) (\(b.vm2Implausible) not Ethernet, \(b.refused) refused): more than a ring's worth is missing")
+                if direction != .receive {
+                    FileHandle.standardError.write(Data("dpdk: transmit, \(size) B, \(q) queue pair(s), through the bridge…\n".utf8))
+                    let b = try throughBridge(size: size, queues: q)
+                    FileHandle.standardError.write(Data("dpdk: transmit, \(size) B, \(q) queue pair(s), testpmd pair…\n".utf8))
+                    let p = try pair(size: size, queues: q)
+                    // testpmd counts a frame as sent when it puts it on its TX
+                    // ring; what is still there when it quits is never handed
+                    // over. Anything beyond a full ring per queue pair was lost.
+                    let unconsumed = b.testpmdSent - b.vm2Received
+                    guard (0...(Self.virtioUserRingSize * q)).contains(unconsumed), b.vm2Implausible == 0, b.refused == 0 else {
+                        throw ValidationError("\(size) B, \(q) queue pair(s): testpmd sent \(b.testpmdSent), VM2 received \(b.vm2Received) (\(b.vm2Implausible) not Ethernet, \(b.refused) refused): more than a ring's worth is missing")
+                    }
+                    rows.append(Row(direction: "transmit", size: size, queues: q, bridgeMpps: b.mpps, pairMpps: p, ratio: p > 0 ? b.mpps / p : 0,
+                                    testpmdSent: b.testpmdSent, vm2Received: b.vm2Received, vm2Implausible: b.vm2Implausible, refused: b.refused, kicks: b.kicks))
                 }
-                rows.append(Row(size: size, queues: q, bridgeMpps: b.mpps, pairMpps: p, ratio: p > 0 ? b.mpps / p : 0, testpmdSent: b.testpmdSent,
-                                vm2Received: b.vm2Received, vm2Implausible: b.vm2Implausible, refused: b.refused, kicks: b.kicks))
+                if direction != .transmit {
+                    FileHandle.standardError.write(Data("dpdk: receive, \(size) B, \(q) queue pair(s), through the bridge…\n".utf8))
+                    let b = try receiveThroughBridge(size: size, queues: q)
+                    FileHandle.standardError.write(Data("dpdk: receive, \(size) B, \(q) queue pair(s), testpmd pair…\n".utf8))
+                    let p = try receivePair(size: size, queues: q)
+                    // Every frame VM2 published in a used ring is one testpmd
+                    // received (it polls its rings until it quits).
+                    guard b.testpmdSent >= 0, b.testpmdSent <= b.vm2Received, b.refused == 0 else {
+                        throw ValidationError("receive, \(size) B, \(q) queue pair(s): VM2 delivered \(b.vm2Received), testpmd received \(b.testpmdSent), \(b.refused) refused")
+                    }
+                    rows.append(Row(direction: "receive", size: size, queues: q, bridgeMpps: b.mpps, pairMpps: p, ratio: p > 0 ? b.mpps / p : 0,
+                                    testpmdSent: b.testpmdSent, vm2Received: b.vm2Received, vm2Implausible: 0, refused: b.refused, kicks: b.kicks))
+                }
             }
         }
         if json {
@@ -142,12 +224,13 @@ struct DPDKBench: ParsableCommand {
             return
         }
         print("### DPDK (`vhost-pci-bench dpdk`, \(seconds) s per run)\n")
-        print("testpmd txonly (virtio-user) → vhost-pci-bridged (identity) → VM2 on the `DeviceEngine` (count mode: every frame's Ethernet header read in place, polling \(pollMs) ms before sleeping on kicks), versus testpmd txonly → testpmd rxonly (DPDK's own vhost back end, which copies every frame into an mbuf) on the same machine. \"testpmd sent\" and \"VM2 received\" are whole-run totals. testpmd counts a frame as sent when it puts it on its TX ring, so the frames still on the ring when it quits (at most \(Self.virtioUserRingSize) per queue pair) are counted but never handed over; the run fails if more are missing, or if VM2 found a frame that is not Ethernet or refused a descriptor. \"kicks\" is how many times testpmd kicked over the run: VM2 tells it not to while it polls.\n")
-        print("| frame | queue pairs | through the bridge, Mpps | testpmd pair, Mpps | bridge / pair | testpmd sent | VM2 received | on the ring when testpmd quit | not Ethernet | refused | kicks |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("**Transmit** (VM1 → VM2): testpmd txonly (virtio-user) → vhost-pci-bridged (identity) → VM2 on the `DeviceEngine` (count mode: every frame's Ethernet header read in place, polling \(pollMs) ms before sleeping on kicks), versus testpmd txonly → testpmd rxonly (DPDK's own vhost back end, which copies every frame into an mbuf) on the same machine. \"testpmd sent\" and \"VM2 received\" are whole-run totals. testpmd counts a frame as sent when it puts it on its TX ring, so the frames still on the ring when it quits (at most \(Self.virtioUserRingSize) per queue pair) are counted but never handed over; the run fails if more are missing, or if VM2 found a frame that is not Ethernet or refused a descriptor. \"kicks\" is how many times testpmd kicked over the run: VM2 tells it not to while it polls.\n")
+        print("**Receive** (VM2 → VM1): VM2 writes Ethernet frames straight into testpmd's receive buffers (rxonly, virtio-user, MRG_RXBUF negotiated) through the bridge, round-robin over the receive queues, versus DPDK's vhost back end in txonly feeding the same testpmd rxonly. Through the bridge the rate is what VM2 delivered (published in used rings) over the timed window; the run fails unless testpmd received no more than VM2 delivered.\n")
+        print("| direction | frame | queue pairs | through the bridge, Mpps | testpmd pair, Mpps | bridge / pair | testpmd sent (tx) / received (rx) | VM2 received (tx) / delivered (rx) | not Ethernet | refused | kicks |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows {
-            print(String(format: "| %d B | %d | %.3f | %.3f | %.2f× | %d | %d | %d | %d | %d | %d |", r.size, r.queues, r.bridgeMpps, r.pairMpps, r.ratio,
-                         r.testpmdSent, r.vm2Received, r.testpmdSent - r.vm2Received, r.vm2Implausible, r.refused, r.kicks))
+            print(String(format: "| %@ | %d B | %d | %.3f | %.3f | %.2f× | %d | %d | %d | %d | %d |", r.direction, r.size, r.queues, r.bridgeMpps, r.pairMpps, r.ratio,
+                         r.testpmdSent, r.vm2Received, r.vm2Implausible, r.refused, r.kicks))
         }
     }
 }

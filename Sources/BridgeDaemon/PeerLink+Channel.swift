@@ -161,6 +161,10 @@ extension PeerLink {
     private func post(_ channel: Channel, revoking: Bool, _ record: (UInt64) -> ChannelRecord) -> Ticket? {
         if !(state.withLock { $0.session?.channelHasRoom ?? false }) {
             let full = state.withLock { s in (s.session?.nextSequence ?? 1) &- 1 &- UInt64(channel.capacity) &+ 1 }
+            // At most the revocation deadline — and never past the deadline
+            // of a revocation already in the ring (`awaitChannel` keeps to
+            // it): a VM2 that frees one slot just in time for each record
+            // cannot stretch a long plan into one deadline per record.
             guard awaitChannel(channel, through: full, deadline: .now.advanced(by: policy.revocationDeadline),
                                what: "room in the revocation channel") else { return nil }
         }
@@ -194,7 +198,10 @@ extension PeerLink {
         return done
     }
 
-    private enum Progress { case done, gone, waiting }
+    /// `ending`: the session is over but another thread is still carrying
+    /// out its effects (a kill waits for the VMM's exit): wait for the
+    /// detach before the revocation counts as complete.
+    private enum Progress { case done, gone, ending, waiting }
 
     /// Reads VM2's ack once and lets the session judge it.
     private func observe(_ channel: Channel, through sequence: UInt64) -> Progress {
@@ -206,9 +213,49 @@ extension PeerLink {
             execute(effects, generation: channel.generation, replyingOn: socket)
         }
         return state.withLock { s -> Progress in
-            guard s.generation == channel.generation, s.socket != nil, let session = s.session, !session.isClosed else { return .gone }
+            guard s.generation == channel.generation, s.socket != nil, let session = s.session else { return .gone }
+            if session.isClosed { return .ending }
             return session.isAcknowledged(sequence) ? .done : .waiting
         }
+    }
+
+    /// The earliest deadline of a revocation in the ring (nil: none).
+    private func earliestDeadline(_ channel: Channel) -> ContinuousClock.Instant? {
+        state.withLock { s in s.generation == channel.generation ? s.session?.nextDeadline : nil }
+    }
+
+    /// The acks VM2 stored before its connection ended count: an honest VM2
+    /// that acked and left is not taken for one that left holding a
+    /// revocation (peer thread, from `detach`).
+    func noteFinalAck(generation: Int) {
+        guard let channel = state.withLock({ s in s.generation == generation ? s.channel : nil }) else { return }
+        let value = channel.acked
+        // A lie found now is a protocol error like any other (a kill first
+        // while VM2 holds a revocation).
+        execute(withSession(generation) { $0.observeChannelAck(value) }, generation: generation, replyingOn: nil)
+    }
+
+    /// WAKE to a VM2 that said it sleeps: never blocks. A full socket is
+    /// readable already (VM2 will look); a 12-byte message is one skb, sent
+    /// whole or not at all. False when VM2 is gone.
+    private func wake(_ channel: Channel) -> Bool {
+        guard let socket = state.withLock({ s in s.generation == channel.generation ? s.socket : nil }) else { return false }
+        count { $0.channelWakes += 1 }
+        do {
+            try socket.send(PeerCodec.encode(.wake), nonBlocking: true)
+            return true
+        } catch where error.errno == .resourceTemporarilyUnavailable || error.errno == .wouldBlock {
+            return true
+        } catch {
+            execute(withSession(channel.generation) { $0.ended("send failed: \(error)") }, generation: channel.generation, replyingOn: nil)
+            return false
+        }
+    }
+
+    /// The connection is ending: wait until it is detached (a kill first,
+    /// when the session said so) before the caller's revocation completes.
+    private func finishEnding(_ channel: Channel) {
+        awaitDetach(channel.generation)
     }
 
     /// Waits until VM2 acknowledged `sequence` through the channel: a WAKE
@@ -220,21 +267,23 @@ extension PeerLink {
         defer { heartbeat.beat() }
         switch observe(channel, through: sequence) {
         case .done, .gone: return true
+        case .ending: finishEnding(channel); return true
         case .waiting: break
         }
         // The record is published: is VM2 asleep? (Its flag is stored
         // before it looks at `posted` one last time, ours after we publish:
         // one of us sees the other.)
         ChannelMemory.fullFence()
-        if channel.vm2Sleeps {
-            count { $0.channelWakes += 1 }
-            guard send(.wake, generation: channel.generation) else { return true } // VM2 is gone with what it held
+        if channel.vm2Sleeps, !wake(channel) {
+            finishEnding(channel) // gone, or going: with a kill first when it held a revocation
+            return true
         }
         let spinEnd = ContinuousClock.now.advanced(by: policy.revocationSpin)
         var spins = 0
         while true {
             switch observe(channel, through: sequence) {
             case .done, .gone: return true
+            case .ending: finishEnding(channel); return true
             case .waiting: break
             }
             spins &+= 1
@@ -242,6 +291,8 @@ extension PeerLink {
                 ChannelMemory.relax()
                 continue
             }
+            // No wait outlives a revocation already in the ring.
+            let deadline = min(deadline, earliestDeadline(channel) ?? deadline)
             guard ContinuousClock.now < deadline else {
                 expired(generation: channel.generation, what: what)
                 return false

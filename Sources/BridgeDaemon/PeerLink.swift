@@ -126,6 +126,7 @@ final class PeerLink: Sendable {
     /// sender's feet, so a new VM2 can never receive the tail of a message
     /// meant for the old one.
     func detach(generation: Int, reason: String) {
+        noteFinalAck(generation: generation)
         _ = execute(withSession(generation) { $0.ended(reason) }, generation: generation, replyingOn: nil)
         let (socket, channel) = state.withLock { s -> (UnixSocket?, Channel?) in
             guard s.generation == generation, let socket = s.socket else { return (nil, nil) }
@@ -308,7 +309,7 @@ final class PeerLink: Sendable {
     /// Waits until connection `generation` is detached — at most as long as
     /// a kill and a message take: whoever ends it carries out its effects
     /// (a kill waits for the VMM's exit) before it detaches.
-    private func awaitDetach(_ generation: Int) {
+    func awaitDetach(_ generation: Int) {
         let end = ContinuousClock.now.advanced(by: .milliseconds(Int(Liveness.killWaitMilliseconds))).advanced(by: messageDeadline)
         _ = ackSignal.wait(until: end) {
             state.withLock { s in s.socket == nil || s.generation != generation ? true : nil }

@@ -39,6 +39,22 @@ final class PeerMirror {
     /// `.notSent`: the caller sends the reply.
     func push(_ plan: WindowPlan, thenReply reply: (bytes: [UInt8], socket: UnixSocket)?) -> PeerLink.HeldReplyOutcome {
         guard peer.isReady, !plan.isEmpty else { return .notSent }
+        return finish(send(plan), thenReply: reply)
+    }
+
+    /// What `send` sent: the last sequence, and whether VM2 must ack it
+    /// before VM1 is answered.
+    struct Sent {
+        var last: PeerLink.Ticket?
+        var revokes: Bool
+        static let nothing = Sent(last: nil, revokes: false)
+    }
+
+    /// The MAPs and UNMAPs of `plan`, sent (or posted in the channel)
+    /// without waiting: a revocation can go to VM2 before the daemon's own
+    /// window changes, so the two happen at once (`finish` waits).
+    func send(_ plan: WindowPlan) -> Sent {
+        guard peer.isReady, !plan.isEmpty else { return .nothing }
         var last: PeerLink.Ticket?
         var revokes = plan.revokesAccess
         func unmap(_ bus: BusAddress, _ length: UInt64) {
@@ -70,7 +86,14 @@ final class PeerMirror {
                 unmap(bus, length)
             }
         }
-        guard revokes, let last else { return .notSent }
+        return Sent(last: last, revokes: revokes)
+    }
+
+    /// Waits for VM2's ack of what `send` sent when it took access away (or
+    /// disconnects VM2 at the deadline); with `reply`, VM1's answer may go
+    /// out from the peer thread the moment the ack is read.
+    func finish(_ sent: Sent, thenReply reply: (bytes: [UInt8], socket: UnixSocket)?) -> PeerLink.HeldReplyOutcome {
+        guard sent.revokes, let last = sent.last else { return .notSent }
         guard let reply else {
             peer.waitForAck(last)
             return .notSent

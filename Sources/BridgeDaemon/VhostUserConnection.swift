@@ -199,10 +199,15 @@ final class VhostUserConnection {
             case .stopRingAtDevice(let index, let layout):
                 stopRingAtDevice(index, layout)
             case .windowThenReply(let plan, let bytes):
+                // A revocation goes to VM2 first: VM2 drops the range while
+                // the daemon revokes its own window, and VM1's answer waits
+                // for both. A grant changes the window first (a failure
+                // there ends the session before VM2 hears of it).
+                let early = plan.revokesAccess ? mirror.send(plan) : nil
                 if let failure = applyWindow(plan) { return failure }
                 // VM1's ack goes out as soon as VM2 acks the revocation
                 // (from the peer thread), or from here when nobody sent it.
-                switch mirror.push(plan, thenReply: (bytes, socket)) {
+                switch mirror.finish(early ?? mirror.send(plan), thenReply: (bytes, socket)) {
                 case .sent: break
                 case .failed(let reason): return reason
                 case .notSent: if let failure = send(bytes) { return failure }

@@ -434,6 +434,42 @@ pid_t shim_fork_peer(const char *path, long uid, long gid, const uint32_t *group
     // Child: only async-signal-safe calls from here on.
     int s = child_connect(path, uid, gid, groups, ngroups, hello, hello_len, lifetime_s);
     if (!reads) for (;;) pause(); // a VMM that stopped reading its socket
+    if (reads == 5) {
+        // A VMM with the revocation channel: maps CHANNEL (type 12), and at
+        // the first UNMAP record (kind 2) posted there hangs up and lives on.
+        unsigned char *ring = NULL;
+        uint32_t capacity = 0;
+        uint64_t seen = 0;
+        for (;;) {
+            struct pollfd pfd = { .fd = s, .events = POLLIN };
+            int ready = poll(&pfd, 1, 1);
+            if (ready > 0) {
+                unsigned char h[12], p[4096];
+                int fds[4], nfds = 0;
+                if (read_full(s, h, 12, fds, &nfds) != 1) _exit(0);
+                uint32_t type, size;
+                memcpy(&type, h, 4);
+                memcpy(&size, h + 8, 4);
+                if (size > sizeof p || (size && read_full(s, p, size, NULL, NULL) != 1)) _exit(0);
+                if (type == 12 && size == 16 && nfds == 1 && ring == NULL) {
+                    uint64_t bytes;
+                    memcpy(&capacity, p, 4);
+                    memcpy(&bytes, p + 8, 8);
+                    void *m = mmap(NULL, (size_t)bytes, PROT_READ, MAP_SHARED, fds[0], 0);
+                    if (m == MAP_FAILED) _exit(7);
+                    ring = m;
+                }
+                for (int i = 0; i < nfds; i++) close(fds[i]);
+            }
+            if (ring == NULL || capacity == 0) continue;
+            uint64_t posted = __atomic_load_n((uint64_t *)(ring + 64), __ATOMIC_ACQUIRE);
+            for (; seen < posted; seen++) {
+                uint32_t kind;
+                memcpy(&kind, ring + 4096 + ((seen) % capacity) * 64 + 8, 4);
+                if (kind == 2) { close(s); for (;;) pause(); }
+            }
+        }
+    }
     if (reads >= 2) {
         // A VMM that reads peer-protocol frames and, at its first UNMAP (type
         // 3), leaves the protocol while its process lives on: 2 hangs up,

@@ -44,6 +44,10 @@ public struct ChildPeer: Sendable {
         /// Reads peer-protocol frames; hangs up (and lives on) at a MAP that
         /// takes away a permission an earlier MAP of the same offset gave.
         case hangsUpAtRevokingMap = 4
+        /// Negotiated the revocation channel (its HELLO must say so): maps
+        /// CHANNEL and hangs up (and lives on) at the first UNMAP record
+        /// posted there.
+        case hangsUpAtChannelUnmap = 5
     }
 
     public static func spawn(connectingTo path: String, uid: UInt32? = nil, gid: UInt32? = nil, groups: [UInt32] = [],

@@ -22,6 +22,12 @@ struct LinuxGuestBench: ParsableCommand {
     @Option(help: "Milliseconds VM2 polls after its last work before sleeping on kicks.")
     var pollMs: Int = 100
 
+    @Option(help: "Microseconds the bridge thread spins on VM2's ack in the revocation channel before it sleeps (the bridge's revocation-spin-us).")
+    var revocationSpinUs: Int = 50
+
+    @Flag(help: "VM2 without the revocation channel (UNMAP and ACK on the socket).")
+    var socketOnly = false
+
     @Option(help: "Which runs: none, strict or both.")
     var viommu: String = "both"
 
@@ -57,16 +63,18 @@ struct LinuxGuestBench: ParsableCommand {
         var logger = Logger(label: "bench")
         logger.logLevel = .critical
         let mode: BridgeMode = iommu ? .iommu : .identity
-        let bridge = try Bridge(BridgeSettings(name: "lg", socketPath: "\(dir)/vm1.sock", peerSocketPath: "\(dir)/vm2.sock",
-                                               backend: BackendConfiguration(bridgeName: "lg",
-                                                                             addressSpace: AddressSpaceConfiguration(barSize: 64 << 30, mode: mode)),
-                                               revocationDeadlineMilliseconds: 2000),
-                                logger: logger)
+        var settings = BridgeSettings(name: "lg", socketPath: "\(dir)/vm1.sock", peerSocketPath: "\(dir)/vm2.sock",
+                                      backend: BackendConfiguration(bridgeName: "lg",
+                                                                    addressSpace: AddressSpaceConfiguration(barSize: 64 << 30, mode: mode)),
+                                      revocationDeadlineMilliseconds: 2000)
+        settings.revocationSpinMicroseconds = max(0, revocationSpinUs)
+        let bridge = try Bridge(settings, logger: logger)
         let server = try JoinableThread(name: "bench-bridge") { bridge.serve() }
         defer { bridge.stop(); server.join() }
         var config = VM2Configuration()
         config.echo = false
         config.pollFor = .milliseconds(pollMs)
+        config.sharedRevocations = !socketOnly
         let vm2 = try EmulatedVM2(peerSocketPath: "\(dir)/vm2.sock", configuration: config)
         defer { vm2.stop() }
         let report = try runGuest(socket: "\(dir)/vm1.sock", iommu: iommu, log: "\(dir)/bridge-qemu.log")

@@ -18,11 +18,12 @@ import Glibc
 /// acknowledged, with the VMM and the revoked IOVA. The VMM never
 /// outlives the call.
 func revokeFromAChildVMM(_ name: String, revocationDeadline: Int, reading: ChildPeer.Reading, lifetimeSeconds: UInt32 = 20,
+                         features: PeerFeatures = [],
                          revoke: (EmulatedIOMMU, BusAddress) throws -> Void = { try $0.unmap($1) },
                          _ after: (RunningBridge, ChildPeer, BusAddress) throws -> Void) throws {
     let running = try RunningBridge(name, mode: .iommu, revocationDeadline: revocationDeadline) { $0.vm2DeadlineAction = .kill }
     defer { running.stop() }
-    let hello = PeerCodec.encode(.hello(PeerHello(features: [], deviceFeatures: NetDevice.served)))
+    let hello = PeerCodec.encode(.hello(PeerHello(features: features, deviceFeatures: NetDevice.served)))
     let vmm = try ChildPeer.spawn(connectingTo: running.peerPath, hello: hello, lifetimeSeconds: lifetimeSeconds, reading: reading)
     defer { if vmm.ended() == nil { vmm.kill(); _ = vmm.wait() } }
     #expect(pollUntil { running.bridge.statistics.peer.ready })

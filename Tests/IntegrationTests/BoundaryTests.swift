@@ -163,6 +163,20 @@ extension Integration {
             }
         }
 
+        /// The same through the revocation channel: the bridge thread reads
+        /// the ack itself, and when the peer thread ends the connection (VM2
+        /// hung up holding an UNMAP record) it waits for the kill and the
+        /// VMM's exit before VM1's ack — not only for the session to close.
+        @Test func aVM2ThatLeavesHoldingAChannelRevocationIsKilledBeforeVM1IsAcked() throws {
+            try revokeFromAChildVMM("dodge-channel", revocationDeadline: 60_000, reading: .hangsUpAtChannelUnmap, lifetimeSeconds: 60,
+                                    features: [.sharedRevocations]) { running, vmm, iova in
+                #expect(vmm.ended() == .signaled(SIGKILL), "VM1 was acked while the VMM that held the range lived on")
+                let s = running.bridge.statistics.peer
+                #expect(s.killed == 1 && s.revocationTimeouts == 0, "killed \(s.killed), timeouts \(s.revocationTimeouts)")
+                #expect(running.bridge.window.probeInChild(iova) == .faulted)
+            }
+        }
+
         /// The attack round's find: a revocation can be a MAP — VM1 lowers a
         /// page's permission (or moves it), and VM2 gets the new MAP — and a
         /// VM2 that hangs up on that MAP is killed before VM1 is acked, like

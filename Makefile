@@ -123,7 +123,7 @@ bench: deps
 	  .build/release/vhost-pci-bench notify; echo; \
 	  .build/release/vhost-pci-bench iotlb; echo; \
 	  echo "The same with a VM2 that did not negotiate the revocation channel (MAP/UNMAP and ACK on the socket), measured right after:"; echo; \
-	  .build/release/vhost-pci-bench iotlb --socket-only | sed -n '/^| /p;/^VM2 applied/p;/^By thread/,/^invalidate/p'; \
+	  .build/release/vhost-pci-bench iotlb --socket-only | sed -n '/^|/p;/^VM2 applied/p;/^By thread/,/^invalidate/p'; \
 	  if [ -x /usr/bin/dpdk-testpmd ]; then echo; .build/release/vhost-pci-bench dpdk; \
 	  else echo; echo "(DPDK table skipped: dpdk-testpmd is not installed; make interop-deps)"; fi; \
 	  if [ -x /usr/bin/dpdk-testpmd ] && [ -x /usr/bin/qemu-system-x86_64 ] && [ -f .build/linux-guest/vmlinuz ]; then \

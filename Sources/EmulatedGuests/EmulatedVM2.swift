@@ -83,6 +83,10 @@ public struct VM2Statistics: Sendable, Equatable, Codable {
     public var translationsRequested = 0
     public var translationsGranted = 0
     public var translationsRefused = 0
+    /// Seconds the device thread spent waiting for translations it asked
+    /// for (TRANSLATE sent → TRANSLATE_REPLY read): its data path stands
+    /// still meanwhile.
+    public var translationWaitSeconds: Double = 0
     public var notificationsSent = 0
     public var kicksReceived = 0
     public var echoesDropped = 0

@@ -154,6 +154,8 @@ extension VM2DeviceThread {
         let id = nextRequest
         nextRequest += 1
         awaiting[id] = .some(nil)
+        let asked = ContinuousClock.now
+        defer { let waited = asked.duration(to: .now) / .seconds(1); owner.update { $0.translationWaitSeconds += waited } }
         owner.update { $0.translationsRequested += 1 }
         guard (try? socket.send(PeerCodec.encode(.translate(PeerTranslate(requestID: id, barOffset: address, length: length, access: access))))) != nil else {
             return false

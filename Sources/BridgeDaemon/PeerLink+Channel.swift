@@ -187,14 +187,7 @@ extension PeerLink {
         let deadline = state.withLock { s in s.generation == ticket.generation ? s.session?.deadline(ofRevocation: ticket.sequence) : nil }
             ?? start.advanced(by: policy.revocationDeadline)
         let done = awaitChannel(channel, through: ticket.sequence, deadline: deadline, what: "revocation \(ticket.sequence)")
-        if done {
-            let waited = start.duration(to: .now)
-            let us = UInt64(max(0, (waited / .microseconds(1)).rounded(.down)))
-            count {
-                $0.slowestRevocationMicroseconds = max($0.slowestRevocationMicroseconds, us)
-                $0.revocationLatency.record(waited)
-            }
-        }
+        if done { noteRevocationWait(since: start) }
         return done
     }
 

@@ -347,18 +347,23 @@ final class PeerLink: Sendable {
         switch wait(on: ticket.generation, until: { $0.deadline(ofRevocation: ticket.sequence) },
                     { $0.isAcknowledged(ticket.sequence) ? true : nil }) {
         case .done:
-            let waited = start.duration(to: .now)
-            let us = UInt64(max(0, (waited / .microseconds(1)).rounded(.down)))
-            count {
-                $0.slowestRevocationMicroseconds = max($0.slowestRevocationMicroseconds, us)
-                $0.revocationLatency.record(waited)
-            }
+            noteRevocationWait(since: start)
             return true
         case .gone:
             return true // that VM2 is gone (killed first, if it held this): nothing to wait for
         case .timedOut:
             expired(generation: ticket.generation, what: "revocation \(ticket.sequence)")
             return false
+        }
+    }
+
+    /// A revocation VM2 acknowledged after waiting since `start`.
+    func noteRevocationWait(since start: ContinuousClock.Instant) {
+        let waited = start.duration(to: .now)
+        let us = UInt64(max(0, (waited / .microseconds(1)).rounded(.down)))
+        count {
+            $0.slowestRevocationMicroseconds = max($0.slowestRevocationMicroseconds, us)
+            $0.revocationLatency.record(waited)
         }
     }
 

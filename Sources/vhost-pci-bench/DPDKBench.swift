@@ -56,7 +56,21 @@ struct DPDKBench: ParsableCommand {
     func frontEnd(_ socket: String, size: Int, name: String, server: Bool, mode: String, queues: Int) -> [String] {
         ["-l", "0,1", "--main-lcore", server ? "1" : "0", "--no-huge", "-m", "256", "--no-pci", "--file-prefix=\(name)",
          server ? "--vdev=net_vhost0,iface=\(socket),queues=\(queues)" : "--vdev=net_virtio_user0,path=\(socket),queues=\(queues)",
-         "--", "--total-num-mbufs=16384", "--forward-mode=\(mode)", "--txpkts=\(size)", "--rxq=\(queues)", "--txq=\(queues)", "--auto-start"]
+         "--", "--total-num-mbufs=16384", "--forward-mode=\(mode)", "--txpkts=\(size)", "--rxq=\(queues)", "--txq=\(queues)", "--auto-start",
+         "--stats-period=1"]
+    }
+
+    /// An identity bridge with `queues` queue pairs serving VM1 at
+    /// `dir`/vm1.sock and VM2 at `dir`/vm2.sock, on a thread of its own.
+    func startBridge(_ name: String, dir: String, queues: Int) throws -> (Bridge, JoinableThread) {
+        var logger = Logger(label: "bench")
+        logger.logLevel = .critical
+        let bridge = try Bridge(BridgeSettings(name: name, socketPath: "\(dir)/vm1.sock", peerSocketPath: "\(dir)/vm2.sock",
+                                               backend: BackendConfiguration(bridgeName: name,
+                                                                             addressSpace: AddressSpaceConfiguration(barSize: 1 << 36, mode: .identity),
+                                                                             queuePairs: queues)),
+                                logger: logger)
+        return (bridge, try JoinableThread(name: "bench-bridge") { bridge.serve() })
     }
 
     /// testpmd txonly → bridge (identity) → VM2 counting frames; Mpps seen by VM2.
@@ -64,14 +78,7 @@ struct DPDKBench: ParsableCommand {
         let dir = "/tmp/vpb-bench-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        var logger = Logger(label: "bench")
-        logger.logLevel = .critical
-        let bridge = try Bridge(BridgeSettings(name: "bench", socketPath: "\(dir)/vm1.sock", peerSocketPath: "\(dir)/vm2.sock",
-                                               backend: BackendConfiguration(bridgeName: "bench",
-                                                                             addressSpace: AddressSpaceConfiguration(barSize: 1 << 36, mode: .identity),
-                                                                             queuePairs: queues)),
-                                logger: logger)
-        let server = try JoinableThread(name: "bench-bridge") { bridge.serve() }
+        let (bridge, server) = try startBridge("bench", dir: dir, queues: queues)
         defer { bridge.stop(); server.join() }
         var config = VM2Configuration()
         config.dataPath = .count
@@ -99,14 +106,7 @@ struct DPDKBench: ParsableCommand {
         let dir = "/tmp/vpb-bench-rx-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        var logger = Logger(label: "bench")
-        logger.logLevel = .critical
-        let bridge = try Bridge(BridgeSettings(name: "bench-rx", socketPath: "\(dir)/vm1.sock", peerSocketPath: "\(dir)/vm2.sock",
-                                               backend: BackendConfiguration(bridgeName: "bench-rx",
-                                                                             addressSpace: AddressSpaceConfiguration(barSize: 1 << 36, mode: .identity),
-                                                                             queuePairs: queues)),
-                                logger: logger)
-        let server = try JoinableThread(name: "bench-bridge") { bridge.serve() }
+        let (bridge, server) = try startBridge("bench-rx", dir: dir, queues: queues)
         defer { bridge.stop(); server.join() }
         var config = VM2Configuration()
         config.dataPath = .count
@@ -129,26 +129,6 @@ struct DPDKBench: ParsableCommand {
                          vm2Implausible: 0, refused: s.descriptorsRefused, kicks: s.kicksReceived)
     }
 
-    /// testpmd txonly on DPDK's vhost back end → testpmd rxonly (virtio-user);
-    /// Mpps counted by the receiver.
-    func receivePair(size: Int, queues: Int) throws -> Double {
-        let dir = "/tmp/vpb-bench-rxpair-\(getpid())"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let sock = "\(dir)/pair.sock"
-        let (tx, txIn) = try launchChild(Self.testpmd, frontEnd(sock, size: size, name: "bench-rptx", server: true, mode: "txonly", queues: queues), log: "\(dir)/tx.log")
-        for _ in 0..<300 where !FileManager.default.fileExists(atPath: sock) { usleep(10_000) }
-        let (rx, rxIn) = try launchChild(Self.testpmd, frontEnd(sock, size: size, name: "bench-rprx", server: false, mode: "rxonly", queues: queues), log: "\(dir)/rx.log")
-        let clock = ContinuousClock()
-        let start = clock.now
-        usleep(UInt32(seconds * 1_000_000))
-        finishChild(rx, rxIn)
-        let elapsed = start.duration(to: clock.now) / .seconds(1)
-        finishChild(tx, txIn)
-        let n = counter("\(dir)/rx.log", "RX-packets") ?? 0
-        return Double(n) / elapsed / 1e6
-    }
-
     struct BridgeRun: Codable {
         var mpps: Double
         var testpmdSent: Int
@@ -158,23 +138,49 @@ struct DPDKBench: ParsableCommand {
         var kicks: Int
     }
 
-    /// testpmd txonly (virtio-user) → testpmd rxonly (vhost back end); Mpps counted by the receiver.
-    func pair(size: Int, queues: Int) throws -> Double {
+    /// The testpmd pair on DPDK's vhost back end; Mpps counted by the
+    /// receiver. Transmit: txonly on virtio-user → rxonly on the back end;
+    /// `receive`: txonly on the back end → rxonly on virtio-user.
+    func pair(size: Int, queues: Int, receive: Bool = false) throws -> Double {
         let dir = "/tmp/vpb-bench-pair-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let sock = "\(dir)/pair.sock"
-        let (rx, rxIn) = try launchChild(Self.testpmd, frontEnd(sock, size: size, name: "bench-prx", server: true, mode: "rxonly", queues: queues), log: "\(dir)/rx.log")
+        let (server, serverIn) = try launchChild(Self.testpmd, frontEnd(sock, size: size, name: "bench-pserver", server: true,
+                                                                         mode: receive ? "txonly" : "rxonly", queues: queues), log: "\(dir)/server.log")
         for _ in 0..<300 where !FileManager.default.fileExists(atPath: sock) { usleep(10_000) }
-        let (tx, txIn) = try launchChild(Self.testpmd, frontEnd(sock, size: size, name: "bench-ptx", server: false, mode: "txonly", queues: queues), log: "\(dir)/tx.log")
+        let (client, clientIn) = try launchChild(Self.testpmd, frontEnd(sock, size: size, name: "bench-pclient", server: false,
+                                                                         mode: receive ? "rxonly" : "txonly", queues: queues), log: "\(dir)/client.log")
+        let (receiver, receiverIn, log) = receive ? (client, clientIn, "client") : (server, serverIn, "server")
+        let (sender, senderIn) = receive ? (server, serverIn) : (client, clientIn)
         let clock = ContinuousClock()
         let start = clock.now
         usleep(UInt32(seconds * 1_000_000))
-        finishChild(rx, rxIn)
+        finishChild(receiver, receiverIn)
         let elapsed = start.duration(to: clock.now) / .seconds(1)
-        finishChild(tx, txIn)
-        let n = counter("\(dir)/rx.log", "RX-packets") ?? 0
+        finishChild(sender, senderIn)
+        // The receiver's own per-second rate once it runs (`--stats-period`):
+        // the window above also holds testpmd's start-up, which the bridge's
+        // runs do not count (they time from the first frame).
+        if let steady = steadyRate("\(dir)/\(log).log") { return steady / 1e6 }
+        let n = counter("\(dir)/\(log).log", "RX-packets") ?? 0
         return Double(n) / elapsed / 1e6
+    }
+
+    /// The median of the non-zero `Rx-pps` testpmd printed each second,
+    /// without the first (a partial second); nil when it printed none.
+    func steadyRate(_ log: String) -> Double? {
+        guard let text = try? String(contentsOfFile: log, encoding: .utf8) else { return nil }
+        var rates: [Double] = []
+        var rest = text[...]
+        while let r = rest.range(of: "Rx-pps: ") {
+            let digits = rest[r.upperBound...].drop { $0 == " " }.prefix { $0.isNumber }
+            if let v = Double(digits), v > 0 { rates.append(v) }
+            rest = rest[r.upperBound...]
+        }
+        guard rates.count >= 2 else { return nil }
+        let steady = rates.dropFirst().sorted()
+        return steady[steady.count / 2]
     }
 
     struct Row: Codable {
@@ -208,7 +214,7 @@ struct DPDKBench: ParsableCommand {
                     FileHandle.standardError.write(Data("dpdk: receive, \(size) B, \(q) queue pair(s), through the bridge…\n".utf8))
                     let b = try receiveThroughBridge(size: size, queues: q)
                     FileHandle.standardError.write(Data("dpdk: receive, \(size) B, \(q) queue pair(s), testpmd pair…\n".utf8))
-                    let p = try receivePair(size: size, queues: q)
+                    let p = try pair(size: size, queues: q, receive: true)
                     // Every frame VM2 published in a used ring is one testpmd
                     // received (it polls its rings until it quits).
                     guard b.testpmdSent >= 0, b.testpmdSent <= b.vm2Received, b.refused == 0 else {

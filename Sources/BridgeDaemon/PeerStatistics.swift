@@ -26,6 +26,10 @@ public struct PeerStatistics: Sendable, Equatable {
     /// and, for an invalidate, VM2's ack; kept here because it is mostly the
     /// round trip to VM2, and with the peer counters it outlives sessions.
     public var iotlbLatency = LatencyHistogram()
+    /// VM1's answers to IOTLB misses: from the miss sent on the back-end
+    /// channel to the next IOTLB update (what VM2's translations wait on
+    /// VM1 for).
+    public var missAnswerLatency = LatencyHistogram()
     /// Replies to VM1 that the peer thread sent the moment VM2 acknowledged
     /// the revocation they waited for (the rest the bridge thread sends).
     public var repliesSentOnAck = 0

@@ -51,7 +51,10 @@ extension VhostUserConnection {
                 }
                 answer(ids, request, owner: owner, verdict, now: now)
             case .raiseMiss(let bus, let permission):
-                if case .sendBackend(let bytes)? = session.missMessage(bus: bus, permission: permission) { sendBackend(bytes) }
+                if case .sendBackend(let bytes)? = session.missMessage(bus: bus, permission: permission) {
+                    sendBackend(bytes)
+                    if missRaisedAt == nil { missRaisedAt = now }
+                }
             }
         }
     }

@@ -37,6 +37,9 @@ final class VhostUserConnection {
     /// VM2 translations waiting on VM1, and the misses raised for them.
     var translations: TranslationBroker
     var refusalLog = LogThrottle(interval: .seconds(10))
+    /// When the oldest IOTLB miss not answered yet went to VM1 (its answer,
+    /// the next IOTLB update, is timed into `missAnswerLatency`).
+    var missRaisedAt: ContinuousClock.Instant?
 
     init(socket: UnixSocket, configuration: BackendConfiguration, window: BARWindow, peer: PeerLink,
          relay: NotificationRelay?, logger: Logger, maxPendingTranslations: Int,
@@ -122,7 +125,13 @@ final class VhostUserConnection {
             logger.trace("handled \(code)")
         }
         if let reason = execute(outcome.effects, fds: message.fds) { return reason }
-        if case .iotlb(let m) = request, m.type == .update, outcome.error == nil { settleTranslations() }
+        if case .iotlb(let m) = request, m.type == .update, outcome.error == nil {
+            if let raised = missRaisedAt {
+                missRaisedAt = nil
+                peer.count { $0.missAnswerLatency.record(raised.duration(to: .now)) }
+            }
+            settleTranslations()
+        }
         return outcome.closeConnection ? "\(code): \(outcome.error.map { "\($0)" } ?? "refused")" : nil
     }
 

@@ -155,6 +155,7 @@ extension VM2DeviceThread {
         nextRequest += 1
         awaiting[id] = .some(nil)
         let asked = ContinuousClock.now
+        let spinUntil = asked.advanced(by: configuration.pollFor)
         defer { let waited = asked.duration(to: .now) / .seconds(1); owner.update { $0.translationWaitSeconds += waited } }
         owner.update { $0.translationsRequested += 1 }
         guard (try? socket.send(PeerCodec.encode(.translate(PeerTranslate(requestID: id, barOffset: address, length: length, access: access))))) != nil else {
@@ -165,9 +166,11 @@ extension VM2DeviceThread {
                 awaiting[id] = nil
                 return reply.status == .granted
             }
-            // Asleep here too: the daemon may post a revocation meanwhile
-            // and wait for it (WAKE comes on the socket).
-            let asleep = announceSleep()
+            // A polling engine keeps polling while it waits (the channel
+            // too: a revocation posted meanwhile is acked at once); one that
+            // sleeps says so, and the daemon sends WAKE with a revocation.
+            let spinning = configuration.pollFor > .zero && ContinuousClock.now < spinUntil
+            let asleep = !spinning && announceSleep()
             let polled = try? Poll.readable([owner.stopFD, socket.fd.rawValue], timeoutMilliseconds: asleep ? 5000 : 0)
             if asleep { endSleep() }
             drainChannel()

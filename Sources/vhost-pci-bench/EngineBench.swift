@@ -11,13 +11,13 @@ import LinuxIO
 struct EngineBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "engine",
-        abstract: "The DeviceEngine alone, in process: NetDevice passes over a ring of 64 B frames (count or forward mode); small enough for callgrind."
+        abstract: "The DeviceEngine alone, in process: NetDevice passes over a ring of 64 B frames (count, forward or receive mode); small enough for callgrind."
     )
 
     @Option(help: "Rounds; each makes the whole TX ring available once.")
     var rounds: Int = 2000
 
-    @Option(help: "count (read every frame's Ethernet header) or forward (copy every frame into an RX buffer).")
+    @Option(help: "count (read every frame's Ethernet header), forward (copy every frame into an RX buffer) or receive (generate: deliver a frame into every RX buffer, a burst per call).")
     var mode: String = "count"
 
     @Option(help: "Frame size, virtio-net header excluded.")
@@ -36,7 +36,8 @@ struct EngineBench: ParsableCommand {
         switch mode {
         case "count": forward = false
         case "forward": forward = true
-        default: throw ValidationError("--mode is count or forward")
+        case "receive": return try receive()
+        default: throw ValidationError("--mode is count, forward or receive")
         }
         let n = Self.ringSize
         let memfd = try Memfd(name: "engine-bench", size: Self.barSize)
@@ -86,6 +87,46 @@ struct EngineBench: ParsableCommand {
             throw ValidationError("refused \(refused), served \(served) of \(rounds * Int(n)), implausible \(device.implausibleFrames), forwarded \(rx.chains)")
         }
         print("engine \(mode): \(served) frames of \(size) B in \(passes) passes, \(String(format: "%.1f", Double(served) / seconds / 1e6)) Mpps")
+    }
+
+    /// VM2 generating: every round, VM1 makes all RX buffers available and
+    /// the device fills them with one frame each, in bursts of 64
+    /// (`NetDevice.deliver(_:times:to:)`, what the generator does).
+    func receive() throws {
+        let n = Self.ringSize
+        let memfd = try Memfd(name: "engine-bench", size: Self.barSize)
+        let window = try BARWindow(size: Self.barSize)
+        var device = NetDevice()
+        device.memory.attach(window)
+        try device.memory.map(bus: 0, length: Self.barSize, permission: .readWrite, fd: memfd.fd.rawValue, fdOffset: 0)
+        device.start(features: NetDevice.served.rawValue)
+        device.setQueue(0, ring: Self.rxRing, start: 0)
+        for i in 0..<n {
+            Self.descriptor(window, Self.rxRing.descriptor(i), address: Self.rxBuffers + UInt64(i) * 2048, length: 2048, flags: .write)
+        }
+        var frame = [UInt8](repeating: 0, count: VirtioNetHeader.size) + [UInt8](repeating: 0xff, count: 12) + [0x08, 0x00]
+        frame += [UInt8](repeating: 0xab, count: max(0, size - 14))
+        var rxAvail: UInt16 = 0, delivered = 0, calls = 0
+        let clock = ContinuousClock()
+        let start = clock.now
+        for _ in 0..<rounds {
+            for _ in 0..<n {
+                _ = window.store(rxAvail % n, at: Self.rxRing.availEntry(rxAvail))
+                rxAvail &+= 1
+            }
+            _ = window.storeRelease(rxAvail, at: Self.rxRing.availIndex)
+            var left = Int(n)
+            while left > 0 {
+                guard let (k, stop, _) = frame.withUnsafeBytes({ device.deliver($0, times: min(64, left), to: 0) }) else { throw ValidationError("no BAR") }
+                calls += 1
+                delivered += k
+                left -= k
+                if let stop { throw ValidationError("stopped after \(delivered): \(stop)") }
+            }
+        }
+        let seconds = start.duration(to: clock.now) / .seconds(1)
+        guard delivered == rounds * Int(n) else { throw ValidationError("delivered \(delivered) of \(rounds * Int(n))") }
+        print("engine receive: \(delivered) frames of \(size) B in \(calls) bursts, \(String(format: "%.1f", Double(delivered) / seconds / 1e6)) Mpps")
     }
 
     static func descriptor(_ w: BARWindow, _ at: UInt64, address: UInt64, length: UInt32, flags: VirtqDescriptorFlags) {

@@ -56,8 +56,10 @@ struct LinuxGuestBench: ParsableCommand {
         var report: LinuxGuest.Report; var vm2Verified: Int; var misses: Int; var invalidates: Int
         /// Seconds the bridge thread spent handling IOTLB messages (receipt to reply), and of those waiting for VM2's acks.
         var iotlbSeconds: Double; var revocationWaitSeconds: Double; var revocations: UInt64
-        /// Seconds VM2's device thread waited for translations it asked for.
+        /// Seconds VM2's device thread waited for translations it asked for,
+        /// and of those QEMU took to answer the bridge's IOTLB misses.
         var vm2TranslationWaitSeconds: Double
+        var missAnswerSeconds: Double
     }
 
     /// Through the bridge to VM2 on the engine (verifying every datagram, polling).
@@ -84,7 +86,8 @@ struct LinuxGuestBench: ParsableCommand {
         let s = bridge.statistics
         return BridgeRun(report: report, vm2Verified: vm2.statistics.packetsVerified, misses: s.iotlbMissesSent, invalidates: s.iotlbInvalidates,
                          iotlbSeconds: s.peer.iotlbLatency.sum, revocationWaitSeconds: s.peer.revocationLatency.sum,
-                         revocations: s.peer.revocationLatency.count, vm2TranslationWaitSeconds: vm2.statistics.translationWaitSeconds)
+                         revocations: s.peer.revocationLatency.count, vm2TranslationWaitSeconds: vm2.statistics.translationWaitSeconds,
+                         missAnswerSeconds: s.peer.missAnswerLatency.sum)
     }
 
     /// Against DPDK's vhost back end (testpmd rxonly, iommu-support=1 under a vIOMMU).
@@ -119,6 +122,8 @@ struct LinuxGuestBench: ParsableCommand {
         var revocationsPerDatagram: Double
         /// µs per datagram VM2's data path stood still waiting for a translation.
         var vm2TranslationWaitMicrosecondsPerDatagram: Double
+        /// µs per datagram between the bridge's IOTLB miss and QEMU's update.
+        var qemuMissAnswerMicrosecondsPerDatagram: Double
         var dpdkMicrosecondsPerDatagram: Double
     }
 
@@ -146,6 +151,7 @@ struct LinuxGuestBench: ParsableCommand {
                             bridgeRevocationWaitMicrosecondsPerDatagram: b.report.sent > 0 ? b.revocationWaitSeconds * 1e6 / Double(b.report.sent) : 0,
                             revocationsPerDatagram: b.report.sent > 0 ? Double(b.revocations) / Double(b.report.sent) : 0,
                             vm2TranslationWaitMicrosecondsPerDatagram: b.report.sent > 0 ? b.vm2TranslationWaitSeconds * 1e6 / Double(b.report.sent) : 0,
+                            qemuMissAnswerMicrosecondsPerDatagram: b.report.sent > 0 ? b.missAnswerSeconds * 1e6 / Double(b.report.sent) : 0,
                             dpdkMicrosecondsPerDatagram: d.packetsPerSecond > 0 ? 1e6 / d.packetsPerSecond : 0))
         }
         if json {
@@ -160,13 +166,13 @@ struct LinuxGuestBench: ParsableCommand {
             print(String(format: "| %@ | %.0f | %.0f | %.2f× | %.2f | %d / %d | %d, %d |", r.iommu ? "intel-iommu, strict" : "none",
                          r.bridgePps, r.dpdkPps, r.ratio, r.bridgeMissesPerDatagram, r.vm2Verified, r.guestSent, r.bridgeDmarFaults, r.dpdkDmarFaults))
         }
-        print("\nWhere a datagram's time goes through the bridge: the bridge thread's own clock around each IOTLB message (receipt to reply, the daemon's `iotlb` latency histogram) and, inside it, the wait for VM2 to acknowledge a revocation (`revocation` histogram), per datagram the guest sent; and, on VM2's side, how long its data path stood still waiting for a translation it asked for (TRANSLATE sent → TRANSLATE_REPLY read: the peer thread, the bridge thread, the IOTLB miss to QEMU and QEMU's update, and back).\n")
-        print("| vIOMMU | µs per datagram, bridge | of which handling IOTLB messages | of which waiting for VM2's ack | revocations per datagram | VM2 waiting for translations | µs per datagram, DPDK |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("\nWhere a datagram's time goes through the bridge: the bridge thread's own clock around each IOTLB message (receipt to reply, the daemon's `iotlb` latency histogram) and, inside it, the wait for VM2 to acknowledge a revocation (`revocation` histogram), per datagram the guest sent; and, on VM2's side, how long its data path stood still waiting for a translation it asked for (TRANSLATE sent → TRANSLATE_REPLY read: the peer thread, the bridge thread, the IOTLB miss to QEMU and QEMU's update, and back), and of that the part QEMU took to answer the miss (the bridge's miss sent → the next IOTLB update received).\n")
+        print("| vIOMMU | µs per datagram, bridge | of which handling IOTLB messages | of which waiting for VM2's ack | revocations per datagram | VM2 waiting for translations | of which QEMU answering the miss | µs per datagram, DPDK |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows {
-            print(String(format: "| %@ | %.1f | %.1f | %.1f | %.2f | %.1f | %.1f |", r.iommu ? "intel-iommu, strict" : "none", r.bridgeMicrosecondsPerDatagram,
+            print(String(format: "| %@ | %.1f | %.1f | %.1f | %.2f | %.1f | %.1f | %.1f |", r.iommu ? "intel-iommu, strict" : "none", r.bridgeMicrosecondsPerDatagram,
                          r.bridgeIOTLBMicrosecondsPerDatagram, r.bridgeRevocationWaitMicrosecondsPerDatagram, r.revocationsPerDatagram,
-                         r.vm2TranslationWaitMicrosecondsPerDatagram, r.dpdkMicrosecondsPerDatagram))
+                         r.vm2TranslationWaitMicrosecondsPerDatagram, r.qemuMissAnswerMicrosecondsPerDatagram, r.dpdkMicrosecondsPerDatagram))
         }
     }
 }

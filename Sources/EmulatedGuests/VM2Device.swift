@@ -145,9 +145,11 @@ extension VM2DeviceThread {
         return delivered
     }
 
-    /// Generated frames (`generateFrames`), a burst per receive queue, each
-    /// queue published once: returns whether any was delivered (nil: no
-    /// receive queue runs yet).
+    /// Generated frames (`generateFrames`): up to four bursts (256 frames)
+    /// per receive queue per call, each queue published once (measured with
+    /// testpmd rxonly, 64 B, one queue pair: 10.8 Mpps with one burst per
+    /// call, 17.7–21.5 with four). Returns whether any was delivered (nil:
+    /// no receive queue runs yet).
     private func deliverGenerated() -> Bool? {
         var pairs = 0
         while device.queue(pairs * 2) != nil { pairs += 1 }
@@ -159,7 +161,7 @@ extension VM2DeviceThread {
         var calls: [Int] = []
         for pair in 0..<pairs where stopReason == nil {
             let rx = pair * 2
-            let want = min(device.burst, configuration.generateFrames - generated)
+            let want = min(4 * device.burst, configuration.generateFrames - generated)
             guard want > 0 else { break }
             guard let (n, stop, call) = generatorTemplate.withUnsafeBytes({ device.deliver($0, times: want, to: rx) }) else { break }
             if call { calls.append(rx) }

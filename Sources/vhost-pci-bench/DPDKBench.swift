@@ -18,11 +18,14 @@ struct DPDKBench: ParsableCommand {
         case transmit
         /// VM2 writes frames into VM1's receive buffers, VM1 (testpmd) receives.
         case receive
-        case both
+        /// Both at once: testpmd in flowgen (sends, and receives what comes).
+        case bidirectional
+        /// Each of the three in turn.
+        case all
     }
 
-    @Option(help: "transmit (VM1 → VM2), receive (VM2 → VM1) or both.")
-    var direction: Direction = .both
+    @Option(help: "transmit (VM1 → VM2), receive (VM2 → VM1), bidirectional (both at once) or all.")
+    var direction: Direction = .all
 
     @Option(help: "Seconds per measurement.")
     var seconds: Double = 5
@@ -129,6 +132,39 @@ struct DPDKBench: ParsableCommand {
                          vm2Implausible: 0, refused: s.descriptorsRefused, kicks: s.kicksReceived)
     }
 
+    /// Both ways at once through the bridge: testpmd in flowgen (sends, and
+    /// receives and drops what comes) while VM2 counts what it receives and
+    /// generates into testpmd's receive buffers; Mpps is both directions
+    /// together, as VM2 counted them.
+    func bothWaysThroughBridge(size: Int, queues: Int) throws -> BridgeRun {
+        let dir = "/tmp/vpb-bench-bidi-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (bridge, server) = try startBridge("bench-bidi", dir: dir, queues: queues)
+        defer { bridge.stop(); server.join() }
+        var config = VM2Configuration()
+        config.dataPath = .count
+        config.echo = false
+        config.pollFor = .milliseconds(pollMs)
+        config.generateFrames = Int.max
+        config.frameSize = size
+        let vm2 = try EmulatedVM2(peerSocketPath: "\(dir)/vm2.sock", configuration: config)
+        defer { vm2.stop() }
+        let (p, stdin) = try launchChild(Self.testpmd, frontEnd("\(dir)/vm1.sock", size: size, name: "bench-bidi", server: false, mode: "flowgen", queues: queues), log: "\(dir)/bidi.log")
+        for _ in 0..<300 where vm2.statistics.packetsSent == 0 || vm2.statistics.packetsReceived == 0 { usleep(10_000) }
+        let clock = ContinuousClock()
+        let before = vm2.statistics
+        let start = clock.now
+        usleep(UInt32(seconds * 1_000_000))
+        let after = vm2.statistics
+        let n = (after.packetsSent - before.packetsSent) + (after.packetsReceived - before.packetsReceived)
+        let mpps = Double(n) / (start.duration(to: clock.now) / .seconds(1)) / 1e6
+        finishChild(p, stdin)
+        let s = vm2.statistics
+        return BridgeRun(mpps: mpps, testpmdSent: counter("\(dir)/bidi.log", "TX-packets") ?? -1, vm2Received: s.packetsReceived,
+                         vm2Implausible: s.framesInvalid, refused: s.descriptorsRefused, kicks: s.kicksReceived)
+    }
+
     struct BridgeRun: Codable {
         var mpps: Double
         var testpmdSent: Int
@@ -141,16 +177,16 @@ struct DPDKBench: ParsableCommand {
     /// The testpmd pair on DPDK's vhost back end; Mpps counted by the
     /// receiver. Transmit: txonly on virtio-user → rxonly on the back end;
     /// `receive`: txonly on the back end → rxonly on virtio-user.
-    func pair(size: Int, queues: Int, receive: Bool = false) throws -> Double {
+    func pair(size: Int, queues: Int, receive: Bool = false, bothWays: Bool = false) throws -> Double {
         let dir = "/tmp/vpb-bench-pair-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let sock = "\(dir)/pair.sock"
         let (server, serverIn) = try launchChild(Self.testpmd, frontEnd(sock, size: size, name: "bench-pserver", server: true,
-                                                                         mode: receive ? "txonly" : "rxonly", queues: queues), log: "\(dir)/server.log")
+                                                                         mode: bothWays ? "flowgen" : receive ? "txonly" : "rxonly", queues: queues), log: "\(dir)/server.log")
         for _ in 0..<300 where !FileManager.default.fileExists(atPath: sock) { usleep(10_000) }
         let (client, clientIn) = try launchChild(Self.testpmd, frontEnd(sock, size: size, name: "bench-pclient", server: false,
-                                                                         mode: receive ? "rxonly" : "txonly", queues: queues), log: "\(dir)/client.log")
+                                                                         mode: bothWays ? "flowgen" : receive ? "rxonly" : "txonly", queues: queues), log: "\(dir)/client.log")
         let (receiver, receiverIn, log) = receive ? (client, clientIn, "client") : (server, serverIn, "server")
         let (sender, senderIn) = receive ? (server, serverIn) : (client, clientIn)
         let clock = ContinuousClock()
@@ -162,6 +198,10 @@ struct DPDKBench: ParsableCommand {
         // The receiver's own per-second rate once it runs (`--stats-period`):
         // the window above also holds testpmd's start-up, which the bridge's
         // runs do not count (they time from the first frame).
+        if bothWays {
+            // Each side's receive rate: what the other sent and it took.
+            return ((steadyRate("\(dir)/server.log") ?? 0) + (steadyRate("\(dir)/client.log") ?? 0)) / 1e6
+        }
         if let steady = steadyRate("\(dir)/\(log).log") { return steady / 1e6 }
         let n = counter("\(dir)/\(log).log", "RX-packets") ?? 0
         return Double(n) / elapsed / 1e6
@@ -195,7 +235,7 @@ struct DPDKBench: ParsableCommand {
         var rows: [Row] = []
         for q in queues.split(separator: ",").compactMap({ Int($0) }) {
             for size in sizes.split(separator: ",").compactMap({ Int($0) }) {
-                if direction != .receive {
+                if direction == .transmit || direction == .all {
                     FileHandle.standardError.write(Data("dpdk: transmit, \(size) B, \(q) queue pair(s), through the bridge…\n".utf8))
                     let b = try throughBridge(size: size, queues: q)
                     FileHandle.standardError.write(Data("dpdk: transmit, \(size) B, \(q) queue pair(s), testpmd pair…\n".utf8))
@@ -210,7 +250,7 @@ struct DPDKBench: ParsableCommand {
                     rows.append(Row(direction: "transmit", size: size, queues: q, bridgeMpps: b.mpps, pairMpps: p, ratio: p > 0 ? b.mpps / p : 0,
                                     testpmdSent: b.testpmdSent, vm2Received: b.vm2Received, vm2Implausible: b.vm2Implausible, refused: b.refused, kicks: b.kicks))
                 }
-                if direction != .transmit {
+                if direction == .receive || direction == .all {
                     FileHandle.standardError.write(Data("dpdk: receive, \(size) B, \(q) queue pair(s), through the bridge…\n".utf8))
                     let b = try receiveThroughBridge(size: size, queues: q)
                     FileHandle.standardError.write(Data("dpdk: receive, \(size) B, \(q) queue pair(s), testpmd pair…\n".utf8))
@@ -223,6 +263,17 @@ struct DPDKBench: ParsableCommand {
                     rows.append(Row(direction: "receive", size: size, queues: q, bridgeMpps: b.mpps, pairMpps: p, ratio: p > 0 ? b.mpps / p : 0,
                                     testpmdSent: b.testpmdSent, vm2Received: b.vm2Received, vm2Implausible: 0, refused: b.refused, kicks: b.kicks))
                 }
+                if direction == .bidirectional || direction == .all {
+                    FileHandle.standardError.write(Data("dpdk: both ways, \(size) B, \(q) queue pair(s), through the bridge…\n".utf8))
+                    let b = try bothWaysThroughBridge(size: size, queues: q)
+                    FileHandle.standardError.write(Data("dpdk: both ways, \(size) B, \(q) queue pair(s), testpmd pair…\n".utf8))
+                    let p = try pair(size: size, queues: q, bothWays: true)
+                    guard b.vm2Implausible == 0, b.refused == 0 else {
+                        throw ValidationError("both ways, \(size) B, \(q) queue pair(s): \(b.vm2Implausible) frames not Ethernet, \(b.refused) refused")
+                    }
+                    rows.append(Row(direction: "both ways", size: size, queues: q, bridgeMpps: b.mpps, pairMpps: p, ratio: p > 0 ? b.mpps / p : 0,
+                                    testpmdSent: b.testpmdSent, vm2Received: b.vm2Received, vm2Implausible: b.vm2Implausible, refused: b.refused, kicks: b.kicks))
+                }
             }
         }
         if json {
@@ -232,6 +283,7 @@ struct DPDKBench: ParsableCommand {
         print("### DPDK (`vhost-pci-bench dpdk`, \(seconds) s per run)\n")
         print("**Transmit** (VM1 → VM2): testpmd txonly (virtio-user) → vhost-pci-bridged (identity) → VM2 on the `DeviceEngine` (count mode: every frame's Ethernet header read in place, polling \(pollMs) ms before sleeping on kicks), versus testpmd txonly → testpmd rxonly (DPDK's own vhost back end, which copies every frame into an mbuf) on the same machine. \"testpmd sent\" and \"VM2 received\" are whole-run totals. testpmd counts a frame as sent when it puts it on its TX ring, so the frames still on the ring when it quits (at most \(Self.virtioUserRingSize) per queue pair) are counted but never handed over; the run fails if more are missing, or if VM2 found a frame that is not Ethernet or refused a descriptor. \"kicks\" is how many times testpmd kicked over the run: VM2 tells it not to while it polls.\n")
         print("**Receive** (VM2 → VM1): VM2 writes Ethernet frames straight into testpmd's receive buffers (rxonly, virtio-user, MRG_RXBUF negotiated) through the bridge, round-robin over the receive queues, versus DPDK's vhost back end in txonly feeding the same testpmd rxonly. Through the bridge the rate is what VM2 delivered (published in used rings) over the timed window; the run fails unless testpmd received no more than VM2 delivered.\n")
+        print("**Both ways** at once: testpmd in flowgen (it sends, and receives and drops what comes) through the bridge while VM2 counts what it receives and fills testpmd's receive buffers, versus two testpmds in flowgen on DPDK's vhost back end. Mpps is both directions together (as VM2 counted them; for the pair, the sum of both testpmds' receive rates); the testpmd and VM2 columns are testpmd's sent and VM2's received.\n")
         print("| direction | frame | queue pairs | through the bridge, Mpps | testpmd pair, Mpps | bridge / pair | testpmd sent (tx) / received (rx) | VM2 received (tx) / delivered (rx) | not Ethernet | refused | kicks |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows {

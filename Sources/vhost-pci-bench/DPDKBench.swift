@@ -111,13 +111,7 @@ struct DPDKBench: ParsableCommand {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let (bridge, server) = try startBridge("bench-rx", dir: dir, queues: queues)
         defer { bridge.stop(); server.join() }
-        var config = VM2Configuration()
-        config.dataPath = .count
-        config.echo = false
-        config.pollFor = .milliseconds(pollMs)
-        config.generateFrames = Int.max
-        config.frameSize = size
-        let vm2 = try EmulatedVM2(peerSocketPath: "\(dir)/vm2.sock", configuration: config)
+        let vm2 = try generatingVM2(dir: dir, size: size)
         defer { vm2.stop() }
         let (p, stdin) = try launchChild(Self.testpmd, frontEnd("\(dir)/vm1.sock", size: size, name: "bench-rx", server: false, mode: "rxonly", queues: queues), log: "\(dir)/rx.log")
         for _ in 0..<300 where vm2.statistics.packetsSent == 0 { usleep(10_000) }
@@ -142,13 +136,7 @@ struct DPDKBench: ParsableCommand {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let (bridge, server) = try startBridge("bench-bidi", dir: dir, queues: queues)
         defer { bridge.stop(); server.join() }
-        var config = VM2Configuration()
-        config.dataPath = .count
-        config.echo = false
-        config.pollFor = .milliseconds(pollMs)
-        config.generateFrames = Int.max
-        config.frameSize = size
-        let vm2 = try EmulatedVM2(peerSocketPath: "\(dir)/vm2.sock", configuration: config)
+        let vm2 = try generatingVM2(dir: dir, size: size)
         defer { vm2.stop() }
         let (p, stdin) = try launchChild(Self.testpmd, frontEnd("\(dir)/vm1.sock", size: size, name: "bench-bidi", server: false, mode: "flowgen", queues: queues), log: "\(dir)/bidi.log")
         for _ in 0..<300 where vm2.statistics.packetsSent == 0 || vm2.statistics.packetsReceived == 0 { usleep(10_000) }
@@ -163,6 +151,18 @@ struct DPDKBench: ParsableCommand {
         let s = vm2.statistics
         return BridgeRun(mpps: mpps, testpmdSent: counter("\(dir)/bidi.log", "TX-packets") ?? -1, vm2Received: s.packetsReceived,
                          vm2Implausible: s.framesInvalid, refused: s.descriptorsRefused, kicks: s.kicksReceived)
+    }
+
+    /// VM2 counting what it receives and generating `size`-byte frames into
+    /// every receive buffer VM1 offers.
+    func generatingVM2(dir: String, size: Int) throws -> EmulatedVM2 {
+        var config = VM2Configuration()
+        config.dataPath = .count
+        config.echo = false
+        config.pollFor = .milliseconds(pollMs)
+        config.generateFrames = Int.max
+        config.frameSize = size
+        return try EmulatedVM2(peerSocketPath: "\(dir)/vm2.sock", configuration: config)
     }
 
     struct BridgeRun: Codable {

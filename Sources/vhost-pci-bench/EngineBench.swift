@@ -40,13 +40,8 @@ struct EngineBench: ParsableCommand {
         default: throw ValidationError("--mode is count, forward or receive")
         }
         let n = Self.ringSize
-        let memfd = try Memfd(name: "engine-bench", size: Self.barSize)
-        let window = try BARWindow(size: Self.barSize)
-        var device = NetDevice()
-        device.memory.attach(window)
-        try device.memory.map(bus: 0, length: Self.barSize, permission: .readWrite, fd: memfd.fd.rawValue, fdOffset: 0)
-        device.start(features: NetDevice.served.rawValue)
-        device.setQueue(0, ring: Self.rxRing, start: 0)
+        let (memfd, window) = try Self.bar()
+        var device = try Self.device(window, memfd)
         device.setQueue(1, ring: Self.txRing, start: 0)
         // Descriptors once: TX i → a frame of `size` (+ header), RX i → 2 KiB writable.
         var frame = [UInt8](repeating: 0, count: VirtioNetHeader.size) + [UInt8](repeating: 0xff, count: 12) + [0x08, 0x00]
@@ -94,13 +89,8 @@ struct EngineBench: ParsableCommand {
     /// (`NetDevice.deliver(_:times:to:)`, what the generator does).
     func receive() throws {
         let n = Self.ringSize
-        let memfd = try Memfd(name: "engine-bench", size: Self.barSize)
-        let window = try BARWindow(size: Self.barSize)
-        var device = NetDevice()
-        device.memory.attach(window)
-        try device.memory.map(bus: 0, length: Self.barSize, permission: .readWrite, fd: memfd.fd.rawValue, fdOffset: 0)
-        device.start(features: NetDevice.served.rawValue)
-        device.setQueue(0, ring: Self.rxRing, start: 0)
+        let (memfd, window) = try Self.bar()
+        var device = try Self.device(window, memfd)
         for i in 0..<n {
             Self.descriptor(window, Self.rxRing.descriptor(i), address: Self.rxBuffers + UInt64(i) * 2048, length: 2048, flags: .write)
         }
@@ -127,6 +117,22 @@ struct EngineBench: ParsableCommand {
         let seconds = start.duration(to: clock.now) / .seconds(1)
         guard delivered == rounds * Int(n) else { throw ValidationError("delivered \(delivered) of \(rounds * Int(n))") }
         print("engine receive: \(delivered) frames of \(size) B in \(calls) bursts, \(String(format: "%.1f", Double(delivered) / seconds / 1e6)) Mpps")
+    }
+
+    /// A BAR over one memfd, all of it granted.
+    static func bar() throws -> (Memfd, BARWindow) {
+        (try Memfd(name: "engine-bench", size: barSize), try BARWindow(size: barSize))
+    }
+
+    /// A started device over `window` (`memfd` granted read/write), its
+    /// receive queue 0 set up.
+    static func device(_ window: BARWindow, _ memfd: Memfd) throws -> NetDevice {
+        var device = NetDevice()
+        device.memory.attach(window)
+        try device.memory.map(bus: 0, length: barSize, permission: .readWrite, fd: memfd.fd.rawValue, fdOffset: 0)
+        device.start(features: NetDevice.served.rawValue)
+        device.setQueue(0, ring: rxRing, start: 0)
+        return device
     }
 
     static func descriptor(_ w: BARWindow, _ at: UInt64, address: UInt64, length: UInt32, flags: VirtqDescriptorFlags) {

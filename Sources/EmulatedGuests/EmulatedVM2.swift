@@ -35,6 +35,9 @@ public struct VM2Configuration: Sendable {
     /// buffers (to a real front end in rxonly mode), as RX buffers appear.
     public var generateFrames = 0
     public var frameSize = 64
+    /// The frame generated (virtio-net header first) instead of a broadcast
+    /// one of `frameSize` bytes: e.g. a datagram addressed to a real guest.
+    public var generatedFrame: [UInt8]?
     /// Answer VRING_STOP with VRING_STOPPED and the index reached (peer
     /// feature `vringStopAck`); off, VM2 behaves like a version-1 peer.
     public var acknowledgesRingStops = true

@@ -154,7 +154,9 @@ extension VM2DeviceThread {
         var pairs = 0
         while device.queue(pairs * 2) != nil { pairs += 1 }
         guard pairs > 0 else { return nil }
-        if generatorTemplate.count != configuration.frameSize + VirtioNetHeader.size {
+        if let custom = configuration.generatedFrame {
+            if generatorTemplate.isEmpty { generatorTemplate = custom }
+        } else if generatorTemplate.count != configuration.frameSize + VirtioNetHeader.size {
             generatorTemplate = Self.frame(number: 0, size: configuration.frameSize)
         }
         var delivered = false

@@ -10,8 +10,11 @@ import VhostUser
 struct LinuxGuestBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "linux-guest",
-        abstract: "A Linux guest (QEMU TCG) sending UDP through the bridge to VM2, versus the same guest and QEMU line against DPDK's vhost back end (testpmd rxonly), with and without intel-iommu strict (needs QEMU, dpdk-testpmd and make interop-deps)."
+        abstract: "A Linux guest (QEMU TCG) sending UDP through the bridge to VM2, and receiving what VM2 sends it, versus the same guest and QEMU line against DPDK's vhost back end (testpmd rxonly / txonly), with and without intel-iommu strict (needs QEMU, dpdk-testpmd and make interop-deps)."
     )
+
+    @Option(help: "send (the guest sends, VM2 receives), receive (VM2 sends, the guest receives) or both.")
+    var direction: String = "both"
 
     @Option(help: "Seconds the guest sends per run.")
     var seconds: Double = 5
@@ -38,8 +41,9 @@ struct LinuxGuestBench: ParsableCommand {
     static let testpmd = "/usr/bin/dpdk-testpmd"
 
     /// Runs QEMU with the guest until it reports; returns the report.
-    func runGuest(socket: String, iommu: Bool, log: String) throws -> LinuxGuest.Report {
-        let (p, _) = try launchChild(Self.qemu, LinuxGuest.qemuArguments(socket: socket, iommu: iommu, count: 0, size: size, seconds: seconds),
+    func runGuest(socket: String, iommu: Bool, log: String, receive: Bool = false) throws -> LinuxGuest.Report {
+        let (p, _) = try launchChild(Self.qemu, LinuxGuest.qemuArguments(socket: socket, iommu: iommu, count: 0, size: size, seconds: seconds,
+                                                                         receive: receive),
                                      log: log)
         defer { if p.isRunning { p.terminate() }; p.waitUntilExit() }
         let deadline = ContinuousClock.now.advanced(by: .seconds(seconds + 120))
@@ -103,6 +107,65 @@ struct LinuxGuestBench: ParsableCommand {
         return try runGuest(socket: sock, iommu: iommu, log: "\(dir)/dpdk-qemu.log")
     }
 
+    /// VM2 sends the guest datagrams in its own format, as fast as the
+    /// guest offers receive buffers; the guest counts and checks them.
+    func receiveThroughBridge(iommu: Bool, dir: String) throws -> (report: LinuxGuest.Report, translationWaitSeconds: Double, missAnswerSeconds: Double) {
+        var logger = Logger(label: "bench")
+        logger.logLevel = .critical
+        var settings = BridgeSettings(name: "lg-rx", socketPath: "\(dir)/vm1.sock", peerSocketPath: "\(dir)/vm2.sock",
+                                      backend: BackendConfiguration(bridgeName: "lg-rx",
+                                                                    addressSpace: AddressSpaceConfiguration(barSize: 64 << 30, mode: iommu ? .iommu : .identity)),
+                                      revocationDeadlineMilliseconds: 2000)
+        settings.revocationSpinMicroseconds = max(0, revocationSpinUs)
+        let bridge = try Bridge(settings, logger: logger)
+        let server = try JoinableThread(name: "bench-bridge") { bridge.serve() }
+        defer { bridge.stop(); server.join() }
+        var config = VM2Configuration()
+        config.echo = false
+        config.dataPath = .count
+        config.pollFor = .milliseconds(pollMs)
+        config.sharedRevocations = !socketOnly
+        config.generateFrames = Int.max
+        config.generatedFrame = LinuxGuest.datagramFrame(size: size)
+        let vm2 = try EmulatedVM2(peerSocketPath: "\(dir)/vm2.sock", configuration: config)
+        defer { vm2.stop() }
+        let report = try runGuest(socket: "\(dir)/vm1.sock", iommu: iommu, log: "\(dir)/bridge-rx-qemu.log", receive: true)
+        return (report, vm2.statistics.translationWaitSeconds, bridge.statistics.peer.missAnswerLatency.sum)
+    }
+
+    /// DPDK's vhost back end in txonly, its frames addressed to the guest's
+    /// port (same size), against the same guest.
+    func receiveThroughDPDK(iommu: Bool, dir: String) throws -> LinuxGuest.Report {
+        let sock = "\(dir)/dpdk-rx.sock"
+        let (p, stdin) = try launchChild(Self.testpmd, [
+            "-l", "0,1", "--main-lcore", "1", "--no-huge", "-m", "256", "--no-pci", "--file-prefix=lg-bench-rx",
+            "--vdev=net_vhost0,iface=\(sock),queues=1\(iommu ? ",iommu-support=1" : "")",
+            "--", "--total-num-mbufs=16384", "--forward-mode=txonly", "--txpkts=\(14 + 20 + 8 + size)",
+            "--eth-peer=0,\(LinuxGuest.guestMAC)", "--tx-ip=10.0.0.2,10.0.0.1", "--tx-udp=\(LinuxGuest.port),\(LinuxGuest.port)", "--auto-start",
+        ], log: "\(dir)/testpmd-rx.log")
+        defer { finishChild(p, stdin) }
+        for _ in 0..<500 where !FileManager.default.fileExists(atPath: sock) { usleep(10_000) }
+        return try runGuest(socket: sock, iommu: iommu, log: "\(dir)/dpdk-rx-qemu.log", receive: true)
+    }
+
+    struct ReceiveRow: Codable {
+        var iommu: Bool
+        var bridgePps: Double
+        var dpdkPps: Double
+        var ratio: Double
+        var bridgeReceived: Int
+        var bridgeValid: Int
+        var bridgeCorrupt: Int
+        var dpdkReceived: Int
+        var bridgeDmarFaults: Int
+        var dpdkDmarFaults: Int
+        /// µs per datagram received: VM2's data path waiting for
+        /// translations of the guest's receive buffers, and of that QEMU
+        /// answering the bridge's IOTLB misses.
+        var vm2TranslationWaitMicrosecondsPerDatagram: Double
+        var qemuMissAnswerMicrosecondsPerDatagram: Double
+    }
+
     struct Row: Codable {
         var iommu: Bool
         var bridgePps: Double
@@ -135,8 +198,25 @@ struct LinuxGuestBench: ParsableCommand {
         let dir = "/tmp/vpb-lg-bench-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
+        guard ["send", "receive", "both"].contains(direction) else { throw ValidationError("--direction is send, receive or both") }
         var rows: [Row] = []
-        for iommu in (viommu == "none" ? [false] : viommu == "strict" ? [true] : [false, true]) {
+        var receiveRows: [ReceiveRow] = []
+        for iommu in (viommu == "none" ? [false] : viommu == "strict" ? [true] : [false, true]) where direction != "send" {
+            FileHandle.standardError.write(Data("linux-guest: receive, \(iommu ? "intel-iommu strict" : "no vIOMMU"), through the bridge…\n".utf8))
+            let (b, translationWait, missAnswer) = try receiveThroughBridge(iommu: iommu, dir: dir)
+            FileHandle.standardError.write(Data("linux-guest: receive, \(iommu ? "intel-iommu strict" : "no vIOMMU"), DPDK's vhost back end…\n".utf8))
+            let d = try receiveThroughDPDK(iommu: iommu, dir: dir)
+            guard b.corrupt == 0, b.received > 0, d.received > 0 else {
+                throw ValidationError("receive, \(iommu ? "strict" : "no vIOMMU"): the guest received \(b.received) from VM2 (\(b.corrupt) corrupt) and \(d.received) from DPDK")
+            }
+            receiveRows.append(ReceiveRow(iommu: iommu, bridgePps: b.receivedPerSecond, dpdkPps: d.receivedPerSecond,
+                                          ratio: d.receivedPerSecond > 0 ? b.receivedPerSecond / d.receivedPerSecond : 0,
+                                          bridgeReceived: b.received, bridgeValid: b.valid, bridgeCorrupt: b.corrupt, dpdkReceived: d.received,
+                                          bridgeDmarFaults: b.dmarFaults, dpdkDmarFaults: d.dmarFaults,
+                                          vm2TranslationWaitMicrosecondsPerDatagram: b.received > 0 ? translationWait * 1e6 / Double(b.received) : 0,
+                                          qemuMissAnswerMicrosecondsPerDatagram: b.received > 0 ? missAnswer * 1e6 / Double(b.received) : 0))
+        }
+        for iommu in (viommu == "none" ? [false] : viommu == "strict" ? [true] : [false, true]) where direction != "receive" {
             FileHandle.standardError.write(Data("linux-guest: \(iommu ? "intel-iommu strict" : "no vIOMMU"), through the bridge…\n".utf8))
             let b = try throughBridge(iommu: iommu, dir: dir)
             FileHandle.standardError.write(Data("linux-guest: \(iommu ? "intel-iommu strict" : "no vIOMMU"), DPDK's vhost back end…\n".utf8))
@@ -155,9 +235,23 @@ struct LinuxGuestBench: ParsableCommand {
                             dpdkMicrosecondsPerDatagram: d.packetsPerSecond > 0 ? 1e6 / d.packetsPerSecond : 0))
         }
         if json {
-            try printJSON(["linuxGuest": rows])
+            struct Output: Codable { var linuxGuest: [Row]; var linuxGuestReceive: [ReceiveRow] }
+            try printJSON(Output(linuxGuest: rows, linuxGuestReceive: receiveRows))
             return
         }
+        if !receiveRows.isEmpty {
+            print("### Linux guest receiving (`vhost-pci-bench linux-guest`, \(seconds) s per run, \(size)-byte UDP payloads)\n")
+            print("The same guest counts the UDP datagrams that arrive on its port for \(seconds) s from the first: from VM2 (the `DeviceEngine` writing a datagram in the guest's own format into every receive buffer the guest offers, as fast as it offers them; the guest checks every byte) versus from DPDK's vhost back end (testpmd txonly, its frames addressed to the guest). Under strict mode the guest maps every receive buffer and unmaps it once used: each costs VM2 a translation and an invalidate. Datagrams/s as the guest measured them.\n")
+            print("| vIOMMU | from VM2 through the bridge, datagrams/s | from DPDK's back end, datagrams/s | bridge / DPDK | received from VM2 (valid, corrupt) | received from DPDK | DMAR faults (bridge, DPDK) | µs per datagram VM2 waited for translations | of which QEMU answering the miss |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for r in receiveRows {
+                print(String(format: "| %@ | %.0f | %.0f | %.2f× | %d (%d, %d) | %d | %d, %d | %.1f | %.1f |", r.iommu ? "intel-iommu, strict" : "none",
+                             r.bridgePps, r.dpdkPps, r.ratio, r.bridgeReceived, r.bridgeValid, r.bridgeCorrupt, r.dpdkReceived,
+                             r.bridgeDmarFaults, r.dpdkDmarFaults, r.vm2TranslationWaitMicrosecondsPerDatagram, r.qemuMissAnswerMicrosecondsPerDatagram))
+            }
+            if !rows.isEmpty { print("") }
+        }
+        guard !rows.isEmpty else { return }
         print("### Linux guest (`vhost-pci-bench linux-guest`, \(seconds) s per run, \(size)-byte UDP payloads)\n")
         print("Debian's cloud kernel under QEMU TCG (same QEMU line for both back ends) sends UDP as fast as it can: through the bridge to VM2 on the `DeviceEngine` (checking every byte of every datagram in place), versus DPDK's vhost back end (testpmd rxonly, `iommu-support=1` under the vIOMMU). Guest datagrams/s as the guest measured them. Strict mode unmaps every buffer after use: each datagram costs an IOTLB miss and an invalidate, and the bridge revokes each one synchronously through VM2.\n")
         print("| vIOMMU | through the bridge, datagrams/s | DPDK back end, datagrams/s | bridge / DPDK | IOTLB misses per datagram (bridge) | VM2 verified / guest sent | DMAR faults (bridge, DPDK) |")

@@ -9,7 +9,7 @@ out=${1:-$here/../../.build/linux-guest}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 if [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.cpio.gz" ] && [ "$out/initrd.cpio.gz" -nt "$here/init" ] \
-   && [ "$out/initrd.cpio.gz" -nt "$here/udp-sender.c" ]; then
+   && [ "$out/initrd.cpio.gz" -nt "$here/udp-sender.c" ] && [ "$out/initrd.cpio.gz" -nt "$here/udp-receiver.c" ]; then
   echo "linux guest: up to date in $out"; exit 0
 fi
 work=$(mktemp -d)
@@ -28,6 +28,7 @@ for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_p
   case "$f" in *.xz) xz -dc "$f" > "rootfs/modules/$m.ko" ;; *) cp "$f" "rootfs/modules/$m.ko" ;; esac
 done
 gcc -O2 -static -o rootfs/udp-sender "$here/udp-sender.c"
+gcc -O2 -static -o rootfs/udp-receiver "$here/udp-receiver.c"
 cp "$here/init" rootfs/init
 chmod +x rootfs/init
 (cd rootfs && find . | ../pkg/bin/busybox cpio -o -H newc 2>/dev/null | gzip -9) > "$out/initrd.cpio.gz"

@@ -68,52 +68,25 @@ struct LinuxGuestBench: ParsableCommand {
 
     /// Through the bridge to VM2 on the engine (verifying every datagram, polling).
     func throughBridge(iommu: Bool, dir: String) throws -> BridgeRun {
-        var logger = Logger(label: "bench")
-        logger.logLevel = .critical
-        let mode: BridgeMode = iommu ? .iommu : .identity
-        var settings = BridgeSettings(name: "lg", socketPath: "\(dir)/vm1.sock", peerSocketPath: "\(dir)/vm2.sock",
-                                      backend: BackendConfiguration(bridgeName: "lg",
-                                                                    addressSpace: AddressSpaceConfiguration(barSize: 64 << 30, mode: mode)),
-                                      revocationDeadlineMilliseconds: 2000)
-        settings.revocationSpinMicroseconds = max(0, revocationSpinUs)
-        let bridge = try Bridge(settings, logger: logger)
-        let server = try JoinableThread(name: "bench-bridge") { bridge.serve() }
-        defer { bridge.stop(); server.join() }
-        var config = VM2Configuration()
-        config.echo = false
-        config.pollFor = .milliseconds(pollMs)
-        config.sharedRevocations = !socketOnly
-        let vm2 = try EmulatedVM2(peerSocketPath: "\(dir)/vm2.sock", configuration: config)
-        defer { vm2.stop() }
-        let report = try runGuest(socket: "\(dir)/vm1.sock", iommu: iommu, log: "\(dir)/bridge-qemu.log")
-        usleep(100_000)
-        let s = bridge.statistics
-        return BridgeRun(report: report, vm2Verified: vm2.statistics.packetsVerified, misses: s.iotlbMissesSent, invalidates: s.iotlbInvalidates,
-                         iotlbSeconds: s.peer.iotlbLatency.sum, revocationWaitSeconds: s.peer.revocationLatency.sum,
-                         revocations: s.peer.revocationLatency.count, vm2TranslationWaitSeconds: vm2.statistics.translationWaitSeconds,
-                         missAnswerSeconds: s.peer.missAnswerLatency.sum)
+        try withBridgeAndVM2(iommu: iommu, dir: dir, name: "lg", vm2: { _ in }) { bridge, vm2 in
+            let report = try runGuest(socket: "\(dir)/vm1.sock", iommu: iommu, log: "\(dir)/bridge-qemu.log")
+            usleep(100_000)
+            let s = bridge.statistics
+            return BridgeRun(report: report, vm2Verified: vm2.statistics.packetsVerified, misses: s.iotlbMissesSent, invalidates: s.iotlbInvalidates,
+                             iotlbSeconds: s.peer.iotlbLatency.sum, revocationWaitSeconds: s.peer.revocationLatency.sum,
+                             revocations: s.peer.revocationLatency.count, vm2TranslationWaitSeconds: vm2.statistics.translationWaitSeconds,
+                             missAnswerSeconds: s.peer.missAnswerLatency.sum)
+        }
     }
 
-    /// Against DPDK's vhost back end (testpmd rxonly, iommu-support=1 under a vIOMMU).
-    func throughDPDK(iommu: Bool, dir: String) throws -> LinuxGuest.Report {
-        let sock = "\(dir)/dpdk.sock"
-        let (p, stdin) = try launchChild(Self.testpmd, [
-            "-l", "0,1", "--main-lcore", "1", "--no-huge", "-m", "256", "--no-pci", "--file-prefix=lg-bench",
-            "--vdev=net_vhost0,iface=\(sock),queues=1\(iommu ? ",iommu-support=1" : "")",
-            "--", "--total-num-mbufs=16384", "--forward-mode=rxonly", "--auto-start",
-        ], log: "\(dir)/testpmd.log")
-        defer { finishChild(p, stdin) }
-        for _ in 0..<500 where !FileManager.default.fileExists(atPath: sock) { usleep(10_000) }
-        return try runGuest(socket: sock, iommu: iommu, log: "\(dir)/dpdk-qemu.log")
-    }
-
-    /// VM2 sends the guest datagrams in its own format, as fast as the
-    /// guest offers receive buffers; the guest counts and checks them.
-    func receiveThroughBridge(iommu: Bool, dir: String) throws -> (report: LinuxGuest.Report, translationWaitSeconds: Double, missAnswerSeconds: Double) {
+    /// A bridge (iommu or identity) with this run's settings and a VM2 on
+    /// the engine (`vm2` adjusts its configuration), for the time of `body`.
+    func withBridgeAndVM2<R>(iommu: Bool, dir: String, name: String, vm2 adjust: (inout VM2Configuration) -> Void,
+                             _ body: (Bridge, EmulatedVM2) throws -> R) throws -> R {
         var logger = Logger(label: "bench")
         logger.logLevel = .critical
-        var settings = BridgeSettings(name: "lg-rx", socketPath: "\(dir)/vm1.sock", peerSocketPath: "\(dir)/vm2.sock",
-                                      backend: BackendConfiguration(bridgeName: "lg-rx",
+        var settings = BridgeSettings(name: name, socketPath: "\(dir)/vm1.sock", peerSocketPath: "\(dir)/vm2.sock",
+                                      backend: BackendConfiguration(bridgeName: name,
                                                                     addressSpace: AddressSpaceConfiguration(barSize: 64 << 30, mode: iommu ? .iommu : .identity)),
                                       revocationDeadlineMilliseconds: 2000)
         settings.revocationSpinMicroseconds = max(0, revocationSpinUs)
@@ -122,30 +95,53 @@ struct LinuxGuestBench: ParsableCommand {
         defer { bridge.stop(); server.join() }
         var config = VM2Configuration()
         config.echo = false
-        config.dataPath = .count
         config.pollFor = .milliseconds(pollMs)
         config.sharedRevocations = !socketOnly
-        config.generateFrames = Int.max
-        config.generatedFrame = LinuxGuest.datagramFrame(size: size)
+        adjust(&config)
         let vm2 = try EmulatedVM2(peerSocketPath: "\(dir)/vm2.sock", configuration: config)
         defer { vm2.stop() }
-        let report = try runGuest(socket: "\(dir)/vm1.sock", iommu: iommu, log: "\(dir)/bridge-rx-qemu.log", receive: true)
-        return (report, vm2.statistics.translationWaitSeconds, bridge.statistics.peer.missAnswerLatency.sum)
+        return try body(bridge, vm2)
+    }
+
+    /// Against DPDK's vhost back end (testpmd rxonly, iommu-support=1 under a vIOMMU).
+    func throughDPDK(iommu: Bool, dir: String) throws -> LinuxGuest.Report {
+        try againstDPDK(iommu: iommu, dir: dir, name: "lg-bench", testpmd: ["--forward-mode=rxonly"], receive: false)
+    }
+
+    /// The guest against testpmd (`testpmd`: its forwarding arguments) on
+    /// DPDK's vhost back end.
+    func againstDPDK(iommu: Bool, dir: String, name: String, testpmd arguments: [String], receive: Bool) throws -> LinuxGuest.Report {
+        let sock = "\(dir)/\(name).sock"
+        let (p, stdin) = try launchChild(Self.testpmd, [
+            "-l", "0,1", "--main-lcore", "1", "--no-huge", "-m", "256", "--no-pci", "--file-prefix=\(name)",
+            "--vdev=net_vhost0,iface=\(sock),queues=1\(iommu ? ",iommu-support=1" : "")",
+            "--", "--total-num-mbufs=16384", "--auto-start",
+        ] + arguments, log: "\(dir)/\(name)-testpmd.log")
+        defer { finishChild(p, stdin) }
+        for _ in 0..<500 where !FileManager.default.fileExists(atPath: sock) { usleep(10_000) }
+        return try runGuest(socket: sock, iommu: iommu, log: "\(dir)/\(name)-qemu.log", receive: receive)
+    }
+
+    /// VM2 sends the guest datagrams in its own format, as fast as the
+    /// guest offers receive buffers; the guest counts and checks them.
+    func receiveThroughBridge(iommu: Bool, dir: String) throws -> (report: LinuxGuest.Report, translationWaitSeconds: Double, missAnswerSeconds: Double) {
+        try withBridgeAndVM2(iommu: iommu, dir: dir, name: "lg-rx", vm2: { config in
+            config.dataPath = .count
+            config.generateFrames = Int.max
+            config.generatedFrame = LinuxGuest.datagramFrame(size: size)
+        }) { bridge, vm2 in
+            let report = try runGuest(socket: "\(dir)/vm1.sock", iommu: iommu, log: "\(dir)/bridge-rx-qemu.log", receive: true)
+            return (report, vm2.statistics.translationWaitSeconds, bridge.statistics.peer.missAnswerLatency.sum)
+        }
     }
 
     /// DPDK's vhost back end in txonly, its frames addressed to the guest's
     /// port (same size), against the same guest.
     func receiveThroughDPDK(iommu: Bool, dir: String) throws -> LinuxGuest.Report {
-        let sock = "\(dir)/dpdk-rx.sock"
-        let (p, stdin) = try launchChild(Self.testpmd, [
-            "-l", "0,1", "--main-lcore", "1", "--no-huge", "-m", "256", "--no-pci", "--file-prefix=lg-bench-rx",
-            "--vdev=net_vhost0,iface=\(sock),queues=1\(iommu ? ",iommu-support=1" : "")",
-            "--", "--total-num-mbufs=16384", "--forward-mode=txonly", "--txpkts=\(14 + 20 + 8 + size)",
-            "--eth-peer=0,\(LinuxGuest.guestMAC)", "--tx-ip=10.0.0.2,10.0.0.1", "--tx-udp=\(LinuxGuest.port),\(LinuxGuest.port)", "--auto-start",
-        ], log: "\(dir)/testpmd-rx.log")
-        defer { finishChild(p, stdin) }
-        for _ in 0..<500 where !FileManager.default.fileExists(atPath: sock) { usleep(10_000) }
-        return try runGuest(socket: sock, iommu: iommu, log: "\(dir)/dpdk-rx-qemu.log", receive: true)
+        try againstDPDK(iommu: iommu, dir: dir, name: "lg-bench-rx", testpmd: [
+            "--forward-mode=txonly", "--txpkts=\(14 + 20 + 8 + size)", "--eth-peer=0,\(LinuxGuest.guestMAC)",
+            "--tx-ip=10.0.0.2,10.0.0.1", "--tx-udp=\(LinuxGuest.port),\(LinuxGuest.port)",
+        ], receive: true)
     }
 
     struct ReceiveRow: Codable {

@@ -245,12 +245,6 @@ extension PeerLink {
         }
     }
 
-    /// The connection is ending: wait until it is detached (a kill first,
-    /// when the session said so) before the caller's revocation completes.
-    private func finishEnding(_ channel: Channel) {
-        awaitDetach(channel.generation)
-    }
-
     /// Waits until VM2 acknowledged `sequence` through the channel: a WAKE
     /// first when VM2 says it sleeps, a spin of `policy.revocationSpin`,
     /// then sleeps on the futex word until `deadline`. True when done or
@@ -258,26 +252,30 @@ extension PeerLink {
     /// deadline passed (VM2 is disconnected, or killed, by then).
     private func awaitChannel(_ channel: Channel, through sequence: UInt64, deadline: ContinuousClock.Instant, what: String) -> Bool {
         defer { heartbeat.beat() }
-        switch observe(channel, through: sequence) {
-        case .done, .gone: return true
-        case .ending: finishEnding(channel); return true
-        case .waiting: break
-        }
-        // The record is published: is VM2 asleep? (Its flag is stored
-        // before it looks at `posted` one last time, ours after we publish:
-        // one of us sees the other.)
-        ChannelMemory.fullFence()
-        if channel.vm2Sleeps, !wake(channel) {
-            finishEnding(channel) // gone, or going: with a kill first when it held a revocation
-            return true
-        }
-        let spinEnd = ContinuousClock.now.advanced(by: policy.revocationSpin)
+        var spinEnd: ContinuousClock.Instant?
         var spins = 0
         while true {
             switch observe(channel, through: sequence) {
             case .done, .gone: return true
-            case .ending: finishEnding(channel); return true
+            case .ending:
+                // Wait for the detach (a kill first, when the session said
+                // so) before the caller's revocation completes.
+                awaitDetach(channel.generation)
+                return true
             case .waiting: break
+            }
+            guard let spinEnd else {
+                // Not acked at the first look. The record is published: is
+                // VM2 asleep? (Its flag is stored before it looks at `posted`
+                // one last time, ours after we publish: one of us sees the
+                // other.)
+                ChannelMemory.fullFence()
+                if channel.vm2Sleeps, !wake(channel) {
+                    awaitDetach(channel.generation) // gone, or going: with a kill first when it held a revocation
+                    return true
+                }
+                spinEnd = ContinuousClock.now.advanced(by: policy.revocationSpin)
+                continue
             }
             spins &+= 1
             if spins & 63 != 0 || ContinuousClock.now < spinEnd {

@@ -38,8 +38,7 @@ final class PeerMirror {
     /// VM2 must ack) sent by the peer thread as soon as the ack arrives.
     /// `.notSent`: the caller sends the reply.
     func push(_ plan: WindowPlan, thenReply reply: (bytes: [UInt8], socket: UnixSocket)?) -> PeerLink.HeldReplyOutcome {
-        guard peer.isReady, !plan.isEmpty else { return .notSent }
-        return finish(send(plan), thenReply: reply)
+        finish(send(plan), thenReply: reply)
     }
 
     /// What `send` sent: the last sequence, and whether VM2 must ack it

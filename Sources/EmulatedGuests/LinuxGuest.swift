@@ -42,7 +42,8 @@ public enum LinuxGuest {
     }
 
     /// The guest's address (eth0), and the one it sends to (VM2's side).
-    public static let guestMAC = "52:54:00:00:00:01"
+    public static let guestMACBytes: [UInt8] = [0x52, 0x54, 0x00, 0x00, 0x00, 0x01]
+    public static var guestMAC: String { guestMACBytes.map { String(format: "%02x", $0) }.joined(separator: ":") }
     public static let guestIP: [UInt8] = [10, 0, 0, 1]
     public static let peerMAC: [UInt8] = [0x52, 0x54, 0x00, 0x00, 0x00, 0x02]
     public static let peerIP: [UInt8] = [10, 0, 0, 2]
@@ -57,8 +58,7 @@ public enum LinuxGuest {
         let payload = max(12, min(size, 1472))
         var header = [UInt8](repeating: 0, count: 12)
         header[10] = 1
-        let guest: [UInt8] = [0x52, 0x54, 0x00, 0x00, 0x00, 0x01]
-        var frame = guest + peerMAC + [0x08, 0x00]
+        var frame = guestMACBytes + peerMAC + [0x08, 0x00]
         let total = 20 + 8 + payload
         var ip: [UInt8] = [0x45, 0, UInt8(total >> 8), UInt8(total & 0xff), 0, 0, 0x40, 0, 64, 17, 0, 0] + peerIP + guestIP
         var sum: UInt32 = 0

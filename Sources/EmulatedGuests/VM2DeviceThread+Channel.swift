@@ -37,7 +37,7 @@ extension VM2DeviceThread {
             return 0
         }
         var applied = 0, maps = 0, unsealedMaps = 0, unmaps = 0
-        while channelApplied < posted {
+        records: while channelApplied < posted {
             let sequence = channelApplied + 1
             let record: ChannelRecord
             do {
@@ -50,14 +50,10 @@ extension VM2DeviceThread {
             }
             switch record {
             case .map(let m, let slot):
-                guard let fd = regionSlots[slot] else { break } // its REGION is still on the socket
-                do {
-                    try device.memory.map(bus: m.barOffset, length: m.length, permission: m.permission, fd: fd.rawValue,
-                                          fdOffset: m.fdOffset, unsealed: m.unsealed)
+                guard let fd = regionSlots[slot] else { break records } // its REGION is still on the socket
+                if apply(m, fd: fd) {
                     maps += 1
                     if m.unsealed { unsealedMaps += 1 }
-                } catch {
-                    owner.update { $0.lastError = "MAP: \(error)" }
                 }
             case .unmap(let u):
                 // Forgotten first: from here on the device refuses the range.
@@ -66,7 +62,6 @@ extension VM2DeviceThread {
             case .forget(_, let slot):
                 try? regionSlots.removeValue(forKey: slot)?.close()
             }
-            if case .map(_, let slot) = record, regionSlots[slot] == nil { break }
             channelApplied = sequence
             applied += 1
         }

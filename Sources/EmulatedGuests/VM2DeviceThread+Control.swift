@@ -30,6 +30,19 @@ extension VM2DeviceThread {
         try? socket.send(PeerCodec.encode(.ack(seq)))
     }
 
+    /// Maps one MAP from `fd` into the BAR (from the socket or the
+    /// channel); false, with the error noted, when it could not.
+    func apply(_ m: PeerMap, fd: OwnedFileDescriptor) -> Bool {
+        do {
+            try device.memory.map(bus: m.barOffset, length: m.length, permission: m.permission, fd: fd.rawValue, fdOffset: m.fdOffset,
+                                  unsealed: m.unsealed)
+            return true
+        } catch {
+            owner.update { $0.lastError = "MAP: \(error)" }
+            return false
+        }
+    }
+
     func handle(_ message: PeerMessage, fds: [OwnedFileDescriptor]) {
         // Channel records posted before this message take effect before it
         // (a TRANSLATE_REPLY after its MAP, a DEVICE stop after an UNMAP).
@@ -47,13 +60,9 @@ extension VM2DeviceThread {
             }
         case .map(let m):
             guard device.memory.window != nil, let fd = fds.first else { stopReason = "MAP before HELLO reply"; return }
-            do {
-                try device.memory.map(bus: m.barOffset, length: m.length, permission: m.permission, fd: fd.rawValue, fdOffset: m.fdOffset,
-                                      unsealed: m.unsealed)
+            if apply(m, fd: fd) {
                 let mapped = device.memory.grants.bytesMapped
                 owner.update { $0.mapsApplied += 1; $0.bytesMapped = mapped; if m.unsealed { $0.unsealedMapsApplied += 1 } }
-            } catch {
-                owner.update { $0.lastError = "MAP: \(error)" }
             }
             try? fd.close()
             ack(m.sequence)

@@ -110,7 +110,7 @@ extension PeerLink {
             guard let slot = slot(for: fd, permission: map.permission, channel: channel, duringReplay: duringReplay) else { return nil }
             return post(channel, revoking: revoking) { .map(PeerMap(sequence: $0, barOffset: map.barOffset, length: map.length,
                                                                    fdOffset: map.fdOffset, permission: map.permission,
-                                                                   unsealed: map.unsealed), slot: slot) }
+                                                                   unsealed: map.unsealed, guestPhysical: map.guestPhysical), slot: slot) }
         }
     }
 

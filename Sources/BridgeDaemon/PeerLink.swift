@@ -44,6 +44,9 @@ final class PeerLink: Sendable {
         var channel: Channel?
         var slots: [ObjectIdentifier: Slot] = [:]
         var nextSlot: UInt32 = 0
+        /// VM1 is live-migrating (dirty logging on): every new session
+        /// learns it, so a VM2 that cannot log is refused at HELLO.
+        var vm1Logging = false
     }
 
     let state = Locked(State())
@@ -92,6 +95,7 @@ final class PeerLink: Sendable {
             s.process = process
             s.generation += 1
             s.session = PeerSession(policy: policy)
+            s.session?.noteVM1Logging(s.vm1Logging)
             s.killSent = false
             s.statistics.connections += 1
             s.statistics.connected = true
@@ -181,7 +185,7 @@ final class PeerLink: Sendable {
             case .releaseHeldReply:
                 sendHeldReply()
                 wake = true
-            case .ringStopped:
+            case .ringStopped, .logAnswered:
                 wake = true
             case .kill(let reason):
                 if let process = state.withLock({ s in s.generation == generation ? s.process : nil }) {

@@ -134,8 +134,10 @@ final class PeerMirror {
             return nil
         }
         guard let fd = permission.contains(.write) ? files.fd(region) : files.readOnly(region) else { return nil }
+        // A VM2 that logs its writes needs the range's guest-physical address.
+        let gpa = (features ?? peer.features).contains(.dirtyLog) ? files.guestPhysical(region, fdOffset: fdOffset) : nil
         guard let ticket = peer.sendMap(PeerMap(sequence: 0, barOffset: bus.rawValue, length: length, fdOffset: fdOffset,
-                                                permission: permission, unsealed: unsealed),
+                                                permission: permission, unsealed: unsealed, guestPhysical: gpa),
                                         fd: fd, revoking: revoking, duringReplay: duringReplay, generation: generation) else { return nil }
         peer.count { $0.mapsSent += 1 }
         return ticket

@@ -23,12 +23,18 @@ final class RegionFiles {
     private var readOnlyFiles: [RegionID: OwnedFileDescriptor] = [:]
     /// Unsealed regions whose withholding from VM2 was logged.
     private var withheldLogged: Set<RegionID> = []
+    /// Where each region is in VM1's guest-physical memory (the dirty log
+    /// is by guest-physical page): its address and the fd offset it starts at.
+    private var placement: [RegionID: (guestPhysical: UInt64, mmapOffset: UInt64, size: UInt64)] = [:]
+    /// The dirty log VM1 handed over (SET_LOG_BASE), while it is held.
+    private(set) var log: (fd: OwnedFileDescriptor, area: DirtyLogArea)?
     private let logger: Logger
 
     init(logger: Logger) { self.logger = logger }
 
-    func adopt(_ id: RegionID, _ fd: OwnedFileDescriptor) {
+    func adopt(_ id: RegionID, _ fd: OwnedFileDescriptor, region: MemoryRegion? = nil) {
         files[id] = fd
+        if let region { placement[id] = (region.guestPhysical.rawValue, region.mmapOffset, region.size) }
         sealed[id] = (try? Memfd(adopting: fd).seals.contains(.shrink)) ?? false
         tightenMode(id, fd)
     }
@@ -73,7 +79,26 @@ final class RegionFiles {
         }
     }
 
+    /// The guest-physical address of byte `fdOffset` of `id`'s file (nil:
+    /// not inside the region, or the region is unknown).
+    func guestPhysical(_ id: RegionID, fdOffset: UInt64) -> UInt64? {
+        guard let p = placement[id], fdOffset >= p.mmapOffset, fdOffset - p.mmapOffset < p.size else { return nil }
+        return p.guestPhysical.addingReportingOverflow(fdOffset - p.mmapOffset).overflow ? nil : p.guestPhysical + (fdOffset - p.mmapOffset)
+    }
+
+    /// Holds `fd` as the dirty log (the previous one is closed).
+    func adoptLog(_ fd: OwnedFileDescriptor, _ area: DirtyLogArea) {
+        releaseLog()
+        log = (fd, area)
+    }
+
+    func releaseLog() {
+        try? log?.fd.close()
+        log = nil
+    }
+
     func release(_ id: RegionID) {
+        placement[id] = nil
         try? files.removeValue(forKey: id)?.close()
         try? readOnlyFiles.removeValue(forKey: id)?.close()
         sealed[id] = nil
@@ -81,6 +106,7 @@ final class RegionFiles {
     }
 
     func closeAll() {
+        releaseLog()
         for id in Array(files.keys) { release(id) }
         for fd in readOnlyFiles.values { try? fd.close() }
         readOnlyFiles = [:]

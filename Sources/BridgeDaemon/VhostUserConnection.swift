@@ -117,7 +117,10 @@ final class VhostUserConnection {
     }
 
     private func handleDecoded(_ request: FrontendRequest, code: RequestCode, header: MessageHeader, message: FramedMessage) -> String? {
-        let files = message.fds.enumerated().map { i, fd in ReceivedFile(index: i, size: try? fd.fileSize(), kind: fd.kind(), hugePageSize: fd.hugePageSize()) }
+        let files = message.fds.enumerated().map { i, fd in
+            ReceivedFile(index: i, size: try? fd.fileSize(), kind: fd.kind(), hugePageSize: fd.hugePageSize(),
+                         sealedAgainstShrinking: code == .setLogBase && ((try? Memfd(adopting: fd).seals.contains(.shrink)) ?? false))
+        }
         let outcome = withMappingBudget { $0.handle(request, needReply: header.needsReply, files: files) }
         if let error = outcome.error {
             logger.warning("refused \(code): \(error)", metadata: ["rule": "\(error.rule)"])
@@ -223,7 +226,7 @@ final class VhostUserConnection {
                 }
             case .adoptRegionFile(let id, let index):
                 if let fd = take(index) {
-                    files.adopt(id, fd)
+                    files.adopt(id, fd, region: session.regions.region(id))
                 }
             case .window(let plan):
                 if let failure = applyWindow(plan) { return failure }
@@ -271,9 +274,48 @@ final class VhostUserConnection {
             case .ringEnabled(let index, let enabled):
                 logger.debug("vring \(index) \(enabled ? "enabled" : "disabled")")
                 if session.vrings.indices.contains(index), session.vrings[index].started { sendVring(index) }
+            case .adoptLogFile(let index, let area):
+                if let fd = take(index) { files.adoptLog(fd, area) }
+            case .releaseLogFile:
+                files.releaseLog()
+            case .deviceLog(let area, let reply, let refusal):
+                if let failure = deviceLog(area, reply: reply, refusal: refusal) { return failure }
             }
         }
         return nil
+    }
+
+    /// VM2's device logs into the dirty log (`area`) or stops; VM1 is
+    /// answered after (`reply`), or refused when VM2 cannot log (`refusal`;
+    /// nil: the connection closes, the reason is returned).
+    private func deviceLog(_ area: DirtyLogArea?, reply: [UInt8]?, refusal: [UInt8]?) -> String? {
+        let outcome: PeerLink.LogOutcome
+        if let area {
+            guard let log = files.log, log.area == area else {
+                outcome = .failed("the log file is not held") // cannot happen: adoptLogFile comes first
+                return finishDeviceLog(area, outcome, reply: reply, refusal: refusal)
+            }
+            outcome = peer.setDeviceLog(area, fd: log.fd.rawValue)
+        } else {
+            outcome = peer.setDeviceLog(nil, fd: nil)
+        }
+        return finishDeviceLog(area, outcome, reply: reply, refusal: refusal)
+    }
+
+    private func finishDeviceLog(_ area: DirtyLogArea?, _ outcome: PeerLink.LogOutcome, reply: [UInt8]?, refusal: [UInt8]?) -> String? {
+        if case .failed(let reason) = outcome, area != nil {
+            session.deviceLogFailed(reason)
+            files.releaseLog()
+            logger.warning("VM1's dirty-page logging (live migration) refused: \(reason)", metadata: ["rule": "dirty-log"])
+            guard let refusal else { return "dirty-page logging: \(reason)" }
+            return send(refusal)
+        }
+        if let area {
+            logger.notice("dirty-page logging on: \(area) (\(outcome == .applied ? "VM2 logs" : "no VM2 attached: nothing writes VM1's memory"))")
+        } else {
+            logger.notice("dirty-page logging off")
+        }
+        return reply.flatMap { send($0) }
     }
 
     /// Carries a plan into the BAR window; on failure VM2 loses the plan's
@@ -327,6 +369,8 @@ final class VhostUserConnection {
             _ = mirror.sendMap(bus: m.bus, length: m.length, permission: m.permission, region: m.region, fdOffset: m.fdOffset,
                         duringReplay: true, generation: generation, features: features)
         }
+        // VM1 is migrating: the new VM2 logs before it touches a ring.
+        if session.logging.on, let log = files.log, !peer.replayLog(log.area, fd: log.fd.rawValue, generation: generation) { return }
         if session.vrings.contains(where: \.started) {
             guard peer.send(.device(PeerDevice(event: .start, features: session.ackedFeatures ?? 0)), duringReplay: true,
                             generation: generation) else { return }
@@ -372,6 +416,7 @@ final class VhostUserConnection {
         // (VM2's DEVICE reset, the region fds' release).
         for effect in session.teardown() { _ = execute([effect], fds: []) }
         budget.settle(budgetID, count: 0)
+        peer.noteVM1Logging(false)
         carryOut(translations.endSession(), now: .now)
         files.closeAll()
         rings.closeAll()

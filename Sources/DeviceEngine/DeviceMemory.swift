@@ -49,6 +49,17 @@ public struct DeviceMemory {
     public private(set) var distrustsUnsealed = false
     /// SIGBUS faults absorbed (each replaced a page with zeros).
     public private(set) var faultsAbsorbed: UInt64 = 0
+    /// VM1's dirty log while it live-migrates (peer feature `dirtyLog`):
+    /// every write the device makes into VM1's memory is marked in it.
+    public private(set) var dirtyLog: DirtyLogMemory?
+    /// Writes made while logging that could not be marked: the range's
+    /// guest-physical address was not known, or it lies past the log.
+    public private(set) var unloggedWrites: UInt64 = 0
+    /// Writes marked in the dirty log (each one or more pages).
+    public private(set) var loggedWrites: UInt64 = 0
+
+    /// From the next burst on every write is marked in `log` (nil: none is).
+    public mutating func setDirtyLog(_ log: DirtyLogMemory?) { dirtyLog = log }
 
     public init() { grants = GrantTable(barSize: 0) }
 
@@ -77,8 +88,10 @@ public struct DeviceMemory {
 
     /// Maps `[bus, bus+length)` of `fd` at `fdOffset` into the BAR and
     /// records the grant. `unsealed`: MAP's flag (VM1 can truncate the file).
+    /// `guestPhysical`: VM1's guest-physical address of the range's first
+    /// byte, where the dirty log marks writes into it (MAP, `dirtyLog`).
     public mutating func map(bus: UInt64, length: UInt64, permission: Permission, fd: Int32, fdOffset: UInt64,
-                             unsealed isUnsealed: Bool = false) throws(BARWindowError) {
+                             unsealed isUnsealed: Bool = false, guestPhysical: UInt64? = nil) throws(BARWindowError) {
         guard let window else { throw .invalidSize(0) }
         if isUnsealed, faultGuard == nil {
             do { faultGuard = try window.guardFaults() } catch { throw .system(error) } // unguarded: not mapped at all
@@ -88,7 +101,7 @@ public struct DeviceMemory {
         guard isUnsealed else {
             unsealed.remove(bus, bus + length)
             lost.remove(bus, bus + length)
-            grants.grant(bus, bus + length, permission)
+            grants.grant(bus, bus + length, permission, guestPhysical: guestPhysical)
             return
         }
         if distrustsUnsealed {
@@ -97,7 +110,7 @@ public struct DeviceMemory {
         } else {
             lost.remove(bus, bus + length)
             unsealed.add(bus, bus + length, permission)
-            grants.grant(bus, bus + length, permission)
+            grants.grant(bus, bus + length, permission, guestPhysical: guestPhysical)
         }
     }
 
@@ -118,14 +131,18 @@ public struct DeviceMemory {
     /// Runs `body` with checked access to the BAR; nil before the BAR exists.
     public mutating func burst<R>(_ body: (inout BurstAccess) -> R) -> R? {
         guard let window else { return nil }
-        let granted = grants, lost = lost
+        let granted = grants, lost = lost, log = dirtyLog
         var kept: GrantTable? = nil
+        var logged: (marked: UInt64, unmarked: UInt64) = (0, 0)
         let result: R? = window.withBytes(at: 0, length: Int(window.size)) { bar in
-            var access = BurstAccess(bar: bar, grants: granted, lost: lost)
-            defer { kept = access.grants }
-            return body(&access)
+            var access = BurstAccess(bar: bar, grants: granted, lost: lost,
+                                     log: log.map { ($0.bytes, $0.size) })
+            defer { kept = access.grants; logged = (access.loggedWrites, access.unloggedWrites) }
+            return withExtendedLifetime(log) { body(&access) }
         }
         if let kept { grants = kept }
+        loggedWrites &+= logged.marked
+        unloggedWrites &+= logged.unmarked
         noteTruncations()
         return result
     }
@@ -163,11 +180,65 @@ public struct BurstAccess: ~Copyable {
     var grants: GrantTable
     /// Unsealed memory withdrawn after a truncation (refused as `.truncated`).
     let lost: PeerMappingTable
+    /// VM1's dirty log (its bytes and size) while it live-migrates.
+    let log: (bytes: UnsafeMutableRawPointer, size: UInt64)?
+    var loggedWrites: UInt64 = 0
+    var unloggedWrites: UInt64 = 0
 
-    init(bar: UnsafeMutableRawBufferPointer, grants: GrantTable, lost: PeerMappingTable = PeerMappingTable()) {
+    init(bar: UnsafeMutableRawBufferPointer, grants: GrantTable, lost: PeerMappingTable = PeerMappingTable(),
+         log: (bytes: UnsafeMutableRawPointer, size: UInt64)? = nil) {
         self.bar = bar
         self.grants = grants
         self.lost = lost
+        self.log = log
+    }
+
+    /// Whether writes are being logged (VM1 live-migrates).
+    public var logging: Bool { log != nil }
+
+    /// Marks `[address, address+length)` of the BAR — just written by the
+    /// device — in VM1's dirty log, by guest-physical page (a write that
+    /// spans grants is marked piece by piece). Costs one test when VM1 is
+    /// not migrating.
+    @inline(__always)
+    public mutating func logWrite(_ address: UInt64, _ length: Int) {
+        guard let log, length > 0 else { return }
+        logWrite(address, UInt64(length), into: log)
+    }
+
+    private mutating func logWrite(_ address: UInt64, _ length: UInt64, into log: (bytes: UnsafeMutableRawPointer, size: UInt64)) {
+        var at = address, left = length
+        var recorded = true
+        while left > 0 {
+            guard let range = grants.range(containing: at), let gpa = range.guestPhysical(of: at) else {
+                recorded = false
+                break
+            }
+            let n = min(left, range.end - at)
+            if !DirtyLogMemory.mark(log.bytes, size: log.size, GuestPhysicalAddress(gpa), length: n) { recorded = false }
+            at += n
+            left -= n
+        }
+        if recorded { loggedWrites &+= 1 } else { unloggedWrites &+= 1 }
+    }
+
+    /// Marks the first `count` bytes of `segments` (a chain just filled).
+    @inline(__always)
+    mutating func logWrite(_ segments: Segments, bytes count: Int) {
+        guard log != nil else { return }
+        var left = count
+        for part in segments.parts where left > 0 {
+            let n = min(left, part.count)
+            logWrite(UInt64(part.offset), n)
+            left -= n
+        }
+    }
+
+    /// Marks the used ring (its elements, flags, index and `avail_event`).
+    @inline(__always)
+    mutating func logUsedRing(_ ring: SplitRing, eventIndex: Bool) {
+        guard log != nil else { return }
+        logWrite(ring.used, Int(ring.usedBytes(eventIndex: eventIndex)))
     }
 
     public var generation: UInt64 { grants.generation }

@@ -171,6 +171,7 @@ public struct DeviceQueue: Sendable {
         guard usedIndex != published, areasGrantedIn == a.generation else { return false }
         a.storeRelease(usedIndex, ring.usedIndex)
         published = usedIndex
+        a.logUsedRing(ring, eventIndex: eventIndex)
         RingOrdering.fullFence()
         if eventIndex {
             let event = a.load(UInt16.self, ring.usedEvent)
@@ -192,7 +193,10 @@ public struct DeviceQueue: Sendable {
     public mutating func suppressKicks(_ a: inout BurstAccess) {
         guard kicksWanted, defect == nil, checkAreas(&a) == nil else { return }
         kicksWanted = false
-        if !eventIndex { a.store(VirtqUsedFlags.noNotify.rawValue, ring.usedFlags) }
+        if !eventIndex {
+            a.store(VirtqUsedFlags.noNotify.rawValue, ring.usedFlags)
+            a.logUsedRing(ring, eventIndex: eventIndex)
+        }
     }
 
     /// Before the device sleeps: asks for a kick on the next chain, then
@@ -201,6 +205,7 @@ public struct DeviceQueue: Sendable {
         guard defect == nil, checkAreas(&a) == nil else { return false }
         kicksWanted = true
         if eventIndex { a.store(lastAvail, ring.availEvent) } else { a.store(VirtqUsedFlags().rawValue, ring.usedFlags) }
+        a.logUsedRing(ring, eventIndex: eventIndex)
         RingOrdering.fullFence()
         return a.loadAcquire(ring.availIndex) != lastAvail
     }

@@ -9,15 +9,26 @@ public struct PeerMappingTable: Sendable {
         public var start: UInt64
         public var end: UInt64
         public var permission: Permission
+        /// VM1's guest-physical address of a byte is its BAR offset plus
+        /// this (wrapping); nil when the daemon did not say (no `dirtyLog`).
+        public var guestPhysicalDelta: UInt64?
+
+        public init(start: UInt64, end: UInt64, permission: Permission, guestPhysicalDelta: UInt64? = nil) {
+            self.start = start; self.end = end; self.permission = permission; self.guestPhysicalDelta = guestPhysicalDelta
+        }
 
         public func clipped(to start: UInt64, _ end: UInt64) -> Range? {
             let s = max(start, self.start), e = min(end, self.end)
-            return s < e ? Range(start: s, end: e, permission: permission) : nil
+            return s < e ? Range(start: s, end: e, permission: permission, guestPhysicalDelta: guestPhysicalDelta) : nil
         }
 
         public func joined(with next: Range) -> Range? {
-            end == next.start && permission == next.permission ? Range(start: start, end: next.end, permission: permission) : nil
+            end == next.start && permission == next.permission && guestPhysicalDelta == next.guestPhysicalDelta
+                ? Range(start: start, end: next.end, permission: permission, guestPhysicalDelta: guestPhysicalDelta) : nil
         }
+
+        /// The guest-physical address of BAR offset `address` in this range.
+        public func guestPhysical(of address: UInt64) -> UInt64? { guestPhysicalDelta.map { address &+ $0 } }
     }
 
     private var map = RangeMap<Range>()
@@ -30,10 +41,12 @@ public struct PeerMappingTable: Sendable {
         map.apply(map.change(replacing: start, end, with: nil))
     }
 
-    /// `[start, end)` now has `permission`, whatever was there before.
-    public mutating func add(_ start: UInt64, _ end: UInt64, _ permission: Permission) {
+    /// `[start, end)` now has `permission` (and, when known, the
+    /// guest-physical address `guestPhysical` at `start`), whatever was there before.
+    public mutating func add(_ start: UInt64, _ end: UInt64, _ permission: Permission, guestPhysical: UInt64? = nil) {
         guard start < end else { return }
-        map.apply(map.change(replacing: start, end, with: Range(start: start, end: end, permission: permission)))
+        let range = Range(start: start, end: end, permission: permission, guestPhysicalDelta: guestPhysical.map { $0 &- start })
+        map.apply(map.change(replacing: start, end, with: range))
     }
 
     /// The one range holding `address`, if any.
@@ -88,8 +101,8 @@ public struct GrantTable: Sendable {
 
     /// Records a grant, clipped to the BAR (the shortcut must never cover
     /// bytes past it).
-    public mutating func grant(_ start: UInt64, _ end: UInt64, _ permission: Permission) {
-        table.add(start, min(end, barSize), permission)
+    public mutating func grant(_ start: UInt64, _ end: UInt64, _ permission: Permission, guestPhysical: UInt64? = nil) {
+        table.add(start, min(end, barSize), permission, guestPhysical: guestPhysical)
         hit = nil
         generation &+= 1
     }
@@ -115,6 +128,13 @@ public struct GrantTable: Sendable {
         if let failure = table.check(address, length: length, needed: needed, barSize: barSize) { return failure }
         if let r = table.range(containing: address), length <= r.end - address { hit = r }
         return nil
+    }
+
+    /// The granted range holding `address` (the last hit first).
+    @inline(__always)
+    public func range(containing address: UInt64) -> PeerMappingTable.Range? {
+        if let h = hit, address >= h.start, address < h.end { return h }
+        return table.range(containing: address)
     }
 
     /// `check` without touching the shortcut (ring areas, checked once per

@@ -125,6 +125,7 @@ extension DeviceQueue {
                     numBuffers = UInt64(first.offset + VirtioNetHeader.numBuffersOffset)
                 }
                 let n = scratch.fill(in: a.bar, from: frame, sourceOffset: copied)
+                a.logWrite(scratch, bytes: n)
                 push(&a, head: head, length: UInt32(n))
                 copied += n
                 chains += 1
@@ -136,7 +137,7 @@ extension DeviceQueue {
                 // truncated in the chains it already has (the refused one is
                 // completed empty after them); the driver drops both.
                 counters.dropped += 1
-                if let numBuffers { a.store(UInt16(chains), numBuffers) }
+                if let numBuffers { a.store(UInt16(chains), numBuffers); a.logWrite(numBuffers, 2) }
                 return .delivered(chains: chains)
             case .fault(let f):
                 rollBack(to: start); return .stopped(.fault(f))
@@ -144,7 +145,7 @@ extension DeviceQueue {
                 rollBack(to: start); return .stopped(.defect(d))
             }
         }
-        if let numBuffers { a.store(UInt16(chains), numBuffers) }
+        if let numBuffers { a.store(UInt16(chains), numBuffers); a.logWrite(numBuffers, 2) }
         counters.chains += 1
         counters.bytes += UInt64(total - min(total, VirtioNetHeader.size))
         return .delivered(chains: chains)

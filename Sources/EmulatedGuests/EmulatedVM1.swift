@@ -15,7 +15,7 @@ public struct VM1Configuration: Sendable {
     public var eagerBufferMaps = true
     /// Largest packet, which sizes the buffer slots.
     public var maxPacket: UInt32 = 65536
-    public var protocolFeatures: ProtocolFeatures = [.mq, .replyAck, .backendReq, .configureMemSlots]
+    public var protocolFeatures: ProtocolFeatures = [.mq, .logShmfd, .replyAck, .backendReq, .configureMemSlots]
     /// Seal the RAM memfd's size (QEMU's memory-backend-memfd seal=on).
     public var sealedRAM = true
     /// Back the RAM with huge pages (MFD_HUGETLB; `ramSize` a multiple of 2 MiB).
@@ -224,9 +224,68 @@ public final class EmulatedVM1 {
         return bases
     }
 
+    /// Starts dirty-page logging the way QEMU does at the start of a live
+    /// migration: SET_LOG_BASE with `log`, SET_FEATURES with
+    /// VHOST_F_LOG_ALL (acked: the back end logs from then on), then
+    /// SET_VRING_ADDR with VHOST_VRING_F_LOG for each ring.
+    public func startLogging(_ log: VM1DirtyLog) throws {
+        try frontend.send(.setLogBase(LogArea(size: log.size, offset: 0)), fds: [log.memfd.fd.rawValue])
+        ackedFeatures |= FeatureBit.vhostLogAll
+        try frontend.send(.setFeatures(ackedFeatures), ack: true)
+        try sendRingAddresses(logging: true)
+    }
+
+    /// Stops it (QEMU at the end of a migration that failed or was cancelled).
+    public func stopLogging() throws {
+        ackedFeatures &= ~FeatureBit.vhostLogAll
+        try frontend.send(.setFeatures(ackedFeatures), ack: true)
+        try sendRingAddresses(logging: false)
+    }
+
+    private func sendRingAddresses(logging: Bool) throws {
+        for q in queues {
+            let bus = ringBus[q.index]
+            func ringAddress(_ gpa: GuestPhysicalAddress) -> UInt64 {
+                usesIOMMU ? bus.rawValue + (gpa.rawValue - q.ringGPA.rawValue) : ram.userAddress(of: gpa).rawValue
+            }
+            // The used ring's log address: its GPA, or with a vIOMMU its IOVA (QEMU's used_phys).
+            let log = usesIOMMU ? ringAddress(q.usedGPA) : q.usedGPA.rawValue
+            try frontend.send(.setVringAddr(VringAddress(index: UInt32(q.index), flags: logging ? VringAddress.flagLog : 0,
+                                                         descriptor: ringAddress(q.descGPA), used: ringAddress(q.usedGPA),
+                                                         available: ringAddress(q.availGPA), log: logging ? log : 0)), ack: true)
+        }
+    }
+
     /// Drops the connection (as a killed VMM would).
     public func disconnect() {
         frontend.close()
+    }
+}
+
+/// VM1's dirty log as QEMU makes it: a memfd sealed against shrinking and
+/// growing, one bit per 4 KiB page of its RAM, mapped here to read it back.
+public final class VM1DirtyLog {
+    public let memfd: Memfd
+    public let size: UInt64
+    private let memory: DirtyLogMemory
+
+    /// A log for `ramSize` bytes of guest-physical memory (`size` overrides
+    /// it: a log too small, for tests).
+    public init(ramSize: UInt64, size: UInt64? = nil) throws {
+        let bytes = size ?? DirtyLog.bytesNeeded(toCover: ramSize)
+        memfd = try Memfd(name: "vhost-log", size: bytes)
+        try memfd.addSeals([.shrink, .grow, .seal])
+        self.size = bytes
+        memory = try DirtyLogMemory(adopting: memfd.fd, size: bytes, offset: 0)
+    }
+
+    deinit { try? memfd.fd.close() }
+
+    public func isMarked(page: UInt64) -> Bool { memory.isMarked(page: page) }
+
+    /// Every page marked.
+    public var markedPages: Set<UInt64> {
+        Set((0..<size * 8).filter { memory.isMarked(page: $0) })
     }
 }
 
@@ -247,8 +306,9 @@ extension EmulatedVM1 {
     /// buffers posted, and collects VM2's echoes until all `count` came back
     /// verified, nothing moved for `idleLimit` polls of 100 ms, or `stop`
     /// says so. `progress` is called about every 1000 packets.
+    /// `written`: each RX buffer VM2 filled (its GPA and the bytes written).
     public func runTraffic(count: Int, sizes: [Int], expectEcho: Bool = true, idleLimit: Int = 50,
-                           stop: () -> Bool = { false },
+                           stop: () -> Bool = { false }, written: (GuestPhysicalAddress, UInt32) -> Void = { _, _ in },
                            progress: (TrafficResult) -> Void = { _ in }) throws -> TrafficResult {
         let clock = ContinuousClock()
         let start = clock.now
@@ -276,6 +336,7 @@ extension EmulatedVM1 {
             try settleMisses()
             if !(try reclaim(queue: 1)).isEmpty { moved = true }
             for (gpa, length) in try reclaim(queue: 0) {
+                written(gpa, length)
                 moved = true
                 result.received += 1
                 let n = Int(length) - Self.netHeaderSize

@@ -49,6 +49,10 @@ public struct VM2Configuration: Sendable {
     /// channel in shared memory and ack there (off: the socket, as a
     /// version-1 peer does).
     public var sharedRevocations = true
+    /// Negotiate `dirtyLog` (with `sharedRevocations`): log every write into
+    /// VM1's memory while VM1 live-migrates; off, VM1 cannot migrate while
+    /// this VM2 is attached.
+    public var logsDirtyPages = true
     public init() {}
 }
 
@@ -67,6 +71,12 @@ public struct VM2Statistics: Sendable, Equatable, Codable {
     /// Records taken from the revocation channel, and WAKEs received.
     public var channelRecords = 0
     public var wakesReceived = 0
+    /// Dirty logging (VM1 live-migrates): LOGs applied, whether the device
+    /// logs now, writes marked in the log and writes it could not mark.
+    public var logsApplied = 0
+    public var logging = false
+    public var writesLogged: UInt64 = 0
+    public var writesUnlogged: UInt64 = 0
     public var bytesMapped: UInt64 = 0
     public var packetsReceived = 0
     /// Frames VM1 transmitted, by queue pair (index k: transmit queue 2k+1).
@@ -131,6 +141,7 @@ public final class EmulatedVM2: Sendable {
         if configuration.acknowledgesRingStops { features.insert(.vringStopAck) }
         if configuration.guardsUnsealedMemory { features.insert(.unsealedMaps) }
         if configuration.sharedRevocations { features.insert(.sharedRevocations) }
+        if configuration.logsDirtyPages { features.insert(.dirtyLog) }
         try? socket.send(PeerCodec.encode(.hello(PeerHello(features: features, deviceFeatures: configuration.deviceFeatures))))
         let t = try JoinableThread(name: "vm2") { [self] in
             let device = VM2DeviceThread(socket: socket, configuration: configuration, owner: self)
@@ -211,6 +222,7 @@ final class VM2DeviceThread {
     /// The engine's totals already folded.
     var folded = (tx: QueueCounters(), rx: QueueCounters(), implausible: 0)
     var foldedFaults: UInt64 = 0
+    var foldedLog: (UInt64, UInt64) = (0, 0)
 
     /// A virtio-net header (num_buffers = 1) and a broadcast IPv4/UDP
     /// Ethernet frame of `size` bytes.

@@ -196,6 +196,11 @@ extension VM2DeviceThread {
             foldedFaults = absorbed
             owner.update { $0.faultsAbsorbed = absorbed }
         }
+        let logged = (device.memory.loggedWrites, device.memory.unloggedWrites)
+        if logged != foldedLog {
+            foldedLog = logged
+            owner.update { $0.writesLogged = logged.0; $0.writesUnlogged = logged.1 }
+        }
         guard tx != folded.tx || rx != folded.rx || implausible != folded.implausible || c.verified + c.corrupt + c.framesValid + c.framesInvalid + c.sent > 0 else { return }
         let old = folded
         folded = (tx, rx, implausible)

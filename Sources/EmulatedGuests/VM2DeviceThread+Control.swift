@@ -35,7 +35,7 @@ extension VM2DeviceThread {
     func apply(_ m: PeerMap, fd: OwnedFileDescriptor) -> Bool {
         do {
             try device.memory.map(bus: m.barOffset, length: m.length, permission: m.permission, fd: fd.rawValue, fdOffset: m.fdOffset,
-                                  unsealed: m.unsealed)
+                                  unsealed: m.unsealed, guestPhysical: m.guestPhysical)
             return true
         } catch {
             owner.update { $0.lastError = "MAP: \(error)" }
@@ -114,6 +114,7 @@ extension VM2DeviceThread {
                 try? socket.send(PeerCodec.encode(.vringStopped(index: index, lastAvail: stopped?.lastAvail)))
             }
         case .device(let d):
+            if d.event == .reset { setLog(nil) } // the session ended: so did VM1's logging
             if d.event == .start {
                 device.start(features: d.features)
             } else {
@@ -140,10 +141,33 @@ extension VM2DeviceThread {
         case .wake:
             owner.update { $0.wakesReceived += 1 }
             drainChannel()
-        case .hello, .ack, .translate, .vringStopped:
+        case .log(let l):
+            var failure: String?
+            if l.on {
+                if let fd = fds.first {
+                    do { setLog(try DirtyLogMemory(adopting: fd, size: l.size, offset: l.offset)) } catch {
+                        setLog(nil)
+                        failure = "\(error)"
+                    }
+                } else {
+                    failure = "LOG on without a log fd"
+                }
+            } else {
+                setLog(nil)
+            }
+            owner.update { if failure == nil { $0.logsApplied += 1 } }
+            try? socket.send(PeerCodec.encode(.logDone(PeerLogDone(serial: l.serial, failure: failure))))
+        case .hello, .ack, .translate, .vringStopped, .logDone:
             stopReason = "unexpected \(message.type) from the daemon"
         }
         for fd in fds { try? fd.close() }
+    }
+
+    /// Logs into `log` from the next burst on (nil: stops logging).
+    func setLog(_ log: DirtyLogMemory?) {
+        device.memory.setDirtyLog(log)
+        let on = log != nil
+        owner.update { $0.logging = on }
     }
 
     /// Translations other threads asked for: sent now, answered when the

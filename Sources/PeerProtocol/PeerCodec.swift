@@ -142,6 +142,23 @@ public enum PeerCodec {
         case .wake:
             try exact(type, payload, 0)
             message = .wake
+        case .log:
+            try exact(type, payload, 32)
+            let serial = try r.u64(), flags = try r.u32()
+            _ = try r.u32()
+            let size = try r.u64(), offset = try r.u64()
+            guard flags & ~PeerLog.flagOn == 0 else { throw .badValue(type, field: "flags", value: UInt64(flags)) }
+            let on = flags & PeerLog.flagOn != 0
+            guard on || (size == 0 && offset == 0) else { throw .badValue(type, field: "size (logging off)", value: size) }
+            guard !on || size > 0 else { throw .badValue(type, field: "size", value: size) }
+            guard !on || offset <= UInt64.max - size else { throw .badValue(type, field: "offset", value: offset) }
+            message = .log(PeerLog(serial: serial, on: on, size: size, offset: offset))
+        case .logDone:
+            let serial = try r.u64()
+            let status = try r.u32()
+            guard status <= 1 else { throw .badValue(type, field: "status", value: UInt64(status)) }
+            let reason = try text(type, &r, maximum: PeerLogDone.maximumReason)
+            message = .logDone(PeerLogDone(serial: serial, failure: status == 0 ? nil : reason))
         case .error:
             let raw = try r.u32()
             let code = PeerErrorCode(rawValue: raw) ?? .protocolError
@@ -191,6 +208,11 @@ public enum PeerCodec {
             w.u32(r.slot); w.u32(UInt32(r.permission.rawValue)); w.u64(r.size)
         case .wake:
             break
+        case .log(let l):
+            w.u64(l.serial); w.u32(l.on ? PeerLog.flagOn : 0); w.u32(0); w.u64(l.size); w.u64(l.offset)
+        case .logDone(let d):
+            let reason = Array((d.failure ?? "").utf8.prefix(PeerLogDone.maximumReason))
+            w.u64(d.serial); w.u32(d.failure == nil ? 0 : 1); w.u32(UInt32(reason.count)); w.append(reason)
         case .error(let e):
             let text = Array(e.text.utf8.prefix(PeerError.maximumText))
             w.u32(e.code.rawValue); w.u32(UInt32(text.count)); w.append(text)

@@ -4,7 +4,7 @@ import BridgeCore
 public enum PeerMessageType: UInt32, Sendable, CaseIterable, CustomStringConvertible {
     case hello = 1, map = 2, unmap = 3, ack = 4, vring = 5, vringStop = 6, device = 7
     case translate = 8, translateReply = 9, error = 10, vringStopped = 11
-    case channel = 12, region = 13, wake = 14
+    case channel = 12, region = 13, wake = 14, log = 15, logDone = 16
 
     public var description: String {
         switch self {
@@ -22,6 +22,8 @@ public enum PeerMessageType: UInt32, Sendable, CaseIterable, CustomStringConvert
         case .channel: "CHANNEL"
         case .region: "REGION"
         case .wake: "WAKE"
+        case .log: "LOG"
+        case .logDone: "LOG_DONE"
         }
     }
 }
@@ -46,7 +48,14 @@ public struct PeerFeatures: OptionSet, Sendable, Hashable {
     /// storing its cumulative ack there instead of sending ACK
     /// (docs/peer-protocol.md, "The revocation channel").
     public static let sharedRevocations = PeerFeatures(rawValue: 16)
-    public static let all: PeerFeatures = [.translate, .vringStopAck, .deviceFeatures, .unsealedMaps, .sharedRevocations]
+    /// VM1 can live-migrate: VM2 logs every write it makes into VM1's
+    /// memory in the dirty log LOG hands it, and answers each LOG with
+    /// LOG_DONE; channel MAP records carry the range's guest-physical
+    /// address (flag bit 1). Only with `sharedRevocations` (the daemon
+    /// drops it otherwise). Without it, VM1's VHOST_F_LOG_ALL is refused
+    /// while this VM2 is attached, and this VM2 is refused while VM1 logs.
+    public static let dirtyLog = PeerFeatures(rawValue: 32)
+    public static let all: PeerFeatures = [.translate, .vringStopAck, .deviceFeatures, .unsealedMaps, .sharedRevocations, .dirtyLog]
 }
 
 public struct PeerHello: Equatable, Sendable {
@@ -98,10 +107,17 @@ public struct PeerMap: Equatable, Sendable {
     /// flags bit 0 (peer feature `unsealedMaps` only): VM1 can truncate the
     /// file under this range, so an access to it can SIGBUS.
     public var unsealed: Bool
+    /// VM1's guest-physical address of the range's first byte (channel
+    /// records, peer feature `dirtyLog`: flags bit 1): where the dirty log
+    /// marks a write into the range. nil: not sent.
+    public var guestPhysical: UInt64?
     public static let flagUnsealed: UInt32 = 1
-    public init(sequence: UInt64, barOffset: UInt64, length: UInt64, fdOffset: UInt64, permission: Permission, unsealed: Bool = false) {
+    public static let flagGuestPhysical: UInt32 = 2
+    public init(sequence: UInt64, barOffset: UInt64, length: UInt64, fdOffset: UInt64, permission: Permission, unsealed: Bool = false,
+                guestPhysical: UInt64? = nil) {
         self.sequence = sequence; self.barOffset = barOffset; self.length = length
         self.fdOffset = fdOffset; self.permission = permission; self.unsealed = unsealed
+        self.guestPhysical = guestPhysical
     }
 }
 
@@ -198,6 +214,31 @@ public struct PeerRegion: Equatable, Sendable {
     }
 }
 
+/// LOG: from now on log into this log (one fd: `size` bytes at `offset`
+/// in it; a bitmap, bit `page % 8` of byte `page / 8` for each 4 KiB page
+/// of VM1's guest-physical memory the device writes), or stop logging
+/// (`on` false, no fd). Each LOG replaces the one before; VM2 answers
+/// `serial` with LOG_DONE once it logs (or stopped logging) as told.
+public struct PeerLog: Equatable, Sendable {
+    public static let flagOn: UInt32 = 1
+    public var serial: UInt64
+    public var on: Bool
+    public var size: UInt64
+    public var offset: UInt64
+    public init(serial: UInt64, on: Bool, size: UInt64 = 0, offset: UInt64 = 0) {
+        self.serial = serial; self.on = on; self.size = on ? size : 0; self.offset = on ? offset : 0
+    }
+}
+
+/// LOG_DONE: VM2 applied LOG `serial` (`failure` nil), or could not (it
+/// then does not log, and says why).
+public struct PeerLogDone: Equatable, Sendable {
+    public static let maximumReason = 200
+    public var serial: UInt64
+    public var failure: String?
+    public init(serial: UInt64, failure: String? = nil) { self.serial = serial; self.failure = failure }
+}
+
 /// One decoded peer message.
 public enum PeerMessage: Equatable, Sendable {
     case hello(PeerHello)
@@ -221,6 +262,10 @@ public enum PeerMessage: Equatable, Sendable {
     case region(PeerRegion)
     /// Channel records wait and VM2 said it sleeps: look at the ring.
     case wake
+    /// Log into this dirty log, or stop (`dirtyLog`).
+    case log(PeerLog)
+    /// VM2's answer to LOG.
+    case logDone(PeerLogDone)
 
     public var type: PeerMessageType {
         switch self {
@@ -238,6 +283,8 @@ public enum PeerMessage: Equatable, Sendable {
         case .channel: .channel
         case .region: .region
         case .wake: .wake
+        case .log: .log
+        case .logDone: .logDone
         }
     }
 
@@ -245,6 +292,7 @@ public enum PeerMessage: Equatable, Sendable {
     public var fdCount: Int {
         switch self {
         case .map, .channel, .region: 1
+        case .log(let l): l.on ? 1 : 0
         case .vring(let v): v.fdCount
         default: 0
         }

@@ -61,6 +61,8 @@ public struct PeerSession: Sendable, Equatable {
         case releaseHeldReply
         /// VM2 stopped ring `index` (VRING_STOPPED): wake who waits.
         case ringStopped(index: UInt32, lastAvail: UInt16?)
+        /// VM2 answered LOG `serial` (LOG_DONE): wake who waits.
+        case logAnswered(serial: UInt64)
         /// Kill VM2's VMM and wait until it is gone — before the connection
         /// counts as gone, so before any revocation it held completes.
         case kill(reason: String)
@@ -86,6 +88,14 @@ public struct PeerSession: Sendable, Equatable {
     private var stopsReported: [UInt32: UInt16?] = [:]
     /// The revocation VM1's reply is held for, until it is acknowledged.
     public private(set) var heldReplyFor: UInt64?
+    /// VM1 is live-migrating: the device must log what it writes. A VM2
+    /// that cannot (no `dirtyLog`) is refused at HELLO.
+    public private(set) var vm1Logging = false
+    /// LOGs waiting for their LOG_DONE, with deadlines; answers not
+    /// collected yet (nil: applied, else why not).
+    private var logsRequested: [UInt64: ContinuousClock.Instant] = [:]
+    private var logsAnswered: [UInt64: String?] = [:]
+    private var nextLogSerial: UInt64 = 1
 
     public init(policy: Policy) {
         self.policy = policy
@@ -94,7 +104,8 @@ public struct PeerSession: Sendable, Equatable {
     public static func == (a: PeerSession, b: PeerSession) -> Bool {
         a.policy == b.policy && a.state == b.state && a.nextSequence == b.nextSequence && a.acknowledged == b.acknowledged
             && a.revocations.map(\.sequence) == b.revocations.map(\.sequence) && a.stopsRequested == b.stopsRequested
-            && a.stopsReported == b.stopsReported && a.heldReplyFor == b.heldReplyFor
+            && a.stopsReported == b.stopsReported && a.heldReplyFor == b.heldReplyFor && a.vm1Logging == b.vm1Logging
+            && a.logsRequested == b.logsRequested && a.logsAnswered == b.logsAnswered && a.nextLogSerial == b.nextLogSerial
     }
 
     /// Peer features in effect: [] before HELLO is accepted and once closed.
@@ -122,16 +133,9 @@ public struct PeerSession: Sendable, Equatable {
     /// Whether VM2 holds access it was told (or is being told) to drop.
     public var holdsRevocation: Bool { acknowledged < (revocations.last?.sequence ?? 0) }
 
-    /// The earliest deadline of an UNMAP or ring stop still unanswered.
+    /// The earliest deadline of an UNMAP, ring stop or LOG still unanswered.
     public var nextDeadline: ContinuousClock.Instant? {
-        let r = revocations.first?.deadline
-        let s = stopsRequested.values.min()
-        switch (r, s) {
-        case (nil, nil): return nil
-        case (let r?, nil): return r
-        case (nil, let s?): return s
-        case (let r?, let s?): return min(r, s)
-        }
+        [revocations.first?.deadline, stopsRequested.values.min(), logsRequested.values.min()].compactMap { $0 }.min()
     }
 
     // MARK: what VM2 sends
@@ -151,7 +155,13 @@ public struct PeerSession: Sendable, Equatable {
                 return refuse(.features, "VM2 cannot serve device features this bridge offers VM1: \(missing) (VM2 serves \(hello.served))",
                               rule: "device-features")
             }
-            let features = hello.features.intersection(policy.supported)
+            var features = hello.features.intersection(policy.supported)
+            // The dirty log's guest-physical addresses travel in channel records.
+            if !features.contains(.sharedRevocations) { features.remove(.dirtyLog) }
+            if vm1Logging, !features.contains(.dirtyLog) {
+                return refuse(.features, "VM1 is live-migrating (dirty-page logging is on) and this VM2 cannot log the pages it writes "
+                                + "(peer features dirtyLog and sharedRevocations)", rule: "dirty-log")
+            }
             state = .greeted(features)
             return [.greet(hello, features: features)]
         case (.greeted, .ack(let sequence)), (.ready, .ack(let sequence)):
@@ -167,6 +177,12 @@ public struct PeerSession: Sendable, Equatable {
             }
             stopsReported[index] = .some(lastAvail)
             return [.ringStopped(index: index, lastAvail: lastAvail)]
+        case (.greeted, .logDone(let done)), (.ready, .logDone(let done)):
+            guard logsRequested.removeValue(forKey: done.serial) != nil else {
+                return protocolError("LOG_DONE for LOG \(done.serial), which is not waiting for an answer", rule: "log-done")
+            }
+            logsAnswered[done.serial] = .some(done.failure)
+            return [.logAnswered(serial: done.serial)]
         case (_, .error(let e)):
             return end("VM2 reported error \(e.code): \(e.text)")
         default:
@@ -218,7 +234,8 @@ public struct PeerSession: Sendable, Equatable {
     /// missed deadline; nothing otherwise.
     public mutating func expire(now: ContinuousClock.Instant) -> [Effect] {
         guard let deadline = nextDeadline, now >= deadline else { return [] }
-        let what = revocations.first.flatMap { $0.deadline <= now ? "revocation \($0.sequence)" : nil } ?? "a ring stop"
+        let what = revocations.first.flatMap { $0.deadline <= now ? "revocation \($0.sequence)" : nil }
+            ?? (stopsRequested.values.contains { $0 <= now } ? "a ring stop" : "a LOG")
         return missedDeadline("\(what) not answered within \(policy.revocationDeadline)")
     }
 
@@ -299,6 +316,31 @@ public struct PeerSession: Sendable, Equatable {
         stopsReported.removeValue(forKey: index)
     }
 
+    // MARK: dirty logging
+
+    /// VM1's dirty logging went on or off (a VM2 that cannot log is refused
+    /// at HELLO while it is on).
+    public mutating func noteVM1Logging(_ on: Bool) { vm1Logging = on }
+
+    /// A LOG goes out now: its serial, answered by LOG_DONE by `now` + the
+    /// revocation deadline. nil when this VM2 cannot log (no `dirtyLog`) or
+    /// the connection is closed.
+    public mutating func requestLog(now: ContinuousClock.Instant) -> UInt64? {
+        guard features.contains(.dirtyLog), !isClosed else { return nil }
+        defer { nextLogSerial += 1 }
+        logsRequested[nextLogSerial] = now.advanced(by: policy.revocationDeadline)
+        return nextLogSerial
+    }
+
+    /// When LOG `serial`'s LOG_DONE must come (nil: it came, or is not waited for).
+    public func deadline(ofLog serial: UInt64) -> ContinuousClock.Instant? { logsRequested[serial] }
+
+    /// VM2's answer to LOG `serial`, once it came (taken: asked once).
+    /// `.some(nil)`: applied; `.some(reason)`: VM2 could not.
+    public mutating func takeLogAnswer(_ serial: UInt64) -> String?? {
+        logsAnswered.removeValue(forKey: serial)
+    }
+
     // MARK: internals
 
     private mutating func acknowledge(_ sequence: UInt64) -> [Effect] {
@@ -345,5 +387,6 @@ public struct PeerSession: Sendable, Equatable {
     private mutating func clearWaits() {
         revocations = []
         stopsRequested = [:]
+        logsRequested = [:]
     }
 }

@@ -74,13 +74,16 @@ public enum ChannelRecord: Equatable, Sendable {
     }
 
     /// The 64 bytes: u64 sequence, u32 kind, u32 flags, u64 BAR offset, u64
-    /// length, u64 fd offset, u32 slot, u32 permission, 16 bytes zero.
+    /// length, u64 fd offset, u32 slot, u32 permission, u64 guest-physical
+    /// address (MAP with flags bit 1, `dirtyLog`; else 0), 8 bytes zero.
     public var encoded: [UInt8] {
         var w = LittleEndianWriter(capacity: RevocationChannel.recordSize)
         switch self {
         case .map(let m, let slot):
-            w.write(m.sequence); w.write(Self.kindMap); w.write(m.unsealed ? PeerMap.flagUnsealed : 0)
+            let flags = (m.unsealed ? PeerMap.flagUnsealed : 0) | (m.guestPhysical != nil ? PeerMap.flagGuestPhysical : 0)
+            w.write(m.sequence); w.write(Self.kindMap); w.write(flags)
             w.write(m.barOffset); w.write(m.length); w.write(m.fdOffset); w.write(slot); w.write(UInt32(m.permission.rawValue))
+            w.write(m.guestPhysical ?? 0)
         case .unmap(let u):
             w.write(u.sequence); w.write(Self.kindUnmap); w.write(UInt32(0))
             w.write(u.barOffset); w.write(u.length); w.write(UInt64(0)); w.write(UInt32(0)); w.write(UInt32(0))
@@ -101,13 +104,21 @@ public enum ChannelRecord: Equatable, Sendable {
         var r = Reader(bytes)
         let seq = try r.u64(), kind = try r.u32(), flags = try r.u32()
         let bar = try r.u64(), length = try r.u64(), fdOffset = try r.u64(), slot = try r.u32(), rawPermission = try r.u32()
+        let gpa = try r.u64()
         guard seq == sequence else { throw .badValue(.channel, field: "record sequence (expected \(sequence))", value: seq) }
         switch kind {
         case kindMap:
-            guard flags & ~PeerMap.flagUnsealed == 0 else { throw .badValue(.channel, field: "flags", value: UInt64(flags)) }
+            guard flags & ~(PeerMap.flagUnsealed | PeerMap.flagGuestPhysical) == 0 else {
+                throw .badValue(.channel, field: "flags", value: UInt64(flags))
+            }
             let permission = try PeerCodec.permission(.map, "prot", rawPermission)
+            let hasGPA = flags & PeerMap.flagGuestPhysical != 0
+            guard hasGPA || gpa == 0 else { throw .badValue(.channel, field: "guest-physical address without flag bit 1", value: gpa) }
+            guard !hasGPA || length == 0 || gpa <= UInt64.max - (length - 1) else {
+                throw .badValue(.channel, field: "guest-physical address (the range wraps)", value: gpa)
+            }
             return .map(PeerMap(sequence: seq, barOffset: bar, length: length, fdOffset: fdOffset, permission: permission,
-                                unsealed: flags & PeerMap.flagUnsealed != 0), slot: slot)
+                                unsealed: flags & PeerMap.flagUnsealed != 0, guestPhysical: hasGPA ? gpa : nil), slot: slot)
         case kindUnmap:
             return .unmap(PeerUnmap(sequence: seq, barOffset: bar, length: length))
         case kindForget:

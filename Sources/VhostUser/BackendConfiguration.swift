@@ -14,7 +14,7 @@ public struct BackendConfiguration: Equatable, Sendable {
     /// GET_MAX_MEM_SLOTS answer and the memory-table limit.
     public var maxMemSlots: Int
 
-    public static let defaultProtocolFeatures: ProtocolFeatures = [.mq, .replyAck, .backendReq, .configureMemSlots, .resetDevice, .status]
+    public static let defaultProtocolFeatures: ProtocolFeatures = [.mq, .logShmfd, .replyAck, .backendReq, .configureMemSlots, .resetDevice, .status]
 
     /// Queue pairs offered unless configured otherwise, and the most a bridge offers.
     public static let defaultQueuePairs = 8
@@ -32,8 +32,9 @@ public struct BackendConfiguration: Equatable, Sendable {
         self.maxMemSlots = max(VhostUserCodec.maxMemTableRegions, maxMemSlots)
     }
 
-    /// GET_FEATURES: the device's bits, PROTOCOL_FEATURES, and
-    /// IOMMU_PLATFORM in the modes where VM1 has a vIOMMU.
+    /// GET_FEATURES: the device's bits, PROTOCOL_FEATURES, VHOST_F_LOG_ALL
+    /// (VM1 can live-migrate: VM2 logs the pages it writes) when LOG_SHMFD
+    /// is offered, and IOMMU_PLATFORM in the modes where VM1 has a vIOMMU.
     public var offeredFeatures: UInt64 {
         var f = deviceFeatures | FeatureBit.protocolFeatures
         // Several queue pairs: MQ, and the control queue front ends use to
@@ -41,7 +42,8 @@ public struct BackendConfiguration: Equatable, Sendable {
         // turn it into SET_VRING_ENABLE; it never reaches the back end).
         if queuePairs > 1 { f |= VirtioNetFeatures.mq.rawValue | VirtioNetFeatures.ctrlVq.rawValue }
         if addressSpace.mode != .identity { f |= FeatureBit.iommuPlatform } else { f &= ~FeatureBit.iommuPlatform }
-        return f & ~FeatureBit.vhostLogAll
+        if protocolFeatures.contains(.logShmfd) { f |= FeatureBit.vhostLogAll } else { f &= ~FeatureBit.vhostLogAll }
+        return f
     }
 
     public var vringCount: Int { 2 * queuePairs }

@@ -51,14 +51,18 @@ extension BackendSession {
     mutating func setVringAddr(_ address: VringAddress, code: RequestCode) throws(SessionError) -> [SessionEffect] {
         try requireOwner(code)
         let i = try vringIndex(code, address.index)
-        guard address.flags & VringAddress.flagLog == 0 else {
-            throw .unsupportedRequest(code, reason: "dirty logging (VHOST_VRING_F_LOG) is not offered")
-        }
         guard address.flags & ~VringAddress.flagLog == 0 else {
             throw .unsupportedRequest(code, reason: "unknown vring flags \(Hex(UInt64(address.flags)))")
         }
+        try checkLogAddress(address, index: i)
         let previous = vrings[i]
         vrings[i].address = address
+        // Only VRING_F_LOG (and its address) changed — QEMU's way of
+        // turning used-ring logging on at migration: the ring runs on.
+        if let old = previous.address, old.descriptor == address.descriptor, old.used == address.used,
+           old.available == address.available {
+            return []
+        }
         if previous.active {
             vrings[i].phase = .configuring
             do {
@@ -254,6 +258,11 @@ extension BackendSession {
         }
         status = 0
         ackedFeatures = nil
+        if logging.on || logging.area != nil {
+            if logging.on { effects.append(.deviceLog(nil, reply: nil, refusal: nil)) }
+            effects.append(.releaseLogFile)
+        }
+        logging = LoggingState()
         return effects
     }
 
@@ -271,6 +280,9 @@ extension BackendSession {
         for region in regions.regions { effects.append(.releaseRegionFile(region.id)) }
         regions = MemoryRegionTable(maxRegions: configuration.maxMemSlots)
         vrings = Array(repeating: VringSetup(enabled: true), count: configuration.vringCount)
+        // DEVICE reset ends VM2's logging too.
+        if logging.area != nil { effects.append(.releaseLogFile) }
+        logging = LoggingState()
         effects.append(.deviceReset)
         return effects
     }

@@ -32,6 +32,8 @@ public struct BackendSession: Sendable {
     public internal(set) var statistics = SessionStatistics()
     /// Some ring is started (the device runs, as VM2 was told).
     public internal(set) var deviceRunning = false
+    /// Dirty-page logging (live migration): the log, and whether it is on.
+    public internal(set) var logging = LoggingState()
 
     /// The observable state, for tests ("nothing changed") and for status output.
     public struct Snapshot: Equatable, Sendable {
@@ -90,6 +92,9 @@ public struct BackendSession: Sendable {
                 // The ack to a request that took access away follows VM2's ack.
                 if case .window(let plan)? = effects.last, plan.revokesAccess {
                     effects[effects.count - 1] = .windowThenReply(plan, reply: ack)
+                } else if let i = effects.firstIndex(where: \.startsLoggingUnanswered), case .deviceLog(let area, _, _) = effects[i] {
+                    // LOG_ALL is acked once VM2 logs; nacked when it cannot.
+                    effects[i] = .deviceLog(area, reply: ack, refusal: VhostUserCodec.encodeReply(to: request.code, .u64(1)))
                 } else {
                     effects.append(.reply(ack))
                 }
@@ -97,6 +102,7 @@ public struct BackendSession: Sendable {
             return Outcome(effects: effects, error: nil, closeConnection: false)
         } catch {
             statistics.refusals[error.rule, default: 0] += 1
+            if request.code == .setLogBase { return refusedLogBase(error) }
             if request.code == .getConfig {
                 return Outcome(effects: [.reply(VhostUserCodec.encodeReply(to: .getConfig, .empty))], error: error, closeConnection: false)
             }
@@ -168,14 +174,16 @@ public struct BackendSession: Sendable {
             if configuration.addressSpace.mode != .identity, features & FeatureBit.iommuPlatform == 0 {
                 throw .modeNeedsIOMMUPlatform(configuration.addressSpace.mode)
             }
+            let logEffects = try loggingChange(to: features)
             let firstTime = ackedFeatures == nil
             ackedFeatures = features
+            logging.on = features & FeatureBit.vhostLogAll != 0
             if firstTime && protocolFeaturesNegotiated {
                 // Rings start disabled once PROTOCOL_FEATURES is in force —
                 // unless the front end already said otherwise.
                 for i in vrings.indices where !vrings[i].started && !vrings[i].enableExplicit { vrings[i].enabled = false }
             }
-            return []
+            return logEffects
 
         case .getProtocolFeatures:
             return [reply(code, .u64(configuration.protocolFeatures.rawValue))]
@@ -216,12 +224,14 @@ public struct BackendSession: Sendable {
         case .setMemTable(let descriptors):
             try requireOwner(code)
             try requireMemoryFiles(code, files)
+            try requireLogCovers(descriptors, adding: false, code: code)
             return try setMemTable(descriptors, files: files)
 
         case .addMemReg(let d):
             try requireOwner(code)
             try requireProtocol(code, .configureMemSlots)
             try requireMemoryFiles(code, files)
+            try requireLogCovers([d], adding: true, code: code)
             return try addRegion(d, file: files.first)
 
         case .remMemReg(let d):
@@ -276,8 +286,18 @@ public struct BackendSession: Sendable {
             try requireProtocol(code, .resetDevice)
             return resetDevice()
 
-        case .setLogBase, .setLogFD:
-            throw .unsupportedRequest(code, reason: "dirty-page logging (live migration) is not offered")
+        case .setLogBase(let log):
+            return try setLogBase(log, files: files)
+
+        case .setLogFD:
+            // The eventfd a back end may signal after logging without
+            // LOG_SHMFD; with a shared log nobody waits on it: checked,
+            // then closed (the connection closes what no effect claims).
+            try requireOwner(code)
+            if let file = files.first, file.kind != .eventfd {
+                throw .wrongFileKind(code, vring: nil, got: file.kind, needed: .eventfd)
+            }
+            return []
         case .sendRARP:
             throw .protocolFeatureNotNegotiated(code, .rarp)
         case .netSetMTU:

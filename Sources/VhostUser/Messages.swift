@@ -100,6 +100,7 @@ public struct ConfigSpace: Equatable, Sendable {
 public struct LogArea: Equatable, Sendable {
     public var size: UInt64
     public var offset: UInt64
+    public init(size: UInt64, offset: UInt64) { self.size = size; self.offset = offset }
 }
 
 /// One decoded front-end request with its typed payload. Fds travel

@@ -9,8 +9,11 @@ public struct ReceivedFile: Equatable, Sendable {
     public var kind: FileKind
     /// Huge page size of hugetlbfs memory (fstatfs), 0 for ordinary pages.
     public var hugePageSize: UInt64
-    public init(index: Int, size: UInt64?, kind: FileKind, hugePageSize: UInt64 = 0) {
+    /// The file carries F_SEAL_SHRINK (a memfd nobody can truncate).
+    public var sealedAgainstShrinking: Bool
+    public init(index: Int, size: UInt64?, kind: FileKind, hugePageSize: UInt64 = 0, sealedAgainstShrinking: Bool = false) {
         self.index = index; self.size = size; self.kind = kind; self.hugePageSize = hugePageSize
+        self.sealedAgainstShrinking = sealedAgainstShrinking
     }
 }
 
@@ -57,4 +60,21 @@ public enum SessionEffect: Equatable, Sendable {
     /// The session ended: whatever VM2 held of it is gone.
     case deviceReset
     case ringEnabled(index: Int, Bool)
+    /// Take ownership of the message's fd as the dirty log (`area` in it);
+    /// the previous log, if any, is closed.
+    case adoptLogFile(fdIndex: Int, DirtyLogArea)
+    /// Close the dirty log (logging stopped, or its replacement was refused).
+    case releaseLogFile
+    /// Make VM2's device log its writes into the log file (`area`), or stop
+    /// logging (nil) — then send `reply`. A VM2 that cannot log (it did not
+    /// negotiate `dirtyLog`, failed to map the log, or is lost meanwhile)
+    /// makes the session learn it (`deviceLogFailed`) and `refusal` go
+    /// instead; without a refusal to send, the connection closes. No VM2
+    /// connected: nothing is written into VM1's memory, the reply goes.
+    case deviceLog(DirtyLogArea?, reply: [UInt8]?, refusal: [UInt8]?)
+
+    /// `deviceLog` that starts logging with no answer attached yet.
+    var startsLoggingUnanswered: Bool {
+        if case .deviceLog(let area, nil, nil) = self { area != nil } else { false }
+    }
 }

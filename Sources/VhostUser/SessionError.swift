@@ -19,6 +19,8 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
     case vringBaseOutOfRange(UInt32)
     /// A fd that is not what the request needs (checked on the fd itself).
     case wrongFileKind(RequestCode, vring: Int?, got: FileKind, needed: FileKind)
+    /// Dirty-page logging (live migration) cannot be done as asked.
+    case dirtyLog(RequestCode, reason: String)
 
     /// Stable label for metrics ("refusals by rule").
     public var rule: String {
@@ -37,6 +39,7 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
         case .addressSpace(let e): e.rule
         case .vringBaseOutOfRange: "vring-base"
         case .wrongFileKind: "fd-kind"
+        case .dirtyLog: "dirty-log"
         }
     }
 
@@ -57,6 +60,7 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
         case .memory(let e): e.description
         case .addressSpace(let e): e.description
         case .vringBaseOutOfRange(let n): "vring base \(n) does not fit a 16-bit ring index"
+        case .dirtyLog(let code, let reason): "\(code): \(reason)"
         case .wrongFileKind(let code, let vring, let got, let needed):
             "\(code)\(vring.map { " for vring \($0)" } ?? ""): the fd is \(got), not \(needed)"
         }

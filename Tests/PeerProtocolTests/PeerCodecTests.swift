@@ -26,6 +26,10 @@ let samples: [PeerMessage] = [
     .region(PeerRegion(slot: 3, permission: .read, size: 1 << 30)),
     .region(PeerRegion(slot: 0, permission: .readWrite, size: 4096)),
     .wake,
+    .log(PeerLog(serial: 1, on: true, size: 8192, offset: 0)),
+    .log(PeerLog(serial: 2, on: false)),
+    .logDone(PeerLogDone(serial: 1)),
+    .logDone(PeerLogDone(serial: 2, failure: "the log file holds 4096 bytes, not 8192")),
 ]
 
 
@@ -67,6 +71,29 @@ func docExample(_ name: String) throws -> [UInt8] {
     func roundTrips(index: Int) throws {
         let m = samples[index]
         #expect(try roundTrip(PeerCodec.encode(m), fds: m.fdCount) == m)
+    }
+
+    @Test func logChecksItsFieldsAndFds() throws {
+        // Golden: serial 7, on, 8192 bytes at 0.
+        let on = PeerCodec.encode(.log(PeerLog(serial: 7, on: true, size: 8192, offset: 0)))
+        #expect(on == [15, 0, 0, 0, 1, 0, 0, 0, 32, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0,
+                       0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        #expect(peerError { try roundTrip(on, fds: 0) } == .fdCount(.log, got: 0, expected: 1))
+        var badFlag = on
+        badFlag[20] = 3
+        #expect(peerError { try roundTrip(badFlag, fds: 1) } == .badValue(.log, field: "flags", value: 3))
+        var offWithSize = on
+        offWithSize[20] = 0
+        #expect(peerError { try roundTrip(offWithSize, fds: 0) } == .badValue(.log, field: "size (logging off)", value: 8192))
+        var wraps = on
+        for i in 36..<44 { wraps[i] = 0xff }
+        #expect(peerError { try roundTrip(wraps, fds: 1) } == .badValue(.log, field: "offset", value: UInt64.max))
+        var empty = on
+        empty[29] = 0
+        #expect(peerError { try roundTrip(empty, fds: 1) } == .badValue(.log, field: "size", value: 0))
+        var done = PeerCodec.encode(.logDone(PeerLogDone(serial: 7)))
+        done[20] = 2
+        #expect(peerError { try roundTrip(done, fds: 0) } == .badValue(.logDone, field: "status", value: 2))
     }
 
     @Test func everyTypeHasASample() {
@@ -115,7 +142,7 @@ func docExample(_ name: String) throws -> [UInt8] {
         var withoutBit = bytes
         withoutBit[12 + 8] &= ~4
         #expect(throws: PeerProtocolError.self) { try roundTrip(withoutBit, fds: 0) }
-        #expect(PeerHello(features: .all).features == [.translate, .vringStopAck, .unsealedMaps, .sharedRevocations], "no declaration, no bit")
+        #expect(PeerHello(features: .all).features == [.translate, .vringStopAck, .unsealedMaps, .sharedRevocations, .dirtyLog], "no declaration, no bit")
     }
 
     @Test func whatVM2MustServeIsEveryOfferedBitButTheControlQueue() {

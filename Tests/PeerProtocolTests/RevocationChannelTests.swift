@@ -11,6 +11,9 @@ import Testing
         .map(PeerMap(sequence: 2, barOffset: 0x4000, length: 0x1000, fdOffset: 0, permission: .readWrite, unsealed: true), slot: 7),
         .unmap(PeerUnmap(sequence: 3, barOffset: 0x4000, length: 0x1000)),
         .forget(sequence: 4, slot: 7),
+        .map(PeerMap(sequence: 5, barOffset: 0x1_0000_0000, length: 0x2000, fdOffset: 0x1000, permission: .readWrite,
+                     guestPhysical: 0x30_1000), slot: 1),
+        .map(PeerMap(sequence: 6, barOffset: 0, length: 0x1000, fdOffset: 0, permission: .readWrite, guestPhysical: 0), slot: 1),
     ]
 
     @Test(arguments: records)
@@ -29,6 +32,11 @@ import Testing
         #expect(u64(0) == 0x0102 && u32(8) == ChannelRecord.kindMap && u32(12) == PeerMap.flagUnsealed)
         #expect(u64(16) == 0x3000 && u64(24) == 0x2000 && u64(32) == 0x5000 && u32(40) == 9 && u32(44) == 3)
         #expect(bytes[48...].allSatisfy { $0 == 0 })
+        let logged = ChannelRecord.map(PeerMap(sequence: 1, barOffset: 0x3000, length: 0x2000, fdOffset: 0x5000,
+                                               permission: .readWrite, guestPhysical: 0xabc_d000), slot: 9).encoded
+        let l = LittleEndianReader(logged)
+        func lu64(_ at: Int) -> UInt64 { var c = l; _ = c.take(at); return c.read(UInt64.self) ?? 0 }
+        #expect(lu64(48) == 0xabc_d000 && logged[12] == UInt8(PeerMap.flagGuestPhysical) && logged[56...].allSatisfy { $0 == 0 })
     }
 
     @Test func aRecordThatIsNotTheOneExpectedIsRefused() {
@@ -42,8 +50,16 @@ import Testing
         perm[44] = 0
         #expect(throws: PeerProtocolError.self) { try ChannelRecord.decode(perm, expecting: 1) }
         var flags = ChannelRecord.map(PeerMap(sequence: 1, barOffset: 0, length: 4096, fdOffset: 0, permission: .read), slot: 0).encoded
-        flags[12] = 2
+        flags[12] = 4
         #expect(throws: PeerProtocolError.self) { try ChannelRecord.decode(flags, expecting: 1) }
+        var gpaWithoutFlag = ChannelRecord.map(PeerMap(sequence: 1, barOffset: 0, length: 4096, fdOffset: 0, permission: .read), slot: 0).encoded
+        gpaWithoutFlag[49] = 0x10
+        #expect(throws: PeerProtocolError.self) { try ChannelRecord.decode(gpaWithoutFlag, expecting: 1) }
+        var gpaWraps = ChannelRecord.map(PeerMap(sequence: 1, barOffset: 0, length: 0x2000, fdOffset: 0, permission: .read,
+                                                 guestPhysical: UInt64.max - 0xfff), slot: 0).encoded
+        #expect(throws: PeerProtocolError.self) { try ChannelRecord.decode(gpaWraps, expecting: 1) }
+        gpaWraps[48] = 0 // 0x…f000 + 0x2000 still wraps
+        #expect(throws: PeerProtocolError.self) { try ChannelRecord.decode(gpaWraps, expecting: 1) }
         #expect(throws: PeerProtocolError.self) { try ChannelRecord.decode(Array(bytes.prefix(63)), expecting: 5) }
     }
 

@@ -412,7 +412,7 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         var s = makeSession(.identity)
         s.ok(.setOwner)
         s.refused(.setFeatures(FeatureBit.version1 | FeatureBit.iommuPlatform), .unsupportedFeatures(FeatureBit.iommuPlatform))
-        s.refused(.setFeatures(FeatureBit.vhostLogAll), .unsupportedFeatures(FeatureBit.vhostLogAll))
+        s.refused(.setFeatures(FeatureBit.ringPacked), .unsupportedFeatures(FeatureBit.ringPacked))
         s.refused(.setProtocolFeatures(ProtocolFeatures([.replyAck, .inbandNotifications]).rawValue),
                   .unsupportedProtocolFeatures(.inbandNotifications))
     }
@@ -509,14 +509,6 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         t.negotiateLikeQEMU(iommu: true)
         t.refused(.setBackendReqFD, .wrongFileKind(.setBackendReqFD, vring: nil, got: .eventfd, needed: .socket),
                   files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
-    }
-
-    @Test func loggingIsNotOffered() {
-        var s = ready()
-        s.refused(.setLogBase(LogArea(size: 4096, offset: 0)), .unsupportedRequest(.setLogBase, reason: "dirty-page logging (live migration) is not offered"),
-                  files: [ReceivedFile(index: 0, size: 4096, kind: .regularFile)])
-        s.refused(.setVringAddr(VringAddress(index: 0, flags: 1, descriptor: ramUser, used: ramUser, available: ramUser)),
-                  .unsupportedRequest(.setVringAddr, reason: "dirty logging (VHOST_VRING_F_LOG) is not offered"))
     }
 
     @Test func badEnableValueAndBase() {
@@ -643,10 +635,10 @@ func replyU64(_ effects: [SessionEffect]) -> UInt64? {
         #expect(s.addressSpace.mappings.count == 1)
     }
 
-    @Test func sessionRefusesLoggingEndiannessAndConfigSpace() {
+    @Test func sessionRefusesALogFDThatIsNoEventfdEndiannessAndConfigSpace() {
         var s = negotiated()
         s.ok(.setFeatures(FeatureBit.version1 | FeatureBit.protocolFeatures))
-        s.refused(.setLogFD, .unsupportedRequest(.setLogFD, reason: "dirty-page logging (live migration) is not offered"),
+        s.refused(.setLogFD, .wrongFileKind(.setLogFD, vring: nil, got: .regularFile, needed: .eventfd),
                   files: [ReceivedFile(index: 0, size: 4096, kind: .regularFile)])
         s.refused(.setVringEndian(VringState(index: 0, num: 1)), .protocolFeatureNotNegotiated(.setVringEndian, .crossEndian))
         s.refused(.setConfig(ConfigSpace(offset: 0, flags: 0, bytes: [1, 2, 3, 4])), .protocolFeatureNotNegotiated(.setConfig, .config))

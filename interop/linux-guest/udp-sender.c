@@ -3,13 +3,20 @@
  * network stack (virtio-net driver, DMA API, vIOMMU when there is one), each
  * with a payload VM2 can verify, and prints what it sent and how fast.
  *
- *   udp-sender DST PORT MAC COUNT SIZE SECONDS
+ *   udp-sender DST PORT MAC COUNT SIZE SECONDS [receive]
  *
  * MAC is put in the ARP table for DST (nobody answers ARP on the bridge's
  * other side). Stops after COUNT datagrams or SECONDS, whichever is first
  * (0: no limit). Payload: u32 magic "VPBG", u32 sequence, u32 size, then
  * bytes (sequence * 7 + i) & 0xff. Built static: the initramfs has no libc.
+ *
+ * receive (the guest's both mode): send from local port PORT too, and run
+ * /udp-receiver PORT SECONDS from-start on the same socket in a child, so
+ * that what arrives on PORT (the other side's datagrams, or ours echoed back
+ * by a back end that swaps addresses and ports) is counted and checked while
+ * we send; returns once both are done.
  */
+#include <sys/wait.h>
 #include <arpa/inet.h>
 #include <errno.h>
 #include <net/if_arp.h>
@@ -31,8 +38,8 @@ static double now(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 7) {
-        fprintf(stderr, "usage: udp-sender DST PORT MAC COUNT SIZE SECONDS\n");
+    if (argc != 7 && !(argc == 8 && strcmp(argv[7], "receive") == 0)) {
+        fprintf(stderr, "usage: udp-sender DST PORT MAC COUNT SIZE SECONDS [receive]\n");
         return 2;
     }
     const char *dst = argv[1];
@@ -59,6 +66,26 @@ int main(int argc, char **argv) {
     r.arp_flags = ATF_PERM | ATF_COM;
     strcpy(r.arp_dev, "eth0");
     if (ioctl(s, SIOCSARP, &r) < 0) { perror("SIOCSARP"); return 1; }
+
+    pid_t receiver = -1;
+    if (argc == 8) {
+        struct sockaddr_in at;
+        memset(&at, 0, sizeof at);
+        at.sin_family = AF_INET;
+        at.sin_port = htons(port);
+        at.sin_addr.s_addr = htonl(INADDR_ANY);
+        if (bind(s, (struct sockaddr *)&at, sizeof at) < 0) { perror("bind"); return 1; }
+        fflush(stdout);
+        receiver = fork();
+        if (receiver < 0) { perror("fork"); return 1; }
+        if (receiver == 0) {
+            char fd[32];
+            snprintf(fd, sizeof fd, "fd=%d", s);
+            execl("/udp-receiver", "udp-receiver", argv[2], argv[6], "from-start", fd, (char *)NULL);
+            perror("exec /udp-receiver");
+            _exit(1);
+        }
+    }
 
     struct sockaddr_in to;
     memset(&to, 0, sizeof to);
@@ -88,5 +115,9 @@ int main(int argc, char **argv) {
     printf("vpb-sent %ld datagrams of %d bytes in %.3f s: %.0f pps (%ld retries)\n", sent, size, end - start,
            sent / (end - start), retries);
     fflush(stdout);
+    if (receiver > 0) {
+        int status;
+        if (waitpid(receiver, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) return 1;
+    }
     return 0;
 }

@@ -49,7 +49,7 @@ extension DaemonController {
                 BridgeDetails.Session(regions: v.regions, mappings: v.mappings, bytesMapped: v.mappedBytes,
                                       startedRings: v.startedRings, enabledRings: v.enabledRings, frozen: v.frozen,
                                       features: v.ackedFeatures.map { "0x" + String($0, radix: 16) } ?? "",
-                                      protocolFeatures: v.protocolFeatures.description)
+                                      protocolFeatures: v.protocolFeatures.description, dirtyLogging: v.dirtyLogging ? true : nil)
             }
             return ControlProtocol.response(ok: BridgeDetails(counters: counters(name, s), config: settings, session: session))
         case .create(let spec):

@@ -41,6 +41,9 @@ public struct SessionView: Sendable, Equatable {
     public var enabledRings: [Int]
     public var ringLayouts: [Int: VringLayout]
     public var frozen: Bool
+    /// VM1 is live-migrating: dirty-page logging is on (VM2 marks every
+    /// page it writes in VM1's log).
+    public var dirtyLogging: Bool
     /// The live session's counters (without its request log).
     public var statistics: SessionStatistics
     /// Relay links per started vring (relay modes): kick (VM1 → VM2) and call (VM2 → VM1).
@@ -51,7 +54,7 @@ public struct SessionView: Sendable, Equatable {
     public static func == (a: SessionView, b: SessionView) -> Bool {
         a.ackedFeatures == b.ackedFeatures && a.protocolFeatures == b.protocolFeatures && a.regions == b.regions
             && a.mappings == b.mappings && a.mappedBytes == b.mappedBytes && a.startedRings == b.startedRings
-            && a.enabledRings == b.enabledRings && a.ringLayouts == b.ringLayouts
+            && a.enabledRings == b.enabledRings && a.ringLayouts == b.ringLayouts && a.dirtyLogging == b.dirtyLogging
     }
 
     init(_ s: BackendSession) {
@@ -66,6 +69,7 @@ public struct SessionView: Sendable, Equatable {
         for (i, v) in s.vrings.enumerated() { if let l = v.layout { layouts[i] = l } }
         ringLayouts = layouts
         frozen = s.isFrozen
+        dirtyLogging = s.logging.on
         var stats = s.statistics
         stats.requestLog = []
         statistics = stats

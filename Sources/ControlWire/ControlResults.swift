@@ -157,9 +157,12 @@ public struct BridgeDetails: Codable, Sendable, Equatable {
         /// `0x…`, or empty before VM1 set them.
         public var features: String
         public var protocolFeatures: String
+        /// Present (true) while VM1 live-migrates: dirty-page logging is on.
+        public var dirtyLogging: Bool?
 
         public init(regions: Int, mappings: Int, bytesMapped: UInt64, startedRings: [Int], enabledRings: [Int], frozen: Bool,
-                    features: String, protocolFeatures: String) {
+                    features: String, protocolFeatures: String, dirtyLogging: Bool? = nil) {
+            self.dirtyLogging = dirtyLogging
             self.regions = regions
             self.mappings = mappings
             self.bytesMapped = bytesMapped

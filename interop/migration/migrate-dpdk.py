@@ -251,6 +251,11 @@ def main():
             fail(f"migration still {info.get('status')} after 120 s")
         time.sleep(0.05)
     t_done = time.time()
+    # QEMU sets "completed" before it fills in total-time and downtime (the
+    # migration thread computes them just after): a query right at the switch
+    # can read 0 for both. Ask again once it has settled.
+    time.sleep(0.5)
+    info = qs.cmd("query-migrate")
     status = info.get("status")
     if status != "completed":
         fail(f"migration {status}: {info}")

@@ -31,6 +31,10 @@ public struct VM2Configuration: Sendable {
     public var translates = true
     /// Send every valid TX packet back into VM1's RX buffers.
     public var echo = true
+    /// Send every datagram of the Linux guest's back to it, addresses
+    /// swapped (`LinuxGuest.reflected`): its own checked traffic comes
+    /// back, as from testpmd's 5tswap (with `echo`).
+    public var reflectsGuestDatagrams = false
     /// Transmit this many Ethernet frames of `frameSize` bytes into VM1's RX
     /// buffers (to a real front end in rxonly mode), as RX buffers appear.
     public var generateFrames = 0

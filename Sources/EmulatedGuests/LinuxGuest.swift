@@ -24,10 +24,18 @@ public enum LinuxGuest {
     /// sends `count` datagrams of `size` bytes (or for `seconds`).
     /// With `receive` the guest sends nothing: it counts (and checks) the
     /// UDP datagrams that arrive on port 9999 for `seconds` from the first.
-    public static func qemuArguments(socket: String, iommu: Bool, count: Int, size: Int, seconds: Double = 0, receive: Bool = false) -> [String] {
+    /// With `.both` the guest sends as in `.send` and at the same time
+    /// counts and checks the datagrams that come back to port 9999 for
+    /// `seconds` from the start, with their sequence numbers (a migration's
+    /// traffic).
+    public enum Mode: String, Sendable { case send, receive, both }
+
+    public static func qemuArguments(socket: String, iommu: Bool, count: Int, size: Int, seconds: Double = 0, receive: Bool = false,
+                                     mode: Mode = .send) -> [String] {
         var device = "virtio-net-pci,netdev=n0,mac=\(guestMAC),romfile=,vectors=0"
         var append = "console=ttyS0 panic=-1 loglevel=4 vpb.count=\(count) vpb.size=\(size) vpb.seconds=\(seconds)"
-        if receive { append += " vpb.mode=receive" }
+        let mode = receive ? .receive : mode
+        if mode != .send { append += " vpb.mode=\(mode.rawValue)" }
         var args = ["-machine", "q35,accel=tcg", "-m", "256",
                     "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
                     "-chardev", "socket,id=c0,path=\(socket)", "-netdev", "vhost-user,id=n0,chardev=c0"]
@@ -95,6 +103,14 @@ public enum LinuxGuest {
         public var receivedPerSecond: Double = 0
         public var rxPackets = 0
         public var rxDropped = 0
+        /// `.both` runs: the first and highest sequence numbers that came
+        /// back valid, how many in between did not, how many came out of
+        /// order, and the longest time without one (seconds).
+        public var sequenceFirst = 0
+        public var sequenceLast = 0
+        public var missing = 0
+        public var reordered = 0
+        public var longestGapSeconds: Double = 0
     }
 
     /// The report, once the guest printed "vpb-guest done".
@@ -124,6 +140,13 @@ public enum LinuxGuest {
             if line.contains("vpb-guest rx_packets ") {
                 report.rxPackets = Int(number(after: "rx_packets ", in: line) ?? 0)
                 report.rxDropped = Int(number(after: "rx_dropped ", in: line) ?? 0)
+            }
+            if line.contains("vpb-sequence ") {
+                report.sequenceFirst = Int(number(after: "first ", in: line) ?? 0)
+                report.sequenceLast = Int(number(after: "last ", in: line) ?? 0)
+                report.missing = Int(number(after: "missing ", in: line) ?? 0)
+                report.reordered = Int(number(after: "reordered ", in: line) ?? 0)
+                report.longestGapSeconds = number(after: "longest-gap ", in: line) ?? 0
             }
             if line.contains("vpb-guest dmar faults ") { report.dmarFaults = Int(number(after: "dmar faults ", in: line) ?? 0) }
         }

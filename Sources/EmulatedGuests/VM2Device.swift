@@ -98,7 +98,9 @@ extension VM2DeviceThread {
                 if EthernetCheck.isPlausible(payload) { counters.framesValid += 1 } else { counters.framesInvalid += 1 }
                 // The Linux guest's datagrams are checked byte by byte.
                 switch GuestDatagram.verify(payload) {
-                case true?: counters.verified += 1
+                case true?:
+                    counters.verified += 1
+                    if let rx, configuration.reflectsGuestDatagrams, let back = LinuxGuest.reflected(whole) { queueEcho(back, to: rx) }
                 case false?: counters.corrupt += 1
                 case nil: break
                 }

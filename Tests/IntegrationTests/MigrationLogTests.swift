@@ -31,7 +31,7 @@ extension Integration {
                     let log = try VM1DirtyLog(ramSize: vm1.configuration.ramSize, size: 2 * DirtyLog.bytesNeeded(toCover: vm1.configuration.ramSize))
                     try vm1.startLogging(log)
                     #expect(vm2.statistics.logging && vm2.statistics.logsApplied == 1, "VM2 logs before VM1's LOG_ALL is acked")
-                    #expect(running.bridge.statistics.session?.dirtyLogging == true)
+                    #expect(pollUntil { running.bridge.statistics.session?.dirtyLogging == true })
 
                     var expected: Set<UInt64> = []
                     for q in vm1.queues { expected.formUnion(pages(q.usedGPA.rawValue, VringLayout.usedRingSize(UInt32(q.size)))) }
@@ -89,8 +89,8 @@ extension Integration {
                     refusedLogAll(unsealed.fd.rawValue, size: 8192)
                     let small = try VM1DirtyLog(ramSize: 0, size: 4096) // 128 MiB of pages for 256 MiB of RAM
                     refusedLogAll(small.memfd.fd.rawValue, size: 4096)
-                    #expect(running.bridge.statistics.refusals["dirty-log", default: 0] >= 3)
-                    #expect(running.bridge.statistics.refusals["fd-kind", default: 0] >= 1)
+                    #expect(pollUntil { running.bridge.statistics.refusals["dirty-log", default: 0] >= 3 })
+                    #expect(pollUntil { running.bridge.statistics.refusals["fd-kind", default: 0] >= 1 })
                     #expect(!vm2.statistics.logging && vm2.statistics.logsApplied == 0)
                     let result = try vm1.runTraffic(count: 16, sizes: [64, 1500])
                     #expect(result.completed, "the session survives every refused log")
@@ -113,13 +113,13 @@ extension Integration {
                 } catch FrontendError.nack(let code) {
                     #expect(code == .setFeatures)
                 }
-                #expect(running.bridge.statistics.refusals["dirty-log", default: 0] == 1)
+                #expect(pollUntil { running.bridge.statistics.refusals["dirty-log", default: 0] == 1 })
                 #expect(running.bridge.statistics.session?.dirtyLogging == false)
                 // Without that VM2 the migration may start: nobody writes VM1's memory.
                 vm2.stop()
                 #expect(pollUntil { !running.bridge.statistics.peer.connected })
                 try vm1.startLogging(log)
-                #expect(running.bridge.statistics.session?.dirtyLogging == true)
+                #expect(pollUntil { running.bridge.statistics.session?.dirtyLogging == true })
                 // An old VM2 is turned away while VM1 migrates...
                 let late = try EmulatedVM2(peerSocketPath: running.peerPath, configuration: old)
                 defer { late.stop() }

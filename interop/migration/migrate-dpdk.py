@@ -197,16 +197,18 @@ def main():
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+        for prefix in (tag + "a", tag + "b"):  # testpmd's runtime directories (--file-prefix)
+            shutil.rmtree(os.path.join("/var/run/dpdk", prefix), ignore_errors=True)
 
     def fail(msg):
         cleanup()
         print(f"migrate-dpdk: FAILED: {msg} (logs in {d})", file=sys.stderr)
         sys.exit(1)
 
+    tag = f"vpbmig{os.getpid()}"
     signal.signal(signal.SIGALRM, lambda *_: fail("whole-run timeout"))
     signal.alarm(int(a.timeout))
     t0 = time.time()
-    tag = f"vpbmig{os.getpid()}"
     sock_a, sock_b = os.path.join(d, "a.sock"), os.path.join(d, "b.sock")
     qmp_a, qmp_b = os.path.join(d, "qmp-a.sock"), os.path.join(d, "qmp-b.sock")
     if a.incoming == "unix":

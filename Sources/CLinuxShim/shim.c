@@ -280,6 +280,7 @@ uint32_t shim_load_acquire_u32(const void *p) { return __atomic_load_n((const ui
 uint32_t shim_fetch_add_u32(void *p, uint32_t v) { return __atomic_fetch_add((uint32_t *)p, v, __ATOMIC_SEQ_CST); }
 /* Dirty log: the device's writes before the bit (release); QEMU clears bits with an atomic exchange. */
 void shim_fetch_or_u8(void *p, uint8_t v) { __atomic_fetch_or((uint8_t *)p, v, __ATOMIC_RELEASE); }
+void shim_fetch_or_u64(void *p, uint64_t v) { __atomic_fetch_or((uint64_t *)p, v, __ATOMIC_RELEASE); }
 int shim_futex_wait(void *p, uint32_t expected, int64_t timeout_ns) {
     if (timeout_ns < 0) timeout_ns = 0;
     struct timespec ts = { .tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000 };

@@ -59,7 +59,14 @@ public struct DeviceMemory {
     public private(set) var loggedWrites: UInt64 = 0
 
     /// From the next burst on every write is marked in `log` (nil: none is).
-    public mutating func setDirtyLog(_ log: DirtyLogMemory?) { dirtyLog = log }
+    public mutating func setDirtyLog(_ log: DirtyLogMemory?) {
+        dirtyLog = log
+        if log != nil, logCache.isEmpty {
+            logCache = Array(repeating: DirtyLogWord(word: DirtyLogWord.none, bits: 0), count: DirtyLogWord.cacheCapacity)
+        }
+    }
+    /// The bursts' mark cache, kept so a burst allocates nothing.
+    private var logCache: [DirtyLogWord] = []
 
     public init() { grants = GrantTable(barSize: 0) }
 
@@ -134,12 +141,20 @@ public struct DeviceMemory {
         let granted = grants, lost = lost, log = dirtyLog
         var kept: GrantTable? = nil
         var logged: (marked: UInt64, unmarked: UInt64) = (0, 0)
+        var cache: [DirtyLogWord] = []
+        swap(&cache, &logCache)
         let result: R? = window.withBytes(at: 0, length: Int(window.size)) { bar in
-            var access = BurstAccess(bar: bar, grants: granted, lost: lost,
-                                     log: log.map { ($0.bytes, $0.size) })
-            defer { kept = access.grants; logged = (access.loggedWrites, access.unloggedWrites) }
+            var access = BurstAccess(bar: bar, grants: granted, lost: lost, log: log.map { ($0.bytes, $0.size) })
+            swap(&cache, &access.logCache) // moved, not shared: no copy on write
+            defer {
+                access.flushLog() // no mark outlives its burst
+                kept = access.grants
+                logged = (access.loggedWrites, access.unloggedWrites)
+                swap(&cache, &access.logCache)
+            }
             return withExtendedLifetime(log) { body(&access) }
         }
+        swap(&cache, &logCache)
         if let kept { grants = kept }
         loggedWrites &+= logged.marked
         unloggedWrites &+= logged.unmarked
@@ -169,6 +184,17 @@ public struct DeviceMemory {
     }
 }
 
+/// 64 pages of the dirty log (one of its u64 words) and the bits a burst
+/// marked in it.
+public struct DirtyLogWord: Sendable, Equatable {
+    public var word: UInt64
+    public var bits: UInt64
+    /// Words reserved for a burst's marks.
+    static let cacheCapacity = 32
+    /// No word.
+    static let none = UInt64.max
+}
+
 /// Checked access to the BAR during one burst. Every buffer a descriptor
 /// names goes through `part`, which checks the grant (last-hit first) and
 /// the BAR's bounds; ring fields are reached through `ring…` accessors only
@@ -184,42 +210,126 @@ public struct BurstAccess: ~Copyable {
     let log: (bytes: UnsafeMutableRawPointer, size: UInt64)?
     var loggedWrites: UInt64 = 0
     var unloggedWrites: UInt64 = 0
+    /// Marks of this burst not in the log yet, as 64-page words (the log's
+    /// own u64 chunks): a burst's writes land on few pages, each marked
+    /// once per flush with one atomic OR. The word being marked is kept
+    /// apart (`logWord`, `logBits`), the others in `logCache`.
+    var logCache: [DirtyLogWord]
+    /// Words of `logCache` in use.
+    var logCached = 0
+    var logWord = DirtyLogWord.none
+    var logBits: UInt64 = 0
+    /// The grant the last logged write was in (`[start, end)`, and what
+    /// turns its BAR offsets into guest-physical addresses); empty at first.
+    var logRangeStart: UInt64 = 1, logRangeEnd: UInt64 = 0, logRangeDelta: UInt64 = 0
 
     init(bar: UnsafeMutableRawBufferPointer, grants: GrantTable, lost: PeerMappingTable = PeerMappingTable(),
-         log: (bytes: UnsafeMutableRawPointer, size: UInt64)? = nil) {
+         log: (bytes: UnsafeMutableRawPointer, size: UInt64)? = nil, logCache: [DirtyLogWord] = []) {
         self.bar = bar
         self.grants = grants
         self.lost = lost
         self.log = log
+        self.logCache = logCache
     }
 
     /// Whether writes are being logged (VM1 live-migrates).
     public var logging: Bool { log != nil }
 
     /// Marks `[address, address+length)` of the BAR — just written by the
-    /// device — in VM1's dirty log, by guest-physical page (a write that
-    /// spans grants is marked piece by piece). Costs one test when VM1 is
-    /// not migrating.
+    /// device — for VM1's dirty log, by guest-physical page (a write that
+    /// spans grants is marked piece by piece). The marks reach the log at
+    /// the next `flushLog` (when the used index is published, and at the
+    /// end of the burst at the latest). Costs one test when VM1 is not
+    /// migrating.
     @inline(__always)
     public mutating func logWrite(_ address: UInt64, _ length: Int) {
         guard let log, length > 0 else { return }
-        logWrite(address, UInt64(length), into: log)
+        let n = UInt64(length)
+        // Most writes of a burst land in the grant the one before did.
+        if address >= logRangeStart, address < logRangeEnd, n <= logRangeEnd - address {
+            let gpa = address &+ logRangeDelta
+            var page = gpa >> DirtyLog.pageShift
+            let last = (gpa &+ (n - 1)) >> DirtyLog.pageShift
+            if last >> 3 < log.size {
+                while true {
+                    markPage(page)
+                    if page >= last { break }
+                    page += 1
+                }
+                loggedWrites &+= 1
+                return
+            }
+        }
+        logWrite(address, n, logSize: log.size)
     }
 
-    private mutating func logWrite(_ address: UInt64, _ length: UInt64, into log: (bytes: UnsafeMutableRawPointer, size: UInt64)) {
+    private mutating func logWrite(_ address: UInt64, _ length: UInt64, logSize: UInt64) {
         var at = address, left = length
         var recorded = true
         while left > 0 {
-            guard let range = grants.range(containing: at), let gpa = range.guestPhysical(of: at) else {
+            guard let range = grants.range(containing: at), let delta = range.guestPhysicalDelta else {
                 recorded = false
                 break
             }
+            (logRangeStart, logRangeEnd, logRangeDelta) = (range.start, range.end, delta)
+            let gpa = at &+ delta
             let n = min(left, range.end - at)
-            if !DirtyLogMemory.mark(log.bytes, size: log.size, GuestPhysicalAddress(gpa), length: n) { recorded = false }
+            // Granted ranges never wrap (MAP's address is checked), so
+            // neither does a piece of one.
+            var page = gpa >> DirtyLog.pageShift
+            let last = (gpa &+ (n - 1)) >> DirtyLog.pageShift
+            while true {
+                guard page >> 3 < logSize else { recorded = false; break }
+                markPage(page)
+                if page >= last { break }
+                page += 1
+            }
             at += n
             left -= n
         }
         if recorded { loggedWrites &+= 1 } else { unloggedWrites &+= 1 }
+    }
+
+    /// One page's bit, into the word being marked (most writes of a burst
+    /// land in the one before).
+    @inline(__always)
+    private mutating func markPage(_ page: UInt64) {
+        let word = page >> 6
+        if word != logWord { switchWord(word) }
+        logBits |= UInt64(1) << (page & 63)
+    }
+
+    private mutating func switchWord(_ word: UInt64) {
+        if logWord != DirtyLogWord.none {
+            let done = DirtyLogWord(word: logWord, bits: logBits)
+            if let i = logCache.prefix(logCached).firstIndex(where: { $0.word == done.word }) {
+                logCache[i].bits |= done.bits
+            } else if logCached < logCache.count {
+                logCache[logCached] = done
+                logCached += 1
+            } else {
+                logCache.append(done) // past the reserved words: grows once, kept
+                logCached += 1
+            }
+        }
+        logWord = word
+        logBits = 0
+    }
+
+    /// Puts this burst's marks into the log (atomic ORs after the writes
+    /// they record: release). Marks reach the log only here — when the used
+    /// index is published, and at the end of the burst — so every write of
+    /// the burst before it (the `num_buffers` a frame sets last included)
+    /// is in memory before its bit.
+    public mutating func flushLog() {
+        guard let log else { return }
+        if logWord != DirtyLogWord.none {
+            DirtyLogMemory.or(log.bytes, size: log.size, word: logWord, bits: logBits)
+            logWord = DirtyLogWord.none
+            logBits = 0
+        }
+        for i in 0..<logCached { DirtyLogMemory.or(log.bytes, size: log.size, word: logCache[i].word, bits: logCache[i].bits) }
+        logCached = 0
     }
 
     /// Marks the first `count` bytes of `segments` (a chain just filled).
@@ -234,11 +344,15 @@ public struct BurstAccess: ~Copyable {
         }
     }
 
-    /// Marks the used ring (its elements, flags, index and `avail_event`).
+    /// Marks the used ring (its elements, flags, index and `avail_event`)
+    /// and puts every mark of the burst into the log: before the used index
+    /// publishes what the marks record, and again right after it (the
+    /// index's own write must come before its mark).
     @inline(__always)
     mutating func logUsedRing(_ ring: SplitRing, eventIndex: Bool) {
         guard log != nil else { return }
         logWrite(ring.used, Int(ring.usedBytes(eventIndex: eventIndex)))
+        flushLog()
     }
 
     public var generation: UInt64 { grants.generation }

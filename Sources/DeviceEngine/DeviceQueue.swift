@@ -169,9 +169,10 @@ public struct DeviceQueue: Sendable {
     /// clear, or `used_event` passed with EVENT_IDX).
     public mutating func publish(_ a: inout BurstAccess) -> Bool {
         guard usedIndex != published, areasGrantedIn == a.generation else { return false }
+        a.logUsedRing(ring, eventIndex: eventIndex) // what the index publishes is in the log before it
         a.storeRelease(usedIndex, ring.usedIndex)
         published = usedIndex
-        a.logUsedRing(ring, eventIndex: eventIndex)
+        a.logUsedRing(ring, eventIndex: eventIndex) // and the index itself
         RingOrdering.fullFence()
         if eventIndex {
             let event = a.load(UInt16.self, ring.usedEvent)

@@ -137,7 +137,7 @@ extension DeviceQueue {
                 // truncated in the chains it already has (the refused one is
                 // completed empty after them); the driver drops both.
                 counters.dropped += 1
-                if let numBuffers { a.store(UInt16(chains), numBuffers); a.logWrite(numBuffers, 2) }
+                if let numBuffers { a.store(UInt16(chains), numBuffers) } // marked with the first buffer (flushed after this)
                 return .delivered(chains: chains)
             case .fault(let f):
                 rollBack(to: start); return .stopped(.fault(f))
@@ -145,7 +145,7 @@ extension DeviceQueue {
                 rollBack(to: start); return .stopped(.defect(d))
             }
         }
-        if let numBuffers { a.store(UInt16(chains), numBuffers); a.logWrite(numBuffers, 2) }
+        if let numBuffers { a.store(UInt16(chains), numBuffers) } // marked with the first buffer (flushed after this)
         counters.chains += 1
         counters.bytes += UInt64(total - min(total, VirtioNetHeader.size))
         return .delivered(chains: chains)

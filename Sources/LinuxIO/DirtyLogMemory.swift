@@ -74,6 +74,23 @@ public final class DirtyLogMemory: Sendable {
         }
     }
 
+    /// ORs `bits` into the log's u64 word `word` (pages `64 * word` on);
+    /// a word that runs past the log's end is ORed byte by byte as far as
+    /// the log goes.
+    @inline(__always)
+    public static func or(_ bytes: UnsafeMutableRawPointer, size: UInt64, word: UInt64, bits: UInt64) {
+        let byte = word << 3
+        guard byte < size else { return }
+        if size - byte >= 8 {
+            shim_fetch_or_u64(bytes + Int(byte), bits)
+            return
+        }
+        for k in 0..<(size - byte) {
+            let b = UInt8(truncatingIfNeeded: bits >> (8 * k))
+            if b != 0 { shim_fetch_or_u8(bytes + Int(byte + k), b) }
+        }
+    }
+
     /// Whether page `page`'s bit is set (tests, and VM1's side).
     public func isMarked(page: UInt64) -> Bool {
         let (byte, mask) = DirtyLog.bit(ofPage: page)

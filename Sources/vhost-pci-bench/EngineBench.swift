@@ -23,6 +23,13 @@ struct EngineBench: ParsableCommand {
     @Option(help: "Frame size, virtio-net header excluded.")
     var size: Int = 64
 
+    @Flag(help: "Measure twice in this run, without and with dirty-page logging (VM1 live-migrating: every write marked in a log), and print the ratio.")
+    var dirtyLog = false
+
+    /// Where the BAR is in VM1's guest-physical memory with --dirty-log
+    /// (not at 0: the engine must translate).
+    static let logGPA: UInt64 = 1 << 32
+
     static let ringSize: UInt16 = 256
     static let barSize: UInt64 = 2 << 20
     // Layout in the BAR: RX ring at 0, TX ring at 16 KiB, RX buffers from
@@ -32,16 +39,22 @@ struct EngineBench: ParsableCommand {
     static let rxBuffers: UInt64 = 0x1_0000, txBuffers: UInt64 = 0xa_0000
 
     func run() throws {
-        let forward: Bool
-        switch mode {
-        case "count": forward = false
-        case "forward": forward = true
-        case "receive": return try receive()
-        default: throw ValidationError("--mode is count, forward or receive")
-        }
+        guard ["count", "forward", "receive"].contains(mode) else { throw ValidationError("--mode is count, forward or receive") }
+        guard dirtyLog else { _ = try measure(logging: false); return }
+        let off = try measure(logging: false)
+        let on = try measure(logging: true)
+        print("engine \(mode) dirty logging: on/off \(String(format: "%.2f", on / off)) of the frame rate (\(String(format: "%.1f", on / 1e6)) vs \(String(format: "%.1f", off / 1e6)) Mpps)")
+    }
+
+    /// One measurement; returns frames per second.
+    func measure(logging: Bool) throws -> Double {
+        if mode == "receive" { return try receive(logging: logging) }
+        let forward = mode == "forward"
         let n = Self.ringSize
         let (memfd, window) = try Self.bar()
         var device = try Self.device(window, memfd)
+        let log = logging ? try Self.attachLog(&device) : nil
+        defer { if let log { try? log.fd.close() } }
         device.setQueue(1, ring: Self.txRing, start: 0)
         // Descriptors once: TX i → a frame of `size` (+ header), RX i → 2 KiB writable.
         var frame = [UInt8](repeating: 0, count: VirtioNetHeader.size) + [UInt8](repeating: 0xff, count: 12) + [0x08, 0x00]
@@ -81,16 +94,21 @@ struct EngineBench: ParsableCommand {
         guard served == rounds * Int(n), refused == 0, device.implausibleFrames == 0, !forward || rx.chains == served else {
             throw ValidationError("refused \(refused), served \(served) of \(rounds * Int(n)), implausible \(device.implausibleFrames), forwarded \(rx.chains)")
         }
-        print("engine \(mode): \(served) frames of \(size) B in \(passes) passes, \(String(format: "%.1f", Double(served) / seconds / 1e6)) Mpps")
+        print("engine \(mode)\(logging ? " (dirty logging)" : ""): \(served) frames of \(size) B in \(passes) passes, \(String(format: "%.1f", Double(served) / seconds / 1e6)) Mpps"
+              + (logging ? ", \(device.memory.loggedWrites) writes logged, \(device.memory.unloggedWrites) not" : ""))
+        guard !logging || (device.memory.loggedWrites > 0 && device.memory.unloggedWrites == 0) else { throw ValidationError("logging did not log") }
+        return Double(served) / seconds
     }
 
     /// VM2 generating: every round, VM1 makes all RX buffers available and
     /// the device fills them with one frame each, in bursts of 64
     /// (`NetDevice.deliver(_:times:to:)`, what the generator does).
-    func receive() throws {
+    func receive(logging: Bool) throws -> Double {
         let n = Self.ringSize
         let (memfd, window) = try Self.bar()
         var device = try Self.device(window, memfd)
+        let log = logging ? try Self.attachLog(&device) : nil
+        defer { if let log { try? log.fd.close() } }
         for i in 0..<n {
             Self.descriptor(window, Self.rxRing.descriptor(i), address: Self.rxBuffers + UInt64(i) * 2048, length: 2048, flags: .write)
         }
@@ -116,7 +134,20 @@ struct EngineBench: ParsableCommand {
         }
         let seconds = start.duration(to: clock.now) / .seconds(1)
         guard delivered == rounds * Int(n) else { throw ValidationError("delivered \(delivered) of \(rounds * Int(n))") }
-        print("engine receive: \(delivered) frames of \(size) B in \(calls) bursts, \(String(format: "%.1f", Double(delivered) / seconds / 1e6)) Mpps")
+        print("engine receive\(logging ? " (dirty logging)" : ""): \(delivered) frames of \(size) B in \(calls) bursts, \(String(format: "%.1f", Double(delivered) / seconds / 1e6)) Mpps"
+              + (logging ? ", \(device.memory.loggedWrites) writes logged, \(device.memory.unloggedWrites) not" : ""))
+        guard !logging || (device.memory.loggedWrites > 0 && device.memory.unloggedWrites == 0) else { throw ValidationError("logging did not log") }
+        return Double(delivered) / seconds
+    }
+
+    /// Regrants the BAR at guest-physical `logGPA` and logs into a sealed
+    /// log covering it (returns the log's memfd).
+    static func attachLog(_ device: inout NetDevice) throws -> Memfd {
+        let bytes = DirtyLog.bytesNeeded(toCover: logGPA + barSize)
+        let memfd = try Memfd(name: "engine-bench-log", size: bytes)
+        try memfd.addSeals([.shrink, .grow])
+        device.memory.setDirtyLog(try DirtyLogMemory(adopting: memfd.fd, size: bytes, offset: 0))
+        return memfd
     }
 
     /// A BAR over one memfd, all of it granted.
@@ -129,7 +160,7 @@ struct EngineBench: ParsableCommand {
     static func device(_ window: BARWindow, _ memfd: Memfd) throws -> NetDevice {
         var device = NetDevice()
         device.memory.attach(window)
-        try device.memory.map(bus: 0, length: barSize, permission: .readWrite, fd: memfd.fd.rawValue, fdOffset: 0)
+        try device.memory.map(bus: 0, length: barSize, permission: .readWrite, fd: memfd.fd.rawValue, fdOffset: 0, guestPhysical: logGPA)
         device.start(features: NetDevice.served.rawValue)
         device.setQueue(0, ring: rxRing, start: 0)
         return device

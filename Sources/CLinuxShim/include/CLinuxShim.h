@@ -132,6 +132,7 @@ void shim_store_release_u32(void *p, uint32_t v);
 uint32_t shim_load_acquire_u32(const void *p);
 uint32_t shim_fetch_add_u32(void *p, uint32_t v);
 void shim_fetch_or_u8(void *p, uint8_t v);
+void shim_fetch_or_u64(void *p, uint64_t v);
 /* FUTEX_WAIT (shared) on *p while it holds `expected`, at most timeout_ns:
    0 when woken (or the value differed), -errno otherwise (-ETIMEDOUT). */
 int shim_futex_wait(void *p, uint32_t expected, int64_t timeout_ns);

@@ -124,11 +124,15 @@ bench: deps
 	  .build/release/vhost-pci-bench iotlb; echo; \
 	  echo "The same with a VM2 that did not negotiate the revocation channel (MAP/UNMAP and ACK on the socket), measured right after:"; echo; \
 	  .build/release/vhost-pci-bench iotlb --socket-only | sed -n '/^|/p;/^VM2 applied/p;/^By thread/,/^invalidate/p'; \
+	  echo "### Dirty logging in the engine (\`vhost-pci-bench engine --dirty-log\`: without, then with, in one run; 64 B frames)"; echo; \
+	  for m in count forward receive; do .build/release/vhost-pci-bench engine --mode $$m --dirty-log | sed 's/^/    /'; done; echo; \
 	  if [ -x /usr/bin/dpdk-testpmd ]; then echo; .build/release/vhost-pci-bench dpdk; \
+	    echo; .build/release/vhost-pci-bench dpdk --dirty-log --sizes 64,1500 --queues 1; \
 	  else echo; echo "(DPDK table skipped: dpdk-testpmd is not installed; make interop-deps)"; fi; \
 	  if [ -x /usr/bin/dpdk-testpmd ] && [ -x /usr/bin/qemu-system-x86_64 ] && [ -f .build/linux-guest/vmlinuz ]; then \
 	    echo; .build/release/vhost-pci-bench linux-guest; \
-	  else echo; echo "(Linux guest table skipped: make interop-deps)"; fi; \
+	    echo; .build/release/vhost-pci-bench migrate; \
+	  else echo; echo "(Linux guest and migration tables skipped: make interop-deps)"; fi; \
 	  if [ "$$(id -u)" = 0 ]; then echo; .build/release/vhost-pci-bench scale; \
 	  else echo; echo "(Scale table skipped: it raises vm.max_map_count, which needs root)"; fi; } > docs/benchmarks.md
 	cat docs/benchmarks.md

@@ -49,24 +49,27 @@ public struct DeviceMemory {
     public private(set) var distrustsUnsealed = false
     /// SIGBUS faults absorbed (each replaced a page with zeros).
     public private(set) var faultsAbsorbed: UInt64 = 0
+    /// Dirty logging (VM1 live-migrates), from the first log on: one
+    /// reference, so a device that never logs carries one word for it.
+    private var logState: DirtyLogState?
+
     /// VM1's dirty log while it live-migrates (peer feature `dirtyLog`):
     /// every write the device makes into VM1's memory is marked in it.
-    public private(set) var dirtyLog: DirtyLogMemory?
+    public var dirtyLog: DirtyLogMemory? { logState?.memory }
     /// Writes made while logging that could not be marked: the range's
     /// guest-physical address was not known, or it lies past the log.
-    public private(set) var unloggedWrites: UInt64 = 0
+    public var unloggedWrites: UInt64 { logState?.unlogged ?? 0 }
     /// Writes marked in the dirty log (each one or more pages).
-    public private(set) var loggedWrites: UInt64 = 0
+    public var loggedWrites: UInt64 { logState?.logged ?? 0 }
 
     /// From the next burst on every write is marked in `log` (nil: none is).
     public mutating func setDirtyLog(_ log: DirtyLogMemory?) {
-        dirtyLog = log
-        if log != nil, logCache.isEmpty {
-            logCache = Array(repeating: DirtyLogWord(word: DirtyLogWord.none, bits: 0), count: DirtyLogWord.cacheCapacity)
+        if let logState {
+            logState.memory = log
+        } else if let log {
+            logState = DirtyLogState(log)
         }
     }
-    /// The bursts' mark cache, kept so a burst allocates nothing.
-    private var logCache: [DirtyLogWord] = []
 
     public init() { grants = GrantTable(barSize: 0) }
 
@@ -138,26 +141,31 @@ public struct DeviceMemory {
     /// Runs `body` with checked access to the BAR; nil before the BAR exists.
     public mutating func burst<R>(_ body: (inout BurstAccess) -> R) -> R? {
         guard let window else { return nil }
-        let granted = grants, lost = lost, log = dirtyLog
+        let granted = grants, lost = lost
         var kept: GrantTable? = nil
-        var logged: (marked: UInt64, unmarked: UInt64) = (0, 0)
-        var cache: [DirtyLogWord] = []
-        swap(&cache, &logCache)
+        guard let state = logState, let log = state.memory else {
+            let result: R? = window.withBytes(at: 0, length: Int(window.size)) { bar in
+                var access = BurstAccess(bar: bar, grants: granted, lost: lost)
+                defer { kept = access.grants }
+                return body(&access)
+            }
+            if let kept { grants = kept }
+            noteTruncations()
+            return result
+        }
         let result: R? = window.withBytes(at: 0, length: Int(window.size)) { bar in
-            var access = BurstAccess(bar: bar, grants: granted, lost: lost, log: log.map { ($0.bytes, $0.size) })
-            swap(&cache, &access.logCache) // moved, not shared: no copy on write
+            var access = BurstAccess(bar: bar, grants: granted, lost: lost, log: (log.bytes, log.size))
+            swap(&state.cache, &access.logCache) // moved, not shared: no copy on write
             defer {
                 access.flushLog() // no mark outlives its burst
                 kept = access.grants
-                logged = (access.loggedWrites, access.unloggedWrites)
-                swap(&cache, &access.logCache)
+                state.logged &+= access.loggedWrites
+                state.unlogged &+= access.unloggedWrites
+                swap(&state.cache, &access.logCache)
             }
             return withExtendedLifetime(log) { body(&access) }
         }
-        swap(&cache, &logCache)
         if let kept { grants = kept }
-        loggedWrites &+= logged.marked
-        unloggedWrites &+= logged.unmarked
         noteTruncations()
         return result
     }
@@ -181,6 +189,23 @@ public struct DeviceMemory {
             lost.add(r.start, r.end, r.permission)
         }
         unsealed = PeerMappingTable()
+    }
+}
+
+/// A device's dirty logging: the log it writes now (nil: none), what its
+/// bursts did with it, and their mark cache (kept so a burst allocates
+/// nothing). A class so that `DeviceMemory`, which a burst moves in and out
+/// of its owner, grows by one word for it; it belongs to that one
+/// `DeviceMemory` (and so to one device thread).
+final class DirtyLogState {
+    var memory: DirtyLogMemory?
+    var logged: UInt64 = 0
+    var unlogged: UInt64 = 0
+    var cache: [DirtyLogWord]
+
+    init(_ memory: DirtyLogMemory) {
+        self.memory = memory
+        cache = Array(repeating: DirtyLogWord(word: DirtyLogWord.none, bits: 0), count: DirtyLogWord.cacheCapacity)
     }
 }
 
@@ -224,12 +249,12 @@ public struct BurstAccess: ~Copyable {
     var logRangeStart: UInt64 = 1, logRangeEnd: UInt64 = 0, logRangeDelta: UInt64 = 0
 
     init(bar: UnsafeMutableRawBufferPointer, grants: GrantTable, lost: PeerMappingTable = PeerMappingTable(),
-         log: (bytes: UnsafeMutableRawPointer, size: UInt64)? = nil, logCache: [DirtyLogWord] = []) {
+         log: (bytes: UnsafeMutableRawPointer, size: UInt64)? = nil) {
         self.bar = bar
         self.grants = grants
         self.lost = lost
         self.log = log
-        self.logCache = logCache
+        self.logCache = []
     }
 
     /// Whether writes are being logged (VM1 live-migrates).

@@ -57,6 +57,12 @@ public struct VM2Configuration: Sendable {
     /// VM1's memory while VM1 live-migrates; off, VM1 cannot migrate while
     /// this VM2 is attached.
     public var logsDirtyPages = true
+    /// Log every write from the start, into a log of VM2's own covering
+    /// the whole 47-bit address space (sparse: 4 GiB of address space, a
+    /// page per 128 MiB of VM1 memory written) — what logging costs, in a
+    /// benchmark, without a migrating VM1. Needs `dirtyLog` (the MAPs'
+    /// guest-physical addresses).
+    public var forcesDirtyLog = false
     public init() {}
 }
 

@@ -55,6 +55,7 @@ extension VM2DeviceThread {
                 device.memory.attach(w)
                 owner.setWindow(w)
                 owner.update { $0.ready = true; $0.barSize = info.barSize; $0.mode = info.mode.rawValue }
+                if configuration.forcesDirtyLog, info.features.contains(.dirtyLog) { setLog(try Self.ownLog()) }
             } catch {
                 stopReason = "cannot reserve a BAR of \(info.barSize) bytes: \(error)"
             }
@@ -161,6 +162,16 @@ extension VM2DeviceThread {
             stopReason = "unexpected \(message.type) from the daemon"
         }
         for fd in fds { try? fd.close() }
+    }
+
+    /// `forcesDirtyLog`'s log: a sealed, sparse memfd for every page of a
+    /// 47-bit guest-physical space.
+    static func ownLog() throws -> DirtyLogMemory {
+        let bytes = DirtyLog.bytesNeeded(toCover: 1 << 47)
+        let memfd = try Memfd(name: "vm2-own-log", size: bytes)
+        defer { try? memfd.fd.close() } // the mapping stays
+        try memfd.addSeals([.shrink, .grow])
+        return try DirtyLogMemory(adopting: memfd.fd, size: bytes, offset: 0)
     }
 
     /// Logs into `log` from the next burst on (nil: stops logging).

@@ -8,7 +8,7 @@ struct Bench: ParsableCommand {
         commandName: "vhost-pci-bench",
         abstract: "Benchmarks for vhost-pci-bridge. Each reports ratios against a baseline measured in the same run.",
         version: BuildInfo.version,
-        subcommands: [LookupBench.self, EngineBench.self, NotifyBench.self, IOTLBBench.self, DPDKBench.self, LinuxGuestBench.self, ScaleBench.self, SoakBench.self]
+        subcommands: [LookupBench.self, EngineBench.self, NotifyBench.self, IOTLBBench.self, DPDKBench.self, LinuxGuestBench.self, MigrateBench.self, ScaleBench.self, SoakBench.self]
     )
 }
 

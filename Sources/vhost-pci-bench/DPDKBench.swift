@@ -39,6 +39,9 @@ struct DPDKBench: ParsableCommand {
     @Option(help: "Milliseconds the VM2 device polls after its last work before sleeping on kicks (0: kick-driven).")
     var pollMs: Int = 100
 
+    @Flag(help: "Instead of the comparison with DPDK: each bridge run twice in this run, VM2's engine without and with dirty-page logging (as while VM1 live-migrates: every page it writes marked in a log), and the ratio.")
+    var dirtyLog = false
+
     @Flag(help: "Print one JSON object instead of Markdown.")
     var json = false
 
@@ -77,7 +80,7 @@ struct DPDKBench: ParsableCommand {
     }
 
     /// testpmd txonly → bridge (identity) → VM2 counting frames; Mpps seen by VM2.
-    func throughBridge(size: Int, queues: Int) throws -> BridgeRun {
+    func throughBridge(size: Int, queues: Int, logging: Bool = false) throws -> BridgeRun {
         let dir = "/tmp/vpb-bench-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -86,6 +89,7 @@ struct DPDKBench: ParsableCommand {
         var config = VM2Configuration()
         config.dataPath = .count
         config.pollFor = .milliseconds(pollMs)
+        config.forcesDirtyLog = logging
         let vm2 = try EmulatedVM2(peerSocketPath: "\(dir)/vm2.sock", configuration: config)
         defer { vm2.stop() }
         let (p, stdin) = try launchChild(Self.testpmd, frontEnd("\(dir)/vm1.sock", size: size, name: "bench-tx", server: false, mode: "txonly", queues: queues), log: "\(dir)/tx.log")
@@ -100,18 +104,19 @@ struct DPDKBench: ParsableCommand {
         for _ in 0..<100 where vm2.statistics.packetsReceived < (counter("\(dir)/tx.log", "TX-packets") ?? 0) { usleep(10_000) }
         let s = vm2.statistics
         return BridgeRun(mpps: mpps, testpmdSent: counter("\(dir)/tx.log", "TX-packets") ?? -1, vm2Received: s.packetsReceived,
-                         vm2Implausible: s.framesInvalid, refused: s.descriptorsRefused, kicks: s.kicksReceived)
+                         vm2Implausible: s.framesInvalid, refused: s.descriptorsRefused, kicks: s.kicksReceived,
+                         writesLogged: s.writesLogged, writesUnlogged: s.writesUnlogged)
     }
 
     /// VM2 generates frames into testpmd's receive buffers (rxonly,
     /// virtio-user) through the bridge (identity); Mpps VM2 delivered.
-    func receiveThroughBridge(size: Int, queues: Int) throws -> BridgeRun {
+    func receiveThroughBridge(size: Int, queues: Int, logging: Bool = false) throws -> BridgeRun {
         let dir = "/tmp/vpb-bench-rx-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let (bridge, server) = try startBridge("bench-rx", dir: dir, queues: queues)
         defer { bridge.stop(); server.join() }
-        let vm2 = try generatingVM2(dir: dir, size: size)
+        let vm2 = try generatingVM2(dir: dir, size: size, logging: logging)
         defer { vm2.stop() }
         let (p, stdin) = try launchChild(Self.testpmd, frontEnd("\(dir)/vm1.sock", size: size, name: "bench-rx", server: false, mode: "rxonly", queues: queues), log: "\(dir)/rx.log")
         for _ in 0..<300 where vm2.statistics.packetsSent == 0 { usleep(10_000) }
@@ -123,7 +128,8 @@ struct DPDKBench: ParsableCommand {
         finishChild(p, stdin)
         let s = vm2.statistics
         return BridgeRun(mpps: mpps, testpmdSent: counter("\(dir)/rx.log", "RX-packets") ?? -1, vm2Received: s.packetsSent,
-                         vm2Implausible: 0, refused: s.descriptorsRefused, kicks: s.kicksReceived)
+                         vm2Implausible: 0, refused: s.descriptorsRefused, kicks: s.kicksReceived,
+                         writesLogged: s.writesLogged, writesUnlogged: s.writesUnlogged)
     }
 
     /// Both ways at once through the bridge: testpmd in flowgen (sends, and
@@ -155,8 +161,9 @@ struct DPDKBench: ParsableCommand {
 
     /// VM2 counting what it receives and generating `size`-byte frames into
     /// every receive buffer VM1 offers.
-    func generatingVM2(dir: String, size: Int) throws -> EmulatedVM2 {
+    func generatingVM2(dir: String, size: Int, logging: Bool = false) throws -> EmulatedVM2 {
         var config = VM2Configuration()
+        config.forcesDirtyLog = logging
         config.dataPath = .count
         config.echo = false
         config.pollFor = .milliseconds(pollMs)
@@ -172,6 +179,8 @@ struct DPDKBench: ParsableCommand {
         var vm2Implausible: Int
         var refused: Int
         var kicks: Int
+        var writesLogged: UInt64 = 0
+        var writesUnlogged: UInt64 = 0
     }
 
     /// The testpmd pair on DPDK's vhost back end; Mpps counted by the
@@ -232,6 +241,7 @@ struct DPDKBench: ParsableCommand {
         guard FileManager.default.isExecutableFile(atPath: Self.testpmd) else {
             throw ValidationError("dpdk-testpmd is not installed: apt-get install dpdk-dev (or make interop-deps)")
         }
+        if dirtyLog { return try loggingCost() }
         var rows: [Row] = []
         for q in queues.split(separator: ",").compactMap({ Int($0) }) {
             for size in sizes.split(separator: ",").compactMap({ Int($0) }) {
@@ -289,6 +299,39 @@ struct DPDKBench: ParsableCommand {
         for r in rows {
             print(String(format: "| %@ | %d B | %d | %.3f | %.3f | %.2f× | %d | %d | %d | %d | %d |", r.direction, r.size, r.queues, r.bridgeMpps, r.pairMpps, r.ratio,
                          r.testpmdSent, r.vm2Received, r.vm2Implausible, r.refused, r.kicks))
+        }
+    }
+
+    /// What dirty logging costs VM2's engine against real traffic: each
+    /// bridge run without and with logging, in this run.
+    func loggingCost() throws {
+        struct LogRow: Codable { var direction: String; var size: Int; var queues: Int; var off: Double; var on: Double; var ratio: Double; var writesLogged: UInt64 }
+        var rows: [LogRow] = []
+        for q in queues.split(separator: ",").compactMap({ Int($0) }) {
+            for size in sizes.split(separator: ",").compactMap({ Int($0) }) {
+                for receive in [false, true] where direction == .all || direction == (receive ? .receive : .transmit) {
+                    let name = receive ? "receive" : "transmit"
+                    FileHandle.standardError.write(Data("dpdk: \(name), \(size) B, \(q) queue pair(s), logging off, then on…\n".utf8))
+                    let off = receive ? try receiveThroughBridge(size: size, queues: q) : try throughBridge(size: size, queues: q)
+                    let on = receive ? try receiveThroughBridge(size: size, queues: q, logging: true) : try throughBridge(size: size, queues: q, logging: true)
+                    guard on.writesLogged > 0, on.writesUnlogged == 0 else {
+                        throw ValidationError("\(name), \(size) B: VM2 logged \(on.writesLogged) writes, \(on.writesUnlogged) not")
+                    }
+                    rows.append(LogRow(direction: name, size: size, queues: q, off: off.mpps, on: on.mpps, ratio: off.mpps > 0 ? on.mpps / off.mpps : 0,
+                                       writesLogged: on.writesLogged))
+                }
+            }
+        }
+        if json {
+            try printJSON(["dirtyLog": rows])
+            return
+        }
+        print("### Dirty logging (`vhost-pci-bench dpdk --dirty-log`, \(seconds) s per run)\n")
+        print("The bridge runs of the table above (testpmd on virtio-user as VM1, VM2 on the `DeviceEngine`), each twice in this run: VM2 without, then with dirty-page logging (as while VM1 live-migrates: every page VM2 writes into VM1's memory — received frames, used rings — marked in a log, by guest-physical page). Transmit writes only used rings; receive writes every frame.\n")
+        print("| direction | frame | queue pairs | logging off, Mpps | logging on, Mpps | on / off | writes logged |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows {
+            print(String(format: "| %@ | %d B | %d | %.3f | %.3f | %.2f× | %llu |", r.direction, r.size, r.queues, r.off, r.on, r.ratio, r.writesLogged))
         }
     }
 }

@@ -53,6 +53,7 @@ public struct DirtyLogArea: Equatable, Sendable, CustomStringConvertible {
         case pastFile(end: UInt64, fileSize: UInt64?)
         case misaligned(offset: UInt64)
         case tooSmall(size: UInt64, needed: UInt64)
+        case tooLarge(size: UInt64, maximum: UInt64)
 
         public var description: String {
             switch self {
@@ -62,6 +63,7 @@ public struct DirtyLogArea: Equatable, Sendable, CustomStringConvertible {
                 "the log ends at \(Hex(end)) in its file, which has \(file.map { "\(Hex($0)) bytes" } ?? "no known size")"
             case .misaligned(let o): "the log's offset \(Hex(o)) is not a multiple of 8"
             case .tooSmall(let s, let n): "the log has \(s) bytes; VM1's memory table needs \(n) (one bit per 4 KiB page)"
+            case .tooLarge(let s, let m): "the log has \(s) bytes, more than \(m) (twice what VM1's memory table needs, plus 1 MiB): VM2 would map it all"
             }
         }
     }
@@ -75,8 +77,19 @@ public struct DirtyLogArea: Equatable, Sendable, CustomStringConvertible {
         guard !overflow else { throw .wraps(size: size, offset: offset) }
         guard let fileSize, end <= fileSize else { throw .pastFile(end: end, fileSize: fileSize) }
         try Self.check(size: size, covers: table)
+        let maximum = Self.maximumSize(covering: table)
+        guard size <= maximum else { throw .tooLarge(size: size, maximum: maximum) }
         self.size = size
         self.offset = offset
+    }
+
+    /// The largest log taken for `table`: twice what it needs plus 1 MiB
+    /// (QEMU's is what it needs plus 4 KiB of slack; VM2 maps all of it).
+    public static func maximumSize(covering table: MemoryRegionTable) -> UInt64 {
+        let needed = DirtyLog.bytesNeeded(for: table)
+        let (twice, o1) = needed.multipliedReportingOverflow(by: 2)
+        let (sum, o2) = twice.addingReportingOverflow(1 << 20)
+        return o1 || o2 ? UInt64.max : sum
     }
 
     /// Whether a log of `size` bytes covers `table`.

@@ -362,7 +362,7 @@ public final class Bridge: Sendable {
                                    pageSize: UInt32(space.pageSize), vringCount: UInt32(settings.backend.vringCount))
             guard peer.send(.helloReply(info), duringReplay: true, generation: generation) else { return }
             if features.contains(.sharedRevocations), !peer.openChannel(generation: generation) { return }
-            connection?.replayState(to: generation, features: features)
+            if let connection, !connection.replayState(to: generation, features: features) { return }
             peer.replayed(generation: generation)
             logger.info("VM2 ready (generation \(generation))")
         case .translate(let request, let generation):

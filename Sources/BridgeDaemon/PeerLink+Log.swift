@@ -57,12 +57,36 @@ extension PeerLink {
         }
     }
 
+    /// VM1 logs from now on, its log to follow (`awaitLog`): a ready VM2
+    /// that cannot log fails it; otherwise VM2 waits for the log (its rings
+    /// are held) and a VM2 that cannot log is refused when it connects.
+    func expectDeviceLog() -> LogOutcome {
+        state.withLock { s -> LogOutcome in
+            if s.socket != nil, let session = s.session, session.isReady, !session.features.contains(.dirtyLog) {
+                return .failed("VM2 did not negotiate the peer feature dirtyLog (with sharedRevocations and vringStopAck): it cannot log the pages it writes")
+            }
+            s.vm1Logging = true
+            s.session?.noteVM1Logging(true)
+            return s.session?.isReady == true ? .applied : .noDevice
+        }
+    }
+
+    /// Ends connection `generation` with ERROR (rule `dirty-log`).
+    func sendAway(_ generation: Int, _ reason: String) {
+        guard let socket = state.withLock({ s in s.generation == generation ? s.socket : nil }) else { return }
+        logger.warning("refusing VM2: \(reason)", metadata: ["rule": "dirty-log"])
+        count { $0.noteProtocolError(rule: "dirty-log") }
+        Self.sendError(socket, .features, reason)
+        execute(withSession(generation) { $0.ended(reason) }, generation: generation, replyingOn: nil)
+    }
+
     /// The replay to a VM2 connecting while VM1 migrates: LOG first, and
     /// its answer before any ring. False when that VM2 could not (it is
     /// disconnected: it would write pages nobody logs).
     func replayLog(_ area: DirtyLogArea, fd: Int32, generation: Int) -> Bool {
         guard let serial = state.withLock({ s in s.generation == generation ? s.session?.requestLog(now: .now) : nil }) else {
-            return false // refused at HELLO already if it cannot log
+            sendAway(generation, "VM1 is live-migrating and this VM2 cannot log the pages it writes (peer feature dirtyLog)")
+            return false
         }
         guard send(.log(PeerLog(serial: serial, on: true, size: area.size, offset: area.offset)), fds: [fd],
                    duringReplay: true, generation: generation) else { return false }

@@ -40,6 +40,8 @@ final class VhostUserConnection {
     /// When the oldest IOTLB miss not answered yet went to VM1 (its answer,
     /// the next IOTLB update, is timed into `missAnswerLatency`).
     var missRaisedAt: ContinuousClock.Instant?
+    /// Started rings not sent to VM2 while VM1's dirty log is pending.
+    private var ringsAwaitingLog: Set<Int> = []
 
     init(socket: UnixSocket, configuration: BackendConfiguration, window: BARWindow, peer: PeerLink,
          relay: NotificationRelay?, logger: Logger, maxPendingTranslations: Int,
@@ -280,6 +282,8 @@ final class VhostUserConnection {
                 files.releaseLog()
             case .deviceLog(let area, let reply, let refusal):
                 if let failure = deviceLog(area, reply: reply, refusal: refusal) { return failure }
+            case .awaitLog(let reply, let refusal):
+                if let failure = finishDeviceLog(nil, peer.expectDeviceLog(), reply: reply, refusal: refusal, pending: true) { return failure }
             }
         }
         return nil
@@ -302,8 +306,9 @@ final class VhostUserConnection {
         return finishDeviceLog(area, outcome, reply: reply, refusal: refusal)
     }
 
-    private func finishDeviceLog(_ area: DirtyLogArea?, _ outcome: PeerLink.LogOutcome, reply: [UInt8]?, refusal: [UInt8]?) -> String? {
-        if case .failed(let reason) = outcome, area != nil {
+    private func finishDeviceLog(_ area: DirtyLogArea?, _ outcome: PeerLink.LogOutcome, reply: [UInt8]?, refusal: [UInt8]?,
+                                 pending: Bool = false) -> String? {
+        if case .failed(let reason) = outcome, area != nil || pending {
             session.deviceLogFailed(reason)
             files.releaseLog()
             logger.warning("VM1's dirty-page logging (live migration) refused: \(reason)", metadata: ["rule": "dirty-log"])
@@ -312,6 +317,12 @@ final class VhostUserConnection {
         }
         if let area {
             logger.notice("dirty-page logging on: \(area) (\(outcome == .applied ? "VM2 logs" : "no VM2 attached: nothing writes VM1's memory"))")
+            // Rings held for the log run now.
+            let held = ringsAwaitingLog.sorted()
+            ringsAwaitingLog = []
+            for i in held where session.vrings.indices.contains(i) && session.vrings[i].started { sendVring(i) }
+        } else if pending {
+            logger.notice("dirty-page logging on, its log to follow (VM2's rings wait for it)")
         } else {
             logger.notice("dirty-page logging off")
         }
@@ -346,6 +357,11 @@ final class VhostUserConnection {
 
     private func sendVring(_ index: Int, duringReplay: Bool = false, generation: Int? = nil) {
         guard let layout = session.vrings[index].layout else { return }
+        // VM1 migrates and its log has not come: VM2 would write unlogged.
+        if session.logPending {
+            ringsAwaitingLog.insert(index)
+            return
+        }
         // A (re)connected VM2 resumes where the device got to (used index).
         noteDeviceProgress(index)
         var flags: UInt16 = session.vrings[index].enabled ? PeerVring.flagEnabled : 0
@@ -362,20 +378,29 @@ final class VhostUserConnection {
     /// A (re)connected VM2 gets the full current state.
     /// Everything goes to connection `generation` only, and the replay stops
     /// as soon as that connection is gone (a newer VM2 gets its own replay).
-    /// `features`: what that VM2 negotiated (it is not ready yet).
-    func replayState(to generation: Int, features: PeerFeatures = []) {
+    /// `features`: what that VM2 negotiated (it is not ready yet). False
+    /// when that VM2 is gone (or was sent away: VM1 migrates and it cannot
+    /// log) — it must not be taken as ready.
+    @discardableResult
+    func replayState(to generation: Int, features: PeerFeatures = []) -> Bool {
+        if session.logging.on, !features.contains(.dirtyLog) {
+            // It connected before VM1's LOG_ALL, HELLO let it in.
+            peer.sendAway(generation, "VM1 is live-migrating and this VM2 cannot log the pages it writes (peer feature dirtyLog)")
+            return false
+        }
         for m in session.addressSpace.mappings {
-            guard peer.currentGeneration == generation else { return }
+            guard peer.currentGeneration == generation else { return false }
             _ = mirror.sendMap(bus: m.bus, length: m.length, permission: m.permission, region: m.region, fdOffset: m.fdOffset,
                         duringReplay: true, generation: generation, features: features)
         }
         // VM1 is migrating: the new VM2 logs before it touches a ring.
-        if session.logging.on, let log = files.log, !peer.replayLog(log.area, fd: log.fd.rawValue, generation: generation) { return }
+        if session.logging.on, let log = files.log, !peer.replayLog(log.area, fd: log.fd.rawValue, generation: generation) { return false }
         if session.vrings.contains(where: \.started) {
             guard peer.send(.device(PeerDevice(event: .start, features: session.ackedFeatures ?? 0)), duringReplay: true,
-                            generation: generation) else { return }
+                            generation: generation) else { return false }
             for i in session.vrings.indices where session.vrings[i].started { sendVring(i, duringReplay: true, generation: generation) }
         }
+        return peer.currentGeneration == generation
     }
 
     /// Carries out an operator command on this session (bridge thread).

@@ -292,13 +292,19 @@ public struct BurstAccess: ~Copyable {
         var at = address, left = length
         var recorded = true
         while left > 0 {
-            guard let range = grants.range(containing: at), let delta = range.guestPhysicalDelta else {
-                recorded = false
+            guard let range = grants.range(containing: at) else {
+                recorded = false // not granted: never written (the write was checked)
                 break
+            }
+            let n = min(left, range.end - at)
+            guard let delta = range.guestPhysicalDelta else {
+                recorded = false // where this piece is in VM1 is not known: the next may be
+                at += n
+                left -= n
+                continue
             }
             (logRangeStart, logRangeEnd, logRangeDelta) = (range.start, range.end, delta)
             let gpa = at &+ delta
-            let n = min(left, range.end - at)
             // Granted ranges never wrap (MAP's address is checked), so
             // neither does a piece of one.
             var page = gpa >> DirtyLog.pageShift

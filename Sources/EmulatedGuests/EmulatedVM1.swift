@@ -242,6 +242,26 @@ public final class EmulatedVM1 {
         try sendRingAddresses(logging: false)
     }
 
+    /// Starts the rings again after `stopDevice`, at `bases` (what
+    /// GET_VRING_BASE returned), the way QEMU's device start does during a
+    /// migration: SET_FEATURES with VHOST_F_LOG_ALL first, the rings (their
+    /// used rings logged), and only then `log` (SET_LOG_BASE).
+    public func restartDuringMigration(at bases: [UInt32], log: VM1DirtyLog?) throws {
+        ackedFeatures |= FeatureBit.vhostLogAll
+        try frontend.send(.setFeatures(ackedFeatures), ack: true)
+        for q in queues {
+            let i = UInt32(q.index)
+            try frontend.send(.setVringNum(VringState(index: i, num: UInt32(q.size))))
+            try frontend.send(.setVringBase(VringState(index: i, num: q.index < bases.count ? bases[q.index] : 0)))
+        }
+        try sendRingAddresses(logging: true)
+        for q in queues {
+            try frontend.send(.setVringKick(VringFileRef(index: UInt8(q.index), noFD: false)), fds: [q.kick.fd.rawValue], ack: true)
+        }
+        try settle()
+        if let log { try frontend.send(.setLogBase(LogArea(size: log.size, offset: 0)), fds: [log.memfd.fd.rawValue]) }
+    }
+
     private func sendRingAddresses(logging: Bool) throws {
         for q in queues {
             let bus = ringBus[q.index]

@@ -68,14 +68,16 @@ public final class QMPClient {
 }
 
 /// A child process (QEMU, testpmd) whose output goes to a file; killed
-/// when this goes away.
+/// when this goes away (and the file removed, unless `keepsLog`).
 public final class GuestProcess {
     public let process = Process()
     public let logPath: String
     private let stdin = Pipe()
+    private let keepsLog: Bool
 
-    public init(_ executable: String, _ arguments: [String], log: String) throws {
+    public init(_ executable: String, _ arguments: [String], log: String, keepsLog: Bool = true) throws {
         logPath = log
+        self.keepsLog = keepsLog
         FileManager.default.createFile(atPath: log, contents: nil)
         let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
         process.executableURL = URL(fileURLWithPath: executable)
@@ -103,7 +105,10 @@ public final class GuestProcess {
         process.waitUntilExit()
     }
 
-    deinit { kill() }
+    deinit {
+        kill()
+        if !keepsLog { try? FileManager.default.removeItem(atPath: logPath) }
+    }
 }
 
 extension LinuxGuest {

@@ -54,7 +54,7 @@ public final class VhostUserFrontend {
         do { try socket.send(VhostUserCodec.encode(request, needReply: wantsAck), fds: fds) } catch { throw FrontendError.system(error) }
         sent.append(request.code)
         let code = request.code
-        let inherent = code.hasReply
+        let inherent = code.hasReply || (code == .setLogBase && protocolFeatures.contains(.logShmfd))
         guard inherent || wantsAck else { return nil }
         let payload = try readReply(to: code)
         if !inherent {

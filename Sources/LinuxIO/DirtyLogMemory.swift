@@ -26,8 +26,8 @@ public final class DirtyLogMemory: Sendable {
     /// be a SIGBUS in the writer). The fd is not kept: the caller closes it.
     public init(adopting fd: OwnedFileDescriptor, size: UInt64, offset: UInt64) throws(SystemCallError) {
         let (end, overflow) = offset.addingReportingOverflow(size)
-        guard size > 0, !overflow, end <= UInt64(Int.max) else {
-            throw SystemCallError("mmap(dirty log)", errno: .invalidArgument, detail: "size \(size) at offset \(offset)")
+        guard size > 0, !overflow, end <= UInt64(Int.max), offset % 8 == 0 else {
+            throw SystemCallError("mmap(dirty log)", errno: .invalidArgument, detail: "size \(size) at offset \(offset) (8-aligned, not wrapping)")
         }
         let memfd = Memfd(adopting: fd)
         let actual = try memfd.size
@@ -37,13 +37,16 @@ public final class DirtyLogMemory: Sendable {
         guard try memfd.seals.contains(.shrink) else {
             throw SystemCallError("mmap(dirty log)", errno: .invalidArgument, detail: "the log file is not sealed against shrinking")
         }
-        // From 0, as DPDK does: an offset need not be page-aligned.
-        let pointer = mmap(nil, Int(end), PROT_READ | PROT_WRITE, MAP_SHARED, fd.rawValue, 0)
-        guard let pointer, pointer != shim_map_failed() else { throw .current("mmap(\(end) bytes of the dirty log)") }
+        // From the page holding the log's first byte: mmap's offset must be
+        // page-aligned, the log's need not be.
+        let start = offset & ~UInt64(4095)
+        let length = Int(end - start)
+        let pointer = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd.rawValue, off_t(start))
+        guard let pointer, pointer != shim_map_failed() else { throw .current("mmap(\(length) bytes of the dirty log)") }
         self.size = size
-        self.mappedBytes = Int(end)
+        self.mappedBytes = length
         self.mapping = UInt(bitPattern: pointer)
-        self.base = mapping + UInt(offset)
+        self.base = mapping + UInt(offset - start)
     }
 
     deinit {

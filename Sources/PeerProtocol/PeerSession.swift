@@ -156,11 +156,13 @@ public struct PeerSession: Sendable, Equatable {
                               rule: "device-features")
             }
             var features = hello.features.intersection(policy.supported)
-            // The dirty log's guest-physical addresses travel in channel records.
-            if !features.contains(.sharedRevocations) { features.remove(.dirtyLog) }
+            // The dirty log's guest-physical addresses travel in channel
+            // records; and a ring's stop must be answered (the log is
+            // complete when VM1 is told where the ring stopped).
+            if !features.isSuperset(of: [.sharedRevocations, .vringStopAck]) { features.remove(.dirtyLog) }
             if vm1Logging, !features.contains(.dirtyLog) {
                 return refuse(.features, "VM1 is live-migrating (dirty-page logging is on) and this VM2 cannot log the pages it writes "
-                                + "(peer features dirtyLog and sharedRevocations)", rule: "dirty-log")
+                                + "(peer features dirtyLog, sharedRevocations and vringStopAck)", rule: "dirty-log")
             }
             state = .greeted(features)
             return [.greet(hello, features: features)]

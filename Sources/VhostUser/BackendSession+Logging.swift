@@ -42,7 +42,9 @@ extension BackendSession {
         logging.refusal = nil
         var effects: [SessionEffect] = [.adoptLogFile(fdIndex: file.index, area)]
         if logging.on {
-            // The device must not keep writing a log VM1 frees after this answer.
+            // The device must not keep writing a log VM1 frees after this
+            // answer (or, with the log pending, must start logging before
+            // its rings run).
             effects.append(.deviceLog(area, reply: Self.logBaseReply, refusal: nil))
         } else {
             effects.append(.reply(Self.logBaseReply))
@@ -64,23 +66,40 @@ extension BackendSession {
     }
 
     /// SET_FEATURES turning VHOST_F_LOG_ALL on or off: the device starts
-    /// logging into the log SET_LOG_BASE gave (refused without one), or
-    /// stops and the log is let go.
-    func loggingChange(to features: UInt64) throws(SessionError) -> [SessionEffect] {
+    /// logging into the log SET_LOG_BASE gave, or stops and the log is let
+    /// go. Without a log yet the log is pending: QEMU starts a device
+    /// during a migration with LOG_ALL first and SET_LOG_BASE after its
+    /// rings — the rings then wait for the log (`logPending`). Refused
+    /// after a refused log, without LOG_SHMFD, or with a log too small for
+    /// the memory table.
+    mutating func loggingChange(to features: UInt64) throws(SessionError) -> [SessionEffect] {
         let wanted = features & FeatureBit.vhostLogAll != 0
         guard wanted != logging.on else { return [] }
-        guard wanted else { return [.deviceLog(nil, reply: nil, refusal: nil), .releaseLogFile] }
-        guard let area = logging.area else {
-            let why = logging.refusal.map { "the last SET_LOG_BASE was refused: \($0)" } ?? "no SET_LOG_BASE came before it"
-            throw .dirtyLog(.setFeatures, reason: "VHOST_F_LOG_ALL needs a log: \(why)")
+        guard wanted else {
+            logging.area = nil
+            return [.deviceLog(nil, reply: nil, refusal: nil), .releaseLogFile]
+        }
+        guard ackedProtocolFeatures.contains(.logShmfd) else {
+            throw .dirtyLog(.setFeatures, reason: "VHOST_F_LOG_ALL needs protocol feature LOG_SHMFD (the log in shared memory), which was not negotiated")
+        }
+        if let refusal = logging.refusal {
+            throw .dirtyLog(.setFeatures, reason: "VHOST_F_LOG_ALL needs a log: the last SET_LOG_BASE was refused: \(refusal)")
+        }
+        guard let area = logging.area else { return [.awaitLog(reply: nil, refusal: nil)] }
+        do { try DirtyLogArea.check(size: area.size, covers: regions) } catch {
+            throw .dirtyLog(.setFeatures, reason: "VHOST_F_LOG_ALL: \(error)")
         }
         return [.deviceLog(area, reply: nil, refusal: nil)]
     }
+
+    /// Logging is on and its log has not come yet: rings wait for it.
+    public var logPending: Bool { logging.on && logging.area == nil }
 
     /// The device could not start logging (VM2 cannot log, or failed to map
     /// the log): LOG_ALL is not in force, VM1 was refused.
     public mutating func deviceLogFailed(_ reason: String) {
         logging.on = false
+        logging.area = nil
         if let acked = ackedFeatures { ackedFeatures = acked & ~FeatureBit.vhostLogAll }
         statistics.refusals["dirty-log", default: 0] += 1
     }

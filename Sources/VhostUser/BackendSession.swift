@@ -80,21 +80,29 @@ public struct BackendSession: Sendable {
 
     private var replyAck: Bool { ackedProtocolFeatures.contains(.replyAck) }
 
+    /// Whether `code` is answered whatever NEED_REPLY says: the GET_*
+    /// requests, and SET_LOG_BASE once LOG_SHMFD is negotiated (QEMU reads
+    /// its reply then; without LOG_SHMFD there is none).
+    public func repliesInherently(_ code: RequestCode) -> Bool {
+        code.hasReply || (code == .setLogBase && ackedProtocolFeatures.contains(.logShmfd))
+    }
+
     /// Handles one request. `needReply` is the header's NEED_REPLY flag.
     public mutating func handle(_ request: FrontendRequest, needReply: Bool = false, files: [ReceivedFile] = []) -> Outcome {
         statistics.requests += 1
         if statistics.requestLog.count < 200 { statistics.requestLog.append(request.code) }
         let wantsAck = needReply && replyAck
+        let inherent = repliesInherently(request.code)
         do {
             var effects = deviceTransitions(try apply(request, files: files))
-            if wantsAck && !request.code.hasReply {
+            if wantsAck && !inherent {
                 let ack = VhostUserCodec.encodeReply(to: request.code, .u64(0))
                 // The ack to a request that took access away follows VM2's ack.
                 if case .window(let plan)? = effects.last, plan.revokesAccess {
                     effects[effects.count - 1] = .windowThenReply(plan, reply: ack)
-                } else if let i = effects.firstIndex(where: \.startsLoggingUnanswered), case .deviceLog(let area, _, _) = effects[i] {
+                } else if let i = effects.firstIndex(where: \.startsLoggingUnanswered) {
                     // LOG_ALL is acked once VM2 logs; nacked when it cannot.
-                    effects[i] = .deviceLog(area, reply: ack, refusal: VhostUserCodec.encodeReply(to: request.code, .u64(1)))
+                    effects[i] = effects[i].answered(ack, refusal: VhostUserCodec.encodeReply(to: request.code, .u64(1)))
                 } else {
                     effects.append(.reply(ack))
                 }
@@ -102,11 +110,11 @@ public struct BackendSession: Sendable {
             return Outcome(effects: effects, error: nil, closeConnection: false)
         } catch {
             statistics.refusals[error.rule, default: 0] += 1
-            if request.code == .setLogBase { return refusedLogBase(error) }
+            if request.code == .setLogBase, inherent { return refusedLogBase(error) }
             if request.code == .getConfig {
                 return Outcome(effects: [.reply(VhostUserCodec.encodeReply(to: .getConfig, .empty))], error: error, closeConnection: false)
             }
-            if wantsAck && !request.code.hasReply {
+            if wantsAck && !inherent {
                 return Outcome(effects: [.reply(VhostUserCodec.encodeReply(to: request.code, .u64(1)))], error: error, closeConnection: false)
             }
             return Outcome(effects: [], error: error, closeConnection: true)

@@ -37,10 +37,9 @@ public enum RequestCode: UInt32, Sendable, CaseIterable, CustomStringConvertible
     /// "Communication"); every other one is acked only with REPLY_ACK.
     public var hasReply: Bool {
         switch self {
-        // SET_LOG_BASE: with LOG_SHMFD (the only way it is accepted) QEMU
-        // waits for a reply, and DPDK sends one.
-        case .getFeatures, .getProtocolFeatures, .getVringBase, .getQueueNum, .getConfig, .getMaxMemSlots, .getStatus,
-             .setLogBase: true
+        // (SET_LOG_BASE too, once LOG_SHMFD is negotiated:
+        // `BackendSession.repliesInherently`.)
+        case .getFeatures, .getProtocolFeatures, .getVringBase, .getQueueNum, .getConfig, .getMaxMemSlots, .getStatus: true
         default: false
         }
     }

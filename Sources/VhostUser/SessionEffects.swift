@@ -73,8 +73,28 @@ public enum SessionEffect: Equatable, Sendable {
     /// connected: nothing is written into VM1's memory, the reply goes.
     case deviceLog(DirtyLogArea?, reply: [UInt8]?, refusal: [UInt8]?)
 
-    /// `deviceLog` that starts logging with no answer attached yet.
+    /// VM1 logs from now on and its log follows (QEMU starts a device
+    /// during a migration with LOG_ALL before SET_LOG_BASE): the attached
+    /// VM2 must be able to log (else `deviceLogFailed` and `refusal`; nil:
+    /// the connection closes), and no ring goes to VM2 until the log is
+    /// there (`BackendSession.logPending`). Then `reply`.
+    case awaitLog(reply: [UInt8]?, refusal: [UInt8]?)
+
+    /// `deviceLog` or `awaitLog` that starts logging with no answer attached yet.
     var startsLoggingUnanswered: Bool {
-        if case .deviceLog(let area, nil, nil) = self { area != nil } else { false }
+        switch self {
+        case .deviceLog(let area, nil, nil): area != nil
+        case .awaitLog(nil, nil): true
+        default: false
+        }
+    }
+
+    /// The same, answered with `reply` or, failing, `refusal`.
+    func answered(_ reply: [UInt8], refusal: [UInt8]) -> SessionEffect {
+        switch self {
+        case .deviceLog(let area, _, _): .deviceLog(area, reply: reply, refusal: refusal)
+        case .awaitLog: .awaitLog(reply: reply, refusal: refusal)
+        default: self
+        }
     }
 }

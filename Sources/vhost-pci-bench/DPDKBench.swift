@@ -334,7 +334,7 @@ struct DPDKBench: ParsableCommand {
             return
         }
         print("### Dirty logging (`vhost-pci-bench dpdk --dirty-log`, \(seconds) s per run)\n")
-        print("The bridge runs of the table above (testpmd on virtio-user as VM1, VM2 on the `DeviceEngine`), each measured without, then with dirty-page logging, three times in alternation (the pair with the median ratio is shown) (as while VM1 live-migrates: every page VM2 writes into VM1's memory — received frames, used rings — marked in a log, by guest-physical page). Transmit writes only used rings; receive writes every frame.\n")
+        print("The bridge runs of the table above (testpmd on virtio-user as VM1, VM2 on the `DeviceEngine`), each measured without, then with dirty-page logging (as while VM1 live-migrates: every page VM2 writes into VM1's memory — received frames, used rings — marked in a log, by guest-physical page), three times in alternation; the pair with the median ratio is shown. Transmit writes only used rings; receive writes every frame.\n")
         print("| direction | frame | queue pairs | logging off, Mpps | logging on, Mpps | on / off | writes logged |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for r in rows {

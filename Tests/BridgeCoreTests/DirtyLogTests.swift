@@ -76,6 +76,10 @@ import TestSupport
         #expect(throws: DirtyLogArea.Problem.pastFile(end: 8192, fileSize: nil)) {
             try DirtyLogArea(size: 8192, offset: 0, fileSize: nil, covering: t)
         }
+        #expect(throws: DirtyLogArea.Problem.tooLarge(size: 2 * 8192 + (1 << 20) + 8, maximum: 2 * 8192 + (1 << 20))) {
+            try DirtyLogArea(size: 2 * 8192 + (1 << 20) + 8, offset: 0, fileSize: 1 << 30, covering: t)
+        }
+        #expect(DirtyLogArea.maximumSize(covering: t) == 2 * 8192 + (1 << 20))
         // An offset inside a larger file is fine.
         #expect(try DirtyLogArea(size: 8192, offset: 4096, fileSize: 3 * 4096, covering: t).offset == 4096)
     }

@@ -57,6 +57,38 @@ import TestSupport
         }
     }
 
+    /// A VM2 that cannot log, greeted just before VM1 turned logging on
+    /// (its HELLO was read first): VM1's LOG_ALL does not wait for it, and
+    /// its replay sends it away instead of leaving it ready and unlogged.
+    @Test func aVM2GreetedBeforeVM1LogsIsSentAwayAtItsReplay() throws {
+        let rig = try Rig()
+        defer { rig.close() }
+        // HELLO without dirtyLog: greeted, not ready yet.
+        #expect(rig.link.received(.hello(PeerHello(features: PeerFeatures.all.subtracting(.dirtyLog), deviceFeatures: .version1)),
+                                  replyFlag: false, generation: rig.generation, on: rig.daemonEnd) == nil)
+        #expect(rig.link.expectDeviceLog() == .noDevice, "not ready: nothing to wait for, VM1's LOG_ALL goes through")
+        let memfd = try Memfd(name: "log", size: 8192)
+        defer { try? memfd.fd.close() }
+        #expect(!rig.link.replayLog(try DirtyLogArea(size: 8192, offset: 0, fileSize: 8192, covering: MemoryRegionTable(maxRegions: 8)),
+                                    fd: memfd.fd.rawValue, generation: rig.generation))
+        #expect(!rig.link.isReady)
+        #expect(rig.link.statistics.protocolErrors == 1)
+        // It was told why, and its connection is shut.
+        var text = ""
+        while let m = try? rig.vm2.receive(maxBytes: 4096, maxFDs: 0, nonBlocking: true), !m.bytes.isEmpty { text += String(decoding: m.bytes, as: UTF8.self) }
+        #expect(text.contains("cannot log"))
+        // And a VM2 that can is what the next LOG_ALL waits for.
+        let able = try Rig()
+        defer { able.close() }
+        try able.greet(PeerFeatures.all)
+        #expect(able.link.expectDeviceLog() == .applied)
+        let old = try Rig()
+        defer { old.close() }
+        try old.greet(PeerFeatures.all.subtracting(.dirtyLog))
+        guard case .failed(let why) = old.link.expectDeviceLog() else { Issue.record("a ready VM2 that cannot log let VM1 log"); return }
+        #expect(why.contains("dirtyLog"))
+    }
+
     /// VM1's ack to a revocation goes out from the peer thread the moment
     /// the ACK is handed over — once, and before the bridge thread's wait
     /// returns (it finds it sent).

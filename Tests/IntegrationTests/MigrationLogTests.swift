@@ -60,6 +60,41 @@ extension Integration {
             #expect(pollUntil { openFileDescriptorCount() == before }, "fds: \(before) before, \(openFileDescriptorCount()) after")
         }
 
+        /// QEMU starting the device while it migrates VM1 (a guest that
+        /// resets its NIC, a reconnect): LOG_ALL comes first, the rings next
+        /// and SET_LOG_BASE last. The rings must not reach VM2 before the
+        /// log: what VM2 writes from the first frame on is marked.
+        @Test(arguments: [BridgeMode.identity, .iommu])
+        func aDeviceStartedDuringAMigrationLogsFromItsFirstWrite(mode: BridgeMode) throws {
+            try withTwoGuests("log-restart-\(mode)", mode: mode) { running, vm1, vm2 in
+                let warm = try vm1.runTraffic(count: 8, sizes: [64])
+                #expect(warm.completed)
+                let bases = try vm1.stopDevice()
+                let log = try VM1DirtyLog(ramSize: vm1.configuration.ramSize)
+                try vm1.restartDuringMigration(at: bases, log: nil)
+                #expect(pollUntil { running.bridge.statistics.session?.dirtyLogging == true })
+                // Frames and receive buffers wait in the rings VM2 was not given yet.
+                try vm1.postReceiveBuffers(16)
+                for n in 0..<16 { try vm1.send(TestPacket.make(sequence: UInt32(n), size: 1500)) }
+                _ = pollUntil(seconds: 1, everyMilliseconds: 10) { vm2.statistics.packetsVerified > warm.sent } // a bug would show here
+                #expect(vm2.statistics.packetsVerified == warm.sent, "VM2 served a ring before it had the log")
+                try vm1.frontend.send(.setLogBase(LogArea(size: log.size, offset: 0)), fds: [log.memfd.fd.rawValue])
+                #expect(pollUntil { vm2.statistics.logging })
+                var expected: Set<UInt64> = []
+                for q in vm1.queues { expected.formUnion(pages(q.usedGPA.rawValue, VringLayout.usedRingSize(UInt32(q.size)))) }
+                var got = 0
+                #expect(pollUntil {
+                    for (gpa, length) in (try? vm1.reclaim(queue: 0)) ?? [] { expected.formUnion(pages(gpa.rawValue, UInt64(length))); got += 1 }
+                    _ = try? vm1.reclaim(queue: 1)
+                    try? vm1.settleMisses()
+                    return got == 16
+                }, "VM2 echoed \(got) of 16")
+                let marked = log.markedPages
+                #expect(expected.isSubset(of: marked), "written but not marked: \(expected.subtracting(marked).sorted().prefix(8))")
+                #expect(vm2.statistics.writesUnlogged == 0)
+            }
+        }
+
         /// A log fd the daemon cannot trust: SET_LOG_BASE is still answered,
         /// LOG_ALL is refused (the migration fails), the session and its
         /// traffic go on, and nothing of the log stays open.

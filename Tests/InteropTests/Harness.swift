@@ -29,43 +29,16 @@ let GiB: UInt64 = 1 << 30
 @Suite(.serialized) struct Interop {}
 
 /// A real front end running as a child process; stdin stays open (testpmd
-/// exits on EOF), output goes to a file.
-final class External {
-    let process = Process()
-    let stdin = Pipe()
-    let logPath: String
+/// exits on EOF), output goes to a file removed afterwards.
+typealias External = GuestProcess
 
-    init(_ executable: String, _ arguments: [String], name: String) throws {
-        logPath = "/tmp/vpb-interop-\(getpid())-\(name).log"
-        FileManager.default.createFile(atPath: logPath, contents: nil)
-        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
-        process.standardInput = stdin
-        process.standardOutput = log
-        process.standardError = log
-        try process.run()
+extension GuestProcess {
+    convenience init(_ executable: String, _ arguments: [String], name: String) throws {
+        try self.init(executable, arguments, log: "/tmp/vpb-interop-\(getpid())-\(name).log", keepsLog: false)
     }
-
-    var output: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
 
     /// Graceful stop: EOF on stdin (testpmd prints its statistics and exits), then SIGTERM.
-    func stop() {
-        try? stdin.fileHandleForWriting.close()
-        for _ in 0..<100 where process.isRunning { usleep(50_000) }
-        if process.isRunning { process.terminate() }
-        process.waitUntilExit()
-    }
-
-    func kill() {
-        if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
-    }
-
-    deinit {
-        if process.isRunning { kill() }
-        try? FileManager.default.removeItem(atPath: logPath)
-    }
+    func stop() { finish() }
 }
 
 func testpmd(_ socket: String, mode: String, name: String, server: Bool = false, queues: Int = 1) throws -> External {

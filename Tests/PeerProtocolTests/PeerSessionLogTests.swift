@@ -15,6 +15,9 @@ import Testing
         _ = socketOnly.received(.hello(PeerHello(features: PeerFeatures.all.subtracting(.sharedRevocations), deviceFeatures: T.served)))
         #expect(!socketOnly.features.contains(.dirtyLog), "MAP's guest-physical address travels only in channel records")
         #expect(socketOnly.requestLog(now: T.t0) == nil)
+        var noStopAck = T.session()
+        _ = noStopAck.received(.hello(PeerHello(features: PeerFeatures.all.subtracting(.vringStopAck), deviceFeatures: T.served)))
+        #expect(!noStopAck.features.contains(.dirtyLog), "VM1 must learn where a ring stopped only once its marks are in the log")
     }
 
     @Test func aVM2ThatCannotLogIsRefusedWhileVM1Migrates() {

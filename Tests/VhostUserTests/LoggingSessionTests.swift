@@ -69,13 +69,44 @@ import TestSupport
         // Off: VM2 stops, the log is let go.
         let off = s.ok(.setFeatures(Self.features))
         #expect(off == [.deviceLog(nil, reply: nil, refusal: nil), .releaseLogFile])
-        #expect(!s.logging.on)
+        #expect(!s.logging.on && s.logging.area == nil)
     }
 
-    @Test func logAllWithoutALogIsRefusedWithTheReason() {
+    /// QEMU's device start during a migration: LOG_ALL, the rings, then
+    /// SET_LOG_BASE. The log is pending until then (rings wait for it).
+    @Test func logAllBeforeTheLogWaitsForIt() {
         var s = ready()
+        let on = s.ok(.setFeatures(Self.features | FeatureBit.vhostLogAll), needReply: true)
+        #expect(on == [.awaitLog(reply: VhostUserCodec.encodeReply(to: .setFeatures, .u64(0)),
+                                 refusal: VhostUserCodec.encodeReply(to: .setFeatures, .u64(1)))])
+        #expect(s.logPending)
+        s.configureRing(0, base: ramUser)
+        let kick = s.ok(.setVringKick(VringFileRef(index: 0, noFD: false)), files: [ReceivedFile(index: 0, size: nil, kind: .eventfd)])
+        #expect(kick.contains { if case .ringStarted = $0 { true } else { false } }, "the ring starts here; the connection holds it from VM2")
+        let base = s.ok(.setLogBase(LogArea(size: Self.logBytes, offset: 0)), files: Self.logFile())
+        guard case .deviceLog(let area?, let reply?, nil)? = base.last else { Issue.record("\(base)"); return }
+        #expect(area.size == Self.logBytes && reply == BackendSession.logBaseReply)
+        #expect(!s.logPending && s.logging.on)
+    }
+
+    @Test func logAllNeedsLogShmfd() {
+        var s = makeSession(.identity)
+        s.ok(.setOwner)
+        s.ok(.setProtocolFeatures(ProtocolFeatures.replyAck.rawValue))
         s.refused(.setFeatures(Self.features | FeatureBit.vhostLogAll),
-                  .dirtyLog(.setFeatures, reason: "VHOST_F_LOG_ALL needs a log: no SET_LOG_BASE came before it"))
+                  .dirtyLog(.setFeatures, reason: "VHOST_F_LOG_ALL needs protocol feature LOG_SHMFD (the log in shared memory), which was not negotiated"))
+    }
+
+    @Test func aLogThatNoLongerCoversTheMemoryIsRefusedWhenLoggingStarts() {
+        var s = ready()
+        s.ok(.setLogBase(LogArea(size: Self.logBytes, offset: 0)), files: Self.logFile())
+        let high = RegionDescriptor(guestPhysical: GuestPhysicalAddress(4 * GiB), size: 256 * MiB,
+                                    userAddress: FrontendUserAddress(ramUser + 4 * GiB), mmapOffset: 0)
+        s.ok(.addMemReg(high), files: [ReceivedFile(index: 0, size: 256 * MiB, kind: .regularFile)]) // not logging yet: fine
+        let outcome = s.handle(.setFeatures(Self.features | FeatureBit.vhostLogAll))
+        guard case .dirtyLog(.setFeatures, let reason)? = outcome.error else { Issue.record("\(String(describing: outcome.error))"); return }
+        #expect(reason.contains("needs"))
+        #expect(!s.logging.on)
     }
 
     @Test func aRefusedLogIsStillAnsweredAndLogAllThenNamesWhy() {
@@ -100,6 +131,7 @@ import TestSupport
         (.regularFile, logBytes, 0, true, "dirty-log"),             // the file holds less than size + offset (below)
         (.regularFile, logBytes, UInt64.max - 4, true, "dirty-log"), // offset + size wraps
         (.regularFile, 0, 0, true, "dirty-log"),                    // empty
+        (.regularFile, 2 * logBytes + (1 << 20) + 8, 0, true, "dirty-log"), // larger than VM2 should map
     ] as [(FileKind, UInt64, UInt64, Bool, String)])
     func hostileLogs(kind: FileKind, size: UInt64, offset: UInt64, sealed: Bool, rule: String) {
         var s = ready()
@@ -112,12 +144,23 @@ import TestSupport
         #expect(!outcome.effects.contains { if case .adoptLogFile = $0 { true } else { false } }, "a refused log is never taken")
     }
 
-    @Test func withoutLogShmfdSetLogBaseIsRefused() {
+    /// Without LOG_SHMFD SET_LOG_BASE has no reply of its own: refused as
+    /// any request is (a nack with REPLY_ACK, else the connection closes).
+    @Test func withoutLogShmfdSetLogBaseIsRefusedWithoutItsReply() {
         var s = makeSession(.identity)
         s.ok(.setOwner)
         s.ok(.setProtocolFeatures(ProtocolFeatures.replyAck.rawValue))
         let outcome = s.handle(.setLogBase(LogArea(size: Self.logBytes, offset: 0)), files: Self.logFile())
         #expect(outcome.error == .protocolFeatureNotNegotiated(.setLogBase, .logShmfd))
+        #expect(outcome.closeConnection && outcome.effects.isEmpty)
+        let acked = s.handle(.setLogBase(LogArea(size: Self.logBytes, offset: 0)), needReply: true, files: Self.logFile())
+        #expect(acked.effects == [.reply(VhostUserCodec.encodeReply(to: .setLogBase, .u64(1)))] && !acked.closeConnection)
+        #expect(!s.repliesInherently(.setLogBase))
+        var t = ready()
+        #expect(t.repliesInherently(.setLogBase))
+        // With LOG_SHMFD and NEED_REPLY: the one reply is SET_LOG_BASE's own.
+        let one = t.ok(.setLogBase(LogArea(size: Self.logBytes, offset: 0)), needReply: true, files: Self.logFile())
+        #expect(one.filter { if case .reply = $0 { true } else { false } } == [.reply(BackendSession.logBaseReply)])
     }
 
     @Test func aBadReplacementWhileLoggingClosesTheConnection() {
@@ -164,7 +207,7 @@ import TestSupport
         s.ok(.setLogBase(LogArea(size: Self.logBytes, offset: 0)), files: Self.logFile())
         s.ok(.setFeatures(Self.features | FeatureBit.vhostLogAll))
         s.deviceLogFailed("VM2 did not negotiate dirtyLog")
-        #expect(!s.logging.on)
+        #expect(!s.logging.on && s.logging.area == nil, "the log is let go with it: turning on again needs a new one")
         #expect((s.ackedFeatures ?? 0) & FeatureBit.vhostLogAll == 0)
         #expect(s.statistics.refusals["dirty-log"] == 1)
     }

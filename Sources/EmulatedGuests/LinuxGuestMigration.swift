@@ -78,7 +78,7 @@ public final class GuestProcess {
     public init(_ executable: String, _ arguments: [String], log: String, keepsLog: Bool = true) throws {
         logPath = log
         self.keepsLog = keepsLog
-        FileManager.default.createFile(atPath: log, contents: nil)
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
         let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments

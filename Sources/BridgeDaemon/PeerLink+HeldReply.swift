@@ -62,7 +62,7 @@ extension PeerLink {
         // Through the channel the bridge thread reads the ack itself: it
         // sends the reply, no hand-off.
         if let channel = state.withLock({ s in s.generation == ticket.generation ? s.channel : nil }) {
-            waitForChannelAck(ticket, channel)
+            _ = waitForChannelAck(ticket, channel) // the caller sends the reply either way
             return .notSent
         }
         state.withLock { s in

@@ -157,6 +157,10 @@ final class PeerServer: Sendable {
             }), let (header, type) = parsed else { return "closed" }
             let message = try PeerCodec.decode(header, type, payload: framed.payload, fdCount: framed.fds.count)
             return peer.received(message, replyFlag: header.isReply, generation: generation, on: socket)
+        } catch let e as SystemCallError where e.errno == .connectionReset {
+            // VM2 closed its end with data unread (it finished, or died):
+            // it hung up, an ordinary end, not a protocol error.
+            return "closed (connection reset)"
         } catch {
             if stopping { return "bridge stopping" }
             let rule = if let e = error as? FramingError, case .tooSlow = e { "message-deadline" } else { "peer-protocol" }

@@ -27,7 +27,7 @@ func launchChild(_ executable: String, _ args: [String], log: String) throws -> 
     p.executableURL = URL(fileURLWithPath: executable)
     p.arguments = args
     p.standardInput = stdin
-    FileManager.default.createFile(atPath: log, contents: nil)
+    _ = FileManager.default.createFile(atPath: log, contents: nil)
     let h = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
     p.standardOutput = h
     p.standardError = h

@@ -109,6 +109,25 @@ extension Integration {
             }
         }
 
+        /// A VM2 that leaves with messages unread (it finished its run, or
+        /// died) resets the connection: the daemon's read fails with
+        /// ECONNRESET. That is VM2 hanging up, an ordinary end — no
+        /// protocol error, no warning.
+        @Test func aVM2LeavingWithMessagesUnreadIsNoProtocolError() throws {
+            try attack("h-reset") { running in
+                do {
+                    let raw = try RawVM2(running.peerPath)
+                    #expect(try raw.greet() != nil)
+                    try raw.send(.translate(PeerTranslate(requestID: 1, barOffset: 1 << 20, length: 4096, access: .read)))
+                    // Its reply sits unread when VM2 closes its end.
+                    #expect(pollUntil { (try? Poll.readable([raw.socket.fd.rawValue], timeoutMilliseconds: 0))?.first == true })
+                } // raw closes here
+                #expect(pollUntil { !running.bridge.statistics.peer.connected })
+                let s = running.bridge.statistics.peer
+                #expect(s.protocolErrors == 0 && s.refusals.isEmpty, "\(s.refusals)")
+            }
+        }
+
         @Test func anotherVersionIsRefused() throws {
             try attack("h-version") { running in
                 let raw = try RawVM2(running.peerPath)

@@ -12,9 +12,9 @@ APT_PACKAGES := liburing-dev
 CHECK_PACKAGES := dpkg-dev lintian fakeroot man-db prometheus libvirt-clients libxml2-utils
 # Real vhost-user front ends for `make interop` (DPDK testpmd, QEMU with iPXE,
 # and a Linux guest built from Debian's kernel and busybox with gcc).
-INTEROP_PACKAGES := dpdk-dev qemu-system-x86 gcc libc6-dev
+INTEROP_PACKAGES := dpdk-dev qemu-system-x86 gcc libc6-dev pkg-config
 
-.PHONY: all deps check-deps interop-deps build release test interop demo bench install install-files install-tools uninstall deb deb-check clean fuzz fuzz-build fuzz-seeds test-asan test-tsan soak
+.PHONY: c-examples all deps check-deps interop-deps build release test interop demo bench install install-files install-tools uninstall deb deb-check clean fuzz fuzz-build fuzz-seeds test-asan test-tsan soak
 
 all: build
 
@@ -102,9 +102,24 @@ fuzz-seeds: fuzz-build
 
 # DPDK testpmd and QEMU against the daemon and an emulated VM2. A peer that is
 # not installed makes its tests skip, saying what to install.
-interop: deps check-deps
+interop: deps check-deps c-examples
 	$(SWIFT) test --no-parallel --filter InteropTests
 	sh docs/examples/check.sh qemu .build/debug/vhost-pci-bridged
+
+# libvhost-pci-device (VM2 for C data planes, docs/device-api.md): the C
+# examples built against it the way an application is, with pkg-config (an
+# uninstalled .pc in .build/c-vm2 pointing at this tree; C_BUILD=release for
+# the release library). make interop runs them against testpmd.
+C_BUILD ?= debug
+VERSION := $(shell sed -n 's/.*static let version = "\(.*\)".*/\1/p' Sources/BridgeCore/BuildInfo.swift)
+c-examples: deps
+	$(SWIFT) build --product vhost-pci-device $(if $(filter release,$(C_BUILD)),-c release)
+	mkdir -p .build/c-vm2/pkgconfig
+	sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(CURDIR)/.build/$(C_BUILD)|' -e 's|@INCLUDEDIR@|$(CURDIR)/Sources/CVhostPCIDevice/include|' \
+	  -e 's|@VERSION@|$(VERSION)|' -e 's|@EXTRA_LIBS@| -Wl,-rpath,$${libdir}|' packaging/pkgconfig/vhost-pci-device.pc.in > .build/c-vm2/pkgconfig/vhost-pci-device.pc
+	for e in counter forwarder; do \
+	  cc -std=c11 -O2 -Wall -Wextra -Werror -o .build/c-vm2/vpd-$$e examples/c-vm2/$$e.c \
+	    $$(PKG_CONFIG_PATH=$(CURDIR)/.build/c-vm2/pkgconfig pkg-config --cflags --libs vhost-pci-device) || exit 1; done
 
 # The demo runs release builds: the numbers it prints mean something.
 demo: deps

@@ -25,6 +25,8 @@ let package = Package(
         .library(name: "VhostUser", targets: ["VhostUser"]),
         .library(name: "LinuxIO", targets: ["LinuxIO"]),
         .library(name: "DeviceEngine", targets: ["DeviceEngine"]),
+        // libvhost-pci-device: VM2's device for C data planes (vhost_pci_device.h).
+        .library(name: "vhost-pci-device", type: .dynamic, targets: ["VhostPCIDevice"]),
         .executable(name: "vhost-pci-bridged", targets: ["vhost-pci-bridged"]),
         .executable(name: "vhost-pci-guest", targets: ["vhost-pci-guest"]),
         .executable(name: "vhost-pci-bridgectl", targets: ["vhost-pci-bridgectl"]),
@@ -86,8 +88,19 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "PeerDevice",
+            dependencies: ["BridgeCore", "PeerProtocol", "LinuxIO", "DeviceEngine"],
+            swiftSettings: swiftSettings
+        ),
+        .target(name: "CVhostPCIDevice"),
+        .target(
+            name: "VhostPCIDevice",
+            dependencies: ["CVhostPCIDevice", "PeerDevice", "DeviceEngine", "BridgeCore"],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "EmulatedGuests",
-            dependencies: ["BridgeCore", "VhostUser", "PeerProtocol", "LinuxIO", "DeviceEngine"],
+            dependencies: ["BridgeCore", "VhostUser", "PeerProtocol", "LinuxIO", "DeviceEngine", "PeerDevice"],
             swiftSettings: swiftSettings
         ),
         .executableTarget(
@@ -185,7 +198,7 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: ["BridgeDaemon", "EmulatedGuests", "DeviceEngine", "VhostUser", "PeerProtocol", "LinuxIO", "BridgeCore", "TestSupport",
-                           "DaemonTestSupport", "ControlClient",
+                           "DaemonTestSupport", "ControlClient", "CVhostPCIDevice", "VhostPCIDevice",
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),

@@ -404,6 +404,19 @@ public struct BurstAccess: ~Copyable {
         }
     }
 
+    /// Copies `[address, address + buffer.count)` out of the BAR when it is
+    /// granted for reading; otherwise the fault, and nothing is copied.
+    public mutating func copy(from address: UInt64, into buffer: UnsafeMutableRawBufferPointer) -> AccessFault? {
+        guard let length = UInt32(exactly: buffer.count) else { return .outside(address: address, length: UInt64(buffer.count)) }
+        switch part(address, length, .read) {
+        case .failure(let fault):
+            return fault
+        case .success(let p):
+            if p.count > 0, let to = buffer.baseAddress, let from = bar.baseAddress { to.copyMemory(from: from + p.offset, byteCount: p.count) }
+            return nil
+        }
+    }
+
     /// Whether a ring area is granted; not cached (see `GrantTable.checkOnce`).
     func areaFault(_ address: UInt64, _ length: UInt64, _ needed: Permission) -> AccessFault? {
         switch grants.checkOnce(address, length, needed) {

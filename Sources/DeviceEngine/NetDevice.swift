@@ -186,6 +186,16 @@ public struct NetDevice {
     /// BAR exists.
     public mutating func deliver(_ frame: UnsafeRawBufferPointer, times: Int, to index: Int)
         -> (delivered: Int, stop: DeviceQueue.Delivery?, call: Bool)? {
+        deliver(times, to: index) { _ in frame }
+    }
+
+    /// Delivers frames `frame(0)`, `frame(1)`, … (each virtio-net header
+    /// first, read only during the call) into receive queue `index` in one
+    /// burst and publishes once; stops at the first that is not delivered.
+    /// Returns how many were, that outcome (nil: all were), and whether
+    /// VM1 wants a call; nil before the BAR exists.
+    public mutating func deliver(_ count: Int, to index: Int, frame: (Int) -> UnsafeRawBufferPointer)
+        -> (delivered: Int, stop: DeviceQueue.Delivery?, call: Bool)? {
         guard index >= 0, index < queues.count, var q = queues[index] else { return (0, .noRoom, false) }
         var c = counters[index]
         let mergeable = mergeable
@@ -195,8 +205,8 @@ public struct NetDevice {
         let result = memory.burst { a -> (Int, DeviceQueue.Delivery?, Bool) in
             var n = 0
             var stop: DeviceQueue.Delivery?
-            while n < times {
-                let d = q.deliver(&a, frame: frame, mergeable: mergeable, scratch: &rx, counters: &c)
+            while n < count {
+                let d = q.deliver(&a, frame: frame(n), mergeable: mergeable, scratch: &rx, counters: &c)
                 guard case .delivered = d else { stop = d; break }
                 n += 1
             }

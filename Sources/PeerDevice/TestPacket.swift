@@ -72,4 +72,24 @@ public enum GuestDatagram {
         for i in 12..<size where frame[p + i] != UInt8(truncatingIfNeeded: sequence &* 7 &+ UInt32(i)) { return false }
         return true
     }
+
+    /// A datagram of the guest's (virtio-net header first) sent back to it:
+    /// Ethernet, IPv4 addresses and UDP ports swapped, the payload as it
+    /// was (the IPv4 and UDP checksums hold: their sums do not depend on
+    /// the order), the virtio-net header cleared. nil: not one.
+    public static func reflected(_ frame: UnsafeRawBufferPointer) -> [UInt8]? {
+        let h = 12
+        guard frame.count >= h + 14 + 20 + 8 else { return nil }
+        var out = [UInt8](frame)
+        for i in 0..<h { out[i] = 0 }
+        for i in 0..<6 { out.swapAt(h + i, h + 6 + i) }
+        let ip = h + 14
+        guard out[h + 12] == 0x08, out[h + 13] == 0x00, out[ip] >> 4 == 4 else { return nil }
+        let ihl = Int(out[ip] & 0x0f) * 4
+        guard ihl >= 20, out[ip + 9] == 17, out.count >= ip + ihl + 8 else { return nil }
+        for i in 0..<4 { out.swapAt(ip + 12 + i, ip + 16 + i) }
+        let udp = ip + ihl
+        for i in 0..<2 { out.swapAt(udp + i, udp + 2 + i) }
+        return out
+    }
 }

@@ -71,6 +71,7 @@ extension VM2DeviceThread {
             guard device.memory.window != nil else { return }
             // Forgotten first: from here on the device refuses the range.
             device.memory.unmap(bus: u.barOffset, length: u.length)
+            events?.append(.revoked(barOffset: u.barOffset, length: u.length))
             let mapped = device.memory.grants.bytesMapped
             owner.update { $0.unmapsApplied += 1; $0.bytesMapped = mapped }
             ack(u.sequence)
@@ -95,6 +96,7 @@ extension VM2DeviceThread {
             pollSetDirty = true
             // An in-order device resumes where it was (its used index equals
             // its last avail index); a new queue starts where VM1 says.
+            let wasRunning = device.queue(index) != nil
             let was = device.queue(index) ?? parked.removeValue(forKey: index)
             device.removeQueue(index)
             if v.enabled {
@@ -102,15 +104,20 @@ extension VM2DeviceThread {
                 if let defect = device.setQueue(index, ring: ring, start: was?.lastAvail ?? v.lastAvail, usedIndex: was?.usedIndex) {
                     if let q = device.removeQueue(index) { parked[index] = q }
                     refuse(defect)
+                    if wasRunning { events?.append(.ringStopped(index)) }
+                } else if !wasRunning {
+                    events?.append(.ringStarted(index))
                 }
             } else if let was {
                 parked[index] = was
+                if wasRunning { events?.append(.ringStopped(index)) }
             }
         case .vringStop(let index):
             let stopped = device.removeQueue(Int(index)) ?? parked.removeValue(forKey: Int(index))
             parked[Int(index)] = nil
             if let n = notifiers.removeValue(forKey: Int(index)) { try? n.kick?.fd.close(); try? n.call?.fd.close() }
             pollSetDirty = true
+            if stopped != nil { events?.append(.ringStopped(Int(index))) }
             if features.contains(.vringStopAck) {
                 try? socket.send(PeerCodec.encode(.vringStopped(index: index, lastAvail: stopped?.lastAvail)))
             }
@@ -118,7 +125,10 @@ extension VM2DeviceThread {
             if d.event == .reset { setLog(nil) } // the session ended: so did VM1's logging
             if d.event == .start {
                 device.start(features: d.features)
+                events?.append(.deviceStarted(features: d.features))
             } else {
+                for i in notifiers.keys.sorted() where device.queue(i) != nil { events?.append(.ringStopped(i)) }
+                events?.append(.deviceStopped)
                 for n in notifiers.values { try? n.kick?.fd.close(); try? n.call?.fd.close() }
                 notifiers = [:]
                 device.removeAllQueues()

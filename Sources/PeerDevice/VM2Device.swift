@@ -30,6 +30,7 @@ extension VM2DeviceThread {
     }
 
     private func runPass() -> NetDevice.Pass? {
+        if let inspector { return device.pass(.inspect) { queue, _, frame in inspector(queue, frame) } }
         switch configuration.dataPath {
         case .count: return device.pass(.count)
         case .forward: return device.pass(.forward)
@@ -42,7 +43,7 @@ extension VM2DeviceThread {
     }
 
     /// A queue stopped: translate what it needs, or give up on the chain or ring.
-    private func resolve(_ queue: Int, _ reason: QueueStop) {
+    func resolve(_ queue: Int, _ reason: QueueStop) {
         switch reason {
         case .fault(.missing(let address, let length, let access)):
             // A MAP may be waiting in the channel: the next round sees it.
@@ -100,7 +101,7 @@ extension VM2DeviceThread {
                 switch GuestDatagram.verify(payload) {
                 case true?:
                     counters.verified += 1
-                    if let rx, configuration.reflectsGuestDatagrams, let back = LinuxGuest.reflected(whole) { queueEcho(back, to: rx) }
+                    if let rx, configuration.reflectsGuestDatagrams, let back = GuestDatagram.reflected(whole) { queueEcho(back, to: rx) }
                 case false?: counters.corrupt += 1
                 case nil: break
                 }

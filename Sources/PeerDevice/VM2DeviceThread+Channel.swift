@@ -58,6 +58,7 @@ extension VM2DeviceThread {
             case .unmap(let u):
                 // Forgotten first: from here on the device refuses the range.
                 device.memory.unmap(bus: u.barOffset, length: u.length)
+                events?.append(.revoked(barOffset: u.barOffset, length: u.length))
                 unmaps += 1
             case .forget(_, let slot):
                 try? regionSlots.removeValue(forKey: slot)?.close()

@@ -32,7 +32,7 @@ public struct VM2Configuration: Sendable {
     /// Send every valid TX packet back into VM1's RX buffers.
     public var echo = true
     /// Send every datagram of the Linux guest's back to it, addresses
-    /// swapped (`LinuxGuest.reflected`): its own checked traffic comes
+    /// swapped (`GuestDatagram.reflected`): its own checked traffic comes
     /// back, as from testpmd's 5tswap (with `echo`).
     public var reflectsGuestDatagrams = false
     /// Transmit this many Ethernet frames of `frameSize` bytes into VM1's RX
@@ -143,6 +143,23 @@ public final class EmulatedVM2: Sendable {
     public init(peerSocketPath: String, configuration: VM2Configuration = VM2Configuration()) throws {
         stopSignal = try EventFD()
         translations = try Mailbox()
+        let socket = try Self.connect(peerSocketPath, configuration)
+        let t = try JoinableThread(name: "vm2") { [self] in
+            let device = VM2DeviceThread(socket: socket, configuration: configuration, owner: self)
+            device.run()
+        }
+        thread.withLock { $0 = t }
+    }
+
+    /// Without a thread: the caller drives the device (`DeviceClient`).
+    init(driven: Void) throws {
+        stopSignal = try EventFD()
+        translations = try Mailbox()
+    }
+
+    /// Connects to the peer socket and sends HELLO with the features the
+    /// configuration asks for.
+    static func connect(_ peerSocketPath: String, _ configuration: VM2Configuration) throws -> UnixSocket {
         let socket = try UnixSocket.connect(path: peerSocketPath)
         // A daemon that refuses us (busy) may close before HELLO is written;
         // its ERROR is still readable, so the device thread reports it.
@@ -153,11 +170,7 @@ public final class EmulatedVM2: Sendable {
         if configuration.sharedRevocations { features.insert(.sharedRevocations) }
         if configuration.logsDirtyPages { features.insert(.dirtyLog) }
         try? socket.send(PeerCodec.encode(.hello(PeerHello(features: features, deviceFeatures: configuration.deviceFeatures))))
-        let t = try JoinableThread(name: "vm2") { [self] in
-            let device = VM2DeviceThread(socket: socket, configuration: configuration, owner: self)
-            device.run()
-        }
-        thread.withLock { $0 = t }
+        return socket
     }
 
     public var statistics: VM2Statistics { shared.withLock { $0.statistics } }
@@ -257,6 +270,12 @@ final class VM2DeviceThread {
     var awaiting: [UInt64: PeerTranslateReply?] = [:]
     var inFlight: [UInt64: Mailbox<PeerTranslate, PeerTranslateReply?>.Ticket] = [:]
     var stopReason: String?
+    /// For a caller that drives the device (`DeviceClient`): what happened
+    /// since it last looked (nil: nobody records).
+    var events: [DeviceEvent]?
+    /// For a caller that drives the device: the frames VM1 transmits go to
+    /// it, in place, instead of to the configured data path.
+    var inspector: ((Int, borrowing ChainBytes) -> Void)?
 
     init(socket: UnixSocket, configuration: VM2Configuration, owner: EmulatedVM2) {
         self.socket = socket
@@ -279,37 +298,19 @@ final class VM2DeviceThread {
         owner.update { $0.connected = true }
         var busy = false, polling = false, revoking = false
         while stopReason == nil {
-            if pollSetDirty { rebuildPollSet() }
             // Before sleeping, ask for kicks again and look once more (a
             // chain may have come while kicks were off).
             if !busy, device.requestKicks(receiving: !pendingFrames.isEmpty || generated < configuration.generateFrames) { busy = true }
             if !busy, polling { polling = false }
             let kickless = notifiers.values.contains { $0.enabled && $0.kick == nil }
-            var timeout: Int32 = busy ? 0 : kickless ? 1 : 200
-            // Before sleeping: tell the daemon (it sends WAKE after posting),
-            // then look at the channel once more.
-            if timeout != 0, !announceSleep() { timeout = 0 }
-            let polled = try? pollSet.wait(timeoutMilliseconds: timeout)
-            if timeout != 0 { endSleep() }
+            let waited = wait(timeoutMilliseconds: busy ? 0 : kickless ? 1 : 200)
             // Revocations are work too: a polling engine keeps polling
             // after one, so the next finds it awake (no WAKE, no sleep).
-            if drainChannel() > 0, configuration.pollFor > .zero {
+            if waited.revocations > 0, configuration.pollFor > .zero {
                 policy.noteWork()
                 revoking = true
             }
-            guard let n = polled else { continue }
-            if n > 0 {
-                if pollSet.isReady(0) { stopReason = "stopped"; break }
-                if pollSet.isReady(1) { runCommands() }
-                if pollSet.isReady(2) { readControl() }
-                var kicks = 0
-                for (k, queue) in kickOrder.enumerated() where pollSet.isReady(3 + k) {
-                    _ = try? notifiers[queue]?.kick?.read()
-                    kicks += 1
-                }
-                if kicks > 0 { owner.update { $0.kicksReceived += kicks } }
-                if pollSetDirty { continue }
-            }
+            guard waited.polled, !waited.changed, stopReason == nil else { continue }
             let (worked, more) = serve()
             if worked {
                 policy.noteWork()
@@ -318,12 +319,59 @@ final class VM2DeviceThread {
             busy = more || worked || ((polling || revoking) && policy.keepPolling(now: .now))
             if !busy { revoking = false }
         }
+        tearDown()
+    }
+
+    /// What one `wait` saw.
+    struct Waited {
+        /// Poll worked (false: interrupted or failed; look again).
+        var polled = false
+        /// Channel records applied.
+        var revocations = 0
+        /// Kicks read.
+        var kicks = 0
+        /// The control traffic changed the queues or their fds.
+        var changed = false
+    }
+
+    /// Sleeps in poll at most `timeout` ms on the stop signal, the command
+    /// mailbox, the daemon's socket and the kick fds, then handles what
+    /// came: control messages, channel records, kicks (read and counted).
+    func wait(timeoutMilliseconds timeout: Int32) -> Waited {
+        var w = Waited()
+        if pollSetDirty { rebuildPollSet() }
+        var timeout = timeout
+        // Before sleeping: tell the daemon (it sends WAKE after posting),
+        // then look at the channel once more.
+        if timeout != 0, !announceSleep() { timeout = 0 }
+        let polled = try? pollSet.wait(timeoutMilliseconds: timeout)
+        if timeout != 0 { endSleep() }
+        w.revocations = drainChannel()
+        guard let n = polled else { return w }
+        w.polled = true
+        guard n > 0 else { return w }
+        if pollSet.isReady(0) { stopReason = "stopped"; return w }
+        if pollSet.isReady(1) { runCommands() }
+        if pollSet.isReady(2) { readControl() }
+        for (k, queue) in kickOrder.enumerated() where pollSet.isReady(3 + k) {
+            _ = try? notifiers[queue]?.kick?.read()
+            w.kicks += 1
+        }
+        if w.kicks > 0 { let kicks = w.kicks; owner.update { $0.kicksReceived += kicks } }
+        w.changed = pollSetDirty
+        return w
+    }
+
+    /// The connection is over: every fd closed, the BAR released, waiting
+    /// translations answered with nil.
+    func tearDown() {
         try? socket.fd.close()
         channel = nil
         regionSlots = [:]
         for n in notifiers.values { try? n.kick?.fd.close(); try? n.call?.fd.close() }
         notifiers = [:]
         device.removeAllQueues()
+        parked = [:]
         device.memory.detach()
         owner.setWindow(nil)
         owner.finish(stopReason ?? "stopped")

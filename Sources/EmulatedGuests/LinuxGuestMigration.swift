@@ -100,6 +100,16 @@ public final class GuestProcess {
         process.waitUntilExit()
     }
 
+    /// SIGTERM, then the exit (SIGKILL after 10 s); returns the exit status.
+    @discardableResult
+    public func terminate() -> Int32 {
+        if process.isRunning { process.terminate() }
+        for _ in 0..<200 where process.isRunning { usleep(50_000) }
+        if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
     public func kill() {
         if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
         process.waitUntilExit()

@@ -41,12 +41,29 @@ extension GuestProcess {
     func stop() { finish() }
 }
 
-func testpmd(_ socket: String, mode: String, name: String, server: Bool = false, queues: Int = 1) throws -> External {
+func testpmd(_ socket: String, mode: String, name: String, server: Bool = false, queues: Int = 1, extra: [String] = []) throws -> External {
     try External(Peers.testpmd, [
         "-l", "0,1", "--no-huge", "-m", "256", "--no-pci", "--file-prefix=\(name)",
         server ? "--vdev=net_vhost0,iface=\(socket),queues=\(queues)" : "--vdev=net_virtio_user0,path=\(socket),queues=\(queues)",
         "--", "--total-num-mbufs=16384", "--forward-mode=\(mode)", "--rxq=\(queues)", "--txq=\(queues)", "--auto-start",
-    ], name: name)
+    ] + extra, name: name)
+}
+
+/// The C examples of libvhost-pci-device (`make c-examples`, which `make
+/// interop` runs first), and what they print.
+enum CExamples {
+    static let directory = FileManager.default.currentDirectoryPath + "/.build/c-vm2"
+    static let counter = directory + "/vpd-counter"
+    static let forwarder = directory + "/vpd-forwarder"
+    static var built: Bool { Peers.required || FileManager.default.isExecutableFile(atPath: counter) }
+    static let missing = "the C examples are not built: make c-examples"
+
+    /// The numbers of the last line starting with `prefix` (e.g.
+    /// "vpd-counter: total "), in order.
+    static func numbers(_ output: String, after prefix: String) -> [UInt64]? {
+        guard let line = output.split(separator: "\n").last(where: { $0.hasPrefix(prefix) }) else { return nil }
+        return line.dropFirst(prefix.count).split(whereSeparator: { !$0.isNumber }).compactMap { UInt64($0) }
+    }
 }
 
 /// Sends QMP commands to QEMU (`-qmp unix:PATH,server=on,wait=off`).

@@ -271,3 +271,63 @@ extension Interop {
         func udpFromALinuxGuestUnderIntelIOMMUStrict() throws { try guestSends(iommu: true) }
     }
 }
+
+extension Interop {
+    /// libvhost-pci-device's C examples as VM2 against testpmd as VM1: C
+    /// programs that include only vhost_pci_device.h and link with
+    /// `pkg-config --libs vhost-pci-device`.
+    @Suite struct CDataPlane {
+        /// testpmd txonly → vpd-counter: every frame testpmd counted as sent
+        /// is counted by the C program, read in place.
+        @Test(.enabled(if: Peers.hasTestpmd && CExamples.built, Comment(rawValue: Peers.testpmdMissing + "; " + CExamples.missing)))
+        func aCCounterCountsEveryFrameTestpmdSends() throws {
+            let b = try InteropBridge("c-count", mode: .identity)
+            defer { b.stop() }
+            let counter = try External(CExamples.counter, [b.peerPath], name: "c-counter")
+            #expect(pollUntil(seconds: 30) { b.bridge.statistics.peer.ready }, "\(counter.output)")
+            let pmd = try testpmd(b.path, mode: "txonly", name: "c-tx")
+            let flowed = pollUntil(seconds: 60, everyMilliseconds: 10) {
+                (CExamples.numbers(counter.output, after: "vpd-counter: ")?.first ?? 0) >= 100_000
+            }
+            pmd.stop() // testpmd stops sending, prints its counts, then leaves
+            let sent = testpmdCount(pmd.output, "TX-packets") ?? -1
+            let status = counter.terminate()
+            let total = CExamples.numbers(counter.output, after: "vpd-counter: total ") ?? []
+            #expect(flowed, "vpd-counter said:\n\(counter.output.suffix(800))\ntestpmd said:\n\(pmd.output.suffix(1500))")
+            #expect(status == 0, "\(counter.output.suffix(800))")
+            // frames, bytes, not Ethernet, revocations, refused
+            #expect(total.count == 5 && total[0] == UInt64(max(sent, 0)) && total[2] == 0 && total[4] == 0,
+                    "testpmd sent \(sent); vpd-counter: \(total)")
+            #expect(b.bridge.statistics.refusals.isEmpty, "refused: \(b.bridge.statistics.refusals)")
+        }
+
+        /// testpmd io (one burst first) ↔ vpd-forwarder: the frames go round
+        /// between the two; every frame testpmd sent reached the forwarder,
+        /// and testpmd received what the forwarder sent back.
+        @Test(.enabled(if: Peers.hasTestpmd && CExamples.built, Comment(rawValue: Peers.testpmdMissing + "; " + CExamples.missing)))
+        func aCForwarderLoopsTestpmdsFramesBack() throws {
+            let b = try InteropBridge("c-fwd", mode: .identity)
+            defer { b.stop() }
+            let forwarder = try External(CExamples.forwarder, [b.peerPath], name: "c-forwarder")
+            #expect(pollUntil(seconds: 30) { b.bridge.statistics.peer.ready }, "\(forwarder.output)")
+            let pmd = try testpmd(b.path, mode: "io", name: "c-io", extra: ["--tx-first"])
+            let flowed = pollUntil(seconds: 60, everyMilliseconds: 10) {
+                (CExamples.numbers(forwarder.output, after: "vpd-forwarder: ")?.first ?? 0) >= 50_000
+            }
+            pmd.stop()
+            let sent = testpmdCount(pmd.output, "TX-packets") ?? -1
+            let received = testpmdCount(pmd.output, "RX-packets") ?? -1
+            let status = forwarder.terminate()
+            // received, sent, dropped, waiting
+            let total = CExamples.numbers(forwarder.output, after: "vpd-forwarder: total ") ?? []
+            #expect(flowed, "vpd-forwarder said:\n\(forwarder.output.suffix(800))\ntestpmd said:\n\(pmd.output.suffix(1500))")
+            #expect(status == 0, "\(forwarder.output.suffix(800))")
+            #expect(total.count == 4 && total[0] == UInt64(max(sent, 0)) && total[2] == 0,
+                    "testpmd sent \(sent), received \(received); vpd-forwarder: \(total)")
+            // What testpmd received, the forwarder sent (frames sent after
+            // testpmd stopped polling are the difference).
+            #expect(total.count == 4 && received > 0 && UInt64(received) <= total[1], "testpmd received \(received); vpd-forwarder: \(total)")
+            #expect(b.bridge.statistics.refusals.isEmpty, "refused: \(b.bridge.statistics.refusals)")
+        }
+    }
+}

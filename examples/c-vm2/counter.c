@@ -8,6 +8,7 @@
  * SIGINT/SIGTERM. Exit status: 0 after a signal, 1 when it cannot connect,
  * 2 when the bridge ends the connection.
  */
+#define _POSIX_C_SOURCE 200809L
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -73,8 +74,15 @@ int main(int argc, char **argv) {
         fprintf(stderr, "vpd-counter: %s: %s\n", vpd_strerror(rc), why);
         return 1;
     }
+    /* A parent may have left these blocked (e.g. one that waits for
+     * signals with signalfd): stopping must work anyway. */
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGINT);
+    sigaddset(&stop_signals, SIGTERM);
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
+    sigprocmask(SIG_UNBLOCK, &stop_signals, NULL);
     printf("vpd-counter: connected to %s (ABI %u)\n", argv[1], vpd_abi_version());
     fflush(stdout);
 

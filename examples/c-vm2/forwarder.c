@@ -11,6 +11,7 @@
  * round, and is dropped (counted) when more than a ring's worth waits.
  * Totals on SIGINT/SIGTERM; exit status as vpd-counter's.
  */
+#define _POSIX_C_SOURCE 200809L
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -85,8 +86,15 @@ int main(int argc, char **argv) {
         fprintf(stderr, "vpd-forwarder: %s: %s\n", vpd_strerror(rc), why);
         return 1;
     }
+    /* A parent may have left these blocked (e.g. one that waits for
+     * signals with signalfd): stopping must work anyway. */
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGINT);
+    sigaddset(&stop_signals, SIGTERM);
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
+    sigprocmask(SIG_UNBLOCK, &stop_signals, NULL);
     printf("vpd-forwarder: connected to %s\n", argv[1]);
     fflush(stdout);
 

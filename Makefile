@@ -14,7 +14,7 @@ CHECK_PACKAGES := dpkg-dev lintian fakeroot man-db prometheus libvirt-clients li
 # and a Linux guest built from Debian's kernel and busybox with gcc).
 INTEROP_PACKAGES := dpdk-dev qemu-system-x86 gcc libc6-dev pkg-config
 
-.PHONY: c-examples all deps check-deps interop-deps build release test interop demo bench install install-files install-tools uninstall deb deb-check clean fuzz fuzz-build fuzz-seeds test-asan test-tsan soak
+.PHONY: c-examples install-lib all deps check-deps interop-deps build release test interop demo bench install install-files install-tools uninstall deb deb-check clean fuzz fuzz-build fuzz-seeds test-asan test-tsan soak
 
 all: build
 
@@ -175,6 +175,23 @@ UNITS := vhost-pci-bridged.service vhost-pci-bridged-metrics.service vhost-pci-b
 install: release
 	$(SWIFT) build -c release --product generate-manual
 	$(MAKE) install-files RELEASE_DIR=.build/release MANUAL_TOOL=.build/release/generate-manual
+	$(MAKE) install-lib
+
+# libvhost-pci-device (docs/device-api.md): the shared library (SONAME
+# libvhost-pci-device.so.1, the ABI major; the Swift runtime linked in, so it
+# needs no Swift toolchain), its header and pkg-config file.
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+install-lib: deps
+	$(SWIFT) build -c release --build-path .build-lib --product vhost-pci-device -Xswiftc -static-stdlib
+	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)
+	install -m 0755 .build-lib/release/libvhost-pci-device.so $(DESTDIR)$(LIBDIR)/libvhost-pci-device.so.1
+	strip --strip-unneeded $(DESTDIR)$(LIBDIR)/libvhost-pci-device.so.1
+	ln -sf libvhost-pci-device.so.1 $(DESTDIR)$(LIBDIR)/libvhost-pci-device.so
+	install -m 0644 Sources/CVhostPCIDevice/include/vhost_pci_device.h $(DESTDIR)$(INCLUDEDIR)/vhost_pci_device.h
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
+	  -e 's|@EXTRA_LIBS@||' packaging/pkgconfig/vhost-pci-device.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device.pc
+	chmod 0644 $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device.pc
 
 MANUAL_TOOL ?= .build/release/generate-manual
 install-files:
@@ -212,6 +229,8 @@ uninstall:
 	for u in $(UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
 	rm -f $(DESTDIR)$(QEMU_DISCOVERY_DIR)/50-vhost-pci-bridged.json
 	rm -rf $(DESTDIR)$(DOCDIR)
+	rm -f $(DESTDIR)$(LIBDIR)/libvhost-pci-device.so.1 $(DESTDIR)$(LIBDIR)/libvhost-pci-device.so \
+	  $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device.pc $(DESTDIR)$(INCLUDEDIR)/vhost_pci_device.h
 
 # A Debian package of what `make install` installs, from a build with the
 # Swift runtime linked in statically (it runs without a Swift toolchain):
@@ -224,4 +243,4 @@ deb-check: deb
 	sh packaging/deb/check.sh dist
 
 clean:
-	rm -rf .build .build-static dist
+	rm -rf .build .build-static .build-lib dist

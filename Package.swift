@@ -96,7 +96,9 @@ let package = Package(
         .target(
             name: "VhostPCIDevice",
             dependencies: ["CVhostPCIDevice", "PeerDevice", "DeviceEngine", "BridgeCore"],
-            swiftSettings: swiftSettings
+            swiftSettings: swiftSettings,
+            // The ABI major (VPD_ABI_VERSION) in the shared library's name.
+            linkerSettings: [.unsafeFlags(["-Xlinker", "-soname=libvhost-pci-device.so.1"])]
         ),
         .target(
             name: "EmulatedGuests",

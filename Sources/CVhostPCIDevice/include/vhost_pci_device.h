@@ -144,7 +144,7 @@ const char *vpd_strerror(int code);
 int vpd_connect(const char *peer_socket, const struct vpd_config *config,
                 struct vpd_device **out, char *error_text, size_t error_size);
 
-/* Waits at most timeout_ms (0: only looks) for the bridge, a kick or a
+/* Waits at most timeout_ms (0 or negative: only looks) for the bridge, a kick or a
  * frame, and handles what came (grants, revocations, rings: callbacks).
  * Returns 1 when frames or receive room may be waiting, 0 when not, or a
  * VPD_E* code (VPD_ECLOSED once the bridge ended the connection). */

@@ -5,7 +5,7 @@ SWIFT   ?= swift
 PREFIX  ?= /usr/local
 DESTDIR ?=
 BINDIR  := $(DESTDIR)$(PREFIX)/bin
-APT_PACKAGES := liburing-dev
+APT_PACKAGES := liburing-dev libyaml-dev
 # What make test checks with (make check-deps): dpkg-shlibdeps, fakeroot and
 # lintian (make deb, deb-check), promtool (package prometheus: the metrics exposition),
 # virt-xml-validate (the libvirt recipe in docs/examples).

@@ -3,6 +3,7 @@ import PackageDescription
 
 // Layering (docs/architecture.md has the table, DESIGN §8):
 //   CLinuxShim     - C: liburing and every macro / inline Swift cannot import. Nothing else.
+//   CYAML          - the system's libyaml (libyaml-dev), for the config file's parser.
 //   BridgeCore     - pure Swift, imports nothing: addresses, regions, AddressSpace, decisions, wire format.
 //   VhostUser      - pure: vhost-user codec + BackendSession (imports BridgeCore).
 //   PeerProtocol   - pure: the VM2 peer protocol codec (imports BridgeCore).
@@ -38,12 +39,19 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
-        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
     ],
     targets: [
         .target(
             name: "CLinuxShim",
             linkerSettings: [.linkedLibrary("uring")]
+        ),
+        // libyaml's event parser; BridgeDaemon composes the config from its
+        // events (DaemonConfig+YAML.swift). Linked dynamically: the package
+        // depends on libyaml-0-2.
+        .systemLibrary(
+            name: "CYAML",
+            pkgConfig: "yaml-0.1",
+            providers: [.apt(["libyaml-dev"])]
         ),
         .target(
             name: "BridgeCore",
@@ -76,9 +84,8 @@ let package = Package(
         .target(
             name: "BridgeDaemon",
             dependencies: [
-                "BridgeCore", "VhostUser", "PeerProtocol", "LinuxIO", "ControlWire",
+                "BridgeCore", "VhostUser", "PeerProtocol", "LinuxIO", "ControlWire", "CYAML",
                 .product(name: "Logging", package: "swift-log"),
-                .product(name: "Yams", package: "Yams"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -124,6 +131,7 @@ let package = Package(
             dependencies: [
                 "BridgeCore",
                 "ControlClient",
+                "LinuxIO",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings

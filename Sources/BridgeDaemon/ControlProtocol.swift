@@ -1,5 +1,4 @@
 import BridgeCore
-import Foundation
 import LinuxIO
 import Logging
 import VhostUser
@@ -95,7 +94,7 @@ extension DaemonController {
         case .failure(let e):
             switch e {
             case .noSession: throw ControlError("no-session", e.description)
-            case .refused(let reason, let rule): throw ControlError("refused", "[\(rule)] " + reason.replacingOccurrences(of: "[\(rule)] ", with: ""))
+            case .refused(let reason, let rule): throw ControlError("refused", "[\(rule)] " + reason.replacing("[\(rule)] ", with: ""))
             case .failed, .timedOut: throw ControlError("failed", e.description)
             }
         }

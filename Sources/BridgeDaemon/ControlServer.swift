@@ -1,5 +1,4 @@
 import BridgeCore
-import Foundation
 import LinuxIO
 import Logging
 
@@ -96,7 +95,7 @@ public final class ControlServer: Sendable {
                 buffer.removeSubrange(...newline)
                 if discarding { discarding = false; continue }
                 let text = String(decoding: line, as: UTF8.self)
-                guard !text.trimmingCharacters(in: .whitespaces).isEmpty else { continue }
+                guard !text.trimmingSpaces.isEmpty else { continue }
                 let reply = controller.handle(line: text, reloadConfig: reloadConfig)
                 guard (try? connection.send(Array((reply + "\n").utf8))) != nil else { return }
             }

@@ -1,4 +1,6 @@
-import Foundation
+import ControlWire
+import FoundationEssentials
+import LinuxIO
 
 /// The state file of the bridges made with `create` (`vhost-pci-bridgectl
 /// create`): they are the operator's, not the config file's, so a reload
@@ -29,10 +31,14 @@ public struct CreatedBridges: Sendable {
 
     /// The entries; none when the file does not exist yet.
     public func load() throws(ConfigError) -> [Entry] {
-        guard FileManager.default.fileExists(atPath: path) else { return [] }
+        let bytes: [UInt8]
+        do { bytes = try Files.read(path) } catch {
+            if error.errno == .noSuchFileOrDirectory { return [] }
+            throw ConfigError(path, "cannot be read: \(error)")
+        }
         let top: ConfigValue
-        do { top = try JSONDecoder().decode(ConfigValue.self, from: try Data(contentsOf: URL(fileURLWithPath: path))) } catch {
-            throw ConfigError(path, "not readable JSON: \(error.localizedDescription)")
+        do { top = try JSONDecoder().decode(ConfigValue.self, from: Data(bytes)) } catch {
+            throw ConfigError(path, "not readable JSON: \(ControlProtocol.describe(error))")
         }
         guard case .mapping(let file) = top, file["version"] == .int(1), case .list(let list)? = file["bridges"] else {
             throw ConfigError(path, "must be {\"version\": 1, \"bridges\": [...]}")
@@ -48,15 +54,19 @@ public struct CreatedBridges: Sendable {
 
     public func save(_ entries: [Entry]) throws(ConfigError) {
         let file = File(bridges: entries.map { e in .init(name: e.name, bridge: Self.object(e.spec) ?? .mapping([:])) })
+        let data: Data
         do {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
-            let data = try encoder.encode(file)
-            let directory = (path as NSString).deletingLastPathComponent
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-            try data.write(to: URL(fileURLWithPath: path), options: .atomic)
+            data = try encoder.encode(file)
         } catch {
-            throw ConfigError(path, "cannot be written: \(error.localizedDescription)")
+            throw ConfigError(path, "cannot be written: \(ControlProtocol.describe(error))")
+        }
+        do {
+            try Files.createDirectories(Files.directory(of: path))
+            try Files.writeAtomically(path, Array(data), mode: 0o644)
+        } catch {
+            throw ConfigError(path, "cannot be written: \(error)")
         }
     }
 

@@ -3,7 +3,6 @@ import LinuxIO
 import Logging
 import VhostUser
 import ControlWire
-import Yams
 
 /// A refused configuration: the key (e.g. `bridges[1].bar-size`) and why.
 public struct ConfigError: Error, Equatable, Sendable, CustomStringConvertible {
@@ -97,23 +96,20 @@ public struct DaemonConfig: Equatable, Sendable {
                                           "vm1-access", "vm2-access", "vm2-deadline-action", "round-out-huge-pages",
                                           "cpu-affinity", "unsealed-regions"]
 
-    /// Most YAML nodes a config may hold (aliases count each time they are
-    /// used, so an alias bomb is refused, not expanded), and how deep.
+    /// Most YAML nodes a config may hold (an alias counts what it names each
+    /// time it is used, so an alias bomb is refused, not expanded), and how deep.
     static let maximumNodes = 100_000
     static let maximumDepth = 32
 
     /// Parses and validates YAML text. Every error names its key.
     public static func parse(_ text: String) throws(ConfigError) -> DaemonConfig {
-        let root: ConfigValue?
-        do {
-            let node = try Yams.compose(yaml: text)
-            var budget = maximumNodes
-            root = try node.map { node throws(ConfigError) in try plain(node, path: "", depth: 0, budget: &budget) }
-        } catch let error as ConfigError {
-            throw error
-        } catch {
-            throw ConfigError("(file)", "not valid YAML: \(error)")
-        }
+        try parse(utf8: Array(text.utf8))
+    }
+
+    /// Parses and validates a file's bytes, which must be UTF-8 (libyaml
+    /// refuses anything else, naming the line, column and byte).
+    public static func parse(utf8 bytes: [UInt8]) throws(ConfigError) -> DaemonConfig {
+        let root = try bytes.withUnsafeBufferPointer { bytes throws(ConfigError) in try compose(bytes) }
         guard case .mapping(let top)? = root else { throw ConfigError("(file)", "the top level must be a mapping of keys") }
         var config = DaemonConfig()
         for key in top.keys.sorted() where !topKeys.contains(key) { throw ConfigError(key, "unknown key") }
@@ -233,7 +229,7 @@ public struct DaemonConfig: Equatable, Sendable {
 
     /// `--device-features event-idx,mrg-rxbuf`.
     public static func deviceFeatures(commaSeparated text: String, _ key: String) throws(ConfigError) -> VirtioNetFeatures {
-        try parseDeviceFeatures(text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }, key)
+        try parseDeviceFeatures(text.split(separator: ",").map(\.trimmingSpaces).filter { !$0.isEmpty }, key)
     }
 
     static func parseDeviceFeatures(_ names: [String], _ key: String) throws(ConfigError) -> VirtioNetFeatures {
@@ -251,7 +247,7 @@ public struct DaemonConfig: Equatable, Sendable {
     static func cpuList(_ v: ConfigValue, _ key: String) throws(ConfigError) -> [Int] {
         let items: [String]
         if case .list(let list) = v { items = list.map { scalar($0) ?? "?" } } else if let text = scalar(v) {
-            items = text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+            items = text.split(separator: ",").map(\.trimmingSpaces)
         } else { throw ConfigError(key, "must be a list of CPU numbers or a string such as 0-3,6") }
         var cpus: Set<Int> = []
         for item in items {
@@ -362,5 +358,18 @@ public struct DaemonConfig: Equatable, Sendable {
 extension String {
     fileprivate func replacingPrefix(_ prefix: String) -> String {
         hasPrefix(prefix) ? String(dropFirst(prefix.count)) : self
+    }
+}
+
+extension StringProtocol {
+    /// Without leading and trailing spaces and tabs (what Foundation's
+    /// `trimmingCharacters(in: .whitespaces)` removes: tab and Unicode's
+    /// space separators).
+    var trimmingSpaces: String {
+        func isSpace(_ c: Character) -> Bool {
+            c.unicodeScalars.allSatisfy { $0 == "\t" || $0.properties.generalCategory == .spaceSeparator }
+        }
+        guard let first = firstIndex(where: { !isSpace($0) }), let last = lastIndex(where: { !isSpace($0) }) else { return "" }
+        return String(self[first...last])
     }
 }

@@ -1,5 +1,5 @@
 import BridgeCore
-import Foundation
+import FoundationEssentials
 import LinuxIO
 import Logging
 import VhostUser
@@ -190,7 +190,7 @@ public final class DaemonController: Sendable {
         return operations.withLock { _ in
             let entries: [CreatedBridges.Entry]
             do { entries = try createdBridges.load() } catch {
-                let aside = createdBridges.path + ".unreadable-\(Int(Date().timeIntervalSince1970))"
+                let aside = createdBridges.path + ".unreadable-\(Int(Date.now.timeIntervalSince1970))"
                 let moved = (try? Files.rename(createdBridges.path, to: aside)) != nil
                 if !moved { state.withLock { $0.stateFileSetAside = true } } // then never overwrite it
                 noteError("\(error)\(moved ? " (moved to \(aside))" : "; created bridges are not kept until it is fixed")")

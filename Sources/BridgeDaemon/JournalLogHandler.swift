@@ -1,5 +1,5 @@
 import LinuxIO
-import Foundation
+import FoundationEssentials
 import Logging
 
 /// A swift-log handler for journald and plain stderr. Under systemd
@@ -57,7 +57,7 @@ public struct JournalLogHandler: LogHandler {
 
     public func log(event: LogEvent) {
         if let journal, journal.send(entry(level: event.level, message: "\(event.message)", metadata: event.metadata)) { return }
-        FileHandle.standardError.write(Data(line(level: event.level, message: "\(event.message)", metadata: event.metadata).utf8))
+        Files.writeStandardError(line(level: event.level, message: "\(event.message)", metadata: event.metadata))
     }
 
     /// One native-protocol entry: `KEY=value\n` per field, or, for a value
@@ -98,12 +98,12 @@ public struct JournalLogHandler: LogHandler {
     }
 
     /// The text of one log line (the journald form carries `<priority>`).
-    public func line(level: Logger.Level, message: String, metadata extra: Logger.Metadata?, date: Date = Date()) -> String {
+    public func line(level: Logger.Level, message: String, metadata extra: Logger.Metadata?, date: Date = .now) -> String {
         let all = metadata.merging(extra ?? [:]) { $1 }
         let meta = all.isEmpty ? "" : all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ") + " "
         if journald {
             return "<\(Self.priority(level))>\(meta)\(message)\n"
         }
-        return "\(ISO8601DateFormatter().string(from: date)) \(level) \(label): \(meta)\(message)\n"
+        return "\(date.formatted(.iso8601)) \(level) \(label): \(meta)\(message)\n"
     }
 }

@@ -1,5 +1,5 @@
 @_exported import ControlWire
-import Foundation
+import FoundationEssentials
 import LinuxIO
 
 /// Talks to a daemon's control socket: one JSON line out, one back.
@@ -58,10 +58,15 @@ public enum Render {
         var widths = header.map(\.count)
         for r in rows { for (i, c) in r.enumerated() where i < widths.count { widths[i] = max(widths[i], c.count) } }
         func line(_ cells: [String]) -> String {
-            cells.enumerated().map { i, c in i == cells.count - 1 ? c : c.padding(toLength: widths[i], withPad: " ", startingAt: 0) }
+            cells.enumerated().map { i, c in i == cells.count - 1 ? c : padded(c, widths[i]) }
                 .joined(separator: "  ")
         }
         return ([line(header)] + rows.map(line)).joined(separator: "\n") + "\n"
+    }
+
+    /// `text` with spaces after it up to `width` characters.
+    static func padded(_ text: String, _ width: Int) -> String {
+        text + String(repeating: " ", count: max(0, width - text.count))
     }
 
     /// `key: value` lines, keys aligned, sorted: every key of a result
@@ -74,7 +79,7 @@ public enum Render {
     public static func keyValues(_ object: [String: ConfigValue]) -> String {
         let keys = object.keys.sorted()
         let width = keys.map(\.count).max() ?? 0
-        return keys.map { k in "\(k.padding(toLength: width, withPad: " ", startingAt: 0))  \(scalar(object[k] ?? .null))" }
+        return keys.map { k in "\(padded(k, width))  \(scalar(object[k] ?? .null))" }
             .joined(separator: "\n") + "\n"
     }
 

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 
 /// The control socket's protocol (docs/operating.md): one JSON object per
 /// line each way. Request `{"command": "...", ...}` (`ControlRequest`);
@@ -24,6 +24,24 @@ public enum ControlProtocol {
         let encoder = JSONEncoder()
         encoder.outputFormatting = pretty ? [.sortedKeys, .prettyPrinted] : [.sortedKeys]
         return (try? encoder.encode(value)).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    /// A JSON coding error as one line for people: what is wrong and at
+    /// which key, without the Swift type dump `DecodingError` prints.
+    public static func describe(_ error: any Error) -> String {
+        func at(_ path: [any CodingKey]) -> String {
+            path.isEmpty ? "" : " (at " + path.map { $0.intValue.map { "[\($0)]" } ?? ".\($0.stringValue)" }.joined() + ")"
+        }
+        switch error {
+        case DecodingError.dataCorrupted(let c), DecodingError.typeMismatch(_, let c), DecodingError.valueNotFound(_, let c):
+            return c.debugDescription + at(c.codingPath)
+        case DecodingError.keyNotFound(let key, let c):
+            return "no key '\(key.stringValue)'" + at(c.codingPath)
+        case EncodingError.invalidValue(_, let c):
+            return c.debugDescription + at(c.codingPath)
+        default:
+            return "\(error)"
+        }
     }
 
     static let unencodable = #"{"error":{"code":"internal","message":"unencodable response"},"ok":false,"version":1}"#

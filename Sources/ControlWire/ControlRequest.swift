@@ -1,5 +1,5 @@
 import BridgeCore
-import Foundation
+import FoundationEssentials
 
 /// One control request, decoded from its JSON line (`decode(line:)`) with
 /// the protocol's errors for bad input, and encoded by clients.

@@ -1,7 +1,8 @@
 import ArgumentParser
 import BridgeCore
 import ControlClient
-import Foundation
+import FoundationEssentials
+import LinuxIO
 
 /// Exit codes: 0 done; 1 the daemon refused the request (its error is
 /// printed); 2 the daemon could not be reached or answered nonsense.
@@ -32,7 +33,7 @@ struct Common: ParsableArguments {
             let client = try ControlClient(path: socket)
             (reply, line) = try client.call(request, expecting: Result.self)
         } catch {
-            FileHandle.standardError.write(Data("vhost-pci-bridgectl: \(error)\n".utf8))
+            Files.writeStandardError("vhost-pci-bridgectl: \(error)\n")
             throw ExitCode(2)
         }
         if json, let response = try? JSONDecoder().decode(ConfigValue.self, from: Data(line.utf8)),
@@ -41,7 +42,7 @@ struct Common: ParsableArguments {
         }
         switch reply {
         case .refused(let e):
-            FileHandle.standardError.write(Data("vhost-pci-bridgectl: \(e.code): \(e.message)\n".utf8))
+            Files.writeStandardError("vhost-pci-bridgectl: \(e.code): \(e.message)\n")
             throw ExitCode(1)
         case .ok(let result):
             return json && !evenWithJSON ? nil : result
@@ -167,9 +168,9 @@ struct Metrics: ParsableCommand {
         guard let text = try common.call(.metrics, MetricsText.self)?.text else { return }
         guard let output else { print(text, terminator: ""); return }
         do {
-            try Data(text.utf8).write(to: URL(fileURLWithPath: output), options: .atomic)
+            try Files.writeAtomically(output, Array(text.utf8))
         } catch {
-            FileHandle.standardError.write(Data("vhost-pci-bridgectl: cannot write \(output): \(error.localizedDescription)\n".utf8))
+            Files.writeStandardError("vhost-pci-bridgectl: cannot write \(output): \(error)\n")
             throw ExitCode(1)
         }
     }
@@ -186,7 +187,7 @@ struct Reload: ParsableCommand {
         if !common.json, let r { print(Render.keyValues(r), terminator: "") }
         if let failed = r?.failed, !failed.isEmpty {
             let text = failed.keys.sorted().map { "\($0): \(failed[$0] ?? "")" }.joined(separator: "; ")
-            FileHandle.standardError.write(Data("vhost-pci-bridgectl: reload: not every bridge started: \(text)\n".utf8))
+            Files.writeStandardError("vhost-pci-bridgectl: reload: not every bridge started: \(text)\n")
             throw ExitCode(1)
         }
     }

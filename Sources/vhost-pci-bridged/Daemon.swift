@@ -1,7 +1,8 @@
 import ArgumentParser
 import BridgeCore
 import BridgeDaemon
-import Foundation
+import FoundationEssentials
+import Glibc
 import LinuxIO
 import Logging
 import Synchronization
@@ -101,16 +102,16 @@ struct Daemon: ParsableCommand {
     }
 
     func fail(_ text: String) -> ExitCode {
-        FileHandle.standardError.write(Data("vhost-pci-bridged: \(text)\n".utf8))
+        Files.writeStandardError("vhost-pci-bridged: \(text)\n")
         return ExitCode(1)
     }
 
     /// The file's config, or the defaults without one.
     func loadFile() throws -> DaemonConfig {
         guard let config else { return DaemonConfig() }
-        let text: String
-        do { text = try String(contentsOfFile: config, encoding: .utf8) } catch { throw fail("cannot read \(config): \(error.localizedDescription)") }
-        do { return try DaemonConfig.parse(text) } catch { throw fail("\(config): \(error)") }
+        let bytes: [UInt8]
+        do { bytes = try Files.read(config) } catch { throw fail("cannot read \(config): \(error)") }
+        do { return try DaemonConfig.parse(utf8: bytes) } catch { throw fail("\(config): \(error)") }
     }
 
     /// The bridge the flags describe, whatever its socket (--socket-path or
@@ -177,11 +178,10 @@ struct Daemon: ParsableCommand {
         Signals.block([SIGTERM, SIGINT, SIGHUP])
         let servesControl = overrides.servesControlSocket(withConfigFile: config != nil)
         if config != nil || runtimeDirectory != nil {
-            try? FileManager.default.createDirectory(atPath: daemonConfig.runtimeDirectory, withIntermediateDirectories: true)
+            try? Files.createDirectories(daemonConfig.runtimeDirectory)
         }
         if servesControl {
-            try? FileManager.default.createDirectory(atPath: (daemonConfig.controlSocket as NSString).deletingLastPathComponent,
-                                                     withIntermediateDirectories: true)
+            try? Files.createDirectories(Files.directory(of: daemonConfig.controlSocket))
         }
         let environment = ProcessInfo.processInfo.environment
         let stateDir = stateDirectory ?? environment["STATE_DIRECTORY"].flatMap { $0.split(separator: ":").first.map(String.init) }
@@ -205,11 +205,11 @@ struct Daemon: ParsableCommand {
         let reloadSource: @Sendable () -> Result<DaemonConfig, ControlError> = {
             guard let configPath else { return .failure(ControlError("no-config", "the daemon was not started with --config")) }
             do {
-                return .success(try overrides.applied(to: try DaemonConfig.parse(try String(contentsOfFile: configPath, encoding: .utf8))))
+                return .success(try overrides.applied(to: try DaemonConfig.parse(utf8: try Files.read(configPath))))
             } catch let e as ConfigError {
                 return .failure(ControlError("invalid-config", "\(configPath): \(Self.flagMessage(e))"))
             } catch {
-                return .failure(ControlError("invalid-config", "\(configPath): \(error.localizedDescription)"))
+                return .failure(ControlError("invalid-config", "\(configPath): \(error)"))
             }
         }
         var control: ControlServer?
@@ -218,7 +218,7 @@ struct Daemon: ParsableCommand {
             if daemonConfig.controlGroup != nil && group == nil { logger.warning("control-group \(daemonConfig.controlGroup ?? ""): no such group; root only") }
             // The unit makes the runtime directory root:root 0750: the control
             // group must be able to traverse it to reach the socket.
-            if let group, (daemonConfig.controlSocket as NSString).deletingLastPathComponent == daemonConfig.runtimeDirectory {
+            if let group, Files.directory(of: daemonConfig.controlSocket) == daemonConfig.runtimeDirectory {
                 do { try SocketPermissions.applyToDirectory(path: daemonConfig.runtimeDirectory, mode: 0o750, group: group) } catch {
                     logger.warning("cannot give group \(group) access to \(daemonConfig.runtimeDirectory): \(error)")
                 }

@@ -136,16 +136,16 @@ func configError(_ text: String) -> ConfigError? {
         ("vm2-budgets: {v: 1G}\nbridges:\n  - name: a\n    vm2: v\n    bar-size: 1G\n  - name: b\n    vm2: v\n    bar-size: 1G",
          "vm2-budgets: VM2 'v' would need 2 GiB of BAR space for bridges a, b; its budget is 1 GiB"),
         ("vm2-budgets: {v: none}", "vm2-budgets.v: 'none' is not a size"),
-        // Found by fuzz-config: Yams' load traps on a mapping used as a key.
+        // Found by fuzz-config when Yams parsed the file: its load trapped on a mapping used as a key.
         ("{{}}", "(file): a mapping key is not a plain name"),
-        // Also fuzz-config: Yams' sexagesimal integers overflow (a trap); here a string.
+        // Also fuzz-config: Yams' sexagesimal integers overflowed (a trap); here a string.
         ("bridges:\n  - name: a\n    bar-size: 1G\n    busy-poll-us: 3333333333333333333:3", "bridges[0].busy-poll-us: '3333333333333333333:3' is not a whole number"),
         ("bridges:\n  - {[a]: 1}", "bridges[0]: a mapping key is not a plain name"),
-        ("log-level: info\nlog-level: debug", "(file): not valid YAML: Parser: expected all keys to be unique"),
+        ("log-level: info\nlog-level: debug", "log-level: is given twice (line 2, column 1)"),
         (String(repeating: "[", count: 40) + String(repeating: "]", count: 40), "[0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0]: nested deeper than 32 levels"),
         ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
          + "d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]",
-         "e[7][8][8][8][9]: the file has more than 100000 YAML nodes"),
+         "e[7]: the file has more than 100000 YAML nodes"),
     ]
 
     @Test(arguments: bad.indices)

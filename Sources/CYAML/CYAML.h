@@ -1,0 +1,2 @@
+// libyaml (Debian: libyaml-dev), as Swift imports it.
+#include <yaml.h>

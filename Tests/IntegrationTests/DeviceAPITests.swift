@@ -38,7 +38,7 @@ private final class CCaller: Sendable {
             return vpd_connect(peerPath, &config, &raw, &why, why.count)
         }
         guard rc == VPD_OK, let raw else {
-            throw CCallerError.connect(rc, String(cString: why))
+            throw CCallerError.connect(rc, text(why))
         }
         device = Int(bitPattern: UnsafeRawPointer(raw))
         self.context = context
@@ -62,6 +62,11 @@ private final class CCallerContext: Sendable {
 }
 
 private enum CCallerError: Error { case connect(Int32, String) }
+
+/// A NUL-terminated C string in `buffer`.
+private func text(_ buffer: [CChar]) -> String {
+    String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
 
 /// A thread that keeps calling `vpd_poll` (and `body`, if any) until stopped:
 /// the application's loop, so revocations are answered while a test waits.
@@ -167,11 +172,11 @@ extension Integration {
             var why = [CChar](repeating: 0, count: 128)
             #expect(vpd_connect(nil, nil, &out, &why, why.count) == VPD_EINVAL)
             #expect(vpd_connect("/tmp/vpb-no-such-peer.sock", nil, &out, &why, why.count) == VPD_ECONNECT && out == nil)
-            #expect(String(cString: why).contains("connect"), "\(String(cString: why))")
+            #expect(text(why).contains("connect"), "\(text(why))")
             var config = vpd_config()
             config.size = 4
             #expect(vpd_connect("/tmp/vpb-no-such-peer.sock", &config, &out, &why, why.count) == VPD_EINVAL)
-            #expect(String(cString: why).contains("sizeof"))
+            #expect(text(why).contains("sizeof"))
             config.size = UInt32(MemoryLayout<vpd_config>.size)
             config.device_features = 1 << 5 // VIRTIO_NET_F_MAC: not served
             #expect(vpd_connect("/tmp/vpb-no-such-peer.sock", &config, &out, &why, why.count) == VPD_EINVAL)

@@ -114,6 +114,7 @@ C_BUILD ?= debug
 VERSION := $(shell sed -n 's/.*static let version = "\(.*\)".*/\1/p' Sources/BridgeCore/BuildInfo.swift)
 c-examples: deps
 	$(SWIFT) build --product vhost-pci-device $(if $(filter release,$(C_BUILD)),-c release)
+	ln -sf libvhost-pci-device.so .build/$(C_BUILD)/libvhost-pci-device.so.1 # its SONAME, what the examples load
 	mkdir -p .build/c-vm2/pkgconfig
 	sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(CURDIR)/.build/$(C_BUILD)|' -e 's|@INCLUDEDIR@|$(CURDIR)/Sources/CVhostPCIDevice/include|' \
 	  -e 's|@VERSION@|$(VERSION)|' -e 's|@EXTRA_LIBS@| -Wl,-rpath,$${libdir}|' packaging/pkgconfig/vhost-pci-device.pc.in > .build/c-vm2/pkgconfig/vhost-pci-device.pc

@@ -57,7 +57,11 @@ public final class DeviceClient {
     private let device: VM2DeviceThread
     private var closedReason: String?
     /// A frame with its virtio-net header, for `transmit`.
-    private var scratch: [UInt8] = []
+    /// (Allocated at first use: an init that fails leaves nothing behind.)
+    private var scratch = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+    /// Receive queues a `transmit` found full: kicks are asked on them (VM1
+    /// says when it posts buffers) until a `transmit` gets through.
+    private var waitingForRoom: Set<Int> = []
 
     /// Connects to a bridge's peer socket, says HELLO with `deviceFeatures`
     /// (what this device serves of virtio-net) and waits for the reply.
@@ -100,7 +104,10 @@ public final class DeviceClient {
         }
     }
 
-    deinit { close() }
+    deinit {
+        close()
+        if scratch.baseAddress != nil { scratch.deallocate() }
+    }
 
     /// Ends the connection: every mapping and fd released. Idempotent.
     public func close() {
@@ -139,10 +146,12 @@ public final class DeviceClient {
     /// (call `receive`/`transmit`); throws once the connection is over.
     public func poll(timeoutMilliseconds: Int32) throws(DeviceClientError) -> Bool {
         try checkOpen()
+        device.drainChannel() // revocations first
         var timeout = max(0, timeoutMilliseconds)
         // Ask for kicks before sleeping, and look once more: a chain may
-        // have come while they were off.
-        let waiting = device.device.requestKicks(receiving: true)
+        // have come while they were off. Receive queues only when a
+        // transmit found one full (else VM1 would kick at every refill).
+        let waiting = device.device.requestKicks(receiving: !waitingForRoom.isEmpty)
         if waiting { timeout = 0 }
         if device.notifiers.values.contains(where: { $0.enabled && $0.kick == nil }) { timeout = min(timeout, 1) }
         let w = device.wait(timeoutMilliseconds: timeout)
@@ -186,12 +195,14 @@ public final class DeviceClient {
             let header = VirtioNetHeader.size
             guard let (n, stop, call) = device.device.deliver(count - taken, to: rx, frame: { i in
                 let f = frame(taken + i)
-                if scratch.count < header + f.count { scratch = [UInt8](repeating: 0, count: header + f.count) }
-                return scratch.withUnsafeMutableBytes { s in
-                    for k in 0..<header { s[k] = 0 }
-                    if f.count > 0, let to = s.baseAddress, let from = f.baseAddress { (to + header).copyMemory(from: from, byteCount: f.count) }
-                    return UnsafeRawBufferPointer(rebasing: s[..<(header + f.count)])
+                if scratch.count < header + f.count {
+                    if scratch.baseAddress != nil { scratch.deallocate() }
+                    scratch = .allocate(byteCount: max(2048, header + f.count), alignment: 16)
                 }
+                let s = scratch
+                for k in 0..<header { s[k] = 0 }
+                if f.count > 0, let to = s.baseAddress, let from = f.baseAddress { (to + header).copyMemory(from: from, byteCount: f.count) }
+                return UnsafeRawBufferPointer(rebasing: s[..<(header + f.count)])
             }) else { break }
             var bytes: UInt64 = 0
             for i in taken..<(taken + n) { bytes += UInt64(frame(i).count) }
@@ -211,6 +222,7 @@ public final class DeviceClient {
             }
             break
         }
+        if taken < count { waitingForRoom.insert(rx) } else { waitingForRoom.remove(rx) }
         if calls { device.signal([rx]) }
         device.foldCounters()
         try checkOpen()

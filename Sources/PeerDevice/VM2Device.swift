@@ -76,6 +76,7 @@ extension VM2DeviceThread {
         guard let q = device.removeQueue(queue) else { return }
         parked[queue] = q
         refuse(why)
+        events?.append(.ringStopped(queue))
     }
 
     func signal(_ queues: [Int]) {

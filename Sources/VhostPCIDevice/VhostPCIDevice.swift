@@ -15,6 +15,10 @@ final class CDevice {
     let ctx: UnsafeMutableRawPointer?
     /// A call is running (a callback calling back in gets VPD_EBUSY).
     var busy = false
+    /// `vpd_close` from a callback: done when the running call returns.
+    var closeRequested = false
+    /// Frames longer than VPD_FRAME_MAX, given back to VM1 unseen.
+    var oversize: UInt64 = 0
     /// `vpd_device_error`'s text, NUL-terminated (empty: none yet).
     let error = UnsafeMutablePointer<CChar>.allocate(capacity: CDevice.errorCapacity)
     static let errorCapacity = 512
@@ -59,17 +63,28 @@ final class CDevice {
     func call(_ body: () throws(DeviceClientError) -> Int32) -> Int32 {
         guard !busy else { return VPD_EBUSY }
         busy = true
-        defer { busy = false }
-        let result: Int32
+        var result: Int32
         do { result = try body() } catch { result = code(error) }
         dispatchEvents()
+        busy = false
+        if closeRequested {
+            finishClose()
+            result = VPD_ECLOSED
+        }
         return result
+    }
+
+    /// Closes and drops the C caller's reference (the caller of this still
+    /// holds one until it returns).
+    func finishClose() {
+        client.close()
+        Unmanaged.passUnretained(self).release()
     }
 
     func dispatchEvents() {
         let events = client.takeEvents()
         guard let c = callbacks, !events.isEmpty else { return }
-        for event in events {
+        for event in events where !closeRequested {
             switch event {
             case .deviceStarted(let features): c.device_started?(ctx, features)
             case .deviceStopped: c.device_stopped?(ctx)
@@ -152,6 +167,12 @@ public func vpdConnect(_ path: UnsafePointer<CChar>?, _ config: UnsafePointer<vp
         d.busy = true
         d.dispatchEvents()
         d.busy = false
+        if d.closeRequested { // a callback closed it already
+            out.pointee = nil
+            d.finishClose()
+            write("closed by a callback during vpd_connect", to: errorText, size: errorSize)
+            return VPD_ECLOSED
+        }
         return VPD_OK
     } catch {
         write(error.description, to: errorText, size: errorSize)
@@ -169,14 +190,22 @@ public func vpdPoll(_ dev: OpaquePointer?, _ timeout: Int32) -> Int32 {
 public func vpdReceiveBurst(_ dev: OpaquePointer?, _ fn: vpd_frame_fn?, _ arg: UnsafeMutableRawPointer?) -> Int32 {
     guard let d = device(dev), let fn else { return VPD_EINVAL }
     return d.call { () throws(DeviceClientError) -> Int32 in
+        var skipped = 0
         let n = try d.client.receive { pair, frame in
+            // A chain may be longer than any frame (VM1 chose it): given
+            // back unseen, counted; lengths then always fit the struct.
+            guard !d.closeRequested, frame.totalLength - VirtioNetHeader.size <= Int(VPD_FRAME_MAX) else {
+                if !d.closeRequested { d.oversize += 1 }
+                skipped += 1
+                return
+            }
             d.withSegments(frame) { segments, count, length in
                 var f = vpd_frame(queue_pair: UInt32(truncatingIfNeeded: pair), length: UInt32(truncatingIfNeeded: length),
                                   segment_count: UInt32(truncatingIfNeeded: count), segments: segments)
                 fn(arg, &f)
             }
         }
-        return Int32(clamping: n)
+        return Int32(clamping: n - skipped)
     }
 }
 
@@ -200,7 +229,8 @@ public func vpdTransmitBurst(_ dev: OpaquePointer?, _ queuePair: UInt32, _ frame
 @_cdecl("vpd_read")
 public func vpdRead(_ dev: OpaquePointer?, _ offset: UInt64, _ dst: UnsafeMutableRawPointer?, _ len: Int) -> Int32 {
     guard let d = device(dev) else { return VPD_EINVAL }
-    guard len >= 0, dst != nil || len == 0 else { d.note("dst is NULL"); return VPD_EINVAL }
+    guard len >= 0 else { d.note("len \(UInt(bitPattern: len)) is larger than any BAR"); return VPD_EINVAL }
+    guard dst != nil || len == 0 else { d.note("dst is NULL"); return VPD_EINVAL }
     return d.call { () throws(DeviceClientError) -> Int32 in
         guard let fault = try d.client.read(barOffset: offset, into: UnsafeMutableRawBufferPointer(start: dst, count: len)) else { return VPD_OK }
         d.note("\(fault)")
@@ -214,7 +244,7 @@ public func vpdGetStats(_ dev: OpaquePointer?, _ stats: UnsafeMutablePointer<vpd
     let s = d.client.statistics
     stats.pointee = vpd_stats(
         frames_received: UInt64(s.packetsReceived), bytes_received: s.bytesReceived,
-        frames_sent: UInt64(s.packetsSent), bytes_sent: s.bytesSent, frames_dropped: UInt64(s.echoesDropped),
+        frames_sent: UInt64(s.packetsSent), bytes_sent: s.bytesSent, frames_dropped: UInt64(s.echoesDropped) + d.oversize,
         descriptors_refused: UInt64(s.descriptorsRefused), maps: UInt64(s.mapsApplied), unmaps: UInt64(s.unmapsApplied),
         bytes_mapped: s.bytesMapped, bar_size: s.barSize)
     return VPD_OK
@@ -231,6 +261,12 @@ public func vpdDeviceError(_ dev: OpaquePointer?) -> UnsafePointer<CChar>? {
 public func vpdClose(_ dev: OpaquePointer?) {
     guard let dev else { return }
     let d = Unmanaged<CDevice>.fromOpaque(UnsafeRawPointer(dev))
-    d.takeUnretainedValue().client.close()
+    let device = d.takeUnretainedValue()
+    // From a callback: the running call closes it when it returns.
+    if device.busy {
+        device.closeRequested = true
+        return
+    }
+    device.client.close()
     d.release()
 }

@@ -166,6 +166,60 @@ extension Integration {
             c.close()
         }
 
+        /// An idle device's poll sleeps: with VM1's receive buffers posted and
+        /// nothing to send, `vpd_poll` says nothing waits (it used to ask
+        /// VM1 for receive kicks and find "work" every time).
+        @Test func anIdleDevicesPollFindsNothingWaiting() throws {
+            let running = try RunningBridge("capi-idle", mode: .identity)
+            defer { running.stop() }
+            let c = try CCaller(peerPath: running.peerPath)
+            defer { c.close() }
+            #expect(pollUntil { running.bridge.statistics.peer.ready })
+            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: false))
+            defer { vm1.disconnect() }
+            try vm1.start()
+            // The rings start (their events come through poll), then quiet.
+            #expect(pollUntil { _ = c.call { vpd_poll($0, 0) }; return c.rings.contains(0) && c.rings.contains(1) })
+            try vm1.postReceiveBuffers(16)
+            var results: [Int32] = []
+            for _ in 0..<5 { results.append(c.call { vpd_poll($0, 1) }) }
+            #expect(results.last == 0, "poll results: \(results)")
+        }
+
+        /// `vpd_close` from inside a frame callback: the burst returns
+        /// VPD_ECLOSED, nothing crashes, every fd of the device is gone.
+        @Test func closingFromACallbackTakesEffectWhenTheCallReturns() throws {
+            let running = try RunningBridge("capi-close", mode: .identity)
+            defer { running.stop() }
+            let vm1 = try EmulatedVM1(socketPath: running.path, configuration: vm1Config(iommu: false))
+            defer { vm1.disconnect() }
+            try vm1.start()
+            let before = settledOpenFileDescriptorCount()
+            let c = try CCaller(peerPath: running.peerPath)
+            #expect(pollUntil { running.bridge.statistics.peer.ready })
+            #expect(pollUntil { _ = c.call { vpd_poll($0, 0) }; return c.rings.contains(1) })
+            _ = try vm1.send(TestPacket.make(sequence: 1, size: 64))
+            let closer = Closer()
+            var rc: Int32 = 0
+            #expect(pollUntil {
+                rc = c.call { d in
+                    closer.device.store(Int(bitPattern: UnsafeRawPointer(d)), ordering: .releasing)
+                    _ = vpd_poll(d, 0)
+                    return vpd_receive_burst(d, { arg, _ in
+                        guard let arg else { return }
+                        let me = Unmanaged<Closer>.fromOpaque(arg).takeUnretainedValue()
+                        guard let d = OpaquePointer(bitPattern: me.device.load(ordering: .acquiring)) else { return }
+                        vpd_close(d) // from inside the callback
+                        me.closed.store(true, ordering: .releasing)
+                    }, Unmanaged.passUnretained(closer).toOpaque())
+                }
+                return closer.closed.load(ordering: .acquiring)
+            })
+            #expect(rc == VPD_ECLOSED)
+            #expect(pollUntil { !running.bridge.statistics.peer.connected })
+            #expect(pollUntil { openFileDescriptorCount() == before }, "fds: \(before) before, \(openFileDescriptorCount()) after")
+        }
+
         /// Bad arguments are refused with a code and a reason, never a crash.
         @Test func badArgumentsAreRefused() throws {
             var out: OpaquePointer?
@@ -224,6 +278,11 @@ extension Integration {
             c.close()
         }
     }
+}
+
+private final class Closer: Sendable {
+    let device = Atomic<Int>(0)
+    let closed = Atomic<Bool>(false)
 }
 
 /// The echo loop's state: frames copied in the receive callback, then sent.

@@ -76,13 +76,13 @@ int main(int argc, char **argv) {
     }
     /* A parent may have left these blocked (e.g. one that waits for
      * signals with signalfd): stopping must work anyway. */
-    sigset_t stop_signals;
-    sigemptyset(&stop_signals);
-    sigaddset(&stop_signals, SIGINT);
-    sigaddset(&stop_signals, SIGTERM);
-    signal(SIGINT, on_signal);
-    signal(SIGTERM, on_signal);
-    sigprocmask(SIG_UNBLOCK, &stop_signals, NULL);
+    struct sigaction stop = {.sa_handler = on_signal};
+    sigemptyset(&stop.sa_mask);
+    sigaction(SIGINT, &stop, NULL);
+    sigaction(SIGTERM, &stop, NULL);
+    sigaddset(&stop.sa_mask, SIGINT);
+    sigaddset(&stop.sa_mask, SIGTERM);
+    sigprocmask(SIG_UNBLOCK, &stop.sa_mask, NULL);
     printf("vpd-counter: connected to %s (ABI %u)\n", argv[1], vpd_abi_version());
     fflush(stdout);
 

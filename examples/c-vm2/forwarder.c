@@ -21,7 +21,7 @@
 #include <vhost_pci_device.h>
 
 #define PENDING 1024        /* frames waiting for room */
-#define FRAME_MAX 65536     /* the largest frame kept */
+#define FRAME_MAX VPD_FRAME_MAX /* the largest frame kept */
 
 struct forwarder {
     uint8_t *data;          /* PENDING buffers of FRAME_MAX bytes */
@@ -38,7 +38,7 @@ static void on_signal(int sig) { (void)sig; stopping = 1; }
 static void on_frame(void *arg, const struct vpd_frame *f) {
     struct forwarder *w = arg;
     w->received++;
-    if (w->count == PENDING || f->length > FRAME_MAX) {
+    if (w->count == PENDING) {
         w->dropped++;
         return;
     }
@@ -46,6 +46,10 @@ static void on_frame(void *arg, const struct vpd_frame *f) {
     uint8_t *to = w->data + (size_t)slot * FRAME_MAX;
     size_t at = 0;
     for (uint32_t i = 0; i < f->segment_count; i++) {
+        if (f->segments[i].len > FRAME_MAX - at) { /* never trust a length: bound each copy */
+            w->dropped++;
+            return;
+        }
         memcpy(to + at, f->segments[i].base, f->segments[i].len);
         at += f->segments[i].len;
     }
@@ -60,9 +64,15 @@ static int flush(struct vpd_device *dev, struct forwarder *w) {
     while (w->count > 0) {
         uint32_t run = 1;
         while (run < w->count && w->head + run < PENDING && w->pair[w->head + run] == w->pair[w->head]) run++;
+        struct vpd_stats before, after;
+        vpd_get_stats(dev, &before, sizeof before);
         int n = vpd_transmit_burst(dev, w->pair[w->head], &w->frames[w->head], run);
         if (n < 0) return n;
-        w->sent += (uint64_t)n;
+        vpd_get_stats(dev, &after, sizeof after);
+        /* Taken: written, or dropped as too large for VM1's buffers. */
+        uint64_t too_large = after.frames_dropped - before.frames_dropped;
+        w->sent += (uint64_t)n - too_large;
+        w->dropped += too_large;
         w->head = (w->head + (uint32_t)n) % PENDING;
         w->count -= (uint32_t)n;
         if ((uint32_t)n < run) break; /* no room: later */
@@ -88,13 +98,13 @@ int main(int argc, char **argv) {
     }
     /* A parent may have left these blocked (e.g. one that waits for
      * signals with signalfd): stopping must work anyway. */
-    sigset_t stop_signals;
-    sigemptyset(&stop_signals);
-    sigaddset(&stop_signals, SIGINT);
-    sigaddset(&stop_signals, SIGTERM);
-    signal(SIGINT, on_signal);
-    signal(SIGTERM, on_signal);
-    sigprocmask(SIG_UNBLOCK, &stop_signals, NULL);
+    struct sigaction stop = {.sa_handler = on_signal};
+    sigemptyset(&stop.sa_mask);
+    sigaction(SIGINT, &stop, NULL);
+    sigaction(SIGTERM, &stop, NULL);
+    sigaddset(&stop.sa_mask, SIGINT);
+    sigaddset(&stop.sa_mask, SIGTERM);
+    sigprocmask(SIG_UNBLOCK, &stop.sa_mask, NULL);
     printf("vpd-forwarder: connected to %s\n", argv[1]);
     fflush(stdout);
 

@@ -14,20 +14,29 @@
  * must not overlap; different devices are independent). The library starts
  * no thread. Callbacks run on the calling thread, inside vpd_poll,
  * vpd_receive_burst or vpd_transmit_burst, and must not call back into the
- * same device (those calls return VPD_EBUSY).
+ * same device (those calls return VPD_EBUSY) — except vpd_close, which then
+ * takes effect when the running call returns (it returns VPD_ECLOSED, and
+ * dev is gone).
  *
  * Revocation: VM1 may take memory back at any time. The library applies a
  * revocation at the start of every call on the device, before anything
- * else, and acknowledges it to the bridge; the bridge waits for that (its
- * revocation deadline, 2 s by default) and disconnects, or kills, a VM2
- * that does not answer. So call vpd_poll (or a burst) at least every few
- * hundred milliseconds. Frame pointers given to a vpd_frame_fn are valid
- * only until that callback returns.
+ * else, and acknowledges it to the bridge. The bridge waits for that, and
+ * for the answer to a ring stop, at most its revocation deadline
+ * (revocation-deadline-ms, 100 ms by default) and disconnects, or kills, a
+ * VM2 that does not answer. Ring stops, new grants and logging changes come
+ * on the socket, which only vpd_poll reads: call vpd_poll between bursts,
+ * and sleep only in vpd_poll (it tells the bridge, which wakes it). Frame
+ * pointers given to a vpd_frame_fn are valid only until that callback
+ * returns. In iommu mode a burst may wait for the bridge to translate a
+ * buffer VM1 has not granted yet (an IOTLB miss); revocations are still
+ * answered meanwhile.
  *
  * Errors: functions return VPD_OK (0) or a negative VPD_E* code;
  * vpd_strerror names it, vpd_device_error says what happened. Nothing
- * else crosses the boundary (no exceptions, no signals, no language
- * runtime types).
+ * else crosses the boundary (no exceptions, no language runtime types).
+ * Signals: with unsealed VM1 memory the library installs a SIGBUS handler
+ * (a VM1 that truncates its memory must not kill VM2); it passes signals
+ * that are not its own to the handler that was there before.
  *
  * Link: pkg-config --cflags --libs vhost-pci-device
  */
@@ -55,6 +64,10 @@ extern "C" {
 #define VPD_EBUSY      -6  /* a call on this device from inside its callback */
 #define VPD_EFAULT     -7  /* the range is not granted (never was, or revoked) */
 #define VPD_ENOMEM     -8  /* out of memory */
+
+/* The longest frame (Ethernet header on) a vpd_frame_fn is given; a
+ * longer chain is given back to VM1 unseen and counted in frames_dropped. */
+#define VPD_FRAME_MAX 65550u
 
 /* virtio-net feature bits a device may serve (vpd_config.device_features). */
 #define VPD_NET_F_MRG_RXBUF  (1ULL << 15)
@@ -121,7 +134,8 @@ struct vpd_stats {
     uint64_t bytes_received;
     uint64_t frames_sent;       /* frames written into VM1's receive buffers */
     uint64_t bytes_sent;
-    uint64_t frames_dropped;    /* too large for VM1's receive buffers */
+    uint64_t frames_dropped;    /* too large for VM1's receive buffers, or
+                                   longer than VPD_FRAME_MAX from VM1 */
     uint64_t descriptors_refused; /* outside a grant, malformed chains */
     uint64_t maps;              /* grants applied */
     uint64_t unmaps;            /* revocations applied */
@@ -160,7 +174,9 @@ int vpd_receive_burst(struct vpd_device *dev, vpd_frame_fn fn, void *arg);
 
 /* Copies up to `count` frames, in order, into VM1's receive buffers of
  * `queue_pair` and publishes them. Stops at the first with no room (send it
- * again later); one too large for VM1's buffers is dropped and counted.
+ * again later; vpd_poll then wakes when VM1 posts buffers); one too large
+ * for VM1's buffers is dropped and counted. A queue pair whose receive ring
+ * is not running takes nothing (0).
  * Returns how many frames were taken (written or dropped), or a VPD_E*
  * code. */
 int vpd_transmit_burst(struct vpd_device *dev, uint32_t queue_pair,

@@ -12,7 +12,7 @@ extension LinuxIOTests {
         @Test func oneTebibyteWindowBothEndsRevocationFaults() throws {
             let rssBefore = residentKiB()
             let window = try BARWindow(size: TiB)
-            let reserveCost = residentKiB() &- rssBefore
+            let reserveCost = residentGrowthKiB(since: rssBefore)
             #expect(reserveCost < 16 * 1024, "reserving 1 TiB committed \(reserveCost) KiB")
 
             let low = try Memfd(name: "low", size: 4 * MiB)
@@ -44,7 +44,7 @@ extension LinuxIOTests {
             }
             // The memfd still has the data: revocation hides, it never destroys.
             #expect(try low.read(count: 4, at: MiB + 10) == [1, 2, 3, 4])
-            #expect(residentKiB() &- rssBefore < 64 * 1024)
+            #expect(residentGrowthKiB(since: rssBefore) < 64 * 1024)
         }
 
         @Test func neverMappedPagesFault() throws {

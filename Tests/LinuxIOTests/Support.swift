@@ -21,6 +21,13 @@ func expectNoFDLeak(_ what: String, sourceLocation: SourceLocation = #_sourceLoc
 
 /// Resident set size of this process in KiB (VmRSS from /proc/self/status;
 /// `field: "RssAnon:"` for its anonymous part).
+/// How much the resident set grew since `before` (KiB); 0 when it shrank
+/// (the allocator gave memory back meanwhile, as ASan's does).
+func residentGrowthKiB(since before: UInt64) -> UInt64 {
+    let now = residentKiB()
+    return now > before ? now - before : 0
+}
+
 func residentKiB(field: String = "VmRSS:") -> UInt64 {
     guard let file = fopen("/proc/self/status", "r") else { return 0 }
     defer { fclose(file) }

@@ -15,8 +15,19 @@ extension Interop {
     /// carries the traffic after the switch, and the guest finds every
     /// datagram that came back intact.
     @Suite struct LiveMigrationSuite {
+        /// The guest kernel under QEMU TCG has, once in about ten runs, hit a
+        /// kernel BUG of its own on the destination after the switch-over
+        /// ("scheduling while atomic" in swapper, under intel-iommu strict):
+        /// it then reports nothing, and the run proves nothing either way.
+        /// Such a run is said aloud and made once more; a second one fails.
         private func migrates(iommu: Bool) throws {
-            let name = iommu ? "mig-iommu" : "mig"
+            if try migrates(iommu: iommu, attempt: 1, mayRetry: true) { return }
+            _ = try migrates(iommu: iommu, attempt: 2, mayRetry: false)
+        }
+
+        /// One migration; false when the guest kernel crashed and `mayRetry`.
+        private func migrates(iommu: Bool, attempt: Int, mayRetry: Bool) throws -> Bool {
+            let name = (iommu ? "mig-iommu" : "mig") + (attempt > 1 ? "\(attempt)" : "")
             let dir = "/tmp/vpb-interop-\(getpid())-\(name)"
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
             defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -37,6 +48,10 @@ extension Interop {
             migration.migrateAfter = 3
             let outcome = try migration.run(source: a.path, destination: b.path, directory: dir)
             let log = (try? String(contentsOfFile: "\(dir)/qemu-b.log", encoding: .utf8)) ?? ""
+            if mayRetry, outcome.guest == nil, let bug = log.split(separator: "\n").first(where: { $0.contains("BUG: ") || $0.contains("Kernel panic") }) {
+                print("\(name): the guest kernel crashed on the destination (\(bug.trimmingCharacters(in: .whitespaces))): migrating once more")
+                return false
+            }
             #expect(outcome.status == "completed", "QEMU: \(outcome.status); source: \((try? String(contentsOfFile: "\(dir)/qemu-a.log", encoding: .utf8))?.suffix(1200) ?? "")")
             #expect(outcome.destinationRunning)
             let report = try #require(outcome.guest, "no report on the destination: \(log.suffix(1500))")
@@ -56,6 +71,7 @@ extension Interop {
             #expect(sa.packetsCorrupt == 0 && sb.packetsCorrupt == 0 && sa.descriptorsRefused == 0 && sb.descriptorsRefused == 0)
             #expect(a.bridge.statistics.refusals.isEmpty && b.bridge.statistics.refusals.isEmpty,
                     "refused: A \(a.bridge.statistics.refusals), B \(b.bridge.statistics.refusals)")
+            return true
         }
 
         @Test(.enabled(if: Peers.hasLinuxGuest, Comment(rawValue: Peers.linuxGuestMissing)))

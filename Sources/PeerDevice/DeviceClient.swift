@@ -153,7 +153,7 @@ public final class DeviceClient {
         // transmit found one full (else VM1 would kick at every refill).
         let waiting = device.device.requestKicks(receiving: !waitingForRoom.isEmpty)
         if waiting { timeout = 0 }
-        if device.notifiers.values.contains(where: { $0.enabled && $0.kick == nil }) { timeout = min(timeout, 1) }
+        if device.hasKicklessRing { timeout = min(timeout, 1) }
         let w = device.wait(timeoutMilliseconds: timeout)
         try checkOpen()
         return waiting || w.kicks > 0 || w.changed

@@ -302,7 +302,7 @@ final class VM2DeviceThread {
             // chain may have come while kicks were off).
             if !busy, device.requestKicks(receiving: !pendingFrames.isEmpty || generated < configuration.generateFrames) { busy = true }
             if !busy, polling { polling = false }
-            let kickless = notifiers.values.contains { $0.enabled && $0.kick == nil }
+            let kickless = hasKicklessRing
             let waited = wait(timeoutMilliseconds: busy ? 0 : kickless ? 1 : 200)
             // Revocations are work too: a polling engine keeps polling
             // after one, so the next finds it awake (no WAKE, no sleep).
@@ -321,6 +321,9 @@ final class VM2DeviceThread {
         }
         tearDown()
     }
+
+    /// A running ring VM1 does not kick (it polls): nobody waits for a kick on it.
+    var hasKicklessRing: Bool { notifiers.values.contains { $0.enabled && $0.kick == nil } }
 
     /// What one `wait` saw.
     struct Waited {

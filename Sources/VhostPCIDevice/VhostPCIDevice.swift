@@ -164,12 +164,10 @@ public func vpdConnect(_ path: UnsafePointer<CChar>?, _ config: UnsafePointer<vp
                                       within: .milliseconds(timeout))
         let d = CDevice(client: client, callbacks: c.callbacks?.pointee, ctx: c.ctx)
         out.pointee = OpaquePointer(Unmanaged.passRetained(d).toOpaque())
-        d.busy = true
-        d.dispatchEvents()
-        d.busy = false
-        if d.closeRequested { // a callback closed it already
+        // The events of the handshake go to the callbacks like any call's
+        // (a callback may close the device already).
+        guard d.call({ VPD_OK }) == VPD_OK else {
             out.pointee = nil
-            d.finishClose()
             write("closed by a callback during vpd_connect", to: errorText, size: errorSize)
             return VPD_ECLOSED
         }

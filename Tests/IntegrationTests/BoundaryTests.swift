@@ -5,7 +5,6 @@ import EmulatedGuests
 import Foundation
 import LinuxIO
 import PeerProtocol
-import Synchronization
 import Testing
 import TestSupport
 import VhostUser
@@ -103,7 +102,7 @@ extension Integration {
             defer { try? vm1.fd.close(); try? vm2.fd.close() }
             let vm1Message = [2, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0] + [UInt8](repeating: 0, count: 8)
             let vm2Message = PeerCodec.encode(.hello(PeerHello(features: PeerFeatures.all.subtracting(.sharedRevocations), deviceFeatures: NetDevice.served)))
-            let sent = Mutex((vm1: 0, vm2: 0))
+            let sent = Locked((vm1: 0, vm2: 0))
             let drippers = [
                 try JoinableThread(name: "drip-vm1") { let n = Self.drip(vm1Message, on: vm1, every: .milliseconds(1500)); sent.withLock { $0.vm1 = n } },
                 try JoinableThread(name: "drip-vm2") { let n = Self.drip(vm2Message, on: vm2, every: .milliseconds(1500)); sent.withLock { $0.vm2 = n } },

@@ -15,7 +15,7 @@ private final class CCaller: Sendable {
     /// The device pointer (an address, so threads can share it; calls are
     /// serialized by `lock`, as the header's thread rule requires).
     let device: Int
-    let lock = Mutex(())
+    let lock = Locked(())
 
     init(peerPath: String) throws {
         var callbacks = vpd_callbacks()
@@ -57,8 +57,8 @@ private final class CCaller: Sendable {
 }
 
 private final class CCallerContext: Sendable {
-    let revoked = Mutex<[(UInt64, UInt64)]>([])
-    let rings = Mutex<[UInt32]>([])
+    let revoked = Locked<[(UInt64, UInt64)]>([])
+    let rings = Locked<[UInt32]>([])
 }
 
 private enum CCallerError: Error { case connect(Int32, String) }
@@ -287,7 +287,7 @@ private final class Closer: Sendable {
 
 /// The echo loop's state: frames copied in the receive callback, then sent.
 private final class EchoState: Sendable {
-    let frames = Mutex<[[UInt8]]>([])
+    let frames = Locked<[[UInt8]]>([])
     let nested = Atomic<Int>(0)
     let device = Atomic<Int>(0)
 

@@ -91,6 +91,11 @@ public final class GuestProcess {
     public var output: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
     public var isRunning: Bool { process.isRunning }
 
+    /// Writes `text` to the process's stdin (testpmd's command line with `-i`).
+    public func send(_ text: String) {
+        try? stdin.fileHandleForWriting.write(contentsOf: Array(text.utf8))
+    }
+
     /// EOF on stdin (testpmd then prints its statistics and exits), up to
     /// 5 s, then SIGTERM.
     public func finish() {

@@ -41,12 +41,19 @@ extension GuestProcess {
     func stop() { finish() }
 }
 
+/// testpmd; `extra` goes after its own options (`-i`: interactive, run
+/// under `stdbuf -oL` so what a command prints reaches the log at once,
+/// not when testpmd exits).
 func testpmd(_ socket: String, mode: String, name: String, server: Bool = false, queues: Int = 1, extra: [String] = []) throws -> External {
-    try External(Peers.testpmd, [
+    let arguments = [
         "-l", "0,1", "--no-huge", "-m", "256", "--no-pci", "--file-prefix=\(name)",
         server ? "--vdev=net_vhost0,iface=\(socket),queues=\(queues)" : "--vdev=net_virtio_user0,path=\(socket),queues=\(queues)",
         "--", "--total-num-mbufs=16384", "--forward-mode=\(mode)", "--rxq=\(queues)", "--txq=\(queues)", "--auto-start",
-    ] + extra, name: name)
+    ] + extra
+    if extra.contains("-i") {
+        return try External("/usr/bin/stdbuf", ["-oL", Peers.testpmd] + arguments, name: name)
+    }
+    return try External(Peers.testpmd, arguments, name: name)
 }
 
 /// The C examples of libvhost-pci-device (`make c-examples`, which `make

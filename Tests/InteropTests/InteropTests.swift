@@ -285,12 +285,20 @@ extension Interop {
             defer { b.stop() }
             let counter = try External(CExamples.counter, [b.peerPath], name: "c-counter")
             #expect(pollUntil(seconds: 30) { b.bridge.statistics.peer.ready }, "\(counter.output)")
-            let pmd = try testpmd(b.path, mode: "txonly", name: "c-tx")
-            let flowed = pollUntil(seconds: 60, everyMilliseconds: 10) {
-                (CExamples.numbers(counter.output, after: "vpd-counter: ")?.first ?? 0) >= 100_000
-            }
-            pmd.stop() // testpmd stops sending, prints its counts, then leaves
+            // Interactive, so forwarding stops (and the counts are printed)
+            // while testpmd stays connected: what it put in the ring last
+            // is still served. Leaving at once would take the ring away
+            // from the counter with up to a ring of frames in it.
+            let pmd = try testpmd(b.path, mode: "txonly", name: "c-tx", extra: ["-i"])
+            let counted = { CExamples.numbers(counter.output, after: "vpd-counter: ")?.first ?? 0 }
+            let flowed = pollUntil(seconds: 60, everyMilliseconds: 10) { counted() >= 100_000 }
+            pmd.send("stop\n")
+            #expect(pollUntil(seconds: 10) { testpmdCount(pmd.output, "TX-packets") != nil }, "testpmd said:\n\(pmd.output.suffix(1500))")
             let sent = testpmdCount(pmd.output, "TX-packets") ?? -1
+            // The counter prints its count once a second while it changes.
+            let drained = pollUntil(seconds: 10) { counted() == UInt64(max(sent, 0)) }
+            #expect(drained, "testpmd sent \(sent), vpd-counter counted \(counted())")
+            pmd.stop()
             let status = counter.terminate()
             let total = CExamples.numbers(counter.output, after: "vpd-counter: total ") ?? []
             #expect(flowed, "vpd-counter said:\n\(counter.output.suffix(800))\ntestpmd said:\n\(pmd.output.suffix(1500))")

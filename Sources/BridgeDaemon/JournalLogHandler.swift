@@ -1,3 +1,4 @@
+import BridgeCore
 import LinuxIO
 import FoundationEssentials
 import Logging
@@ -104,6 +105,7 @@ public struct JournalLogHandler: LogHandler {
         if journald {
             return "<\(Self.priority(level))>\(meta)\(message)\n"
         }
-        return "\(date.formatted(.iso8601)) \(level) \(label): \(meta)\(message)\n"
+        let seconds = Int64(date.timeIntervalSince1970.rounded(.down))
+        return "\(UTCTimestamp.iso8601(secondsSince1970: seconds)) \(level) \(label): \(meta)\(message)\n"
     }
 }

@@ -116,6 +116,9 @@ final class FakeNotifySocket {
         let plain = JournalLogHandler(label: "vhost-pci-bridged", journald: false)
         let text = plain.line(level: .info, message: "ready", metadata: nil, date: Date(timeIntervalSince1970: 0))
         #expect(text == "1970-01-01T00:00:00Z info vhost-pci-bridged: ready\n")
+        // To the second, rounded down (as the ISO 8601 style did).
+        #expect(plain.line(level: .info, message: "x", metadata: nil, date: Date(timeIntervalSince1970: 1_796_653_419.9))
+                == "2026-12-07T14:23:39Z info vhost-pci-bridged: x\n")
     }
 
     /// The native journal protocol: structured fields (BRIDGE=, RULE=,

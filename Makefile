@@ -70,8 +70,10 @@ test-asan: deps check-deps
 	  $(SWIFT) test --skip-build --build-path .build-asan --sanitize=address --disable-xctest --no-parallel --skip InteropTests
 
 test-tsan: deps check-deps
-	@if grep -rnE '(^|[^A-Za-z_.])Mutex *[<(]' Sources Tests; then \
+	@if grep -rnE '(^|[^A-Za-z_.])Mutex *[<(]' Sources Tests | grep -vE '^[^:]+:[0-9]+: *//'; then \
 	  echo "error: Synchronization.Mutex (above) locks with futexes TSan cannot see, so what it guards is reported as a race; use LinuxIO.Locked" >&2; exit 1; fi
+	@if grep -rnE 'Locked *(\(\(\)\)|<(\(\)|Void)>)' Sources Tests | grep -vE '^[^:]+:[0-9]+: *//'; then \
+	  echo "error: a Locked around nothing (above) is reported by TSan as a race on its empty value; lock the state it guards" >&2; exit 1; fi
 	$(SWIFT) build --build-tests --build-path .build-tsan --sanitize=thread
 	TSAN_OPTIONS=halt_on_error=1:suppressions=$(CURDIR)/sanitizers/tsan.supp \
 	  $(SWIFT) test --skip-build --build-path .build-tsan --sanitize=thread --disable-xctest --no-parallel --skip InteropTests
@@ -114,15 +116,23 @@ interop: deps check-deps c-examples
 # the release library). make interop runs them against testpmd.
 C_BUILD ?= debug
 VERSION := $(shell sed -n 's/.*static let version = "\(.*\)".*/\1/p' Sources/BridgeCore/BuildInfo.swift)
+# The shared library exports the vpd_* calls only (version node VHOST_PCI_DEVICE_1).
+LIB_EXPORTS = -Xlinker --version-script=$(CURDIR)/packaging/lib/vhost-pci-device.map
+# The C examples: the counter links the shared library, the forwarder the
+# static one (make interop serves testpmd with both).
 c-examples: deps
-	$(SWIFT) build --product vhost-pci-device $(if $(filter release,$(C_BUILD)),-c release)
+	$(SWIFT) build --product vhost-pci-device $(if $(filter release,$(C_BUILD)),-c release) $(LIB_EXPORTS)
 	ln -sf libvhost-pci-device.so .build/$(C_BUILD)/libvhost-pci-device.so.1 # its SONAME, what the examples load
 	mkdir -p .build/c-vm2/pkgconfig
+	sh packaging/lib/static-lib.sh .build/$(C_BUILD) .build/c-vm2/libvhost-pci-device.a
 	sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(CURDIR)/.build/$(C_BUILD)|' -e 's|@INCLUDEDIR@|$(CURDIR)/Sources/CVhostPCIDevice/include|' \
 	  -e 's|@VERSION@|$(VERSION)|' -e 's|@EXTRA_LIBS@| -Wl,-rpath,$${libdir}|' packaging/pkgconfig/vhost-pci-device.pc.in > .build/c-vm2/pkgconfig/vhost-pci-device.pc
-	for e in counter forwarder; do \
-	  cc -std=c11 -O2 -Wall -Wextra -Werror -o .build/c-vm2/vpd-$$e examples/c-vm2/$$e.c \
-	    $$(PKG_CONFIG_PATH=$(CURDIR)/.build/c-vm2/pkgconfig pkg-config --cflags --libs vhost-pci-device) || exit 1; done
+	sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(CURDIR)/.build/c-vm2|' -e 's|@INCLUDEDIR@|$(CURDIR)/Sources/CVhostPCIDevice/include|' \
+	  -e 's|@VERSION@|$(VERSION)|' packaging/pkgconfig/vhost-pci-device-static.pc.in > .build/c-vm2/pkgconfig/vhost-pci-device-static.pc
+	set -e; for e in counter:vhost-pci-device forwarder:vhost-pci-device-static; do \
+	  cc -std=c11 -O2 -Wall -Wextra -Werror -o .build/c-vm2/vpd-$${e%%:*} examples/c-vm2/$${e%%:*}.c \
+	    $$(PKG_CONFIG_PATH=$(CURDIR)/.build/c-vm2/pkgconfig pkg-config --cflags --libs $${e#*:}); done
+	! ldd .build/c-vm2/vpd-forwarder | grep -q -e libvhost-pci-device -e libswift
 
 # The demo runs release builds: the numbers it prints mean something.
 demo: deps
@@ -131,9 +141,10 @@ demo: deps
 
 # Benchmarks report ratios against baselines measured in the same run, and
 # write docs/benchmarks.md.
-bench: deps
+bench: deps check-deps
 	$(SWIFT) build -c release --product vhost-pci-bench
 	$(SWIFT) build -c release --product vhost-pci-bridged
+	$(MAKE) -s deb > /dev/null
 	{ echo "# Benchmarks"; echo; \
 	  echo "Written by \`make bench\` ($$(nproc) cores, $$(uname -r), $$(date -u +%Y-%m-%d)). Numbers move with the machine's load; the ratios are what to compare."; echo; \
 	  echo "### Address lookup (\`vhost-pci-bench lookup\`)"; echo; \
@@ -152,7 +163,8 @@ bench: deps
 	    echo; .build/release/vhost-pci-bench migrate; \
 	  else echo; echo "(Linux guest and migration tables skipped: make interop-deps)"; fi; \
 	  if [ "$$(id -u)" = 0 ]; then echo; .build/release/vhost-pci-bench scale; \
-	  else echo; echo "(Scale table skipped: it raises vm.max_map_count, which needs root)"; fi; } > docs/benchmarks.md
+	  else echo; echo "(Scale table skipped: it raises vm.max_map_count, which needs root)"; fi; \
+	  echo; sh packaging/deb/sizes.sh dist; } > docs/benchmarks.md
 	cat docs/benchmarks.md
 
 SYSCONFDIR ?= /etc
@@ -181,20 +193,25 @@ install: release
 	$(MAKE) install-lib
 
 # libvhost-pci-device (docs/device-api.md): the shared library (SONAME
-# libvhost-pci-device.so.1, the ABI major; the Swift runtime linked in, so it
-# needs no Swift toolchain), its header and pkg-config file.
+# libvhost-pci-device.so.1, the ABI major), the static one, each with the
+# Swift runtime linked in (no Swift toolchain needed), the header and the
+# pkg-config files (vhost-pci-device, vhost-pci-device-static).
 LIBDIR ?= $(PREFIX)/lib
 INCLUDEDIR ?= $(PREFIX)/include
 install-lib: deps
-	$(SWIFT) build -c release --build-path .build-lib --product vhost-pci-device -Xswiftc -static-stdlib
+	$(SWIFT) build -c release --build-path .build-lib --product vhost-pci-device -Xswiftc -static-stdlib -Xlinker -z -Xlinker now $(LIB_EXPORTS)
 	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)
 	install -m 0755 .build-lib/release/libvhost-pci-device.so $(DESTDIR)$(LIBDIR)/libvhost-pci-device.so.1
-	strip --strip-unneeded $(DESTDIR)$(LIBDIR)/libvhost-pci-device.so.1
+	strip --strip-unneeded --remove-section=.comment --remove-section=.note $(DESTDIR)$(LIBDIR)/libvhost-pci-device.so.1
 	ln -sf libvhost-pci-device.so.1 $(DESTDIR)$(LIBDIR)/libvhost-pci-device.so
 	install -m 0644 Sources/CVhostPCIDevice/include/vhost_pci_device.h $(DESTDIR)$(INCLUDEDIR)/vhost_pci_device.h
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
 	  -e 's|@EXTRA_LIBS@||' packaging/pkgconfig/vhost-pci-device.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device.pc
-	chmod 0644 $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device.pc
+	sh packaging/lib/static-lib.sh .build-lib/release $(DESTDIR)$(LIBDIR)/libvhost-pci-device.a
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
+	  packaging/pkgconfig/vhost-pci-device-static.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device-static.pc
+	chmod 0644 $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device.pc $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device-static.pc \
+	  $(DESTDIR)$(LIBDIR)/libvhost-pci-device.a
 
 MANUAL_TOOL ?= .build/release/generate-manual
 install-files:
@@ -232,8 +249,9 @@ uninstall:
 	for u in $(UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
 	rm -f $(DESTDIR)$(QEMU_DISCOVERY_DIR)/50-vhost-pci-bridged.json
 	rm -rf $(DESTDIR)$(DOCDIR)
-	rm -f $(DESTDIR)$(LIBDIR)/libvhost-pci-device.so.1 $(DESTDIR)$(LIBDIR)/libvhost-pci-device.so \
-	  $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device.pc $(DESTDIR)$(INCLUDEDIR)/vhost_pci_device.h
+	rm -f $(DESTDIR)$(LIBDIR)/libvhost-pci-device.so.1 $(DESTDIR)$(LIBDIR)/libvhost-pci-device.so $(DESTDIR)$(LIBDIR)/libvhost-pci-device.a \
+	  $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device.pc $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device-static.pc \
+	  $(DESTDIR)$(INCLUDEDIR)/vhost_pci_device.h
 
 # A Debian package of what `make install` installs, from a build with the
 # Swift runtime linked in statically (it runs without a Swift toolchain):

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Builds OUTDIR/vhost-pci-bridge_VERSION_ARCH.deb: what `make install` installs
 # (PREFIX=/usr), from a release build with the Swift runtime linked in
-# statically, so the package needs no Swift toolchain. Dependencies come
+# statically, so the package needs no Swift toolchain; then the library's
+# two packages (packaging/deb/lib.sh). Dependencies come
 # from dpkg-shlibdeps; no maintainer scripts (the unit is not enabled by the
 # package: docs/operating.md).
 #   sh packaging/deb/build.sh OUTDIR
@@ -80,3 +81,4 @@ fakeroot dpkg-deb --build -Zxz "$pkg" "$deb" >/dev/null
 bytes=$(stat -c %s "$deb")
 [ "$bytes" -le "$max_deb" ] || { echo "make deb: $deb is $bytes bytes, more than the limit of $max_deb ($(mb "$max_deb"))"; exit 1; }
 echo "built $deb ($bytes bytes, $(mb "$bytes"); Depends: $depends)"
+sh packaging/deb/lib.sh "$out"

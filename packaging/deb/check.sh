@@ -68,3 +68,51 @@ if command -v systemd-analyze > /dev/null; then
 else
   echo "deb-check: systemd-analyze is not installed: the unit's verify SKIPPED (apt-get install systemd)"
 fi
+
+# libvhost-pci-device1 and libvhost-pci-device-dev: lintian clean; installed
+# beside the daemon's package, exactly packaging/deb/lib-files.txt; the C
+# examples build from the installed header with the installed pkg-config
+# files (the counter against the shared library, the forwarder against the
+# static one) and serve VM2 of a bridge the installed daemon runs.
+arch=$(dpkg --print-architecture)
+multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH)
+libdebs="$dir/libvhost-pci-device1_${version}_$arch.deb $dir/libvhost-pci-device-dev_${version}_$arch.deb"
+# shellcheck disable=SC2086 # two paths without spaces
+lintian --allow-root --fail-on error,warning --tag-display-limit 0 $libdebs || fail "lintian on the library's packages"
+echo "deb-check: the library's packages are lintian clean"
+# shellcheck disable=SC2086
+dpkg --root="$root" --log=/dev/null --force-depends --force-not-root -i $libdebs > "$root/dpkg.log" 2>&1 || { cat "$root/dpkg.log"; fail "dpkg -i of the library's packages"; }
+for p in libvhost-pci-device1 libvhost-pci-device-dev; do
+  dpkg --root="$root" -L $p | while read -r f; do [ -d "$root$f" ] || echo "$f"; done
+done | sed "s|/$multiarch/|/MULTIARCH/|" | LC_ALL=C sort > "$root/lib-files"
+diff -u packaging/deb/lib-files.txt "$root/lib-files" || fail "the library's installed files differ from packaging/deb/lib-files.txt"
+readelf -d "$root/usr/lib/$multiarch/libvhost-pci-device.so.1" | grep -q 'SONAME.*\[libvhost-pci-device\.so\.1\]' || fail "the shared library's SONAME"
+ldd "$root/usr/lib/$multiarch/libvhost-pci-device.so.1" | grep -q libswift && fail "the shared library links the Swift runtime dynamically"
+echo "deb-check: installed $(wc -l < "$root/lib-files") library files, as listed"
+export PKG_CONFIG_LIBDIR="$root/usr/lib/$multiarch/pkgconfig"
+pc="--define-variable=libdir=$root/usr/lib/$multiarch --define-variable=includedir=$root/usr/include"
+examples="$root/usr/share/doc/libvhost-pci-device-dev/examples"
+# shellcheck disable=SC2046,SC2086 # pkg-config prints flags; $pc is two options
+cc -std=c11 -O2 -Wall -Wextra -Werror -o "$root/vpd-counter" "$examples/counter.c" $(pkg-config $pc --cflags --libs vhost-pci-device) \
+  || fail "the counter does not build with pkg-config vhost-pci-device"
+# shellcheck disable=SC2046,SC2086
+cc -std=c11 -O2 -Wall -Wextra -Werror -o "$root/vpd-forwarder" "$examples/forwarder.c" $(pkg-config $pc --cflags --libs vhost-pci-device-static) \
+  || fail "the forwarder does not build with pkg-config vhost-pci-device-static"
+ldd "$root/vpd-forwarder" | grep -q -e libvhost-pci-device -e libswift && fail "the statically linked forwarder loads a shared library of ours"
+unset PKG_CONFIG_LIBDIR
+"$root/usr/bin/vhost-pci-bridged" --config "$root/etc/vhost-pci-bridged.yaml" --runtime-directory "$root/run" --control-socket "$root/run/c.sock" 2> "$root/daemon.log" &
+pid=$!
+for _ in $(seq 100); do [ -S "$root/run/c.sock" ] && break; sleep 0.1; done
+"$root/usr/bin/vhost-pci-bridgectl" create capi --socket "$root/run/c.sock" --bar-size 1G \
+  --vhost-user-socket "$root/run/capi-vm1.sock" --peer-socket "$root/run/capi-vm2.sock" > /dev/null \
+  || { kill $pid; cat "$root/daemon.log"; fail "creating a bridge for the C examples"; }
+for e in counter forwarder; do
+  env -u LD_LIBRARY_PATH LD_LIBRARY_PATH="$root/usr/lib/$multiarch" "$root/vpd-$e" "$root/run/capi-vm2.sock" > "$root/$e.out" 2>&1 &
+  c=$!
+  for _ in $(seq 100); do grep -q "connected to" "$root/$e.out" && break; kill -0 $c 2>/dev/null || break; sleep 0.1; done
+  kill -TERM $c 2>/dev/null || true
+  status=0; wait $c || status=$?
+  grep -q "connected to" "$root/$e.out" && [ $status -eq 0 ] || { kill $pid; cat "$root/$e.out"; fail "vpd-$e did not serve the bridge's VM2 (exit $status)"; }
+done
+kill -TERM $pid; wait $pid || { cat "$root/daemon.log"; fail "the daemon did not stop cleanly after the C examples"; }
+echo "deb-check: the C examples build from the installed packages (shared and static) and serve a bridge's VM2"

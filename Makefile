@@ -9,10 +9,10 @@ APT_PACKAGES := liburing-dev libyaml-dev
 # What make test checks with (make check-deps): dpkg-shlibdeps, fakeroot and
 # lintian (make deb, deb-check), promtool (package prometheus: the metrics exposition),
 # virt-xml-validate (the libvirt recipe in docs/examples).
-CHECK_PACKAGES := dpkg-dev lintian fakeroot man-db prometheus libvirt-clients libxml2-utils
+CHECK_PACKAGES := dpkg-dev lintian fakeroot man-db prometheus libvirt-clients libxml2-utils gcc g++ pkg-config
 # Real vhost-user front ends for `make interop` (DPDK testpmd, QEMU with iPXE,
 # and a Linux guest built from Debian's kernel and busybox with gcc).
-INTEROP_PACKAGES := dpdk-dev qemu-system-x86 gcc libc6-dev pkg-config
+INTEROP_PACKAGES := dpdk-dev qemu-system-x86 gcc g++ libc6-dev pkg-config
 
 .PHONY: c-examples install-lib all deps check-deps interop-deps build release test interop demo bench install install-files install-tools uninstall deb deb-check clean fuzz fuzz-build fuzz-seeds test-asan test-tsan soak
 
@@ -70,9 +70,9 @@ test-asan: deps check-deps
 	  $(SWIFT) test --skip-build --build-path .build-asan --sanitize=address --disable-xctest --no-parallel --skip InteropTests
 
 test-tsan: deps check-deps
-	@if grep -rnE '(^|[^A-Za-z_.])Mutex *[<(]' Sources Tests | grep -vE '^[^:]+:[0-9]+: *//'; then \
+	@if grep -rnE '(^|[^A-Za-z0-9_])Mutex *[<(]' Sources Tests | grep -vE '^[^:]+:[0-9]+:[[:space:]]*(//|\*)'; then \
 	  echo "error: Synchronization.Mutex (above) locks with futexes TSan cannot see, so what it guards is reported as a race; use LinuxIO.Locked" >&2; exit 1; fi
-	@if grep -rnE 'Locked *(\(\(\)\)|<(\(\)|Void)>)' Sources Tests | grep -vE '^[^:]+:[0-9]+: *//'; then \
+	@if grep -rnE 'Locked *(\( *(\( *\)|Void *\( *\)) *\)|< *(\( *\)|Void) *>)' Sources Tests | grep -vE '^[^:]+:[0-9]+:[[:space:]]*(//|\*)'; then \
 	  echo "error: a Locked around nothing (above) is reported by TSan as a race on its empty value; lock the state it guards" >&2; exit 1; fi
 	$(SWIFT) build --build-tests --build-path .build-tsan --sanitize=thread
 	TSAN_OPTIONS=halt_on_error=1:suppressions=$(CURDIR)/sanitizers/tsan.supp \
@@ -119,13 +119,16 @@ VERSION := $(shell sed -n 's/.*static let version = "\(.*\)".*/\1/p' Sources/Bri
 # The shared library exports the vpd_* calls only (version node VHOST_PCI_DEVICE_1).
 LIB_EXPORTS = -Xlinker --version-script=$(CURDIR)/packaging/lib/vhost-pci-device.map
 # The C examples: the counter links the shared library, the forwarder the
-# static one (make interop serves testpmd with both).
+# static one (make interop serves testpmd with both). Both libraries are
+# copied into .build/c-vm2 (the shared one under its SONAME): the next build
+# of the tree relinks .build/$(C_BUILD)'s without the version script.
 c-examples: deps
 	$(SWIFT) build --product vhost-pci-device $(if $(filter release,$(C_BUILD)),-c release) $(LIB_EXPORTS)
-	ln -sf libvhost-pci-device.so .build/$(C_BUILD)/libvhost-pci-device.so.1 # its SONAME, what the examples load
 	mkdir -p .build/c-vm2/pkgconfig
-	sh packaging/lib/static-lib.sh .build/$(C_BUILD) .build/c-vm2/libvhost-pci-device.a
-	sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(CURDIR)/.build/$(C_BUILD)|' -e 's|@INCLUDEDIR@|$(CURDIR)/Sources/CVhostPCIDevice/include|' \
+	cp .build/$(C_BUILD)/libvhost-pci-device.so .build/c-vm2/libvhost-pci-device.so.1
+	ln -sf libvhost-pci-device.so.1 .build/c-vm2/libvhost-pci-device.so
+	SWIFT=$(SWIFT) sh packaging/lib/static-lib.sh .build/$(C_BUILD) .build/c-vm2/libvhost-pci-device.a
+	sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(CURDIR)/.build/c-vm2|' -e 's|@INCLUDEDIR@|$(CURDIR)/Sources/CVhostPCIDevice/include|' \
 	  -e 's|@VERSION@|$(VERSION)|' -e 's|@EXTRA_LIBS@| -Wl,-rpath,$${libdir}|' packaging/pkgconfig/vhost-pci-device.pc.in > .build/c-vm2/pkgconfig/vhost-pci-device.pc
 	sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(CURDIR)/.build/c-vm2|' -e 's|@INCLUDEDIR@|$(CURDIR)/Sources/CVhostPCIDevice/include|' \
 	  -e 's|@VERSION@|$(VERSION)|' packaging/pkgconfig/vhost-pci-device-static.pc.in > .build/c-vm2/pkgconfig/vhost-pci-device-static.pc
@@ -133,6 +136,9 @@ c-examples: deps
 	  cc -std=c11 -O2 -Wall -Wextra -Werror -o .build/c-vm2/vpd-$${e%%:*} examples/c-vm2/$${e%%:*}.c \
 	    $$(PKG_CONFIG_PATH=$(CURDIR)/.build/c-vm2/pkgconfig pkg-config --cflags --libs $${e#*:}); done
 	! ldd .build/c-vm2/vpd-forwarder | grep -q -e libvhost-pci-device -e libswift
+	g++ -std=c++17 -O0 -Wall -Werror -o .build/c-vm2/vpd-link-check packaging/lib/link-check.cc \
+	  $$(PKG_CONFIG_PATH=$(CURDIR)/.build/c-vm2/pkgconfig pkg-config --cflags --libs vhost-pci-device-static)
+	.build/c-vm2/vpd-link-check
 
 # The demo runs release builds: the numbers it prints mean something.
 demo: deps
@@ -207,7 +213,7 @@ install-lib: deps
 	install -m 0644 Sources/CVhostPCIDevice/include/vhost_pci_device.h $(DESTDIR)$(INCLUDEDIR)/vhost_pci_device.h
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
 	  -e 's|@EXTRA_LIBS@||' packaging/pkgconfig/vhost-pci-device.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device.pc
-	sh packaging/lib/static-lib.sh .build-lib/release $(DESTDIR)$(LIBDIR)/libvhost-pci-device.a
+	SWIFT=$(SWIFT) sh packaging/lib/static-lib.sh .build-lib/release $(DESTDIR)$(LIBDIR)/libvhost-pci-device.a
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
 	  packaging/pkgconfig/vhost-pci-device-static.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device-static.pc
 	chmod 0644 $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device.pc $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device-static.pc \

@@ -18,7 +18,33 @@ lintian --allow-root --fail-on error,warning --tag-display-limit 0 "$deb" || fai
 echo "deb-check: lintian clean (no errors, no warnings)"
 
 root=$(mktemp -d)
-trap 'rm -rf "$root"' EXIT
+pids=""
+# Whatever this started is stopped when it ends, however it ends.
+trap 'for p in $pids; do kill -KILL "$p" 2>/dev/null || true; done; rm -rf "$root"' EXIT
+# The daemon honours STATE_DIRECTORY (bridges made with create are kept
+# there); these runs keep nothing outside the scratch root.
+unset STATE_DIRECTORY
+# Starts the installed daemon on the scratch root's production config and
+# waits until its control socket answers (it exists at bind, before listen).
+start_daemon() {
+  "$root/usr/bin/vhost-pci-bridged" --config "$root/etc/vhost-pci-bridged.yaml" --runtime-directory "$root/run" \
+    --control-socket "$root/run/c.sock" 2> "$root/daemon.log" &
+  pid=$!
+  pids="$pids $pid"
+  for _ in $(seq 100); do
+    "$root/usr/bin/vhost-pci-bridgectl" list --socket "$root/run/c.sock" > /dev/null 2>&1 && return 0
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.1
+  done
+  cat "$root/daemon.log"; fail "the installed daemon did not answer on its control socket"
+}
+# Stops it (SIGTERM) and fails unless it exits 0 within 30 s.
+stop_daemon() {
+  kill -TERM $pid
+  for _ in $(seq 300); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+  kill -0 $pid 2>/dev/null && { kill -KILL $pid; cat "$root/daemon.log"; fail "the daemon did not stop within 30 s of SIGTERM"; }
+  wait $pid || { cat "$root/daemon.log"; fail "the daemon did not stop cleanly"; }
+}
 mkdir -p "$root/var/lib/dpkg/info" "$root/var/lib/dpkg/updates"
 : > "$root/var/lib/dpkg/status"
 : > "$root/var/lib/dpkg/available"
@@ -49,11 +75,9 @@ echo "deb-check: man pages and completions name the current options"
 [ "$("$root/usr/bin/vhost-pci-bridged" --print-capabilities)" = '{"type": "net"}' ] || fail "--print-capabilities"
 grep -q '"binary": "/usr/bin/vhost-pci-bridged"' "$root/usr/share/qemu/vhost-user/50-vhost-pci-bridged.json" || fail "discovery file binary path"
 grep -q '"type": "net"' "$root/usr/share/qemu/vhost-user/50-vhost-pci-bridged.json" || fail "discovery file type"
-"$root/usr/bin/vhost-pci-bridged" --config "$root/etc/vhost-pci-bridged.yaml" --runtime-directory "$root/run" --control-socket "$root/run/c.sock" 2> "$root/daemon.log" &
-pid=$!
-for _ in $(seq 100); do [ -S "$root/run/c.sock" ] && break; sleep 0.1; done
-listed=$("$root/usr/bin/vhost-pci-bridgectl" list --socket "$root/run/c.sock" --json) || { kill $pid; fail "the installed CLI reaching the installed daemon"; }
-kill -TERM $pid; wait $pid || { cat "$root/daemon.log"; fail "the daemon did not stop cleanly"; }
+start_daemon
+listed=$("$root/usr/bin/vhost-pci-bridgectl" list --socket "$root/run/c.sock" --json) || fail "the installed CLI reaching the installed daemon"
+stop_daemon
 echo "$listed" | tr -d ' \n' | grep -q '"result":\[\]' || fail "the production config starts bridges: $listed"
 echo "deb-check: the production config runs with no bridge; the CLI reaches the daemon"
 
@@ -99,20 +123,24 @@ cc -std=c11 -O2 -Wall -Wextra -Werror -o "$root/vpd-counter" "$examples/counter.
 cc -std=c11 -O2 -Wall -Wextra -Werror -o "$root/vpd-forwarder" "$examples/forwarder.c" $(pkg-config $pc --cflags --libs vhost-pci-device-static) \
   || fail "the forwarder does not build with pkg-config vhost-pci-device-static"
 ldd "$root/vpd-forwarder" | grep -q -e libvhost-pci-device -e libswift && fail "the statically linked forwarder loads a shared library of ours"
+# shellcheck disable=SC2046,SC2086
+g++ -std=c++17 -O0 -Wall -Werror -o "$root/vpd-link-check" packaging/lib/link-check.cc $(pkg-config $pc --cflags --libs vhost-pci-device-static) \
+  || fail "a C++ program does not link with the static library"
+"$root/vpd-link-check" > /dev/null || fail "the C++ program linked with the static library did not run"
 unset PKG_CONFIG_LIBDIR
-"$root/usr/bin/vhost-pci-bridged" --config "$root/etc/vhost-pci-bridged.yaml" --runtime-directory "$root/run" --control-socket "$root/run/c.sock" 2> "$root/daemon.log" &
-pid=$!
-for _ in $(seq 100); do [ -S "$root/run/c.sock" ] && break; sleep 0.1; done
+start_daemon
 "$root/usr/bin/vhost-pci-bridgectl" create capi --socket "$root/run/c.sock" --bar-size 1G \
   --vhost-user-socket "$root/run/capi-vm1.sock" --peer-socket "$root/run/capi-vm2.sock" > /dev/null \
-  || { kill $pid; cat "$root/daemon.log"; fail "creating a bridge for the C examples"; }
+  || { cat "$root/daemon.log"; fail "creating a bridge for the C examples"; }
 for e in counter forwarder; do
-  env -u LD_LIBRARY_PATH LD_LIBRARY_PATH="$root/usr/lib/$multiarch" "$root/vpd-$e" "$root/run/capi-vm2.sock" > "$root/$e.out" 2>&1 &
+  # timeout: a stop that hangs fails here (exit 124) instead of stalling.
+  LD_LIBRARY_PATH="$root/usr/lib/$multiarch" timeout -k 5 60 "$root/vpd-$e" "$root/run/capi-vm2.sock" > "$root/$e.out" 2>&1 &
   c=$!
+  pids="$pids $c"
   for _ in $(seq 100); do grep -q "connected to" "$root/$e.out" && break; kill -0 $c 2>/dev/null || break; sleep 0.1; done
   kill -TERM $c 2>/dev/null || true
   status=0; wait $c || status=$?
-  grep -q "connected to" "$root/$e.out" && [ $status -eq 0 ] || { kill $pid; cat "$root/$e.out"; fail "vpd-$e did not serve the bridge's VM2 (exit $status)"; }
+  { grep -q "connected to" "$root/$e.out" && [ $status -eq 0 ]; } || { cat "$root/$e.out"; fail "vpd-$e did not serve the bridge's VM2 (exit $status)"; }
 done
-kill -TERM $pid; wait $pid || { cat "$root/daemon.log"; fail "the daemon did not stop cleanly after the C examples"; }
-echo "deb-check: the C examples build from the installed packages (shared and static) and serve a bridge's VM2"
+stop_daemon
+echo "deb-check: the C examples build from the installed packages (shared and static) and serve a bridge's VM2; a C++ program links the static library"

@@ -59,11 +59,12 @@ echo "libvhost-pci-device 1 libvhost-pci-device1 (>= $version)" > "$lib/DEBIAN/s
 # Its symbols file: what it exports (the vpd_* calls at version node
 # VHOST_PCI_DEVICE_1, packaging/lib/vhost-pci-device.map), each since this
 # version.
-exports=$(readelf --dyn-syms -W "$lib/$libdir/libvhost-pci-device.so.1" | awk '$5 == "GLOBAL" && $7 != "UND" { print $8 }' | LC_ALL=C sort)
-echo "$exports" | grep -q -v -e '^vpd_[a-z_]*@@VHOST_PCI_DEVICE_1$' -e '^VHOST_PCI_DEVICE_1$' \
-  && fail "the shared library exports more than the vpd_* calls: $(echo "$exports" | grep -v '^vpd_' | head -5)"
-[ "$(echo "$exports" | grep -c '^vpd_')" -eq "$(grep -cE '^[a-z].*[ *]vpd_[a-z_]+\(' Sources/CVhostPCIDevice/include/vhost_pci_device.h)" ] \
-  || fail "the shared library's vpd_* exports differ from the header's calls: $exports"
+exports=$(nm -D --defined-only "$lib/$libdir/libvhost-pci-device.so.1" | awk '$2 ~ /^[A-Z]$/ { print $3 }' | LC_ALL=C sort)
+extra=$(echo "$exports" | grep -v -e '^vpd_[a-z0-9_]*@@VHOST_PCI_DEVICE_1$' -e '^VHOST_PCI_DEVICE_1$' || true)
+[ -z "$extra" ] || fail "the shared library exports more than the vpd_* calls: $(echo "$extra" | head -5)"
+exported=$(echo "$exports" | sed -n 's/^\(vpd_[a-z0-9_]*\)@@.*/\1/p')
+declared=$(sed -n 's/^[a-z].*[ *]\(vpd_[a-z0-9_]*\)(.*/\1/p' Sources/CVhostPCIDevice/include/vhost_pci_device.h | LC_ALL=C sort)
+[ "$exported" = "$declared" ] || fail "the shared library's exports differ from the header's calls: exported $(echo $exported), declared $(echo $declared)"
 { echo "libvhost-pci-device.so.1 libvhost-pci-device1 #MINVER#"
   echo "* Build-Depends-Package: libvhost-pci-device-dev"
   echo "$exports" | sed -e 's/@@/@/' -e "s/\$/ $version/" -e 's/^VHOST_PCI_DEVICE_1 /VHOST_PCI_DEVICE_1@VHOST_PCI_DEVICE_1 /' -e 's/^/ /'

@@ -78,6 +78,16 @@ final class RingNotifications {
         switch kind {
         case .call:
             relay.retarget(r.callLink, target: try? files[index]?[.call]?.duplicate())
+            // QEMU swaps a ring's call fd when it masks or unmasks the
+            // vector (at every device start, e.g. on a migration's
+            // destination) and then looks once at the old fd for a call it
+            // missed. A doorbell the relay moved to the old fd after that
+            // look is lost, and with EVENT_IDX nothing calls again until
+            // the guest moves used_event, which it does on a call: the
+            // ring stalls. One spurious call on the new fd, after the
+            // relay uses it, covers the instant of the swap (virtio
+            // tolerates spurious notifications).
+            if let call = files[index]?[.call] { _ = try? EventFD(adopting: call).signal() }
         case .kick:
             // VM2 keeps its eventfds: only the link's source changes. A kick
             // VM1 wrote to the new fd before the link reads it is still

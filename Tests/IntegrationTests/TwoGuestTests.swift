@@ -92,6 +92,28 @@ extension Integration {
             #expect(settledOpenFileDescriptorCount() == before, "each VM2's copies of VM1's eventfds were closed")
         }
 
+        /// VM1 replaces a running ring's call fd (QEMU does when it masks
+        /// and unmasks the vector, at every device start): with no traffic
+        /// at all the new fd gets one call, so a doorbell the relay moved
+        /// to the old fd at the instant of the swap cannot leave the ring
+        /// stalled (seen once in the migration interop test: the guest's
+        /// receive ring on the destination never got its interrupt); and
+        /// traffic goes on through the new fd.
+        @Test(arguments: [NotificationMode.relay, .relaySQPoll])
+        func aCallFdReplacedOnARunningRingIsCalledOnce(_ notifications: NotificationMode) throws {
+            try withTwoGuests("call-swap-\(notifications.rawValue)", mode: .identity, notifications: notifications) { _, vm1, _ in
+                let fresh = try EventFD()
+                try vm1.frontend.send(.setVringCall(VringFileRef(index: 0, noFD: false)), fds: [fresh.fd.rawValue], ack: true)
+                var calls: UInt64 = 0
+                #expect(pollUntil(seconds: 10) { calls += (try? fresh.read()).flatMap { $0 } ?? 0; return calls > 0 },
+                        "the new call fd was never called")
+                #expect(calls == 1, "one call for the swap, nothing else moved: \(calls)")
+                // The device's receive ring (VM1's 0) reports through the new fd from now on.
+                let r = try vm1.runTraffic(count: 24, sizes: [64, 1500])
+                #expect(r.completed && r.verified == 24, "\(r)")
+            }
+        }
+
         @Test func lazyIOTLBThroughTranslationRequests() throws {
             // QEMU-like VM1: no eager updates; VM2 asks, the daemon raises misses, VM1 answers.
             try zeroCopyRun(mode: .iommu, eager: false, count: 40)

@@ -116,6 +116,16 @@ interop: deps check-deps c-examples
 # the release library). make interop runs them against testpmd.
 C_BUILD ?= debug
 VERSION := $(shell sed -n 's/.*static let version = "\(.*\)".*/\1/p' Sources/BridgeCore/BuildInfo.swift)
+# $(call pc-files,PREFIX,LIBDIR,INCLUDEDIR,EXTRA_LIBS,DIR): vhost-pci-device.pc and
+# vhost-pci-device-static.pc in DIR from their templates (EXTRA_LIBS: more Libs
+# of the shared library's).
+pc-files = for pc in vhost-pci-device vhost-pci-device-static; do \
+	  sed -e 's|@PREFIX@|$(1)|' -e 's|@LIBDIR@|$(2)|' -e 's|@INCLUDEDIR@|$(3)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@EXTRA_LIBS@|$(4)|' \
+	    packaging/pkgconfig/$$pc.pc.in > $(5)/$$pc.pc || exit 1; done
+# The uninstalled .pc's Libs: the library is found where it was built.
+RPATH_LIBS = $(empty) -Wl$(comma)-rpath$(comma)$${libdir}
+comma := ,
+empty :=
 # The shared library exports the vpd_* calls only (version node VHOST_PCI_DEVICE_1).
 LIB_EXPORTS = -Xlinker --version-script=$(CURDIR)/packaging/lib/vhost-pci-device.map
 # The C examples: the counter links the shared library, the forwarder the
@@ -128,10 +138,7 @@ c-examples: deps
 	cp .build/$(C_BUILD)/libvhost-pci-device.so .build/c-vm2/libvhost-pci-device.so.1
 	ln -sf libvhost-pci-device.so.1 .build/c-vm2/libvhost-pci-device.so
 	SWIFT=$(SWIFT) sh packaging/lib/static-lib.sh .build/$(C_BUILD) .build/c-vm2/libvhost-pci-device.a
-	sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(CURDIR)/.build/c-vm2|' -e 's|@INCLUDEDIR@|$(CURDIR)/Sources/CVhostPCIDevice/include|' \
-	  -e 's|@VERSION@|$(VERSION)|' -e 's|@EXTRA_LIBS@| -Wl,-rpath,$${libdir}|' packaging/pkgconfig/vhost-pci-device.pc.in > .build/c-vm2/pkgconfig/vhost-pci-device.pc
-	sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(CURDIR)/.build/c-vm2|' -e 's|@INCLUDEDIR@|$(CURDIR)/Sources/CVhostPCIDevice/include|' \
-	  -e 's|@VERSION@|$(VERSION)|' packaging/pkgconfig/vhost-pci-device-static.pc.in > .build/c-vm2/pkgconfig/vhost-pci-device-static.pc
+	$(call pc-files,$(CURDIR),$(CURDIR)/.build/c-vm2,$(CURDIR)/Sources/CVhostPCIDevice/include,$(RPATH_LIBS),.build/c-vm2/pkgconfig)
 	set -e; for e in counter:vhost-pci-device forwarder:vhost-pci-device-static; do \
 	  cc -std=c11 -O2 -Wall -Wextra -Werror -o .build/c-vm2/vpd-$${e%%:*} examples/c-vm2/$${e%%:*}.c \
 	    $$(PKG_CONFIG_PATH=$(CURDIR)/.build/c-vm2/pkgconfig pkg-config --cflags --libs $${e#*:}); done
@@ -211,11 +218,8 @@ install-lib: deps
 	strip --strip-unneeded --remove-section=.comment --remove-section=.note $(DESTDIR)$(LIBDIR)/libvhost-pci-device.so.1
 	ln -sf libvhost-pci-device.so.1 $(DESTDIR)$(LIBDIR)/libvhost-pci-device.so
 	install -m 0644 Sources/CVhostPCIDevice/include/vhost_pci_device.h $(DESTDIR)$(INCLUDEDIR)/vhost_pci_device.h
-	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
-	  -e 's|@EXTRA_LIBS@||' packaging/pkgconfig/vhost-pci-device.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device.pc
 	SWIFT=$(SWIFT) sh packaging/lib/static-lib.sh .build-lib/release $(DESTDIR)$(LIBDIR)/libvhost-pci-device.a
-	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
-	  packaging/pkgconfig/vhost-pci-device-static.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device-static.pc
+	$(call pc-files,$(PREFIX),$(LIBDIR),$(INCLUDEDIR),,$(DESTDIR)$(LIBDIR)/pkgconfig)
 	chmod 0644 $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device.pc $(DESTDIR)$(LIBDIR)/pkgconfig/vhost-pci-device-static.pc \
 	  $(DESTDIR)$(LIBDIR)/libvhost-pci-device.a
 

@@ -9,14 +9,10 @@
 set -eu
 out=${1:?usage: packaging/deb/lib.sh OUTDIR}
 cd "$(dirname "$0")/../.."
-version=$(sed -n 's/.*static let version = "\(.*\)".*/\1/p' Sources/BridgeCore/BuildInfo.swift)
-arch=$(dpkg --print-architecture)
+. packaging/deb/common.sh
 multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH)
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-max_deb=$((10 << 20))
-mb() { awk -v b="$1" 'BEGIN { printf "%.1f MB, %.1f MiB", b / 1000000, b / 1048576 }'; }
-fail() { echo "make deb: $*"; exit 1; }
 
 make -s install-lib DESTDIR="$stage/all" PREFIX=/usr LIBDIR="/usr/lib/$multiarch" INCLUDEDIR=/usr/include VERSION="$version" \
   > "$stage/build.log" 2>&1 || { cat "$stage/build.log"; fail "building libvhost-pci-device failed"; }
@@ -33,26 +29,15 @@ install -m 0644 examples/c-vm2/counter.c examples/c-vm2/forwarder.c "$dev/usr/sh
 leftover=$(find "$stage/all" -type f -o -type l)
 [ -z "$leftover" ] || fail "install-lib installed what no package holds: $leftover"
 
-# What the shared library needs, for its Depends.
-mkdir -p "$stage/src/debian"
-printf 'Source: vhost-pci-bridge\n\nPackage: libvhost-pci-device1\nArchitecture: any\n' > "$stage/src/debian/control"
-(cd "$stage/src" && dpkg-shlibdeps -O -e"$lib/$libdir/libvhost-pci-device.so.1") > "$stage/shlibs" 2> "$stage/shlibs.err" \
-  || { cat "$stage/shlibs.err"; fail "dpkg-shlibdeps failed"; }
-depends=$(sed -n 's/^shlibs:Depends=//p' "$stage/shlibs")
-case "$depends" in *libc6*) ;; *) fail "no libc6 in the library's computed Depends ('$depends')" ;; esac
-
+depends=$(shlib_depends "$stage" libvhost-pci-device1 "$lib/$libdir/libvhost-pci-device.so.1")
 for p in libvhost-pci-device1 libvhost-pci-device-dev; do
-  pkg="$stage/$p"
-  doc="$pkg/usr/share/doc/$p"
-  install -d "$doc" "$pkg/DEBIAN"
+  doc="$stage/$p/usr/share/doc/$p"
+  install -d "$doc"
   install -m 0644 packaging/deb/copyright "$doc/copyright"
   gzip -9n -c packaging/deb/changelog > "$doc/changelog.gz"
-  template=packaging/deb/control-lib
-  [ "$p" = libvhost-pci-device1 ] || template=packaging/deb/control-dev
-  size=$(du -sk --exclude=DEBIAN "$pkg" | cut -f1)
-  sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@DEPENDS@/$depends/" -e "s/@SIZE@/$size/" "$template" > "$pkg/DEBIAN/control"
-  (cd "$pkg" && find . -type f ! -path './DEBIAN/*' -printf '%P\n' | LC_ALL=C sort | xargs md5sum > DEBIAN/md5sums)
 done
+control_and_sums "$lib" packaging/deb/control-lib "$depends"
+control_and_sums "$dev" packaging/deb/control-dev "$depends"
 # The shared library's package says which package provides its SONAME, and
 # has ldconfig run.
 echo "libvhost-pci-device 1 libvhost-pci-device1 (>= $version)" > "$lib/DEBIAN/shlibs"
@@ -70,18 +55,8 @@ declared=$(sed -n 's/^[a-z].*[ *]\(vpd_[a-z0-9_]*\)(.*/\1/p' Sources/CVhostPCIDe
   echo "$exports" | sed -e 's/@@/@/' -e "s/\$/ $version/" -e 's/^VHOST_PCI_DEVICE_1 /VHOST_PCI_DEVICE_1@VHOST_PCI_DEVICE_1 /' -e 's/^/ /'
 } > "$lib/DEBIAN/symbols"
 echo "activate-noawait ldconfig" > "$lib/DEBIAN/triggers"
-find "$stage/libvhost-pci-device1" "$stage/libvhost-pci-device-dev" -path '*/DEBIAN/*' -type f -exec chmod 0644 {} +
-find "$stage/libvhost-pci-device1" "$stage/libvhost-pci-device-dev" -type d -exec chmod 0755 {} +
-mkdir -p "$out"
 for p in libvhost-pci-device1 libvhost-pci-device-dev; do
-  deb="$out/${p}_${version}_${arch}.deb"
-  fakeroot dpkg-deb --build -Zxz "$stage/$p" "$deb" >/dev/null
-  bytes=$(stat -c %s "$deb")
-  [ "$bytes" -le "$max_deb" ] || fail "$deb is $bytes bytes, more than the limit of $max_deb ($(mb "$max_deb"))"
-  echo "built $deb ($bytes bytes, $(mb "$bytes"))"
+  build_deb "$stage/$p" "$out/${p}_${version}_${arch}.deb"
 done
-for f in "$lib/$libdir/libvhost-pci-device.so.1" "$dev/$libdir/libvhost-pci-device.a"; do
-  bytes=$(stat -c %s "$f")
-  echo "make deb: $(basename "$f"): $bytes bytes ($(mb "$bytes"))"
-  if grep -a -q -e icudt -e _ZN6icu_ -e NSRegularExpression "$f"; then fail "$(basename "$f") links ICU (Foundation)"; fi
-done
+report_size "$lib/$libdir/libvhost-pci-device.so.1"
+report_size "$dev/$libdir/libvhost-pci-device.a"

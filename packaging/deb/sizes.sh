@@ -6,8 +6,7 @@
 set -eu
 dir=${1:?usage: packaging/deb/sizes.sh DIR}
 cd "$(dirname "$0")/../.."
-version=$(sed -n 's/.*static let version = "\(.*\)".*/\1/p' Sources/BridgeCore/BuildInfo.swift)
-arch=$(dpkg --print-architecture)
+. packaging/deb/common.sh
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 row() { awk -v f="$1" -v b="$2" -v g="$3" 'BEGIN { printf "| %s | %d | %.1f | %.1f | %s |\n", f, b, b / 1000000, b / 1048576, g }'; }

@@ -79,6 +79,7 @@ public final class Bridge: Sendable {
         } else {
             do {
                 relay = try NotificationRelay(mode: settings.notifications, busyPollMicroseconds: settings.busyPollMicroseconds,
+                                              entries: NotificationRelay.ringEntries(vrings: settings.backend.vringCount),
                                               cpus: settings.cpuAffinity, logger: logger)
             } catch { throw .relay(settings.name, error) }
         }

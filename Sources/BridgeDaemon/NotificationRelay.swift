@@ -118,11 +118,32 @@ public final class NotificationRelay: Sendable {
     private let thread = Locked<JoinableThread?>(nil)
     private let logger: Logger
 
+    /// The io_uring size for a relay of `vrings` vrings: the smallest power
+    /// of two (32 to 1024) whose completion queue (twice the entries) holds
+    /// every operation its links can have in flight at once: two links per
+    /// vring (kick and call), each with at most two operations armed (a
+    /// read and its linked write, or a bounded write and its timeout) and,
+    /// while it is removed, its cancels. The ring is memory the kernel pins
+    /// for the process (about 100 KiB at 1024 entries, a few pages at 128:
+    /// the default 8 queue pairs), so it is sized to the bridge rather than
+    /// to the largest one. More in flight than that is still correct (the
+    /// SQ is submitted when full, the kernel keeps overflowing completions
+    /// until they are reaped), only slower.
+    public static func ringEntries(vrings: Int) -> UInt32 {
+        let links = 2 * max(0, min(vrings, 4096))
+        let completions = 4 * links + 16 // + the control read, with room
+        var entries: UInt32 = 32
+        while Int(entries) * 2 < completions && entries < 1024 { entries <<= 1 }
+        return entries
+    }
+
     /// Starts the relay thread. `busyPollMicroseconds` > 0 spins that long
     /// reaping completions before it blocks (lower latency, more CPU).
+    /// `entries`: the io_uring's size (`ringEntries(vrings:)`).
     /// `cpus`: pin the relay thread there (and bind the SQPOLL thread to the
     /// first); a pinning the kernel refuses fails the relay, with the reason.
-    public init(mode: NotificationMode = .relay, busyPollMicroseconds: Int = 0, entries: UInt32 = 1024, cpus: [Int] = [],
+    public init(mode: NotificationMode = .relay, busyPollMicroseconds: Int = 0,
+                entries: UInt32 = ringEntries(vrings: 16), cpus: [Int] = [],
                 logger: Logger = Logger(label: "relay")) throws(RelayError) {
         precondition(mode != .passthrough, "passthrough needs no relay")
         self.mode = mode

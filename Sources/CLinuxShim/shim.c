@@ -360,6 +360,7 @@ int shim_prot_write(void) { return PROT_WRITE; }
 void *shim_map_failed(void) { return MAP_FAILED; }
 long shim_page_size(void) { return sysconf(_SC_PAGESIZE); }
 int shim_malloc_fixed_mmap_threshold(int bytes) { return mallopt(M_MMAP_THRESHOLD, bytes); }
+int shim_malloc_arena_max(int arenas) { return mallopt(M_ARENA_MAX, arenas); }
 
 int shim_fork_touch(volatile void *addr, int write) {
     pid_t pid = fork();

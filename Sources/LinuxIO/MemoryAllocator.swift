@@ -19,4 +19,22 @@ public enum MemoryAllocator {
     public static func returnLargeBuffersToTheKernel() -> Bool {
         shim_malloc_fixed_mmap_threshold(largeBufferThreshold) == 1
     }
+
+    /// The arenas `limitArenas()` allows, the main one included.
+    public static let arenas: Int32 = 2
+
+    /// Limits glibc malloc to `arenas` arenas (M_ARENA_MAX) unless the
+    /// environment already chose (MALLOC_ARENA_MAX). glibc gives threads
+    /// arenas of their own, up to 8 per CPU, and each keeps the pages its
+    /// thread touched (about 40 KiB each in the daemon, idle): with three
+    /// threads per bridge, 16 bridges held 14 arenas. The daemon's threads
+    /// allocate little and rarely at once, and glibc's per-thread cache
+    /// serves small blocks without the arena's lock. Returns false when the
+    /// allocator refused the setting or the environment set it. Call once at
+    /// start, before any thread.
+    @discardableResult
+    public static func limitArenas(environment: [String: String]) -> Bool {
+        guard environment["MALLOC_ARENA_MAX"] == nil else { return false }
+        return shim_malloc_arena_max(arenas) == 1
+    }
 }

@@ -160,10 +160,12 @@ struct Daemon: ParsableCommand {
         // Before any thread starts: a peer's dead pipe or socket must fail a
         // write with EPIPE, never kill every bridge; and each session holds
         // several fds, so take the hard RLIMIT_NOFILE; and large freed
-        // buffers (mapping tables) go back to the kernel.
+        // buffers (mapping tables) go back to the kernel; and the threads
+        // share two malloc arenas instead of one each.
         Signals.ignoreBrokenPipe()
         _ = try? ResourceLimits.raiseOpenFiles()
         MemoryAllocator.returnLargeBuffersToTheKernel()
+        MemoryAllocator.limitArenas(environment: ProcessInfo.processInfo.environment)
         let overrides: DaemonOverrides
         do {
             overrides = DaemonOverrides(runtimeDirectory: runtimeDirectory, controlSocket: controlSocket,

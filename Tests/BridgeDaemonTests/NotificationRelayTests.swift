@@ -157,6 +157,27 @@ func returnsInTime(_ body: @escaping @Sendable () -> Void) throws -> (returned: 
         #expect((s0?.coalesced ?? 0) + (s0?.wakeups ?? 0) == expected[0])
     }
 
+    /// The ring is sized to the bridge: the default 8 queue pairs get 128
+    /// entries (a few pages the kernel pins, not the ~100 KiB of 1024), and
+    /// for every vring count the completion queue (2 × entries) holds what
+    /// two links per vring can have in flight, up to the 1024-entry cap.
+    @Test func theRingIsSizedToTheBridgesVrings() {
+        #expect(NotificationRelay.ringEntries(vrings: 16) == 128)
+        #expect(NotificationRelay.ringEntries(vrings: 2) == 32)
+        #expect(NotificationRelay.ringEntries(vrings: 0) == 32)
+        #expect(NotificationRelay.ringEntries(vrings: 256) == 1024)
+        #expect(NotificationRelay.ringEntries(vrings: -1) == 32)
+        #expect(NotificationRelay.ringEntries(vrings: .max) == 1024)
+        var previous: UInt32 = 0
+        for vrings in 0...300 {
+            let entries = NotificationRelay.ringEntries(vrings: vrings)
+            #expect(entries.nonzeroBitCount == 1 && (32...1024).contains(entries), "\(vrings) vrings: \(entries)")
+            #expect(2 * Int(entries) >= 4 * 2 * vrings + 16 || entries == 1024, "\(vrings) vrings: \(entries)")
+            #expect(entries >= previous)
+            previous = entries
+        }
+    }
+
     /// 64 links on an 8-entry ring: every re-arm batch overflows the
     /// submission queue, which must be flushed and retried, not lose a link.
     @Test func aFullSubmissionQueueLosesNothing() throws {

@@ -16,6 +16,29 @@ import Glibc
         #expect(Files.directory(of: "d/name") == "d")
     }
 
+    /// A file just written is all in the page cache (dirty); afterwards
+    /// none of it is (mincore on a fresh mapping, which faults nothing in).
+    @Test func droppingAFilesCachedPages() throws {
+        let path = "/tmp/vpb-cached-\(getpid())"
+        defer { unlink(path) }
+        let pages = 64, size = pages * 4096
+        try Files.writeAtomically(path, [UInt8](repeating: 0x5A, count: size))
+        func resident() throws -> Int {
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            defer { close(fd) }
+            let base = mmap(nil, size, PROT_READ, MAP_SHARED, fd, 0)
+            guard let base, base != MAP_FAILED else { throw SystemCallError("mmap", errno: Errno(rawValue: errno)) }
+            defer { munmap(base, size) }
+            var vector = [UInt8](repeating: 0, count: pages)
+            guard mincore(base, size, &vector) == 0 else { throw SystemCallError("mincore", errno: Errno(rawValue: errno)) }
+            return vector.filter { $0 & 1 != 0 }.count
+        }
+        #expect(try resident() == pages)
+        try Files.dropCachedPages(path)
+        #expect(try resident() == 0)
+        #expect(throws: SystemCallError.self) { try Files.dropCachedPages("\(path)-missing") }
+    }
+
     @Test func writeAtomicallyReadAndMakeDirectories() throws {
         let root = "/tmp/vpb-files-\(getpid())"
         let path = "\(root)/x/y/state.json"

@@ -2,6 +2,7 @@ import BridgeCore
 import CLinuxShim
 import Foundation
 import Testing
+import TestSupport
 @testable import LinuxIO
 #if canImport(Glibc)
 import Glibc

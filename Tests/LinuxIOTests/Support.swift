@@ -41,10 +41,6 @@ func residentKiB(field: String = "VmRSS:") -> UInt64 {
     return 0
 }
 
-/// True when a sanitizer's runtime (make test-asan / test-tsan) is linked
-/// in: its allocator replaces glibc's and ignores glibc's tuning.
-let sanitizerAllocator: Bool = dlsym(nil, "__asan_init") != nil || dlsym(nil, "__tsan_init") != nil
-
 func temporaryPath(_ name: String) -> String {
     "/tmp/vpb-test-\(getpid())-\(name)"
 }

@@ -3,6 +3,11 @@ import Logging
 
 /// Helpers every test target shares (one copy, not one per target).
 
+/// True when a sanitizer's runtime (make test-asan / test-tsan) is linked
+/// in (then into every binary the build made): its allocator replaces
+/// glibc's and ignores glibc's tuning.
+public let sanitizerAllocator: Bool = dlsym(nil, "__asan_init") != nil || dlsym(nil, "__tsan_init") != nil
+
 /// Sizes, defined once for every test target.
 public let KiB: UInt64 = 1 << 10
 public let MiB: UInt64 = 1 << 20

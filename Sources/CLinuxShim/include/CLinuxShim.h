@@ -180,6 +180,9 @@ long shim_page_size(void);
 /// which also turns off glibc's raising of it after each large free. Returns
 /// 1 on success. (Wrapped here: <malloc.h> is not part of the Glibc module.)
 int shim_malloc_fixed_mmap_threshold(int bytes);
+/// glibc malloc: at most `arenas` arenas, the main one included (mallopt
+/// M_ARENA_MAX). Returns 1 on success.
+int shim_malloc_arena_max(int arenas);
 
 /// Forks; the child touches one byte at `addr` (read, or write when `write`
 /// is non-zero) and `_exit(0)`s. Returns the raw wait status of the child,

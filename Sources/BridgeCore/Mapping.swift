@@ -1,19 +1,28 @@
 /// One live range of the BAR: `[bus, bus + length)` shows
 /// `[fdOffset, fdOffset + length)` of `region`'s fd with `permission`.
+///
+/// 32 bytes: the region and the permission share one word (a region id has
+/// at most 56 bits: `RegionID.maximum`), so a bridge's 100 000 live IOTLB
+/// mappings take 3.2 MB in its table instead of 4 MB.
 public struct Mapping: Equatable, Sendable, CustomStringConvertible {
     public let bus: BusAddress
     public let length: UInt64
-    public let permission: Permission
-    public let region: RegionID
     /// Offset inside the region's fd (not inside the region).
     public let fdOffset: UInt64
+    /// The region's id in the low 56 bits, the permission in the top 8.
+    private let regionAndPermission: UInt64
 
+    public var region: RegionID { RegionID(regionAndPermission & RegionID.maximum) }
+    public var permission: Permission { Permission(rawValue: UInt8(truncatingIfNeeded: regionAndPermission >> 56)) }
+
+    /// `region` must be at most `RegionID.maximum` (`MemoryRegionTable`
+    /// never hands out a larger one).
     public init(bus: BusAddress, length: UInt64, permission: Permission, region: RegionID, fdOffset: UInt64) {
+        precondition(region.rawValue <= RegionID.maximum, "\(region) is beyond RegionID.maximum")
         self.bus = bus
         self.length = length
-        self.permission = permission
-        self.region = region
         self.fdOffset = fdOffset
+        self.regionAndPermission = region.rawValue | UInt64(permission.rawValue) << 56
     }
 
     /// Exclusive end. Never overflows: every stored mapping ends inside the BAR.

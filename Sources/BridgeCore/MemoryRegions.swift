@@ -5,6 +5,11 @@ public struct RegionID: Hashable, Comparable, Sendable, CustomStringConvertible 
     public init(_ rawValue: UInt64) { self.rawValue = rawValue }
     public static func < (lhs: RegionID, rhs: RegionID) -> Bool { lhs.rawValue < rhs.rawValue }
     public var description: String { "region#\(rawValue)" }
+    /// The largest id a region gets (56 bits: a `Mapping` keeps the id and
+    /// its permission in one word). A table that has handed out every id
+    /// refuses new regions; at a million regions a second that is 2 000
+    /// years away.
+    public static let maximum: UInt64 = (1 << 56) - 1
 }
 
 /// One region as a vhost-user memory-table message describes it
@@ -79,6 +84,8 @@ public enum MemoryRegionError: Error, Equatable, Sendable, CustomStringConvertib
     case noMatchingRegion(RegionDescriptor)
     /// A hugepage-backed region whose offset or size is not a whole number of its pages.
     case hugePageMisaligned(field: String, value: UInt64, hugePageSize: UInt64)
+    /// The table handed out every region id (`RegionID.maximum`).
+    case regionIDsExhausted
 
     public var rule: String {
         switch self {
@@ -89,6 +96,7 @@ public enum MemoryRegionError: Error, Equatable, Sendable, CustomStringConvertib
         case .tooManyRegions: "region-slots"
         case .noMatchingRegion: "region-unknown"
         case .hugePageMisaligned: "huge-page"
+        case .regionIDsExhausted: "region-ids"
         }
     }
 
@@ -110,6 +118,8 @@ public enum MemoryRegionError: Error, Equatable, Sendable, CustomStringConvertib
             "memory region \(field) \(Hex(value)) is not a multiple of its huge page size \(ByteCount(huge))"
         case .noMatchingRegion(let d):
             "no memory region matches \(d.guestPhysical) size \(Hex(d.size)) \(d.userAddress)"
+        case .regionIDsExhausted:
+            "every region id up to \(Hex(RegionID.maximum)) was handed out in this session"
         }
     }
 }
@@ -126,6 +136,12 @@ public struct MemoryRegionTable: Equatable, Sendable {
 
     public init(maxRegions: Int = 32) {
         self.maxRegions = max(1, maxRegions)
+    }
+
+    /// A table whose next region gets `nextID` (tests: the end of the ids).
+    init(maxRegions: Int = 32, nextID: UInt64) {
+        self.init(maxRegions: maxRegions)
+        self.nextID = nextID
     }
 
     public var count: Int { regions.count }
@@ -165,7 +181,8 @@ public struct MemoryRegionTable: Equatable, Sendable {
         }
     }
 
-    private mutating func insert(_ d: RegionDescriptor, permission: Permission, hugePageSize: UInt64) -> MemoryRegion {
+    private mutating func insert(_ d: RegionDescriptor, permission: Permission, hugePageSize: UInt64) throws(MemoryRegionError) -> MemoryRegion {
+        guard nextID <= RegionID.maximum else { throw .regionIDsExhausted }
         let region = MemoryRegion(id: RegionID(nextID), guestPhysical: d.guestPhysical, size: d.size,
                                   userAddress: d.userAddress, mmapOffset: d.mmapOffset, permission: permission,
                                   hugePageSize: hugePageSize)
@@ -189,7 +206,7 @@ public struct MemoryRegionTable: Equatable, Sendable {
         }
         guard regions.count < maxRegions else { throw .tooManyRegions(limit: maxRegions) }
         try checkOverlap(d, against: regions)
-        return insert(d, permission: permission, hugePageSize: hugePageSize)
+        return try insert(d, permission: permission, hugePageSize: hugePageSize)
     }
 
     /// REM_MEM_REG: the region whose guest address, size and user address all

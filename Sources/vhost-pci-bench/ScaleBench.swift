@@ -22,6 +22,9 @@ struct ScaleBench: ParsableCommand {
     @Option(help: "The daemon to run.")
     var daemon: String = ".build/release/vhost-pci-bridged"
 
+    @Option(help: "What the daemon is, for the table's heading (e.g. \"the packaged daemon\").")
+    var label: String?
+
     @Flag(help: "Print one JSON object instead of Markdown.")
     var json = false
 
@@ -126,7 +129,7 @@ struct ScaleBench: ParsableCommand {
             try printJSON(["scale": r])
             return
         }
-        print("### Scale (`vhost-pci-bench scale`: \(bridges) bridges of \(barSize), \(mappings) live IOTLB mappings in one)\n")
+        print("### Scale\(label.map { ", \($0)" } ?? "") (`vhost-pci-bench scale`: \(bridges) bridges of \(barSize), \(mappings) live IOTLB mappings in one)\n")
         print("The release daemon in its own process, started from a cold page cache (its binary's pages dropped first, as after a boot), configured from a file; VM1 (emulated, IOMMU) sends one acked IOTLB update per mapping. `vm.max_map_count` raised to \(maxMapCount) for the run (each mapping is about two VMAs and each of the \(bridges) bridges is guaranteed 1/\(bridges + 1) of the budget).\n")
         print("| state | RSS MiB | of which anonymous MiB | VMAs | VMA headroom |")
         print("|---|---:|---:|---:|---:|")

@@ -56,6 +56,26 @@ private func region(_ gpa: UInt64, _ size: UInt64, _ uaddr: UInt64, _ off: UInt6
         #expect(regionError { try t.add(region(0x2000, 0x1000, 0x300000), fileSize: nil) } == .tooManyRegions(limit: 2))
     }
 
+    /// Region ids have 56 bits (a `Mapping` packs its region and
+    /// permission into one word): the last id is handed out, then the table
+    /// refuses (ADD_MEM_REG and SET_MEM_TABLE alike) and stays as it was.
+    @Test func refusesRegionsOnceEveryIdWasHandedOut() throws {
+        var t = MemoryRegionTable(nextID: RegionID.maximum)
+        let last = try t.add(region(0, 0x1000, 0x100000), fileSize: nil)
+        #expect(last.id == RegionID(RegionID.maximum))
+        #expect(regionError { try t.add(region(0x1000, 0x1000, 0x200000), fileSize: nil) } == .regionIDsExhausted)
+        var replaced = t
+        #expect(throws: MemoryRegionError.regionIDsExhausted) { try replaced.replaceAll(with: [region(0x1000, 0x1000, 0x200000)], fileSizes: [nil]) }
+        #expect(t.regions.map(\.id) == [last.id])
+        #expect(MemoryRegionError.regionIDsExhausted.rule == "region-ids")
+        // The largest id and every permission survive a mapping's packing.
+        for permission in [Permission.none, .read, .write, .readWrite] {
+            let m = Mapping(bus: BusAddress(0x1000), length: 0x2000, permission: permission, region: last.id, fdOffset: .max)
+            #expect(m.region == last.id && m.permission == permission && m.fdOffset == .max && m.length == 0x2000)
+        }
+        #expect(MemoryLayout<Mapping>.stride == 32)
+    }
+
     @Test func removeMatchesGuestAddressSizeAndUserAddress() {
         var t = MemoryRegionTable()
         let r = try! t.add(region(0x10000, 0x10000, 0x100000, 0x5000), fileSize: nil)

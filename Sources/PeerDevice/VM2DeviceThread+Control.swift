@@ -107,6 +107,15 @@ extension VM2DeviceThread {
                     if wasRunning { events?.append(.ringStopped(index)) }
                 } else if !wasRunning {
                     events?.append(.ringStarted(index))
+                } else if v.hasCall {
+                    // A running ring's call fd was replaced (QEMU swaps them
+                    // when it masks and unmasks the vector, and looks once at
+                    // the old fd for a call it missed): a call made on the old
+                    // fd after that look is lost, and with EVENT_IDX nothing
+                    // calls again until the driver moves used_event, which it
+                    // does only when called. One spurious call on the new fd
+                    // closes that window (the relay does the same for VM1).
+                    _ = try? notifiers[index]?.call?.signal()
                 }
             } else if let was {
                 parked[index] = was

@@ -98,8 +98,9 @@ extension Integration {
         /// to the old fd at the instant of the swap cannot leave the ring
         /// stalled (seen once in the migration interop test: the guest's
         /// receive ring on the destination never got its interrupt); and
-        /// traffic goes on through the new fd.
-        @Test(arguments: [NotificationMode.relay, .relaySQPoll])
+        /// traffic goes on through the new fd. In passthrough mode VM2 holds
+        /// VM1's call fds itself and gives the new one its call.
+        @Test(arguments: [NotificationMode.relay, .relaySQPoll, .passthrough])
         func aCallFdReplacedOnARunningRingIsCalledOnce(_ notifications: NotificationMode) throws {
             try withTwoGuests("call-swap-\(notifications.rawValue)", mode: .identity, notifications: notifications) { _, vm1, _ in
                 let fresh = try EventFD()

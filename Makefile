@@ -176,8 +176,8 @@ bench: deps check-deps
 	    echo; .build/release/vhost-pci-bench migrate; \
 	  else echo; echo "(Linux guest and migration tables skipped: make interop-deps)"; fi; \
 	  if [ "$$(id -u)" = 0 ]; then echo; .build/release/vhost-pci-bench scale --label "release build (shared Swift libraries)"; \
-	    d=$$(mktemp -d) && dpkg-deb -x dist/vhost-pci-bridge_$(VERSION)_$$(dpkg --print-architecture).deb $$d && \
-	    { echo; .build/release/vhost-pci-bench scale --daemon $$d/usr/bin/vhost-pci-bridged --label "the packaged daemon (issue 24's goals: 1 bridge ≤ 10 MiB, 16 bridges with 100000 mappings ≤ 16 MiB)"; }; rm -rf $$d; \
+	    d=$$(mktemp -d -p $(CURDIR)/.build) && dpkg-deb -x dist/vhost-pci-bridge_$(VERSION)_$$(dpkg --print-architecture).deb $$d && \
+	    { echo; .build/release/vhost-pci-bench scale --daemon $$d/usr/bin/vhost-pci-bridged --label "the packaged daemon (the .deb's /usr/bin/vhost-pci-bridged, extracted; issue 24's goals: 1 bridge ≤ 10 MiB, 16 bridges with 100000 mappings ≤ 16 MiB)"; }; rm -rf $$d; \
 	  else echo; echo "(Scale tables skipped: they raise vm.max_map_count, which needs root)"; fi; \
 	  echo; sh packaging/deb/sizes.sh dist; } > docs/benchmarks.md
 	cat docs/benchmarks.md

@@ -119,21 +119,26 @@ public final class NotificationRelay: Sendable {
     private let logger: Logger
 
     /// The io_uring size for a relay of `vrings` vrings: the smallest power
-    /// of two (32 to 1024) whose completion queue (twice the entries) holds
-    /// every operation its links can have in flight at once: two links per
-    /// vring (kick and call), each with at most two operations armed (a
-    /// read and its linked write, or a bounded write and its timeout) and,
-    /// while it is removed, its cancels. The ring is memory the kernel pins
-    /// for the process (about 100 KiB at 1024 entries, a few pages at 128:
-    /// the default 8 queue pairs), so it is sized to the bridge rather than
-    /// to the largest one. More in flight than that is still correct (the
-    /// SQ is submitted when full, the kernel keeps overflowing completions
-    /// until they are reaped), only slower.
+    /// of two (32 to 1024) with room for what its links can ask at once.
+    /// Two links per vring (kick and call); a link has at most two
+    /// operations armed (a read and its linked write, or a bounded write and
+    /// its timeout) and, when it is removed or the relay stops, three
+    /// cancels. So the submission queue holds a stop's cancels for every
+    /// link plus a batch of re-arms (3 × links + 8), and the completion
+    /// queue (twice the entries) every completion those can produce
+    /// (5 × links + the control read). The ring is memory the kernel pins for
+    /// the process (about 100 KiB at 1024 entries, 16 KiB at 128: the
+    /// default 8 queue pairs), so it is sized to the bridge rather than to
+    /// the largest one. Beyond the cap (from 86 queue pairs) it stays
+    /// correct, only slower: `prepare` makes room before every unit (with
+    /// SQPOLL, waiting for the kernel thread), and the kernel keeps
+    /// overflowing completions until they are reaped.
     public static func ringEntries(vrings: Int) -> UInt32 {
         let links = 2 * max(0, min(vrings, 4096))
-        let completions = 4 * links + 16 // + the control read, with room
+        let submissions = 3 * links + 8
+        let completions = 5 * links + 1
         var entries: UInt32 = 32
-        while Int(entries) * 2 < completions && entries < 1024 { entries <<= 1 }
+        while (Int(entries) < submissions || 2 * Int(entries) < completions) && entries < 1024 { entries <<= 1 }
         return entries
     }
 

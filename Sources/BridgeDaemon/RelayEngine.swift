@@ -77,12 +77,15 @@ final class RelayEngine {
 
     static func userData(_ id: UInt32, _ op: Op) -> UInt64 { UInt64(id) << 8 | op.rawValue }
 
-    /// Prepares `count` SQEs as one unit: submits what is queued first when
-    /// the SQ has less room, so a linked read→write pair is never split
-    /// across submissions (a lone linked read would lose the value it reads).
+    /// Prepares `count` SQEs as one unit: makes room first when the SQ has
+    /// less (submitting what is queued and, with SQPOLL, waiting for the
+    /// kernel thread to take it), so a linked read→write pair is never split
+    /// across submissions (a lone linked read would lose the value it reads)
+    /// and a stop's cancels always go out (a read whose cancel was lost on
+    /// an idle eventfd would never complete, and the stop would wait forever).
     func prepare(_ count: UInt32 = 1, _ body: () throws(URingError) -> Void) {
-        if ring.submissionSpaceLeft < count { _ = try? ring.submit() }
         do {
+            try ring.makeSubmissionSpace(count)
             try body()
         } catch {
             relay.fail("\(error)")

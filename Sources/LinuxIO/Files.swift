@@ -36,7 +36,8 @@ public enum Files {
     /// The benchmarks start a binary this way, as after a boot: how much of
     /// it ends up resident depends on how its pages came into the cache
     /// (just written by a copy or an install, the kernel maps them in
-    /// larger pieces: about 0.8 MiB more for the daemon).
+    /// larger pieces: about 0.8 MiB more for the daemon). No effect on
+    /// tmpfs, whose pages are the file.
     public static func dropCachedPages(_ path: String) throws(SystemCallError) {
         let fd = try retryingInterrupts("open(\(path))") { open(path, O_RDONLY | O_CLOEXEC) }
         defer { close(fd) }

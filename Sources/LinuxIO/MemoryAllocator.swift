@@ -24,7 +24,8 @@ public enum MemoryAllocator {
     public static let arenas: Int32 = 2
 
     /// Limits glibc malloc to `arenas` arenas (M_ARENA_MAX) unless the
-    /// environment already chose (MALLOC_ARENA_MAX). glibc gives threads
+    /// environment already chose (MALLOC_ARENA_MAX, or glibc.malloc.arena_max
+    /// in GLIBC_TUNABLES). glibc gives threads
     /// arenas of their own, up to 8 per CPU, and each keeps the pages its
     /// thread touched (about 40 KiB each in the daemon, idle): with three
     /// threads per bridge, 16 bridges held 14 arenas. The daemon's threads
@@ -34,7 +35,8 @@ public enum MemoryAllocator {
     /// start, before any thread.
     @discardableResult
     public static func limitArenas(environment: [String: String]) -> Bool {
-        guard environment["MALLOC_ARENA_MAX"] == nil else { return false }
+        guard environment["MALLOC_ARENA_MAX"] == nil,
+              !(environment["GLIBC_TUNABLES"] ?? "").contains("glibc.malloc.arena_max") else { return false }
         return shim_malloc_arena_max(arenas) == 1
     }
 }

@@ -117,6 +117,18 @@ public final class URing {
         do { return Int(try retryingNegativeErrno("io_uring_submit") { shim_uring_submit(ring) }) } catch { throw .system(error) }
     }
 
+    /// Room for `count` more SQEs: what is queued is submitted first. Without
+    /// SQPOLL that empties the queue; with SQPOLL the kernel thread takes the
+    /// entries in its own time, so this waits until it has taken enough
+    /// (io_uring_sqring_wait). `count` must not exceed `entries`.
+    public func makeSubmissionSpace(_ count: UInt32) throws(URingError) {
+        guard submissionSpaceLeft < count else { return }
+        try submit()
+        while sqpoll, submissionSpaceLeft < count {
+            do { _ = try retryingNegativeErrno("io_uring_sqring_wait") { shim_uring_sqring_wait(ring) } } catch { throw .system(error) }
+        }
+    }
+
     /// Submits and blocks until at least `waitFor` completions are ready.
     @discardableResult
     public func submitAndWait(_ waitFor: UInt32 = 1) throws(URingError) -> Int {

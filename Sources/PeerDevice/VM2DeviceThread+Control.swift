@@ -115,6 +115,9 @@ extension VM2DeviceThread {
                     // calls again until the driver moves used_event, which it
                     // does only when called. One spurious call on the new fd
                     // closes that window (the relay does the same for VM1).
+                    // A VRING sent again with the same fd cannot be told
+                    // apart (each carries a fresh duplicate): it gets the
+                    // call too, which virtio tolerates.
                     _ = try? notifiers[index]?.call?.signal()
                 }
             } else if let was {

@@ -85,7 +85,8 @@ func wire(_ path: Path, vrings: Int) throws -> Wiring {
         w.relayCPU = { relay.threadCPUNanoseconds }
     case .uring, .uringSQPoll, .uringBlocking:
         let blocking = path == .uringBlocking
-        let relay = try NotificationRelay(mode: path == .uringSQPoll ? .relaySQPoll : .relay)
+        let relay = try NotificationRelay(mode: path == .uringSQPoll ? .relaySQPoll : .relay,
+                                          entries: NotificationRelay.ringEntries(vrings: vrings))
         var ids: [NotificationRelay.LinkID] = []
         for _ in 0..<vrings {
             let ks = try EventFD(), kt = try EventFD(nonBlocking: !blocking)

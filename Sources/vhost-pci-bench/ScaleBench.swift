@@ -130,7 +130,7 @@ struct ScaleBench: ParsableCommand {
             return
         }
         print("### Scale\(label.map { ", \($0)" } ?? "") (`vhost-pci-bench scale`: \(bridges) bridges of \(barSize), \(mappings) live IOTLB mappings in one)\n")
-        print("The daemon (`\(daemon)`) in its own process, started from a cold page cache (its binary's pages dropped first, as after a boot), configured from a file; VM1 (emulated, IOMMU) sends one acked IOTLB update per mapping. `vm.max_map_count` raised to \(maxMapCount) for the run (each mapping is about two VMAs and each of the \(bridges) bridges is guaranteed 1/\(bridges + 1) of the budget).\n")
+        print("The daemon\(label == nil ? " (`\(daemon)`)" : "") in its own process, started from a cold page cache (its binary's pages dropped first, as after a boot), configured from a file; VM1 (emulated, IOMMU) sends one acked IOTLB update per mapping. `vm.max_map_count` raised to \(maxMapCount) for the run (each mapping is about two VMAs and each of the \(bridges) bridges is guaranteed 1/\(bridges + 1) of the budget).\n")
         print("| state | RSS MiB | of which anonymous MiB | VMAs | VMA headroom |")
         print("|---|---:|---:|---:|---:|")
         for (name, s) in [("1 bridge, idle (baseline)", oneIdle), ("\(bridges) bridges, idle", idle), ("\(bridges) bridges, \(mappings) mappings", loaded)] {

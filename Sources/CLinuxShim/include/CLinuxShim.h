@@ -262,6 +262,9 @@ int shim_uring_prep_cancel(shim_uring *ring, uint64_t target, uint64_t user_data
 int shim_uring_prep_nop(shim_uring *ring, uint64_t user_data);
 /// Returns SQEs submitted or -errno.
 int shim_uring_submit(shim_uring *ring);
+/// SQPOLL: blocks until the kernel thread has taken at least one queued SQE
+/// (io_uring_sqring_wait); 0 at once without SQPOLL. 0 or -errno.
+int shim_uring_sqring_wait(shim_uring *ring);
 int shim_uring_submit_and_wait(shim_uring *ring, unsigned int wait_nr);
 /// Copies up to `max` ready CQEs (user_data, res, flags) and advances the CQ
 /// (io_uring_for_each_cqe is a macro Swift cannot import).

@@ -313,6 +313,12 @@ public final class NotificationRelay: Sendable {
     public var threadCPUNanoseconds: UInt64 { thread.withLock { $0?.cpuTimeNanoseconds } ?? 0 }
     public var failure: String? { shared.withLock { $0.failure } }
 
+    /// Busy polling: how many times a spin found completions before its
+    /// time ran out (the relay did not go to sleep for them).
+    public var busyPollHits: Int { busyPollHitCount.load(ordering: .relaxed) }
+    private let busyPollHitCount = Atomic<Int>(0)
+    func countBusyPollHit() { busyPollHitCount.add(1, ordering: .relaxed) }
+
     /// Stops the thread; every link's fds are closed.
     public func stop() {
         let first = shared.withLock { s -> Bool in

@@ -659,6 +659,7 @@ int shim_uring_prep_nop(shim_uring *r, uint64_t ud) {
 }
 int shim_uring_submit(shim_uring *r) { return io_uring_submit(&r->ring); }
 int shim_uring_sqring_wait(shim_uring *r) { return io_uring_sqring_wait(&r->ring); }
+int shim_uring_get_events(shim_uring *r) { return io_uring_get_events(&r->ring); }
 int shim_uring_submit_and_wait(shim_uring *r, unsigned int n) { return io_uring_submit_and_wait(&r->ring, n); }
 
 unsigned int shim_uring_reap(shim_uring *r, uint64_t *user_data,

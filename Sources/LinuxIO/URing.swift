@@ -129,6 +129,14 @@ public final class URing {
         }
     }
 
+    /// Has the kernel post the completions it holds back for this thread,
+    /// without waiting: a single-issuer ring (DEFER_TASKRUN) posts them only
+    /// when its thread enters the kernel for events, so a loop that only
+    /// reaps would never see one.
+    public func getEvents() throws(URingError) {
+        do { _ = try retryingNegativeErrno("io_uring_get_events") { shim_uring_get_events(ring) } } catch { throw .system(error) }
+    }
+
     /// Submits and blocks until at least `waitFor` completions are ready.
     @discardableResult
     public func submitAndWait(_ waitFor: UInt32 = 1) throws(URingError) -> Int {

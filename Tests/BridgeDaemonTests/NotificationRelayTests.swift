@@ -111,6 +111,26 @@ func returnsInTime(_ body: @escaping @Sendable () -> Void) throws -> (returned: 
         #expect(try !pair.target.fd.isNonBlocking, "the relay never changes a peer's file flags")
     }
 
+    /// The spin finds the completions: a single-issuer ring (DEFER_TASKRUN)
+    /// posts them only when its thread asks the kernel, so a spin that only
+    /// reaped never found one (0 hits) and every wakeup waited out the
+    /// whole spin. Ping-pong kicks, each well inside a 10 ms spin.
+    @Test(arguments: [NotificationMode.relay, .relaySQPoll])
+    func busyPollingFindsCompletionsWhileItSpins(mode: NotificationMode) throws {
+        let relay = try NotificationRelay(mode: mode, busyPollMicroseconds: 10_000)
+        defer { relay.stop() }
+        let pair = try Pair()
+        let id = try pair.add(to: relay)
+        var relayed = 0
+        for round in 1...200 {
+            try pair.source.signal()
+            if pollUntil(seconds: 10, { drain(pair.target) > 0 }) { relayed += 1 }
+            #expect(pollUntil { relay.statistics(id)?.notifications == UInt64(round) })
+        }
+        #expect(relayed == 200)
+        #expect(relay.busyPollHits >= 20, "\(relay.busyPollHits) of 200 wakeups found while spinning")
+    }
+
     @Test func busyPollingRelays() throws {
         let relay = try NotificationRelay(busyPollMicroseconds: 50)
         defer { relay.stop() }

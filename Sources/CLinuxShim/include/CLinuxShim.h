@@ -265,6 +265,10 @@ int shim_uring_submit(shim_uring *ring);
 /// SQPOLL: blocks until the kernel thread has taken at least one queued SQE
 /// (io_uring_sqring_wait); 0 at once without SQPOLL. 0 or -errno.
 int shim_uring_sqring_wait(shim_uring *ring);
+/// Posts the completions the kernel holds back for this thread (a
+/// DEFER_TASKRUN ring posts them only when its thread enters the kernel to
+/// get events) without waiting (io_uring_get_events). 0 or -errno.
+int shim_uring_get_events(shim_uring *ring);
 int shim_uring_submit_and_wait(shim_uring *ring, unsigned int wait_nr);
 /// Copies up to `max` ready CQEs (user_data, res, flags) and advances the CQ
 /// (io_uring_for_each_cqe is a macro Swift cannot import).

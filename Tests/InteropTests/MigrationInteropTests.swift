@@ -15,15 +15,25 @@ extension Interop {
     /// carries the traffic after the switch, and the guest finds every
     /// datagram that came back intact.
     @Suite struct LiveMigrationSuite {
-        /// The guest kernel under QEMU TCG has, once in about ten runs, hit a
-        /// kernel BUG of its own on the destination after the switch-over
-        /// ("scheduling while atomic" in swapper, under intel-iommu strict):
-        /// it then reports nothing, and the run proves nothing either way.
-        /// Such a run is said aloud and made once more; a second one fails.
+        /// The guest kernel under QEMU TCG sometimes breaks on the destination
+        /// after the switch-over, whatever the back end: "scheduling while
+        /// atomic" in swapper, a NULL dereference, "softirq: huh" (a
+        /// preempt count off after NET_RX), soft lockups. DPDK's vhost back
+        /// end, with no vhost-pci code involved, did it in 1 of 3 runs of
+        /// `vhost-pci-bench migrate --viommu none` (2026-12-07: "watchdog:
+        /// BUG: soft lockup" and no report); the bridge's first attempt did it
+        /// in 3 of 7 CI runs. Such a run reports nothing and proves nothing
+        /// either way: it is said aloud, with the kernel's line, and made
+        /// again, up to three attempts; a run without such a line, or a third
+        /// one with it, fails.
         private func migrates(iommu: Bool) throws {
-            if try migrates(iommu: iommu, attempt: 1, mayRetry: true) { return }
-            _ = try migrates(iommu: iommu, attempt: 2, mayRetry: false)
+            for attempt in 1...3 {
+                if try migrates(iommu: iommu, attempt: attempt, mayRetry: attempt < 3) { return }
+            }
         }
+
+        /// What the guest kernel prints when it broke by itself.
+        static let guestKernelFailures = ["BUG: ", "Kernel panic", "softirq: huh", "Oops: ", "WARNING: CPU"]
 
         /// One migration; false when the guest kernel crashed and `mayRetry`.
         private func migrates(iommu: Bool, attempt: Int, mayRetry: Bool) throws -> Bool {
@@ -48,7 +58,8 @@ extension Interop {
             migration.migrateAfter = 3
             let outcome = try migration.run(source: a.path, destination: b.path, directory: dir)
             let log = (try? String(contentsOfFile: "\(dir)/qemu-b.log", encoding: .utf8)) ?? ""
-            if mayRetry, outcome.guest == nil, let bug = log.split(separator: "\n").first(where: { $0.contains("BUG: ") || $0.contains("Kernel panic") }) {
+            if mayRetry, outcome.guest == nil,
+               let bug = log.split(separator: "\n").first(where: { line in Self.guestKernelFailures.contains { line.contains($0) } }) {
                 print("\(name): the guest kernel crashed on the destination (\(bug.trimmingCharacters(in: .whitespaces))): migrating once more")
                 return false
             }

@@ -162,10 +162,11 @@ struct Daemon: ParsableCommand {
         // several fds, so take the hard RLIMIT_NOFILE; and large freed
         // buffers (mapping tables) go back to the kernel; and the threads
         // share two malloc arenas instead of one each.
+        let environment = ProcessInfo.processInfo.environment
         Signals.ignoreBrokenPipe()
         _ = try? ResourceLimits.raiseOpenFiles()
         MemoryAllocator.returnLargeBuffersToTheKernel()
-        MemoryAllocator.limitArenas(environment: ProcessInfo.processInfo.environment)
+        MemoryAllocator.limitArenas(environment: environment)
         let overrides: DaemonOverrides
         do {
             overrides = DaemonOverrides(runtimeDirectory: runtimeDirectory, controlSocket: controlSocket,
@@ -185,7 +186,6 @@ struct Daemon: ParsableCommand {
         if servesControl {
             try? Files.createDirectories(Files.directory(of: daemonConfig.controlSocket))
         }
-        let environment = ProcessInfo.processInfo.environment
         let stateDir = stateDirectory ?? environment["STATE_DIRECTORY"].flatMap { $0.split(separator: ":").first.map(String.init) }
             ?? daemonConfig.stateDirectory
         let controller = DaemonController(config: daemonConfig, logger: logger, createdBridges: stateDir.map(CreatedBridges.init),
